@@ -1,0 +1,480 @@
+"""The P2M controller: step size, retrace, batch multiplier and weight decay.
+
+Plain Python numbers in, one :class:`Decision` out. No tensors, no
+communication, no I/O: every rank that feeds the controller the same global
+sums takes the same decision, and the whole state is a dict of numbers.
+
+The constants and the order of the updates follow the published ``elra``
+package (see ALGORITHM.md), which is the executable definition of the method.
+Where the package divides by zero or assumes positive losses, this module
+guards the division or measures thresholds by the loss magnitude instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Sequence
+
+logger = logging.getLogger("elra")
+
+GROWTH_SCALE = 1e6
+DAMPER_START = 855000.0
+DAMPER_SHRINK = 3.9
+DAMPER_RETRACE_FACTOR = 16.0
+STEP_CLIP = 10.0
+SCHEDULE_BASE = 2.0 / 3.0
+SCHEDULE_MAX = 28.3943679363  # keeps (2/3)**schedule above 1e-5
+RATE_FLOOR = 1e-5
+ALPHA_BOUNDS = (1e-8, 1e6)
+RETRACE_ALPHA_BOUNDS = (1e-12, 1e6)
+CYCLE = 100
+STAT_LENGTH = 768
+MAX_MULTIPLIER = 6250
+RETRACES_PER_DOUBLING = 26  # the 25th retrace of a cycle doubles the multiplier
+HALF_GRAD_LIMIT = 65e3
+
+
+@dataclass
+class StepSums:
+    """Global sums of one real step, one entry per parameter group.
+
+    ``g`` is the sum of the micro-batch gradients (not yet averaged), ``B`` the
+    stored direction buffer (the previous direction is ``dir_coef * B``) and
+    ``x`` the parameters. Sums that a step does not need are zero.
+    """
+
+    grad_sq: list[float]
+    grad_dir: list[float]
+    dir_sq: list[float]
+    param_sq: list[float]
+    param_dir: list[float]
+    grad_param: list[float]
+
+    def is_finite(self) -> bool:
+        return all(math.isfinite(v) for values in asdict(self).values() for v in values)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the tensors must do after one real step.
+
+    ``accept``: ``B = keep*B + grad_scale*g + param_scale[j]*x`` per group j,
+    then ``x -= step*B``. ``retrace``: ``x += shift*B``. ``skip``: nothing.
+    """
+
+    action: str
+    keep: float = 0.0
+    grad_scale: float = 0.0
+    param_scale: tuple[float, ...] = ()
+    step: float = 0.0
+    shift: float = 0.0
+
+
+@dataclass
+class ControlState:
+    """Everything the controller remembers between real steps."""
+
+    alpha: float
+    multiplier: int
+    started: bool = False
+    rate: float = 0.1
+    rate_damper: float = 1.0
+    schedule: float = 1.0
+    growth_damper: float = DAMPER_START
+    slope: float = 0.0
+    angle_sum: float = 0.0
+    angle_min: float = 0.0
+    loss_limit: float = 0.0
+    stat_mean: float = 0.0
+    stat_dev: float = 0.0
+    dev_correction: float = 1.0
+    last_good_loss: float = 0.0
+    loss_sum: float = 0.0
+    var_sum: float = 0.0
+    steps: int = 0
+    window_steps: int = 0
+    window_retraces: int = 0
+    cycle_retraces: int = 0
+    stalled_windows: int = 0
+    window_means: list[float] = field(default_factory=lambda: [0.0] * 6)
+    increased: bool = False
+    increase_phase: int = 0
+    grad_norm_avg: float = 0.0
+    dir_norm_sum: float = 0.0
+    dir_norm: float = 0.0
+    dir_coef: float = 1.0
+    offset: float = 0.0
+    accepted_any: bool = False
+    wd_factor: float | None = None
+    train_loss: float | None = None
+    valid_loss: float | None = None
+    retraces: int = 0
+
+
+class Controller:
+    """Decides each real step of ELRA from global scalars.
+
+    Args:
+        lr: initial step length (the first step is ``x -= lr * g``).
+        classes: number of classes; ``<= 1`` selects the deterministic regime.
+        batch_size: samples per micro-batch, sets the statistics window.
+        warmup: real steps over which the rate may ramp up.
+        momentum: momentum factor or ``None``.
+        min_multiplier: initial and smallest number of micro-batches per step.
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        classes: int,
+        batch_size: int,
+        warmup: int,
+        momentum: float | None,
+        min_multiplier: int,
+    ) -> None:
+        self.classes = classes
+        self.batch_size = batch_size
+        self.deterministic = classes <= 1
+        self.warmup_factor = 1.0 if warmup <= 1 else 1.0 / warmup
+        self.momentum = momentum
+        self.min_multiplier = min_multiplier
+        self.state = ControlState(alpha=lr, multiplier=min_multiplier)
+
+    # ------------------------------------------------------------------ API
+    @property
+    def step_length(self) -> float:
+        """The length of the next step: the rate, or ``alpha`` if deterministic."""
+        s = self.state
+        return s.alpha if self.deterministic or not s.started else s.rate
+
+    def weight_decays(self, decays: Sequence[float]) -> list[float]:
+        """The decay factor in force for each group (0 for groups without decay)."""
+        factor = self.state.wd_factor
+        return [0.0 if wd <= 0.0 else (wd if factor is None else factor) for wd in decays]
+
+    def set_train_loss(self, loss: float) -> None:
+        self.state.train_loss = float(loss)
+
+    def set_valid_loss(self, loss: float) -> None:
+        self.state.valid_loss = float(loss)
+
+    def real_step(
+        self,
+        losses: Sequence[float],
+        sums: StepSums | None,
+        decays: Sequence[float],
+        half_precision: bool = False,
+    ) -> Decision:
+        """Decide one real step.
+
+        ``losses`` are the (global) losses of its micro-batches, ``sums`` the
+        global sums or ``None`` when there is no usable gradient (the caller
+        skipped ``backward``). A non-finite loss or sum turns the step into a
+        retrace; before the first step there is nothing to revert, so such a
+        step is skipped.
+        """
+        losses = [float(v) for v in losses]
+        bad = [v for v in losses if not math.isfinite(v)]
+        loss = bad[0] if bad else losses[-1]
+        if bad or (sums is not None and not sums.is_finite()):
+            sums = None
+        n = len(losses)
+        if sums is not None and half_precision:
+            if math.sqrt(sum(sums.grad_sq)) / n >= HALF_GRAD_LIMIT:
+                sums = None
+        s = self.state
+        if not s.started:
+            if sums is None:
+                s.retraces += 1
+                logger.warning("first ELRA step skipped: loss %.4g or its gradient is not finite", loss)
+                return Decision("skip")
+            return self._first_step(loss, n, sums, decays)
+        if sums is None:
+            s.window_steps += 1  # a step without gradient counts twice in the window, as published
+        self._count_step()
+        if sums is not None and self._acceptable(loss, min(losses)):
+            return self._accept(loss, n, sums, decays)
+        return self._retrace(loss)
+
+    def state_dict(self) -> dict:
+        state = asdict(self.state)
+        state["window_means"] = list(state["window_means"])
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        names = {f.name for f in fields(ControlState)}
+        missing, unknown = names - state.keys(), state.keys() - names
+        if missing or unknown:
+            raise ValueError(
+                f"controller state does not match this version of elra: missing {sorted(missing)}, "
+                f"unknown {sorted(unknown)}"
+            )
+        loaded = ControlState(**{k: state[k] for k in names})
+        loaded.window_means = [float(v) for v in loaded.window_means]
+        self.state = loaded
+
+    # ------------------------------------------------------------- internals
+    def _first_step(self, loss: float, n: int, sums: StepSums, decays: Sequence[float]) -> Decision:
+        s = self.state
+        self._count_step()
+        floor = math.log(self.classes) if not self.deterministic else math.log(2.0)
+        scale = abs(loss)
+        s.loss_sum = loss
+        s.loss_limit = max(loss, floor)
+        s.last_good_loss = loss
+        s.multiplier = self.min_multiplier
+        s.stat_mean = loss + 0.1 * scale
+        s.stat_dev = 0.3 * 1.1 * scale
+        s.started = True
+        decay = self._decay_coefficients(n, sums, decays) if self.deterministic else [0.0] * len(decays)
+        grad_sq, _ = self._direction_sums(n, sums, decay)
+        s.dir_norm = math.sqrt(grad_sq)
+        s.grad_norm_avg = s.dir_norm
+        if self.momentum is None:
+            decision = Decision("accept", 0.0, 1.0, tuple(n * a for a in decay), s.alpha / n)
+            s.dir_coef = 1.0 / n
+        else:
+            decision = Decision("accept", 0.0, 1.0 / n, tuple(decay), s.alpha)
+            s.dir_coef = 1.0
+        s.offset = decision.step
+        return decision
+
+    def _count_step(self) -> None:
+        """Advance the step counters and run the per-cycle control every 100 steps."""
+        s = self.state
+        s.steps += 1
+        s.window_steps += 1
+        if s.steps % CYCLE:
+            return
+        window = max(1, int(STAT_LENGTH / (s.multiplier * self.batch_size))) * CYCLE
+        if s.window_steps >= window:
+            self._close_window()
+        s.grad_norm_avg = s.dir_norm_sum / CYCLE
+        self._update_weight_decay()
+        self._update_schedule()
+        s.cycle_retraces = 0
+        s.window_retraces = 0
+        s.angle_sum = 0.0
+        s.angle_min = 0.0
+        s.dir_norm_sum = 0.0
+
+    def _close_window(self) -> None:
+        """Compare the window's mean loss with the best so far; maybe grow the multiplier."""
+        s = self.state
+        accepted = s.window_steps - s.window_retraces
+        mean = s.loss_sum / accepted if accepted > 0 else math.inf
+        dev = math.sqrt(s.var_sum / accepted) if accepted > 0 else 0.0
+        s.loss_sum = 0.0
+        s.var_sum = 0.0
+        s.window_steps = 0
+        s.window_retraces = 0
+        if mean > s.stat_mean:
+            s.stalled_windows += 1
+        else:
+            s.stalled_windows = 0
+            s.stat_mean = mean
+        if s.increase_phase == 2:
+            s.stat_mean = mean
+            s.increase_phase = 0
+        elif s.increase_phase == 1:
+            s.increase_phase = 2
+        s.increased = False
+        self._check_progress(mean)
+        s.stat_dev = dev
+        s.dev_correction = 1.0
+        if not self.deterministic:
+            wanted = max(2 * s.multiplier, 2) if s.increased else s.multiplier
+            self._set_multiplier(max(self.min_multiplier, min(wanted, MAX_MULTIPLIER)))
+
+    def _check_progress(self, mean: float) -> None:
+        """After six windows without progress (trend check at five), ask for a larger batch."""
+        s = self.state
+        stalled = s.stalled_windows
+        if stalled >= 6:
+            s.window_means[0] = s.stat_mean = mean
+            s.increased = True
+            s.increase_phase = 1
+            s.stalled_windows = 0
+            return
+        s.window_means[stalled] = mean
+        if stalled == 5:
+            m = s.window_means
+            first2, last2 = m[0] + m[1], m[4] + m[5]
+            first3, last3 = m[0] + m[1] + m[2], m[3] + m[4] + m[5]
+            if first2 > last2 or first3 > last3:
+                s.stalled_windows = 0
+                s.window_means[0] = s.stat_mean = min(last2 / 2.0, last3 / 3.0)
+
+    def _update_weight_decay(self) -> None:
+        """More decay when the validation loss lags the training loss (positive losses only)."""
+        s = self.state
+        t, v = s.train_loss, s.valid_loss
+        if t is not None and v is not None and t > 0.0 and v > 0.0:
+            lag = 1.0 if v <= t else math.sqrt(2.0 * v / t - 1.0)
+            s.wd_factor = min(3.0 * s.multiplier**0.666, lag)
+        else:
+            s.wd_factor = None
+
+    def _update_schedule(self) -> None:
+        s = self.state
+        g = s.grad_norm_avg
+        limit = math.log(g / STEP_CLIP) / math.log(1.5) if g > 0.0 else -math.inf
+        if s.angle_sum > -1.0 and s.cycle_retraces > 0:
+            s.schedule = max(limit, s.schedule - 1.0)
+        if s.angle_min < -0.2:
+            s.schedule += 1.0
+        else:
+            s.schedule = max(limit, s.schedule - 0.33)
+
+    def _set_multiplier(self, value: int) -> None:
+        s = self.state
+        if value != s.multiplier:
+            logger.info("ELRA batch multiplier %d -> %d at real step %d", s.multiplier, value, s.steps)
+        s.multiplier = value
+
+    def _acceptable(self, loss: float, best: float) -> bool:
+        s = self.state
+        if not self.deterministic and not loss < s.loss_limit + 0.1 * abs(s.loss_limit):
+            return False
+        return best <= s.stat_mean + 5.0 * s.stat_dev * s.dev_correction
+
+    def _decay_coefficients(self, n: int, sums: StepSums, decays: Sequence[float]) -> list[float]:
+        """Per-group coefficient ``a`` of the decoupled decay ``g_avg + a*x``."""
+        s = self.state
+        wds = self.weight_decays(decays)
+        x_norm = math.sqrt(sum(sums.param_sq))
+        if not any(wds) or x_norm <= 0.0:
+            return [0.0] * len(wds)
+        grad_norm = s.grad_norm_avg if s.grad_norm_avg > 0.0 else math.sqrt(sum(sums.grad_sq)) / n
+        kappa = 0.005 * grad_norm / x_norm * (4.0 if s.increased else 2.0)
+        return [wd * kappa for wd in wds]
+
+    @staticmethod
+    def _direction_sums(n: int, sums: StepSums, decay: Sequence[float]) -> tuple[float, float]:
+        """``|y|^2`` and ``<y, B>`` for the new direction ``y = g/n + a*x``."""
+        y_sq = 0.0
+        y_dir = 0.0
+        for j, a in enumerate(decay):
+            y_sq += sums.grad_sq[j] / (n * n) + 2.0 * a * sums.grad_param[j] / n + a * a * sums.param_sq[j]
+            y_dir += sums.grad_dir[j] / n + a * sums.param_dir[j]
+        return max(y_sq, 0.0), y_dir
+
+    def _accept(self, loss: float, n: int, sums: StepSums, decays: Sequence[float]) -> Decision:
+        s = self.state
+        decay = self._decay_coefficients(n, sums, decays)
+        s.dev_correction = max(1.0, s.dev_correction / 1.05)
+        self._record_accepted_loss(loss)
+        s.last_good_loss = loss
+        y_sq, y_dir = self._direction_sums(n, sums, decay)
+        self._adapt_after_accept(y_dir * s.dir_coef, math.sqrt(y_sq))
+        length = s.alpha if self.deterministic else s.rate
+        if self.momentum is None:
+            decision = Decision("accept", 0.0, 1.0, tuple(n * a for a in decay), length / n)
+            s.dir_coef = 1.0 / n
+        else:
+            beta = self.momentum
+            dir_sq = sum(sums.dir_sq)
+            new_dot = beta * y_dir + (1.0 - beta) * y_sq
+            new_sq = max(beta * beta * dir_sq + 2.0 * beta * (1.0 - beta) * y_dir + (1.0 - beta) ** 2 * y_sq, 0.0)
+            s.dir_coef = new_dot / new_sq if new_sq > 0.0 else 0.0
+            s.dir_norm = abs(s.dir_coef) * math.sqrt(new_sq)
+            decision = Decision(
+                "accept", beta, (1.0 - beta) / n, tuple((1.0 - beta) * a for a in decay), length
+            )
+        s.offset = decision.step
+        s.accepted_any = True
+        s.dir_norm_sum += s.dir_norm
+        return decision
+
+    def _record_accepted_loss(self, loss: float) -> None:
+        """Running loss statistics of the window (the published recurrences, unchanged)."""
+        s = self.state
+        n = s.window_steps
+        s.loss_sum += loss
+        if n:
+            count = n - s.window_retraces + 1
+            spread = s.loss_sum - count * loss
+            s.var_sum += spread * spread / (n * n)
+        else:
+            s.var_sum = 0.0
+        if s.steps <= n:
+            count = n - s.window_retraces + 1
+            s.stat_mean = s.loss_sum / count
+            s.stat_dev = math.sqrt(s.var_sum / count) * 1.05**s.window_retraces
+
+    def _growth(self, retrace: bool) -> float:
+        s = self.state
+        damp = s.growth_damper
+        if retrace:
+            if damp > 1.0:
+                damp = damp * DAMPER_RETRACE_FACTOR if damp < GROWTH_SCALE / DAMPER_RETRACE_FACTOR else DAMPER_START
+            else:
+                damp += DAMPER_RETRACE_FACTOR
+        else:
+            damp /= DAMPER_SHRINK
+        s.growth_damper = damp
+        return GROWTH_SCALE / (1.0 + damp)
+
+    def _adapt_after_accept(self, new_dot_old: float, new_norm: float) -> None:
+        """Parabola step-size update from the gradient pair, then the rate schedule."""
+        s = self.state
+        old_sq = s.dir_norm * s.dir_norm
+        growth = self._growth(retrace=False)
+        s.slope = new_dot_old / old_sq if old_sq > 0.0 else 0.0
+        s.rate_damper = math.sqrt(s.rate_damper)
+        h = 1.0 - s.slope
+        s.dir_norm = new_norm
+        if growth * h < 1.0:
+            s.alpha *= growth
+        else:
+            s.alpha = (s.alpha if self.deterministic else s.rate) / h
+        s.rate = min(
+            s.rate_damper * SCHEDULE_BASE ** (s.schedule + s.increased),
+            s.rate_damper * self.warmup_factor * s.steps,
+        )
+        s.rate = max(RATE_FLOOR, s.rate)
+        step_norm = s.rate * s.dir_norm
+        if step_norm > STEP_CLIP:
+            s.rate *= STEP_CLIP / step_norm
+        slope = s.slope
+        if slope > 0.0 and not self.deterministic:
+            s.alpha = min(s.alpha, s.rate / slope)
+        s.angle_sum += min(0.0, s.alpha * slope)
+        s.angle_min = min(s.angle_min, s.alpha * slope)
+        if s.alpha * slope < -0.1:
+            s.alpha = -0.1 / slope
+        s.alpha = min(max(s.alpha, ALPHA_BOUNDS[0]), ALPHA_BOUNDS[1])
+
+    def _retrace(self, loss: float) -> Decision:
+        s = self.state
+        s.dev_correction *= 1.05
+        s.window_retraces += 1
+        s.cycle_retraces += 1
+        s.retraces += 1
+        if not self.deterministic and s.cycle_retraces % RETRACES_PER_DOUBLING == RETRACES_PER_DOUBLING - 1:
+            s.stalled_windows = 0
+            self._set_multiplier(min(max(2 * s.multiplier, 2), MAX_MULTIPLIER))
+        self._growth(retrace=True)
+        s.schedule = min(s.schedule + 0.4, SCHEDULE_MAX)
+        s.rate_damper = max(1e-3, s.rate_damper * 0.5)
+        s.rate = max(RATE_FLOOR, s.rate * 0.5)
+        if self.deterministic:
+            self._refit_alpha(loss)
+        s.alpha = min(max(s.alpha, RETRACE_ALPHA_BOUNDS[0]), RETRACE_ALPHA_BOUNDS[1])
+        length = s.rate if s.accepted_any and not self.deterministic else s.alpha
+        new_offset = length * s.dir_coef
+        shift = s.offset - new_offset
+        s.offset = new_offset
+        s.dir_norm_sum += s.dir_norm
+        logger.debug("ELRA retrace %d at real step %d: loss %.4g, alpha %.4g", s.retraces, s.steps, loss, s.alpha)
+        return Decision("retrace", shift=shift)
+
+    def _refit_alpha(self, loss: float) -> None:
+        """Deterministic retrace: minimum of the parabola through the two losses."""
+        s = self.state
+        old_sq = s.dir_norm * s.dir_norm
+        denom = (loss - s.last_good_loss) + s.alpha * old_sq
+        ratio = 0.5 * s.alpha * old_sq / denom if denom != 0.0 else math.nan
+        s.alpha *= ratio if ratio < math.inf else 0.01

@@ -1,0 +1,370 @@
+"""``ElraOptimizer``: the public API, parameter groups, state and tensor updates.
+
+The optimizer turns the tensors of one real step into a few global sums
+(:mod:`elra.reduce`), lets the controller (:mod:`elra.control`) decide, and
+applies the decision with ``torch._foreach_*`` calls on the parameters as they
+are. It holds one tensor per parameter: the last step direction (or the
+momentum), from which a retrace recomputes the last good point.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from typing import Any, Callable
+
+import torch
+from torch.optim import Optimizer
+
+from .control import MAX_MULTIPLIER, Controller, Decision, StepSums
+from .reduce import ScalarBatch, dot
+
+logger = logging.getLogger("elra")
+
+LossLike = float | torch.Tensor
+_STATE_KEY = "elra_controller"
+_PENDING_GRAD = "pending_grad"
+_SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
+
+
+def _decay_rate(value: Any) -> float:
+    """The seed's convention: a weight decay above 0.5 means ``1 - value``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"Invalid weight_decay: {value!r} (expected a number in [0, 1]; 0.9999 means 1e-4)")
+    return 1.0 - float(value) if value > 0.5 else float(value)
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"Invalid {name}: {value!r} (expected an integer {bound})")
+    return int(value)
+
+
+def _loss_value(loss: Any) -> LossLike:
+    """A scalar loss as a float or a detached 0-dim tensor (no host sync)."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"ELRA needs a scalar loss, got a tensor of shape {tuple(loss.shape)}; reduce it first")
+        if loss.is_complex():
+            raise ValueError("ELRA needs a real loss, got a complex tensor")
+        return loss.detach().reshape(())
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return float(loss)
+    raise TypeError(f"ELRA needs the loss as a float or a scalar tensor, got {type(loss).__name__}")
+
+
+class ElraOptimizer(Optimizer):
+    """ELRA (P2M): gradient descent that adapts its own step size and batch size.
+
+    Args:
+        params: parameters or parameter groups (a group may set ``weight_decay``).
+        model: accepted for compatibility with the published API; unused.
+        batch_size: samples per micro-batch (sets the statistics window).
+        classes: number of classes; ``<= 1`` (default) is the deterministic
+            regime for noise-free problems, ``>= 2`` the stochastic one.
+        lr: initial step length, a tiny probe (1e-6..1e-4); ELRA grows it.
+        weight_decay: decoupled decay rate; values above 0.5 mean ``1 - value``.
+        warmup: real steps over which the rate may ramp up.
+        momentum: momentum factor in [0, 1), ``None`` or 0 for none.
+        batch_multiplier: initial and smallest number of micro-batches whose
+            gradients are averaged per real step.
+
+    Call ``step(loss)`` after every ``backward()``; ELRA needs the loss value.
+    """
+
+    def __init__(
+        self,
+        params,
+        model: torch.nn.Module | None = None,
+        batch_size: int = 8,
+        classes: int = 0,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup: int = 1,
+        momentum: float | None = None,
+        *,
+        batch_multiplier: int = 1,
+    ) -> None:
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        batch_size = _check_int("batch_size", batch_size, 1)
+        classes = _check_int("classes", classes, 0)
+        warmup = _check_int("warmup", warmup, 0)
+        batch_multiplier = _check_int("batch_multiplier", batch_multiplier, 1, MAX_MULTIPLIER)
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0.0 < lr < math.inf:
+            raise ValueError(f"Invalid learning rate: {lr!r} (expected a positive number, e.g. 1e-5)")
+        _decay_rate(weight_decay)
+        if momentum is not None and (
+            isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0
+        ):
+            raise ValueError(f"Invalid momentum: {momentum!r} (expected None or a number in [0, 1))")
+        if lr >= 1e-3:
+            logger.warning("ELRA starts best from a tiny lr (1e-6..1e-4), got %g", lr)
+        self._device: torch.device | None = None
+        super().__init__(params, dict(lr=float(lr), weight_decay=weight_decay))
+        self.controller = Controller(
+            lr=float(lr),
+            classes=classes,
+            batch_size=batch_size,
+            warmup=warmup,
+            momentum=float(momentum) if momentum else None,
+            min_multiplier=batch_multiplier,
+        )
+        self._pending: list[LossLike] = []
+        self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
+
+    # ----------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its ``weight_decay`` (0: none) replaces the default for it."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _decay_rate(group["weight_decay"])
+        for p in group["params"]:
+            if not p.is_floating_point():
+                raise ValueError(f"ELRA optimizes floating point parameters only, got {p.dtype}")
+            if self._device is None:
+                self._device = p.device
+            elif p.device != self._device:
+                raise ValueError(
+                    f"all parameters must be on one device: found {p.device} and {self._device}; "
+                    "use one optimizer per device"
+                )
+
+    # ------------------------------------------------------------ public
+    @property
+    def collecting(self) -> bool:
+        """True when the next ``step`` only collects a micro-batch gradient."""
+        return len(self._pending) + 1 < self.controller.state.multiplier
+
+    @property
+    def stats(self) -> dict[str, float | int]:
+        """Numbers for logs and dashboards."""
+        s = self.controller.state
+        decays = self.controller.weight_decays([_decay_rate(self.defaults["weight_decay"])])
+        return {
+            "real_steps": s.steps,
+            "retraces": s.retraces,
+            "batch_multiplier": s.multiplier,
+            "micro_batches": len(self._pending),
+            "lr": self.controller.step_length,
+            "rate": s.rate,
+            "alpha": s.alpha,
+            "weight_decay": decays[0],
+            "schedule": s.schedule,
+        }
+
+    def set_train_loss(self, loss: float, boost: float | None = None) -> None:
+        """Report the training loss (e.g. per epoch); drives the weight-decay control."""
+        self.controller.set_train_loss(self._reported(loss, "train"))
+
+    def set_valid_loss(self, loss: float, boost: float | None = None, accu: float | None = None) -> None:
+        """Report the validation loss (e.g. per epoch); drives the weight-decay control."""
+        self.controller.set_valid_loss(self._reported(loss, "validation"))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients, except while collecting: then micro-batch gradients must add up."""
+        if self._pending:
+            return
+        super().zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self, loss: LossLike | Callable[[], LossLike] | None = None) -> Any:
+        """Collect a micro-batch or take a real step.
+
+        ``loss`` is the loss of the micro-batch just back-propagated (a float
+        or a scalar tensor), or a closure that computes it with ``backward()``.
+        """
+        if callable(loss):
+            with torch.enable_grad():
+                loss = loss()
+        if loss is None:
+            raise TypeError(
+                "ElraOptimizer.step needs the loss: call optimizer.step(loss) after loss.backward(), "
+                "or optimizer.step(closure) with a closure that returns it"
+            )
+        value = _loss_value(loss)
+        self._check_kept_grads()
+        losses = [*self._pending, value]
+        if len(losses) < self.controller.state.multiplier:
+            self._pending = losses
+            self._kept_grads = {p: p.grad for group in self.param_groups for p in group["params"] if p.grad is not None}
+            return loss
+        self._real_step(losses, with_gradient=True)
+        return loss
+
+    @torch.no_grad()
+    def step_retrace(self, loss: LossLike) -> None:
+        """Revert the last step without a gradient (the caller skipped ``backward``)."""
+        if loss is None:
+            raise TypeError("step_retrace needs the loss value that made you skip backward()")
+        self._real_step([*self._pending, _loss_value(loss)], with_gradient=False)
+
+    # ------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The torch layout, plus the controller's numbers in ``param_groups[0]``.
+
+        While collecting, the partial gradient sums are saved too, so a resumed
+        run continues with the same micro-batches.
+        """
+        sd = super().state_dict()
+        controller = self.controller.state_dict()
+        controller["pending_losses"] = [float(v) for v in self._pending]
+        sd["param_groups"][0][_STATE_KEY] = controller
+        if self._pending:
+            index = 0
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: p.grad}
+                    index += 1
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not groups or _STATE_KEY not in groups[0]:
+            raise ValueError("not an ElraOptimizer state_dict (no controller state in param_groups[0])")
+        controller = dict(groups[0][_STATE_KEY])
+        pending = [float(v) for v in controller.pop("pending_losses", [])]
+        super().load_state_dict(state_dict)
+        self.param_groups[0].pop(_STATE_KEY, None)
+        self._check_state_shapes()
+        self.controller.load_state_dict(controller)
+        self._pending = pending
+        self._restore_pending_grads()
+
+    # ------------------------------------------------------- internals
+    def _reported(self, loss: Any, what: str) -> float:
+        value = _loss_value(loss)
+        value = float(value) if not isinstance(value, torch.Tensor) else value.item()
+        if not math.isfinite(value):
+            raise ValueError(f"the {what} loss must be finite, got {value}")
+        return value
+
+    def _check_kept_grads(self) -> None:
+        for p, grad in self._kept_grads.items():
+            if p.grad is not grad:
+                raise RuntimeError(
+                    f"gradients were reset while ELRA was collecting micro-batch {len(self._pending) + 1} of "
+                    f"{self.controller.state.multiplier}: use optimizer.zero_grad() (it keeps them while "
+                    "collecting), not model.zero_grad(); see `collecting` in the README"
+                )
+
+    def _check_state_shapes(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                for key, value in self.state.get(p, {}).items():
+                    if isinstance(value, torch.Tensor) and value.shape != p.shape:
+                        raise ValueError(
+                            f"state '{key}' of shape {tuple(value.shape)} does not fit a parameter of shape "
+                            f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
+                        )
+
+    def _restore_pending_grads(self) -> None:
+        self._kept_grads = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
+                if grad is not None:
+                    p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
+                    self._kept_grads[p] = p.grad
+
+    def _real_step(self, losses: list[LossLike], with_gradient: bool) -> None:
+        decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
+        groups = [self._group_tensors(group, with_gradient) for group in self.param_groups]
+        sums, values, half = self._global_sums(groups, decays, losses, with_gradient)
+        decision = self.controller.real_step(values, sums, decays, half_precision=half)
+        self._apply(decision, groups)
+        self._pending = []
+        self._kept_grads = {}
+        length = self.controller.step_length
+        for group in self.param_groups:
+            group["lr"] = length
+
+    def _group_tensors(self, group: dict[str, Any], with_gradient: bool) -> dict[str, list[torch.Tensor]]:
+        """Tensors of one group: those with gradients, and all that carry a direction."""
+        tensors: dict[str, list[torch.Tensor]] = {k: [] for k in ("params", "grads", "dirs", "stale", "moved", "moved_dirs")}
+        for p in group["params"]:
+            state = self.state[p]
+            grad = p.grad if with_gradient else None
+            if grad is not None:
+                if grad.is_sparse:
+                    raise RuntimeError("ElraOptimizer does not support sparse gradients")
+                if "direction" not in state:
+                    state["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                tensors["params"].append(p)
+                tensors["grads"].append(grad)
+                tensors["dirs"].append(state["direction"])
+            elif "direction" in state:
+                tensors["stale"].append(state["direction"])
+            if "direction" in state:
+                tensors["moved"].append(p)
+                tensors["moved_dirs"].append(state["direction"])
+        return tensors
+
+    def _global_sums(
+        self,
+        groups: list[dict[str, list[torch.Tensor]]],
+        decays: list[float],
+        losses: list[LossLike],
+        with_gradient: bool,
+    ) -> tuple[StepSums | None, list[float], bool]:
+        """The controller's inputs: per-group inner products and the micro-batch losses."""
+        n_groups = len(groups)
+        started = self.controller.state.started
+        momentum = self.controller.momentum is not None
+        any_decay = any(decays)
+        batch = ScalarBatch(len(_SUMS) * n_groups + 1, self._device or torch.device("cpu"))
+        present = len(_SUMS) * n_groups
+        half = False
+        for j, tensors in enumerate(groups) if with_gradient else ():
+            slot = {name: k * n_groups + j for k, name in enumerate(_SUMS)}
+            for x, g, d in zip(tensors["params"], tensors["grads"], tensors["dirs"]):
+                half = half or x.dtype in (torch.float16, torch.bfloat16)
+                batch.add(present, torch.ones((), device=x.device))
+                batch.add(slot["grad_sq"], dot(g, g))
+                if started:
+                    batch.add(slot["grad_dir"], dot(g, d))
+                    if momentum:
+                        batch.add(slot["dir_sq"], dot(d, d))
+                if any_decay:
+                    batch.add(slot["param_sq"], dot(x, x))
+                if decays[j]:
+                    batch.add(slot["grad_param"], dot(g, x))
+                    if started:
+                        batch.add(slot["param_dir"], dot(x, d))
+        values, loss_values = batch.read(losses)
+        if not with_gradient:
+            return None, loss_values, half
+        if values[present] == 0:
+            raise RuntimeError(
+                "no parameter has a gradient: call loss.backward() before optimizer.step(loss), "
+                "or optimizer.step_retrace(loss) to skip backward()"
+            )
+        sums = StepSums(*(values[k * n_groups : (k + 1) * n_groups] for k in range(len(_SUMS))))
+        return sums, loss_values, half
+
+    @staticmethod
+    def _apply(decision: Decision, groups: list[dict[str, list[torch.Tensor]]]) -> None:
+        if decision.action == "accept":
+            for j, tensors in enumerate(groups):
+                params, grads, dirs = tensors["params"], tensors["grads"], tensors["dirs"]
+                if tensors["stale"]:
+                    torch._foreach_zero_(tensors["stale"])
+                if not params:
+                    continue
+                if decision.keep == 0.0:
+                    torch._foreach_copy_(dirs, grads)
+                    if decision.grad_scale != 1.0:
+                        torch._foreach_mul_(dirs, decision.grad_scale)
+                else:
+                    torch._foreach_mul_(dirs, decision.keep)
+                    torch._foreach_add_(dirs, grads, alpha=decision.grad_scale)
+                if decision.param_scale[j]:
+                    torch._foreach_add_(dirs, params, alpha=decision.param_scale[j])
+                torch._foreach_add_(params, dirs, alpha=-decision.step)
+        elif decision.action == "retrace" and decision.shift:
+            for tensors in groups:
+                if tensors["moved"]:
+                    torch._foreach_add_(tensors["moved"], tensors["moved_dirs"], alpha=decision.shift)

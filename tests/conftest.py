@@ -1,0 +1,101 @@
+"""Shared fixtures: the published package for comparisons, and small problems."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.published import load_published  # noqa: E402
+
+# The test problems are tiny: one thread per process avoids oversubscribing the
+# cores when pytest-xdist runs workers side by side.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def published(tmp_path_factory):
+    """The published ``elra`` 0.0.5, fetched with pip, imported as ``elra_published``."""
+    return load_published(tmp_path_factory.getbasetemp() / "published")
+
+
+@pytest.fixture
+def quiet(monkeypatch, tmp_path):
+    """Silence the published package's prints and keep the files it writes in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    return lambda: contextlib.redirect_stdout(io.StringIO())
+
+
+def cubic_data(dtype=torch.float32):
+    """The seed's Example 1: fit sin(x) on [-pi, pi] with a cubic."""
+    x = torch.linspace(-math.pi, math.pi, 2000, dtype=dtype)
+    y = torch.sin(x)
+    return x.unsqueeze(-1).pow(torch.tensor([1, 2, 3])), y
+
+
+def cubic_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.Flatten(0, 1)).to(dtype)
+
+
+def cubic_optimum(dtype=torch.float64) -> float:
+    """Least-squares loss of the cubic fit (the value ELRA must reach)."""
+    xx, y = cubic_data(torch.float64)
+    design = torch.cat([torch.ones(len(y), 1, dtype=torch.float64), xx], 1)
+    solution = torch.linalg.lstsq(design, y.unsqueeze(1)).solution
+    return float(((design @ solution).squeeze(1) - y).pow(2).sum())
+
+
+def run_cubic(make_opt, steps, dtype=torch.float32, shift=0.0):
+    """Train the cubic fit; returns the loss of every step (before its update) and the model."""
+    xx, y = cubic_data(dtype)
+    model = cubic_model(dtype)
+    loss_fn = torch.nn.MSELoss(reduction="sum")
+    opt = make_opt(model)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model(xx), y) + shift
+        value = loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step(value)
+        losses.append(value)
+    return losses, model
+
+
+def rosenbrock(xy: torch.Tensor) -> torch.Tensor:
+    return (1 - xy[0]) ** 2 + 100 * (xy[1] - xy[0] ** 2) ** 2
+
+
+def run_rosenbrock(make_opt, steps, dtype=torch.float64, start=(-1.5, 2.0), shift=0.0):
+    xy = torch.nn.Parameter(torch.tensor(start, dtype=dtype))
+    opt = make_opt([xy])
+    losses = []
+    for _ in range(steps):
+        loss = rosenbrock(xy) + shift
+        value = loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step(value)
+        losses.append(value)
+    return losses, xy
+
+
+def digits_data(dtype=torch.float64):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return torch.tensor(digits.data, dtype=dtype) / 16.0, torch.tensor(digits.target)
+
+
+def digits_model(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)).to(dtype)

@@ -1,0 +1,246 @@
+"""The optimizer API: arguments, step forms, collection, groups, stats, logging."""
+
+import logging
+
+import pytest
+import torch
+
+from conftest import cubic_data, cubic_model, digits_data, digits_model
+from elra import ElraOptimizer
+
+
+def _param(*values):
+    return torch.nn.Parameter(torch.tensor(values))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lr": 0.0}, "learning rate"),
+        ({"lr": -1e-5}, "learning rate"),
+        ({"lr": float("nan")}, "learning rate"),
+        ({"lr": "1e-5"}, "learning rate"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"classes": -1}, "classes"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"weight_decay": 1.5}, "weight_decay"),
+        ({"warmup": -1}, "warmup"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"momentum": -0.5}, "momentum"),
+        ({"batch_multiplier": 0}, "batch_multiplier"),
+        ({"batch_multiplier": True}, "batch_multiplier"),
+    ],
+)
+def test_invalid_arguments_raise_value_error_naming_them(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ElraOptimizer([_param(1.0)], **kwargs)
+
+
+def test_model_argument_must_be_a_module():
+    with pytest.raises(TypeError, match="model"):
+        ElraOptimizer([_param(1.0)], model="net")
+
+
+def test_seed_constructor_forms():
+    model = cubic_model()
+    ElraOptimizer(model.parameters(), model=model, lr=1e-6)
+    opt = ElraOptimizer(list(model.parameters()), None, 32, 10, lr=1e-5, weight_decay=0.99999)
+    assert opt.stats["weight_decay"] == pytest.approx(1e-5)
+
+
+def test_step_without_loss_raises_type_error_asking_for_it():
+    p = _param(1.0, 2.0)
+    opt = ElraOptimizer([p])
+    (p**2).sum().backward()
+    with pytest.raises(TypeError, match="needs the loss"):
+        opt.step()
+
+
+@pytest.mark.parametrize("bad, error", [(torch.ones(2), ValueError), ("1.0", TypeError), (True, TypeError)])
+def test_bad_loss_values_raise(bad, error):
+    p = _param(1.0, 2.0)
+    opt = ElraOptimizer([p])
+    (p**2).sum().backward()
+    with pytest.raises(error):
+        opt.step(bad)
+    assert opt.stats["real_steps"] == 0
+
+
+def _cubic_run(step_form, steps=60):
+    xx, y = cubic_data()
+    model = cubic_model()
+    opt = ElraOptimizer(model.parameters(), lr=1e-6)
+    loss_fn = torch.nn.MSELoss(reduction="sum")
+    for _ in range(steps):
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(xx), y)
+            loss.backward()
+            return loss
+
+        if step_form == "closure":
+            opt.step(closure)
+        else:
+            loss = closure()
+            opt.step(loss.item() if step_form == "float" else loss)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), opt
+
+
+def test_float_tensor_and_closure_losses_give_identical_trajectories():
+    by_float, _ = _cubic_run("float")
+    by_tensor, _ = _cubic_run("tensor")
+    by_closure, opt = _cubic_run("closure")
+    assert torch.equal(by_float, by_tensor)
+    assert torch.equal(by_float, by_closure)
+    assert opt.stats["real_steps"] == 60
+
+
+def test_closure_returns_loss():
+    p = _param(1.0, 2.0)
+    opt = ElraOptimizer([p])
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 5.0
+
+
+def test_parameters_without_grad_are_left_alone():
+    used, unused = _param(1.0, 2.0), _param(3.0, 4.0)
+    opt = ElraOptimizer([used, unused], lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (used**2).sum()
+        loss.backward()
+        opt.step(loss)
+    assert torch.equal(unused.detach(), torch.tensor([3.0, 4.0]))
+    assert not torch.equal(used.detach(), torch.tensor([1.0, 2.0]))
+    assert "direction" not in opt.state[unused]
+
+
+def test_step_without_any_gradient_raises_and_keeps_state():
+    p = _param(1.0)
+    opt = ElraOptimizer([p])
+    with pytest.raises(RuntimeError, match="no parameter has a gradient"):
+        opt.step(1.0)
+    assert opt.stats["real_steps"] == 0
+
+
+def test_sparse_gradients_raise():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = ElraOptimizer(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step(1.0)
+
+
+def test_collected_micro_batches_average_their_gradients():
+    p = _param(1.0, 2.0)
+    opt = ElraOptimizer([p], classes=10, lr=0.1, batch_multiplier=3)
+    directions = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0]), torch.tensor([2.0, 2.0])]
+    seen = []
+    for d in directions:
+        seen.append(opt.collecting)
+        opt.zero_grad()
+        (p * d).sum().backward()
+        opt.step(1.0)
+    assert seen == [True, True, False]
+    expected = torch.tensor([1.0, 2.0]) - 0.1 * sum(directions) / 3
+    assert torch.allclose(p.detach(), expected)
+    assert opt.stats["real_steps"] == 1
+
+
+def test_model_zero_grad_while_collecting_fails_loudly():
+    model = torch.nn.Linear(2, 1)
+    opt = ElraOptimizer(model.parameters(), classes=10, batch_multiplier=2)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step(1.0)
+    model.zero_grad()
+    model(torch.ones(1, 2)).sum().backward()
+    with pytest.raises(RuntimeError, match="model.zero_grad"):
+        opt.step(1.0)
+
+
+def test_optimizer_zero_grad_keeps_gradients_while_collecting():
+    p = _param(1.0)
+    opt = ElraOptimizer([p], classes=10, batch_multiplier=2)
+    (2 * p).sum().backward()
+    opt.step(1.0)
+    opt.zero_grad()
+    assert p.grad is not None and p.grad.item() == 2.0
+    (3 * p).sum().backward()
+    opt.step(1.0)
+    opt.zero_grad()
+    assert p.grad is None
+
+
+def test_param_group_lr_shows_the_current_rate_and_schedulers_do_not_steer():
+    def run(with_scheduler):
+        x, y = digits_data(torch.float32)
+        model = digits_model(torch.float32)
+        opt = ElraOptimizer(model.parameters(), None, 32, 10, lr=1e-5)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1) if with_scheduler else None
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(50):
+            idx = torch.randint(0, len(x), (32,), generator=gen)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step(loss)
+            if scheduler:
+                scheduler.step()
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    plain, opt = run(False)
+    scheduled, _ = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, scheduled))
+    assert opt.param_groups[0]["lr"] == opt.stats["lr"] != 1e-5
+
+
+def test_add_param_group_after_steps_trains_the_new_group():
+    a, b = _param(1.0, 2.0), _param(3.0)
+    opt = ElraOptimizer([a], lr=1e-3)
+    for step in range(60):
+        if step == 20:
+            opt.add_param_group({"params": [b], "weight_decay": 0.0})
+        opt.zero_grad()
+        loss = (a**2).sum() + (b**2).sum()
+        loss.backward()
+        opt.step(loss)
+    assert abs(b.item()) < 1e-2 and a.abs().max() < 1e-2
+
+
+def test_group_weight_decay_applies_only_to_its_group():
+    decayed, plain = _param(1.0, 1.0), _param(1.0, 1.0)
+    opt = ElraOptimizer([{"params": [decayed], "weight_decay": 0.1}, {"params": [plain], "weight_decay": 0.0}], lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = decayed.sum() + plain.sum()
+        loss.backward()
+        opt.step(loss)
+    assert (plain.detach() < 1.0).all()
+    assert (decayed.detach() < plain.detach()).all()
+
+
+def test_stats_hold_the_documented_keys():
+    opt = ElraOptimizer([_param(1.0)])
+    assert {"real_steps", "retraces", "batch_multiplier", "lr", "alpha", "weight_decay"} <= opt.stats.keys()
+
+
+def test_library_logs_through_elra_logger_and_prints_nothing(capsys, caplog):
+    caplog.set_level(logging.DEBUG, logger="elra")
+    xy = torch.nn.Parameter(torch.tensor([-1.5, 2.0]))
+    opt = ElraOptimizer([xy], lr=1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        loss = (1 - xy[0]) ** 2 + 100 * (xy[1] - xy[0] ** 2) ** 2
+        loss.backward()
+        opt.step(loss)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    assert opt.stats["retraces"] > 0
+    assert any(r.name == "elra" and "retrace" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,73 @@
+"""The controller alone: plain numbers, deterministic, serialisable, guarded."""
+
+import json
+import math
+import random
+
+from elra.control import Controller, StepSums
+
+
+def _controller(**overrides):
+    options = dict(lr=1e-3, classes=10, batch_size=768, warmup=1, momentum=0.5, min_multiplier=1)
+    options.update(overrides)
+    return Controller(**options)
+
+
+def _random_inputs(rng: random.Random, k: int):
+    """Losses and sums of one real step, sometimes non-finite or missing."""
+    losses = [rng.uniform(0.1, 3.0) for _ in range(k)]
+    if rng.random() < 0.05:
+        losses[-1] = rng.choice([math.nan, math.inf])
+    values = [[rng.uniform(0.0, 2.0)] for _ in range(6)]
+    values[1] = [rng.uniform(-1.0, 1.0)]
+    sums = None if rng.random() < 0.05 else StepSums(*values)
+    return losses, sums
+
+
+def _drive(controller, rng, steps):
+    decisions = []
+    for _ in range(steps):
+        losses, sums = _random_inputs(rng, controller.state.multiplier)
+        decisions.append(controller.real_step(losses, sums, [1e-3]))
+    return decisions
+
+
+def test_same_inputs_give_same_decisions_and_restoring_state_changes_nothing():
+    first, second = _controller(), _controller()
+    _drive(first, random.Random(0), 700)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert _drive(first, random.Random(1), 700) == _drive(second, random.Random(1), 700)
+    assert first.state_dict() == second.state_dict()
+
+
+def test_decisions_stay_finite_and_in_bounds_on_random_inputs():
+    controller = _controller()
+    for decision in _drive(controller, random.Random(2), 3000):
+        assert all(math.isfinite(v) for v in (decision.keep, decision.grad_scale, decision.step, decision.shift))
+        assert decision.step >= 0.0
+    s = controller.state
+    assert 1e-12 <= s.alpha <= 1e6 and s.rate >= 1e-5 and 1 <= s.multiplier <= 6250
+
+
+def test_zero_gradient_does_not_divide_by_zero():
+    controller = _controller(classes=0, momentum=None)
+    zero = StepSums(*([0.0] for _ in range(6)))
+    for _ in range(250):
+        decision = controller.real_step([0.0], zero, [0.0])
+        assert decision.action == "accept"
+    assert controller.state.retraces == 0
+
+
+def test_step_without_gradient_before_the_first_step_is_skipped():
+    controller = _controller()
+    assert controller.real_step([math.nan], None, [0.0]).action == "skip"
+    assert not controller.state.started
+
+
+def test_25_retraces_in_a_cycle_double_the_multiplier():
+    controller = _controller(momentum=None)
+    sums = StepSums(*([1.0] for _ in range(6)))
+    controller.real_step([2.0], sums, [0.0])
+    for _ in range(25):
+        assert controller.real_step([math.nan], None, [0.0]).action == "retrace"
+    assert controller.state.multiplier == 2

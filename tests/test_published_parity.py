@@ -1,0 +1,69 @@
+"""Trajectory parity with the published elra 0.0.5 (the executable definition of the math)."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import digits_data, digits_model, run_cubic, run_rosenbrock
+from elra import ElraOptimizer
+
+
+def _rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return np.abs(a - b) / np.maximum(np.abs(a), 1e-300)
+
+
+def test_cubic_fit_float64_follows_published_for_1000_steps(published, quiet):
+    with quiet():
+        theirs, _ = run_cubic(lambda m: published.ElraOptimizer(m.parameters(), model=m, lr=1e-6), 1000, torch.float64)
+    ours, _ = run_cubic(lambda m: ElraOptimizer(m.parameters(), model=m, lr=1e-6), 1000, torch.float64)
+    assert _rel(theirs, ours).max() < 1e-3
+
+
+def test_cubic_fit_float32_first_steps_equal_published(published, quiet):
+    with quiet():
+        theirs, _ = run_cubic(lambda m: published.ElraOptimizer(m.parameters(), model=m, lr=1e-6), 6)
+    ours, _ = run_cubic(lambda m: ElraOptimizer(m.parameters(), model=m, lr=1e-6), 6)
+    assert _rel(theirs, ours).max() < 1e-6
+
+
+def test_rosenbrock_float64_follows_published_through_its_retraces(published, quiet):
+    with quiet():
+        theirs, _ = run_rosenbrock(lambda ps: published.ElraOptimizer(ps, lr=1e-5), 40)
+    ours, _ = run_rosenbrock(lambda ps: ElraOptimizer(ps, lr=1e-5), 40)
+    assert _rel(theirs, ours).max() < 1e-4
+    assert max(theirs) > 100 * theirs[0]  # the run does contain failed (retraced) steps
+
+
+def _digits_run(make_opt, steps, batch=4):
+    x, y = digits_data()
+    model = digits_model()
+    opt = make_opt(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        value = loss.item()
+        losses.append(value)
+        if step > 10 and not value < 2.0:
+            opt.step_retrace(value)
+            continue
+        opt.zero_grad()
+        loss.backward()
+        opt.step(value)
+    return losses, opt
+
+
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.9999, "momentum": 0.5}], ids=["plain", "decay+momentum"])
+def test_stochastic_regime_follows_published(published, quiet, options):
+    """Mini-batch training: retraces, step_retrace, windows and batch-multiplier growth match."""
+    steps = 3500
+    with quiet() as out:
+        theirs, _ = _digits_run(lambda ps: published.ElraOptimizer(ps, None, 768, 10, lr=1e-5, **options), steps)
+    ours, opt = _digits_run(lambda ps: ElraOptimizer(ps, None, 768, 10, lr=1e-5, **options), steps)
+    assert _rel(theirs, ours).max() < 1e-6
+    printed = out.getvalue()
+    assert "NoGrad:" in printed  # step_retrace was exercised
+    assert opt.stats["retraces"] == printed.count("Retrace(") > 0
+    assert opt.stats["batch_multiplier"] > 1

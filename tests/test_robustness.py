@@ -1,0 +1,120 @@
+"""Bad numbers never raise and never reach the parameters."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import cubic_optimum, run_cubic, run_rosenbrock
+from elra import ElraOptimizer
+
+
+def _trained_quadratic(steps=30, **kwargs):
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    opt = ElraOptimizer([p], lr=1e-3, **kwargs)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        opt.step(loss)
+    return p, opt
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_loss_is_a_retrace_and_parameters_stay_finite(bad):
+    p, opt = _trained_quadratic()
+    before = opt.stats["retraces"]
+    opt.zero_grad()
+    (p**2).sum().backward()
+    opt.step(bad)
+    assert opt.stats["retraces"] == before + 1
+    assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_gradient_is_a_retrace(bad):
+    p, opt = _trained_quadratic(steps=5)
+    opt.zero_grad()
+    loss = (p**2).sum()
+    loss.backward()
+    p.grad[1] = bad
+    trial = p.detach().clone()
+    opt.step(loss)
+    assert torch.isfinite(p).all()
+    assert opt.stats["retraces"] == 1
+    assert not torch.equal(p.detach(), trial)  # moved back toward the last good point
+
+
+def test_retrace_returns_to_the_last_good_point_along_the_old_direction():
+    p, opt = _trained_quadratic(steps=5)
+    x_trial = p.detach().clone()
+    direction = opt.state[p]["direction"].clone()
+    offset = opt.controller.state.offset
+    x_good = x_trial + offset * direction
+    opt.step_retrace(float("nan"))
+    new_offset = opt.controller.state.offset
+    assert torch.allclose(p.detach(), x_good - new_offset * direction, atol=1e-7)
+    assert new_offset < offset
+
+
+def test_first_step_with_nan_loss_is_skipped_without_moving():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = ElraOptimizer([p])
+    (p**2).sum().backward()
+    opt.step(float("nan"))
+    opt.step_retrace(float("inf"))
+    assert torch.equal(p.detach(), torch.tensor([1.0, 2.0]))
+    assert opt.stats["real_steps"] == 0
+    opt.step(5.0)
+    assert opt.stats["real_steps"] == 1
+
+
+def test_exact_minimum_with_zero_gradient_is_stable():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = ElraOptimizer([p], lr=1e-3, weight_decay=0.1)
+    for _ in range(300):
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        opt.step(loss)
+    assert torch.equal(p.detach(), torch.zeros(3))
+    assert opt.stats["real_steps"] == 300
+
+
+@pytest.mark.parametrize("shift", [-100.0, -8.8171668, 1e4])
+def test_cubic_fit_with_shifted_loss_reaches_the_same_optimum(shift):
+    losses, model = run_cubic(lambda m: ElraOptimizer(m.parameters(), lr=1e-6), 2000, torch.float64, shift=shift)
+    assert min(v - shift for v in losses) < cubic_optimum() + 1e-4
+
+
+@pytest.mark.parametrize("shift", [-10.0, -1e-3, 0.0])
+def test_rosenbrock_with_zero_or_negative_losses_trains_the_same(shift):
+    reference, ref_xy = run_rosenbrock(lambda ps: ElraOptimizer(ps, lr=1e-5), 600)
+    shifted, xy = run_rosenbrock(lambda ps: ElraOptimizer(ps, lr=1e-5), 600, shift=shift)
+    assert min(shifted) - shift < 1e-10
+    assert torch.allclose(xy.detach(), torch.ones(2, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(xy.detach(), ref_xy.detach(), atol=1e-5)
+
+
+def test_mixed_dtypes_train_together():
+    a = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    b = torch.nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+    c = torch.nn.Parameter(torch.tensor([0.5, 0.25], dtype=torch.bfloat16))
+    opt = ElraOptimizer([a, b, c], lr=1e-3)
+    for _ in range(60):
+        opt.zero_grad()
+        loss = (a**2).sum() + (b**2).sum() + (c.float() ** 2).sum()
+        loss.backward()
+        opt.step(loss)
+    assert loss.item() < 1e-3
+    assert a.dtype == torch.float32 and b.dtype == torch.float64 and c.dtype == torch.bfloat16
+
+
+def test_parameters_on_two_devices_are_rejected_at_construction():
+    with pytest.raises(ValueError, match="one device"):
+        ElraOptimizer([torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1, device="meta"))])
+
+
+def test_integer_parameters_are_rejected():
+    with pytest.raises(ValueError, match="floating point"):
+        ElraOptimizer([torch.ones(2, dtype=torch.int64)])
