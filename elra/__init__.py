@@ -1,10 +1,10 @@
 """ELRA: a PyTorch optimizer that adapts its own step size, batch size and weight decay."""
 
+import logging
+
 from .optimizer import ElraOptimizer
 
 __all__ = ["ElraOptimizer"]
 __version__ = "0.1.0"
 
-import logging as _logging
-
-_logging.getLogger("elra").addHandler(_logging.NullHandler())
+logging.getLogger("elra").addHandler(logging.NullHandler())
