@@ -3,8 +3,9 @@
 import logging
 
 from .optimizer import ElraOptimizer
+from .sync import grad_sync
 
-__all__ = ["ElraOptimizer"]
+__all__ = ["ElraOptimizer", "grad_sync"]
 __version__ = "0.1.0"
 
 logging.getLogger("elra").addHandler(logging.NullHandler())

@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import zlib
 from typing import Any, Callable
 
 import torch
 from torch.optim import Optimizer
 
 from .control import MAX_MULTIPLIER, Controller, Decision, StepSums
-from .reduce import ScalarBatch, dot
+from .reduce import AUTO, Reducer, ScalarBatch, dot, local
+from .sync import drop_unsynced_grads
 
 logger = logging.getLogger("elra")
 
@@ -70,8 +72,18 @@ class ElraOptimizer(Optimizer):
         momentum: momentum factor in [0, 1), ``None`` or 0 for none.
         batch_multiplier: initial and smallest number of micro-batches whose
             gradients are averaged per real step.
+        process_group: data-parallel group to reduce over: ``"auto"`` (the
+            default group when torch.distributed runs more than one rank),
+            ``None`` (this process alone) or a process group.
+        replicas: for unusual layouts, a function giving the number of ranks
+            that hold an identical copy of a parameter's local part (see
+            :class:`elra.reduce.Reducer` for the automatic rule).
+        check_consistency: every this many real steps (0: never) verify that
+            all ranks hold the same controller state; raises if not. Rides on
+            the step's own all-reduce.
 
     Call ``step(loss)`` after every ``backward()``; ELRA needs the loss value.
+    Under data parallelism each rank passes its own local loss.
     """
 
     def __init__(
@@ -86,6 +98,9 @@ class ElraOptimizer(Optimizer):
         momentum: float | None = None,
         *,
         batch_multiplier: int = 1,
+        process_group=AUTO,
+        replicas: Callable[[torch.Tensor], int] | None = None,
+        check_consistency: int = 0,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
@@ -93,6 +108,8 @@ class ElraOptimizer(Optimizer):
         classes = _check_int("classes", classes, 0)
         warmup = _check_int("warmup", warmup, 0)
         batch_multiplier = _check_int("batch_multiplier", batch_multiplier, 1, MAX_MULTIPLIER)
+        self._check_every = _check_int("check_consistency", check_consistency, 0)
+        self.reducer = Reducer(process_group, replicas)
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0.0 < lr < math.inf:
             raise ValueError(f"Invalid learning rate: {lr!r} (expected a positive number, e.g. 1e-5)")
         _decay_rate(weight_decay)
@@ -114,6 +131,7 @@ class ElraOptimizer(Optimizer):
         )
         self._pending: list[LossLike] = []
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
+        self.unsynced_models: set[torch.nn.Module] = set()  # filled by elra.grad_sync
 
     # ----------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -189,9 +207,16 @@ class ElraOptimizer(Optimizer):
         losses = [*self._pending, value]
         if len(losses) < self.controller.state.multiplier:
             self._pending = losses
-            self._kept_grads = {p: p.grad for group in self.param_groups for p in group["params"] if p.grad is not None}
+            self._kept_grads = {
+                p: p.grad
+                for group in self.param_groups
+                for p in group["params"]
+                # FSDP1 replaces its flat gradients itself between backward passes
+                if p.grad is not None and not getattr(p, "_fsdp_flattened", False)
+            }
             return loss
         self._real_step(losses, with_gradient=True)
+        self.unsynced_models.clear()  # the last backward was synchronised: wrappers hold nothing back
         return loss
 
     @torch.no_grad()
@@ -200,6 +225,35 @@ class ElraOptimizer(Optimizer):
         if loss is None:
             raise TypeError("step_retrace needs the loss value that made you skip backward()")
         self._real_step([*self._pending, _loss_value(loss)], with_gradient=False)
+        for model in self.unsynced_models:
+            drop_unsynced_grads(model)
+        self.unsynced_models.clear()
+
+    @torch.no_grad()
+    def skip_backward(self, loss: LossLike, limit: float | None = None) -> bool:
+        """True on every rank when any rank's loss is non-finite (or above ``limit``).
+
+        The collective form of the seed's "skip backward on a bad loss": all
+        ranks must skip ``backward()`` together, or the others would wait in
+        the gradient reduction. One tiny all-reduce under data parallelism::
+
+            if optimizer.skip_backward(loss, limit):
+                optimizer.step_retrace(loss)
+            else:
+                loss.backward()
+                optimizer.step(loss)
+
+        Not with FSDP1, which keeps the root's gathered weights from a forward
+        until its backward: there run ``backward()`` and ``step`` with the loss
+        (a non-finite loss retraces; pass ``float("nan")`` to force it).
+        """
+        value = _loss_value(loss)
+        device = self._device or torch.device("cpu")
+        value = torch.as_tensor(value, dtype=torch.float64).to(device)
+        bad = ~torch.isfinite(value)
+        if limit is not None:
+            bad |= value > limit
+        return bool(self.reducer.sum(bad.to(torch.float64).reshape(1)).item() > 0)
 
     # ------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -273,7 +327,8 @@ class ElraOptimizer(Optimizer):
     def _real_step(self, losses: list[LossLike], with_gradient: bool) -> None:
         decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
         groups = [self._group_tensors(group, with_gradient) for group in self.param_groups]
-        sums, values, half = self._global_sums(groups, decays, losses, with_gradient)
+        half = any(p.dtype in (torch.float16, torch.bfloat16) for g in self.param_groups for p in g["params"])
+        sums, values = self._global_sums(groups, decays, losses, with_gradient)
         decision = self.controller.real_step(values, sums, decays, half_precision=half)
         self._apply(decision, groups)
         self._pending = []
@@ -282,9 +337,10 @@ class ElraOptimizer(Optimizer):
         for group in self.param_groups:
             group["lr"] = length
 
-    def _group_tensors(self, group: dict[str, Any], with_gradient: bool) -> dict[str, list[torch.Tensor]]:
-        """Tensors of one group: those with gradients, and all that carry a direction."""
-        tensors: dict[str, list[torch.Tensor]] = {k: [] for k in ("params", "grads", "dirs", "stale", "moved", "moved_dirs")}
+    def _group_tensors(self, group: dict[str, Any], with_gradient: bool) -> dict[str, list]:
+        """Local parts of one group's tensors: those with gradients, and all that carry a direction."""
+        keys = ("params", "grads", "dirs", "weights", "stale", "moved", "moved_dirs")
+        tensors: dict[str, list] = {k: [] for k in keys}
         for p in group["params"]:
             state = self.state[p]
             grad = p.grad if with_gradient else None
@@ -293,57 +349,79 @@ class ElraOptimizer(Optimizer):
                     raise RuntimeError("ElraOptimizer does not support sparse gradients")
                 if "direction" not in state:
                     state["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                tensors["params"].append(p)
-                tensors["grads"].append(grad)
-                tensors["dirs"].append(state["direction"])
+                tensors["params"].append(local(p))
+                tensors["grads"].append(local(grad))
+                tensors["dirs"].append(local(state["direction"]))
+                tensors["weights"].append(1.0 / self.reducer.replicas(p))
             elif "direction" in state:
-                tensors["stale"].append(state["direction"])
+                tensors["stale"].append(local(state["direction"]))
             if "direction" in state:
-                tensors["moved"].append(p)
-                tensors["moved_dirs"].append(state["direction"])
+                tensors["moved"].append(local(p))
+                tensors["moved_dirs"].append(local(state["direction"]))
         return tensors
 
     def _global_sums(
         self,
-        groups: list[dict[str, list[torch.Tensor]]],
+        groups: list[dict[str, list]],
         decays: list[float],
         losses: list[LossLike],
         with_gradient: bool,
-    ) -> tuple[StepSums | None, list[float], bool]:
-        """The controller's inputs: per-group inner products and the micro-batch losses."""
+    ) -> tuple[StepSums | None, list[float]]:
+        """The controller's inputs, summed over ranks: per-group inner products and mean losses."""
         n_groups = len(groups)
         started = self.controller.state.started
         momentum = self.controller.momentum is not None
         any_decay = any(decays)
-        batch = ScalarBatch(len(_SUMS) * n_groups + 1, self._device or torch.device("cpu"))
         present = len(_SUMS) * n_groups
-        half = False
+        check = present + 1
+        batch = ScalarBatch(check + (2 if self._check_every else 0), self._device or torch.device("cpu"), self.reducer)
         for j, tensors in enumerate(groups) if with_gradient else ():
             slot = {name: k * n_groups + j for k, name in enumerate(_SUMS)}
-            for x, g, d in zip(tensors["params"], tensors["grads"], tensors["dirs"]):
-                half = half or x.dtype in (torch.float16, torch.bfloat16)
-                batch.add(present, torch.ones((), device=x.device))
-                batch.add(slot["grad_sq"], dot(g, g))
+            batch.add_constant(present, len(tensors["params"]))
+            for x, g, d, w in zip(tensors["params"], tensors["grads"], tensors["dirs"], tensors["weights"]):
+                batch.add(slot["grad_sq"], dot(g, g), w)
                 if started:
-                    batch.add(slot["grad_dir"], dot(g, d))
+                    batch.add(slot["grad_dir"], dot(g, d), w)
                     if momentum:
-                        batch.add(slot["dir_sq"], dot(d, d))
+                        batch.add(slot["dir_sq"], dot(d, d), w)
                 if any_decay:
-                    batch.add(slot["param_sq"], dot(x, x))
+                    batch.add(slot["param_sq"], dot(x, x), w)
                 if decays[j]:
-                    batch.add(slot["grad_param"], dot(g, x))
+                    batch.add(slot["grad_param"], dot(g, x), w)
                     if started:
-                        batch.add(slot["param_dir"], dot(x, d))
+                        batch.add(slot["param_dir"], dot(x, d), w)
+        fingerprint = self._fingerprint(decays) if self._check_every else 0
+        if self._check_every:
+            batch.add_constant(check, fingerprint)
+            batch.add_constant(check + 1, fingerprint * fingerprint)
         values, loss_values = batch.read(losses)
+        if self._check_every:
+            self._verify_consistency(values[check], values[check + 1], fingerprint)
         if not with_gradient:
-            return None, loss_values, half
+            return None, loss_values
         if values[present] == 0:
             raise RuntimeError(
                 "no parameter has a gradient: call loss.backward() before optimizer.step(loss), "
                 "or optimizer.step_retrace(loss) to skip backward()"
             )
         sums = StepSums(*(values[k * n_groups : (k + 1) * n_groups] for k in range(len(_SUMS))))
-        return sums, loss_values, half
+        return sums, loss_values
+
+    def _fingerprint(self, decays: list[float]) -> int:
+        """A 20-bit hash of the controller state (0 when no check is due at this step)."""
+        if self.controller.state.steps % self._check_every:
+            return 0
+        text = repr((sorted(self.controller.state_dict().items()), decays, len(self._pending)))
+        return zlib.crc32(text.encode()) % (1 << 20) + 1
+
+    def _verify_consistency(self, total: float, total_sq: float, mine: int) -> None:
+        ranks = self.reducer.world_size
+        if total != ranks * mine or total_sq != ranks * mine * mine:
+            raise RuntimeError(
+                f"ranks disagree on the ELRA controller state at real step {self.controller.state.steps}: "
+                "each rank must build the optimizer with the same arguments, load the same checkpoint "
+                "and call step()/step_retrace() at the same points"
+            )
 
     @staticmethod
     def _apply(decision: Decision, groups: list[dict[str, list[torch.Tensor]]]) -> None:

@@ -1,54 +1,134 @@
-"""Global scalars: the dot products of one real step, in one small vector.
+"""Global scalars: the inner products and losses of one real step, in one vector.
 
 Each real step needs a few inner products per parameter group (``|g|^2``,
-``<g, B>`` ...) and the losses of its micro-batches. They are computed tensor
-by tensor on the tensors as they are (no flat copy), accumulated into one
-float64 vector on the parameters' device and brought to the host with a
-single transfer.
+``<g, B>`` ...) and the losses of its micro-batches. Every rank computes them
+tensor by tensor on what it holds locally (DTensor shards via ``to_local()``,
+FSDP1 flat shards, DDP replicas), weights each tensor by 1/(number of ranks
+holding an identical copy), and ONE ``all_reduce(SUM)`` of a small float64
+vector over the data-parallel group makes the global values. A single process
+issues no collective. The vector then reaches the host with one transfer.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+AUTO = "auto"
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Inner product of two same-shaped tensors, accumulated in at least float32."""
+    """Inner product of two same-shaped local tensors, accumulated in at least float32."""
     if a.dtype in _LOW_PRECISION:
         a, b = a.float(), b.float()
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def accumulation_dtype(device: torch.device) -> torch.dtype:
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` this rank holds (a DTensor's local shard, else the tensor)."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
+
+
+def _accumulation_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-class ScalarBatch:
-    """Collects scalar terms into numbered slots, then reads them all at once."""
+class Reducer:
+    """The data-parallel group of an optimizer and how many ranks hold each tensor.
 
-    def __init__(self, slots: int, device: torch.device) -> None:
+    Args:
+        process_group: ``"auto"`` (the default group when torch.distributed is
+            initialised with more than one rank, else this process alone),
+            ``None`` (this process alone: no collective), or a process group.
+        replicas: optional function giving, for a parameter, the number of
+            ranks of the group that hold an identical copy of what this rank
+            holds. By default DTensors count the mesh dimensions they are
+            replicated over, FSDP1 flat parameters (and their views) are
+            shards, and other tensors are replicas on every rank (DDP).
+    """
+
+    def __init__(self, process_group=AUTO, replicas: Callable[[torch.Tensor], int] | None = None) -> None:
+        if process_group is not AUTO and process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be 'auto', None or a torch.distributed.ProcessGroup, got {process_group!r}")
+        if replicas is not None and not callable(replicas):
+            raise TypeError("replicas must be a function of a parameter returning a number of ranks")
+        self._process_group = process_group
+        self._replicas = replicas
+
+    @property
+    def group(self):
+        """The process group to reduce over, or ``None`` for this process alone."""
+        if self._process_group is AUTO:
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                return dist.group.WORLD
+            return None
+        return self._process_group
+
+    @property
+    def world_size(self) -> int:
+        group = self.group
+        return 1 if group is None else dist.get_world_size(group)
+
+    def replicas(self, param: torch.Tensor) -> int:
+        """Number of ranks holding an identical copy of this rank's part of ``param``."""
+        if self._replicas is not None:
+            count = self._replicas(param)
+        elif hasattr(param, "placements") and hasattr(param, "device_mesh"):
+            count = math.prod(
+                param.device_mesh.size(dim) for dim, placement in enumerate(param.placements) if placement.is_replicate()
+            )
+        elif getattr(param, "_fsdp_flattened", False):
+            count = 1
+        else:
+            count = self.world_size
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"replicas must be a positive integer, got {count!r}")
+        return count
+
+    def sum(self, vector: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) ``vector`` in place over the group; nothing for one process."""
+        group = self.group
+        if group is not None:
+            dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=group)
+        return vector
+
+
+class ScalarBatch:
+    """Collects weighted scalar terms into numbered slots, then sums them globally once."""
+
+    def __init__(self, slots: int, device: torch.device, reducer: Reducer) -> None:
         self.slots = slots
         self.device = device
-        self.dtype = accumulation_dtype(device)
+        self.dtype = _accumulation_dtype(device)
+        self.reducer = reducer
         self._terms: list[torch.Tensor] = []
         self._index: list[int] = []
+        self._weights: list[float] = []
+        self._constants = [0.0] * slots
 
-    def add(self, slot: int, term: torch.Tensor) -> None:
+    def add(self, slot: int, term: torch.Tensor, weight: float = 1.0) -> None:
         self._terms.append(term)
         self._index.append(slot)
+        self._weights.append(weight)
+
+    def add_constant(self, slot: int, value: float) -> None:
+        """A host-side number (already this rank's share) to be summed over ranks."""
+        self._constants[slot] += value
 
     def read(self, losses: Sequence[float | torch.Tensor]) -> tuple[list[float], list[float]]:
-        """Return (slot values, losses) with one device-to-host transfer."""
-        vector = torch.zeros(self.slots, dtype=self.dtype, device=self.device)
+        """Global (slot values, mean losses over ranks): one collective, one host transfer."""
+        vector = torch.tensor(self._constants, dtype=self.dtype, device=self.device)
         if self._terms:
             terms = torch.stack([t.to(self.dtype) for t in self._terms])
-            index = torch.tensor(self._index, device=self.device)
-            vector.index_add_(0, index, terms)
-        values = torch.cat([vector, _loss_vector(losses, self.dtype, self.device)]).tolist()
+            terms *= torch.tensor(self._weights, dtype=self.dtype, device=self.device)
+            vector.index_add_(0, torch.tensor(self._index, device=self.device), terms)
+        loss_vector = _loss_vector(losses, self.dtype, self.device) / self.reducer.world_size
+        values = self.reducer.sum(torch.cat([vector, loss_vector])).tolist()
         return values[: self.slots], values[self.slots :]
 
 
