@@ -229,17 +229,10 @@ class Controller:
         s.stat_dev = 0.3 * 1.1 * scale
         s.started = True
         decay = self._decay_coefficients(n, sums, decays) if self.deterministic else [0.0] * len(decays)
-        grad_sq, _ = self._direction_sums(n, sums, decay)
-        s.dir_norm = math.sqrt(grad_sq)
+        y_sq, _ = self._direction_sums(n, sums, decay)
+        s.dir_norm = math.sqrt(y_sq)
         s.grad_norm_avg = s.dir_norm
-        if self.momentum is None:
-            decision = Decision("accept", 0.0, 1.0, tuple(n * a for a in decay), s.alpha / n)
-            s.dir_coef = 1.0 / n
-        else:
-            decision = Decision("accept", 0.0, 1.0 / n, tuple(decay), s.alpha)
-            s.dir_coef = 1.0
-        s.offset = decision.step
-        return decision
+        return self._move(n, decay, s.alpha, y_sq, y_sq, y_sq, beta=0.0)
 
     def _count_step(self) -> None:
         """Advance the step counters and run the per-cycle control every 100 steps."""
@@ -370,22 +363,32 @@ class Controller:
         y_sq, y_dir = self._direction_sums(n, sums, decay)
         self._adapt_after_accept(y_dir * s.dir_coef, math.sqrt(y_sq))
         length = s.alpha if self.deterministic else s.rate
+        decision = self._move(n, decay, length, y_sq, y_dir, sum(sums.dir_sq), beta=self.momentum or 0.0)
+        s.accepted_any = True
+        s.dir_norm_sum += s.dir_norm
+        return decision
+
+    def _move(
+        self, n: int, decay: Sequence[float], length: float, y_sq: float, y_dir: float, dir_sq: float, beta: float
+    ) -> Decision:
+        """The tensor update of a step of ``length`` along ``y = g/n + a*x``.
+
+        Without momentum the buffer stores ``n*y`` (one copy of the summed
+        gradient, no scaling pass). With momentum it stores ``m = beta*m +
+        (1-beta)*y`` and the direction is the projection of ``y`` on ``m``,
+        a multiple of ``m`` whose factor comes from the sums.
+        """
+        s = self.state
         if self.momentum is None:
             decision = Decision("accept", 0.0, 1.0, tuple(n * a for a in decay), length / n)
             s.dir_coef = 1.0 / n
         else:
-            beta = self.momentum
-            dir_sq = sum(sums.dir_sq)
             new_dot = beta * y_dir + (1.0 - beta) * y_sq
             new_sq = max(beta * beta * dir_sq + 2.0 * beta * (1.0 - beta) * y_dir + (1.0 - beta) ** 2 * y_sq, 0.0)
             s.dir_coef = new_dot / new_sq if new_sq > 0.0 else 0.0
             s.dir_norm = abs(s.dir_coef) * math.sqrt(new_sq)
-            decision = Decision(
-                "accept", beta, (1.0 - beta) / n, tuple((1.0 - beta) * a for a in decay), length
-            )
+            decision = Decision("accept", beta, (1.0 - beta) / n, tuple((1.0 - beta) * a for a in decay), length)
         s.offset = decision.step
-        s.accepted_any = True
-        s.dir_norm_sum += s.dir_norm
         return decision
 
     def _record_accepted_loss(self, loss: float) -> None:
