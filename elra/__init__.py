@@ -2,10 +2,11 @@
 
 import logging
 
+from .grad_scaler import ElraGradScaler
 from .optimizer import ElraOptimizer
 from .sync import grad_sync
 
-__all__ = ["ElraOptimizer", "grad_sync"]
+__all__ = ["ElraGradScaler", "ElraOptimizer", "grad_sync"]
 __version__ = "0.1.0"
 
 logging.getLogger("elra").addHandler(logging.NullHandler())

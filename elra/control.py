@@ -55,6 +55,17 @@ class StepSums:
     def is_finite(self) -> bool:
         return all(math.isfinite(v) for values in asdict(self).values() for v in values)
 
+    def scaled(self, factor: float) -> StepSums:
+        """The sums for gradients multiplied by ``factor`` (undoing a loss scale)."""
+        return StepSums(
+            [v * factor * factor for v in self.grad_sq],
+            [v * factor for v in self.grad_dir],
+            self.dir_sq,
+            self.param_sq,
+            self.param_dir,
+            [v * factor for v in self.grad_param],
+        )
+
 
 @dataclass(frozen=True)
 class Decision:

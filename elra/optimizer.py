@@ -9,15 +9,18 @@ momentum), from which a retrace recomputes the last good point.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import numbers
 import zlib
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.optim import Optimizer
 
+from .boost import DEFAULT_CYCLE, Booster
 from .control import MAX_MULTIPLIER, Controller, Decision, StepSums
 from .reduce import AUTO, Reducer, ScalarBatch, dot, local
 from .sync import drop_unsynced_grads
@@ -26,6 +29,7 @@ logger = logging.getLogger("elra")
 
 LossLike = float | torch.Tensor
 _STATE_KEY = "elra_controller"
+_BOOST_KEY = "elra_boost"
 _PENDING_GRAD = "pending_grad"
 _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
 
@@ -120,6 +124,7 @@ class ElraOptimizer(Optimizer):
         if lr >= 1e-3:
             logger.warning("ELRA starts best from a tiny lr (1e-6..1e-4), got %g", lr)
         self._device: torch.device | None = None
+        self.booster = Booster()
         super().__init__(params, dict(lr=float(lr), weight_decay=weight_decay))
         self.controller = Controller(
             lr=float(lr),
@@ -132,14 +137,23 @@ class ElraOptimizer(Optimizer):
         self._pending: list[LossLike] = []
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
         self.unsynced_models: set[torch.nn.Module] = set()  # filled by elra.grad_sync
+        self._moved: set[torch.Tensor] = set()  # parameters the last accepted step updated
+        self._boost_model: torch.nn.Module | None = None
 
     # ----------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its ``weight_decay`` (0: none) replaces the default for it."""
+        """Add a group; its ``weight_decay`` (0: none) replaces the default for it.
+
+        The direction state is created here, not lazily, so that checkpoint
+        tools that initialise missing state by calling ``step()`` leave ELRA alone.
+        """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _decay_rate(group["weight_decay"])
         for p in group["params"]:
+            self.state[p]["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self.booster.enabled:
+                self.state[p]["boost"] = p.detach().clone()
             if not p.is_floating_point():
                 raise ValueError(f"ELRA optimizes floating point parameters only, got {p.dtype}")
             if self._device is None:
@@ -157,6 +171,11 @@ class ElraOptimizer(Optimizer):
         return len(self._pending) + 1 < self.controller.state.multiplier
 
     @property
+    def micro_batches(self) -> int:
+        """Micro-batches collected so far toward the next real step."""
+        return len(self._pending)
+
+    @property
     def stats(self) -> dict[str, float | int]:
         """Numbers for logs and dashboards."""
         s = self.controller.state
@@ -165,12 +184,13 @@ class ElraOptimizer(Optimizer):
             "real_steps": s.steps,
             "retraces": s.retraces,
             "batch_multiplier": s.multiplier,
-            "micro_batches": len(self._pending),
+            "micro_batches": self.micro_batches,
             "lr": self.controller.step_length,
             "rate": s.rate,
             "alpha": s.alpha,
             "weight_decay": decays[0],
             "schedule": s.schedule,
+            "boost_count": self.booster.count,
         }
 
     def set_train_loss(self, loss: float, boost: float | None = None) -> None:
@@ -202,7 +222,17 @@ class ElraOptimizer(Optimizer):
                 "ElraOptimizer.step needs the loss: call optimizer.step(loss) after loss.backward(), "
                 "or optimizer.step(closure) with a closure that returns it"
             )
-        value = _loss_value(loss)
+        self._step(_loss_value(loss))
+        return loss
+
+    @torch.no_grad()
+    def _step(self, value: LossLike, inv_scale: float = 1.0, skip_overflow: bool = False) -> str:
+        """Collect or take a real step; gradients are ``inv_scale`` times too small.
+
+        Returns what happened: ``collect``, ``accept``, ``retrace``, ``skip``,
+        or ``overflow`` (non-finite gradients with ``skip_overflow``: the real
+        step is dropped without touching the controller).
+        """
         self._check_kept_grads()
         losses = [*self._pending, value]
         if len(losses) < self.controller.state.multiplier:
@@ -214,10 +244,10 @@ class ElraOptimizer(Optimizer):
                 # FSDP1 replaces its flat gradients itself between backward passes
                 if p.grad is not None and not getattr(p, "_fsdp_flattened", False)
             }
-            return loss
-        self._real_step(losses, with_gradient=True)
+            return "collect"
+        outcome = self._real_step(losses, True, inv_scale, skip_overflow)
         self.unsynced_models.clear()  # the last backward was synchronised: wrappers hold nothing back
-        return loss
+        return outcome
 
     @torch.no_grad()
     def step_retrace(self, loss: LossLike) -> None:
@@ -255,6 +285,80 @@ class ElraOptimizer(Optimizer):
             bad |= value > limit
         return bool(self.reducer.sum(bad.to(torch.float64).reshape(1)).item() > 0)
 
+    # ------------------------------------------------------------ boost
+    def enable_boost(self, cycle: int = DEFAULT_CYCLE) -> None:
+        """Average the accepted points, ``cycle`` of them at most (then the mean is frozen)."""
+        self.booster.enable(cycle)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p].setdefault("boost", p.detach().clone())
+
+    def disable_boost(self) -> None:
+        self.booster.disable()
+        self._boost_model = None
+        for state in self.state.values():
+            state.pop("boost", None)
+
+    def restart_boost(self) -> None:
+        """Start a new averaging cycle (the epoch boundary of the published package)."""
+        self.booster.restart()
+
+    @contextmanager
+    def boosted(self) -> Iterator[int]:
+        """Evaluate with the averaged weights: swapped into the parameters in place.
+
+        Works for plain, DDP and sharded models (each rank swaps its shards;
+        enter it on all ranks together, as for any forward of a sharded
+        model). The parameters are bit-identical afterwards. Yields the number
+        of averaged points (0: boosting off or nothing averaged yet, weights
+        unchanged). BatchNorm running statistics belong to the current weights:
+        recompute them for the boosted ones (``torch.optim.swa_utils.update_bn``).
+        """
+        count = self.booster.count if self.booster.enabled else 0
+        params, means = self._boost_pairs() if count else ([], [])
+        Booster.swap(params, means)
+        try:
+            yield count
+        finally:
+            Booster.swap(params, means)
+
+    def get_boost_model(
+        self, enable: bool, model: torch.nn.Module | None = None, device: torch.device | str | None = None
+    ) -> tuple[int, float, torch.nn.Module | None]:
+        """The published API: ``(count, mean_loss, model_at_boost_point)``, once per epoch.
+
+        ``get_boost_model(True, model)`` turns boosting on; later calls return a
+        copy of ``model`` (kept and refreshed, on ``device``) holding the mean of
+        the points accepted since the previous call (or of the first full
+        cycle), and start a new cycle. ``enable=False`` turns boosting off. For
+        sharded models, which cannot be copied, use :meth:`boosted`.
+        """
+        if not enable:
+            self.disable_boost()
+            return 0, 0.0, None
+        if not self.booster.enabled:
+            self.enable_boost()
+            return 0, 0.0, None
+        count, loss = self.booster.count, self.booster.mean_loss
+        if count < 2:
+            self.booster.restart()
+            return 0, loss, None
+        if model is None and self._boost_model is None:
+            raise TypeError("get_boost_model needs the model the first time it returns a boosted copy")
+        if model is not None:
+            if self._boost_model is None:
+                self._boost_model = copy.deepcopy(model)
+            with self.boosted():
+                self._boost_model.load_state_dict(model.state_dict())
+        if device is not None:
+            self._boost_model.to(device)
+        self.booster.restart()
+        return count, loss, self._boost_model
+
+    def _boost_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        pairs = [(local(p), local(self.state[p]["boost"])) for g in self.param_groups for p in g["params"]]
+        return [p for p, _ in pairs], [m for _, m in pairs]
+
     # ------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The torch layout, plus the controller's numbers in ``param_groups[0]``.
@@ -266,6 +370,7 @@ class ElraOptimizer(Optimizer):
         controller = self.controller.state_dict()
         controller["pending_losses"] = [float(v) for v in self._pending]
         sd["param_groups"][0][_STATE_KEY] = controller
+        sd["param_groups"][0][_BOOST_KEY] = self.booster.state_dict()
         if self._pending:
             index = 0
             for group in self.param_groups:
@@ -283,9 +388,13 @@ class ElraOptimizer(Optimizer):
         pending = [float(v) for v in controller.pop("pending_losses", [])]
         super().load_state_dict(state_dict)
         self.param_groups[0].pop(_STATE_KEY, None)
+        boost = self.param_groups[0].pop(_BOOST_KEY, None)
         self._check_state_shapes()
         self.controller.load_state_dict(controller)
+        if boost is not None:
+            self.booster.load_state_dict(boost)
         self._pending = pending
+        self._moved = {p for g in self.param_groups for p in g["params"]}
         self._restore_pending_grads()
 
     # ------------------------------------------------------- internals
@@ -324,40 +433,45 @@ class ElraOptimizer(Optimizer):
                     p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
                     self._kept_grads[p] = p.grad
 
-    def _real_step(self, losses: list[LossLike], with_gradient: bool) -> None:
+    def _real_step(
+        self, losses: list[LossLike], with_gradient: bool, inv_scale: float = 1.0, skip_overflow: bool = False
+    ) -> str:
         decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
         groups = [self._group_tensors(group, with_gradient) for group in self.param_groups]
         half = any(p.dtype in (torch.float16, torch.bfloat16) for g in self.param_groups for p in g["params"])
         sums, values = self._global_sums(groups, decays, losses, with_gradient)
-        decision = self.controller.real_step(values, sums, decays, half_precision=half)
-        self._apply(decision, groups)
         self._pending = []
         self._kept_grads = {}
+        if sums is not None and inv_scale != 1.0:
+            sums = sums.scaled(inv_scale)
+        if skip_overflow and sums is not None and not sums.is_finite() and all(map(math.isfinite, values)):
+            return "overflow"
+        decision = self.controller.real_step(values, sums, decays, half_precision=half)
+        self._apply(decision, groups, inv_scale, sum(values) / len(values))
         length = self.controller.step_length
         for group in self.param_groups:
             group["lr"] = length
+        return decision.action
 
     def _group_tensors(self, group: dict[str, Any], with_gradient: bool) -> dict[str, list]:
-        """Local parts of one group's tensors: those with gradients, and all that carry a direction."""
+        """Local parts of one group's tensors: those with gradients, and those the last step moved."""
         keys = ("params", "grads", "dirs", "weights", "stale", "moved", "moved_dirs")
         tensors: dict[str, list] = {k: [] for k in keys}
         for p in group["params"]:
-            state = self.state[p]
+            direction = local(self.state[p]["direction"])
             grad = p.grad if with_gradient else None
             if grad is not None:
                 if grad.is_sparse:
                     raise RuntimeError("ElraOptimizer does not support sparse gradients")
-                if "direction" not in state:
-                    state["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                tensors["params"].append(local(p))
+                tensors["params"].append(p)
                 tensors["grads"].append(local(grad))
-                tensors["dirs"].append(local(state["direction"]))
+                tensors["dirs"].append(direction)
                 tensors["weights"].append(1.0 / self.reducer.replicas(p))
-            elif "direction" in state:
-                tensors["stale"].append(local(state["direction"]))
-            if "direction" in state:
+            elif p in self._moved:
+                tensors["stale"].append(direction)
+            if p in self._moved:
                 tensors["moved"].append(local(p))
-                tensors["moved_dirs"].append(local(state["direction"]))
+                tensors["moved_dirs"].append(direction)
         return tensors
 
     def _global_sums(
@@ -378,7 +492,8 @@ class ElraOptimizer(Optimizer):
         for j, tensors in enumerate(groups) if with_gradient else ():
             slot = {name: k * n_groups + j for k, name in enumerate(_SUMS)}
             batch.add_constant(present, len(tensors["params"]))
-            for x, g, d, w in zip(tensors["params"], tensors["grads"], tensors["dirs"], tensors["weights"]):
+            for p, g, d, w in zip(tensors["params"], tensors["grads"], tensors["dirs"], tensors["weights"]):
+                x = local(p)
                 batch.add(slot["grad_sq"], dot(g, g), w)
                 if started:
                     batch.add(slot["grad_dir"], dot(g, d), w)
@@ -423,22 +538,28 @@ class ElraOptimizer(Optimizer):
                 "and call step()/step_retrace() at the same points"
             )
 
-    @staticmethod
-    def _apply(decision: Decision, groups: list[dict[str, list[torch.Tensor]]]) -> None:
+    def _apply(self, decision: Decision, groups: list[dict[str, list]], inv_scale: float, loss: float) -> None:
+        """Carry out the controller's decision on the local tensors."""
         if decision.action == "accept":
+            if self.booster.enabled:
+                self.booster.record(*self._boost_pairs(), loss)
+            self._moved = set()
+            grad_scale = decision.grad_scale * inv_scale
             for j, tensors in enumerate(groups):
-                params, grads, dirs = tensors["params"], tensors["grads"], tensors["dirs"]
+                self._moved.update(tensors["params"])
+                params = [local(p) for p in tensors["params"]]
+                grads, dirs = tensors["grads"], tensors["dirs"]
                 if tensors["stale"]:
                     torch._foreach_zero_(tensors["stale"])
                 if not params:
                     continue
                 if decision.keep == 0.0:
                     torch._foreach_copy_(dirs, grads)
-                    if decision.grad_scale != 1.0:
-                        torch._foreach_mul_(dirs, decision.grad_scale)
+                    if grad_scale != 1.0:
+                        torch._foreach_mul_(dirs, grad_scale)
                 else:
                     torch._foreach_mul_(dirs, decision.keep)
-                    torch._foreach_add_(dirs, grads, alpha=decision.grad_scale)
+                    torch._foreach_add_(dirs, grads, alpha=grad_scale)
                 if decision.param_scale[j]:
                     torch._foreach_add_(dirs, params, alpha=decision.param_scale[j])
                 torch._foreach_add_(params, dirs, alpha=-decision.step)

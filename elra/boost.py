@@ -1,0 +1,81 @@
+"""Boost: the running mean of ELRA's accepted points, for evaluation only.
+
+ELRA's large steps make the path oscillate; the mean of the points it accepted
+over a cycle (240 accepted steps by default, or up to the epoch boundary)
+often evaluates better long before the path itself settles (Polyak-Ruppert
+averaging, SWA). The mean lives in the optimizer state as one tensor per
+parameter (a local shard under FSDP), updated in place on accepted steps; it
+never changes the optimizer's path.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+DEFAULT_CYCLE = 240
+
+
+class Booster:
+    """Counters of the boost cycle and the in-place tensor work on local shards."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.cycle = DEFAULT_CYCLE
+        self.count = 0
+        self.loss_sum = 0.0
+
+    @property
+    def complete(self) -> bool:
+        """A full cycle was averaged: the mean is frozen until the next restart."""
+        return self.count >= self.cycle
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.count if self.count else 0.0
+
+    def enable(self, cycle: int) -> None:
+        if isinstance(cycle, bool) or not isinstance(cycle, int) or cycle < 2:
+            raise ValueError(f"Invalid boost cycle: {cycle!r} (expected an integer >= 2)")
+        self.enabled = True
+        self.cycle = cycle
+        self.restart()
+
+    def disable(self) -> None:
+        self.enabled = False
+        self.restart()
+
+    def restart(self) -> None:
+        """Start a new cycle: the next accepted point replaces the mean."""
+        self.count = 0
+        self.loss_sum = 0.0
+
+    def record(self, params: Sequence[torch.Tensor], means: Sequence[torch.Tensor], loss: float) -> None:
+        """Add an accepted point (the parameters before its update) to the running mean."""
+        if not self.enabled or self.complete or not params:
+            return
+        self.count += 1
+        self.loss_sum += loss
+        if self.count == 1:
+            torch._foreach_copy_(list(means), list(params))
+        else:
+            torch._foreach_lerp_(list(means), list(params), 1.0 / self.count)
+
+    @staticmethod
+    @torch.no_grad()
+    def swap(params: Sequence[torch.Tensor], means: Sequence[torch.Tensor]) -> None:
+        """Exchange parameters and means in place, one tensor at a time (exact both ways)."""
+        for param, mean in zip(params, means):
+            kept = param.clone()
+            param.copy_(mean)
+            mean.copy_(kept)
+
+    def state_dict(self) -> dict:
+        return {"enabled": self.enabled, "cycle": self.cycle, "count": self.count, "loss_sum": self.loss_sum}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.enabled = bool(state["enabled"])
+        self.cycle = int(state["cycle"])
+        self.count = int(state["count"])
+        self.loss_sum = float(state["loss_sum"])

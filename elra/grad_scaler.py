@@ -1,0 +1,140 @@
+"""``ElraGradScaler``: loss scaling for float16/bfloat16 training with ELRA.
+
+The same role and calls as ``torch.amp.GradScaler`` (``scale(loss).backward()``,
+``step(optimizer)``, ``update()``), shaped for ELRA: it remembers the loss so
+that ``step`` can hand it to the optimizer, and it learns about inf/nan
+gradients from the optimizer's own all-reduce (a non-finite gradient on any
+rank or shard makes the global sums non-finite), so it adds no collective and
+no host sync of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .optimizer import ElraOptimizer, _loss_value
+
+MAX_SCALE = 2.0**16
+
+
+class ElraGradScaler:
+    """Scale the loss, unscale inside ELRA's step, back off on overflow, grow when clean.
+
+    Args:
+        init_scale: initial scale factor.
+        growth_factor: factor of a growth (after ``growth_interval`` clean steps).
+        backoff_factor: factor applied when the gradients overflow.
+        growth_interval: clean ``update()`` calls between growths.
+        loss_limit: a loss at or above this (or non-finite) retraces.
+        enabled: ``False`` passes everything through unscaled.
+
+    A step whose gradients hold inf/nan on any rank is skipped (the optimizer
+    does not move and its controller does not change; micro-batches collected
+    for it are dropped) and the scale is multiplied by ``backoff_factor``. The
+    scale never changes while the optimizer is collecting micro-batches, so
+    the gradients summed in ``.grad`` always share one scale.
+    """
+
+    def __init__(
+        self,
+        init_scale: float = MAX_SCALE,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        loss_limit: float = 65000.0,
+        enabled: bool = True,
+    ) -> None:
+        if not 0.0 < init_scale < math.inf:
+            raise ValueError(f"Invalid init_scale: {init_scale!r} (expected a positive number)")
+        if not growth_factor > 1.0:
+            raise ValueError(f"Invalid growth_factor: {growth_factor!r} (expected > 1)")
+        if not 0.0 < backoff_factor < 1.0:
+            raise ValueError(f"Invalid backoff_factor: {backoff_factor!r} (expected in (0, 1))")
+        if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
+            raise ValueError(f"Invalid growth_interval: {growth_interval!r} (expected an integer >= 1)")
+        if not loss_limit > 0.0:
+            raise ValueError(f"Invalid loss_limit: {loss_limit!r} (expected a positive number)")
+        self.enabled = bool(enabled)
+        self.growth_factor = float(growth_factor)
+        self.backoff_factor = float(backoff_factor)
+        self.growth_interval = growth_interval
+        self.loss_limit = float(loss_limit)
+        self._scale = float(init_scale)
+        self._clean_steps = 0
+        self._overflowed = False
+        self._loss: float | torch.Tensor | None = None
+        self._optimizer: ElraOptimizer | None = None
+
+    def get_scale(self) -> float:
+        return self._scale if self.enabled else 1.0
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """Remember ``loss`` for ``step`` and return it multiplied by the scale."""
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"scale() needs the loss tensor, got {type(loss).__name__}")
+        self._loss = _loss_value(loss)
+        return loss * self._scale if self.enabled else loss
+
+    def step(self, optimizer: ElraOptimizer) -> str:
+        """Hand the remembered loss and the unscaled gradients to ELRA.
+
+        Returns what the optimizer did: ``collect``, ``accept``, ``retrace``,
+        ``skip`` or ``overflow``.
+        """
+        if not isinstance(optimizer, ElraOptimizer):
+            raise TypeError("ElraGradScaler drives an ElraOptimizer")
+        if self._loss is None:
+            raise RuntimeError("call scaler.scale(loss).backward() before scaler.step(optimizer)")
+        loss, self._loss = self._limited(self._loss), None
+        self._optimizer = optimizer
+        inv_scale = 1.0 / self._scale if self.enabled else 1.0
+        outcome = optimizer._step(loss, inv_scale=inv_scale, skip_overflow=self.enabled)
+        self._overflowed = self._overflowed or outcome == "overflow"
+        return outcome
+
+    def update(self) -> None:
+        """Back off after an overflow; grow after ``growth_interval`` clean steps."""
+        if not self.enabled:
+            return
+        collecting = self._optimizer is not None and self._optimizer.micro_batches > 0
+        if self._overflowed:
+            self._scale *= self.backoff_factor
+            self._clean_steps = 0
+            self._overflowed = False
+            return
+        self._clean_steps += 1
+        if self._clean_steps >= self.growth_interval and not collecting:
+            self._scale = min(self._scale * self.growth_factor, MAX_SCALE)
+            self._clean_steps = 0
+
+    def _limited(self, loss: float | torch.Tensor) -> float | torch.Tensor:
+        """The loss, or nan (a retrace) when it reaches the limit; no host sync for tensors."""
+        if isinstance(loss, torch.Tensor):
+            return torch.where(loss < self.loss_limit, loss, torch.full_like(loss, math.nan))
+        return loss if loss < self.loss_limit else math.nan
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self._scale,
+            "growth_factor": self.growth_factor,
+            "backoff_factor": self.backoff_factor,
+            "growth_interval": self.growth_interval,
+            "loss_limit": self.loss_limit,
+            "enabled": self.enabled,
+            "clean_steps": self._clean_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"scale", "growth_factor", "backoff_factor", "growth_interval", "loss_limit", "enabled", "clean_steps"} - state.keys()
+        if missing:
+            raise ValueError(f"not an ElraGradScaler state_dict: missing {sorted(missing)}")
+        self._scale = float(state["scale"])
+        self.growth_factor = float(state["growth_factor"])
+        self.backoff_factor = float(state["backoff_factor"])
+        self.growth_interval = int(state["growth_interval"])
+        self.loss_limit = float(state["loss_limit"])
+        self.enabled = bool(state["enabled"])
+        self._clean_steps = int(state["clean_steps"])

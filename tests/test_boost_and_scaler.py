@@ -1,0 +1,162 @@
+"""Boost (parameter averaging) and ElraGradScaler in one process."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import digits_data, digits_model
+from elra import ElraGradScaler, ElraOptimizer
+
+
+def _batches(x, y, steps, size=16):
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (size,), generator=gen)
+        yield x[idx], y[idx]
+
+
+def test_boost_is_the_mean_of_the_accepted_points():
+    x, y = digits_data()
+    model = digits_model()
+    opt = ElraOptimizer(model.parameters(), None, 16, 10, lr=1e-5)
+    opt.enable_boost(cycle=50)
+    accepted = []
+    for xb, yb in _batches(x, y, 80):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        point = [p.detach().clone() for p in model.parameters()]
+        before = opt.stats["retraces"]
+        opt.step(loss)
+        if opt.stats["retraces"] == before and len(accepted) < 50:
+            accepted.append(point)
+    assert opt.stats["boost_count"] == 50  # the cycle is full: the mean is frozen
+    expected = [torch.stack(ps).mean(0) for ps in zip(*accepted)]
+    weights = [p.detach().clone() for p in model.parameters()]
+    with opt.boosted() as count:
+        assert count == 50
+        assert all(torch.allclose(p, e, atol=1e-12) for p, e in zip(model.parameters(), expected))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+def test_get_boost_model_returns_a_boosted_copy_per_epoch_and_never_changes_the_path():
+    x, y = digits_data()
+
+    def train(boost):
+        model = digits_model()
+        opt = ElraOptimizer(model.parameters(), None, 16, 10, lr=1e-5)
+        if boost:
+            assert opt.get_boost_model(True, model) == (0, 0.0, None)
+        results = []
+        for epoch in range(3):
+            for xb, yb in _batches(x, y, 60):
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                opt.step(loss)
+            if boost:
+                results.append(opt.get_boost_model(True, model))
+        return model, results
+
+    plain, _ = train(False)
+    boosted, results = train(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), boosted.parameters()))
+    count, loss, copy = results[-1]
+    assert 2 <= count <= 60 and loss > 0 and copy is not boosted
+    with torch.no_grad():
+        boost_loss = torch.nn.functional.cross_entropy(copy(x), y).item()
+        model_loss = torch.nn.functional.cross_entropy(boosted(x), y).item()
+    assert math.isfinite(boost_loss) and boost_loss < 2 * model_loss
+    assert not all(torch.equal(a, b) for a, b in zip(copy.parameters(), boosted.parameters()))
+
+
+def test_boost_state_is_checkpointed():
+    model = torch.nn.Linear(3, 2)
+    opt = ElraOptimizer(model.parameters())
+    opt.enable_boost(cycle=10)
+    for _ in range(4):
+        opt.zero_grad()
+        loss = model(torch.ones(1, 3)).pow(2).sum()
+        loss.backward()
+        opt.step(loss)
+    other = ElraOptimizer(model.parameters())
+    other.load_state_dict(opt.state_dict())
+    assert other.booster.state_dict() == opt.booster.state_dict()
+    assert torch.equal(other.state[model.weight]["boost"], opt.state[model.weight]["boost"])
+
+
+def _half_training(dtype, steps, scaler, inject_inf_at=()):
+    torch.manual_seed(0)
+    x, y = digits_data(torch.float32)
+    model = digits_model(torch.float32).to(dtype)
+    opt = ElraOptimizer(model.parameters(), None, 16, 10, lr=1e-4, warmup=10)
+    scales, outcomes = [], []
+    for step, (xb, yb) in enumerate(_batches(x, y, steps)):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(xb.to(dtype)).float(), yb)
+        scaler.scale(loss).backward()
+        if step in inject_inf_at:
+            next(model.parameters()).grad[0, 0] = math.inf
+        outcomes.append(scaler.step(opt))
+        scaler.update()
+        scales.append(scaler.get_scale())
+    with torch.no_grad():
+        accuracy = (model(x.to(dtype)).argmax(1) == y).float().mean().item()
+    return model, scales, outcomes, accuracy, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scaler_backs_off_on_overflow_grows_when_clean_and_trains(dtype):
+    scaler = ElraGradScaler(init_scale=2.0**10, growth_interval=20)
+    model, scales, outcomes, accuracy, opt = _half_training(dtype, 300, scaler, inject_inf_at=(30, 31))
+    assert outcomes[30] == outcomes[31] == "overflow"
+    assert scales[29] / 4 == scales[31]  # halved twice
+    assert max(scales[32:]) > scales[31]  # and grew back
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.stats["real_steps"] == 300 - 2 and accuracy > 0.8
+
+
+def test_scaler_matches_unscaled_training_in_float32():
+    def run(scaler):
+        torch.manual_seed(0)
+        x, y = digits_data(torch.float64)
+        model = digits_model()
+        opt = ElraOptimizer(model.parameters(), None, 16, 10, lr=1e-5)
+        for xb, yb in _batches(x, y, 100):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            if scaler:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step(loss)
+        return [p.detach() for p in model.parameters()]
+
+    plain = run(None)
+    scaled = run(ElraGradScaler(init_scale=2.0**8))
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(plain, scaled))
+
+
+def test_scaler_retraces_on_a_loss_over_the_limit_and_round_trips_its_state():
+    scaler = ElraGradScaler(loss_limit=10.0, init_scale=4.0)
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = ElraOptimizer([p], lr=1e-3)
+    for value in (1.0, 20.0):
+        opt.zero_grad()
+        loss = (p**2).sum() * value
+        scaler.scale(loss).backward()
+        outcome = scaler.step(opt)
+        scaler.update()
+    assert outcome == "retrace" and opt.stats["retraces"] == 1
+    other = ElraGradScaler()
+    other.load_state_dict(scaler.state_dict())
+    assert other.state_dict() == scaler.state_dict() and other.get_scale() == 4.0
+
+
+@pytest.mark.parametrize("kwargs", [{"init_scale": 0}, {"growth_factor": 1.0}, {"backoff_factor": 1.0}, {"growth_interval": 0}])
+def test_scaler_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        ElraGradScaler(**kwargs)
