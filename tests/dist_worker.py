@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from elra import ElraOptimizer, grad_sync  # noqa: E402
+from elra import ElraGradScaler, ElraOptimizer, grad_sync  # noqa: E402
 
 LOCAL_BATCH = 4
 FEATURES, HIDDEN, CLASSES = 5, 7, 3
@@ -39,6 +39,9 @@ class Scenario:
     bad_loss_at: int | None = None  # micro-step where rank 0's loss is inf: all ranks skip backward
     count_collectives: bool = False
     diverge: bool = False  # the last rank builds its optimizer with another lr
+    boost_cycle: int | None = None  # enable boosting with this cycle
+    scaler: bool = False  # train through ElraGradScaler
+    inf_grad_at: int | None = None  # micro-step where the last rank's first gradient shard gets an inf
 
 
 class Net(torch.nn.Module):
@@ -64,10 +67,15 @@ def global_batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def train(scenario: Scenario, model, optimizer: ElraOptimizer, rank: int, world: int, sharded_world: int) -> list:
+def train(
+    scenario: Scenario, model, optimizer: ElraOptimizer, rank: int, world: int, sharded_world: int, start: int = 0
+) -> list:
     """The training loop shared by the ranks (sharded_world ranks) and the single process (1)."""
     counts = []
-    for step in range(scenario.steps):
+    scaler = ElraGradScaler(init_scale=2.0**8, growth_interval=5) if scenario.scaler else None
+    if scenario.boost_cycle:
+        optimizer.enable_boost(scenario.boost_cycle)
+    for step in range(start, scenario.steps):
         x, y = global_batch(step, world)
         if sharded_world > 1:
             x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
@@ -80,7 +88,13 @@ def train(scenario: Scenario, model, optimizer: ElraOptimizer, rank: int, world:
             continue
         sync = grad_sync(model, optimizer) if scenario.use_grad_sync else nullcontext()
         with sync:
-            loss.backward()
+            (scaler.scale(loss) if scaler else loss).backward()
+        if step == scenario.inf_grad_at and rank == sharded_world - 1:
+            _poison_first_gradient(model)
+        if scaler:
+            counts.append((scaler.step(optimizer), scaler.get_scale()))
+            scaler.update()
+            continue
         value = loss.detach()
         if step == scenario.nan_loss_at and rank == sharded_world - 1:
             value = torch.tensor(float("nan"), dtype=torch.float64)
@@ -94,6 +108,15 @@ def train(scenario: Scenario, model, optimizer: ElraOptimizer, rank: int, world:
         else:
             optimizer.step(value)
     return counts
+
+
+def _poison_first_gradient(model) -> None:
+    """Put an inf into the first non-empty local gradient shard of this rank."""
+    for p in model.parameters():
+        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        if grad is not None and grad.numel():
+            grad.view(-1)[0] = float("inf")
+            return
 
 
 def make_optimizer(model, scenario: Scenario, single: bool = False, odd_rank: bool = False) -> ElraOptimizer:
@@ -141,8 +164,13 @@ def single_process(scenario: Scenario, world: int) -> dict:
     """The same computation in one process on the whole global batch."""
     model = make_net()
     optimizer = make_optimizer(model, scenario, single=True)
-    train(scenario, model, optimizer, 0, world, 1)
-    return {"params": {k: v.detach().clone() for k, v in model.named_parameters()}, "stats": optimizer.stats}
+    counts = train(scenario, model, optimizer, 0, world, 1)
+    result = {"params": {k: v.detach().clone() for k, v in model.named_parameters()}, "stats": optimizer.stats}
+    result["counts"] = counts
+    if scenario.boost_cycle:
+        with optimizer.boosted():
+            result["boosted"] = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return result
 
 
 def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[Scenario]) -> None:
@@ -161,10 +189,79 @@ def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[S
                 results[scenario.name] = {"error": str(error)}
                 continue
             result = {"stats": optimizer.stats, "counts": counts, "params": full_parameters(model, scenario.strategy)}
+            if scenario.boost_cycle:
+                with optimizer.boosted():
+                    result["boosted"] = full_parameters(model, scenario.strategy)
+                result["after_boost"] = full_parameters(model, scenario.strategy)
             if rank == 0:
                 result["single"] = single_process(scenario, world)
             results[scenario.name] = result
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _dcp_state(model, optimizer, full: bool = False) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=full, cpu_offload=full)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    return {"model": model_state, "optim": optim_state}
+
+
+def _dcp_load(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def run_checkpointing(rank: int, world: int, store: str, out: str, scenario: Scenario, save_at: int, phase: str) -> None:
+    """DCP round trips of an FSDP2 run.
+
+    ``save``: train to ``save_at``, save a DCP checkpoint (and a full copy for a
+    single process), train on; then a fresh model and optimizer load the
+    checkpoint and train the same steps. ``resume``: load the checkpoint on
+    this world size, train on, and rank 0 runs the single-process twin from
+    the full copy.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
+        checkpoint = Path(out) / "dcp"
+        results = {}
+        if phase == "save":
+            model = wrap(make_net(), scenario.strategy, world)
+            optimizer = make_optimizer(model, scenario)
+            train(replace(scenario, steps=save_at), model, optimizer, rank, world, world)
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=checkpoint)
+            full = _dcp_state(model, optimizer, full=True)
+            if rank == 0:
+                torch.save(full, Path(out) / "full.pt")
+            train(scenario, model, optimizer, rank, world, world, start=save_at)
+            results["uninterrupted"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
+        model = wrap(make_net(), scenario.strategy, world)
+        optimizer = make_optimizer(model, scenario)
+        state = _dcp_state(model, optimizer)
+        dcp.load(state, checkpoint_id=checkpoint)
+        _dcp_load(model, optimizer, state)
+        train(scenario, model, optimizer, rank, world, world, start=save_at)
+        results["resumed"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
+        if rank == 0 and phase == "resume":
+            single_model = make_net()
+            single_opt = make_optimizer(single_model, scenario, single=True)
+            _dcp_load(single_model, single_opt, torch.load(Path(out) / "full.pt", weights_only=False))
+            train(scenario, single_model, single_opt, 0, world, 1, start=save_at)
+            params = {k: v.detach().clone() for k, v in single_model.named_parameters()}
+            results["single"] = {"params": params, "stats": single_opt.stats}
+        torch.save(results, Path(out) / f"{phase}{rank}.pt")
         dist.destroy_process_group()
     except BaseException:
         traceback.print_exc()

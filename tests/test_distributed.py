@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dist_worker import Scenario, make_net, run_scenarios
+from dist_worker import Scenario, make_net, run_checkpointing, run_scenarios
 
 TWO_RANKS = [
     Scenario(
@@ -26,6 +26,10 @@ TWO_RANKS = [
     Scenario("fsdp1-flat", "fsdp1", batch_multiplier=2, nan_loss_at=9),
     Scenario("fsdp1-orig-params", "fsdp1-orig", batch_multiplier=2, options={"momentum": 0.5}),
     Scenario("diverged-ranks", options={"check_consistency": 1}, steps=3, diverge=True),
+    Scenario("fsdp2-boost", "fsdp2", boost_cycle=15, options={"momentum": 0.5}, nan_loss_at=4),
+    Scenario("ddp-boost", boost_cycle=100, batch_multiplier=2),
+    Scenario("fsdp2-scaler", "fsdp2", scaler=True, inf_grad_at=11, batch_multiplier=2),
+    Scenario("ddp-scaler", scaler=True, inf_grad_at=7),
 ]
 THREE_RANKS = [
     Scenario("ddp-collect-grad-sync", batch_multiplier=2, nan_loss_at=7),
@@ -34,6 +38,8 @@ THREE_RANKS = [
     Scenario("fsdp1-orig-params", "fsdp1-orig", batch_multiplier=2, nan_loss_at=9),
 ]
 FOUR_RANKS = [Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5)]
+CHECKPOINTED = Scenario("fsdp2-dcp", "fsdp2", steps=40, options={"momentum": 0.5, "weight_decay": 1e-3}, nan_loss_at=30)
+SAVE_AT = 21
 
 
 def _spawn(tmp_path, world: int, scenarios: list[Scenario]) -> list[dict]:
@@ -107,3 +113,57 @@ def test_step_issues_at_most_one_collective_and_none_while_collecting(two):
 def test_diverged_controller_state_raises_on_every_rank(two):
     for rank in two:
         assert "ranks disagree" in rank["diverged-ranks"]["error"]
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """Save on 2 ranks (and resume there), then resume the same checkpoint on 3 ranks."""
+    out = tmp_path_factory.mktemp("dcp")
+    for phase, world in (("save", 2), ("resume", 3)):
+        args = (world, f"file://{out}/store-{phase}", str(out), CHECKPOINTED, SAVE_AT, phase)
+        mp.spawn(run_checkpointing, args=args, nprocs=world, join=True)
+    load = lambda phase, world: [torch.load(out / f"{phase}{r}.pt", weights_only=False) for r in range(world)]
+    return load("save", 2), load("resume", 3)
+
+
+def test_dcp_resume_on_the_same_world_size_is_bit_identical(checkpointed):
+    saved, _ = checkpointed
+    for rank in saved:
+        uninterrupted, resumed = rank["uninterrupted"], rank["resumed"]
+        assert resumed["stats"] == uninterrupted["stats"]
+        assert all(torch.equal(resumed["params"][k], v) for k, v in uninterrupted["params"].items())
+    assert saved[0]["uninterrupted"]["stats"]["retraces"] >= 1
+
+
+def test_dcp_resume_on_another_world_size_matches_a_single_process_resume(checkpointed):
+    _, resumed = checkpointed
+    stats = resumed[0]["resumed"]["stats"]
+    assert all(r["resumed"]["stats"] == stats for r in resumed)
+    single = resumed[0]["single"]
+    assert stats["real_steps"] == single["stats"]["real_steps"] == CHECKPOINTED.steps
+    assert stats["retraces"] == single["stats"]["retraces"] >= 1
+    for key, value in single["params"].items():
+        assert torch.allclose(resumed[0]["resumed"]["params"][key], value, rtol=0, atol=1e-10), key
+
+
+@pytest.mark.parametrize("name", ["fsdp2-boost", "ddp-boost"])
+def test_boost_average_matches_single_process_and_swap_is_exact(two, name):
+    results = [r[name] for r in two]
+    single = results[0]["single"]["boosted"]
+    for r in results:
+        assert all(torch.equal(r["after_boost"][k], v) for k, v in r["params"].items())
+        for key, value in single.items():
+            assert torch.allclose(r["boosted"][key], value, rtol=0, atol=1e-10), key
+    assert not torch.equal(results[0]["boosted"]["out.weight"], results[0]["params"]["out.weight"])
+
+
+@pytest.mark.parametrize("name", ["fsdp2-scaler", "ddp-scaler"])
+def test_scaler_overflow_on_one_rank_skips_the_step_and_backs_off_everywhere(two, name):
+    scenario = next(s for s in TWO_RANKS if s.name == name)
+    runs = [r[name]["counts"] for r in two] + [two[0][name]["single"]["counts"]]
+    assert all(run == runs[0] for run in runs)
+    outcome, used = runs[0][scenario.inf_grad_at]  # (what the step did, the scale it used)
+    backed_off = runs[0][scenario.inf_grad_at + 1][1]
+    assert outcome == "overflow" and backed_off == used / 2
+    assert sum(o == "overflow" for o, _ in runs[0]) == 1
+    assert max(s for _, s in runs[0]) > backed_off  # and the scale grows again
