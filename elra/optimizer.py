@@ -208,12 +208,22 @@ class ElraOptimizer(Optimizer):
         super().zero_grad(set_to_none)
 
     @torch.no_grad()
-    def step(self, loss: LossLike | Callable[[], LossLike] | None = None) -> Any:
+    def step(
+        self,
+        loss: LossLike | Callable[[], LossLike] | None = None,
+        closure: Callable[[], LossLike] | None = None,
+    ) -> Any:
         """Collect a micro-batch or take a real step.
 
         ``loss`` is the loss of the micro-batch just back-propagated (a float
-        or a scalar tensor), or a closure that computes it with ``backward()``.
+        or a scalar tensor). A closure that runs forward and backward and
+        returns the loss works too, as ``step(closure)`` or ``step(closure=...)``
+        (the torch convention frameworks use).
         """
+        if closure is not None:
+            if loss is not None:
+                raise TypeError("pass the loss or a closure to step(), not both")
+            loss = closure
         if callable(loss):
             with torch.enable_grad():
                 loss = loss()

@@ -1,5 +1,6 @@
 """The examples run and reach what they promise."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -38,3 +40,33 @@ def test_distributed_example_trains_the_same_under_ddp_and_fsdp2():
     ddp, fsdp2 = (_accuracies(outputs[s]) for s in ("ddp", "fsdp2"))
     assert len(ddp) == 3 and ddp[-1] > 0.9
     assert ddp == pytest.approx(fsdp2, abs=2e-3)
+
+
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cubic_fit_example_reaches_the_least_squares_loss():
+    best, _ = _example("cubic_fit").fit(2000)
+    assert best < 8.8172 + 1e-4
+
+
+def test_rosenbrock_example_reaches_the_minimum():
+    xy, final, stats = _example("rosenbrock").minimise(500)
+    assert final < 1e-12 and torch.allclose(xy, torch.ones(2, dtype=torch.float64), atol=1e-6)
+    assert stats["retraces"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_example_trains_with_the_scaler(dtype):
+    accuracy, scale, _ = _example("half_precision").train(dtype, epochs=6)
+    assert accuracy > 0.95 and scale >= 1.0
+
+
+def test_lightning_example_drives_elra_through_closures():
+    pytest.importorskip("lightning")
+    accuracy, stats = _example("lightning_digits").train(epochs=2)
+    assert accuracy > 0.85 and stats["real_steps"] == 2 * 45

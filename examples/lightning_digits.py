@@ -1,0 +1,90 @@
+"""ELRA inside a training loop that is not yours: PyTorch Lightning.
+
+    pip install lightning && python examples/lightning_digits.py [--epochs 5]
+
+Lightning's automatic optimisation calls ``optimizer.step(closure)``; the
+closure runs forward and backward and returns the loss, which is all ELRA
+needs. ``set_train_loss``/``set_valid_loss`` go in the epoch-end hooks.
+Exits with a message (status 0) when Lightning is not installed.
+"""
+
+import argparse
+import sys
+
+import torch
+from sklearn.datasets import load_digits
+
+try:
+    import lightning as L
+except ImportError:
+    L = None
+
+from elra import ElraOptimizer
+
+
+def digits_loaders(batch_size: int):
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    split = int(0.8 * len(y))
+    train = torch.utils.data.TensorDataset(x[order[:split]], y[order[:split]])
+    valid = torch.utils.data.TensorDataset(x[order[split:]], y[order[split:]])
+    return (
+        torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True),
+        torch.utils.data.DataLoader(valid, batch_size=256),
+    )
+
+
+def build_module(batch_size: int):
+    class DigitsClassifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+            self.train_losses, self.valid_losses, self.accuracy = [], [], 0.0
+
+        def training_step(self, batch, _):
+            x, y = batch
+            loss = torch.nn.functional.cross_entropy(self.net(x), y)
+            self.train_losses.append(loss.detach())
+            return loss
+
+        def validation_step(self, batch, _):
+            x, y = batch
+            logits = self.net(x)
+            self.valid_losses.append(torch.nn.functional.cross_entropy(logits, y))
+            self.accuracy = (logits.argmax(1) == y).float().mean().item()
+
+        def on_validation_epoch_end(self) -> None:
+            if self.train_losses:
+                optimizer = self.optimizers().optimizer
+                optimizer.set_train_loss(torch.stack(self.train_losses).mean().item())
+                optimizer.set_valid_loss(torch.stack(self.valid_losses).mean().item())
+            self.train_losses, self.valid_losses = [], []
+
+        def configure_optimizers(self):
+            return ElraOptimizer(self.parameters(), None, batch_size, 10, lr=1e-5)
+
+    return DigitsClassifier()
+
+
+def train(epochs: int, batch_size: int = 32) -> tuple[float, dict]:
+    torch.manual_seed(0)
+    module = build_module(batch_size)
+    train_loader, valid_loader = digits_loaders(batch_size)
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_loader, valid_loader)
+    return module.accuracy, trainer.optimizers[0].stats
+
+
+if __name__ == "__main__":
+    if L is None:
+        print("Lightning is not installed (pip install lightning); nothing to run.")
+        sys.exit(0)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=5)
+    accuracy, stats = train(parser.parse_args().epochs)
+    print(f"validation accuracy {accuracy:.3f}, ELRA real steps {stats['real_steps']}, lr {stats['lr']:.3g}")
