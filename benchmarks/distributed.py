@@ -1,0 +1,138 @@
+"""What ELRA costs in communication, and wall time per step on 1, 2 and 3 ranks.
+
+    python benchmarks/distributed.py [--width 512] [--steps 40] [--out benchmarks/results]
+
+Spawns gloo ranks on CPU. For DDP and FSDP2 it counts the collectives that
+``optimizer.step`` issues (``CommDebugMode``) and the bytes it all-reduces,
+and times the optimizer step and the whole training step (forward, backward
+with the wrapper's gradient reduction, step), median over the steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from elra import ElraOptimizer, grad_sync  # noqa: E402
+
+
+def _model(width: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*(torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU()) for _ in range(4)))
+
+
+def _wrap(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+    if strategy == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if strategy == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model:
+            fully_shard(block)
+        return fully_shard(model)
+    return model
+
+
+def _measure(rank: int, world: int, store: str, out: str, strategy: str, width: int, steps: int) -> None:
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        if world > 1:
+            dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
+        model = _wrap(_model(width), strategy)
+        optimizer = ElraOptimizer(model.parameters(), None, 32, 10, lr=1e-5, batch_multiplier=2)
+        sent: list[int] = []
+        original = dist.all_reduce
+
+        def counting_all_reduce(tensor, *args, **kwargs):
+            sent.append(tensor.numel() * tensor.element_size())
+            return original(tensor, *args, **kwargs)
+
+        step_times, train_times, collectives, step_bytes = [], [], [], []
+        gen = torch.Generator().manual_seed(rank)
+        for step in range(steps + 4):
+            x = torch.randn(32, width, generator=gen)
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            loss = model(x).pow(2).mean()
+            with grad_sync(model, optimizer):
+                loss.backward()
+            from torch.distributed.tensor.debug import CommDebugMode
+
+            collecting = optimizer.collecting
+            sent.clear()
+            dist.all_reduce = counting_all_reduce
+            with CommDebugMode() as comm:
+                step_start = time.perf_counter()
+                optimizer.step(loss.detach())
+                step_end = time.perf_counter()
+            dist.all_reduce = original
+            if step >= 4 and not collecting:
+                step_times.append(step_end - step_start)
+                train_times.append(step_end - start)
+                collectives.append(comm.get_total_counts())
+                step_bytes.append(sum(sent))
+        result = {
+            "step_ms": 1e3 * statistics.median(step_times),
+            "train_ms": 1e3 * statistics.median(train_times),
+            "collectives": max(collectives),
+            "bytes": max(step_bytes),
+            "params": sum(p.numel() for p in _model(width).parameters()),
+        }
+        if rank == 0:
+            torch.save(result, Path(out) / f"{strategy}-{world}.pt")
+        if world > 1:
+            dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for strategy, world in [("none", 1), ("ddp", 2), ("ddp", 3), ("fsdp2", 2), ("fsdp2", 3)]:
+            store = f"file://{tmp}/store-{strategy}-{world}"
+            mp.spawn(_measure, args=(world, store, tmp, strategy, args.width, args.steps), nprocs=world, join=True)
+            rows.append((strategy, world, torch.load(Path(tmp) / f"{strategy}-{world}.pt")))
+    params = rows[0][2]["params"]
+    lines = [
+        f"MLP 4x{args.width} ({params / 1e6:.2f}M parameters), batch 32 per rank, batch multiplier 2, gloo on CPU, "
+        "one thread per rank; times are medians over real steps.",
+        "",
+        "| strategy | ranks | collectives per real step() | bytes all-reduced per step() | step() ms | train step ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for strategy, world, r in rows:
+        lines.append(
+            f"| {strategy} | {world} | {r['collectives']} | {r['bytes']} | {r['step_ms']:.2f} | {r['train_ms']:.2f} |"
+        )
+    table = "\n".join(lines) + "\n\nCollecting micro-steps issue no collective from the optimizer.\n"
+    (args.out / "distributed.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Property-based tests of the controller: any inputs, finite and bounded outputs, exact restore."""
+
+import json
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elra.control import Controller, StepSums
+
+finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
+anything = st.one_of(finite, st.sampled_from([math.nan, math.inf, -math.inf, 0.0, 1e-300, 1e300]))
+positive = st.one_of(st.floats(min_value=0.0, max_value=1e6), st.sampled_from([math.nan, math.inf, 0.0]))
+
+
+@st.composite
+def real_steps(draw):
+    """One real step's inputs: losses for up to 3 micro-batches and sums (or no gradient)."""
+    losses = draw(st.lists(anything, min_size=1, max_size=3))
+    if draw(st.booleans()) and draw(st.booleans()):
+        return losses, None
+    sums = StepSums(
+        grad_sq=[draw(positive)], grad_dir=[draw(anything)], dir_sq=[draw(positive)],
+        param_sq=[draw(positive)], param_dir=[draw(anything)], grad_param=[draw(anything)],
+    )
+    return losses, sums
+
+
+configs = st.fixed_dictionaries(
+    {
+        "lr": st.floats(min_value=1e-8, max_value=1.0),
+        "classes": st.sampled_from([0, 1, 2, 10, 1000]),
+        "batch_size": st.integers(1, 1024),
+        "warmup": st.integers(0, 100),
+        "momentum": st.sampled_from([None, 0.5, 0.9]),
+        "min_multiplier": st.integers(1, 4),
+    }
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(config=configs, steps=st.lists(real_steps(), min_size=1, max_size=250), decay=st.sampled_from([0.0, 1e-4, 0.3]))
+def test_decisions_are_finite_bounded_and_restorable_at_any_point(config, steps, decay):
+    controller = Controller(**config)
+    twin = None
+    for index, (losses, sums) in enumerate(steps):
+        if index == len(steps) // 2:
+            twin = Controller(**config)
+            twin.load_state_dict(json.loads(json.dumps(controller.state_dict())))
+        decision = controller.real_step(losses, sums, [decay])
+        if twin is not None:
+            assert twin.real_step(losses, sums, [decay]) == decision
+        numbers = (decision.keep, decision.grad_scale, decision.step, decision.shift, *decision.param_scale)
+        assert all(math.isfinite(v) for v in numbers)
+        assert decision.step >= 0.0
+        s = controller.state
+        assert 1e-12 <= s.alpha <= 1e6
+        assert s.rate >= 1e-5 and math.isfinite(s.rate)
+        assert 1 <= s.multiplier <= 6250
+        assert controller.step_length > 0.0 and math.isfinite(controller.step_length)
+    if twin is not None:
+        assert twin.state_dict() == controller.state_dict()

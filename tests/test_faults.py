@@ -1,0 +1,64 @@
+"""Faults under torchrun: a stalled rank fails the job within the process group's timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TRAIN = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(TRAIN), "--strategy", "ddp", "--threads", "1", *args,
+    ]
+
+
+def _workers(parent: int) -> list[int]:
+    """PIDs of the processes torchrun started."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return sorted(children)
+
+
+def _wait_for(path: Path, job: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert job.poll() is None, "the job ended early"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_stalled_rank_fails_the_job_within_the_timeout(tmp_path):
+    checkpoints = tmp_path / "ckpt"
+    job = subprocess.Popen(
+        _torchrun("--epochs", "200", "--timeout", "5", "--checkpoint-dir", str(checkpoints)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )
+    _wait_for(checkpoints / "epoch-00001", job)
+    victim = _workers(job.pid)[-1]
+    os.kill(victim, signal.SIGSTOP)
+    stalled = time.time()
+    try:
+        _, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+        try:
+            os.kill(victim, signal.SIGKILL)  # a stopped orphan would otherwise linger
+        except ProcessLookupError:
+            pass
+    assert job.returncode != 0
+    assert time.time() - stalled < 90
+    assert "timed out" in err.lower() or "timeout" in err.lower(), err[-3000:]
