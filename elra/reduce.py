@@ -67,6 +67,11 @@ class Reducer:
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 return dist.group.WORLD
             return None
+        if self._process_group is not None and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "ElraOptimizer was given a process group but torch.distributed is not initialised "
+                "(or was destroyed): call init_process_group first, or pass process_group=None"
+            )
         return self._process_group
 
     @property

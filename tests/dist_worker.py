@@ -42,6 +42,13 @@ class Scenario:
     boost_cycle: int | None = None  # enable boosting with this cycle
     scaler: bool = False  # train through ElraGradScaler
     inf_grad_at: int | None = None  # micro-step where the last rank's first gradient shard gets an inf
+    nan_plan: tuple = ()  # (micro-step, rank) pairs: that rank reports a nan loss then
+    inf_plan: tuple = ()  # (micro-step, rank) pairs: that rank's first gradient shard gets an inf then
+
+
+def _planned(plan: tuple, step: int, rank: int, sharded_world: int) -> bool:
+    """Whether an injection of ``plan`` hits this rank (the single process takes every rank's)."""
+    return any(s == step and (r == rank or sharded_world == 1) for s, r in plan)
 
 
 class Net(torch.nn.Module):
@@ -89,14 +96,18 @@ def train(
         sync = grad_sync(model, optimizer) if scenario.use_grad_sync else nullcontext()
         with sync:
             (scaler.scale(loss) if scaler else loss).backward()
-        if step == scenario.inf_grad_at and rank == sharded_world - 1:
+        if (step == scenario.inf_grad_at and rank == sharded_world - 1) or _planned(
+            scenario.inf_plan, step, rank, sharded_world
+        ):
             _poison_first_gradient(model)
         if scaler:
             counts.append((scaler.step(optimizer), scaler.get_scale()))
             scaler.update()
             continue
         value = loss.detach()
-        if step == scenario.nan_loss_at and rank == sharded_world - 1:
+        if (step == scenario.nan_loss_at and rank == sharded_world - 1) or _planned(
+            scenario.nan_plan, step, rank, sharded_world
+        ):
             value = torch.tensor(float("nan"), dtype=torch.float64)
         if scenario.count_collectives:
             from torch.distributed.tensor.debug import CommDebugMode

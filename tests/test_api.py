@@ -244,3 +244,23 @@ def test_library_logs_through_elra_logger_and_prints_nothing(capsys, caplog):
     assert out.out == "" and out.err == ""
     assert opt.stats["retraces"] > 0
     assert any(r.name == "elra" and "retrace" in r.getMessage() for r in caplog.records)
+
+
+def test_process_group_without_initialised_distributed_raises(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        p = _param(1.0)
+        opt = ElraOptimizer([p], process_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+    (p * 2).sum().backward()
+    with pytest.raises(RuntimeError, match="not initialised"):
+        opt.step(1.0)
+    assert opt.stats["real_steps"] == 0
+
+
+def test_process_group_must_be_a_group():
+    with pytest.raises(TypeError, match="process_group"):
+        ElraOptimizer([_param(1.0)], process_group="world")

@@ -10,6 +10,13 @@ import torch.multiprocessing as mp
 
 from dist_worker import Scenario, make_net, run_checkpointing, run_scenarios
 
+
+def _random_plan(seed: int, world: int, events: int, steps: int = 40) -> tuple:
+    """Random (micro-step, rank) injection points, the same in every process."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple((int(s), int(r)) for s, r in zip(torch.randint(1, steps, (events,), generator=gen), torch.randint(0, world, (events,), generator=gen)))
+
+
 TWO_RANKS = [
     Scenario(
         "ddp",
@@ -30,12 +37,15 @@ TWO_RANKS = [
     Scenario("ddp-boost", boost_cycle=100, batch_multiplier=2),
     Scenario("fsdp2-scaler", "fsdp2", scaler=True, inf_grad_at=11, batch_multiplier=2),
     Scenario("ddp-scaler", scaler=True, inf_grad_at=7),
+    Scenario("ddp-random-faults", batch_multiplier=2, nan_plan=_random_plan(1, 2, 4), inf_plan=_random_plan(2, 2, 4)),
+    Scenario("fsdp2-random-faults", "fsdp2", nan_plan=_random_plan(3, 2, 4), inf_plan=_random_plan(4, 2, 4)),
 ]
 THREE_RANKS = [
     Scenario("ddp-collect-grad-sync", batch_multiplier=2, nan_loss_at=7),
     Scenario("fsdp2-per-layer", "fsdp2", batch_multiplier=2, use_grad_sync=False, options={"weight_decay": 1e-3}),
     Scenario("fsdp1-flat", "fsdp1", nan_loss_at=4),
     Scenario("fsdp1-orig-params", "fsdp1-orig", batch_multiplier=2, nan_loss_at=9),
+    Scenario("ddp-random-faults", nan_plan=_random_plan(5, 3, 5), inf_plan=_random_plan(6, 3, 5)),
 ]
 FOUR_RANKS = [Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5)]
 CHECKPOINTED = Scenario("fsdp2-dcp", "fsdp2", steps=40, options={"momentum": 0.5, "weight_decay": 1e-3}, nan_loss_at=30)
@@ -96,6 +106,13 @@ def test_three_ranks_with_uneven_shards_follow_the_single_process_trajectory(thr
 def test_hsdp_on_a_2x2_mesh_follows_the_single_process_trajectory(four):
     stats = _assert_matches_single_process(four, "hsdp-2x2")
     assert stats["retraces"] >= 1
+
+
+@pytest.mark.parametrize("ranks, name", [(2, "ddp-random-faults"), (2, "fsdp2-random-faults"), (3, "ddp-random-faults")])
+def test_random_nan_and_inf_injections_never_make_ranks_disagree(request, ranks, name):
+    results = request.getfixturevalue({2: "two", 3: "three"}[ranks])
+    stats = _assert_matches_single_process(results, name)
+    assert stats["retraces"] >= 3
 
 
 def test_nan_loss_on_one_rank_retraces_every_rank(two):
