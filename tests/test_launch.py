@@ -54,3 +54,12 @@ def test_crashed_job_resumes_from_its_newest_complete_checkpoint(tmp_path, strat
     expected, got = torch.load(reference, weights_only=True), torch.load(final, weights_only=True)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_resnet18_on_fake_cifar_runs_one_process(tmp_path):
+    pytest.importorskip("torchvision")
+    output = _run(
+        [sys.executable, str(TRAIN), "--model", "resnet18", "--fake-size", "64", "--max-steps", "2", "--epochs", "1",
+         "--batch-size", "8", "--threads", "1", "--data-dir", str(tmp_path / "no-cifar-here")]
+    )
+    assert len(_accuracies(output)) == 1
