@@ -147,22 +147,24 @@ class ElraOptimizer(Optimizer):
         The direction state is created here, not lazily, so that checkpoint
         tools that initialise missing state by calling ``step()`` leave ELRA alone.
         """
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _decay_rate(group["weight_decay"])
-        for p in group["params"]:
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        _decay_rate(param_group.get("weight_decay", self.defaults["weight_decay"]))
+        device = self._device
+        for p in params:
+            if not p.is_floating_point():
+                raise ValueError(f"ELRA optimizes floating point parameters only, got {p.dtype}")
+            device = p.device if device is None else device
+            if p.device != device:
+                raise ValueError(
+                    f"all parameters must be on one device: found {p.device} and {device}; use one optimizer per device"
+                )
+        super().add_param_group({**param_group, "params": params})
+        self._device = device
+        for p in params:
             self.state[p]["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if self.booster.enabled:
                 self.state[p]["boost"] = p.detach().clone()
-            if not p.is_floating_point():
-                raise ValueError(f"ELRA optimizes floating point parameters only, got {p.dtype}")
-            if self._device is None:
-                self._device = p.device
-            elif p.device != self._device:
-                raise ValueError(
-                    f"all parameters must be on one device: found {p.device} and {self._device}; "
-                    "use one optimizer per device"
-                )
 
     # ------------------------------------------------------------ public
     @property

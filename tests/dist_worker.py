@@ -184,12 +184,26 @@ def single_process(scenario: Scenario, world: int) -> dict:
     return result
 
 
-def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[Scenario]) -> None:
-    """Entry point of one spawned rank."""
+def _as_rank(rank: int, world: int, store: str, body) -> None:
+    """Run ``body()`` as one gloo rank, then exit without the teardown gloo sometimes aborts."""
     code = 0
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
+        body()
+        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[Scenario]) -> None:
+    """Entry point of one spawned rank."""
+
+    def body() -> None:
         results = {}
         for scenario in scenarios:
             model = wrap(make_net(), scenario.strategy, world)
@@ -208,13 +222,8 @@ def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[S
                 result["single"] = single_process(scenario, world)
             results[scenario.name] = result
         torch.save(results, Path(out) / f"rank{rank}.pt")
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+
+    _as_rank(rank, world, store, body)
 
 
 def _dcp_state(model, optimizer, full: bool = False) -> dict:
@@ -242,10 +251,7 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, scenario: Sce
     """
     import torch.distributed.checkpoint as dcp
 
-    code = 0
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
+    def body() -> None:
         checkpoint = Path(out) / "dcp"
         results = {}
         if phase == "save":
@@ -273,10 +279,5 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, scenario: Sce
             params = {k: v.detach().clone() for k, v in single_model.named_parameters()}
             results["single"] = {"params": params, "stats": single_opt.stats}
         torch.save(results, Path(out) / f"{phase}{rank}.pt")
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+
+    _as_rank(rank, world, store, body)
