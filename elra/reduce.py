@@ -84,9 +84,13 @@ class Reducer:
         if self._replicas is not None:
             count = self._replicas(param)
         elif hasattr(param, "placements") and hasattr(param, "device_mesh"):
-            count = math.prod(
-                param.device_mesh.size(dim) for dim, placement in enumerate(param.placements) if placement.is_replicate()
-            )
+            mesh = param.device_mesh
+            if mesh.size() != self.world_size:
+                raise ValueError(
+                    f"a parameter is distributed over a device mesh of {mesh.size()} ranks but ELRA reduces over "
+                    f"{self.world_size}: pass process_group= the group of that mesh (or replicas=)"
+                )
+            count = math.prod(mesh.size(dim) for dim, placement in enumerate(param.placements) if placement.is_replicate())
         elif getattr(param, "_fsdp_flattened", False):
             count = 1
         else:

@@ -67,6 +67,10 @@ def setup(args) -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     if args.strategy != "none":
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "gloo":
+            # Gloo's eager full-mesh connect can hang for good when torchrun restarts the
+            # workers after a failure; connecting lazily, at the first collective, does not.
+            os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
         timeout = datetime.timedelta(seconds=args.timeout)
         dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
         return dist.get_rank(), dist.get_world_size(), device

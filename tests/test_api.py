@@ -264,3 +264,18 @@ def test_process_group_without_initialised_distributed_raises(tmp_path):
 def test_process_group_must_be_a_group():
     with pytest.raises(TypeError, match="process_group"):
         ElraOptimizer([_param(1.0)], process_group="world")
+
+
+def test_parameter_on_a_mesh_of_another_size_than_the_group_raises():
+    from elra.reduce import Reducer
+
+    class Shard:  # a DTensor-like parameter on a 4-rank mesh
+        class device_mesh:
+            @staticmethod
+            def size(dim=None):
+                return 4
+
+        placements = ()
+
+    with pytest.raises(ValueError, match="mesh of 4 ranks"):
+        Reducer(process_group=None).replicas(Shard())

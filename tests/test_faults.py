@@ -1,4 +1,4 @@
-"""Faults under torchrun: a stalled rank fails the job within the process group's timeout."""
+"""Faults under torchrun: a killed rank restarts elastically, a stalled rank fails the job in time."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 TRAIN = Path(__file__).resolve().parents[1] / "launch" / "train.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _torchrun(*args: str) -> list[str]:
+def _torchrun(*args: str, restarts: int = 0) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--max-restarts={restarts}",
         str(TRAIN), "--strategy", "ddp", "--threads", "1", *args,
     ]
 
@@ -39,6 +41,28 @@ def _wait_for(path: Path, job: subprocess.Popen, seconds: float = 120) -> None:
         assert job.poll() is None, "the job ended early"
         assert time.time() < deadline, f"{path} never appeared"
         time.sleep(0.02)
+
+
+def test_killed_rank_restarts_elastically_and_ends_where_an_undisturbed_run_ends(tmp_path):
+    settings = ["--epochs", "12", "--save-final"]
+    reference = tmp_path / "reference.pt"
+    subprocess.run(_torchrun(*settings, str(reference)), check=True, capture_output=True, env=ENV, timeout=300)
+
+    final, checkpoints = tmp_path / "final.pt", tmp_path / "ckpt"
+    job = subprocess.Popen(
+        _torchrun(*settings, str(final), "--checkpoint-dir", str(checkpoints), "--timeout", "20", restarts=3),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )
+    _wait_for(checkpoints / "epoch-00002", job)
+    os.kill(_workers(job.pid)[-1], signal.SIGKILL)
+    try:
+        _, err = job.communicate(timeout=240)
+    finally:
+        job.kill()
+    assert job.returncode == 0, err[-3000:]
+    assert "resumed from epoch" in err  # the restarted workers picked up the newest checkpoint
+    expected, got = torch.load(reference, weights_only=True), torch.load(final, weights_only=True)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_stalled_rank_fails_the_job_within_the_timeout(tmp_path):
