@@ -11,21 +11,21 @@ with the wrapper's gradient reduction, step), median over the steps.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor.debug import CommDebugMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.ranks import as_gloo_rank  # noqa: E402
 from elra import ElraOptimizer, grad_sync  # noqa: E402
 
 
@@ -47,11 +47,7 @@ def _wrap(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
 
 
 def _measure(rank: int, world: int, store: str, out: str, strategy: str, width: int, steps: int) -> None:
-    code = 0
-    try:
-        torch.set_num_threads(1)
-        if world > 1:
-            dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
+    def body() -> None:
         model = _wrap(_model(width), strategy)
         optimizer = ElraOptimizer(model.parameters(), None, 32, 10, lr=1e-5, batch_multiplier=2)
         sent: list[int] = []
@@ -70,8 +66,6 @@ def _measure(rank: int, world: int, store: str, out: str, strategy: str, width: 
             loss = model(x).pow(2).mean()
             with grad_sync(model, optimizer):
                 loss.backward()
-            from torch.distributed.tensor.debug import CommDebugMode
-
             collecting = optimizer.collecting
             sent.clear()
             dist.all_reduce = counting_all_reduce
@@ -94,14 +88,8 @@ def _measure(rank: int, world: int, store: str, out: str, strategy: str, width: 
         }
         if rank == 0:
             torch.save(result, Path(out) / f"{strategy}-{world}.pt")
-        if world > 1:
-            dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+
+    as_gloo_rank(rank, world, store, body)
 
 
 def main() -> None:

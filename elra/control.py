@@ -210,9 +210,7 @@ class Controller:
         return self._retrace(loss)
 
     def state_dict(self) -> dict:
-        state = asdict(self.state)
-        state["window_means"] = list(state["window_means"])
-        return state
+        return asdict(self.state)
 
     def load_state_dict(self, state: dict) -> None:
         names = {f.name for f in fields(ControlState)}

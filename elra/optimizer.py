@@ -450,7 +450,7 @@ class ElraOptimizer(Optimizer):
     ) -> str:
         decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
         groups = [self._group_tensors(group, with_gradient) for group in self.param_groups]
-        half = any(p.dtype in (torch.float16, torch.bfloat16) for g in self.param_groups for p in g["params"])
+        half = any(tensors["half"] for tensors in groups)
         sums, values = self._global_sums(groups, decays, losses, with_gradient)
         self._pending = []
         self._kept_grads = {}
@@ -465,17 +465,24 @@ class ElraOptimizer(Optimizer):
             group["lr"] = length
         return decision.action
 
-    def _group_tensors(self, group: dict[str, Any], with_gradient: bool) -> dict[str, list]:
-        """Local parts of one group's tensors: those with gradients, and those the last step moved."""
-        keys = ("params", "grads", "dirs", "weights", "stale", "moved", "moved_dirs")
-        tensors: dict[str, list] = {k: [] for k in keys}
+    def _group_tensors(self, group: dict[str, Any], with_gradient: bool) -> dict[str, Any]:
+        """Local parts of one group's tensors: those with gradients, and those the last step moved.
+
+        ``owners`` are the parameters behind ``params``; ``half`` tells whether any
+        parameter of the group (with a gradient or not, so all ranks agree) is 16-bit.
+        """
+        keys = ("params", "owners", "grads", "dirs", "weights", "stale", "moved", "moved_dirs")
+        tensors: dict[str, Any] = {k: [] for k in keys}
+        tensors["half"] = False
         for p in group["params"]:
+            tensors["half"] = tensors["half"] or p.dtype in (torch.float16, torch.bfloat16)
             direction = local(self.state[p]["direction"])
             grad = p.grad if with_gradient else None
             if grad is not None:
                 if grad.is_sparse:
                     raise RuntimeError("ElraOptimizer does not support sparse gradients")
-                tensors["params"].append(p)
+                tensors["params"].append(local(p))
+                tensors["owners"].append(p)
                 tensors["grads"].append(local(grad))
                 tensors["dirs"].append(direction)
                 tensors["weights"].append(1.0 / self.reducer.replicas(p))
@@ -488,7 +495,7 @@ class ElraOptimizer(Optimizer):
 
     def _global_sums(
         self,
-        groups: list[dict[str, list]],
+        groups: list[dict[str, Any]],
         decays: list[float],
         losses: list[LossLike],
         with_gradient: bool,
@@ -504,8 +511,7 @@ class ElraOptimizer(Optimizer):
         for j, tensors in enumerate(groups) if with_gradient else ():
             slot = {name: k * n_groups + j for k, name in enumerate(_SUMS)}
             batch.add_constant(present, len(tensors["params"]))
-            for p, g, d, w in zip(tensors["params"], tensors["grads"], tensors["dirs"], tensors["weights"]):
-                x = local(p)
+            for x, g, d, w in zip(tensors["params"], tensors["grads"], tensors["dirs"], tensors["weights"]):
                 batch.add(slot["grad_sq"], dot(g, g), w)
                 if started:
                     batch.add(slot["grad_dir"], dot(g, d), w)
@@ -550,7 +556,7 @@ class ElraOptimizer(Optimizer):
                 "and call step()/step_retrace() at the same points"
             )
 
-    def _apply(self, decision: Decision, groups: list[dict[str, list]], inv_scale: float, loss: float) -> None:
+    def _apply(self, decision: Decision, groups: list[dict[str, Any]], inv_scale: float, loss: float) -> None:
         """Carry out the controller's decision on the local tensors."""
         if decision.action == "accept":
             if self.booster.enabled:
@@ -558,9 +564,8 @@ class ElraOptimizer(Optimizer):
             self._moved = set()
             grad_scale = decision.grad_scale * inv_scale
             for j, tensors in enumerate(groups):
-                self._moved.update(tensors["params"])
-                params = [local(p) for p in tensors["params"]]
-                grads, dirs = tensors["grads"], tensors["dirs"]
+                self._moved.update(tensors["owners"])
+                params, grads, dirs = tensors["params"], tensors["grads"], tensors["dirs"]
                 if tensors["stale"]:
                     torch._foreach_zero_(tensors["stale"])
                 if not params:

@@ -7,18 +7,16 @@ whole batch. Ranks write their results to files that the tests compare.
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.ranks import as_gloo_rank  # noqa: E402
 from elra import ElraGradScaler, ElraOptimizer, grad_sync  # noqa: E402
 
 LOCAL_BATCH = 4
@@ -184,22 +182,6 @@ def single_process(scenario: Scenario, world: int) -> dict:
     return result
 
 
-def _as_rank(rank: int, world: int, store: str, body) -> None:
-    """Run ``body()`` as one gloo rank, then exit without the teardown gloo sometimes aborts."""
-    code = 0
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
-        body()
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[Scenario]) -> None:
     """Entry point of one spawned rank."""
 
@@ -223,7 +205,7 @@ def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[S
             results[scenario.name] = result
         torch.save(results, Path(out) / f"rank{rank}.pt")
 
-    _as_rank(rank, world, store, body)
+    as_gloo_rank(rank, world, store, body)
 
 
 def _dcp_state(model, optimizer, full: bool = False) -> dict:
@@ -280,4 +262,4 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, scenario: Sce
             results["single"] = {"params": params, "stats": single_opt.stats}
         torch.save(results, Path(out) / f"{phase}{rank}.pt")
 
-    _as_rank(rank, world, store, body)
+    as_gloo_rank(rank, world, store, body)
