@@ -1,14 +1,21 @@
 """Training quality: ELRA with defaults against tuned-by-convention peers.
 
-    pip install -e '.[bench]' && python benchmarks/quality.py [--seeds 3] [--out benchmarks/results]
+    pip install -e '.[bench]' && python benchmarks/quality.py [--seeds 3] [--jobs 2] [--out DIR]
 
-Tasks: the cubic fit and Rosenbrock (deterministic), an MLP and a small CNN
-on scikit-learn's digits, and a character-level language model on the
-project's LICENSE text (all offline). Optimizers: ELRA (defaults, lr=1e-5),
-Adam (1e-3), SGD with momentum (0.01, 0.9), Prodigy (1.0), Schedule-Free
-AdamW (defaults) and the published elra 0.0.5 (fetched with pip). Reports the
-final training loss (mean of the last 10% of steps), the test metric and the
-number of gradient evaluations; writes a Markdown table and loss-curve PNGs.
+Tasks (all offline): the cubic fit and Rosenbrock (deterministic), an MLP and
+a small CNN on scikit-learn's digits, an MLP regression on scikit-learn's
+diabetes data, a character-level MLP language model on the project's LICENSE
+text, and two language models on the installed Python standard library's
+source: an MLP over 16 characters and a 2-layer causal transformer
+(``launch.models.CharGPT``, context 64). Optimizers: ELRA (defaults), Adam
+(1e-3), AdamW (1e-3, weight decay 0.01), SGD with momentum (0.01, 0.9),
+Prodigy (1.0), Schedule-Free AdamW (defaults) and the published elra 0.0.5
+(fetched with pip). Every optimizer gets the same number of gradient
+evaluations. Reports the final training loss (mean of the last 10% of steps),
+the held-out metric, and for ELRA what its controller did (step length, batch
+multiplier, retraces over the run); writes a Markdown table and PNG plots to
+``--out`` (a temporary directory unless given: pass ``--out
+benchmarks/results`` to refresh the README's figures).
 """
 
 from __future__ import annotations
@@ -17,10 +24,14 @@ import argparse
 import contextlib
 import io
 import math
+import os
 import statistics
 import sys
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.published import load_published  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
+from launch.models import CharGPT  # noqa: E402
+from launch.text import CharCorpus  # noqa: E402
 
 
 @dataclass
@@ -142,12 +155,98 @@ def _char_lm(seed):
     return model, batches, torch.nn.functional.cross_entropy, bits_per_char
 
 
+def _diabetes(seed):
+    """An MLP regression on scikit-learn's diabetes data (standardised); test mean squared error."""
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.float32)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    split = int(0.8 * len(y))
+    train, test = order[:split], order[split:]
+    mean, std = x[train].mean(0), x[train].std(0)
+    x = (x - mean) / std
+    y = (y - y[train].mean()) / y[train].std()
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1), torch.nn.Flatten(0, 1))
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches(step):
+        idx = train[torch.randint(0, len(train), (32,), generator=gen)]
+        return x[idx], y[idx]
+
+    def test_mse(m):
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(m(x[test]), y[test]).item()
+
+    return model, batches, torch.nn.functional.mse_loss, test_mse
+
+
+_CORPUS: list[CharCorpus] = []
+
+
+def _stdlib_corpus() -> CharCorpus:
+    if not _CORPUS:
+        _CORPUS.append(CharCorpus.load())
+    return _CORPUS[0]
+
+
+def _language_model(seed, model: torch.nn.Module, context: int, batch: int, sequence: bool):
+    """Next-character prediction on the stdlib corpus; held-out bits per character.
+
+    ``sequence``: the model predicts every position of its window (a
+    transformer); otherwise only the character after the window (an MLP).
+    """
+    corpus = _stdlib_corpus()
+    gen = torch.Generator().manual_seed(seed)
+
+    def windows(ids, starts):
+        inputs, targets = CharCorpus.windows(ids, context, starts)
+        return (inputs, targets) if sequence else (inputs, targets[:, -1])
+
+    def batches(step):
+        return windows(corpus.train, torch.randint(0, len(corpus.train) - context - 1, (batch,), generator=gen))
+
+    def loss_fn(logits, targets):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten())
+
+    test_x, test_y = windows(corpus.valid, torch.arange(0, len(corpus.valid) - context - 1, context if sequence else 7))
+
+    def bits_per_char(m):
+        with torch.no_grad():
+            return sum(loss_fn(m(x), y).item() * len(y) for x, y in zip(test_x.split(256), test_y.split(256))) / len(test_y) / math.log(2)
+
+    return model, batches, loss_fn, bits_per_char
+
+
+def _mlp_lm(seed):
+    vocab = len(_stdlib_corpus().vocab)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(vocab, 24), torch.nn.Flatten(), torch.nn.Linear(24 * CONTEXT, 256), torch.nn.ReLU(),
+        torch.nn.Linear(256, vocab),
+    )
+    return _language_model(seed, model, CONTEXT, 64, sequence=False)
+
+
+def _transformer(seed):
+    torch.manual_seed(seed)
+    model = CharGPT(len(_stdlib_corpus().vocab), context=64, width=128, heads=4, layers=2)
+    return _language_model(seed, model, 64, 32, sequence=True)
+
+
+VOCAB = 95  # characters of the stdlib corpus: ELRA's `classes` for its language models
+
 TASKS = [
     Task("cubic fit", 2000, 0, 2000, "final loss (optimum 8.8172)", _cubic),
     Task("Rosenbrock", 1000, 0, 1, "f(x) (optimum 0)", _rosenbrock),
     Task("digits MLP", 1500, 10, 32, "test accuracy", _mlp),
     Task("digits CNN", 1500, 10, 32, "test accuracy", _cnn),
+    Task("diabetes MLP", 1000, 2, 32, "test mse (standardised)", _diabetes),
     Task("char LM", 3000, 60, 64, "test bits/char", _char_lm),
+    Task("MLP char-LM", 2000, VOCAB, 64, "held-out bits/char", _mlp_lm),
+    Task("transformer", 1000, VOCAB, 32, "held-out bits/char", _transformer),
 ]
 
 
@@ -176,11 +275,15 @@ def optimizers(published) -> dict[str, Callable]:
     return {
         "ELRA": lambda params, task: ElraOptimizer(params, None, task.batch_size, task.classes),
         "Adam 1e-3": lambda params, task: torch.optim.Adam(params, lr=1e-3),
+        "AdamW 1e-3 wd0.01": lambda params, task: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01),
         "SGD 0.01 m0.9": lambda params, task: torch.optim.SGD(params, lr=0.01, momentum=0.9),
         "Prodigy": lambda params, task: Prodigy(params, lr=1.0),
         "Schedule-Free AdamW": lambda params, task: AdamWScheduleFree(params),
         "elra 0.0.5": published_elra,
     }
+
+
+TRACE_EVERY = 10
 
 
 def run(task: Task, name: str, factory, seed: int) -> dict:
@@ -190,10 +293,10 @@ def run(task: Task, name: str, factory, seed: int) -> dict:
     schedule_free = hasattr(opt, "train") and hasattr(opt, "eval") and not takes_loss
     if schedule_free:
         opt.train()
-    losses, error = [], None
+    losses, trace, error = [], [], None
     start = time.perf_counter()
     try:
-        _train(task, model, batches, loss_fn, opt, takes_loss, losses)
+        _train(task, model, batches, loss_fn, opt, takes_loss, losses, trace)
     except Exception as exc:  # the published package crashes on some problems: report it
         error = type(exc).__name__
     if schedule_free:
@@ -206,10 +309,12 @@ def run(task: Task, name: str, factory, seed: int) -> dict:
         "grads": len(losses),
         "seconds": time.perf_counter() - start,
         "curve": losses,
+        "trace": trace,
     }
 
 
-def _train(task, model, batches, loss_fn, opt, takes_loss, losses) -> None:
+def _train(task, model, batches, loss_fn, opt, takes_loss, losses, trace) -> None:
+    """``task.steps`` gradient evaluations; ELRA's controller is sampled every TRACE_EVERY steps."""
     for step in range(task.steps):
         inputs, targets = batches(step)
         loss = loss_fn(model(inputs), targets)
@@ -223,40 +328,74 @@ def _train(task, model, batches, loss_fn, opt, takes_loss, losses) -> None:
             break  # the other optimizers have no way back
         loss.backward()
         opt.step(value) if takes_loss else opt.step()
+        if isinstance(opt, ElraOptimizer) and step % TRACE_EVERY == 0:
+            stats = opt.stats
+            trace.append((step, stats["lr"], stats["batch_multiplier"], stats["retraces"]))
+
+
+def _run_job(job: tuple[str, str, int, Path]) -> tuple[str, str, int, dict]:
+    """One (task, optimizer, seed) run in a worker process with one thread.
+
+    Runs in a scratch directory: the published package writes a log file into
+    the working directory.
+    """
+    task_name, name, seed, cache = job
+    torch.set_num_threads(1)
+    task = next(t for t in TASKS if t.name == task_name)
+    factory = optimizers(load_published(cache))[name]
+    with tempfile.TemporaryDirectory() as scratch:
+        os.chdir(scratch)
+        return task_name, name, seed, run(task, name, factory, seed)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel, one thread each")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "elra-bench")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "elra-bench")
     parser.add_argument("--tasks", nargs="*", default=[t.name for t in TASKS])
+    parser.add_argument("--optimizers", nargs="*", help="names of the optimizers to run (default: all)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    peers = optimizers(load_published(args.cache))
+    peers = [n for n in optimizers(load_published(args.cache)) if not args.optimizers or n in args.optimizers]
+    tasks = [t for t in TASKS if t.name in args.tasks]
     args.out.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "| task | metric | " + " | ".join(peers) + " |",
-        "|---|---|" + "---:|" * len(peers),
-    ]
-    curves = {}
-    for task in [t for t in TASKS if t.name in args.tasks]:
-        seeds = range(1) if task.classes == 0 else range(args.seeds)
+    jobs = [(t.name, n, seed, args.cache) for t in tasks for n in peers for seed in range(1 if t.classes == 0 else args.seeds)]
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        done = {(t, n, s): r for t, n, s, r in pool.map(_run_job, jobs)}
+    lines = ["| task | metric | " + " | ".join(peers) + " |", "|---|---|" + "---:|" * len(peers)]
+    curves, traces = {}, {}
+    for task in tasks:
         cells_loss, cells_metric = [], []
-        for name, factory in peers.items():
-            results = [run(task, name, factory, seed) for seed in seeds]
+        for name in peers:
+            results = [r for (t, n, _), r in sorted(done.items(), key=lambda kv: kv[0][2]) if t == task.name and n == name]
             curves[(task.name, name)] = results[0]["curve"]
+            if results[0]["trace"] and name == "ELRA":
+                traces[task.name] = results[0]["trace"]
             errors = sorted({r["error"] for r in results if r["error"]})
             cells_loss.append(_cell([r["loss"] for r in results], errors))
             cells_metric.append(_cell([r["metric"] for r in results], errors))
-            print(f"{task.name:12s} {name:20s} loss {cells_loss[-1]:>22s}  {task.metric}: {cells_metric[-1]}", flush=True)
+            seconds = statistics.fmean(r["seconds"] for r in results)
+            print(f"{task.name:14s} {name:20s} loss {cells_loss[-1]:>22s}  {task.metric}: {cells_metric[-1]}  ({seconds:.0f} s/run)", flush=True)
         lines.append(f"| {task.name} | train loss (last 10%) | " + " | ".join(cells_loss) + " |")
         lines.append(f"| {task.name} | {task.metric} | " + " | ".join(cells_metric) + " |")
-    grads = ", ".join(f"{t.name} {t.steps}" for t in TASKS if t.name in args.tasks)
+    grads = ", ".join(f"{t.name} {t.steps}" for t in tasks)
     table = "\n".join(lines) + f"\n\nGradient evaluations per run (every optimizer): {grads}. Mean ± std over seeds.\n"
+    table += "\n" + _controller_table(traces)
     (args.out / "quality.md").write_text(table)
     print(table)
-    _plot(curves, args.out)
+    _plot(curves, traces, args.out)
+
+
+def _controller_table(traces: dict) -> str:
+    """What ELRA's controller did in its first seed's run of each task."""
+    lines = ["| task | ELRA step length (first / median / last) | batch multiplier (last) | retraces |", "|---|---|---:|---:|"]
+    for task, trace in traces.items():
+        lengths = [length for _, length, _, _ in trace]
+        lines.append(
+            f"| {task} | {lengths[0]:.3g} / {statistics.median(lengths):.3g} / {lengths[-1]:.3g} | {trace[-1][2]} | {trace[-1][3]} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _cell(values: list[float], errors: list[str]) -> str:
@@ -271,7 +410,7 @@ def _cell(values: list[float], errors: list[str]) -> str:
     return f"{mean:.4g} ± {spread:.2g}{note}" if len(values) > 1 else f"{mean:.4g}{note}"
 
 
-def _plot(curves: dict, out: Path) -> None:
+def _plot(curves: dict, traces: dict, out: Path) -> None:
     try:
         import matplotlib
 
@@ -289,7 +428,7 @@ def _plot(curves: dict, out: Path) -> None:
             smooth = [statistics.fmean(curve[i : i + window]) for i in range(0, len(curve) - window + 1, window)]
             style = {"linewidth": 2.5, "zorder": 3} if name == "ELRA" else {"linestyle": "--"} if name == "elra 0.0.5" else {}
             ax.plot([i * window for i in range(len(smooth))], smooth, label=name, **style)
-        ax.set_yscale("log")
+        ax.set_yscale("symlog" if any(v <= 0 for (t, _), c in curves.items() if t == task for v in c) else "log")
         ax.set_xlabel("gradient evaluations")
         ax.set_ylabel("training loss (window mean)")
         ax.set_title(task)
@@ -297,6 +436,26 @@ def _plot(curves: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"quality_{task.replace(' ', '_').lower()}.png", dpi=110)
         plt.close(fig)
+    if traces:
+        _plot_controller(plt, traces, out)
+
+
+def _plot_controller(plt, traces: dict, out: Path) -> None:
+    """ELRA's step length, batch multiplier and retraces over each task's run (first seed)."""
+    fig, axes = plt.subplots(len(traces), 1, figsize=(7, 1.8 * len(traces)), sharex=False, squeeze=False)
+    for ax, (task, trace) in zip(axes[:, 0], traces.items()):
+        steps = [s for s, _, _, _ in trace]
+        ax.plot(steps, [length for _, length, _, _ in trace], label="step length")
+        ax.set_yscale("log")
+        ax.set_ylabel(task, fontsize=8)
+        twin = ax.twinx()
+        twin.step(steps, [m for _, _, m, _ in trace], color="tab:orange", label="batch multiplier")
+        twin.plot(steps, [r for _, _, _, r in trace], color="tab:red", linestyle=":", label="retraces")
+        twin.set_yscale("symlog")
+    axes[0, 0].set_title("ELRA's controller: step length (left), batch multiplier and retraces (right)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "quality_controller.png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
