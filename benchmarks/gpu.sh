@@ -6,6 +6,7 @@
 #     bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+python -c 'import torch' || { echo "torch is not importable by $(command -v python)"; exit 1; }
 if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "no CUDA device: nothing to run (the CPU benchmarks are benchmarks/*.py)"
     exit 0
