@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster
 from .control import MAX_MULTIPLIER, Controller, Decision, StepSums
-from .reduce import AUTO, Reducer, ScalarBatch, dot, local
+from .reduce import AUTO, Reducer, ScalarBatch, dots, flat, local, squares
 from .sync import drop_unsynced_grads
 
 logger = logging.getLogger("elra")
@@ -485,12 +485,12 @@ class ElraOptimizer(Optimizer):
                 tensors["owners"].append(p)
                 tensors["grads"].append(local(grad))
                 tensors["dirs"].append(direction)
-                tensors["weights"].append(1.0 / self.reducer.replicas(p))
             elif p in self._moved:
                 tensors["stale"].append(direction)
             if p in self._moved:
                 tensors["moved"].append(local(p))
                 tensors["moved_dirs"].append(direction)
+        tensors["weights"] = self.reducer.weights(tensors["owners"])
         return tensors
 
     def _global_sums(
@@ -511,18 +511,21 @@ class ElraOptimizer(Optimizer):
         for j, tensors in enumerate(groups) if with_gradient else ():
             slot = {name: k * n_groups + j for k, name in enumerate(_SUMS)}
             batch.add_constant(present, len(tensors["params"]))
-            for x, g, d, w in zip(tensors["params"], tensors["grads"], tensors["dirs"], tensors["weights"]):
-                batch.add(slot["grad_sq"], dot(g, g), w)
+            grads, dirs, weights = tensors["grads"], tensors["dirs"], tensors["weights"]
+            flat_grads = [flat(g) for g in grads]
+            flat_params = [flat(x) for x in tensors["params"]] if decays[j] else []
+            flat_dirs = [flat(d) for d in dirs] if started else []
+            batch.add(slot["grad_sq"], squares(grads), weights)
+            if started:
+                batch.add(slot["grad_dir"], dots(flat_grads, flat_dirs), weights)
+                if momentum:
+                    batch.add(slot["dir_sq"], squares(dirs), weights)
+            if any_decay:
+                batch.add(slot["param_sq"], squares(tensors["params"]), weights)
+            if decays[j]:
+                batch.add(slot["grad_param"], dots(flat_grads, flat_params), weights)
                 if started:
-                    batch.add(slot["grad_dir"], dot(g, d), w)
-                    if momentum:
-                        batch.add(slot["dir_sq"], dot(d, d), w)
-                if any_decay:
-                    batch.add(slot["param_sq"], dot(x, x), w)
-                if decays[j]:
-                    batch.add(slot["grad_param"], dot(g, x), w)
-                    if started:
-                        batch.add(slot["param_dir"], dot(x, d), w)
+                    batch.add(slot["param_dir"], dots(flat_params, flat_dirs), weights)
         fingerprint = self._fingerprint(decays) if self._check_every else 0
         if self._check_every:
             batch.add_constant(check, fingerprint)
