@@ -37,7 +37,7 @@ def test_every_strategy_runs_and_the_distributed_ones_agree():
     assert results["none"][-1] > 0.5
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp2", "fsdp1"])
 def test_crashed_job_resumes_from_its_newest_complete_checkpoint(tmp_path, strategy):
     reference = tmp_path / "reference.pt"
     _run(_command(strategy, "--save-final", str(reference), "--epochs", "6"))
