@@ -1,6 +1,6 @@
 """Training quality: ELRA with defaults against tuned-by-convention peers.
 
-    pip install -e '.[bench]' && python benchmarks/quality.py [--seeds 3] [--out benchmarks/results]
+    pip install -e '.[bench]' && python benchmarks/quality.py [--seeds 3] [--out DIR]
 
 Tasks: the cubic fit and Rosenbrock (deterministic), an MLP and a small CNN
 on scikit-learn's digits, and a character-level language model on the
@@ -8,7 +8,9 @@ project's LICENSE text (all offline). Optimizers: ELRA (defaults, lr=1e-5),
 Adam (1e-3), SGD with momentum (0.01, 0.9), Prodigy (1.0), Schedule-Free
 AdamW (defaults) and the published elra 0.0.5 (fetched with pip). Reports the
 final training loss (mean of the last 10% of steps), the test metric and the
-number of gradient evaluations; writes a Markdown table and loss-curve PNGs.
+number of gradient evaluations; writes a Markdown table and loss-curve PNGs
+to --out (default ~/.cache/elra-bench/results; the README's figures come from
+``--out benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.published import load_published  # noqa: E402
+from benchmarks.published import CACHE, RESULTS, load_published, scratch_dir  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
 
 
@@ -228,13 +230,20 @@ def _train(task, model, batches, loss_fn, opt, takes_loss, losses) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "elra-bench")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the table and plots go")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--tasks", nargs="*", default=[t.name for t in TASKS])
     args = parser.parse_args()
+    args.out, args.cache = args.out.resolve(), args.cache.resolve()
     torch.set_num_threads(1)
     peers = optimizers(load_published(args.cache))
     args.out.mkdir(parents=True, exist_ok=True)
+    with scratch_dir():  # the published package writes state_lgs.txt where it runs
+        _benchmark(args, peers)
+    print(f"written to {args.out}")
+
+
+def _benchmark(args, peers: dict[str, Callable]) -> None:
     lines = [
         "| task | metric | " + " | ".join(peers) + " |",
         "|---|---|" + "---:|" * len(peers),

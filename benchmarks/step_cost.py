@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.published import load_published  # noqa: E402
+from benchmarks.published import CACHE, load_published, scratch_dir  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
 
 
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-published", action="store_true", help="skip the published elra 0.0.5")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "elra-bench")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,7 +126,8 @@ def main() -> None:
     ]
     if not args.no_published:
         candidates.append(("elra 0.0.5", published_factory(args.cache), True))
-    rows = [measure(name, factory, model, args.steps, loss) for name, factory, loss in candidates]
+    with scratch_dir():  # the published package writes state_lgs.txt where it runs
+        rows = [measure(name, factory, model, args.steps, loss) for name, factory, loss in candidates]
     base = rows[0]["step_ms"]
     print(f"{'optimizer':<16}{'step ms':>10}{'vs Adam(foreach)':>18}{'held / params':>15}")
     for row in rows:
