@@ -186,9 +186,9 @@ def free_gathered_weights(model: torch.nn.Module) -> None:
 def _quiet_fsdp_warnings() -> None:
     """Warnings about FSDP's own internals, repeated every epoch, that this loop cannot act on.
 
-    FSDP1's state dicts warn about their ShardedTensor internals on every save and
-    load; FSDP2 warns that the root returns a view (in-place changes of it would
-    skip a hook; the loss here never changes it in place).
+    FSDP1's state dicts, and DCP handling them, warn about their ShardedTensor
+    internals on every save and load; FSDP2 warns that the root returns a view
+    (an in-place change of it would skip a hook; the loss here never makes one).
     """
     for message in (
         "FSDP2-wrapped module .* returned a view tensor",
@@ -196,7 +196,7 @@ def _quiet_fsdp_warnings() -> None:
         "`_get_pg_default_device` will be deprecated",
         "Multiple backends are registered with this ProcessGroup",
     ):
-        warnings.filterwarnings("ignore", message=message, module="torch.distributed.fsdp")
+        warnings.filterwarnings("ignore", message=message, module="torch.distributed")
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
