@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.published import load_published  # noqa: E402
+from benchmarks.published import CACHE, load_published, scratch_dir  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
 
 
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-published", action="store_true", help="skip the published elra 0.0.5 (CPU only)")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "elra-bench")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -156,7 +156,8 @@ def main() -> None:
         tensors = len(list(model.parameters()))
         where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
         print(f"\n{kind}: {n / 1e6:.1f}M parameters in {tensors} tensors, {args.dtype}, {where}")
-        rows = [measure(name, factory, model, args.steps, loss) for name, factory, loss in candidates(args)]
+        with scratch_dir():  # the published package writes state_lgs.txt where it runs
+            rows = [measure(name, factory, model, args.steps, loss) for name, factory, loss in candidates(args)]
         base = {row["name"]: row["step_ms"] for row in rows}
         print(f"{'optimizer':<20}{'step ms':>10}{'vs Adam(foreach)':>18}{'vs AdamW(foreach)':>19}{'held / params':>15}")
         for row in rows:

@@ -405,6 +405,7 @@ class ElraOptimizer(Optimizer):
         self.controller.load_state_dict(controller)
         if boost is not None:
             self.booster.load_state_dict(boost)
+        self._fill_empty_state()
         self._pending = pending
         self._moved = {p for g in self.param_groups for p in g["params"]}
         self._restore_pending_grads()
@@ -435,6 +436,21 @@ class ElraOptimizer(Optimizer):
                             f"state '{key}' of shape {tuple(value.shape)} does not fit a parameter of shape "
                             f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
                         )
+
+    def _fill_empty_state(self) -> None:
+        """Recreate the state of parameters with no local elements.
+
+        FSDP1 (``use_orig_params=True``) hands ``load_state_dict`` no state at all
+        for a parameter that lies wholly in another rank's shard; its state here
+        is empty tensors, so nothing is lost by creating them again.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.numel() == 0:
+                    state = self.state[p]
+                    state.setdefault("direction", torch.zeros_like(p, memory_format=torch.preserve_format))
+                    if self.booster.enabled:
+                        state.setdefault("boost", p.detach().clone())
 
     def _restore_pending_grads(self) -> None:
         self._kept_grads = {}
