@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from .boost import DEFAULT_CYCLE, Booster
 from .control import MAX_MULTIPLIER, Controller, Decision, StepSums
 from .reduce import AUTO, Reducer, ScalarBatch, dot, local
-from .sync import drop_unsynced_grads
+from .sync import drop_unsynced_grads, fsdp_wrapping, reshard
 
 logger = logging.getLogger("elra")
 
@@ -66,7 +66,10 @@ class ElraOptimizer(Optimizer):
 
     Args:
         params: parameters or parameter groups (a group may set ``weight_decay``).
-        model: accepted for compatibility with the published API; unused.
+        model: the (wrapped) model. Needed under FSDP, where the optimizer must
+            make FSDP drop its gathered weights after changing the shards
+            outside the backward -> step path (``step_retrace``,
+            ``boosted()``); ``elra.grad_sync(model, optimizer)`` also tells it.
         batch_size: samples per micro-batch (sets the statistics window).
         classes: number of classes; ``<= 1`` (default) is the deterministic
             regime for noise-free problems, ``>= 2`` the stochastic one.
@@ -137,6 +140,7 @@ class ElraOptimizer(Optimizer):
         self._pending: list[LossLike] = []
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
         self.unsynced_models: set[torch.nn.Module] = set()  # filled by elra.grad_sync
+        self.models: list[torch.nn.Module] = [model] if model is not None else []  # to reshard after in-place changes
         self._moved: set[torch.Tensor] = set()  # parameters the last accepted step updated
         self._boost_model: torch.nn.Module | None = None
 
@@ -266,7 +270,9 @@ class ElraOptimizer(Optimizer):
         """Revert the last step without a gradient (the caller skipped ``backward``)."""
         if loss is None:
             raise TypeError("step_retrace needs the loss value that made you skip backward()")
+        self._check_models_known("step_retrace")
         self._real_step([*self._pending, _loss_value(loss)], with_gradient=False)
+        reshard(self.models)  # the skipped backward left gathered weights behind
         for model in self.unsynced_models:
             drop_unsynced_grads(model)
         self.unsynced_models.clear()
@@ -285,9 +291,8 @@ class ElraOptimizer(Optimizer):
                 loss.backward()
                 optimizer.step(loss)
 
-        Not with FSDP1, which keeps the root's gathered weights from a forward
-        until its backward: there run ``backward()`` and ``step`` with the loss
-        (a non-finite loss retraces; pass ``float("nan")`` to force it).
+        Under FSDP the optimizer needs the model (see ``model``) so that the
+        retrace reaches the weights FSDP kept gathered from the forward.
         """
         value = _loss_value(loss)
         device = self._device or torch.device("cpu")
@@ -328,11 +333,15 @@ class ElraOptimizer(Optimizer):
         """
         count = self.booster.count if self.booster.enabled else 0
         params, means = self._boost_pairs() if count else ([], [])
+        if count:
+            self._check_models_known("boosted()")
         Booster.swap(params, means)
+        reshard(self.models if count else ())
         try:
             yield count
         finally:
             Booster.swap(params, means)
+            reshard(self.models if count else ())
 
     def get_boost_model(
         self, enable: bool, model: torch.nn.Module | None = None, device: torch.device | str | None = None
@@ -416,6 +425,17 @@ class ElraOptimizer(Optimizer):
         if not math.isfinite(value):
             raise ValueError(f"the {what} loss must be finite, got {value}")
         return value
+
+    def _check_models_known(self, change: str) -> None:
+        """Refuse an in-place change that FSDP's gathered weights would hide from the next forward."""
+        wrapping = fsdp_wrapping(p for g in self.param_groups for p in g["params"])
+        if wrapping is not None and not reshard(self.models):
+            raise RuntimeError(
+                f"{change} changes the parameters in place, but under {wrapping} the model keeps gathered "
+                "copies of them after a forward (the root's), which the next forward would use unchanged: "
+                "give the optimizer the wrapped model, ElraOptimizer(model.parameters(), model, ...), "
+                "or use `with elra.grad_sync(model, optimizer):` around forward and backward"
+            )
 
     def _check_kept_grads(self) -> None:
         for p, grad in self._kept_grads.items():

@@ -9,9 +9,10 @@ a real step needs the gradient reduction. Results are the same either way
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
 if TYPE_CHECKING:
     from .optimizer import ElraOptimizer
@@ -19,12 +20,17 @@ if TYPE_CHECKING:
 
 @contextmanager
 def grad_sync(model: torch.nn.Module, optimizer: "ElraOptimizer") -> Iterator[None]:
-    """Wrap ``loss.backward()``: gradient sync off while collecting, on for a real step.
+    """Wrap a micro-batch's forward AND backward: gradient sync off while collecting, on for a real step.
 
     Handles DDP and FSDP1 (``no_sync()``) and FSDP2 (``set_requires_gradient_sync``);
-    any other model is left alone.
+    any other model is left alone. DDP decides in the forward whether the
+    backward will all-reduce, so the forward must run inside: a DDP backward
+    collected here after a forward outside raises (it was all-reduced anyway).
+    It also tells the optimizer the model (see ``ElraOptimizer``'s ``model``).
     """
     sync = not optimizer.collecting
+    if not any(known is model for known in optimizer.models):
+        optimizer.models.append(model)
     if not sync:
         optimizer.unsynced_models.add(model)
     if hasattr(model, "set_requires_gradient_sync"):
@@ -33,6 +39,12 @@ def grad_sync(model: torch.nn.Module, optimizer: "ElraOptimizer") -> Iterator[No
     elif hasattr(model, "no_sync") and not sync:
         with model.no_sync():
             yield
+        if getattr(model, "require_forward_param_sync", False):
+            raise RuntimeError(
+                "grad_sync saved nothing: DDP's forward ran outside it with gradient sync on, so the backward "
+                "all-reduced anyway. Put the forward inside too: `with grad_sync(model, optimizer): "
+                "loss = loss_fn(model(x), y); loss.backward()`"
+            )
     else:
         yield
 
@@ -59,3 +71,43 @@ def drop_unsynced_grads(model: torch.nn.Module) -> None:
             flat_param.grad = None
     for param in model.parameters():
         param.grad = None
+
+
+def reshard(models: Iterable[torch.nn.Module]) -> int:
+    """Free the weights FSDP keeps gathered after a forward; returns the FSDP modules found.
+
+    FSDP2's root (``fully_shard(model)`` holding parameters) and FSDP1's root
+    keep their gathered weights from a forward until the backward, and a
+    forward without backward (evaluation, a skipped backward) leaves them
+    there. An in-place change of the shards (a retrace without backward, the
+    boost swap) would not reach them: resharding makes the next forward
+    gather the current shards. No communication.
+    """
+    if not dist.is_available():
+        return 0
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    found = 0
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+                found += 1
+            elif isinstance(module, FullyShardedDataParallel):
+                found += 1
+                handle = module._handle
+                if handle is not None and handle.uses_sharded_strategy and not handle.needs_unshard():
+                    from torch.distributed.fsdp._runtime_utils import _reshard
+
+                    _reshard(module, handle, free_unsharded_flat_param=True)
+    return found
+
+
+def fsdp_wrapping(params: Iterable[torch.Tensor]) -> str | None:
+    """The FSDP flavour that manages ``params`` (None: no FSDP), for error messages."""
+    for p in params:
+        if getattr(p, "_fsdp_flattened", False):
+            return "FSDP1 (FullyShardedDataParallel)"
+        if hasattr(p, "device_mesh") and hasattr(p, "placements"):
+            return "FSDP2 (fully_shard)"
+    return None

@@ -136,13 +136,12 @@ def train_epoch(model, optimizer, loader, device, args, distributed: bool) -> fl
             break
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        totals += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
-        # FSDP1 keeps its root's gathered weights from a forward until the backward: never skip it there.
-        if args.strategy != "fsdp1" and optimizer.skip_backward(loss):
-            optimizer.step_retrace(loss)
-            continue
-        with grad_sync(model, optimizer) if distributed else nullcontext():
+        with grad_sync(model, optimizer) if distributed else nullcontext():  # the forward too: DDP decides there
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            totals += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+            if optimizer.skip_backward(loss):
+                optimizer.step_retrace(loss)
+                continue
             loss.backward()
         optimizer.step(loss)
     loss_sum, count = reduce_mean(totals, distributed).tolist()

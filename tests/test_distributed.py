@@ -40,6 +40,20 @@ TWO_RANKS = [
     Scenario("ddp-random-faults", batch_multiplier=2, nan_plan=_random_plan(1, 2, 4), inf_plan=_random_plan(2, 2, 4)),
     Scenario("fsdp2-random-faults", "fsdp2", nan_plan=_random_plan(3, 2, 4), inf_plan=_random_plan(4, 2, 4)),
 ]
+WRAPPINGS = ("ddp", "fsdp2", "fsdp2-root", "fsdp1", "fsdp1-orig")
+# A skipped backward (step_retrace) and boosted() evaluations change the shards outside backward -> step
+IN_PLACE = [Scenario(f"{w}-retrace-and-boost", w, bad_loss_at=17, boost_cycle=100) for w in WRAPPINGS]
+COUNTED = [Scenario(f"{w}-grad-sync-counted", w, batch_multiplier=4, count_reductions=True) for w in WRAPPINGS]
+REFUSED = {
+    "ddp-grad-sync-around-backward-only": "forward ran outside",
+    "fsdp2-root-without-model": "give the optimizer the wrapped model",
+    "fsdp1-without-model": "give the optimizer the wrapped model",
+}
+TWO_RANKS += IN_PLACE + COUNTED + [
+    Scenario("ddp-grad-sync-around-backward-only", batch_multiplier=4, sync_backward_only=True),
+    Scenario("fsdp2-root-without-model", "fsdp2-root", bad_loss_at=17, use_grad_sync=False, pass_model=False),
+    Scenario("fsdp1-without-model", "fsdp1", boost_cycle=100, use_grad_sync=False, pass_model=False),
+]
 THREE_RANKS = [
     Scenario("ddp-collect-grad-sync", batch_multiplier=2, nan_loss_at=7),
     Scenario("fsdp2-per-layer", "fsdp2", batch_multiplier=2, use_grad_sync=False, options={"weight_decay": 1e-3}),
@@ -47,7 +61,10 @@ THREE_RANKS = [
     Scenario("fsdp1-orig-params", "fsdp1-orig", batch_multiplier=2, nan_loss_at=9),
     Scenario("ddp-random-faults", nan_plan=_random_plan(5, 3, 5), inf_plan=_random_plan(6, 3, 5)),
 ]
-FOUR_RANKS = [Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5)]
+FOUR_RANKS = [
+    Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5),
+    Scenario("hsdp-root-retrace-and-boost", "hsdp-root", bad_loss_at=17, boost_cycle=100),
+]
 CHECKPOINTED = Scenario("fsdp2-dcp", "fsdp2", steps=40, options={"momentum": 0.5, "weight_decay": 1e-3}, nan_loss_at=30)
 SAVE_AT = 21
 
@@ -87,10 +104,12 @@ def _assert_matches_single_process(ranks: list[dict], name: str) -> dict:
         assert torch.allclose(results[0]["params"][key], value, rtol=0, atol=1e-10), key
         assert all(torch.equal(r["params"][key], results[0]["params"][key]) for r in results), key
     assert torch.equal(single["params"]["dead"], make_net().dead)
+    for key, value in single["outputs"].items():  # what the model computes, gathered weights included
+        assert all(torch.allclose(r["outputs"][key], value, rtol=0, atol=1e-10) for r in results), key
     return stats
 
 
-@pytest.mark.parametrize("name", [s.name for s in TWO_RANKS if not s.diverge])
+@pytest.mark.parametrize("name", [s.name for s in TWO_RANKS if not s.diverge and s.name not in REFUSED])
 def test_two_ranks_follow_the_single_process_trajectory(two, name):
     stats = _assert_matches_single_process(two, name)
     scenario = next(s for s in TWO_RANKS if s.name == name)
@@ -103,9 +122,33 @@ def test_three_ranks_with_uneven_shards_follow_the_single_process_trajectory(thr
     _assert_matches_single_process(three, name)
 
 
-def test_hsdp_on_a_2x2_mesh_follows_the_single_process_trajectory(four):
-    stats = _assert_matches_single_process(four, "hsdp-2x2")
+@pytest.mark.parametrize("name", [s.name for s in FOUR_RANKS])
+def test_hsdp_on_a_2x2_mesh_follows_the_single_process_trajectory(four, name):
+    stats = _assert_matches_single_process(four, name)
     assert stats["retraces"] >= 1
+
+
+@pytest.mark.parametrize("name", [s.name for s in IN_PLACE])
+def test_retrace_without_backward_and_boost_reach_the_next_forward(two, name):
+    """The root's gathered weights (FSDP2 root, FSDP1) must not hide an in-place change from the next forward."""
+    _assert_matches_single_process(two, name)
+    outputs = two[0][name]["single"]["outputs"]
+    assert not torch.allclose(outputs["boosted"], outputs["plain"], atol=1e-3)  # the boost does change them
+    assert all(torch.equal(r[name]["outputs"]["after_boost"], r[name]["outputs"]["plain"]) for r in two)
+
+
+@pytest.mark.parametrize("name", [s.name for s in COUNTED])
+def test_grad_sync_around_forward_and_backward_reduces_only_for_a_real_step(two, name):
+    _assert_matches_single_process(two, name)
+    reductions = two[0][name]["reductions"]
+    assert sum(collecting for collecting, _ in reductions) >= 20
+    assert all((count == 0) == collecting for collecting, count in reductions), reductions
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_what_would_be_silently_wrong_or_wasted_is_refused(two, name):
+    for rank in two:
+        assert REFUSED[name] in rank[name]["error"]
 
 
 @pytest.mark.parametrize("ranks, name", [(2, "ddp-random-faults"), (2, "fsdp2-random-faults"), (3, "ddp-random-faults")])

@@ -30,11 +30,19 @@ def _accuracies(output: str) -> list[float]:
     return [float(v) for v in re.findall(r" accuracy (\d\.\d+)", output)]
 
 
+def _boost_accuracies(output: str) -> list[float]:
+    return [float(v) for v in re.findall(r" boost (\d\.\d+|nan)", output)]
+
+
 def test_every_strategy_runs_and_the_distributed_ones_agree():
-    results = {s: _accuracies(_run(_command(s))) for s in ("none", "ddp", "fsdp2", "fsdp1")}
+    outputs = {s: _run(_command(s)) for s in ("none", "ddp", "fsdp2", "fsdp1")}
+    results = {s: _accuracies(output) for s, output in outputs.items()}
     assert all(len(v) == 3 for v in results.values())
     assert results["ddp"] == pytest.approx(results["fsdp2"], abs=1e-3) == results["fsdp1"]
     assert results["none"][-1] > 0.5
+    boosts = {s: _boost_accuracies(outputs[s]) for s in ("ddp", "fsdp2", "fsdp1")}
+    assert boosts["ddp"] == pytest.approx(boosts["fsdp2"], abs=1e-3) == boosts["fsdp1"]
+    assert boosts["fsdp1"] != results["fsdp1"]  # the boosted weights were evaluated, not the current ones
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
