@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from .boost import DEFAULT_CYCLE, Booster
 from .control import MAX_MULTIPLIER, Controller, Decision, StepSums
 from .reduce import AUTO, Reducer, ScalarBatch, dot, local
-from .sync import drop_unsynced_grads, fsdp_wrapping, reshard
+from .sync import drop_unsynced_grads, fsdp_wrapping, reshard, sync_unsynced_grads
 
 logger = logging.getLogger("elra")
 
@@ -385,21 +385,63 @@ class ElraOptimizer(Optimizer):
         """The torch layout, plus the controller's numbers in ``param_groups[0]``.
 
         While collecting, the partial gradient sums are saved too, so a resumed
-        run continues with the same micro-batches.
+        run continues with the same micro-batches. Every parameter carries a
+        ``pending_grad`` (zeros when nothing is pending), so that the state of a
+        fresh optimizer, the template ``torch.distributed.checkpoint`` loads
+        into, has room for them. Sums a wrapper holds per rank (collected under
+        :func:`elra.grad_sync`) must be synchronised first: see
+        :meth:`sync_pending_grads`.
         """
+        if self._pending and self.unsynced_models:
+            raise RuntimeError(
+                f"state_dict() in the middle of collecting micro-batches ({len(self._pending)} of "
+                f"{self.controller.state.multiplier}) with gradient sync off (grad_sync): each rank holds its own "
+                "partial sums, which one checkpoint cannot keep. Call optimizer.sync_pending_grads() on every "
+                "rank first (one gradient reduction), or save when optimizer.collecting is False"
+            )
         sd = super().state_dict()
         controller = self.controller.state_dict()
         controller["pending_losses"] = [float(v) for v in self._pending]
+        controller["pending_grads"] = []  # indices of the parameters whose pending_grad is a gradient
         sd["param_groups"][0][_STATE_KEY] = controller
         sd["param_groups"][0][_BOOST_KEY] = self.booster.state_dict()
-        if self._pending:
-            index = 0
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: p.grad}
-                    index += 1
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                pending = p.grad if self._pending else None
+                if pending is not None:
+                    controller["pending_grads"].append(index)
+                else:
+                    pending = torch.zeros_like(p, memory_format=torch.preserve_format)
+                sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending}
+                index += 1
         return sd
+
+    @torch.no_grad()
+    def sync_pending_grads(self) -> None:
+        """Reduce the micro-batch gradients collected with sync off, as the next real step would.
+
+        A collective: call it on every rank, before saving a checkpoint while
+        collecting under :func:`elra.grad_sync` (``state_dict()`` refuses
+        otherwise). Averaging the partial sums over ranks now gives the same
+        averaged gradient at the real step (the reduction is linear), and the
+        averaged sums are what one checkpoint can hold, at any world size.
+        Costs one gradient reduction (DDP: an all-reduce of all gradients;
+        FSDP2: an all-reduce per parameter) at checkpoint time; nothing when
+        nothing is pending or sync was on.
+        """
+        if not self._pending or not self.unsynced_models:
+            self.unsynced_models.clear()
+            return
+        for model in self.unsynced_models:
+            sync_unsynced_grads(model)
+        self.unsynced_models.clear()
+        self._kept_grads = {
+            p: p.grad
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None and not getattr(p, "_fsdp_flattened", False)
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
@@ -407,6 +449,7 @@ class ElraOptimizer(Optimizer):
             raise ValueError("not an ElraOptimizer state_dict (no controller state in param_groups[0])")
         controller = dict(groups[0][_STATE_KEY])
         pending = [float(v) for v in controller.pop("pending_losses", [])]
+        pending_grads = controller.pop("pending_grads", None)
         super().load_state_dict(state_dict)
         self.param_groups[0].pop(_STATE_KEY, None)
         boost = self.param_groups[0].pop(_BOOST_KEY, None)
@@ -416,7 +459,7 @@ class ElraOptimizer(Optimizer):
             self.booster.load_state_dict(boost)
         self._pending = pending
         self._moved = {p for g in self.param_groups for p in g["params"]}
-        self._restore_pending_grads()
+        self._restore_pending_grads(pending_grads if pending else [])
 
     # ------------------------------------------------------- internals
     def _reported(self, loss: Any, what: str) -> float:
@@ -456,14 +499,16 @@ class ElraOptimizer(Optimizer):
                             f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
                         )
 
-    def _restore_pending_grads(self) -> None:
+    def _restore_pending_grads(self, indices: list[int] | None) -> None:
+        """Put the saved partial sums back into ``.grad`` (``indices``: which; None: every saved one)."""
         self._kept_grads = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
-                if grad is not None:
-                    p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
-                    self._kept_grads[p] = p.grad
+        wanted = None if indices is None else set(indices)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in enumerate(params):
+            grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
+            if grad is not None and (wanted is None or index in wanted):
+                p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
+                self._kept_grads[p] = p.grad
 
     def _real_step(
         self, losses: list[LossLike], with_gradient: bool, inv_scale: float = 1.0, skip_overflow: bool = False

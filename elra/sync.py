@@ -31,12 +31,13 @@ def grad_sync(model: torch.nn.Module, optimizer: "ElraOptimizer") -> Iterator[No
     sync = not optimizer.collecting
     if not any(known is model for known in optimizer.models):
         optimizer.models.append(model)
-    if not sync:
-        optimizer.unsynced_models.add(model)
     if hasattr(model, "set_requires_gradient_sync"):
+        if not sync:
+            optimizer.unsynced_models.add(model)
         model.set_requires_gradient_sync(sync)
         yield
     elif hasattr(model, "no_sync") and not sync:
+        optimizer.unsynced_models.add(model)
         with model.no_sync():
             yield
         if getattr(model, "require_forward_param_sync", False):
@@ -71,6 +72,57 @@ def drop_unsynced_grads(model: torch.nn.Module) -> None:
             flat_param.grad = None
     for param in model.parameters():
         param.grad = None
+
+
+@torch.no_grad()
+def sync_unsynced_grads(model: torch.nn.Module) -> None:
+    """Average over ranks the gradients ``model``'s wrapper collected with sync off (a collective).
+
+    Leaves them where a synchronised backward would: DDP's ``.grad`` (one
+    all-reduce of all gradients, flattened), FSDP2's sharded ``.grad`` (each
+    unsharded sum all-reduced over the mesh, then this rank's shard kept; the
+    next synchronised backward adds its reduce-scatter to it). FSDP1 refuses.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=model.process_group)
+            flat /= dist.get_world_size(model.process_group)
+            torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+        return
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import distribute_tensor
+
+    for module in model.modules():
+        if isinstance(module, FullyShardedDataParallel):
+            raise RuntimeError(
+                "FSDP1 (FullyShardedDataParallel) keeps the micro-batch gradients collected under grad_sync "
+                "unsharded on each rank, and ELRA cannot checkpoint them: save when optimizer.collecting is "
+                "False, or collect without grad_sync (gradients then sync every micro-batch)"
+            )
+        if not isinstance(module, FSDPModule):
+            continue
+        groups = module._get_fsdp_state()._fsdp_param_groups
+        for fsdp_param in (fsdp_param for group in groups for fsdp_param in group.fsdp_params):
+            unsharded = fsdp_param._unsharded_param
+            full = fsdp_param.unsharded_accumulated_grad
+            full = unsharded.grad if full is None else full
+            if full is None:
+                continue
+            param = fsdp_param.sharded_param
+            mesh = param.device_mesh
+            full = full.to(param.dtype)
+            for dim in range(mesh.ndim):
+                dist.all_reduce(full, group=mesh.get_group(dim))
+            full /= mesh.size()
+            shard = distribute_tensor(full, mesh, param.placements, src_data_rank=None)
+            if param.grad is None:
+                param.grad = shard
+            else:
+                param.grad.to_local().add_(shard.to_local())
+            fsdp_param.unsharded_accumulated_grad = None
+            unsharded.grad = None
 
 
 def reshard(models: Iterable[torch.nn.Module]) -> int:

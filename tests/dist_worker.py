@@ -297,44 +297,65 @@ def _dcp_load(model, optimizer, state: dict) -> None:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def run_checkpointing(rank: int, world: int, store: str, out: str, scenario: Scenario, save_at: int, phase: str) -> None:
-    """DCP round trips of an FSDP2 run.
+def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tuple[Scenario, int]], phase: str) -> None:
+    """DCP round trips of FSDP2 runs, each ``(scenario, micro-step to save at)``.
 
-    ``save``: train to ``save_at``, save a DCP checkpoint (and a full copy for a
-    single process), train on; then a fresh model and optimizer load the
+    ``save``: train to the save point, save a DCP checkpoint (and a full copy
+    for a single process), train on; then a fresh model and optimizer load the
     checkpoint and train the same steps. ``resume``: load the checkpoint on
-    this world size, train on, and rank 0 runs the single-process twin from
-    the full copy.
+    this world size and train on; rank 0 also runs single-process twins, one
+    from the full copy and one from the DCP checkpoint itself. Saved in the
+    middle of collecting under grad_sync, the pending sums are synchronised
+    first (``state_dict()`` refuses before that: recorded as ``refused``).
     """
     import torch.distributed.checkpoint as dcp
 
+    def resumed_twin(load) -> dict:
+        single_model = make_net()
+        single_opt = make_optimizer(single_model, scenario, single=True)
+        load(single_model, single_opt)
+        train(scenario, single_model, single_opt, 0, world, 1, start=save_at)
+        return {"params": {k: v.detach().clone() for k, v in single_model.named_parameters()}, "stats": single_opt.stats}
+
+    def from_dcp(model, optimizer) -> None:
+        state = _dcp_state(model, optimizer)
+        dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
+        _dcp_load(model, optimizer, state)
+
     def body() -> None:
-        checkpoint = Path(out) / "dcp"
-        results = {}
-        if phase == "save":
+        nonlocal scenario, save_at, checkpoint
+        for scenario, save_at in runs:
+            checkpoint = Path(out) / scenario.name
+            results = {}
+            if phase == "save":
+                model = wrap(make_net(), scenario.strategy, world)
+                optimizer = make_optimizer(model, scenario)
+                train(replace(scenario, steps=save_at), model, optimizer, rank, world, world)
+                results["micro_batches"] = optimizer.micro_batches
+                try:
+                    optimizer.state_dict()
+                except RuntimeError as error:
+                    results["refused"] = str(error)
+                optimizer.sync_pending_grads()
+                dcp.save(_dcp_state(model, optimizer), checkpoint_id=checkpoint)
+                full = _dcp_state(model, optimizer, full=True)
+                if rank == 0:
+                    torch.save(full, checkpoint.with_suffix(".full.pt"))
+                train(scenario, model, optimizer, rank, world, world, start=save_at)
+                results["uninterrupted"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
             model = wrap(make_net(), scenario.strategy, world)
             optimizer = make_optimizer(model, scenario)
-            train(replace(scenario, steps=save_at), model, optimizer, rank, world, world)
-            dcp.save(_dcp_state(model, optimizer), checkpoint_id=checkpoint)
-            full = _dcp_state(model, optimizer, full=True)
-            if rank == 0:
-                torch.save(full, Path(out) / "full.pt")
+            state = _dcp_state(model, optimizer)
+            dcp.load(state, checkpoint_id=checkpoint)
+            _dcp_load(model, optimizer, state)
+            results["loaded_micro_batches"] = optimizer.micro_batches
             train(scenario, model, optimizer, rank, world, world, start=save_at)
-            results["uninterrupted"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
-        model = wrap(make_net(), scenario.strategy, world)
-        optimizer = make_optimizer(model, scenario)
-        state = _dcp_state(model, optimizer)
-        dcp.load(state, checkpoint_id=checkpoint)
-        _dcp_load(model, optimizer, state)
-        train(scenario, model, optimizer, rank, world, world, start=save_at)
-        results["resumed"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
-        if rank == 0 and phase == "resume":
-            single_model = make_net()
-            single_opt = make_optimizer(single_model, scenario, single=True)
-            _dcp_load(single_model, single_opt, torch.load(Path(out) / "full.pt", weights_only=False))
-            train(scenario, single_model, single_opt, 0, world, 1, start=save_at)
-            params = {k: v.detach().clone() for k, v in single_model.named_parameters()}
-            results["single"] = {"params": params, "stats": single_opt.stats}
-        torch.save(results, Path(out) / f"{phase}{rank}.pt")
+            results["resumed"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
+            if rank == 0 and phase == "resume":
+                full = torch.load(checkpoint.with_suffix(".full.pt"), weights_only=False)
+                results["single"] = resumed_twin(lambda m, o: _dcp_load(m, o, full))
+                results["single_dcp"] = resumed_twin(from_dcp)
+            torch.save(results, Path(out) / f"{scenario.name}-{phase}{rank}.pt")
 
+    scenario, save_at, checkpoint = None, 0, None
     as_gloo_rank(rank, world, store, body)

@@ -65,8 +65,12 @@ FOUR_RANKS = [
     Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5),
     Scenario("hsdp-root-retrace-and-boost", "hsdp-root", bad_loss_at=17, boost_cycle=100),
 ]
-CHECKPOINTED = Scenario("fsdp2-dcp", "fsdp2", steps=40, options={"momentum": 0.5, "weight_decay": 1e-3}, nan_loss_at=30)
-SAVE_AT = 21
+CHECKPOINTED = [
+    (Scenario("fsdp2-dcp", "fsdp2", steps=40, options={"momentum": 0.5, "weight_decay": 1e-3}, nan_loss_at=30), 21),
+    # saved with one micro-batch of three collected, under grad_sync: each rank held its own sums
+    (Scenario("fsdp2-dcp-mid-collection", "fsdp2", steps=40, batch_multiplier=3, nan_loss_at=30), 22),
+    (Scenario("fsdp2-root-dcp-mid-collection", "fsdp2-root", steps=40, batch_multiplier=3, use_grad_sync=False, nan_loss_at=31), 22),
+]
 
 
 def _spawn(tmp_path, world: int, scenarios: list[Scenario]) -> list[dict]:
@@ -177,33 +181,47 @@ def test_diverged_controller_state_raises_on_every_rank(two):
 
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory):
-    """Save on 2 ranks (and resume there), then resume the same checkpoint on 3 ranks."""
+    """Save on 2 ranks (and resume there), then resume the same checkpoints on 3 ranks and on 1."""
     out = tmp_path_factory.mktemp("dcp")
     for phase, world in (("save", 2), ("resume", 3)):
-        args = (world, f"file://{out}/store-{phase}", str(out), CHECKPOINTED, SAVE_AT, phase)
+        args = (world, f"file://{out}/store-{phase}", str(out), CHECKPOINTED, phase)
         mp.spawn(run_checkpointing, args=args, nprocs=world, join=True)
-    load = lambda phase, world: [torch.load(out / f"{phase}{r}.pt", weights_only=False) for r in range(world)]
-    return load("save", 2), load("resume", 3)
+    load = lambda name, phase, world: [torch.load(out / f"{name}-{phase}{r}.pt", weights_only=False) for r in range(world)]
+    return {s.name: (load(s.name, "save", 2), load(s.name, "resume", 3)) for s, _ in CHECKPOINTED}
 
 
-def test_dcp_resume_on_the_same_world_size_is_bit_identical(checkpointed):
-    saved, _ = checkpointed
+@pytest.mark.parametrize("name", [s.name for s, _ in CHECKPOINTED])
+def test_dcp_resume_on_the_same_world_size_is_bit_identical(checkpointed, name):
+    saved, _ = checkpointed[name]
     for rank in saved:
         uninterrupted, resumed = rank["uninterrupted"], rank["resumed"]
         assert resumed["stats"] == uninterrupted["stats"]
         assert all(torch.equal(resumed["params"][k], v) for k, v in uninterrupted["params"].items())
+        assert rank["loaded_micro_batches"] == rank["micro_batches"]
     assert saved[0]["uninterrupted"]["stats"]["retraces"] >= 1
 
 
-def test_dcp_resume_on_another_world_size_matches_a_single_process_resume(checkpointed):
-    _, resumed = checkpointed
+@pytest.mark.parametrize("name", [s.name for s, _ in CHECKPOINTED])
+def test_dcp_resume_on_another_world_size_matches_a_single_process_resume(checkpointed, name):
+    _, resumed = checkpointed[name]  # 3 ranks (and their twins) train on a global batch of 3 local ones
     stats = resumed[0]["resumed"]["stats"]
     assert all(r["resumed"]["stats"] == stats for r in resumed)
-    single = resumed[0]["single"]
-    assert stats["real_steps"] == single["stats"]["real_steps"] == CHECKPOINTED.steps
-    assert stats["retraces"] == single["stats"]["retraces"] >= 1
-    for key, value in single["params"].items():
-        assert torch.allclose(resumed[0]["resumed"]["params"][key], value, rtol=0, atol=1e-10), key
+    assert stats["real_steps"] >= 13 and stats["retraces"] >= 1
+    for single in (resumed[0]["single"], resumed[0]["single_dcp"]):  # from the full copy; from DCP on 1 rank
+        for key, value in single["stats"].items():
+            assert math.isclose(stats[key], value, rel_tol=1e-9), key
+        for key, value in single["params"].items():
+            assert torch.allclose(resumed[0]["resumed"]["params"][key], value, rtol=0, atol=1e-10), key
+
+
+def test_mid_collection_checkpoints_keep_the_pending_sums(checkpointed):
+    """Saved with a micro-batch pending; with grad_sync state_dict() refuses until they are synchronised."""
+    for name in ("fsdp2-dcp-mid-collection", "fsdp2-root-dcp-mid-collection"):
+        saved, resumed = checkpointed[name]
+        assert all(r["micro_batches"] == 1 == r["loaded_micro_batches"] for r in saved)
+        assert all(r["loaded_micro_batches"] == 1 for r in resumed)
+    assert all("sync_pending_grads()" in r["refused"] for r in checkpointed["fsdp2-dcp-mid-collection"][0])
+    assert not any("refused" in r for r in checkpointed["fsdp2-root-dcp-mid-collection"][0])  # sync was on
 
 
 @pytest.mark.parametrize("name", ["fsdp2-boost", "ddp-boost"])
