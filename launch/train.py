@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch default)")
     parser.add_argument("--save-final", type=Path, help="write the final full model state_dict here")
     parser.add_argument("--crash-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # fault-injection tests
+    parser.add_argument("--batch-multiplier", type=int, default=1, help=argparse.SUPPRESS)  # mid-collection tests
     return parser.parse_args(argv)
 
 
@@ -157,7 +158,10 @@ def main(argv=None) -> None:
     distributed = world > 1 or args.strategy != "none"
     train_set, valid_set, classes = build_data(args)
     model = wrap(build_model(args.model, classes), args.strategy, device)
-    optimizer = ElraOptimizer(model.parameters(), None, args.batch_size, classes, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = ElraOptimizer(
+        model.parameters(), None, args.batch_size, classes, lr=args.lr, weight_decay=args.weight_decay,
+        batch_multiplier=args.batch_multiplier,
+    )
     optimizer.enable_boost()
     checkpointer = Checkpointer(args.checkpoint_dir, args.strategy, rank) if args.checkpoint_dir else None
     start = checkpointer.resume(model, optimizer) if checkpointer else 0

@@ -47,16 +47,21 @@ def test_every_strategy_runs_and_the_distributed_ones_agree():
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_crashed_job_resumes_from_its_newest_complete_checkpoint(tmp_path, strategy):
+    # 12 micro-batches per epoch, 5 per real step: epochs end in the middle of collecting
+    collect = ["--batch-multiplier", "5", "--epochs", "6"]
     reference = tmp_path / "reference.pt"
-    _run(_command(strategy, "--save-final", str(reference), "--epochs", "6"))
+    _run(_command(strategy, "--save-final", str(reference), "--checkpoint-dir", str(tmp_path / "uninterrupted"), *collect))
 
     checkpoints, final = tmp_path / "ckpt", tmp_path / "final.pt"
-    resumable = ["--checkpoint-dir", str(checkpoints), "--save-final", str(final), "--epochs", "6"]
+    resumable = ["--checkpoint-dir", str(checkpoints), "--save-final", str(final), *collect]
     crashed = subprocess.run(_command(strategy, *resumable, "--crash-after-epoch", "3"), capture_output=True, timeout=300)
     assert crashed.returncode != 0 and not final.exists()
     (checkpoints / "epoch-00004.tmp").mkdir()  # a write that was interrupted
     (checkpoints / "epoch-00004.tmp" / "state.pt").write_bytes(b"garbage")
 
+    if strategy == "ddp":  # the checkpoint it resumes from holds a pending micro-batch sum
+        saved = torch.load(checkpoints / "epoch-00003" / "state.pt", weights_only=True)["optim"]
+        assert saved["param_groups"][0]["elra_controller"]["pending_losses"]
     output = _run(_command(strategy, *resumable))
     assert [int(m) for m in re.findall(r"epoch +(\d+) ", output)] == [4, 5, 6]
     expected, got = torch.load(reference, weights_only=True), torch.load(final, weights_only=True)
