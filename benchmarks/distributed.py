@@ -66,8 +66,8 @@ def _measure(rank: int, world: int, store: str, out: str, strategy: str, width: 
             x = torch.randn(32, width, generator=gen)
             start = time.perf_counter()
             optimizer.zero_grad()
-            loss = model(x).pow(2).mean()
-            with grad_sync(model, optimizer):
+            with grad_sync(model, optimizer):  # forward and backward: DDP decides in the forward
+                loss = model(x).pow(2).mean()
                 loss.backward()
             collecting = optimizer.collecting
             sent.clear()

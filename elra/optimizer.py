@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from .boost import DEFAULT_CYCLE, Booster
 from .control import MAX_MULTIPLIER, Controller, Decision, StepSums
 from .reduce import AUTO, Reducer, ScalarBatch, dots, flat, local, squares
-from .sync import drop_unsynced_grads
+from .sync import drop_unsynced_grads, fsdp_wrapping, reshard, sync_unsynced_grads
 
 logger = logging.getLogger("elra")
 
@@ -66,7 +66,10 @@ class ElraOptimizer(Optimizer):
 
     Args:
         params: parameters or parameter groups (a group may set ``weight_decay``).
-        model: accepted for compatibility with the published API; unused.
+        model: the (wrapped) model. Needed under FSDP, where the optimizer must
+            make FSDP drop its gathered weights after changing the shards
+            outside the backward -> step path (``step_retrace``,
+            ``boosted()``); ``elra.grad_sync(model, optimizer)`` also tells it.
         batch_size: samples per micro-batch (sets the statistics window).
         classes: number of classes; ``<= 1`` (default) is the deterministic
             regime for noise-free problems, ``>= 2`` the stochastic one.
@@ -137,6 +140,7 @@ class ElraOptimizer(Optimizer):
         self._pending: list[LossLike] = []
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
         self.unsynced_models: set[torch.nn.Module] = set()  # filled by elra.grad_sync
+        self.models: list[torch.nn.Module] = [model] if model is not None else []  # to reshard after in-place changes
         self._moved: set[torch.Tensor] = set()  # parameters the last accepted step updated
         self._boost_model: torch.nn.Module | None = None
 
@@ -266,7 +270,9 @@ class ElraOptimizer(Optimizer):
         """Revert the last step without a gradient (the caller skipped ``backward``)."""
         if loss is None:
             raise TypeError("step_retrace needs the loss value that made you skip backward()")
+        self._check_models_known("step_retrace")
         self._real_step([*self._pending, _loss_value(loss)], with_gradient=False)
+        reshard(self.models)  # the skipped backward left gathered weights behind
         for model in self.unsynced_models:
             drop_unsynced_grads(model)
         self.unsynced_models.clear()
@@ -285,9 +291,8 @@ class ElraOptimizer(Optimizer):
                 loss.backward()
                 optimizer.step(loss)
 
-        Not with FSDP1, which keeps the root's gathered weights from a forward
-        until its backward: there run ``backward()`` and ``step`` with the loss
-        (a non-finite loss retraces; pass ``float("nan")`` to force it).
+        Under FSDP the optimizer needs the model (see ``model``) so that the
+        retrace reaches the weights FSDP kept gathered from the forward.
         """
         value = _loss_value(loss)
         device = self._device or torch.device("cpu")
@@ -328,11 +333,15 @@ class ElraOptimizer(Optimizer):
         """
         count = self.booster.count if self.booster.enabled else 0
         params, means = self._boost_pairs() if count else ([], [])
+        if count:
+            self._check_models_known("boosted()")
         Booster.swap(params, means)
+        reshard(self.models if count else ())
         try:
             yield count
         finally:
             Booster.swap(params, means)
+            reshard(self.models if count else ())
 
     def get_boost_model(
         self, enable: bool, model: torch.nn.Module | None = None, device: torch.device | str | None = None
@@ -376,21 +385,63 @@ class ElraOptimizer(Optimizer):
         """The torch layout, plus the controller's numbers in ``param_groups[0]``.
 
         While collecting, the partial gradient sums are saved too, so a resumed
-        run continues with the same micro-batches.
+        run continues with the same micro-batches. Every parameter carries a
+        ``pending_grad`` (zeros when nothing is pending), so that the state of a
+        fresh optimizer, the template ``torch.distributed.checkpoint`` loads
+        into, has room for them. Sums a wrapper holds per rank (collected under
+        :func:`elra.grad_sync`) must be synchronised first: see
+        :meth:`sync_pending_grads`.
         """
+        if self._pending and self.unsynced_models:
+            raise RuntimeError(
+                f"state_dict() in the middle of collecting micro-batches ({len(self._pending)} of "
+                f"{self.controller.state.multiplier}) with gradient sync off (grad_sync): each rank holds its own "
+                "partial sums, which one checkpoint cannot keep. Call optimizer.sync_pending_grads() on every "
+                "rank first (one gradient reduction), or save when optimizer.collecting is False"
+            )
         sd = super().state_dict()
         controller = self.controller.state_dict()
         controller["pending_losses"] = [float(v) for v in self._pending]
+        controller["pending_grads"] = []  # indices of the parameters whose pending_grad is a gradient
         sd["param_groups"][0][_STATE_KEY] = controller
         sd["param_groups"][0][_BOOST_KEY] = self.booster.state_dict()
-        if self._pending:
-            index = 0
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: p.grad}
-                    index += 1
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                pending = p.grad if self._pending else None
+                if pending is not None:
+                    controller["pending_grads"].append(index)
+                else:
+                    pending = torch.zeros_like(p, memory_format=torch.preserve_format)
+                sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending}
+                index += 1
         return sd
+
+    @torch.no_grad()
+    def sync_pending_grads(self) -> None:
+        """Reduce the micro-batch gradients collected with sync off, as the next real step would.
+
+        A collective: call it on every rank, before saving a checkpoint while
+        collecting under :func:`elra.grad_sync` (``state_dict()`` refuses
+        otherwise). Averaging the partial sums over ranks now gives the same
+        averaged gradient at the real step (the reduction is linear), and the
+        averaged sums are what one checkpoint can hold, at any world size.
+        Costs one gradient reduction (DDP: an all-reduce of all gradients;
+        FSDP2: an all-reduce per parameter) at checkpoint time; nothing when
+        nothing is pending or sync was on.
+        """
+        if not self._pending or not self.unsynced_models:
+            self.unsynced_models.clear()
+            return
+        for model in self.unsynced_models:
+            sync_unsynced_grads(model)
+        self.unsynced_models.clear()
+        self._kept_grads = {
+            p: p.grad
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None and not getattr(p, "_fsdp_flattened", False)
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
@@ -398,6 +449,7 @@ class ElraOptimizer(Optimizer):
             raise ValueError("not an ElraOptimizer state_dict (no controller state in param_groups[0])")
         controller = dict(groups[0][_STATE_KEY])
         pending = [float(v) for v in controller.pop("pending_losses", [])]
+        pending_grads = controller.pop("pending_grads", None)
         super().load_state_dict(state_dict)
         self.param_groups[0].pop(_STATE_KEY, None)
         boost = self.param_groups[0].pop(_BOOST_KEY, None)
@@ -408,7 +460,7 @@ class ElraOptimizer(Optimizer):
         self._fill_empty_state()
         self._pending = pending
         self._moved = {p for g in self.param_groups for p in g["params"]}
-        self._restore_pending_grads()
+        self._restore_pending_grads(pending_grads if pending else [])
 
     # ------------------------------------------------------- internals
     def _reported(self, loss: Any, what: str) -> float:
@@ -417,6 +469,17 @@ class ElraOptimizer(Optimizer):
         if not math.isfinite(value):
             raise ValueError(f"the {what} loss must be finite, got {value}")
         return value
+
+    def _check_models_known(self, change: str) -> None:
+        """Refuse an in-place change that FSDP's gathered weights would hide from the next forward."""
+        wrapping = fsdp_wrapping(p for g in self.param_groups for p in g["params"])
+        if wrapping is not None and not reshard(self.models):
+            raise RuntimeError(
+                f"{change} changes the parameters in place, but under {wrapping} the model keeps gathered "
+                "copies of them after a forward (the root's), which the next forward would use unchanged: "
+                "give the optimizer the wrapped model, ElraOptimizer(model.parameters(), model, ...), "
+                "or use `with elra.grad_sync(model, optimizer):` around forward and backward"
+            )
 
     def _check_kept_grads(self) -> None:
         for p, grad in self._kept_grads.items():
@@ -452,14 +515,16 @@ class ElraOptimizer(Optimizer):
                     if self.booster.enabled:
                         state.setdefault("boost", p.detach().clone())
 
-    def _restore_pending_grads(self) -> None:
+    def _restore_pending_grads(self, indices: list[int] | None) -> None:
+        """Put the saved partial sums back into ``.grad`` (``indices``: which; None: every saved one)."""
         self._kept_grads = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
-                if grad is not None:
-                    p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
-                    self._kept_grads[p] = p.grad
+        wanted = None if indices is None else set(indices)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in enumerate(params):
+            grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
+            if grad is not None and (wanted is None or index in wanted):
+                p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
+                self._kept_grads[p] = p.grad
 
     def _real_step(
         self, losses: list[LossLike], with_gradient: bool, inv_scale: float = 1.0, skip_overflow: bool = False

@@ -5,8 +5,9 @@ Each checkpoint is written to ``epoch-NNNNN.tmp`` and renamed to
 interrupted write is never taken for a checkpoint. Sharded strategies use
 torch.distributed.checkpoint (each rank writes its shards; it can be loaded
 on another number of ranks); none and DDP write one ``state.pt`` from rank 0.
-The newest ``keep`` complete checkpoints are kept. Each one records in
-``meta.json`` the strategy and world size that wrote it and the epoch's
+Gradient sums collected toward a real step are kept (averaged over ranks
+first). The newest ``keep`` complete checkpoints are kept. Each one records
+in ``meta.json`` the strategy and world size that wrote it and the epoch's
 summary line, so a job resumed with an incompatible strategy is told what
 differs, and a finished job says where it ended.
 """
@@ -75,6 +76,9 @@ class Checkpointer:
         partial = final.with_name(final.name + ".tmp")
         if self.rank == 0 and partial.exists():
             shutil.rmtree(partial)
+        # An epoch can end in the middle of collecting micro-batches: the sums each rank
+        # collected with gradient sync off are averaged first, so one checkpoint holds them.
+        optimizer.sync_pending_grads()
         _barrier()
         if self.sharded:
             model_state, optim_state = get_state_dict(model, optimizer)

@@ -86,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads per process (0: torch default)")
     parser.add_argument("--save-final", type=Path, help="write the final full model state_dict here")
     parser.add_argument("--crash-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # fault-injection tests
+    parser.add_argument("--batch-multiplier", type=_at_least(1), default=1, help=argparse.SUPPRESS)  # mid-collection tests
     args = parser.parse_args(argv)
     if args.model == "gpt" and args.width % args.heads:
         parser.error(f"--width {args.width} must be a multiple of --heads {args.heads}")
@@ -241,13 +242,12 @@ def train_epoch(model, optimizer, loader, device, args, distributed: bool) -> fl
             break
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
-        loss = _loss(model(x), y)
-        totals += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
-        # FSDP1 keeps its root's gathered weights from a forward until the backward: never skip it there.
-        if args.strategy != "fsdp1" and optimizer.skip_backward(loss):
-            optimizer.step_retrace(loss)
-            continue
-        with grad_sync(model, optimizer) if distributed else nullcontext():
+        with grad_sync(model, optimizer) if distributed else nullcontext():  # the forward too: DDP decides there
+            loss = _loss(model(x), y)
+            totals += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+            if optimizer.skip_backward(loss):
+                optimizer.step_retrace(loss)
+                continue
             loss.backward()
         optimizer.step(loss)
     loss_sum, count = reduce_sum(totals, distributed).tolist()
@@ -273,7 +273,10 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
     """Build, resume, train and save. The wrapped model lives only in this frame (see ``main``)."""
     train_set, valid_set, classes = build_data(args)
     model = wrap(build_model(args, classes), args.strategy, device)
-    optimizer = ElraOptimizer(model.parameters(), None, args.batch_size, classes, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = ElraOptimizer(
+        model.parameters(), None, args.batch_size, classes, lr=args.lr, weight_decay=args.weight_decay,
+        batch_multiplier=args.batch_multiplier,
+    )
     optimizer.enable_boost()
     checkpointer = Checkpointer(args.checkpoint_dir, args.strategy, rank, world=world) if args.checkpoint_dir else None
     start = checkpointer.resume(model, optimizer) if checkpointer else 0

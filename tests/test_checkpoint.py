@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,8 @@ def test_state_dict_uses_the_torch_layout():
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
     assert set(sd["state"]) == {0, 1}
-    assert all(set(s) == {"direction"} for s in sd["state"].values())
+    assert all(set(s) == {"direction", "pending_grad"} for s in sd["state"].values())
+    assert all(not s["pending_grad"].any() for s in sd["state"].values())  # nothing pending: zeros
     assert sd["state"][0]["direction"].shape == model.weight.shape
     controller = sd["param_groups"][0]["elra_controller"]
     assert all(isinstance(v, (int, float, bool, list, type(None))) for v in controller.values())
@@ -82,3 +84,30 @@ def test_controller_state_from_another_version_raises():
     del sd["param_groups"][0]["elra_controller"]["alpha"]
     with pytest.raises(ValueError, match="missing"):
         make_optimizer(model).load_state_dict(sd)
+
+
+def test_dcp_resume_mid_collection_in_one_process_is_bit_identical(tmp_path):
+    """torch.distributed.checkpoint loads only what a fresh optimizer's state has room for: the pending sums too."""
+    import torch.distributed.checkpoint as dcp
+    from dist_worker import Scenario, make_net, make_optimizer, train as train_scenario
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    scenario, save_at = Scenario("one", steps=40, batch_multiplier=3, use_grad_sync=False, nan_loss_at=30), 22
+    model = make_net()
+    opt = make_optimizer(model, scenario, single=True)
+    train_scenario(replace(scenario, steps=save_at), model, opt, 0, 1, 1)
+    assert opt.micro_batches == 1
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp_path / "dcp")
+    train_scenario(scenario, model, opt, 0, 1, 1, start=save_at)
+
+    fresh = make_net()
+    fresh_opt = make_optimizer(fresh, scenario, single=True)
+    model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=tmp_path / "dcp")
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert fresh_opt.micro_batches == 1 and fresh.hidden.weight.grad is not None and fresh.dead.grad is None
+    train_scenario(scenario, fresh, fresh_opt, 0, 1, 1, start=save_at)
+    assert fresh_opt.stats == opt.stats and opt.stats["retraces"] >= 1
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
