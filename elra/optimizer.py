@@ -30,6 +30,7 @@ logger = logging.getLogger("elra")
 LossLike = float | torch.Tensor
 _STATE_KEY = "elra_controller"
 _BOOST_KEY = "elra_boost"
+_CONFIG_KEY = "elra_config"
 _PENDING_GRAD = "pending_grad"
 _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
 
@@ -49,16 +50,59 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
 
 
 def _loss_value(loss: Any) -> LossLike:
-    """A scalar loss as a float or a detached 0-dim tensor (no host sync)."""
+    """A scalar loss as a float or a detached 0-dim tensor (no host sync).
+
+    Accepts Python and numpy numbers, tensors and numpy arrays of one element;
+    refuses booleans in every form (a bool is no loss value).
+    """
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return float(loss)
+    if not isinstance(loss, (torch.Tensor, bool, str, bytes)) and hasattr(loss, "__array__"):
+        loss = torch.as_tensor(loss)  # numpy arrays and numpy booleans: the tensor rules below
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise ValueError(f"ELRA needs a scalar loss, got a tensor of shape {tuple(loss.shape)}; reduce it first")
         if loss.is_complex():
             raise ValueError("ELRA needs a real loss, got a complex tensor")
+        if loss.dtype == torch.bool:
+            raise TypeError("ELRA needs the loss value, got a boolean tensor")
         return loss.detach().reshape(())
-    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        return float(loss)
-    raise TypeError(f"ELRA needs the loss as a float or a scalar tensor, got {type(loss).__name__}")
+    raise TypeError(
+        f"ELRA needs the loss as a float, a scalar tensor or a one-element array, got {type(loss).__name__}"
+    )
+
+
+def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's hyperparameters, validated (constructor arguments or a checkpoint's)."""
+    lr, momentum = config["lr"], config["momentum"]
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0.0 < lr < math.inf:
+        raise ValueError(f"Invalid learning rate: {lr!r} (expected a positive number, e.g. 1e-5)")
+    _decay_rate(config["weight_decay"])
+    if momentum is not None and (
+        isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0
+    ):
+        raise ValueError(f"Invalid momentum: {momentum!r} (expected None or a number in [0, 1))")
+    return {
+        **config,
+        "lr": float(lr),
+        "weight_decay": float(config["weight_decay"]),
+        "batch_size": _check_int("batch_size", config["batch_size"], 1),
+        "classes": _check_int("classes", config["classes"], 0),
+        "warmup": _check_int("warmup", config["warmup"], 0),
+        "momentum": float(momentum) if momentum else None,
+        "batch_multiplier": _check_int("batch_multiplier", config["batch_multiplier"], 1, MAX_MULTIPLIER),
+    }
+
+
+def _make_controller(config: dict[str, Any]) -> Controller:
+    return Controller(
+        lr=config["lr"],
+        classes=config["classes"],
+        batch_size=config["batch_size"],
+        warmup=config["warmup"],
+        momentum=config["momentum"],
+        min_multiplier=config["batch_multiplier"],
+    )
 
 
 class ElraOptimizer(Optimizer):
@@ -108,32 +152,26 @@ class ElraOptimizer(Optimizer):
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
-        batch_size = _check_int("batch_size", batch_size, 1)
-        classes = _check_int("classes", classes, 0)
-        warmup = _check_int("warmup", warmup, 0)
-        batch_multiplier = _check_int("batch_multiplier", batch_multiplier, 1, MAX_MULTIPLIER)
+        config = _checked_config(
+            dict(
+                lr=lr,
+                weight_decay=weight_decay,
+                batch_size=batch_size,
+                classes=classes,
+                warmup=warmup,
+                momentum=momentum,
+                batch_multiplier=batch_multiplier,
+            )
+        )
         self._check_every = _check_int("check_consistency", check_consistency, 0)
         self.reducer = Reducer(process_group, replicas)
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0.0 < lr < math.inf:
-            raise ValueError(f"Invalid learning rate: {lr!r} (expected a positive number, e.g. 1e-5)")
-        _decay_rate(weight_decay)
-        if momentum is not None and (
-            isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0
-        ):
-            raise ValueError(f"Invalid momentum: {momentum!r} (expected None or a number in [0, 1))")
         if lr >= 1e-3:
             logger.warning("ELRA starts best from a tiny lr (1e-6..1e-4), got %g", lr)
         self._device: torch.device | None = None
+        self._config = config
         self.booster = Booster()
-        super().__init__(params, dict(lr=float(lr), weight_decay=weight_decay))
-        self.controller = Controller(
-            lr=float(lr),
-            classes=classes,
-            batch_size=batch_size,
-            warmup=warmup,
-            momentum=float(momentum) if momentum else None,
-            min_multiplier=batch_multiplier,
-        )
+        super().__init__(params, dict(lr=config["lr"], weight_decay=config["weight_decay"]))
+        self.controller = _make_controller(config)
         self._pending: list[LossLike] = []
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
         self.unsynced_models: set[torch.nn.Module] = set()  # filled by elra.grad_sync
@@ -149,9 +187,14 @@ class ElraOptimizer(Optimizer):
         """
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        named = [p for p in params if isinstance(p, tuple)]  # model.named_parameters(): torch keeps the names
+        tensors = [p[1] for p in named] if len(named) == len(params) else params
         _decay_rate(param_group.get("weight_decay", self.defaults["weight_decay"]))
+        self._check_group_options(param_group)
         device = self._device
-        for p in params:
+        for p in tensors:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"ELRA optimizes tensors, got {type(p).__name__} (mixing named and unnamed parameters?)")
             if not p.is_floating_point():
                 raise ValueError(f"ELRA optimizes floating point parameters only, got {p.dtype}")
             device = p.device if device is None else device
@@ -161,10 +204,24 @@ class ElraOptimizer(Optimizer):
                 )
         super().add_param_group({**param_group, "params": params})
         self._device = device
-        for p in params:
+        for p in tensors:
             self.state[p]["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if self.booster.enabled:
                 self.state[p]["boost"] = p.detach().clone()
+
+    def _check_group_options(self, group: dict[str, Any]) -> None:
+        """Refuse per-group options ELRA cannot honour: it has one step length and one momentum."""
+        current = {self.defaults["lr"], *(g["lr"] for g in self.param_groups)}
+        if "lr" in group and group["lr"] not in current:
+            raise ValueError(
+                f"a parameter group sets lr={group['lr']!r}: ELRA adapts one step length for all groups, "
+                "so per-group learning rates are not supported (leave 'lr' out of the group)"
+            )
+        if "momentum" in group and (group["momentum"] or None) != self._config["momentum"]:
+            raise ValueError(
+                f"a parameter group sets momentum={group['momentum']!r}: ELRA uses one momentum for all groups "
+                f"(the constructor's, {self._config['momentum']}); leave 'momentum' out of the group"
+            )
 
     # ------------------------------------------------------------ public
     @property
@@ -383,6 +440,7 @@ class ElraOptimizer(Optimizer):
         controller["pending_losses"] = [float(v) for v in self._pending]
         sd["param_groups"][0][_STATE_KEY] = controller
         sd["param_groups"][0][_BOOST_KEY] = self.booster.state_dict()
+        sd["param_groups"][0][_CONFIG_KEY] = dict(self._config)
         if self._pending:
             index = 0
             for group in self.param_groups:
@@ -393,21 +451,67 @@ class ElraOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by ``state_dict``: everything, or nothing if it does not fit.
+
+        The checkpoint's hyperparameters win (as torch restores a group's
+        ``lr``): momentum, batch size, regime, warmup, the smallest batch
+        multiplier and the default lr and weight decay are those it was saved
+        with; each one that differs from this optimizer's is logged at WARNING.
+        ``process_group``, ``replicas`` and ``check_consistency`` describe this
+        job, not the run, and stay as constructed. A state_dict that does not
+        fit raises ``ValueError`` before anything changes.
+        """
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        if not groups or _STATE_KEY not in groups[0]:
+        if not groups or not isinstance(groups[0], dict) or _STATE_KEY not in groups[0]:
             raise ValueError("not an ElraOptimizer state_dict (no controller state in param_groups[0])")
-        controller = dict(groups[0][_STATE_KEY])
-        pending = [float(v) for v in controller.pop("pending_losses", [])]
-        super().load_state_dict(state_dict)
-        self.param_groups[0].pop(_STATE_KEY, None)
-        boost = self.param_groups[0].pop(_BOOST_KEY, None)
-        self._check_state_shapes()
-        self.controller.load_state_dict(controller)
+        config = self._saved_config(groups[0].get(_CONFIG_KEY))
+        controller_state = dict(groups[0][_STATE_KEY])
+        pending = [float(v) for v in controller_state.pop("pending_losses", [])]
+        controller = _make_controller(config)
+        controller.load_state_dict(controller_state)
+        if len(pending) >= controller.state.multiplier:
+            raise ValueError(
+                f"the state_dict holds {len(pending)} collected micro-batches for a batch multiplier of "
+                f"{controller.state.multiplier}: it is corrupted"
+            )
+        booster = Booster()
+        boost = groups[0].get(_BOOST_KEY)
         if boost is not None:
-            self.booster.load_state_dict(boost)
+            try:
+                booster.load_state_dict(boost)
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"the boost state of the state_dict is unusable: {error!r}") from error
+        self._check_saved_state(state_dict, booster.enabled)
+        super().load_state_dict(state_dict)
+        self._own_loaded_state(state_dict)
+        self.param_groups[0].pop(_STATE_KEY, None)
+        self.param_groups[0].pop(_BOOST_KEY, None)
+        self.param_groups[0].pop(_CONFIG_KEY, None)
+        self._log_config_change(config)
+        self._config = config
+        self.defaults.update(lr=config["lr"], weight_decay=config["weight_decay"])
+        self.controller = controller
+        self.booster = booster
         self._pending = pending
         self._moved = {p for g in self.param_groups for p in g["params"]}
         self._restore_pending_grads()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything needed to continue the same trajectory (``copy.deepcopy``, pickle, ``torch.save``).
+
+        torch's optimizers keep only ``defaults``, ``state`` and ``param_groups``;
+        ELRA also needs its controller, collected micro-batches and boost
+        counters. Hooks are not copied (as in torch), nor the models that
+        ``grad_sync`` saw (they belong to the original's training loop).
+        """
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        state["unsynced_models"] = set()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for p, grad in self._kept_grads.items():  # deepcopy and pickle drop .grad of parameters
+            p.grad = grad
 
     # ------------------------------------------------------- internals
     def _reported(self, loss: Any, what: str) -> float:
@@ -426,15 +530,67 @@ class ElraOptimizer(Optimizer):
                     "collecting), not model.zero_grad(); see `collecting` in the README"
                 )
 
-    def _check_state_shapes(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                for key, value in self.state.get(p, {}).items():
-                    if isinstance(value, torch.Tensor) and value.shape != p.shape:
-                        raise ValueError(
-                            f"state '{key}' of shape {tuple(value.shape)} does not fit a parameter of shape "
-                            f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
-                        )
+    def _saved_config(self, saved: Any) -> dict[str, Any]:
+        """The checkpoint's hyperparameters, validated; this optimizer's for checkpoints without them."""
+        if saved is None:
+            logger.info("ELRA state_dict without hyperparameters (saved by an older elra): keeping the constructor's")
+            return dict(self._config)
+        if not isinstance(saved, dict) or self._config.keys() - saved.keys():
+            raise ValueError(
+                f"the state_dict's ELRA hyperparameters {saved!r} lack {sorted(self._config.keys() - set(saved))}"
+            )
+        return _checked_config({**self._config, **saved})
+
+    def _log_config_change(self, config: dict[str, Any]) -> None:
+        changed = {k: (self._config.get(k), v) for k, v in config.items() if self._config.get(k) != v}
+        if changed:
+            logger.warning(
+                "ELRA load_state_dict: the checkpoint's hyperparameters replace the constructor's: %s",
+                ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())),
+            )
+
+    def _check_saved_state(self, state_dict: dict[str, Any], boost_enabled: bool) -> None:
+        """Validate the per-parameter state against this optimizer's parameters, changing nothing."""
+        saved_groups, saved_state = state_dict["param_groups"], state_dict.get("state", {})
+        sizes = [len(g["params"]) for g in self.param_groups]
+        saved_sizes = [len(g.get("params", ())) for g in saved_groups]
+        if sizes != saved_sizes:
+            raise ValueError(
+                f"the state_dict has parameter groups of sizes {saved_sizes}, this optimizer {sizes}: "
+                "it is from another model or parameter grouping"
+            )
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        needed = ("direction", "boost") if boost_enabled else ("direction",)
+        for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
+            entry = saved_state.get(saved_id, {})
+            for key in needed:
+                if key not in entry:
+                    raise ValueError(f"the state_dict lacks the '{key}' state of parameter {index}")
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    raise ValueError(
+                        f"state '{key}' of shape {tuple(value.shape)} does not fit parameter {index} of shape "
+                        f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
+                    )
+
+    def _own_loaded_state(self, state_dict: dict[str, Any]) -> None:
+        """Copy state tensors that torch's load kept shared with the state_dict.
+
+        torch's ``load_state_dict`` keeps a tensor already of the right dtype and
+        device as it is, so loading a live ``state_dict()`` (another optimizer's)
+        would make two optimizers update one direction buffer.
+        """
+        saved = {
+            local(v).data_ptr()
+            for entry in state_dict.get("state", {}).values()
+            for v in entry.values()
+            if isinstance(v, torch.Tensor) and v.numel()
+        }
+        for entry in self.state.values():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.numel() and local(value).data_ptr() in saved:
+                    entry[key] = value.clone()
 
     def _restore_pending_grads(self) -> None:
         self._kept_grads = {}

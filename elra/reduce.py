@@ -60,6 +60,23 @@ class Reducer:
         self._process_group = process_group
         self._replicas = replicas
 
+    def __deepcopy__(self, memo: dict) -> "Reducer":
+        """A copy reduces over the same group (a group is a connection, not data)."""
+        return Reducer(self._process_group, self._replicas)
+
+    def __getstate__(self) -> dict:
+        if self._process_group is not AUTO and self._process_group is not None:
+            raise TypeError(
+                "an ElraOptimizer built with an explicit process_group cannot be pickled (a process group "
+                "lives in its process): save optimizer.state_dict() instead, or build it with process_group='auto'"
+            )
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._process_group == AUTO:
+            self._process_group = AUTO  # the marker is compared by identity
+
     @property
     def group(self):
         """The process group to reduce over, or ``None`` for this process alone."""
