@@ -15,13 +15,14 @@ import math
 import numbers
 import zlib
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Callable, Iterator
 
 import torch
 from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster
-from .control import MAX_MULTIPLIER, Controller, Decision, StepSums
+from .control import MAX_MULTIPLIER, Controller, Decision, RangeBounds, StepSums
 from .reduce import AUTO, Reducer, ScalarBatch, dot, local
 from .sync import drop_unsynced_grads
 
@@ -32,6 +33,8 @@ _STATE_KEY = "elra_controller"
 _BOOST_KEY = "elra_boost"
 _CONFIG_KEY = "elra_config"
 _PENDING_GRAD = "pending_grad"
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+_HALF_MAX = torch.finfo(torch.float16).max
 _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
 
 
@@ -70,6 +73,19 @@ def _loss_value(loss: Any) -> LossLike:
     raise TypeError(
         f"ELRA needs the loss as a float, a scalar tensor or a one-element array, got {type(loss).__name__}"
     )
+
+
+def _add_scaled(targets: list[torch.Tensor], sources: list[torch.Tensor], alpha: float) -> None:
+    """``targets += alpha * sources``, also for an ``alpha`` beyond float16's range.
+
+    torch converts ``alpha`` to the tensors' dtype and raises if it does not fit;
+    a product with a Python scalar is computed in float32 instead. The
+    controller's range bounds keep the result itself finite.
+    """
+    if abs(alpha) <= _HALF_MAX or all(t.dtype != torch.float16 for t in targets):
+        torch._foreach_add_(targets, sources, alpha=alpha)
+    else:
+        torch._foreach_add_(targets, torch._foreach_mul(sources, alpha))
 
 
 def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -607,14 +623,15 @@ class ElraOptimizer(Optimizer):
         decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
         groups = [self._group_tensors(group, with_gradient) for group in self.param_groups]
         half = any(tensors["half"] for tensors in groups)
-        sums, values = self._global_sums(groups, decays, losses, with_gradient)
+        sums, values, bounds = self._global_sums(groups, decays, losses, with_gradient)
         self._pending = []
         self._kept_grads = {}
         if sums is not None and inv_scale != 1.0:
             sums = sums.scaled(inv_scale)
+            bounds = replace(bounds, grads=bounds.grads * inv_scale)
         if skip_overflow and sums is not None and not sums.is_finite() and all(map(math.isfinite, values)):
             return "overflow"
-        decision = self.controller.real_step(values, sums, decays, half_precision=half)
+        decision = self.controller.real_step(values, sums, decays, half_precision=half, bounds=bounds if half else None)
         self._apply(decision, groups, inv_scale, sum(values) / len(values))
         length = self.controller.step_length
         for group in self.param_groups:
@@ -626,14 +643,19 @@ class ElraOptimizer(Optimizer):
 
         ``owners`` are the parameters behind ``params``; ``half`` tells whether any
         parameter of the group (with a gradient or not, so all ranks agree) is 16-bit.
+        ``ranged`` lists (parameter, direction, gradient or None, weight / largest
+        value**2) of the 16-bit ones, whose range a step must respect.
         """
-        keys = ("params", "owners", "grads", "dirs", "weights", "stale", "moved", "moved_dirs")
+        keys = ("params", "owners", "grads", "dirs", "weights", "stale", "moved", "moved_dirs", "ranged")
         tensors: dict[str, Any] = {k: [] for k in keys}
         tensors["half"] = False
         for p in group["params"]:
-            tensors["half"] = tensors["half"] or p.dtype in (torch.float16, torch.bfloat16)
             direction = local(self.state[p]["direction"])
             grad = p.grad if with_gradient else None
+            if p.dtype in _SIXTEEN_BIT:
+                tensors["half"] = True
+                weight = 1.0 / self.reducer.replicas(p) / torch.finfo(p.dtype).max ** 2
+                tensors["ranged"].append((local(p), direction, None if grad is None else local(grad), weight))
             if grad is not None:
                 if grad.is_sparse:
                     raise RuntimeError("ElraOptimizer does not support sparse gradients")
@@ -655,14 +677,15 @@ class ElraOptimizer(Optimizer):
         decays: list[float],
         losses: list[LossLike],
         with_gradient: bool,
-    ) -> tuple[StepSums | None, list[float]]:
-        """The controller's inputs, summed over ranks: per-group inner products and mean losses."""
+    ) -> tuple[StepSums | None, list[float], RangeBounds]:
+        """The controller's inputs, summed over ranks: per-group inner products, mean losses, range bounds."""
         n_groups = len(groups)
         started = self.controller.state.started
         momentum = self.controller.momentum is not None
         any_decay = any(decays)
         present = len(_SUMS) * n_groups
-        check = present + 1
+        ranged = present + 1  # |x|^2, |B|^2, |g|^2 of the 16-bit tensors, relative to their range
+        check = ranged + 3
         batch = ScalarBatch(check + (2 if self._check_every else 0), self._device or torch.device("cpu"), self.reducer)
         for j, tensors in enumerate(groups) if with_gradient else ():
             slot = {name: k * n_groups + j for k, name in enumerate(_SUMS)}
@@ -679,6 +702,11 @@ class ElraOptimizer(Optimizer):
                     batch.add(slot["grad_param"], dot(g, x), w)
                     if started:
                         batch.add(slot["param_dir"], dot(x, d), w)
+        for x, d, g, w in (entry for tensors in groups for entry in tensors["ranged"]):
+            batch.add(ranged, dot(x, x), w)
+            batch.add(ranged + 1, dot(d, d), w)
+            if g is not None:
+                batch.add(ranged + 2, dot(g, g), w)
         fingerprint = self._fingerprint(decays) if self._check_every else 0
         if self._check_every:
             batch.add_constant(check, fingerprint)
@@ -686,15 +714,16 @@ class ElraOptimizer(Optimizer):
         values, loss_values = batch.read(losses)
         if self._check_every:
             self._verify_consistency(values[check], values[check + 1], fingerprint)
+        bounds = RangeBounds(*(math.sqrt(max(v, 0.0)) if v == v else math.nan for v in values[ranged:check]))
         if not with_gradient:
-            return None, loss_values
+            return None, loss_values, bounds
         if values[present] == 0:
             raise RuntimeError(
                 "no parameter has a gradient: call loss.backward() before optimizer.step(loss), "
                 "or optimizer.step_retrace(loss) to skip backward()"
             )
         sums = StepSums(*(values[k * n_groups : (k + 1) * n_groups] for k in range(len(_SUMS))))
-        return sums, loss_values
+        return sums, loss_values, bounds
 
     def _fingerprint(self, decays: list[float]) -> int:
         """A 20-bit hash of the controller state (0 when no check is due at this step)."""
@@ -732,11 +761,11 @@ class ElraOptimizer(Optimizer):
                         torch._foreach_mul_(dirs, grad_scale)
                 else:
                     torch._foreach_mul_(dirs, decision.keep)
-                    torch._foreach_add_(dirs, grads, alpha=grad_scale)
+                    _add_scaled(dirs, grads, grad_scale)
                 if decision.param_scale[j]:
-                    torch._foreach_add_(dirs, params, alpha=decision.param_scale[j])
-                torch._foreach_add_(params, dirs, alpha=-decision.step)
+                    _add_scaled(dirs, params, decision.param_scale[j])
+                _add_scaled(params, dirs, -decision.step)
         elif decision.action == "retrace" and decision.shift:
             for tensors in groups:
                 if tensors["moved"]:
-                    torch._foreach_add_(tensors["moved"], tensors["moved_dirs"], alpha=decision.shift)
+                    _add_scaled(tensors["moved"], tensors["moved_dirs"], decision.shift)

@@ -71,3 +71,22 @@ def test_25_retraces_in_a_cycle_double_the_multiplier():
     for _ in range(25):
         assert controller.real_step([math.nan], None, [0.0]).action == "retrace"
     assert controller.state.multiplier == 2
+
+
+def test_a_step_out_of_the_16_bit_range_is_refused_and_its_retrace_stays_in_range():
+    from elra.control import RangeBounds
+
+    sums = StepSums([4.0], [0.0], [0.0], [0.0], [0.0], [0.0])
+    roomy, tight = RangeBounds(0.01, 0.01, 1e-4), RangeBounds(0.5, 0.4, 1.0)
+    for bounds in (roomy, tight):
+        controller = _controller(classes=0, momentum=None)
+        first = controller.real_step([1.0], sums, [0.0], bounds=roomy)
+        before = controller.state_dict()
+        decision = controller.real_step([0.9], StepSums([4.0], [1.0], [0.0], [0.0], [0.0], [0.0]), [0.0], bounds=bounds)
+        assert first.action == "accept"
+        if bounds is roomy:
+            assert decision.action == "accept"
+            continue
+        assert decision.action == "retrace" and decision.shift == 0.0  # staying is the only move in range
+        assert controller.state.offset == before["offset"] and controller.state.retraces == 1
+        assert controller.state.steps == before["steps"] + 1
