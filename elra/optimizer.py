@@ -88,6 +88,16 @@ def _add_scaled(targets: list[torch.Tensor], sources: list[torch.Tensor], alpha:
         torch._foreach_add_(targets, torch._foreach_mul(sources, alpha))
 
 
+def _layout(n_groups: int) -> tuple[int, int, int]:
+    """Slots of a real step's vector: the gradient count, the range bounds, the consistency check.
+
+    Before the count come ``len(_SUMS)`` sums per group; after the check's two
+    slots (with ``check_consistency``) the losses of the micro-batches.
+    """
+    present = len(_SUMS) * n_groups
+    return present, present + 1, present + 4
+
+
 def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
     """The optimizer's hyperparameters, validated (constructor arguments or a checkpoint's)."""
     lr, momentum = config["lr"], config["momentum"]
@@ -142,9 +152,11 @@ class ElraOptimizer(Optimizer):
         replicas: for unusual layouts, a function giving the number of ranks
             that hold an identical copy of a parameter's local part (see
             :class:`elra.reduce.Reducer` for the automatic rule).
-        check_consistency: every this many real steps (0: never) verify that
-            all ranks hold the same controller state; raises if not. Rides on
-            the step's own all-reduce.
+        check_consistency: any positive value (0: never) verifies at every
+            real step and ``skip_backward`` that all ranks hold the same
+            controller state and make the same call; raises the same
+            ``RuntimeError`` on every rank if not. Rides on the step's own
+            all-reduce (a handshake of three numbers precedes the first one).
 
     Call ``step(loss)`` after every ``backward()``; ELRA needs the loss value.
     Under data parallelism each rank passes its own local loss.
@@ -185,6 +197,7 @@ class ElraOptimizer(Optimizer):
             logger.warning("ELRA starts best from a tiny lr (1e-6..1e-4), got %g", lr)
         self._device: torch.device | None = None
         self._config = config
+        self._agreed = False  # whether the ranks verified that they share this state (check_consistency)
         self.booster = Booster()
         super().__init__(params, dict(lr=config["lr"], weight_decay=config["weight_decay"]))
         self.controller = _make_controller(config)
@@ -220,6 +233,7 @@ class ElraOptimizer(Optimizer):
                 )
         super().add_param_group({**param_group, "params": params})
         self._device = device
+        self._agreed = False
         for p in tensors:
             self.state[p]["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if self.booster.enabled:
@@ -368,7 +382,9 @@ class ElraOptimizer(Optimizer):
         bad = ~torch.isfinite(value)
         if limit is not None:
             bad |= value > limit
-        return bool(self.reducer.sum(bad.to(torch.float64).reshape(1)).item() > 0)
+        if not self._check_every:
+            return bool(self.reducer.sum(bad.to(torch.float64).reshape(1)).item() > 0)
+        return self._checked_exchange(("skip_backward", limit), bad.to(torch.float64))[0] > 0
 
     # ------------------------------------------------------------ boost
     def enable_boost(self, cycle: int = DEFAULT_CYCLE) -> None:
@@ -510,6 +526,7 @@ class ElraOptimizer(Optimizer):
         self.booster = booster
         self._pending = pending
         self._moved = {p for g in self.param_groups for p in g["params"]}
+        self._agreed = False
         self._restore_pending_grads()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -522,6 +539,7 @@ class ElraOptimizer(Optimizer):
         """
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
         state["unsynced_models"] = set()
+        state["_agreed"] = False
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -623,7 +641,7 @@ class ElraOptimizer(Optimizer):
         decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
         groups = [self._group_tensors(group, with_gradient) for group in self.param_groups]
         half = any(tensors["half"] for tensors in groups)
-        sums, values, bounds = self._global_sums(groups, decays, losses, with_gradient)
+        sums, values, bounds = self._global_sums(groups, decays, losses, with_gradient, (inv_scale, skip_overflow))
         self._pending = []
         self._kept_grads = {}
         if sums is not None and inv_scale != 1.0:
@@ -677,15 +695,14 @@ class ElraOptimizer(Optimizer):
         decays: list[float],
         losses: list[LossLike],
         with_gradient: bool,
+        scaling: tuple = (),
     ) -> tuple[StepSums | None, list[float], RangeBounds]:
         """The controller's inputs, summed over ranks: per-group inner products, mean losses, range bounds."""
         n_groups = len(groups)
         started = self.controller.state.started
         momentum = self.controller.momentum is not None
         any_decay = any(decays)
-        present = len(_SUMS) * n_groups
-        ranged = present + 1  # |x|^2, |B|^2, |g|^2 of the 16-bit tensors, relative to their range
-        check = ranged + 3
+        present, ranged, check = _layout(n_groups)
         batch = ScalarBatch(check + (2 if self._check_every else 0), self._device or torch.device("cpu"), self.reducer)
         for j, tensors in enumerate(groups) if with_gradient else ():
             slot = {name: k * n_groups + j for k, name in enumerate(_SUMS)}
@@ -707,11 +724,13 @@ class ElraOptimizer(Optimizer):
             batch.add(ranged + 1, dot(d, d), w)
             if g is not None:
                 batch.add(ranged + 2, dot(g, g), w)
-        fingerprint = self._fingerprint(decays) if self._check_every else 0
+        loss_slots = None
         if self._check_every:
+            fingerprint = self._agreed_fingerprint(("step", with_gradient, *scaling))
             batch.add_constant(check, fingerprint)
             batch.add_constant(check + 1, fingerprint * fingerprint)
-        values, loss_values = batch.read(losses)
+            loss_slots = self.controller.state.multiplier
+        values, loss_values = batch.read(losses, loss_slots)
         if self._check_every:
             self._verify_consistency(values[check], values[check + 1], fingerprint)
         bounds = RangeBounds(*(math.sqrt(max(v, 0.0)) if v == v else math.nan for v in values[ranged:check]))
@@ -725,12 +744,55 @@ class ElraOptimizer(Optimizer):
         sums = StepSums(*(values[k * n_groups : (k + 1) * n_groups] for k in range(len(_SUMS))))
         return sums, loss_values, bounds
 
-    def _fingerprint(self, decays: list[float]) -> int:
-        """A 20-bit hash of the controller state (0 when no check is due at this step)."""
-        if self.controller.state.steps % self._check_every:
-            return 0
-        text = repr((sorted(self.controller.state_dict().items()), decays, len(self._pending)))
+    def _fingerprint(self, call: tuple) -> int:
+        """A 20-bit hash of everything that decides this collective's layout and the next decision.
+
+        The call (``step`` with its inputs, or ``skip_backward``), the group
+        count, batch multiplier and collected micro-batches (the vector's
+        length), the hyperparameters and the controller state.
+        """
+        decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
+        state = sorted(self.controller.state_dict().items())
+        text = repr((call, len(self.param_groups), len(self._pending), decays, sorted(self._config.items()), state))
         return zlib.crc32(text.encode()) % (1 << 20) + 1
+
+    def _agreed_fingerprint(self, call: tuple) -> int:
+        """This rank's fingerprint for a real step, after a handshake if the ranks have not agreed yet.
+
+        Under ``check_consistency`` every collective of the optimizer carries the
+        fingerprint; ranks that agree at one collective take the same decision,
+        so the next vector has the same length on every rank. Only the first
+        collective after construction, ``load_state_dict`` or ``add_param_group``
+        cannot rely on that: it is a handshake of three numbers (the size of a
+        first ``skip_backward``), so a rank built or loaded differently meets the
+        same clear error as the others instead of a collective of another size.
+        """
+        if not self._agreed:
+            self._checked_exchange(call)
+        return self._fingerprint(call)
+
+    def _checked_exchange(self, call: tuple, payload: torch.Tensor | None = None) -> list[float]:
+        """All-reduce ``payload`` (slot 0) with this rank's fingerprint in the agreed layout; raises if ranks differ.
+
+        Before agreement the vector holds three numbers; after it, as many as a
+        real step's vector, with the fingerprint in the same slots, so that a
+        rank's step meeting another rank's ``skip_backward`` is a disagreement
+        too, not a size mismatch.
+        """
+        fingerprint = self._fingerprint(call)
+        if self._agreed:
+            _, _, check = _layout(len(self.param_groups))
+            length, at = check + 2 + self.controller.state.multiplier, check
+        else:
+            length, at = 3, 1
+        vector = torch.zeros(length, dtype=torch.float64, device=self._device or torch.device("cpu"))
+        vector[at] = fingerprint
+        vector[at + 1] = fingerprint * fingerprint
+        if payload is not None:
+            vector[0] = payload
+        values = self.reducer.sum(vector).tolist()
+        self._verify_consistency(values[at], values[at + 1], fingerprint)
+        return values
 
     def _verify_consistency(self, total: float, total_sq: float, mine: int) -> None:
         ranks = self.reducer.world_size
@@ -738,8 +800,9 @@ class ElraOptimizer(Optimizer):
             raise RuntimeError(
                 f"ranks disagree on the ELRA controller state at real step {self.controller.state.steps}: "
                 "each rank must build the optimizer with the same arguments, load the same checkpoint "
-                "and call step()/step_retrace() at the same points"
+                "and call step()/step_retrace()/skip_backward() at the same points"
             )
+        self._agreed = True
 
     def _apply(self, decision: Decision, groups: list[dict[str, Any]], inv_scale: float, loss: float) -> None:
         """Carry out the controller's decision on the local tensors."""

@@ -146,16 +146,23 @@ class ScalarBatch:
         """A host-side number (already this rank's share) to be summed over ranks."""
         self._constants[slot] += value
 
-    def read(self, losses: Sequence[float | torch.Tensor]) -> tuple[list[float], list[float]]:
-        """Global (slot values, mean losses over ranks): one collective, one host transfer."""
+    def read(
+        self, losses: Sequence[float | torch.Tensor], loss_slots: int | None = None
+    ) -> tuple[list[float], list[float]]:
+        """Global (slot values, mean losses over ranks): one collective, one host transfer.
+
+        ``loss_slots`` pads the losses with zeros to that many, for a vector
+        whose length must not depend on how many micro-batches were collected.
+        """
         vector = torch.tensor(self._constants, dtype=self.dtype, device=self.device)
         if self._terms:
             terms = torch.stack([t.to(self.dtype) for t in self._terms])
             terms *= torch.tensor(self._weights, dtype=self.dtype, device=self.device)
             vector.index_add_(0, torch.tensor(self._index, device=self.device), terms)
         loss_vector = _loss_vector(losses, self.dtype, self.device) / self.reducer.world_size
-        values = self.reducer.sum(torch.cat([vector, loss_vector])).tolist()
-        return values[: self.slots], values[self.slots :]
+        padding = torch.zeros(max(0, (loss_slots or 0) - len(losses)), dtype=self.dtype, device=self.device)
+        values = self.reducer.sum(torch.cat([vector, loss_vector, padding])).tolist()
+        return values[: self.slots], values[self.slots : self.slots + len(losses)]
 
 
 def _loss_vector(losses: Sequence[float | torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
