@@ -88,14 +88,15 @@ def _add_scaled(targets: list[torch.Tensor], sources: list[torch.Tensor], alpha:
         torch._foreach_add_(targets, torch._foreach_mul(sources, alpha))
 
 
-def _layout(n_groups: int) -> tuple[int, int, int]:
+def _layout(n_groups: int, sixteen_bit: bool) -> tuple[int, int, int]:
     """Slots of a real step's vector: the gradient count, the range bounds, the consistency check.
 
-    Before the count come ``len(_SUMS)`` sums per group; after the check's two
-    slots (with ``check_consistency``) the losses of the micro-batches.
+    Before the count come ``len(_SUMS)`` sums per group; the three range bounds
+    exist only with 16-bit parameters; after the check's two slots (with
+    ``check_consistency``) come the losses of the micro-batches.
     """
     present = len(_SUMS) * n_groups
-    return present, present + 1, present + 4
+    return present, present + 1, present + (4 if sixteen_bit else 1)
 
 
 def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -646,10 +647,10 @@ class ElraOptimizer(Optimizer):
         self._kept_grads = {}
         if sums is not None and inv_scale != 1.0:
             sums = sums.scaled(inv_scale)
-            bounds = replace(bounds, grads=bounds.grads * inv_scale)
+            bounds = replace(bounds, grads=bounds.grads * inv_scale) if bounds is not None else None
         if skip_overflow and sums is not None and not sums.is_finite() and all(map(math.isfinite, values)):
             return "overflow"
-        decision = self.controller.real_step(values, sums, decays, half_precision=half, bounds=bounds if half else None)
+        decision = self.controller.real_step(values, sums, decays, half_precision=half, bounds=bounds)
         self._apply(decision, groups, inv_scale, sum(values) / len(values))
         length = self.controller.step_length
         for group in self.param_groups:
@@ -696,13 +697,14 @@ class ElraOptimizer(Optimizer):
         losses: list[LossLike],
         with_gradient: bool,
         scaling: tuple = (),
-    ) -> tuple[StepSums | None, list[float], RangeBounds]:
+    ) -> tuple[StepSums | None, list[float], RangeBounds | None]:
         """The controller's inputs, summed over ranks: per-group inner products, mean losses, range bounds."""
         n_groups = len(groups)
         started = self.controller.state.started
         momentum = self.controller.momentum is not None
         any_decay = any(decays)
-        present, ranged, check = _layout(n_groups)
+        half = any(tensors["half"] for tensors in groups)
+        present, ranged, check = _layout(n_groups, half)
         batch = ScalarBatch(check + (2 if self._check_every else 0), self._device or torch.device("cpu"), self.reducer)
         for j, tensors in enumerate(groups) if with_gradient else ():
             slot = {name: k * n_groups + j for k, name in enumerate(_SUMS)}
@@ -733,7 +735,7 @@ class ElraOptimizer(Optimizer):
         values, loss_values = batch.read(losses, loss_slots)
         if self._check_every:
             self._verify_consistency(values[check], values[check + 1], fingerprint)
-        bounds = RangeBounds(*(math.sqrt(max(v, 0.0)) if v == v else math.nan for v in values[ranged:check]))
+        bounds = RangeBounds(*(math.sqrt(max(v, 0.0)) if v == v else math.nan for v in values[ranged:check])) if half else None
         if not with_gradient:
             return None, loss_values, bounds
         if values[present] == 0:
@@ -781,7 +783,8 @@ class ElraOptimizer(Optimizer):
         """
         fingerprint = self._fingerprint(call)
         if self._agreed:
-            _, _, check = _layout(len(self.param_groups))
+            half = any(p.dtype in _SIXTEEN_BIT for group in self.param_groups for p in group["params"])
+            _, _, check = _layout(len(self.param_groups), half)
             length, at = check + 2 + self.controller.state.multiplier, check
         else:
             length, at = 3, 1
