@@ -107,7 +107,7 @@ class RangeBounds:
         return new_dir <= RANGE_LIMIT and self.params + abs(decision.step) * new_dir <= RANGE_LIMIT
 
     def allows_shift(self, shift: float) -> bool:
-        """Whether ``x + shift*B`` (a retrace) stays in range."""
+        """Whether ``x + shift*B`` (a retrace beyond the current or the last good point) stays in range."""
         return self.params + abs(shift) * self.directions <= RANGE_LIMIT
 
 
@@ -525,8 +525,9 @@ class Controller:
         length = s.rate if s.accepted_any and not self.deterministic else s.alpha
         new_offset = length * s.dir_coef
         shift = s.offset - new_offset
-        if bounds is not None and not bounds.allows_shift(shift):
-            shift, new_offset = 0.0, s.offset  # stay: the current point is in range, the good one stays known
+        between = shift * s.offset >= 0.0 and abs(shift) <= abs(s.offset)  # between two points held before
+        if bounds is not None and not between and not bounds.allows_shift(shift):
+            shift, new_offset = s.offset, 0.0  # back to the last good point exactly: it was in range
         s.offset = new_offset
         s.dir_norm_sum += s.dir_norm
         logger.debug("ELRA retrace %d at real step %d: loss %.4g, alpha %.4g", s.retraces, s.steps, loss, s.alpha)
