@@ -154,3 +154,21 @@ def test_a_step_that_would_overflow_float16_parameters_is_a_retrace_and_training
     assert any("could overflow" in r.getMessage() for r in caplog.records)
     assert opt.stats["retraces"] >= 1
     assert (p.float() ** 2).sum() < 1e-6
+
+
+def test_full_batch_float16_mlp_trains_through_steps_beyond_the_float16_range():
+    x = torch.linspace(-math.pi, math.pi, 256).unsqueeze(1)
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).half()
+    opt = ElraOptimizer(model.parameters(), lr=1e-4)
+    losses, longest = [], 0.0
+    for _ in range(120):  # raised "value cannot be converted to type c10::Half" at step 63
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x.half()).float(), torch.sin(x))
+        loss.backward()
+        opt.step(loss)
+        losses.append(loss.item())
+        longest = max(longest, opt.stats["lr"])
+    assert longest > 65504
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert min(losses[-20:]) < losses[0] / 50
