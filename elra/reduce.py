@@ -29,11 +29,12 @@ def flat(tensor: torch.Tensor) -> torch.Tensor:
 
 def squares(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``|t|^2`` of every tensor, in one multi-tensor call (accumulated in float32 for 16-bit)."""
-    if not tensors:
-        return []
-    if any(t.dtype in _LOW_PRECISION for t in tensors):
+    low = sum(t.dtype in _LOW_PRECISION for t in tensors)
+    if not low:
+        return list(torch._foreach_powsum(list(tensors), 2)) if tensors else []
+    if low == len(tensors):
         return [n * n for n in torch._foreach_norm(list(tensors), 2, dtype=torch.float32)]
-    return list(torch._foreach_powsum(list(tensors), 2))
+    return dots(*2 * ([flat(t) for t in tensors],))  # 16-bit beside wider tensors: one at a time
 
 
 def dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -72,6 +73,23 @@ class Reducer:
             raise TypeError("replicas must be a function of a parameter returning a number of ranks")
         self._process_group = process_group
         self._replicas = replicas
+
+    def __deepcopy__(self, memo: dict) -> "Reducer":
+        """A copy reduces over the same group (a group is a connection, not data)."""
+        return Reducer(self._process_group, self._replicas)
+
+    def __getstate__(self) -> dict:
+        if self._process_group is not AUTO and self._process_group is not None:
+            raise TypeError(
+                "an ElraOptimizer built with an explicit process_group cannot be pickled (a process group "
+                "lives in its process): save optimizer.state_dict() instead, or build it with process_group='auto'"
+            )
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._process_group == AUTO:
+            self._process_group = AUTO  # the marker is compared by identity
 
     @property
     def group(self):
@@ -148,16 +166,23 @@ class ScalarBatch:
         """A host-side number (already this rank's share) to be summed over ranks."""
         self._constants[slot] += value
 
-    def read(self, losses: Sequence[float | torch.Tensor]) -> tuple[list[float], list[float]]:
-        """Global (slot values, mean losses over ranks): one collective, one host transfer."""
+    def read(
+        self, losses: Sequence[float | torch.Tensor], loss_slots: int | None = None
+    ) -> tuple[list[float], list[float]]:
+        """Global (slot values, mean losses over ranks): one collective, one host transfer.
+
+        ``loss_slots`` pads the losses with zeros to that many, for a vector
+        whose length must not depend on how many micro-batches were collected.
+        """
         vector = torch.tensor(self._constants, dtype=self.dtype, device=self.device)
         if self._blocks:
             sums = torch.stack([self._weighted_sum(terms, weights) for _, terms, weights in self._blocks])
             index = torch.tensor([slot for slot, _, _ in self._blocks], device=self.device)
             vector.index_add_(0, index, sums)
         loss_vector = _loss_vector(losses, self.dtype, self.device) / self.reducer.world_size
-        values = self.reducer.sum(torch.cat([vector, loss_vector])).tolist()
-        return values[: self.slots], values[self.slots :]
+        padding = torch.zeros(max(0, (loss_slots or 0) - len(losses)), dtype=self.dtype, device=self.device)
+        values = self.reducer.sum(torch.cat([vector, loss_vector, padding])).tolist()
+        return values[: self.slots], values[self.slots : self.slots + len(losses)]
 
 
     def _weighted_sum(self, terms: list[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

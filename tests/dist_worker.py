@@ -41,6 +41,7 @@ class Scenario:
     count_reductions: bool = False  # count the gradient reductions of every backward
     pass_model: bool = True  # give the optimizer the model (else only grad_sync may tell it)
     diverge: bool = False  # the last rank builds its optimizer with another lr
+    odd_rank: dict = field(default_factory=dict)  # the last rank's own batch_multiplier or param "groups"
     boost_cycle: int | None = None  # enable boosting with this cycle
     scaler: bool = False  # train through ElraGradScaler
     inf_grad_at: int | None = None  # micro-step where the last rank's first gradient shard gets an inf
@@ -185,9 +186,12 @@ def make_optimizer(model, scenario: Scenario, single: bool = False, odd_rank: bo
         options.pop("check_consistency", None)
         options["process_group"] = None
     lr = 2e-4 if odd_rank and scenario.diverge else 1e-4
-    return ElraOptimizer(
-        model.parameters(), known, LOCAL_BATCH, CLASSES, lr=lr, batch_multiplier=scenario.batch_multiplier, **options
-    )
+    odd = scenario.odd_rank if odd_rank else {}
+    params = list(model.parameters())
+    if odd.get("groups", 1) == 2:
+        params = [{"params": params[:1]}, {"params": params[1:]}]
+    multiplier = odd.get("batch_multiplier", scenario.batch_multiplier)
+    return ElraOptimizer(params, known, LOCAL_BATCH, CLASSES, lr=lr, batch_multiplier=multiplier, **options)
 
 
 def wrap(model: Net, strategy: str, world: int):

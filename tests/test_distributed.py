@@ -33,6 +33,8 @@ TWO_RANKS = [
     Scenario("fsdp1-flat", "fsdp1", batch_multiplier=2, nan_loss_at=9),
     Scenario("fsdp1-orig-params", "fsdp1-orig", batch_multiplier=2, options={"momentum": 0.5}),
     Scenario("diverged-ranks", options={"check_consistency": 1}, steps=3, diverge=True),
+    Scenario("ranks-differ-in-multiplier", options={"check_consistency": 1}, steps=6, odd_rank={"batch_multiplier": 2}),
+    Scenario("ranks-differ-in-groups", "fsdp2", options={"check_consistency": 1}, steps=6, odd_rank={"groups": 2}),
     Scenario("fsdp2-boost", "fsdp2", boost_cycle=15, options={"momentum": 0.5}, nan_loss_at=4),
     Scenario("ddp-boost", boost_cycle=100, batch_multiplier=2),
     Scenario("fsdp2-scaler", "fsdp2", scaler=True, inf_grad_at=11, batch_multiplier=2),
@@ -113,7 +115,7 @@ def _assert_matches_single_process(ranks: list[dict], name: str) -> dict:
     return stats
 
 
-@pytest.mark.parametrize("name", [s.name for s in TWO_RANKS if not s.diverge and s.name not in REFUSED])
+@pytest.mark.parametrize("name", [s.name for s in TWO_RANKS if not s.diverge and not s.odd_rank and s.name not in REFUSED])
 def test_two_ranks_follow_the_single_process_trajectory(two, name):
     stats = _assert_matches_single_process(two, name)
     scenario = next(s for s in TWO_RANKS if s.name == name)
@@ -174,9 +176,11 @@ def test_step_issues_at_most_one_collective_and_none_while_collecting(two):
         assert any(collecting for collecting, _ in counts) == (name != "ddp")
 
 
-def test_diverged_controller_state_raises_on_every_rank(two):
-    for rank in two:
-        assert "ranks disagree" in rank["diverged-ranks"]["error"]
+@pytest.mark.parametrize("name", ["diverged-ranks", "ranks-differ-in-multiplier", "ranks-differ-in-groups"])
+def test_ranks_that_disagree_raise_the_same_error_on_every_rank(two, name):
+    errors = [rank[name].get("error") for rank in two]
+    assert errors[0] is not None and "ranks disagree" in errors[0]
+    assert all(error == errors[0] for error in errors)
 
 
 @pytest.fixture(scope="module")
