@@ -34,7 +34,8 @@ def squares(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return list(torch._foreach_powsum(list(tensors), 2)) if tensors else []
     if low == len(tensors):
         return [n * n for n in torch._foreach_norm(list(tensors), 2, dtype=torch.float32)]
-    return dots(*2 * ([flat(t) for t in tensors],))  # 16-bit beside wider tensors: one at a time
+    flats = [flat(t) for t in tensors]  # 16-bit beside wider tensors: one at a time
+    return dots(flats, flats)
 
 
 def dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
