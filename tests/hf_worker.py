@@ -1,4 +1,4 @@
-"""A tiny GPT-2 on synthetic tokens, and the Accelerate loop the tests run on 1 and 2 processes.
+"""A tiny GPT-2 on synthetic tokens; the Accelerate loop and ElraTrainer run on 1 and 2 processes.
 
 Needs transformers and accelerate; the test modules skip before importing it.
 """
@@ -91,17 +91,57 @@ def accelerate_train(steps: int, multiplier: int, global_batch: int, out: Path) 
     )
 
 
+def trainer_train(out: Path) -> None:
+    """ElraTrainer on the float64 tiny GPT-2; real steps (multiplier 3) straddle Trainer's chunks of 2.
+
+    ``split_batches``: each process trains on its slice of the same global batch.
+    """
+    from transformers import TrainingArguments
+
+    from elra.integrations.transformers import ElraTrainer
+
+    model = tiny_gpt2(dtype=torch.float64)
+    optimizer = ElraOptimizer(model.parameters(), None, 8, VOCAB, lr=1e-4, weight_decay=0.01, batch_multiplier=3)
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=8, per_device_eval_batch_size=16,
+        gradient_accumulation_steps=2, max_steps=9, eval_strategy="steps", eval_steps=4, logging_steps=4,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        accelerator_config={"split_batches": True},
+    )
+    trainer = ElraTrainer(
+        model=model, args=args, train_dataset=TokenSequences(64, 0), eval_dataset=TokenSequences(32, 1),
+        optimizers=(optimizer, None),
+    )
+    trainer.train()
+    state = optimizer.controller.state
+    torch.save(
+        {
+            "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+            "stats": optimizer.stats,
+            "losses": (state.train_loss, state.valid_loss),
+            "ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
+        },
+        out / f"trainer{trainer.args.process_index}.pt",
+    )
+
+
+def _both(out: Path, steps: int, multiplier: int, global_batch: int) -> None:
+    accelerate_train(steps, multiplier, global_batch, out)
+    trainer_train(out)
+
+
 def accelerate_process(index: int, store: str, steps: int, multiplier: int, global_batch: int, out: str) -> None:
     """Spawned processes 0 and 1 form a 2-process job; process 2 runs the same loop alone.
 
     One spawn for both runs: each process pays the transformers import once, side by side.
+    Each runs the Accelerate loop, then ElraTrainer.
     """
     if index == 2:
         torch.set_num_threads(1)
-        accelerate_train(steps, multiplier, global_batch, Path(out) / "one")
+        _both(Path(out) / "one", steps, multiplier, global_batch)
         sys.stdout.flush()
         os._exit(0)
     os.environ.update(
         RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1"
     )
-    as_gloo_rank(index, 2, store, lambda: accelerate_train(steps, multiplier, global_batch, Path(out) / "two"))
+    as_gloo_rank(index, 2, store, lambda: _both(Path(out) / "two", steps, multiplier, global_batch))
