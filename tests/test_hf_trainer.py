@@ -154,6 +154,9 @@ def test_trainer_refuses_what_would_fight_elra(tmp_path):
     with pytest.raises(ValueError, match="own rate"):
         ElraTrainer(model=model, args=_args(tmp_path), train_dataset=data,
                     optimizers=(elra, torch.optim.lr_scheduler.ConstantLR(elra)))
+    with pytest.raises(ValueError, match="you passed your own"):
+        ElraTrainer(model=model, args=_args(tmp_path), train_dataset=data, optimizers=(elra, None),
+                    elra_options={"momentum": 0.9})
 
 
 def test_import_elra_does_not_import_the_frameworks():

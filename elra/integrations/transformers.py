@@ -98,6 +98,8 @@ class _StepTaken:
         self.trainer._keep_collected()  # the restored partial sums, until Trainer's model.zero_grad() passed
 
     def __getattr__(self, name: str) -> Any:
+        if name == "elra":  # not set yet (copying, unpickling)
+            raise AttributeError(name)
         return getattr(self.elra, name)
 
 
@@ -184,6 +186,8 @@ class ElraTrainer(Trainer):
     def _check_supported(self) -> None:
         if getattr(self, "optimizer_cls_and_kwargs", None) is not None:
             raise ValueError("ElraTrainer builds ElraOptimizer itself: drop optimizer_cls_and_kwargs")
+        if self.optimizer is not None and self.elra_options:
+            raise ValueError("elra_options configure the ElraOptimizer that ElraTrainer builds; you passed your own")
         if self.optimizer is not None and not isinstance(self.optimizer, (ElraOptimizer, _StepTaken)):
             raise TypeError(
                 f"ElraTrainer trains with ElraOptimizer, got {type(self.optimizer).__name__}; "
