@@ -74,6 +74,7 @@ def test_lightning_example_drives_elra_through_closures():
 
 def test_hf_trainer_example_trains_gpt2_with_elra():
     pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
     losses, stats = _example("hf_trainer").train(steps=60, accumulation=2)
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
     assert stats["real_steps"] + stats["retraces"] == 60 and stats["batch_multiplier"] == 2

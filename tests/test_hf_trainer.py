@@ -1,5 +1,6 @@
 """ElraTrainer: transformers.Trainer driving ELRA, against a hand-written ELRA loop and across a resume."""
 
+import importlib
 import subprocess
 import sys
 
@@ -157,6 +158,14 @@ def test_trainer_refuses_what_would_fight_elra(tmp_path):
     with pytest.raises(ValueError, match="you passed your own"):
         ElraTrainer(model=model, args=_args(tmp_path), train_dataset=data, optimizers=(elra, None),
                     elra_options={"momentum": 0.9})
+
+
+@pytest.mark.parametrize("module, framework", [("transformers", "transformers"), ("accelerate", "accelerate")])
+def test_an_integration_without_its_framework_names_the_extra(monkeypatch, module, framework):
+    monkeypatch.setitem(sys.modules, framework, None)  # as if not installed
+    monkeypatch.delitem(sys.modules, f"elra.integrations.{module}", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'elra\[transformers\]'"):
+        importlib.import_module(f"elra.integrations.{module}")
 
 
 def test_import_elra_does_not_import_the_frameworks():

@@ -26,7 +26,7 @@ import torch
 
 try:
     from accelerate import Accelerator
-except ImportError as error:  # pragma: no cover - exercised only without accelerate
+except ImportError as error:
     raise ImportError("elra.integrations.accelerate needs accelerate: pip install 'elra[transformers]'") from error
 
 from ..optimizer import ElraOptimizer

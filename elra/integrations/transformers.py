@@ -35,7 +35,7 @@ import torch
 
 try:
     from transformers import Trainer, TrainerCallback
-except ImportError as error:  # pragma: no cover - exercised only without transformers
+except ImportError as error:
     raise ImportError(
         "elra.integrations.transformers needs transformers and accelerate: pip install 'elra[transformers]'"
     ) from error
