@@ -137,12 +137,34 @@ def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path)
     checkpoint = tmp_path / "whole" / "checkpoint-5"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert saved["param_groups"][0]["elra_controller"]["pending_losses"]  # saved mid-collection
-    assert saved["elra_trainer_train_loss"][1] > 0  # and with train losses not yet fed
+    assert saved["elra_trainer_train_loss"][1] > 0  # and with train losses not yet fed to ELRA
     resumed, resumed_opt = run(tmp_path / "resumed", resume=str(checkpoint))
     assert resumed_opt.stats == whole_opt.stats and resumed_opt.stats["real_steps"] == 9
     assert resumed_opt.controller.state == whole_opt.controller.state
     for (name, p), q in zip(whole.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_a_nan_micro_batch_loss_retraces_and_stays_out_of_the_fed_train_loss(tmp_path):
+    losses = []
+
+    class NanOnce(ElraTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if return_outputs:  # evaluation
+                return loss
+            loss = loss * float("nan") if len(losses) == 6 else loss
+            losses.append(loss.item())
+            return loss
+
+    model = tiny_gpt2()
+    args = _args(tmp_path, gradient_accumulation_steps=1, max_steps=8, eval_strategy="steps", eval_steps=8)
+    trainer = NanOnce(model=model, args=args, train_dataset=TokenSequences(64, 0), eval_dataset=TokenSequences(32, 1))
+    trainer.train()
+    assert trainer.elra_optimizer.stats["retraces"] >= 1
+    finite = [v for v in losses if v == v]
+    assert len(finite) == 7 and trainer.elra_optimizer.controller.state.train_loss == pytest.approx(sum(finite) / 7)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_trainer_refuses_what_would_fight_elra(tmp_path):

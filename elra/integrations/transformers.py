@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -93,7 +94,7 @@ class _StepTaken:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        self.trainer._load_train_loss_state(state_dict.pop(_TRAIN_LOSS_KEY, [0.0, 0]))
+        self.trainer._load_train_loss_state(state_dict.pop(_TRAIN_LOSS_KEY, [0.0, 0.0]))
         self.elra.load_state_dict(state_dict)
         self.trainer._keep_collected()  # the restored partial sums, until Trainer's model.zero_grad() passed
 
@@ -176,8 +177,8 @@ class ElraTrainer(Trainer):
             logger.info("ElraTrainer does not clip gradients: max_grad_norm=%g is ignored", self.args.max_grad_norm)
             self.args = copy.copy(self.args)
             self.args.max_grad_norm = 0.0
-        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.args.device)
-        self._loss_count = 0
+        # finite micro-batch losses since the last evaluation: [sum, count], on the device (no host sync)
+        self._train_losses = torch.zeros(2, dtype=torch.float64, device=self.args.device)
         self._collected: dict[torch.Tensor, torch.Tensor] = {}
         if self.optimizer is not None:
             self._adopt(self.optimizer)
@@ -261,9 +262,9 @@ class ElraTrainer(Trainer):
                 loss = super().training_step(model, inputs, None)
         finally:
             self.current_gradient_accumulation_steps = chunk
-        elra.step(loss)
-        self._loss_sum += loss.to(torch.float64)
-        self._loss_count += 1
+        elra.step(loss)  # a non-finite loss makes ELRA retrace; it stays out of the train-loss mean
+        finite = torch.isfinite(loss)
+        self._train_losses += torch.stack([torch.where(finite, loss, 0.0), finite]).to(torch.float64)
         self._keep_collected()
         return loss / chunk
 
@@ -284,20 +285,20 @@ class ElraTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Trainer's evaluation; during training it also feeds ELRA's weight-decay control.
 
-        The train loss is the mean micro-batch loss since the previous
+        The train loss is the mean finite micro-batch loss since the previous
         evaluation (over all processes), the validation loss Trainer's
         ``eval_loss``. With several evaluation sets the first one counts.
         """
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         valid = metrics.get(f"{metric_key_prefix}_loss")
         if self.is_in_train and valid is not None and self.elra_optimizer is not None:
-            totals = torch.stack([self._loss_sum, self._loss_sum.new_tensor(self._loss_count)])
-            total, count = self.accelerator.reduce(totals, reduction="sum").tolist()
-            if count:
+            total, count = self.accelerator.reduce(self._train_losses, reduction="sum").tolist()
+            if count and math.isfinite(valid):
                 self.elra_optimizer.set_train_loss(total / count)
                 self.elra_optimizer.set_valid_loss(valid)
-                self._loss_sum.zero_()
-                self._loss_count = 0
+                self._train_losses.zero_()
+            elif count:
+                logger.warning("evaluation loss %s is not finite: not fed to ELRA's weight-decay control", valid)
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -307,10 +308,8 @@ class ElraTrainer(Trainer):
             logs = {**logs, **{f"elra_{name}": stats[name] for name in LOGGED_STATS}}
         super().log(logs, start_time)
 
-    def _train_loss_state(self) -> list[float | int]:
-        return [self._loss_sum.item(), self._loss_count]
+    def _train_loss_state(self) -> list[float]:
+        return self._train_losses.tolist()
 
-    def _load_train_loss_state(self, state: list[float | int]) -> None:
-        total, count = state
-        self._loss_sum.fill_(total)
-        self._loss_count = int(count)
+    def _load_train_loss_state(self, state: list[float]) -> None:
+        self._train_losses.copy_(torch.tensor(state, dtype=torch.float64))
