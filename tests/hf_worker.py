@@ -130,7 +130,7 @@ def _both(out: Path, steps: int, multiplier: int, global_batch: int) -> None:
     trainer_train(out)
 
 
-def accelerate_process(index: int, store: str, steps: int, multiplier: int, global_batch: int, out: str) -> None:
+def spawned_process(index: int, store: str, steps: int, multiplier: int, global_batch: int, out: str) -> None:
     """Spawned processes 0 and 1 form a 2-process job; process 2 runs the same loop alone.
 
     One spawn for both runs: each process pays the transformers import once, side by side.

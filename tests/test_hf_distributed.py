@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from hf_worker import accelerate_process  # noqa: E402
+from hf_worker import spawned_process  # noqa: E402
 
 STEPS, MULTIPLIER, GLOBAL_BATCH = 12, 3, 4
 
@@ -20,7 +20,7 @@ def runs(tmp_path_factory):
     (out / "two").mkdir()
     (out / "one").mkdir()
     args = (f"file://{out}/store", STEPS, MULTIPLIER, GLOBAL_BATCH, str(out))
-    mp.spawn(accelerate_process, args=args, nprocs=3, join=True)
+    mp.spawn(spawned_process, args=args, nprocs=3, join=True)
     return out
 
 
