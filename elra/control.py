@@ -227,7 +227,7 @@ class Controller:
                 sums = None
         s = self.state
         if not s.started:
-            decision = self._in_range(lambda: self._first_step(loss, n, sums, decays), bounds) if sums is not None else None
+            decision = None if sums is None else self._in_range(lambda: self._first_step(loss, n, sums, decays), bounds)
             if decision is None:
                 s.retraces += 1
                 logger.warning("first ELRA step skipped: loss %.4g or its gradient is not finite or too large", loss)

@@ -228,7 +228,7 @@ class ElraOptimizer(Optimizer):
         device = self._device
         for p in tensors:
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"ELRA optimizes tensors, got {type(p).__name__} (mixing named and unnamed parameters?)")
+                raise TypeError(f"ELRA optimizes tensors, got {type(p).__name__} (named and unnamed parameters mixed?)")
             if not p.is_floating_point():
                 raise ValueError(f"ELRA optimizes floating point parameters only, got {p.dtype}")
             device = p.device if device is None else device
@@ -821,7 +821,7 @@ class ElraOptimizer(Optimizer):
         values, loss_values = batch.read(losses, loss_slots)
         if self._check_every:
             self._verify_consistency(values[check], values[check + 1], fingerprint)
-        bounds = RangeBounds(*(math.sqrt(max(v, 0.0)) if v == v else math.nan for v in values[ranged:check])) if half else None
+        bounds = RangeBounds(*(math.sqrt(v) if v >= 0.0 else math.nan for v in values[ranged:check])) if half else None
         if not with_gradient:
             return None, loss_values, bounds
         if values[present] == 0:
@@ -874,9 +874,9 @@ class ElraOptimizer(Optimizer):
             length, at = check + 2 + self.controller.state.multiplier, check
         else:
             length, at = 3, 1
-        vector = torch.zeros(length, dtype=torch.float64, device=self._device or torch.device("cpu"))
-        vector[at] = fingerprint
-        vector[at + 1] = fingerprint * fingerprint
+        numbers = [0.0] * length
+        numbers[at], numbers[at + 1] = fingerprint, fingerprint * fingerprint
+        vector = torch.tensor(numbers, dtype=torch.float64, device=self._device or torch.device("cpu"))
         if payload is not None:
             vector[0] = payload
         values = self.reducer.sum(vector).tolist()

@@ -246,3 +246,19 @@ def test_boost_state_loads_into_an_optimizer_without_boost():
     plain.load_state_dict(opt.state_dict())
     assert _same(_run(model, opt, 90, 200), _run(resumed, plain, 90, 200))
     assert _same(_boosted(model, opt), _boosted(resumed, plain)) and plain.stats["boost_count"] > 1
+
+
+def test_a_checkpoint_without_hyperparameters_keeps_the_constructors(caplog):
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model)
+    _run(model, opt, 0, 40)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["param_groups"][0]["elra_config"]  # as saved by an older elra
+    resumed, twin = copy.deepcopy(model), copy.deepcopy(model)
+    old = _digits_optimizer(resumed)
+    with caplog.at_level(logging.INFO, logger="elra"):
+        old.load_state_dict(sd)
+    assert any("older elra" in r.getMessage() for r in caplog.records)
+    new = _digits_optimizer(twin)
+    new.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert _same(_run(resumed, old, 40, 120), _run(twin, new, 40, 120))
