@@ -253,13 +253,7 @@ class ElraOptimizer(Optimizer):
         losses = [*self._pending, value]
         if len(losses) < self.controller.state.multiplier:
             self._pending = losses
-            self._kept_grads = {
-                p: p.grad
-                for group in self.param_groups
-                for p in group["params"]
-                # FSDP1 replaces its flat gradients itself between backward passes
-                if p.grad is not None and not getattr(p, "_fsdp_flattened", False)
-            }
+            self._keep_grads()
             return "collect"
         outcome = self._real_step(losses, True, inv_scale, skip_overflow)
         self.unsynced_models.clear()  # the last backward was synchronised: wrappers hold nothing back
@@ -402,17 +396,14 @@ class ElraOptimizer(Optimizer):
         sd = super().state_dict()
         controller = self.controller.state_dict()
         controller["pending_losses"] = [float(v) for v in self._pending]
-        controller["pending_grads"] = []  # indices of the parameters whose pending_grad is a gradient
         sd["param_groups"][0][_STATE_KEY] = controller
         sd["param_groups"][0][_BOOST_KEY] = self.booster.state_dict()
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
                 pending = p.grad if self._pending else None
-                if pending is not None:
-                    controller["pending_grads"].append(index)
-                else:
-                    pending = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if pending is None:  # NaN: no gradient collected (it survives any resharding, unlike a flag)
+                    pending = torch.full_like(p, math.nan if self._pending else 0.0, memory_format=torch.preserve_format)
                 sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending}
                 index += 1
         return sd
@@ -436,12 +427,7 @@ class ElraOptimizer(Optimizer):
         for model in self.unsynced_models:
             sync_unsynced_grads(model)
         self.unsynced_models.clear()
-        self._kept_grads = {
-            p: p.grad
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None and not getattr(p, "_fsdp_flattened", False)
-        }
+        self._keep_grads()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
@@ -449,7 +435,6 @@ class ElraOptimizer(Optimizer):
             raise ValueError("not an ElraOptimizer state_dict (no controller state in param_groups[0])")
         controller = dict(groups[0][_STATE_KEY])
         pending = [float(v) for v in controller.pop("pending_losses", [])]
-        pending_grads = controller.pop("pending_grads", None)
         super().load_state_dict(state_dict)
         self.param_groups[0].pop(_STATE_KEY, None)
         boost = self.param_groups[0].pop(_BOOST_KEY, None)
@@ -457,9 +442,14 @@ class ElraOptimizer(Optimizer):
         self.controller.load_state_dict(controller)
         if boost is not None:
             self.booster.load_state_dict(boost)
+        for p in (p for g in self.param_groups for p in g["params"] if p.numel() == 0):
+            # FSDP1 (use_orig_params) loads no state for a parameter whose shard on this rank is empty
+            self.state[p].setdefault("direction", torch.zeros_like(p))
+            if self.booster.enabled:
+                self.state[p].setdefault("boost", torch.zeros_like(p))
         self._pending = pending
         self._moved = {p for g in self.param_groups for p in g["params"]}
-        self._restore_pending_grads(pending_grads if pending else [])
+        self._restore_pending_grads(bool(pending))
 
     # ------------------------------------------------------- internals
     def _reported(self, loss: Any, what: str) -> float:
@@ -480,6 +470,16 @@ class ElraOptimizer(Optimizer):
                 "or use `with elra.grad_sync(model, optimizer):` around forward and backward"
             )
 
+    def _keep_grads(self) -> None:
+        """Remember the collected gradients, to catch a reset (``model.zero_grad()``) while collecting."""
+        self._kept_grads = {
+            p: p.grad
+            for group in self.param_groups
+            for p in group["params"]
+            # FSDP1 replaces its flat gradients itself between backward passes
+            if p.grad is not None and not getattr(p, "_fsdp_flattened", False)
+        }
+
     def _check_kept_grads(self) -> None:
         for p, grad in self._kept_grads.items():
             if p.grad is not grad:
@@ -499,16 +499,14 @@ class ElraOptimizer(Optimizer):
                             f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
                         )
 
-    def _restore_pending_grads(self, indices: list[int] | None) -> None:
-        """Put the saved partial sums back into ``.grad`` (``indices``: which; None: every saved one)."""
-        self._kept_grads = {}
-        wanted = None if indices is None else set(indices)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, p in enumerate(params):
-            grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
-            if grad is not None and (wanted is None or index in wanted):
-                p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
-                self._kept_grads[p] = p.grad
+    def _restore_pending_grads(self, collecting: bool) -> None:
+        """Put the saved partial sums back into ``.grad`` (all NaN, or an empty shard: no gradient)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
+                if collecting and grad is not None and not bool(local(grad).isnan().all()):
+                    p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
+        self._keep_grads()
 
     def _real_step(
         self, losses: list[LossLike], with_gradient: bool, inv_scale: float = 1.0, skip_overflow: bool = False

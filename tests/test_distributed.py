@@ -70,6 +70,8 @@ CHECKPOINTED = [
     # saved with one micro-batch of three collected, under grad_sync: each rank held its own sums
     (Scenario("fsdp2-dcp-mid-collection", "fsdp2", steps=40, batch_multiplier=3, nan_loss_at=30), 22),
     (Scenario("fsdp2-root-dcp-mid-collection", "fsdp2-root", steps=40, batch_multiplier=3, use_grad_sync=False, nan_loss_at=31), 22),
+    (Scenario("fsdp1-dcp-mid-collection", "fsdp1", steps=40, batch_multiplier=3, nan_loss_at=30), 22),
+    (Scenario("fsdp1-orig-dcp-mid-collection", "fsdp1-orig", steps=40, batch_multiplier=3, nan_loss_at=30), 22),
 ]
 
 
@@ -216,11 +218,12 @@ def test_dcp_resume_on_another_world_size_matches_a_single_process_resume(checkp
 
 def test_mid_collection_checkpoints_keep_the_pending_sums(checkpointed):
     """Saved with a micro-batch pending; with grad_sync state_dict() refuses until they are synchronised."""
-    for name in ("fsdp2-dcp-mid-collection", "fsdp2-root-dcp-mid-collection"):
+    for name in [s.name for s, _ in CHECKPOINTED if "mid-collection" in s.name]:
         saved, resumed = checkpointed[name]
         assert all(r["micro_batches"] == 1 == r["loaded_micro_batches"] for r in saved)
         assert all(r["loaded_micro_batches"] == 1 for r in resumed)
-    assert all("sync_pending_grads()" in r["refused"] for r in checkpointed["fsdp2-dcp-mid-collection"][0])
+    for name in ("fsdp2-dcp-mid-collection", "fsdp1-dcp-mid-collection", "fsdp1-orig-dcp-mid-collection"):
+        assert all("sync_pending_grads()" in r["refused"] for r in checkpointed[name][0])
     assert not any("refused" in r for r in checkpointed["fsdp2-root-dcp-mid-collection"][0])  # sync was on
 
 
