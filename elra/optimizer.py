@@ -418,8 +418,8 @@ class ElraOptimizer(Optimizer):
         averaged gradient at the real step (the reduction is linear), and the
         averaged sums are what one checkpoint can hold, at any world size.
         Costs one gradient reduction (DDP: an all-reduce of all gradients;
-        FSDP2: an all-reduce per parameter) at checkpoint time; nothing when
-        nothing is pending or sync was on.
+        FSDP2: an all-reduce per parameter; FSDP1: per wrapped module) at
+        checkpoint time; nothing when nothing is pending or sync was on.
         """
         if not self._pending or not self.unsynced_models:
             self.unsynced_models.clear()

@@ -105,9 +105,9 @@ def sync_unsynced_grads(model: torch.nn.Module) -> None:
             continue
         groups = module._get_fsdp_state()._fsdp_param_groups
         for fsdp_param in (fsdp_param for group in groups for fsdp_param in group.fsdp_params):
-            unsharded = fsdp_param._unsharded_param
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)  # none before the first forward
             full = fsdp_param.unsharded_accumulated_grad
-            full = unsharded.grad if full is None else full
+            full = getattr(unsharded, "grad", None) if full is None else full
             if full is None:
                 continue
             param = fsdp_param.sharded_param
@@ -122,7 +122,8 @@ def sync_unsynced_grads(model: torch.nn.Module) -> None:
             else:
                 param.grad.to_local().add_(shard.to_local())
             fsdp_param.unsharded_accumulated_grad = None
-            unsharded.grad = None
+            if unsharded is not None:
+                unsharded.grad = None
 
 
 def _sync_fsdp1(module: torch.nn.Module) -> None:

@@ -43,7 +43,8 @@ TWO_RANKS = [
 WRAPPINGS = ("ddp", "fsdp2", "fsdp2-root", "fsdp1", "fsdp1-orig")
 # A skipped backward (step_retrace) and boosted() evaluations change the shards outside backward -> step
 IN_PLACE = [Scenario(f"{w}-retrace-and-boost", w, bad_loss_at=17, boost_cycle=100) for w in WRAPPINGS]
-COUNTED = [Scenario(f"{w}-grad-sync-counted", w, batch_multiplier=4, count_reductions=True) for w in WRAPPINGS]
+# and a skipped backward mid-collection (micro-batch 2 of 4), where the wrappers hold unsynchronised sums
+COUNTED = [Scenario(f"{w}-grad-sync-counted", w, batch_multiplier=4, count_reductions=True, bad_loss_at=13) for w in WRAPPINGS]
 REFUSED = {
     "ddp-grad-sync-around-backward-only": "forward ran outside",
     "fsdp2-root-without-model": "give the optimizer the wrapped model",
