@@ -45,7 +45,7 @@ def test_every_strategy_runs_and_the_distributed_ones_agree():
     assert boosts["fsdp1"] != results["fsdp1"]  # the boosted weights were evaluated, not the current ones
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp1"])
 def test_crashed_job_resumes_from_its_newest_complete_checkpoint(tmp_path, strategy):
     # 12 micro-batches per epoch, 5 per real step: epochs end in the middle of collecting
     collect = ["--batch-multiplier", "5", "--epochs", "6"]
