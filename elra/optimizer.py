@@ -449,6 +449,9 @@ class ElraOptimizer(Optimizer):
                 self.state[p].setdefault("boost", torch.zeros_like(p))
         self._pending = pending
         self._moved = {p for g in self.param_groups for p in g["params"]}
+        for model in self.unsynced_models:  # loaded mid-run: what the wrappers collected belongs to the old run
+            drop_unsynced_grads(model)
+        self.unsynced_models.clear()
         self._restore_pending_grads(bool(pending))
 
     # ------------------------------------------------------- internals
@@ -500,13 +503,17 @@ class ElraOptimizer(Optimizer):
                         )
 
     def _restore_pending_grads(self, collecting: bool) -> None:
-        """Put the saved partial sums back into ``.grad`` (all NaN, or an empty shard: no gradient)."""
+        """Put the saved partial sums into ``.grad`` (all NaN, or an empty shard: no gradient); clear the others."""
         for group in self.param_groups:
             for p in group["params"]:
                 grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
                 if collecting and grad is not None and not bool(local(grad).isnan().all()):
                     p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
-        self._keep_grads()
+                elif collecting:
+                    p.grad = None  # a gradient of the run before the load must not join these sums
+        self._kept_grads = {}
+        if collecting:
+            self._keep_grads()
 
     def _real_step(
         self, losses: list[LossLike], with_gradient: bool, inv_scale: float = 1.0, skip_overflow: bool = False
