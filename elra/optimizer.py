@@ -341,13 +341,7 @@ class ElraOptimizer(Optimizer):
         losses = [*self._pending, value]
         if len(losses) < self.controller.state.multiplier:
             self._pending = losses
-            self._kept_grads = {
-                p: p.grad
-                for group in self.param_groups
-                for p in group["params"]
-                # FSDP1 replaces its flat gradients itself between backward passes
-                if p.grad is not None and not getattr(p, "_fsdp_flattened", False)
-            }
+            self._keep_grads()
             return "collect"
         outcome = self._real_step(losses, True, inv_scale, skip_overflow)
         self.unsynced_models.clear()  # the last backward was synchronised: wrappers hold nothing back
@@ -492,7 +486,6 @@ class ElraOptimizer(Optimizer):
         sd = super().state_dict()
         controller = self.controller.state_dict()
         controller["pending_losses"] = [float(v) for v in self._pending]
-        controller["pending_grads"] = []  # indices of the parameters whose pending_grad is a gradient
         sd["param_groups"][0][_STATE_KEY] = controller
         sd["param_groups"][0][_BOOST_KEY] = self.booster.state_dict()
         sd["param_groups"][0][_CONFIG_KEY] = dict(self._config)
@@ -500,10 +493,8 @@ class ElraOptimizer(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 pending = p.grad if self._pending else None
-                if pending is not None:
-                    controller["pending_grads"].append(index)
-                else:
-                    pending = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if pending is None:  # NaN: no gradient collected (it survives any resharding, unlike a flag)
+                    pending = torch.full_like(p, math.nan if self._pending else 0.0, memory_format=torch.preserve_format)
                 sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending}
                 index += 1
         return sd
@@ -518,8 +509,8 @@ class ElraOptimizer(Optimizer):
         averaged gradient at the real step (the reduction is linear), and the
         averaged sums are what one checkpoint can hold, at any world size.
         Costs one gradient reduction (DDP: an all-reduce of all gradients;
-        FSDP2: an all-reduce per parameter) at checkpoint time; nothing when
-        nothing is pending or sync was on.
+        FSDP2: an all-reduce per parameter; FSDP1: per wrapped module) at
+        checkpoint time; nothing when nothing is pending or sync was on.
         """
         if not self._pending or not self.unsynced_models:
             self.unsynced_models.clear()
@@ -527,12 +518,7 @@ class ElraOptimizer(Optimizer):
         for model in self.unsynced_models:
             sync_unsynced_grads(model)
         self.unsynced_models.clear()
-        self._kept_grads = {
-            p: p.grad
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None and not getattr(p, "_fsdp_flattened", False)
-        }
+        self._keep_grads()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by ``state_dict``: everything, or nothing if it does not fit.
@@ -551,7 +537,6 @@ class ElraOptimizer(Optimizer):
         config = self._saved_config(groups[0].get(_CONFIG_KEY))
         controller_state = dict(groups[0][_STATE_KEY])
         pending = [float(v) for v in controller_state.pop("pending_losses", [])]
-        pending_grads = controller_state.pop("pending_grads", None)
         controller = _make_controller(config)
         controller.load_state_dict(controller_state)
         if len(pending) >= controller.state.multiplier:
@@ -581,7 +566,10 @@ class ElraOptimizer(Optimizer):
         self._pending = pending
         self._moved = {p for g in self.param_groups for p in g["params"]}
         self._agreed = False
-        self._restore_pending_grads(pending_grads if pending else [])
+        for model in self.unsynced_models:  # loaded mid-run: what the wrappers collected belongs to the old run
+            drop_unsynced_grads(model)
+        self.unsynced_models.clear()
+        self._restore_pending_grads(bool(pending))
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything needed to continue the same trajectory (``copy.deepcopy``, pickle, ``torch.save``).
@@ -619,6 +607,16 @@ class ElraOptimizer(Optimizer):
                 "give the optimizer the wrapped model, ElraOptimizer(model.parameters(), model, ...), "
                 "or use `with elra.grad_sync(model, optimizer):` around forward and backward"
             )
+
+    def _keep_grads(self) -> None:
+        """Remember the collected gradients, to catch a reset (``model.zero_grad()``) while collecting."""
+        self._kept_grads = {
+            p: p.grad
+            for group in self.param_groups
+            for p in group["params"]
+            # FSDP1 replaces its flat gradients itself between backward passes
+            if p.grad is not None and not getattr(p, "_fsdp_flattened", False)
+        }
 
     def _check_kept_grads(self) -> None:
         for p, grad in self._kept_grads.items():
@@ -706,16 +704,18 @@ class ElraOptimizer(Optimizer):
                     if self.booster.enabled:
                         state.setdefault("boost", p.detach().clone())
 
-    def _restore_pending_grads(self, indices: list[int] | None) -> None:
-        """Put the saved partial sums back into ``.grad`` (``indices``: which; None: every saved one)."""
+    def _restore_pending_grads(self, collecting: bool) -> None:
+        """Put the saved partial sums into ``.grad`` (all NaN, or an empty shard: no gradient); clear the others."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
+                if collecting and grad is not None and not bool(local(grad).isnan().all()):
+                    p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
+                elif collecting:
+                    p.grad = None  # a gradient of the run before the load must not join these sums
         self._kept_grads = {}
-        wanted = None if indices is None else set(indices)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, p in enumerate(params):
-            grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
-            if grad is not None and (wanted is None or index in wanted):
-                p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
-                self._kept_grads[p] = p.grad
+        if collecting:
+            self._keep_grads()
 
     def _real_step(
         self, losses: list[LossLike], with_gradient: bool, inv_scale: float = 1.0, skip_overflow: bool = False

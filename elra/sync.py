@@ -8,6 +8,7 @@ a real step needs the gradient reduction. Results are the same either way
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -81,7 +82,9 @@ def sync_unsynced_grads(model: torch.nn.Module) -> None:
     Leaves them where a synchronised backward would: DDP's ``.grad`` (one
     all-reduce of all gradients, flattened), FSDP2's sharded ``.grad`` (each
     unsharded sum all-reduced over the mesh, then this rank's shard kept; the
-    next synchronised backward adds its reduce-scatter to it). FSDP1 refuses.
+    next synchronised backward adds its reduce-scatter to it), FSDP1's sharded
+    flat ``.grad`` (the same, for the flat parameter; FSDP1 adds the next
+    reduce-scatter to a sharded ``.grad`` too).
     """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -96,18 +99,15 @@ def sync_unsynced_grads(model: torch.nn.Module) -> None:
 
     for module in model.modules():
         if isinstance(module, FullyShardedDataParallel):
-            raise RuntimeError(
-                "FSDP1 (FullyShardedDataParallel) keeps the micro-batch gradients collected under grad_sync "
-                "unsharded on each rank, and ELRA cannot checkpoint them: save when optimizer.collecting is "
-                "False, or collect without grad_sync (gradients then sync every micro-batch)"
-            )
+            _sync_fsdp1(module)
+            continue
         if not isinstance(module, FSDPModule):
             continue
         groups = module._get_fsdp_state()._fsdp_param_groups
         for fsdp_param in (fsdp_param for group in groups for fsdp_param in group.fsdp_params):
-            unsharded = fsdp_param._unsharded_param
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)  # none before the first forward
             full = fsdp_param.unsharded_accumulated_grad
-            full = unsharded.grad if full is None else full
+            full = getattr(unsharded, "grad", None) if full is None else full
             if full is None:
                 continue
             param = fsdp_param.sharded_param
@@ -122,7 +122,30 @@ def sync_unsynced_grads(model: torch.nn.Module) -> None:
             else:
                 param.grad.to_local().add_(shard.to_local())
             fsdp_param.unsharded_accumulated_grad = None
-            unsharded.grad = None
+            if unsharded is not None:
+                unsharded.grad = None
+
+
+def _sync_fsdp1(module: torch.nn.Module) -> None:
+    """FSDP1: average the unsharded flat gradient of ``no_sync`` over ranks, keep this rank's shard."""
+    handle = module._handle
+    flat = getattr(handle, "flat_param", None)
+    if flat is None or flat.grad is None or flat.grad.size() != flat._unpadded_unsharded_size:
+        return  # nothing collected unsharded
+    full = flat.grad
+    groups = [module.process_group] + [g for g in [getattr(module, "_inter_node_pg", None)] if g is not None]
+    for group in groups:
+        dist.all_reduce(full, group=group)
+    full /= math.prod(dist.get_world_size(g) for g in groups)
+    if handle.uses_sharded_strategy:
+        shard, _ = type(handle)._get_shard(full, handle.rank, handle.world_size)
+        saved = getattr(flat, "_saved_grad_shard", None)  # a sharded sum from before the unsynced backwards
+        if saved is not None:
+            shard += saved
+            del flat._saved_grad_shard
+        flat.grad = shard
+    if handle._use_orig_params:
+        handle._use_sharded_grad_views()
 
 
 def reshard(models: Iterable[torch.nn.Module]) -> int:

@@ -301,6 +301,15 @@ def _dcp_load(model, optimizer, state: dict) -> None:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+def _reload(model, optimizer, checkpoint: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    optimizer.sync_pending_grads()  # the template comes from state_dict(), which needs synchronised sums
+    state = _dcp_state(model, optimizer)
+    dcp.load(state, checkpoint_id=checkpoint)
+    _dcp_load(model, optimizer, state)
+
+
 def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tuple[Scenario, int]], phase: str) -> None:
     """DCP round trips of FSDP2 runs, each ``(scenario, micro-step to save at)``.
 
@@ -347,14 +356,20 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tu
                     torch.save(full, checkpoint.with_suffix(".full.pt"))
                 train(scenario, model, optimizer, rank, world, world, start=save_at)
                 results["uninterrupted"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
+                # load the checkpoint into this model mid-run: FSDP's root holds gathered weights (and,
+                # collecting under grad_sync, unsynchronised sums) from the run that goes on
+                probe_outputs(model, optimizer, False)
+                _reload(model, optimizer, checkpoint)
+                train(scenario, model, optimizer, rank, world, world, start=save_at)
+                results["reloaded"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
+                results["reloaded"]["outputs"] = probe_outputs(model, optimizer, False)
             model = wrap(make_net(), scenario.strategy, world)
             optimizer = make_optimizer(model, scenario)
-            state = _dcp_state(model, optimizer)
-            dcp.load(state, checkpoint_id=checkpoint)
-            _dcp_load(model, optimizer, state)
+            _reload(model, optimizer, checkpoint)
             results["loaded_micro_batches"] = optimizer.micro_batches
             train(scenario, model, optimizer, rank, world, world, start=save_at)
             results["resumed"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
+            results["resumed"]["outputs"] = probe_outputs(model, optimizer, False)
             if rank == 0 and phase == "resume":
                 full = torch.load(checkpoint.with_suffix(".full.pt"), weights_only=False)
                 results["single"] = resumed_twin(lambda m, o: _dcp_load(m, o, full))

@@ -45,7 +45,8 @@ TWO_RANKS = [
 WRAPPINGS = ("ddp", "fsdp2", "fsdp2-root", "fsdp1", "fsdp1-orig")
 # A skipped backward (step_retrace) and boosted() evaluations change the shards outside backward -> step
 IN_PLACE = [Scenario(f"{w}-retrace-and-boost", w, bad_loss_at=17, boost_cycle=100) for w in WRAPPINGS]
-COUNTED = [Scenario(f"{w}-grad-sync-counted", w, batch_multiplier=4, count_reductions=True) for w in WRAPPINGS]
+# and a skipped backward mid-collection (micro-batch 2 of 4), where the wrappers hold unsynchronised sums
+COUNTED = [Scenario(f"{w}-grad-sync-counted", w, batch_multiplier=4, count_reductions=True, bad_loss_at=13) for w in WRAPPINGS]
 REFUSED = {
     "ddp-grad-sync-around-backward-only": "forward ran outside",
     "fsdp2-root-without-model": "give the optimizer the wrapped model",
@@ -72,6 +73,8 @@ CHECKPOINTED = [
     # saved with one micro-batch of three collected, under grad_sync: each rank held its own sums
     (Scenario("fsdp2-dcp-mid-collection", "fsdp2", steps=40, batch_multiplier=3, nan_loss_at=30), 22),
     (Scenario("fsdp2-root-dcp-mid-collection", "fsdp2-root", steps=40, batch_multiplier=3, use_grad_sync=False, nan_loss_at=31), 22),
+    (Scenario("fsdp1-dcp-mid-collection", "fsdp1", steps=40, batch_multiplier=3, nan_loss_at=30), 22),
+    (Scenario("fsdp1-orig-dcp-mid-collection", "fsdp1-orig", steps=40, batch_multiplier=3, nan_loss_at=30), 22),
 ]
 
 
@@ -202,6 +205,11 @@ def test_dcp_resume_on_the_same_world_size_is_bit_identical(checkpointed, name):
         assert resumed["stats"] == uninterrupted["stats"]
         assert all(torch.equal(resumed["params"][k], v) for k, v in uninterrupted["params"].items())
         assert rank["loaded_micro_batches"] == rank["micro_batches"]
+        # loaded into the model that trained on (mid-run), the same as into a fresh one
+        reloaded = rank["reloaded"]
+        assert reloaded["stats"] == resumed["stats"]
+        assert all(torch.equal(reloaded["params"][k], v) for k, v in resumed["params"].items())
+        assert all(torch.equal(reloaded["outputs"][k], v) for k, v in resumed["outputs"].items())
     assert saved[0]["uninterrupted"]["stats"]["retraces"] >= 1
 
 
@@ -220,11 +228,12 @@ def test_dcp_resume_on_another_world_size_matches_a_single_process_resume(checkp
 
 def test_mid_collection_checkpoints_keep_the_pending_sums(checkpointed):
     """Saved with a micro-batch pending; with grad_sync state_dict() refuses until they are synchronised."""
-    for name in ("fsdp2-dcp-mid-collection", "fsdp2-root-dcp-mid-collection"):
+    for name in [s.name for s, _ in CHECKPOINTED if "mid-collection" in s.name]:
         saved, resumed = checkpointed[name]
         assert all(r["micro_batches"] == 1 == r["loaded_micro_batches"] for r in saved)
         assert all(r["loaded_micro_batches"] == 1 for r in resumed)
-    assert all("sync_pending_grads()" in r["refused"] for r in checkpointed["fsdp2-dcp-mid-collection"][0])
+    for name in ("fsdp2-dcp-mid-collection", "fsdp1-dcp-mid-collection", "fsdp1-orig-dcp-mid-collection"):
+        assert all("sync_pending_grads()" in r["refused"] for r in checkpointed[name][0])
     assert not any("refused" in r for r in checkpointed["fsdp2-root-dcp-mid-collection"][0])  # sync was on
 
 
