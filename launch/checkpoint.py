@@ -125,7 +125,7 @@ class Checkpointer:
         if not any(s in compatible for s in written.split(" or ")):
             usable = written if written in _SHARDED or " or " in written else "none or ddp"
             raise CheckpointError(
-                f"{path} was written by --strategy {written}" + (f" on {world} ranks" if world else "")
+                f"{path} was written by --strategy {written}" + (f" on {world} rank" + "s" * (world != 1) if world else "")
                 + f"; --strategy {self.strategy} cannot resume it (its files are "
                 + ("torch.distributed.checkpoint shards" if (path / ".metadata").exists() else "one state.pt")
                 + f"): resume with --strategy {usable}, or start afresh in another --checkpoint-dir"
