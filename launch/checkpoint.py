@@ -45,9 +45,15 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def full_model_state(model: torch.nn.Module, strategy: str) -> dict[str, torch.Tensor]:
-    """The whole model's state_dict on rank 0 (empty elsewhere for sharded strategies)."""
+    """The whole model's state_dict on rank 0 (on GPUs, empty elsewhere for sharded strategies).
+
+    Gathered onto rank 0's CPU from GPUs; a CPU model is gathered on every rank
+    instead (offloading it to the CPU gains nothing, and FSDP1's offloading
+    full state dict crashes on CPU with torch 2.13).
+    """
     if strategy in ("fsdp2", "fsdp1"):
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        on_gpu = any(p.device.type != "cpu" for p in model.parameters())
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=on_gpu))
     return {k: v.detach().cpu().clone() for k, v in _unwrapped(model).state_dict().items()}
 
 
