@@ -46,9 +46,15 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def full_model_state(model: torch.nn.Module, strategy: str) -> dict[str, torch.Tensor]:
-    """The whole model's state_dict on rank 0 (empty elsewhere for sharded strategies)."""
+    """The whole model's state_dict on rank 0 (on GPUs, empty elsewhere for sharded strategies).
+
+    Gathered onto rank 0's CPU from GPUs; a CPU model is gathered on every rank
+    instead (offloading it to the CPU gains nothing, and FSDP1's offloading
+    full state dict crashes on CPU with torch 2.13).
+    """
     if strategy in ("fsdp2", "fsdp1"):
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        on_gpu = any(p.device.type != "cpu" for p in model.parameters())
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=on_gpu))
     return {k: v.detach().cpu().clone() for k, v in _unwrapped(model).state_dict().items()}
 
 
@@ -129,7 +135,7 @@ class Checkpointer:
         if not any(s in compatible for s in written.split(" or ")):
             usable = written if written in _SHARDED or " or " in written else "none or ddp"
             raise CheckpointError(
-                f"{path} was written by --strategy {written}" + (f" on {world} ranks" if world else "")
+                f"{path} was written by --strategy {written}" + (f" on {world} rank" + "s" * (world != 1) if world else "")
                 + f"; --strategy {self.strategy} cannot resume it (its files are "
                 + ("torch.distributed.checkpoint shards" if (path / ".metadata").exists() else "one state.pt")
                 + f"): resume with --strategy {usable}, or start afresh in another --checkpoint-dir"

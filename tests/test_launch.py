@@ -162,7 +162,7 @@ def test_distributed_strategy_without_torchrun_says_how_to_launch():
 def test_checkpoint_of_another_strategy_says_what_differs(tmp_path):
     checkpoints = tmp_path / "ckpt"
     _run(_command("none", "--epochs", "1", "--max-steps", "2", "--checkpoint-dir", str(checkpoints)))
-    error = _fails_clearly(_command("fsdp2", "--checkpoint-dir", str(checkpoints)), "--strategy none on 1 ranks", "--strategy fsdp2 cannot resume")
+    error = _fails_clearly(_command("fsdp2", "--checkpoint-dir", str(checkpoints)), "--strategy none on 1 rank;", "--strategy fsdp2 cannot resume")
     assert "metadata is None" not in error
     _run(_command("ddp", "--epochs", "2", "--max-steps", "2", "--checkpoint-dir", str(checkpoints)))  # ddp can: one state.pt
     sharded = tmp_path / "sharded" / "epoch-00001"
