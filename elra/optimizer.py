@@ -68,8 +68,11 @@ class ElraOptimizer(Optimizer):
         params: parameters or parameter groups (a group may set ``weight_decay``).
         model: accepted for compatibility with the published API; unused.
         batch_size: samples per micro-batch (sets the statistics window).
-        classes: number of classes; ``<= 1`` (default) is the deterministic
-            regime for noise-free problems, ``>= 2`` the stochastic one.
+        classes: ``None`` (default) detects the regime at the second real
+            step (mini-batch noise: stochastic, else deterministic; see
+            ``stats["regime"]``); ``0`` or ``1`` forces the deterministic regime
+            for noise-free problems, ``>= 2`` (the number of classes) the
+            stochastic one.
         lr: initial step length, a tiny probe (1e-6..1e-4); ELRA grows it.
         weight_decay: decoupled decay rate; values above 0.5 mean ``1 - value``.
         warmup: real steps over which the rate may ramp up.
@@ -85,6 +88,11 @@ class ElraOptimizer(Optimizer):
         check_consistency: every this many real steps (0: never) verify that
             all ranks hold the same controller state; raises if not. Rides on
             the step's own all-reduce.
+        acceptance: how the stochastic regime refuses a step: ``"noise"``
+            (default) allows the loss to exceed the first loss by 10% plus three
+            units of the observed mini-batch loss noise, and keeps the loss
+            statistics robust to an outlier; ``"published"`` is the published
+            package's rule (``1.1 * max(first loss, log(classes))``).
 
     Call ``step(loss)`` after every ``backward()``; ELRA needs the loss value.
     Under data parallelism each rank passes its own local loss.
@@ -95,7 +103,7 @@ class ElraOptimizer(Optimizer):
         params,
         model: torch.nn.Module | None = None,
         batch_size: int = 8,
-        classes: int = 0,
+        classes: int | None = None,
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         warmup: int = 1,
@@ -105,11 +113,12 @@ class ElraOptimizer(Optimizer):
         process_group=AUTO,
         replicas: Callable[[torch.Tensor], int] | None = None,
         check_consistency: int = 0,
+        acceptance: str = "noise",
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         batch_size = _check_int("batch_size", batch_size, 1)
-        classes = _check_int("classes", classes, 0)
+        classes = None if classes is None else _check_int("classes", classes, 0)
         warmup = _check_int("warmup", warmup, 0)
         batch_multiplier = _check_int("batch_multiplier", batch_multiplier, 1, MAX_MULTIPLIER)
         self._check_every = _check_int("check_consistency", check_consistency, 0)
@@ -133,6 +142,7 @@ class ElraOptimizer(Optimizer):
             warmup=warmup,
             momentum=float(momentum) if momentum else None,
             min_multiplier=batch_multiplier,
+            acceptance=acceptance,
         )
         self._pending: list[LossLike] = []
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
@@ -178,8 +188,8 @@ class ElraOptimizer(Optimizer):
         return len(self._pending)
 
     @property
-    def stats(self) -> dict[str, float | int]:
-        """Numbers for logs and dashboards."""
+    def stats(self) -> dict[str, float | int | str]:
+        """Numbers for logs and dashboards; ``regime`` is ``"auto"`` until detected."""
         s = self.controller.state
         decays = self.controller.weight_decays([_decay_rate(self.defaults["weight_decay"])])
         return {
@@ -193,6 +203,7 @@ class ElraOptimizer(Optimizer):
             "weight_decay": decays[0],
             "schedule": s.schedule,
             "boost_count": self.booster.count,
+            "regime": s.regime,
         }
 
     def set_train_loss(self, loss: float, boost: float | None = None) -> None:
