@@ -134,8 +134,9 @@ def make_optimizer(model, scenario: Scenario, single: bool = False, odd_rank: bo
         options.pop("check_consistency", None)
         options["process_group"] = None
     lr = 2e-4 if odd_rank and scenario.diverge else 1e-4
+    classes = options.pop("classes", CLASSES)  # None: the regime is detected from the reduced losses and sums
     return ElraOptimizer(
-        model.parameters(), None, LOCAL_BATCH, CLASSES, lr=lr, batch_multiplier=scenario.batch_multiplier, **options
+        model.parameters(), None, LOCAL_BATCH, classes, lr=lr, batch_multiplier=scenario.batch_multiplier, **options
     )
 
 
