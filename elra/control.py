@@ -128,7 +128,7 @@ class ControlState:
     train_loss: float | None = None
     valid_loss: float | None = None
     retraces: int = 0
-    regime: str = "auto"
+    noise_free: bool | None = None  # the regime: deterministic, stochastic, or None until detected
     probe_loss: float = 0.0
     probe_slope: float = 0.0
     noise: float = 0.0
@@ -171,14 +171,19 @@ class Controller:
         self.warmup_factor = 1.0 if warmup <= 1 else 1.0 / warmup
         self.momentum = momentum
         self.min_multiplier = min_multiplier
-        regime = "auto" if classes is None else "deterministic" if classes <= 1 else "stochastic"
-        self.state = ControlState(alpha=lr, multiplier=min_multiplier, regime=regime)
+        noise_free = None if classes is None else classes <= 1
+        self.state = ControlState(alpha=lr, multiplier=min_multiplier, noise_free=noise_free)
 
     # ------------------------------------------------------------------ API
     @property
     def deterministic(self) -> bool:
         """True in the deterministic regime, and while the regime is still being detected."""
-        return self.state.regime != "stochastic"
+        return self.state.noise_free is not False
+
+    @property
+    def regime(self) -> str:
+        """``"deterministic"``, ``"stochastic"``, or ``"auto"`` until detected."""
+        return {None: "auto", True: "deterministic", False: "stochastic"}[self.state.noise_free]
 
     @property
     def step_length(self) -> float:
@@ -228,7 +233,7 @@ class Controller:
                 logger.warning("first ELRA step skipped: loss %.4g or its gradient is not finite", loss)
                 return Decision("skip")
             return self._first_step(losses, n, sums, decays)
-        if s.regime == "auto" and sums is not None:
+        if s.noise_free is None and sums is not None:
             self._choose_regime(losses, n, sums)
         if sums is None:
             s.window_steps += 1  # a step without gradient counts twice in the window, as published
@@ -257,8 +262,8 @@ class Controller:
     def _first_step(self, losses: list[float], n: int, sums: StepSums, decays: Sequence[float]) -> Decision:
         s = self.state
         loss = losses[-1]
-        if s.regime == "auto" and self._differ(losses):
-            s.regime = "stochastic"  # micro-batch losses at one point differ: mini-batch noise
+        if s.noise_free is None and self._differ(losses):
+            s.noise_free = False  # micro-batch losses at one point differ: mini-batch noise
             logger.info("ELRA chose the stochastic regime at real step 1")
         self._count_step()
         floor = math.log(self.classes) if self.classes is not None and self.classes >= 2 else math.log(2.0)
@@ -302,12 +307,12 @@ class Controller:
         slope = sum(sums.grad_dir) / n * s.dir_coef
         predicted = s.probe_loss - 0.5 * length * (s.probe_slope + slope)
         noisy = self._differ(losses) or self._differ([mean], predicted, PROBE_TOLERANCE * abs(predicted - s.probe_loss))
-        s.regime = "stochastic" if noisy else "deterministic"
-        logger.info("ELRA chose the %s regime at real step %d", s.regime, s.steps + 1)
+        s.noise_free = not noisy
+        logger.info("ELRA chose the %s regime at real step %d", self.regime, s.steps + 1)
 
     @property
     def _noise_aware(self) -> bool:
-        return self.acceptance == "noise" and self.state.regime == "stochastic"
+        return self.acceptance == "noise" and self.state.noise_free is False
 
     def _observe_noise(self, losses: Sequence[float]) -> float:
         """Update the loss noise (mean absolute difference of consecutive losses); the last loss, clipped.

@@ -203,7 +203,7 @@ class ElraOptimizer(Optimizer):
             "weight_decay": decays[0],
             "schedule": s.schedule,
             "boost_count": self.booster.count,
-            "regime": s.regime,
+            "regime": self.controller.regime,
         }
 
     def set_train_loss(self, loss: float, boost: float | None = None) -> None:

@@ -45,9 +45,9 @@ def _drive_parabola(controller, noise, steps=60, seed=0):
 @pytest.mark.parametrize("noise, regime, explicit", [(0.0, "deterministic", 0), (0.5, "stochastic", 10)])
 def test_detected_regime_takes_the_same_decisions_as_the_explicit_one(noise, regime, explicit):
     auto = _controller(None)
-    assert auto.state.regime == "auto"
+    assert auto.regime == "auto"
     decisions = _drive_parabola(auto, noise)
-    assert auto.state.regime == regime
+    assert auto.regime == regime
     assert decisions == _drive_parabola(_controller(explicit), noise)
 
 
@@ -59,23 +59,23 @@ def test_probe_predicts_the_noise_free_loss_change_by_the_trapezoid_rule():
     line.step([2.0 * line.x**2 - 7.0], 4.0 * line.x)
     assert line.x == pytest.approx(-5.2)
     line.step([2.0 * line.x**2 - 7.0], 4.0 * line.x)
-    assert controller.state.regime == "deterministic"
+    assert controller.regime == "deterministic"
 
 
 def test_micro_batch_losses_that_differ_at_one_point_mean_noise():
     controller = Controller(lr=1e-3, classes=None, batch_size=8, warmup=1, momentum=None, min_multiplier=2)
     sums = StepSums([1.0], [0.0], [0.0], [0.0], [0.0], [0.0])
     controller.real_step([1.0, 1.2], sums, [0.0])
-    assert controller.state.regime == "stochastic"
+    assert controller.regime == "stochastic"
 
 
 def test_explicit_classes_are_honoured_whatever_the_losses():
     deterministic = _controller(0)
     _drive_parabola(deterministic, 0.05)
-    assert deterministic.state.regime == "deterministic"
+    assert deterministic.regime == "deterministic"
     stochastic = _controller(2)
     _drive_parabola(stochastic, 0.0)
-    assert stochastic.state.regime == "stochastic"
+    assert stochastic.regime == "stochastic"
 
 
 def _reference_noise(losses, clip=4.0, memory=20):
@@ -229,3 +229,12 @@ def test_training_recovers_from_one_huge_negative_loss():
     disturbed, stats = _digits_final_loss(600, 2000)
     assert math.isclose(disturbed, undisturbed, rel_tol=0.1)
     assert stats["batch_multiplier"] == 1
+
+
+def test_detected_regime_survives_a_checkpoint():
+    controller = _controller(None)
+    _drive_parabola(controller, 0.5, steps=5)
+    restored = _controller(None)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.regime == controller.regime == "stochastic"
+    assert _drive_parabola(restored, 0.5, seed=1) == _drive_parabola(controller, 0.5, seed=1)
