@@ -8,6 +8,10 @@ The constants and the order of the updates follow the published ``elra``
 package (see ALGORITHM.md), which is the executable definition of the method.
 Where the package divides by zero or assumes positive losses, this module
 guards the division or measures thresholds by the loss magnitude instead.
+Two additions are the project's own: the regime detected from the first
+step when ``classes`` is not given, and (unless ``acceptance="published"``)
+a stochastic loss cap measured in units of the observed loss noise, with loss
+statistics that clip outliers.
 """
 
 from __future__ import annotations
