@@ -1,11 +1,13 @@
 """What ELRA costs in communication, and wall time per step on 1, 2 and 3 ranks.
 
-    python benchmarks/distributed.py [--width 512] [--steps 40] [--out benchmarks/results]
+    python benchmarks/distributed.py [--width 512] [--steps 40] [--out DIR]
 
 Spawns gloo ranks on CPU. For DDP and FSDP2 it counts the collectives that
 ``optimizer.step`` issues (``CommDebugMode``) and the bytes it all-reduces,
 and times the optimizer step and the whole training step (forward, backward
-with the wrapper's gradient reduction, step), median over the steps.
+with the wrapper's gradient reduction, step), median over the steps. The
+table goes to --out (default ~/.cache/elra-bench/results; the README's comes
+from ``--out benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.published import RESULTS  # noqa: E402
 from benchmarks.ranks import as_gloo_rank  # noqa: E402
 from elra import ElraOptimizer, grad_sync  # noqa: E402
 
@@ -63,8 +66,8 @@ def _measure(rank: int, world: int, store: str, out: str, strategy: str, width: 
             x = torch.randn(32, width, generator=gen)
             start = time.perf_counter()
             optimizer.zero_grad()
-            loss = model(x).pow(2).mean()
-            with grad_sync(model, optimizer):
+            with grad_sync(model, optimizer):  # forward and backward: DDP decides in the forward
+                loss = model(x).pow(2).mean()
                 loss.backward()
             collecting = optimizer.collecting
             sent.clear()
@@ -96,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the table goes")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -120,6 +123,7 @@ def main() -> None:
     table = "\n".join(lines) + "\n\nCollecting micro-steps issue no collective from the optimizer.\n"
     (args.out / "distributed.md").write_text(table)
     print(table)
+    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

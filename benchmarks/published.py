@@ -1,19 +1,27 @@
 """Load the published ``elra`` 0.0.5 package under the name ``elra_published``.
 
 It is fetched with pip into a cache folder (never vendored) and imported
-beside this project's ``elra`` for comparisons. Its prints are its own.
+beside this project's ``elra`` for comparisons. Its prints are its own, and
+it writes ``state_lgs.txt`` into the working directory: run it inside
+:func:`scratch_dir`, never in the checkout.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 VERSION = "0.0.5"
 NAME = "elra_published"
+CACHE = Path.home() / ".cache" / "elra-bench"
+RESULTS = CACHE / "results"  # benchmarks write here unless --out says otherwise (never the checkout)
 
 
 def load_published(cache: Path) -> ModuleType:
@@ -32,3 +40,15 @@ def load_published(cache: Path) -> ModuleType:
     sys.modules[NAME] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A temporary working directory for the duration (the published package writes files into it)."""
+    previous = Path.cwd()
+    with tempfile.TemporaryDirectory(prefix="elra-published-") as scratch:
+        os.chdir(scratch)
+        try:
+            yield Path(scratch)
+        finally:
+            os.chdir(previous)

@@ -14,8 +14,8 @@ Prodigy (1.0), Schedule-Free AdamW (defaults) and the published elra 0.0.5
 evaluations. Reports the final training loss (mean of the last 10% of steps),
 the held-out metric, and for ELRA what its controller did (step length, batch
 multiplier, retraces over the run); writes a Markdown table and PNG plots to
-``--out`` (a temporary directory unless given: pass ``--out
-benchmarks/results`` to refresh the README's figures).
+``--out`` (default ~/.cache/elra-bench/results; the README's figures come
+from ``--out benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.published import load_published  # noqa: E402
+from benchmarks.published import CACHE, RESULTS, load_published, scratch_dir  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
 from launch.models import CharGPT  # noqa: E402
 from launch.text import CharCorpus  # noqa: E402
@@ -343,8 +342,7 @@ def _run_job(job: tuple[str, str, int, Path]) -> tuple[str, str, int, dict]:
     torch.set_num_threads(1)
     task = next(t for t in TASKS if t.name == task_name)
     factory = optimizers(load_published(cache))[name]
-    with tempfile.TemporaryDirectory() as scratch:
-        os.chdir(scratch)
+    with scratch_dir():
         return task_name, name, seed, run(task, name, factory, seed)
 
 
@@ -352,11 +350,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel, one thread each")
-    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "elra-bench")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "elra-bench")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the table and plots go")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--tasks", nargs="*", default=[t.name for t in TASKS])
     parser.add_argument("--optimizers", nargs="*", help="names of the optimizers to run (default: all)")
     args = parser.parse_args()
+    args.out, args.cache = args.out.resolve(), args.cache.resolve()
     peers = [n for n in optimizers(load_published(args.cache)) if not args.optimizers or n in args.optimizers]
     tasks = [t for t in TASKS if t.name in args.tasks]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -385,6 +384,7 @@ def main() -> None:
     (args.out / "quality.md").write_text(table)
     print(table)
     _plot(curves, traces, args.out)
+    print(f"written to {args.out}")
 
 
 def _controller_table(traces: dict) -> str:

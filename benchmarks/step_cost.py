@@ -1,10 +1,15 @@
-"""Optimizer step time and optimizer-held memory, against Adam in the same run.
+"""Optimizer step time and optimizer-held memory, against Adam/AdamW in the same run.
 
-A ~10M-parameter MLP gets fixed random gradients; only ``optimizer.step`` is
-timed (median of repeated steps after warm-up). Held bytes are the bytes of
-tensors the optimizer keeps between steps that are not the parameters.
+Two models get fixed random gradients: a 9.4M-parameter MLP (few large
+tensors) and a transformer-shaped stack of 48 blocks of width 64 (576
+tensors, 2.4M parameters: the shape where per-tensor overhead shows). Only
+``optimizer.step`` is timed (median of repeated steps after warm-up; on CUDA
+between synchronisations). Held bytes are the bytes of tensors the optimizer
+keeps between steps that are not the parameters.
 
-    python benchmarks/step_cost.py [--width 2048] [--steps 30] [--published]
+    python benchmarks/step_cost.py [--model mlp transformer] [--device cpu|cuda] [--steps 30]
+
+``--device`` defaults to cuda when a GPU is present; CPU runs never touch CUDA.
 """
 
 from __future__ import annotations
@@ -21,13 +26,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.published import load_published  # noqa: E402
+from benchmarks.published import CACHE, load_published, scratch_dir  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
 
 
-def make_model(width: int, depth: int) -> torch.nn.Module:
-    layers = [torch.nn.Linear(width, width) for _ in range(depth)]
-    return torch.nn.Sequential(*layers)
+def make_model(kind: str, width: int, depth: int) -> torch.nn.Module:
+    """``mlp``: ``depth`` square layers of ``width``; ``transformer``: 48 blocks of width 64."""
+    if kind == "mlp":
+        return torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(depth)))
+    from launch.models import Block
+
+    return torch.nn.Sequential(*(Block(64, 4) for _ in range(48)))
 
 
 def held_tensors(obj, params: set[int], seen: set[int] | None = None, depth: int = 0) -> dict[int, int]:
@@ -60,17 +69,22 @@ def held_tensors(obj, params: set[int], seen: set[int] | None = None, depth: int
 def measure(name: str, factory, model: torch.nn.Module, steps: int, takes_loss: bool) -> dict:
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in params]
+    grads = [(torch.randn(p.shape, generator=gen) * 1e-3).to(p) for p in params]
+    cuda = params[0].is_cuda
     opt = factory(params)
     times = []
     for i in range(steps + 5):
         for p, g in zip(params, grads):
             p.grad = g.clone()
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         if takes_loss:
             opt.step(1.0 / (1 + i))
         else:
             opt.step()
+        if cuda:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         if i >= 5:
             times.append(elapsed)
@@ -102,35 +116,55 @@ def published_factory(cache: Path):
     return factory
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=int, default=1536)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no-published", action="store_true", help="skip the published elra 0.0.5")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "elra-bench")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = make_model(args.width, args.depth)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"MLP {args.depth}x{args.width}: {n / 1e6:.1f}M parameters, {torch.get_num_threads()} threads")
-    candidates = [
+def candidates(args) -> list[tuple[str, object, bool]]:
+    """(name, factory, takes the loss) of every optimizer measured; the first is the baseline."""
+    rows = [
         ("Adam(foreach)", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True), False),
         ("Adam(fused)", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), False),
+        ("AdamW(foreach) wd", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-4, foreach=True), False),
+        ("AdamW(fused) wd", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-4, fused=True), False),
         ("ELRA", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5), True),
-        ("ELRA wd", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, weight_decay=1e-4), True),
+        ("ELRA wd", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, weight_decay=0.9999), True),
         ("ELRA momentum", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, momentum=0.9), True),
     ]
-    if not args.no_published:
-        candidates.append(("elra 0.0.5", published_factory(args.cache), True))
-    rows = [measure(name, factory, model, args.steps, loss) for name, factory, loss in candidates]
-    base = rows[0]["step_ms"]
-    print(f"{'optimizer':<16}{'step ms':>10}{'vs Adam(foreach)':>18}{'held / params':>15}")
-    for row in rows:
-        print(f"{row['name']:<16}{row['step_ms']:>10.2f}{row['step_ms'] / base:>17.2f}x{row['held']:>14.2f}x")
+    if not args.no_published and args.device == "cpu":
+        rows.append(("elra 0.0.5", published_factory(args.cache), True))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", choices=["mlp", "transformer"], default=["mlp", "transformer"])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--width", type=int, default=1536, help="MLP width")
+    parser.add_argument("--depth", type=int, default=4, help="MLP layers")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-published", action="store_true", help="skip the published elra 0.0.5 (CPU only)")
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    for kind in args.model:
+        torch.manual_seed(0)
+        model = make_model(kind, args.width, args.depth).to(device=args.device, dtype=dtype)
+        n = sum(p.numel() for p in model.parameters())
+        tensors = len(list(model.parameters()))
+        where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+        print(f"\n{kind}: {n / 1e6:.1f}M parameters in {tensors} tensors, {args.dtype}, {where}")
+        with scratch_dir():  # the published package writes state_lgs.txt where it runs
+            rows = [measure(name, factory, model, args.steps, loss) for name, factory, loss in candidates(args)]
+        base = {row["name"]: row["step_ms"] for row in rows}
+        print(f"{'optimizer':<20}{'step ms':>10}{'vs Adam(foreach)':>18}{'vs AdamW(foreach)':>19}{'held / params':>15}")
+        for row in rows:
+            print(
+                f"{row['name']:<20}{row['step_ms']:>10.2f}{row['step_ms'] / base['Adam(foreach)']:>17.2f}x"
+                f"{row['step_ms'] / base['AdamW(foreach) wd']:>18.2f}x{row['held']:>14.2f}x"
+            )
 
 
 if __name__ == "__main__":

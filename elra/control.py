@@ -16,6 +16,7 @@ statistics that clip outliers.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -44,6 +45,7 @@ LOSS_PRECISION = 1e-5  # relative loss differences below this are rounding, not 
 NOISE_CAP = 3.0  # a loss may exceed the first loss by this many noise units (plus 10%) before it is refused
 NOISE_CLIP = 4.0  # a loss enters the statistics at most this many noise units away from the previous one
 NOISE_MEMORY = 20  # the noise estimate averages over about this many micro-batch losses
+RANGE_LIMIT = 0.5  # a step may bring 16-bit parameters at most to half their dtype's largest value
 
 
 @dataclass
@@ -91,6 +93,32 @@ class Decision:
     param_scale: tuple[float, ...] = ()
     step: float = 0.0
     shift: float = 0.0
+
+
+@dataclass(frozen=True)
+class RangeBounds:
+    """Norms of the 16-bit tensors of a step, each element divided by its dtype's largest value.
+
+    Global L2 norms (over all ranks) of the parameters ``x``, the stored
+    directions ``B`` and the summed gradients ``g``. An L2 norm bounds every
+    element, so ``x + c*B`` stays within ``RANGE_LIMIT`` of the range when
+    ``|x| + |c|*|B|`` does: a sufficient test, decided identically on every rank
+    before any tensor changes.
+    """
+
+    params: float
+    directions: float
+    grads: float
+
+    def allows(self, decision: Decision) -> bool:
+        """Whether the new direction and the point after an accepted step stay in range."""
+        decay = max((abs(a) for a in decision.param_scale), default=0.0)
+        new_dir = abs(decision.keep) * self.directions + abs(decision.grad_scale) * self.grads + decay * self.params
+        return new_dir <= RANGE_LIMIT and self.params + abs(decision.step) * new_dir <= RANGE_LIMIT
+
+    def allows_shift(self, shift: float) -> bool:
+        """Whether ``x + shift*B`` (a retrace beyond the current or the last good point) stays in range."""
+        return self.params + abs(shift) * self.directions <= RANGE_LIMIT
 
 
 @dataclass
@@ -212,6 +240,7 @@ class Controller:
         sums: StepSums | None,
         decays: Sequence[float],
         half_precision: bool = False,
+        bounds: RangeBounds | None = None,
     ) -> Decision:
         """Decide one real step.
 
@@ -219,7 +248,8 @@ class Controller:
         global sums or ``None`` when there is no usable gradient (the caller
         skipped ``backward``). A non-finite loss or sum turns the step into a
         retrace; before the first step there is nothing to revert, so such a
-        step is skipped.
+        step is skipped. With ``bounds`` (16-bit parameters), a step whose
+        result could leave the dtype's range is refused the same way.
         """
         losses = [float(v) for v in losses]
         bad = [v for v in losses if not math.isfinite(v)]
@@ -232,11 +262,12 @@ class Controller:
                 sums = None
         s = self.state
         if not s.started:
-            if sums is None:
+            decision = None if sums is None else self._in_range(lambda: self._first_step(losses, n, sums, decays), bounds)
+            if decision is None:
                 s.retraces += 1
-                logger.warning("first ELRA step skipped: loss %.4g or its gradient is not finite", loss)
+                logger.warning("first ELRA step skipped: loss %.4g or its gradient is not finite or too large", loss)
                 return Decision("skip")
-            return self._first_step(losses, n, sums, decays)
+            return decision
         if s.noise_free is None and sums is not None:
             self._choose_regime(losses, n, sums)
         if sums is None:
@@ -244,8 +275,10 @@ class Controller:
         self._count_step()
         recorded = self._observe_noise(losses) if self._noise_aware else loss
         if sums is not None and self._acceptable(loss, min(losses)):
-            return self._accept(recorded, n, sums, decays)
-        return self._retrace(loss)
+            decision = self._in_range(lambda: self._accept(recorded, n, sums, decays), bounds)
+            if decision is not None:
+                return decision
+        return self._retrace(loss, bounds)
 
     def state_dict(self) -> dict:
         return asdict(self.state)
@@ -263,6 +296,20 @@ class Controller:
         self.state = loaded
 
     # ------------------------------------------------------------- internals
+    def _in_range(self, decide, bounds: RangeBounds | None) -> Decision | None:
+        """``decide()``, or ``None`` with the state unchanged if its step could overflow."""
+        if bounds is None:
+            return decide()
+        saved = copy.deepcopy(self.state)
+        decision = decide()
+        if bounds.allows(decision):
+            return decision
+        self.state = saved
+        logger.warning(
+            "ELRA step %d refused: a step of %.4g could overflow the 16-bit parameters", saved.steps, decision.step
+        )
+        return None
+
     def _first_step(self, losses: list[float], n: int, sums: StepSums, decays: Sequence[float]) -> Decision:
         s = self.state
         loss = losses[-1]
@@ -555,7 +602,7 @@ class Controller:
             s.alpha = -0.1 / slope
         s.alpha = min(max(s.alpha, ALPHA_BOUNDS[0]), ALPHA_BOUNDS[1])
 
-    def _retrace(self, loss: float) -> Decision:
+    def _retrace(self, loss: float, bounds: RangeBounds | None = None) -> Decision:
         s = self.state
         s.dev_correction *= 1.05
         s.window_retraces += 1
@@ -574,6 +621,9 @@ class Controller:
         length = s.rate if s.accepted_any and not self.deterministic else s.alpha
         new_offset = length * s.dir_coef
         shift = s.offset - new_offset
+        between = shift * s.offset >= 0.0 and abs(shift) <= abs(s.offset)  # between two points held before
+        if bounds is not None and not between and not bounds.allows_shift(shift):
+            shift, new_offset = s.offset, 0.0  # back to the last good point exactly: it was in range
         s.offset = new_offset
         s.dir_norm_sum += s.dir_norm
         logger.debug("ELRA retrace %d at real step %d: loss %.4g, alpha %.4g", s.retraces, s.steps, loss, s.alpha)

@@ -15,22 +15,26 @@ import math
 import numbers
 import zlib
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Callable, Iterator
 
 import torch
 from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster
-from .control import MAX_MULTIPLIER, Controller, Decision, StepSums
-from .reduce import AUTO, Reducer, ScalarBatch, dot, local
-from .sync import drop_unsynced_grads
+from .control import ACCEPTANCE_RULES, MAX_MULTIPLIER, Controller, Decision, RangeBounds, StepSums
+from .reduce import AUTO, Reducer, ScalarBatch, dots, flat, local, squares
+from .sync import drop_unsynced_grads, fsdp_wrapping, reshard, sync_unsynced_grads
 
 logger = logging.getLogger("elra")
 
 LossLike = float | torch.Tensor
 _STATE_KEY = "elra_controller"
 _BOOST_KEY = "elra_boost"
+_CONFIG_KEY = "elra_config"
 _PENDING_GRAD = "pending_grad"
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+_HALF_MAX = torch.finfo(torch.float16).max
 _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
 
 
@@ -49,16 +53,86 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
 
 
 def _loss_value(loss: Any) -> LossLike:
-    """A scalar loss as a float or a detached 0-dim tensor (no host sync)."""
+    """A scalar loss as a float or a detached 0-dim tensor (no host sync).
+
+    Accepts Python and numpy numbers, tensors and numpy arrays of one element;
+    refuses booleans in every form (a bool is no loss value).
+    """
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return float(loss)
+    if not isinstance(loss, (torch.Tensor, bool, str, bytes)) and hasattr(loss, "__array__"):
+        loss = torch.as_tensor(loss)  # numpy arrays and numpy booleans: the tensor rules below
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise ValueError(f"ELRA needs a scalar loss, got a tensor of shape {tuple(loss.shape)}; reduce it first")
         if loss.is_complex():
             raise ValueError("ELRA needs a real loss, got a complex tensor")
+        if loss.dtype == torch.bool:
+            raise TypeError("ELRA needs the loss value, got a boolean tensor")
         return loss.detach().reshape(())
-    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        return float(loss)
-    raise TypeError(f"ELRA needs the loss as a float or a scalar tensor, got {type(loss).__name__}")
+    raise TypeError(
+        f"ELRA needs the loss as a float, a scalar tensor or a one-element array, got {type(loss).__name__}"
+    )
+
+
+def _add_scaled(targets: list[torch.Tensor], sources: list[torch.Tensor], alpha: float) -> None:
+    """``targets += alpha * sources``, also for an ``alpha`` beyond float16's range.
+
+    torch converts ``alpha`` to the tensors' dtype and raises if it does not fit;
+    a product with a Python scalar is computed in float32 instead. The
+    controller's range bounds keep the result itself finite.
+    """
+    if abs(alpha) <= _HALF_MAX or all(t.dtype != torch.float16 for t in targets):
+        torch._foreach_add_(targets, sources, alpha=alpha)
+    else:
+        torch._foreach_add_(targets, torch._foreach_mul(sources, alpha))
+
+
+def _layout(n_groups: int, sixteen_bit: bool) -> tuple[int, int, int]:
+    """Slots of a real step's vector: the gradient count, the range bounds, the consistency check.
+
+    Before the count come ``len(_SUMS)`` sums per group; the three range bounds
+    exist only with 16-bit parameters; after the check's two slots (with
+    ``check_consistency``) come the losses of the micro-batches.
+    """
+    present = len(_SUMS) * n_groups
+    return present, present + 1, present + (4 if sixteen_bit else 1)
+
+
+def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's hyperparameters, validated (constructor arguments or a checkpoint's)."""
+    lr, momentum = config["lr"], config["momentum"]
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0.0 < lr < math.inf:
+        raise ValueError(f"Invalid learning rate: {lr!r} (expected a positive number, e.g. 1e-5)")
+    _decay_rate(config["weight_decay"])
+    if momentum is not None and (
+        isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0
+    ):
+        raise ValueError(f"Invalid momentum: {momentum!r} (expected None or a number in [0, 1))")
+    if config["acceptance"] not in ACCEPTANCE_RULES:
+        raise ValueError(f"Invalid acceptance: {config['acceptance']!r} (expected one of {ACCEPTANCE_RULES})")
+    return {
+        **config,
+        "lr": float(lr),
+        "weight_decay": float(config["weight_decay"]),
+        "batch_size": _check_int("batch_size", config["batch_size"], 1),
+        "classes": None if config["classes"] is None else _check_int("classes", config["classes"], 0),
+        "warmup": _check_int("warmup", config["warmup"], 0),
+        "momentum": float(momentum) if momentum else None,
+        "batch_multiplier": _check_int("batch_multiplier", config["batch_multiplier"], 1, MAX_MULTIPLIER),
+    }
+
+
+def _make_controller(config: dict[str, Any]) -> Controller:
+    return Controller(
+        lr=config["lr"],
+        classes=config["classes"],
+        batch_size=config["batch_size"],
+        warmup=config["warmup"],
+        momentum=config["momentum"],
+        min_multiplier=config["batch_multiplier"],
+        acceptance=config["acceptance"],
+    )
 
 
 class ElraOptimizer(Optimizer):
@@ -66,7 +140,10 @@ class ElraOptimizer(Optimizer):
 
     Args:
         params: parameters or parameter groups (a group may set ``weight_decay``).
-        model: accepted for compatibility with the published API; unused.
+        model: the (wrapped) model. Needed under FSDP, where the optimizer must
+            make FSDP drop its gathered weights after changing the shards
+            outside the backward -> step path (``step_retrace``,
+            ``boosted()``); ``elra.grad_sync(model, optimizer)`` also tells it.
         batch_size: samples per micro-batch (sets the statistics window).
         classes: ``None`` (default) detects the regime at the second real
             step (mini-batch noise: stochastic, else deterministic; see
@@ -85,9 +162,11 @@ class ElraOptimizer(Optimizer):
         replicas: for unusual layouts, a function giving the number of ranks
             that hold an identical copy of a parameter's local part (see
             :class:`elra.reduce.Reducer` for the automatic rule).
-        check_consistency: every this many real steps (0: never) verify that
-            all ranks hold the same controller state; raises if not. Rides on
-            the step's own all-reduce.
+        check_consistency: any positive value (0: never) verifies at every
+            real step and ``skip_backward`` that all ranks hold the same
+            controller state and make the same call; raises the same
+            ``RuntimeError`` on every rank if not. Rides on the step's own
+            all-reduce (a handshake of three numbers precedes the first one).
         acceptance: how the stochastic regime refuses a step: ``"noise"``
             (default) allows the loss to exceed the first loss by 10% plus three
             units of the observed mini-batch loss noise, and keeps the loss
@@ -117,36 +196,32 @@ class ElraOptimizer(Optimizer):
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
-        batch_size = _check_int("batch_size", batch_size, 1)
-        classes = None if classes is None else _check_int("classes", classes, 0)
-        warmup = _check_int("warmup", warmup, 0)
-        batch_multiplier = _check_int("batch_multiplier", batch_multiplier, 1, MAX_MULTIPLIER)
+        config = _checked_config(
+            dict(
+                lr=lr,
+                weight_decay=weight_decay,
+                batch_size=batch_size,
+                classes=classes,
+                warmup=warmup,
+                momentum=momentum,
+                batch_multiplier=batch_multiplier,
+                acceptance=acceptance,
+            )
+        )
         self._check_every = _check_int("check_consistency", check_consistency, 0)
         self.reducer = Reducer(process_group, replicas)
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0.0 < lr < math.inf:
-            raise ValueError(f"Invalid learning rate: {lr!r} (expected a positive number, e.g. 1e-5)")
-        _decay_rate(weight_decay)
-        if momentum is not None and (
-            isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0
-        ):
-            raise ValueError(f"Invalid momentum: {momentum!r} (expected None or a number in [0, 1))")
         if lr >= 1e-3:
             logger.warning("ELRA starts best from a tiny lr (1e-6..1e-4), got %g", lr)
         self._device: torch.device | None = None
+        self._config = config
+        self._agreed = False  # whether the ranks verified that they share this state (check_consistency)
         self.booster = Booster()
-        super().__init__(params, dict(lr=float(lr), weight_decay=weight_decay))
-        self.controller = Controller(
-            lr=float(lr),
-            classes=classes,
-            batch_size=batch_size,
-            warmup=warmup,
-            momentum=float(momentum) if momentum else None,
-            min_multiplier=batch_multiplier,
-            acceptance=acceptance,
-        )
+        super().__init__(params, dict(lr=config["lr"], weight_decay=config["weight_decay"]))
+        self.controller = _make_controller(config)
         self._pending: list[LossLike] = []
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
         self.unsynced_models: set[torch.nn.Module] = set()  # filled by elra.grad_sync
+        self.models: list[torch.nn.Module] = [model] if model is not None else []  # to reshard after in-place changes
         self._moved: set[torch.Tensor] = set()  # parameters the last accepted step updated
         self._boost_model: torch.nn.Module | None = None
 
@@ -159,9 +234,14 @@ class ElraOptimizer(Optimizer):
         """
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        named = [p for p in params if isinstance(p, tuple)]  # model.named_parameters(): torch keeps the names
+        tensors = [p[1] for p in named] if len(named) == len(params) else params
         _decay_rate(param_group.get("weight_decay", self.defaults["weight_decay"]))
+        self._check_group_options(param_group)
         device = self._device
-        for p in params:
+        for p in tensors:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"ELRA optimizes tensors, got {type(p).__name__} (named and unnamed parameters mixed?)")
             if not p.is_floating_point():
                 raise ValueError(f"ELRA optimizes floating point parameters only, got {p.dtype}")
             device = p.device if device is None else device
@@ -171,10 +251,25 @@ class ElraOptimizer(Optimizer):
                 )
         super().add_param_group({**param_group, "params": params})
         self._device = device
-        for p in params:
+        self._agreed = False
+        for p in tensors:
             self.state[p]["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if self.booster.enabled:
                 self.state[p]["boost"] = p.detach().clone()
+
+    def _check_group_options(self, group: dict[str, Any]) -> None:
+        """Refuse per-group options ELRA cannot honour: it has one step length and one momentum."""
+        current = {self.defaults["lr"], *(g["lr"] for g in self.param_groups)}
+        if "lr" in group and group["lr"] not in current:
+            raise ValueError(
+                f"a parameter group sets lr={group['lr']!r}: ELRA adapts one step length for all groups, "
+                "so per-group learning rates are not supported (leave 'lr' out of the group)"
+            )
+        if "momentum" in group and (group["momentum"] or None) != self._config["momentum"]:
+            raise ValueError(
+                f"a parameter group sets momentum={group['momentum']!r}: ELRA uses one momentum for all groups "
+                f"(the constructor's, {self._config['momentum']}); leave 'momentum' out of the group"
+            )
 
     # ------------------------------------------------------------ public
     @property
@@ -277,7 +372,9 @@ class ElraOptimizer(Optimizer):
         """Revert the last step without a gradient (the caller skipped ``backward``)."""
         if loss is None:
             raise TypeError("step_retrace needs the loss value that made you skip backward()")
+        self._check_models_known("step_retrace")
         self._real_step([*self._pending, _loss_value(loss)], with_gradient=False)
+        reshard(self.models)  # the skipped backward left gathered weights behind
         for model in self.unsynced_models:
             drop_unsynced_grads(model)
         self.unsynced_models.clear()
@@ -296,9 +393,8 @@ class ElraOptimizer(Optimizer):
                 loss.backward()
                 optimizer.step(loss)
 
-        Not with FSDP1, which keeps the root's gathered weights from a forward
-        until its backward: there run ``backward()`` and ``step`` with the loss
-        (a non-finite loss retraces; pass ``float("nan")`` to force it).
+        Under FSDP the optimizer needs the model (see ``model``) so that the
+        retrace reaches the weights FSDP kept gathered from the forward.
         """
         value = _loss_value(loss)
         device = self._device or torch.device("cpu")
@@ -306,7 +402,9 @@ class ElraOptimizer(Optimizer):
         bad = ~torch.isfinite(value)
         if limit is not None:
             bad |= value > limit
-        return bool(self.reducer.sum(bad.to(torch.float64).reshape(1)).item() > 0)
+        if not self._check_every:
+            return bool(self.reducer.sum(bad.to(torch.float64).reshape(1)).item() > 0)
+        return self._checked_exchange(("skip_backward", limit), bad.to(torch.float64))[0] > 0
 
     # ------------------------------------------------------------ boost
     def enable_boost(self, cycle: int = DEFAULT_CYCLE) -> None:
@@ -339,11 +437,15 @@ class ElraOptimizer(Optimizer):
         """
         count = self.booster.count if self.booster.enabled else 0
         params, means = self._boost_pairs() if count else ([], [])
+        if count:
+            self._check_models_known("boosted()")
         Booster.swap(params, means)
+        reshard(self.models if count else ())
         try:
             yield count
         finally:
             Booster.swap(params, means)
+            reshard(self.models if count else ())
 
     def get_boost_model(
         self, enable: bool, model: torch.nn.Module | None = None, device: torch.device | str | None = None
@@ -387,38 +489,131 @@ class ElraOptimizer(Optimizer):
         """The torch layout, plus the controller's numbers in ``param_groups[0]``.
 
         While collecting, the partial gradient sums are saved too, so a resumed
-        run continues with the same micro-batches.
+        run continues with the same micro-batches. Every parameter carries a
+        ``pending_grad`` (zeros when nothing is pending), so that the state of a
+        fresh optimizer, the template ``torch.distributed.checkpoint`` loads
+        into, has room for them. Sums a wrapper holds per rank (collected under
+        :func:`elra.grad_sync`) must be synchronised first: see
+        :meth:`sync_pending_grads`.
         """
+        if self._pending and self.unsynced_models:
+            raise RuntimeError(
+                f"state_dict() in the middle of collecting micro-batches ({len(self._pending)} of "
+                f"{self.controller.state.multiplier}) with gradient sync off (grad_sync): each rank holds its own "
+                "partial sums, which one checkpoint cannot keep. Call optimizer.sync_pending_grads() on every "
+                "rank first (one gradient reduction), or save when optimizer.collecting is False"
+            )
         sd = super().state_dict()
         controller = self.controller.state_dict()
         controller["pending_losses"] = [float(v) for v in self._pending]
+        controller["pending_grads"] = []  # indices of the parameters whose pending_grad is a gradient
         sd["param_groups"][0][_STATE_KEY] = controller
         sd["param_groups"][0][_BOOST_KEY] = self.booster.state_dict()
-        if self._pending:
-            index = 0
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: p.grad}
-                    index += 1
+        sd["param_groups"][0][_CONFIG_KEY] = dict(self._config)
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                pending = p.grad if self._pending else None
+                if pending is not None:
+                    controller["pending_grads"].append(index)
+                else:
+                    pending = torch.zeros_like(p, memory_format=torch.preserve_format)
+                sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending}
+                index += 1
         return sd
 
+    @torch.no_grad()
+    def sync_pending_grads(self) -> None:
+        """Reduce the micro-batch gradients collected with sync off, as the next real step would.
+
+        A collective: call it on every rank, before saving a checkpoint while
+        collecting under :func:`elra.grad_sync` (``state_dict()`` refuses
+        otherwise). Averaging the partial sums over ranks now gives the same
+        averaged gradient at the real step (the reduction is linear), and the
+        averaged sums are what one checkpoint can hold, at any world size.
+        Costs one gradient reduction (DDP: an all-reduce of all gradients;
+        FSDP2: an all-reduce per parameter) at checkpoint time; nothing when
+        nothing is pending or sync was on.
+        """
+        if not self._pending or not self.unsynced_models:
+            self.unsynced_models.clear()
+            return
+        for model in self.unsynced_models:
+            sync_unsynced_grads(model)
+        self.unsynced_models.clear()
+        self._kept_grads = {
+            p: p.grad
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None and not getattr(p, "_fsdp_flattened", False)
+        }
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by ``state_dict``: everything, or nothing if it does not fit.
+
+        The checkpoint's hyperparameters win (as torch restores a group's
+        ``lr``): momentum, batch size, regime, warmup, the smallest batch
+        multiplier and the default lr and weight decay are those it was saved
+        with; each one that differs from this optimizer's is logged at WARNING.
+        ``process_group``, ``replicas`` and ``check_consistency`` describe this
+        job, not the run, and stay as constructed. A state_dict that does not
+        fit raises ``ValueError`` before anything changes.
+        """
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        if not groups or _STATE_KEY not in groups[0]:
+        if not groups or not isinstance(groups[0], dict) or _STATE_KEY not in groups[0]:
             raise ValueError("not an ElraOptimizer state_dict (no controller state in param_groups[0])")
-        controller = dict(groups[0][_STATE_KEY])
-        pending = [float(v) for v in controller.pop("pending_losses", [])]
-        super().load_state_dict(state_dict)
-        self.param_groups[0].pop(_STATE_KEY, None)
-        boost = self.param_groups[0].pop(_BOOST_KEY, None)
-        self._check_state_shapes()
-        self.controller.load_state_dict(controller)
+        config = self._saved_config(groups[0].get(_CONFIG_KEY))
+        controller_state = dict(groups[0][_STATE_KEY])
+        pending = [float(v) for v in controller_state.pop("pending_losses", [])]
+        pending_grads = controller_state.pop("pending_grads", None)
+        controller = _make_controller(config)
+        controller.load_state_dict(controller_state)
+        if len(pending) >= controller.state.multiplier:
+            raise ValueError(
+                f"the state_dict holds {len(pending)} collected micro-batches for a batch multiplier of "
+                f"{controller.state.multiplier}: it is corrupted"
+            )
+        booster = Booster()
+        boost = groups[0].get(_BOOST_KEY)
         if boost is not None:
-            self.booster.load_state_dict(boost)
+            try:
+                booster.load_state_dict(boost)
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"the boost state of the state_dict is unusable: {error!r}") from error
+        self._check_saved_state(state_dict, booster.enabled)
+        super().load_state_dict(state_dict)
+        self._own_loaded_state(state_dict)
+        self.param_groups[0].pop(_STATE_KEY, None)
+        self.param_groups[0].pop(_BOOST_KEY, None)
+        self.param_groups[0].pop(_CONFIG_KEY, None)
+        self._log_config_change(config)
+        self._config = config
+        self.defaults.update(lr=config["lr"], weight_decay=config["weight_decay"])
+        self.controller = controller
+        self.booster = booster
+        self._fill_empty_state()
         self._pending = pending
         self._moved = {p for g in self.param_groups for p in g["params"]}
-        self._restore_pending_grads()
+        self._agreed = False
+        self._restore_pending_grads(pending_grads if pending else [])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything needed to continue the same trajectory (``copy.deepcopy``, pickle, ``torch.save``).
+
+        torch's optimizers keep only ``defaults``, ``state`` and ``param_groups``;
+        ELRA also needs its controller, collected micro-batches and boost
+        counters. Hooks are not copied (as in torch), nor the models that
+        ``grad_sync`` saw (they belong to the original's training loop).
+        """
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        state["unsynced_models"] = set()
+        state["_agreed"] = False
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for p, grad in self._kept_grads.items():  # deepcopy and pickle drop .grad of parameters
+            p.grad = grad
 
     # ------------------------------------------------------- internals
     def _reported(self, loss: Any, what: str) -> float:
@@ -427,6 +622,17 @@ class ElraOptimizer(Optimizer):
         if not math.isfinite(value):
             raise ValueError(f"the {what} loss must be finite, got {value}")
         return value
+
+    def _check_models_known(self, change: str) -> None:
+        """Refuse an in-place change that FSDP's gathered weights would hide from the next forward."""
+        wrapping = fsdp_wrapping(p for g in self.param_groups for p in g["params"])
+        if wrapping is not None and not reshard(self.models):
+            raise RuntimeError(
+                f"{change} changes the parameters in place, but under {wrapping} the model keeps gathered "
+                "copies of them after a forward (the root's), which the next forward would use unchanged: "
+                "give the optimizer the wrapped model, ElraOptimizer(model.parameters(), model, ...), "
+                "or use `with elra.grad_sync(model, optimizer):` around forward and backward"
+            )
 
     def _check_kept_grads(self) -> None:
         for p, grad in self._kept_grads.items():
@@ -437,24 +643,93 @@ class ElraOptimizer(Optimizer):
                     "collecting), not model.zero_grad(); see `collecting` in the README"
                 )
 
-    def _check_state_shapes(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                for key, value in self.state.get(p, {}).items():
-                    if isinstance(value, torch.Tensor) and value.shape != p.shape:
-                        raise ValueError(
-                            f"state '{key}' of shape {tuple(value.shape)} does not fit a parameter of shape "
-                            f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
-                        )
+    def _saved_config(self, saved: Any) -> dict[str, Any]:
+        """The checkpoint's hyperparameters, validated; this optimizer's for checkpoints without them."""
+        if saved is None:
+            logger.info("ELRA state_dict without hyperparameters (saved by an older elra): keeping the constructor's")
+            return dict(self._config)
+        if not isinstance(saved, dict) or self._config.keys() - saved.keys():
+            raise ValueError(
+                f"the state_dict's ELRA hyperparameters {saved!r} lack {sorted(self._config.keys() - set(saved))}"
+            )
+        return _checked_config({**self._config, **saved})
 
-    def _restore_pending_grads(self) -> None:
-        self._kept_grads = {}
+    def _log_config_change(self, config: dict[str, Any]) -> None:
+        changed = {k: (self._config.get(k), v) for k, v in config.items() if self._config.get(k) != v}
+        if changed:
+            logger.warning(
+                "ELRA load_state_dict: the checkpoint's hyperparameters replace the constructor's: %s",
+                ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())),
+            )
+
+    def _check_saved_state(self, state_dict: dict[str, Any], boost_enabled: bool) -> None:
+        """Validate the per-parameter state against this optimizer's parameters, changing nothing."""
+        saved_groups, saved_state = state_dict["param_groups"], state_dict.get("state", {})
+        sizes = [len(g["params"]) for g in self.param_groups]
+        saved_sizes = [len(g.get("params", ())) for g in saved_groups]
+        if sizes != saved_sizes:
+            raise ValueError(
+                f"the state_dict has parameter groups of sizes {saved_sizes}, this optimizer {sizes}: "
+                "it is from another model or parameter grouping"
+            )
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        needed = ("direction", "boost") if boost_enabled else ("direction",)
+        for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
+            entry = saved_state.get(saved_id, {})
+            for key in needed if p.numel() else ():  # FSDP1 saves no state for a parameter with no local part
+                if key not in entry:
+                    raise ValueError(f"the state_dict lacks the '{key}' state of parameter {index}")
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    raise ValueError(
+                        f"state '{key}' of shape {tuple(value.shape)} does not fit parameter {index} of shape "
+                        f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
+                    )
+
+    def _own_loaded_state(self, state_dict: dict[str, Any]) -> None:
+        """Copy state tensors that torch's load kept shared with the state_dict.
+
+        torch's ``load_state_dict`` keeps a tensor already of the right dtype and
+        device as it is, so loading a live ``state_dict()`` (another optimizer's)
+        would make two optimizers update one direction buffer.
+        """
+        saved = {
+            local(v).data_ptr()
+            for entry in state_dict.get("state", {}).values()
+            for v in entry.values()
+            if isinstance(v, torch.Tensor) and v.numel()
+        }
+        for entry in self.state.values():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.numel() and local(value).data_ptr() in saved:
+                    entry[key] = value.clone()
+
+    def _fill_empty_state(self) -> None:
+        """Recreate the state of parameters with no local elements.
+
+        FSDP1 (``use_orig_params=True``) hands ``load_state_dict`` no state at all
+        for a parameter that lies wholly in another rank's shard; its state here
+        is empty tensors, so nothing is lost by creating them again.
+        """
         for group in self.param_groups:
             for p in group["params"]:
-                grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
-                if grad is not None:
-                    p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
-                    self._kept_grads[p] = p.grad
+                if p.numel() == 0:
+                    state = self.state[p]
+                    state.setdefault("direction", torch.zeros_like(p, memory_format=torch.preserve_format))
+                    if self.booster.enabled:
+                        state.setdefault("boost", p.detach().clone())
+
+    def _restore_pending_grads(self, indices: list[int] | None) -> None:
+        """Put the saved partial sums back into ``.grad`` (``indices``: which; None: every saved one)."""
+        self._kept_grads = {}
+        wanted = None if indices is None else set(indices)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in enumerate(params):
+            grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
+            if grad is not None and (wanted is None or index in wanted):
+                p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
+                self._kept_grads[p] = p.grad
 
     def _real_step(
         self, losses: list[LossLike], with_gradient: bool, inv_scale: float = 1.0, skip_overflow: bool = False
@@ -462,14 +737,15 @@ class ElraOptimizer(Optimizer):
         decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
         groups = [self._group_tensors(group, with_gradient) for group in self.param_groups]
         half = any(tensors["half"] for tensors in groups)
-        sums, values = self._global_sums(groups, decays, losses, with_gradient)
+        sums, values, bounds = self._global_sums(groups, decays, losses, with_gradient, (inv_scale, skip_overflow))
         self._pending = []
         self._kept_grads = {}
         if sums is not None and inv_scale != 1.0:
             sums = sums.scaled(inv_scale)
+            bounds = replace(bounds, grads=bounds.grads * inv_scale) if bounds is not None else None
         if skip_overflow and sums is not None and not sums.is_finite() and all(map(math.isfinite, values)):
             return "overflow"
-        decision = self.controller.real_step(values, sums, decays, half_precision=half)
+        decision = self.controller.real_step(values, sums, decays, half_precision=half, bounds=bounds)
         self._apply(decision, groups, inv_scale, sum(values) / len(values))
         length = self.controller.step_length
         for group in self.param_groups:
@@ -481,14 +757,19 @@ class ElraOptimizer(Optimizer):
 
         ``owners`` are the parameters behind ``params``; ``half`` tells whether any
         parameter of the group (with a gradient or not, so all ranks agree) is 16-bit.
+        ``ranged`` lists (parameter, direction, gradient or None, weight / largest
+        value**2) of the 16-bit ones, whose range a step must respect.
         """
-        keys = ("params", "owners", "grads", "dirs", "weights", "stale", "moved", "moved_dirs")
+        keys = ("params", "owners", "grads", "dirs", "weights", "stale", "moved", "moved_dirs", "ranged")
         tensors: dict[str, Any] = {k: [] for k in keys}
         tensors["half"] = False
         for p in group["params"]:
-            tensors["half"] = tensors["half"] or p.dtype in (torch.float16, torch.bfloat16)
             direction = local(self.state[p]["direction"])
             grad = p.grad if with_gradient else None
+            if p.dtype in _SIXTEEN_BIT:
+                tensors["half"] = True
+                weight = 1.0 / self.reducer.replicas(p) / torch.finfo(p.dtype).max ** 2
+                tensors["ranged"].append((local(p), direction, None if grad is None else local(grad), weight))
             if grad is not None:
                 if grad.is_sparse:
                     raise RuntimeError("ElraOptimizer does not support sparse gradients")
@@ -496,12 +777,12 @@ class ElraOptimizer(Optimizer):
                 tensors["owners"].append(p)
                 tensors["grads"].append(local(grad))
                 tensors["dirs"].append(direction)
-                tensors["weights"].append(1.0 / self.reducer.replicas(p))
             elif p in self._moved:
                 tensors["stale"].append(direction)
             if p in self._moved:
                 tensors["moved"].append(local(p))
                 tensors["moved_dirs"].append(direction)
+        tensors["weights"] = self.reducer.weights(tensors["owners"])
         return tensors
 
     def _global_sums(
@@ -510,53 +791,111 @@ class ElraOptimizer(Optimizer):
         decays: list[float],
         losses: list[LossLike],
         with_gradient: bool,
-    ) -> tuple[StepSums | None, list[float]]:
-        """The controller's inputs, summed over ranks: per-group inner products and mean losses."""
+        scaling: tuple = (),
+    ) -> tuple[StepSums | None, list[float], RangeBounds | None]:
+        """The controller's inputs, summed over ranks: per-group inner products, mean losses, range bounds."""
         n_groups = len(groups)
         started = self.controller.state.started
         momentum = self.controller.momentum is not None
         any_decay = any(decays)
-        present = len(_SUMS) * n_groups
-        check = present + 1
+        half = any(tensors["half"] for tensors in groups)
+        present, ranged, check = _layout(n_groups, half)
         batch = ScalarBatch(check + (2 if self._check_every else 0), self._device or torch.device("cpu"), self.reducer)
         for j, tensors in enumerate(groups) if with_gradient else ():
             slot = {name: k * n_groups + j for k, name in enumerate(_SUMS)}
             batch.add_constant(present, len(tensors["params"]))
-            for x, g, d, w in zip(tensors["params"], tensors["grads"], tensors["dirs"], tensors["weights"]):
-                batch.add(slot["grad_sq"], dot(g, g), w)
+            grads, dirs, weights = tensors["grads"], tensors["dirs"], tensors["weights"]
+            flat_grads = [flat(g) for g in grads]
+            flat_params = [flat(x) for x in tensors["params"]] if decays[j] else []
+            flat_dirs = [flat(d) for d in dirs] if started else []
+            batch.add(slot["grad_sq"], squares(grads), weights)
+            if started:
+                batch.add(slot["grad_dir"], dots(flat_grads, flat_dirs), weights)
+                if momentum:
+                    batch.add(slot["dir_sq"], squares(dirs), weights)
+            if any_decay:
+                batch.add(slot["param_sq"], squares(tensors["params"]), weights)
+            if decays[j]:
+                batch.add(slot["grad_param"], dots(flat_grads, flat_params), weights)
                 if started:
-                    batch.add(slot["grad_dir"], dot(g, d), w)
-                    if momentum:
-                        batch.add(slot["dir_sq"], dot(d, d), w)
-                if any_decay:
-                    batch.add(slot["param_sq"], dot(x, x), w)
-                if decays[j]:
-                    batch.add(slot["grad_param"], dot(g, x), w)
-                    if started:
-                        batch.add(slot["param_dir"], dot(x, d), w)
-        fingerprint = self._fingerprint(decays) if self._check_every else 0
+                    batch.add(slot["param_dir"], dots(flat_params, flat_dirs), weights)
+        ranged_tensors = [entry for tensors in groups for entry in tensors["ranged"]]
+        if ranged_tensors:
+            params, dirs, grads, weights = zip(*ranged_tensors)
+            batch.add(ranged, squares(params), weights)
+            batch.add(ranged + 1, squares(dirs), weights)
+            with_grad = [(g, w) for g, w in zip(grads, weights) if g is not None]
+            batch.add(ranged + 2, squares([g for g, _ in with_grad]), [w for _, w in with_grad])
+        loss_slots = None
         if self._check_every:
+            fingerprint = self._agreed_fingerprint(("step", with_gradient, *scaling))
             batch.add_constant(check, fingerprint)
             batch.add_constant(check + 1, fingerprint * fingerprint)
-        values, loss_values = batch.read(losses)
+            loss_slots = self.controller.state.multiplier
+        values, loss_values = batch.read(losses, loss_slots)
         if self._check_every:
             self._verify_consistency(values[check], values[check + 1], fingerprint)
+        bounds = RangeBounds(*(math.sqrt(v) if v >= 0.0 else math.nan for v in values[ranged:check])) if half else None
         if not with_gradient:
-            return None, loss_values
+            return None, loss_values, bounds
         if values[present] == 0:
             raise RuntimeError(
                 "no parameter has a gradient: call loss.backward() before optimizer.step(loss), "
                 "or optimizer.step_retrace(loss) to skip backward()"
             )
         sums = StepSums(*(values[k * n_groups : (k + 1) * n_groups] for k in range(len(_SUMS))))
-        return sums, loss_values
+        return sums, loss_values, bounds
 
-    def _fingerprint(self, decays: list[float]) -> int:
-        """A 20-bit hash of the controller state (0 when no check is due at this step)."""
-        if self.controller.state.steps % self._check_every:
-            return 0
-        text = repr((sorted(self.controller.state_dict().items()), decays, len(self._pending)))
+    def _fingerprint(self, call: tuple) -> int:
+        """A 20-bit hash of everything that decides this collective's layout and the next decision.
+
+        The call (``step`` with its inputs, or ``skip_backward``), the group
+        count, batch multiplier and collected micro-batches (the vector's
+        length), the hyperparameters and the controller state.
+        """
+        decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
+        state = sorted(self.controller.state_dict().items())
+        text = repr((call, len(self.param_groups), len(self._pending), decays, sorted(self._config.items()), state))
         return zlib.crc32(text.encode()) % (1 << 20) + 1
+
+    def _agreed_fingerprint(self, call: tuple) -> int:
+        """This rank's fingerprint for a real step, after a handshake if the ranks have not agreed yet.
+
+        Under ``check_consistency`` every collective of the optimizer carries the
+        fingerprint; ranks that agree at one collective take the same decision,
+        so the next vector has the same length on every rank. Only the first
+        collective after construction, ``load_state_dict`` or ``add_param_group``
+        cannot rely on that: it is a handshake of three numbers (the size of a
+        first ``skip_backward``), so a rank built or loaded differently meets the
+        same clear error as the others instead of a collective of another size.
+        """
+        if not self._agreed:
+            self._checked_exchange(call)
+        return self._fingerprint(call)
+
+    def _checked_exchange(self, call: tuple, payload: torch.Tensor | None = None) -> list[float]:
+        """All-reduce ``payload`` (slot 0) with this rank's fingerprint in the agreed layout; raises if ranks differ.
+
+        Before agreement the vector holds three numbers; after it, as many as a
+        real step's vector, with the fingerprint in the same slots, so that a
+        rank's step meeting another rank's ``skip_backward`` is a disagreement
+        too, not a size mismatch.
+        """
+        fingerprint = self._fingerprint(call)
+        if self._agreed:
+            half = any(p.dtype in _SIXTEEN_BIT for group in self.param_groups for p in group["params"])
+            _, _, check = _layout(len(self.param_groups), half)
+            length, at = check + 2 + self.controller.state.multiplier, check
+        else:
+            length, at = 3, 1
+        numbers = [0.0] * length
+        numbers[at], numbers[at + 1] = fingerprint, fingerprint * fingerprint
+        vector = torch.tensor(numbers, dtype=torch.float64, device=self._device or torch.device("cpu"))
+        if payload is not None:
+            vector[0] = payload
+        values = self.reducer.sum(vector).tolist()
+        self._verify_consistency(values[at], values[at + 1], fingerprint)
+        return values
 
     def _verify_consistency(self, total: float, total_sq: float, mine: int) -> None:
         ranks = self.reducer.world_size
@@ -564,8 +903,9 @@ class ElraOptimizer(Optimizer):
             raise RuntimeError(
                 f"ranks disagree on the ELRA controller state at real step {self.controller.state.steps}: "
                 "each rank must build the optimizer with the same arguments, load the same checkpoint "
-                "and call step()/step_retrace() at the same points"
+                "and call step()/step_retrace()/skip_backward() at the same points"
             )
+        self._agreed = True
 
     def _apply(self, decision: Decision, groups: list[dict[str, Any]], inv_scale: float, loss: float) -> None:
         """Carry out the controller's decision on the local tensors."""
@@ -587,11 +927,11 @@ class ElraOptimizer(Optimizer):
                         torch._foreach_mul_(dirs, grad_scale)
                 else:
                     torch._foreach_mul_(dirs, decision.keep)
-                    torch._foreach_add_(dirs, grads, alpha=grad_scale)
+                    _add_scaled(dirs, grads, grad_scale)
                 if decision.param_scale[j]:
-                    torch._foreach_add_(dirs, params, alpha=decision.param_scale[j])
-                torch._foreach_add_(params, dirs, alpha=-decision.step)
+                    _add_scaled(dirs, params, decision.param_scale[j])
+                _add_scaled(params, dirs, -decision.step)
         elif decision.action == "retrace" and decision.shift:
             for tensors in groups:
                 if tensors["moved"]:
-                    torch._foreach_add_(tensors["moved"], tensors["moved_dirs"], alpha=decision.shift)
+                    _add_scaled(tensors["moved"], tensors["moved_dirs"], decision.shift)

@@ -21,11 +21,26 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 AUTO = "auto"
 
 
-def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Inner product of two same-shaped local tensors, accumulated in at least float32."""
-    if a.dtype in _LOW_PRECISION:
-        a, b = a.float(), b.float()
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+def flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-D view (float32 for 16-bit tensors, so that inner products accumulate in it)."""
+    tensor = tensor.reshape(-1)
+    return tensor.float() if tensor.dtype in _LOW_PRECISION else tensor
+
+
+def squares(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``|t|^2`` of every tensor, in one multi-tensor call (accumulated in float32 for 16-bit)."""
+    low = sum(t.dtype in _LOW_PRECISION for t in tensors)
+    if not low:
+        return list(torch._foreach_powsum(list(tensors), 2)) if tensors else []
+    if low == len(tensors):
+        return [n * n for n in torch._foreach_norm(list(tensors), 2, dtype=torch.float32)]
+    flats = [flat(t) for t in tensors]  # 16-bit beside wider tensors: one at a time
+    return dots(flats, flats)
+
+
+def dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``<a_i, b_i>`` of flat (see :func:`flat`) same-shaped tensor pairs."""
+    return [torch.dot(x, y) for x, y in zip(a, b)]
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -60,6 +75,23 @@ class Reducer:
         self._process_group = process_group
         self._replicas = replicas
 
+    def __deepcopy__(self, memo: dict) -> "Reducer":
+        """A copy reduces over the same group (a group is a connection, not data)."""
+        return Reducer(self._process_group, self._replicas)
+
+    def __getstate__(self) -> dict:
+        if self._process_group is not AUTO and self._process_group is not None:
+            raise TypeError(
+                "an ElraOptimizer built with an explicit process_group cannot be pickled (a process group "
+                "lives in its process): save optimizer.state_dict() instead, or build it with process_group='auto'"
+            )
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._process_group == AUTO:
+            self._process_group = AUTO  # the marker is compared by identity
+
     @property
     def group(self):
         """The process group to reduce over, or ``None`` for this process alone."""
@@ -81,20 +113,28 @@ class Reducer:
 
     def replicas(self, param: torch.Tensor) -> int:
         """Number of ranks holding an identical copy of this rank's part of ``param``."""
+        return self._replicas_in(param, self.world_size)
+
+    def weights(self, params: Sequence[torch.Tensor]) -> list[float]:
+        """``1 / replicas`` of each parameter: the share of its local sums this rank contributes."""
+        world = self.world_size
+        return [1.0 / self._replicas_in(p, world) for p in params]
+
+    def _replicas_in(self, param: torch.Tensor, world: int) -> int:
         if self._replicas is not None:
             count = self._replicas(param)
         elif hasattr(param, "placements") and hasattr(param, "device_mesh"):
             mesh = param.device_mesh
-            if mesh.size() != self.world_size:
+            if mesh.size() != world:
                 raise ValueError(
                     f"a parameter is distributed over a device mesh of {mesh.size()} ranks but ELRA reduces over "
-                    f"{self.world_size}: pass process_group= the group of that mesh (or replicas=)"
+                    f"{world}: pass process_group= the group of that mesh (or replicas=)"
                 )
             count = math.prod(mesh.size(dim) for dim, placement in enumerate(param.placements) if placement.is_replicate())
         elif getattr(param, "_fsdp_flattened", False):
             count = 1
         else:
-            count = self.world_size
+            count = world
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"replicas must be a positive integer, got {count!r}")
         return count
@@ -115,30 +155,42 @@ class ScalarBatch:
         self.device = device
         self.dtype = _accumulation_dtype(device)
         self.reducer = reducer
-        self._terms: list[torch.Tensor] = []
-        self._index: list[int] = []
-        self._weights: list[float] = []
+        self._blocks: list[tuple[int, list[torch.Tensor], Sequence[float]]] = []
         self._constants = [0.0] * slots
 
-    def add(self, slot: int, term: torch.Tensor, weight: float = 1.0) -> None:
-        self._terms.append(term)
-        self._index.append(slot)
-        self._weights.append(weight)
+    def add(self, slot: int, terms: list[torch.Tensor], weights: Sequence[float]) -> None:
+        """Per-tensor 0-dim terms whose weighted sum goes into ``slot``."""
+        if terms:
+            self._blocks.append((slot, terms, weights))
 
     def add_constant(self, slot: int, value: float) -> None:
         """A host-side number (already this rank's share) to be summed over ranks."""
         self._constants[slot] += value
 
-    def read(self, losses: Sequence[float | torch.Tensor]) -> tuple[list[float], list[float]]:
-        """Global (slot values, mean losses over ranks): one collective, one host transfer."""
+    def read(
+        self, losses: Sequence[float | torch.Tensor], loss_slots: int | None = None
+    ) -> tuple[list[float], list[float]]:
+        """Global (slot values, mean losses over ranks): one collective, one host transfer.
+
+        ``loss_slots`` pads the losses with zeros to that many, for a vector
+        whose length must not depend on how many micro-batches were collected.
+        """
         vector = torch.tensor(self._constants, dtype=self.dtype, device=self.device)
-        if self._terms:
-            terms = torch.stack([t.to(self.dtype) for t in self._terms])
-            terms *= torch.tensor(self._weights, dtype=self.dtype, device=self.device)
-            vector.index_add_(0, torch.tensor(self._index, device=self.device), terms)
+        if self._blocks:
+            sums = torch.stack([self._weighted_sum(terms, weights) for _, terms, weights in self._blocks])
+            index = torch.tensor([slot for slot, _, _ in self._blocks], device=self.device)
+            vector.index_add_(0, index, sums)
         loss_vector = _loss_vector(losses, self.dtype, self.device) / self.reducer.world_size
-        values = self.reducer.sum(torch.cat([vector, loss_vector])).tolist()
-        return values[: self.slots], values[self.slots :]
+        padding = torch.zeros(max(0, (loss_slots or 0) - len(losses)), dtype=self.dtype, device=self.device)
+        values = self.reducer.sum(torch.cat([vector, loss_vector, padding])).tolist()
+        return values[: self.slots], values[self.slots : self.slots + len(losses)]
+
+
+    def _weighted_sum(self, terms: list[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+        stacked = torch.stack(terms).to(self.dtype)
+        if all(w == weights[0] for w in weights):
+            return stacked.sum() * weights[0]
+        return stacked @ torch.tensor(weights, dtype=self.dtype, device=self.device)
 
 
 def _loss_vector(losses: Sequence[float | torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

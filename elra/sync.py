@@ -9,9 +9,10 @@ a real step needs the gradient reduction. Results are the same either way
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
 if TYPE_CHECKING:
     from .optimizer import ElraOptimizer
@@ -19,20 +20,32 @@ if TYPE_CHECKING:
 
 @contextmanager
 def grad_sync(model: torch.nn.Module, optimizer: "ElraOptimizer") -> Iterator[None]:
-    """Wrap ``loss.backward()``: gradient sync off while collecting, on for a real step.
+    """Wrap a micro-batch's forward AND backward: gradient sync off while collecting, on for a real step.
 
     Handles DDP and FSDP1 (``no_sync()``) and FSDP2 (``set_requires_gradient_sync``);
-    any other model is left alone.
+    any other model is left alone. DDP decides in the forward whether the
+    backward will all-reduce, so the forward must run inside: a DDP backward
+    collected here after a forward outside raises (it was all-reduced anyway).
+    It also tells the optimizer the model (see ``ElraOptimizer``'s ``model``).
     """
     sync = not optimizer.collecting
-    if not sync:
-        optimizer.unsynced_models.add(model)
+    if not any(known is model for known in optimizer.models):
+        optimizer.models.append(model)
     if hasattr(model, "set_requires_gradient_sync"):
+        if not sync:
+            optimizer.unsynced_models.add(model)
         model.set_requires_gradient_sync(sync)
         yield
     elif hasattr(model, "no_sync") and not sync:
+        optimizer.unsynced_models.add(model)
         with model.no_sync():
             yield
+        if getattr(model, "require_forward_param_sync", False):
+            raise RuntimeError(
+                "grad_sync saved nothing: DDP's forward ran outside it with gradient sync on, so the backward "
+                "all-reduced anyway. Put the forward inside too: `with grad_sync(model, optimizer): "
+                "loss = loss_fn(model(x), y); loss.backward()`"
+            )
     else:
         yield
 
@@ -59,3 +72,94 @@ def drop_unsynced_grads(model: torch.nn.Module) -> None:
             flat_param.grad = None
     for param in model.parameters():
         param.grad = None
+
+
+@torch.no_grad()
+def sync_unsynced_grads(model: torch.nn.Module) -> None:
+    """Average over ranks the gradients ``model``'s wrapper collected with sync off (a collective).
+
+    Leaves them where a synchronised backward would: DDP's ``.grad`` (one
+    all-reduce of all gradients, flattened), FSDP2's sharded ``.grad`` (each
+    unsharded sum all-reduced over the mesh, then this rank's shard kept; the
+    next synchronised backward adds its reduce-scatter to it). FSDP1 refuses.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=model.process_group)
+            flat /= dist.get_world_size(model.process_group)
+            torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+        return
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import distribute_tensor
+
+    for module in model.modules():
+        if isinstance(module, FullyShardedDataParallel):
+            raise RuntimeError(
+                "FSDP1 (FullyShardedDataParallel) keeps the micro-batch gradients collected under grad_sync "
+                "unsharded on each rank, and ELRA cannot checkpoint them: save when optimizer.collecting is "
+                "False, or collect without grad_sync (gradients then sync every micro-batch)"
+            )
+        if not isinstance(module, FSDPModule):
+            continue
+        groups = module._get_fsdp_state()._fsdp_param_groups
+        for fsdp_param in (fsdp_param for group in groups for fsdp_param in group.fsdp_params):
+            unsharded = fsdp_param._unsharded_param
+            full = fsdp_param.unsharded_accumulated_grad
+            full = unsharded.grad if full is None else full
+            if full is None:
+                continue
+            param = fsdp_param.sharded_param
+            mesh = param.device_mesh
+            full = full.to(param.dtype)
+            for dim in range(mesh.ndim):
+                dist.all_reduce(full, group=mesh.get_group(dim))
+            full /= mesh.size()
+            shard = distribute_tensor(full, mesh, param.placements, src_data_rank=None)
+            if param.grad is None:
+                param.grad = shard
+            else:
+                param.grad.to_local().add_(shard.to_local())
+            fsdp_param.unsharded_accumulated_grad = None
+            unsharded.grad = None
+
+
+def reshard(models: Iterable[torch.nn.Module]) -> int:
+    """Free the weights FSDP keeps gathered after a forward; returns the FSDP modules found.
+
+    FSDP2's root (``fully_shard(model)`` holding parameters) and FSDP1's root
+    keep their gathered weights from a forward until the backward, and a
+    forward without backward (evaluation, a skipped backward) leaves them
+    there. An in-place change of the shards (a retrace without backward, the
+    boost swap) would not reach them: resharding makes the next forward
+    gather the current shards. No communication.
+    """
+    if not dist.is_available():
+        return 0
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    found = 0
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+                found += 1
+            elif isinstance(module, FullyShardedDataParallel):
+                found += 1
+                handle = module._handle
+                if handle is not None and handle.uses_sharded_strategy and not handle.needs_unshard():
+                    from torch.distributed.fsdp._runtime_utils import _reshard
+
+                    _reshard(module, handle, free_unsharded_flat_param=True)
+    return found
+
+
+def fsdp_wrapping(params: Iterable[torch.Tensor]) -> str | None:
+    """The FSDP flavour that manages ``params`` (None: no FSDP), for error messages."""
+    for p in params:
+        if getattr(p, "_fsdp_flattened", False):
+            return "FSDP1 (FullyShardedDataParallel)"
+        if hasattr(p, "device_mesh") and hasattr(p, "placements"):
+            return "FSDP2 (fully_shard)"
+    return None

@@ -35,18 +35,18 @@ else:  # shard each layer, then the root
     fully_shard(model[0])
     fully_shard(model[2])
     fully_shard(model)
-optimizer = ElraOptimizer(model.parameters(), None, args.batch_size, 10, lr=1e-5, batch_multiplier=2)
+optimizer = ElraOptimizer(model.parameters(), model, args.batch_size, 10, lr=1e-5, batch_multiplier=2)
 
 for epoch in range(args.epochs):
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
     for batch in order.split(args.batch_size * world):
         mine = batch[rank::world]  # this rank's part of the global batch
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x[mine]), y[mine])
-        if optimizer.skip_backward(loss):
-            optimizer.step_retrace(loss)
-            continue
-        with grad_sync(model, optimizer):
+        with grad_sync(model, optimizer):  # forward and backward: no gradient all-reduce while only collecting
+            loss = torch.nn.functional.cross_entropy(model(x[mine]), y[mine])
+            if optimizer.skip_backward(loss):
+                optimizer.step_retrace(loss)
+                continue
             loss.backward()
         optimizer.step(loss)
     with torch.no_grad():

@@ -5,11 +5,17 @@ Each checkpoint is written to ``epoch-NNNNN.tmp`` and renamed to
 interrupted write is never taken for a checkpoint. Sharded strategies use
 torch.distributed.checkpoint (each rank writes its shards; it can be loaded
 on another number of ranks); none and DDP write one ``state.pt`` from rank 0.
-The newest ``keep`` complete checkpoints are kept.
+Gradient sums collected toward a real step are kept (averaged over ranks
+first). The newest ``keep`` complete checkpoints are kept. Each one records
+in ``meta.json`` the strategy and world size that wrote it and the epoch's
+summary line, so a job resumed with an incompatible strategy is told what
+differs, and a finished job says where it ended.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -20,6 +26,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 
 _NAME = re.compile(r"^epoch-(\d+)$")
+_META = "meta.json"
+_SHARDED = ("fsdp2", "fsdp1")
+
+log = logging.getLogger("launch")
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory this job cannot use; the message says why and what to do."""
 
 
 def _barrier() -> None:
@@ -39,10 +53,14 @@ def full_model_state(model: torch.nn.Module, strategy: str) -> dict[str, torch.T
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, strategy: str, rank: int, keep: int = 2) -> None:
+    def __init__(self, directory: Path, strategy: str, rank: int, keep: int = 2, world: int = 1) -> None:
+        if directory.exists() and not directory.is_dir():
+            raise CheckpointError(f"--checkpoint-dir {directory} is a file; name a directory (it is created if missing)")
         self.directory = directory
         self.keep = keep
-        self.sharded = strategy in ("fsdp2", "fsdp1")
+        self.strategy = strategy
+        self.world = world
+        self.sharded = strategy in _SHARDED
         self.rank = rank
         if rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
@@ -52,11 +70,15 @@ class Checkpointer:
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
         return max(found) if found else None
 
-    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int, summary: str = "") -> None:
+        """Checkpoint ``epoch`` (complete epochs); ``summary`` is the epoch's report line, kept in meta.json."""
         final = self.directory / f"epoch-{epoch:05d}"
         partial = final.with_name(final.name + ".tmp")
         if self.rank == 0 and partial.exists():
             shutil.rmtree(partial)
+        # An epoch can end in the middle of collecting micro-batches: the sums each rank
+        # collected with gradient sync off are averaged first, so one checkpoint holds them.
+        optimizer.sync_pending_grads()
         _barrier()
         if self.sharded:
             model_state, optim_state = get_state_dict(model, optimizer)
@@ -67,6 +89,8 @@ class Checkpointer:
             torch.save(state, partial / "state.pt")
         _barrier()
         if self.rank == 0:
+            meta = {"strategy": self.strategy, "world_size": self.world, "epoch": epoch, "summary": summary}
+            (partial / _META).write_text(json.dumps(meta))
             partial.rename(final)
             complete = sorted(p for p in self.directory.iterdir() if _NAME.match(p.name) and p.is_dir())
             for old in complete[: -self.keep]:
@@ -79,6 +103,7 @@ class Checkpointer:
         if newest is None:
             return 0
         epoch, path = newest
+        self._check_compatible(path)
         if self.sharded:
             model_state, optim_state = get_state_dict(model, optimizer)
             state = {"model": model_state, "optim": optim_state}
@@ -89,3 +114,31 @@ class Checkpointer:
             _unwrapped(model).load_state_dict(state["model"])
             optimizer.load_state_dict(state["optim"])
         return epoch
+
+    def summary(self) -> str:
+        """The report line of the newest complete checkpoint's epoch ("" when none or not recorded)."""
+        newest = self.newest()
+        return _meta(newest[1]).get("summary", "") if newest else ""
+
+    def _check_compatible(self, path: Path) -> None:
+        """Refuse a checkpoint of another strategy, naming both; note a change of world size."""
+        meta = _meta(path)
+        written = meta.get("strategy") or ("fsdp2 or fsdp1" if (path / ".metadata").exists() else "none or ddp")
+        world = meta.get("world_size")
+        compatible = [self.strategy] if self.sharded else ["none", "ddp"]
+        if not any(s in compatible for s in written.split(" or ")):
+            usable = written if written in _SHARDED or " or " in written else "none or ddp"
+            raise CheckpointError(
+                f"{path} was written by --strategy {written}" + (f" on {world} ranks" if world else "")
+                + f"; --strategy {self.strategy} cannot resume it (its files are "
+                + ("torch.distributed.checkpoint shards" if (path / ".metadata").exists() else "one state.pt")
+                + f"): resume with --strategy {usable}, or start afresh in another --checkpoint-dir"
+            )
+        if world is not None and world != self.world and self.rank == 0:
+            log.warning("%s was written on %d ranks, resuming on %d: the global batch changes with it", path, world, self.world)
+
+
+def _meta(path: Path) -> dict:
+    """The checkpoint's meta.json (empty for checkpoints written before it existed)."""
+    file = path / _META
+    return json.loads(file.read_text()) if file.exists() else {}

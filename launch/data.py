@@ -2,7 +2,8 @@
 
 Each epoch's order comes from a generator seeded with the epoch, so every rank
 (and a resumed job) sees the same global batches; rank r takes every world-th
-sample of each global batch.
+sample of each global batch. Held-out data (``epoch=None``) is a fixed list
+of samples, each rank taking every world-th one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+
+from launch.text import CharCorpus
 
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
@@ -38,6 +41,48 @@ class TensorSet:
         for start in range(0, n - per_step + 1, per_step):
             idx = order[start : start + per_step][rank::world]
             yield self.transform(self.x[idx]), self.y[idx]
+
+
+class TextWindows:
+    """Windows of ``context`` characters of a text and their next-character targets.
+
+    Training windows start at a per-epoch random offset in ``[0, context)`` plus
+    multiples of ``context``, shuffled per epoch; held-out windows are the
+    non-overlapping ones from the start (a multiple of the number of ranks), the
+    same for every run and every strategy.
+    """
+
+    def __init__(self, ids: torch.Tensor, context: int) -> None:
+        if len(ids) < 2 * context + 1:
+            raise ValueError(f"{len(ids)} characters are too few for windows of --context {context}")
+        self.ids, self.context = ids, context
+
+    def _starts(self, shift: int) -> torch.Tensor:
+        return torch.arange(shift, len(self.ids) - self.context, self.context)
+
+    def __len__(self) -> int:
+        return len(self._starts(0))
+
+    def loader(self, epoch: int | None, rank: int, world: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Training batches of epoch ``epoch`` (equal on all ranks), or the held-out windows once (``None``)."""
+        if epoch is None:  # every rank the same number of windows, so sharded models run the same forwards
+            starts = self._starts(0)
+            for part in starts[: len(starts) // world * world][rank::world].split(batch_size):
+                yield CharCorpus.windows(self.ids, self.context, part)
+            return
+        generator = torch.Generator().manual_seed(1000 + epoch)
+        shift = int(torch.randint(self.context, (), generator=generator))
+        starts = self._starts(shift)
+        starts = starts[torch.randperm(len(starts), generator=generator)]
+        per_step = batch_size * world
+        for first in range(0, len(starts) - per_step + 1, per_step):
+            yield CharCorpus.windows(self.ids, self.context, starts[first : first + per_step][rank::world])
+
+
+def _text(path: Path | None, context: int) -> tuple[TextWindows, TextWindows, int]:
+    """The characters of ``path`` (the standard library's source when ``None``); classes = vocabulary size."""
+    corpus = CharCorpus.load(path)
+    return TextWindows(corpus.train, context), TextWindows(corpus.valid, context), len(corpus.vocab)
 
 
 def _digits(seed: int) -> tuple[TensorSet, TensorSet, int]:
@@ -77,7 +122,10 @@ def _cifar(data_dir: Path, fake_size: int) -> tuple[TensorSet, TensorSet, int]:
     return TensorSet(x_train, y_train, _images), TensorSet(x_valid, y_valid, _images), 10
 
 
-def build_data(args) -> tuple[TensorSet, TensorSet, int]:
+def build_data(args) -> tuple[TensorSet | TextWindows, TensorSet | TextWindows, int]:
+    """Training set, held-out set and the number of classes (the vocabulary size for ``gpt``)."""
     if args.model == "mlp":
         return _digits(args.seed)
+    if args.model == "gpt":
+        return _text(args.text, args.context)
     return _cifar(args.data_dir, args.fake_size)

@@ -1,24 +1,30 @@
 """Train with ELRA on one process or many: the project's main job.
 
     torchrun --standalone --nproc_per_node=2 launch/train.py --strategy fsdp2 --epochs 10
-    python launch/train.py --strategy none --model mlp
+    python launch/train.py --strategy none --model gpt --max-steps 200
 
-Strategies: none (one process), ddp, fsdp2 (fully_shard per layer and root),
-fsdp1 (FullyShardedDataParallel). gloo on CPU, nccl on CUDA. Models: an MLP
-on scikit-learn's digits, or torchvision's ResNet-18 on CIFAR-10 (from
-``--data-dir`` when its files are there, torchvision's FakeData otherwise).
-With ``--checkpoint-dir`` every epoch is checkpointed (DCP for the sharded
-strategies) and a restarted job resumes from the newest complete checkpoint.
+Strategies: none (one process), ddp, fsdp2 (fully_shard per layer, or per
+transformer block, then the root), fsdp1 (FullyShardedDataParallel). gloo on
+CPU, nccl on CUDA. Models: an MLP on scikit-learn's digits; torchvision's
+ResNet-18 on CIFAR-10 (from --data-dir when its files are there, torchvision's
+FakeData otherwise); a small character-level GPT on --text (by default the
+installed Python standard library's source, no download). With
+--checkpoint-dir every epoch is checkpointed (DCP for the sharded strategies)
+and a restarted job resumes from the newest complete checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import logging
+import math
 import os
 import signal
 import sys
+import traceback
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -28,31 +34,65 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from elra import ElraOptimizer, grad_sync  # noqa: E402
-from launch.checkpoint import Checkpointer  # noqa: E402
+from launch.checkpoint import Checkpointer, CheckpointError  # noqa: E402
 from launch.data import build_data  # noqa: E402
+from launch.models import CharGPT, digits_mlp  # noqa: E402
 
 log = logging.getLogger("launch")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The description as written, and every option's default."""
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # argparse names the expected type after it
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not above 0")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategy", choices=["none", "ddp", "fsdp2", "fsdp1"], default="none")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--model", choices=["mlp", "resnet18"], default="mlp")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=32, help="micro-batch size per rank")
-    parser.add_argument("--lr", type=float, default=1e-5, help="ELRA's first step length (a tiny probe)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--strategy", choices=["none", "ddp", "fsdp2", "fsdp1"], default="none", help="data parallelism (all but none need torchrun)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="gloo on cpu, nccl on cuda")
+    parser.add_argument("--model", choices=["mlp", "resnet18", "gpt"], default="mlp", help="digits MLP, CIFAR-10 ResNet-18, character GPT")
+    parser.add_argument("--epochs", type=_at_least(1), default=10, help="epochs to reach (a resumed job counts those done)")
+    parser.add_argument("--batch-size", type=_at_least(1), default=32, help="micro-batch size per rank (sequences for gpt)")
+    parser.add_argument("--lr", type=_positive_float, default=1e-5, help="ELRA's first step length (a tiny probe)")
     parser.add_argument("--weight-decay", type=float, default=0.9999, help="0.9999 means 1e-4")
-    parser.add_argument("--checkpoint-dir", type=Path)
+    parser.add_argument("--checkpoint-dir", type=Path, help="checkpoint every epoch here and resume from the newest")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="CIFAR-10 files (resnet18)")
-    parser.add_argument("--fake-size", type=int, default=2048, help="FakeData images when CIFAR-10 is absent")
-    parser.add_argument("--max-steps", type=int, default=0, help="micro-batches per epoch (0: all)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait for a rank")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch default)")
+    parser.add_argument("--fake-size", type=_at_least(1), default=2048, help="FakeData images when CIFAR-10 is absent")
+    parser.add_argument("--text", type=Path, help="UTF-8 text for gpt (default: the Python standard library's source)")
+    parser.add_argument("--context", type=_at_least(1), default=64, help="characters per gpt window")
+    parser.add_argument("--width", type=_at_least(1), default=128, help="gpt embedding width")
+    parser.add_argument("--heads", type=_at_least(1), default=4, help="gpt attention heads (divide --width)")
+    parser.add_argument("--layers", type=_at_least(1), default=2, help="gpt transformer blocks")
+    parser.add_argument("--max-steps", type=_at_least(0), default=0, help="micro-batches per epoch (0: all)")
+    parser.add_argument("--timeout", type=_positive_float, default=300.0, help="seconds a collective may wait for a rank")
+    parser.add_argument("--seed", type=int, default=0, help="digits train/validation split")
+    parser.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads per process (0: torch default)")
     parser.add_argument("--save-final", type=Path, help="write the final full model state_dict here")
     parser.add_argument("--crash-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # fault-injection tests
-    return parser.parse_args(argv)
+    parser.add_argument("--batch-multiplier", type=_at_least(1), default=1, help=argparse.SUPPRESS)  # mid-collection tests
+    args = parser.parse_args(argv)
+    if args.model == "gpt" and args.width % args.heads:
+        parser.error(f"--width {args.width} must be a multiple of --heads {args.heads}")
+    if args.text is not None and not args.text.is_file():
+        parser.error(f"--text {args.text} is not a file")
+    return args
 
 
 def setup(args) -> tuple[int, int, torch.device]:
@@ -60,6 +100,12 @@ def setup(args) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.strategy == "none" and world > 1:
         raise SystemExit("--strategy none runs one process; launch it without torchrun or pick ddp/fsdp2/fsdp1")
+    if args.strategy != "none" and not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        raise SystemExit(
+            f"--strategy {args.strategy} runs under torchrun, which starts the ranks: "
+            f"torchrun --standalone --nproc_per_node=2 launch/train.py --strategy {args.strategy} ...; "
+            "for one process without torchrun use --strategy none"
+        )
     if args.device == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -77,13 +123,26 @@ def setup(args) -> tuple[int, int, torch.device]:
     return 0, 1, device
 
 
-def build_model(name: str, classes: int) -> torch.nn.Module:
+def build_model(args, classes: int) -> torch.nn.Module:
+    """The model of ``--model``; ``classes`` is the vocabulary size for gpt."""
     torch.manual_seed(0)  # identical initial weights on every rank
-    if name == "mlp":
-        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, classes))
+    if args.model == "mlp":
+        return digits_mlp(classes)
+    if args.model == "gpt":
+        return CharGPT(classes, context=args.context, width=args.width, heads=args.heads, layers=args.layers)
     import torchvision
 
     return torchvision.models.resnet18(num_classes=classes)
+
+
+def _shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """What FSDP shards on its own: a transformer's blocks, else every leaf layer with parameters."""
+    if isinstance(getattr(model, "blocks", None), torch.nn.ModuleList):
+        return list(model.blocks)
+    return [
+        m for m in list(model.modules())[1:]
+        if any(p.requires_grad for p in m.parameters(recurse=False)) and not list(m.children())
+    ]
 
 
 def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.nn.Module:
@@ -93,18 +152,60 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.n
     if strategy == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        for module in list(model.modules())[1:]:
-            if any(p.requires_grad for p in module.parameters(recurse=False)) and not list(module.children()):
-                fully_shard(module)
+        for module in _shard_units(model):
+            fully_shard(module)
         return fully_shard(model)
     if strategy == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        return FSDP(model, device_id=device, use_orig_params=True)
+        blocks = getattr(model, "blocks", None)
+        policy = ModuleWrapPolicy({type(b) for b in blocks}) if isinstance(blocks, torch.nn.ModuleList) else None
+        return FSDP(model, device_id=device, use_orig_params=True, auto_wrap_policy=policy)
     return model
 
 
-def reduce_mean(values: torch.Tensor, distributed: bool) -> torch.Tensor:
+def free_gathered_weights(model: torch.nn.Module) -> None:
+    """Drop the full weights FSDP's root keeps gathered after a forward, until a backward frees them.
+
+    After a forward without backward (evaluation) the root's next forward would
+    reuse them as they were, missing any in-place change of the shards in
+    between (the boost swap): the next forward must gather the shards anew.
+    Non-root units free theirs after every forward already.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+    elif isinstance(model, FSDP) and model._handle is not None:
+        from torch.distributed.fsdp._runtime_utils import _reshard  # FSDP1 has no public way
+
+        _reshard(model, model._handle, free_unsharded_flat_param=True)
+
+
+def _quiet_fsdp_warnings() -> None:
+    """Warnings about FSDP's own internals, repeated every epoch, that this loop cannot act on.
+
+    FSDP1's state dicts, and DCP handling them, warn about their ShardedTensor
+    internals on every save and load; FSDP2 warns that the root returns a view
+    (an in-place change of it would skip a hook; the loss here never makes one).
+    """
+    for message in (
+        "FSDP2-wrapped module .* returned a view tensor",
+        "Please use DTensor instead and we are deprecating ShardedTensor",
+        "`_get_pg_default_device` will be deprecated",
+        "Multiple backends are registered with this ProcessGroup",
+    ):
+        warnings.filterwarnings("ignore", message=message, module="torch.distributed")
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of a classifier's (batch, classes) or a language model's (batch, length, vocab) logits."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction=reduction)
+
+
+def reduce_sum(values: torch.Tensor, distributed: bool) -> torch.Tensor:
     """Sum ``(loss_sum, correct, count, ...)`` over ranks."""
     if distributed:
         dist.all_reduce(values)
@@ -113,18 +214,23 @@ def reduce_mean(values: torch.Tensor, distributed: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, loader, device, distributed: bool) -> tuple[float, float]:
+    """Mean loss and accuracy per target (per character for gpt) over the held-out set of all ranks.
+
+    Leaves no gathered weights behind, so that the boost swap that follows is seen by the next forward.
+    """
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         logits = model(x)
         totals += torch.stack(
             [
-                torch.nn.functional.cross_entropy(logits, y, reduction="sum").double(),
-                (logits.argmax(1) == y).sum().double(),
-                torch.tensor(float(len(y)), dtype=torch.float64, device=device),
+                _loss(logits, y, reduction="sum").double(),
+                (logits.argmax(-1) == y).sum().double(),
+                torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
             ]
         )
-    loss_sum, correct, count = reduce_mean(totals, distributed).tolist()
+    free_gathered_weights(model)
+    loss_sum, correct, count = reduce_sum(totals, distributed).tolist()
     return loss_sum / max(count, 1.0), correct / max(count, 1.0)
 
 
@@ -136,71 +242,119 @@ def train_epoch(model, optimizer, loader, device, args, distributed: bool) -> fl
             break
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        totals += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
-        # FSDP1 keeps its root's gathered weights from a forward until the backward: never skip it there.
-        if args.strategy != "fsdp1" and optimizer.skip_backward(loss):
-            optimizer.step_retrace(loss)
-            continue
-        with grad_sync(model, optimizer) if distributed else nullcontext():
+        with grad_sync(model, optimizer) if distributed else nullcontext():  # the forward too: DDP decides there
+            loss = _loss(model(x), y)
+            totals += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+            if optimizer.skip_backward(loss):
+                optimizer.step_retrace(loss)
+                continue
             loss.backward()
         optimizer.step(loss)
-    loss_sum, count = reduce_mean(totals, distributed).tolist()
+    loss_sum, count = reduce_sum(totals, distributed).tolist()
     return loss_sum / max(count, 1.0)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, world, device = setup(args)
-    distributed = world > 1 or args.strategy != "none"
+def _report(args, epoch: int, train_loss: float, valid: tuple[float, float], boosted, stats: dict) -> str:
+    """One epoch's line: held-out loss and accuracy (bits per character for gpt), boost, ELRA's state."""
+    valid_loss, accuracy = valid
+    if args.model == "gpt":
+        boost = boosted[0] / math.log(2) if boosted else float("nan")
+        quality = f"bits/char {valid_loss / math.log(2):.4f}  boost bits/char {boost:.4f}"
+    else:
+        boost = boosted[1] if boosted else float("nan")
+        quality = f"accuracy {accuracy:.4f}  boost {boost:.4f}"
+    return (
+        f"epoch {epoch:3d}  train {train_loss:.4f}  valid {valid_loss:.4f}  {quality}  lr {stats['lr']:.3g}  "
+        f"batch x{stats['batch_multiplier']}  retraces {stats['retraces']}"
+    )
+
+
+def train(args, rank: int, world: int, device: torch.device, distributed: bool) -> None:
+    """Build, resume, train and save. The wrapped model lives only in this frame (see ``main``)."""
     train_set, valid_set, classes = build_data(args)
-    model = wrap(build_model(args.model, classes), args.strategy, device)
-    optimizer = ElraOptimizer(model.parameters(), None, args.batch_size, classes, lr=args.lr, weight_decay=args.weight_decay)
+    model = wrap(build_model(args, classes), args.strategy, device)
+    optimizer = ElraOptimizer(
+        model.parameters(), None, args.batch_size, classes, lr=args.lr, weight_decay=args.weight_decay,
+        batch_multiplier=args.batch_multiplier,
+    )
     optimizer.enable_boost()
-    checkpointer = Checkpointer(args.checkpoint_dir, args.strategy, rank) if args.checkpoint_dir else None
+    checkpointer = Checkpointer(args.checkpoint_dir, args.strategy, rank, world=world) if args.checkpoint_dir else None
     start = checkpointer.resume(model, optimizer) if checkpointer else 0
-    if start and rank == 0:
-        log.info("resumed from epoch %d", start)
+    if start >= args.epochs and rank == 0:
+        print(
+            f"the run is complete: {args.checkpoint_dir} holds {start} epochs (--epochs {args.epochs}), nothing to train; "
+            f"it ended at\n{checkpointer.summary() or f'epoch {start:3d}'}",
+            flush=True,
+        )
+    elif start and rank == 0:
+        log.info("resumed from epoch %d of %d", start, args.epochs)
 
     for epoch in range(start, args.epochs):
         loader = train_set.loader(epoch, rank, world, args.batch_size)
         train_loss = train_epoch(model, optimizer, loader, device, args, distributed)
-        valid_loss, accuracy = evaluate(model, valid_set.loader(None, rank, world, 256), device, distributed)
+        valid = evaluate(model, valid_set.loader(None, rank, world, 256), device, distributed)
         with optimizer.boosted() as averaged:
             boosted = evaluate(model, valid_set.loader(None, rank, world, 256), device, distributed) if averaged else None
-        boost_accuracy = boosted[1] if boosted else float("nan")
         optimizer.restart_boost()
         optimizer.set_train_loss(train_loss)
-        optimizer.set_valid_loss(valid_loss)
+        optimizer.set_valid_loss(valid[0])
+        line = _report(args, epoch + 1, train_loss, valid, boosted, optimizer.stats)
         if checkpointer:
-            checkpointer.save(model, optimizer, epoch + 1)
+            checkpointer.save(model, optimizer, epoch + 1, summary=line)
         if epoch + 1 == args.crash_after_epoch and rank == world - 1:
             os.kill(os.getpid(), signal.SIGKILL)
         if rank == 0:
-            s = optimizer.stats
-            print(
-                f"epoch {epoch + 1:3d}  train {train_loss:.4f}  valid {valid_loss:.4f}  accuracy {accuracy:.4f}  "
-                f"boost {boost_accuracy:.4f}  lr {s['lr']:.3g}  batch x{s['batch_multiplier']}  "
-                f"retraces {s['retraces']}",
-                flush=True,
-            )
+            print(line, flush=True)
     if args.save_final:
         from launch.checkpoint import full_model_state
 
         state = full_model_state(model, args.strategy)
         if rank == 0:
             torch.save(state, args.save_final)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _quiet_fsdp_warnings()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device = setup(args)
+    distributed = args.strategy != "none"
+    train(args, rank, world, device, distributed)
     if distributed:
+        # The wrapper is gone with train()'s frame; collect what cycles kept of it while the
+        # process group is still registered. DDP's reducer owns a reference to the group: if
+        # freeing the reducer dropped the group's last one, ~ProcessGroupGloo would join gloo's
+        # threads under the GIL while a thread freeing a finished work's Python tensors waits for
+        # the GIL (a deadlock at exit seen with torch 2.13). Freed here, the group's last
+        # reference goes in destroy_process_group, whose binding releases the GIL.
+        gc.collect()
         dist.destroy_process_group()
 
 
+def _exit_code(stop: SystemExit) -> int:
+    """SystemExit's code as an exit status, its message (if any) on stderr."""
+    if stop.code is None or isinstance(stop.code, int):
+        return stop.code or 0
+    print(f"train.py: error: {stop.code}", file=sys.stderr)
+    return 1
+
+
 if __name__ == "__main__":
-    main()
-    # gloo's threads sometimes abort the interpreter's own teardown ("terminate
-    # called without an active exception"); the work is done, leave directly.
+    # Leave without the interpreter's teardown, whatever happens: gloo's threads
+    # sometimes abort it ("terminate called without an active exception").
+    code = 0
+    try:
+        main()
+    except SystemExit as stop:
+        code = _exit_code(stop)
+    except CheckpointError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)

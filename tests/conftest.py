@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +20,25 @@ from benchmarks.published import load_published  # noqa: E402
 # The test problems are tiny: one thread per process avoids oversubscribing the
 # cores when pytest-xdist runs workers side by side.
 torch.set_num_threads(1)
+
+
+def _checkout_status() -> set[str] | None:
+    """``git status --porcelain`` lines of the checkout (None without git or outside a repository)."""
+    try:
+        done = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(done.stdout.splitlines()) if done.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    """Nothing a test runs may write into the checkout (use tmp dirs): fails the session if something did."""
+    before = _checkout_status()
+    yield
+    after = _checkout_status()
+    if before is not None and after is not None and after != before:
+        pytest.fail(f"the tests changed the checkout {ROOT}: {sorted(after ^ before)}")
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,10 @@ whole batch. Ranks write their results to files that the tests compare.
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -28,15 +29,19 @@ class Scenario:
     """One distributed training run and the events injected into it."""
 
     name: str
-    strategy: str = "ddp"  # ddp | fsdp2 | fsdp2-root | hsdp | fsdp1 | fsdp1-orig
+    strategy: str = "ddp"  # ddp | fsdp2 | fsdp2-root | hsdp | hsdp-root | fsdp1 | fsdp1-orig
     steps: int = 40
     batch_multiplier: int = 1
     use_grad_sync: bool = True
+    sync_backward_only: bool = False  # grad_sync around backward() only (DDP refuses: its forward decides)
     options: dict = field(default_factory=dict)
     nan_loss_at: int | None = None  # micro-step where the last rank reports a nan loss
     bad_loss_at: int | None = None  # micro-step where rank 0's loss is inf: all ranks skip backward
     count_collectives: bool = False
+    count_reductions: bool = False  # count the gradient reductions of every backward
+    pass_model: bool = True  # give the optimizer the model (else only grad_sync may tell it)
     diverge: bool = False  # the last rank builds its optimizer with another lr
+    odd_rank: dict = field(default_factory=dict)  # the last rank's own batch_multiplier or param "groups"
     boost_cycle: int | None = None  # enable boosting with this cycle
     scaler: bool = False  # train through ElraGradScaler
     inf_grad_at: int | None = None  # micro-step where the last rank's first gradient shard gets an inf
@@ -73,9 +78,19 @@ def global_batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(
-    scenario: Scenario, model, optimizer: ElraOptimizer, rank: int, world: int, sharded_world: int, start: int = 0
+    scenario: Scenario,
+    model,
+    optimizer: ElraOptimizer,
+    rank: int,
+    world: int,
+    sharded_world: int,
+    start: int = 0,
+    reductions: list | None = None,
 ) -> list:
-    """The training loop shared by the ranks (sharded_world ranks) and the single process (1)."""
+    """The training loop shared by the ranks (sharded_world ranks) and the single process (1).
+
+    ``reductions`` (if given) receives ``(collecting, gradient reductions)`` per backward.
+    """
     counts = []
     scaler = ElraGradScaler(init_scale=2.0**8, growth_interval=5) if scenario.scaler else None
     if scenario.boost_cycle:
@@ -85,15 +100,20 @@ def train(
         if sharded_world > 1:
             x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        if step == scenario.bad_loss_at and rank == 0:
-            loss = loss + float("inf")
-        if optimizer.skip_backward(loss):
-            optimizer.step_retrace(loss)
-            continue
-        sync = grad_sync(model, optimizer) if scenario.use_grad_sync else nullcontext()
-        with sync:
-            (scaler.scale(loss) if scaler else loss).backward()
+        collecting = optimizer.collecting
+        around_forward = scenario.use_grad_sync and not scenario.sync_backward_only
+        around_backward = scenario.use_grad_sync and scenario.sync_backward_only
+        with grad_sync(model, optimizer) if around_forward else nullcontext():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if step == scenario.bad_loss_at and rank == 0:
+                loss = loss + float("inf")
+            if optimizer.skip_backward(loss):
+                optimizer.step_retrace(loss)
+                continue
+            with grad_sync(model, optimizer) if around_backward else nullcontext(), _counting_reductions(
+                model, reductions, collecting
+            ):
+                (scaler.scale(loss) if scaler else loss).backward()
         if (step == scenario.inf_grad_at and rank == sharded_world - 1) or _planned(
             scenario.inf_plan, step, rank, sharded_world
         ):
@@ -119,6 +139,37 @@ def train(
     return counts
 
 
+@contextmanager
+def _counting_reductions(model, reductions: list | None, collecting: bool) -> Iterator[None]:
+    """Count the gradient reductions of one backward: DDP's buckets (see ``count_ddp_buckets``), FSDP's collectives."""
+    if reductions is None:
+        yield
+        return
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        before = len(model.buckets_reduced)
+        yield
+        reductions.append((collecting, len(model.buckets_reduced) - before))
+        return
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    with CommDebugMode() as comm:
+        yield
+    reductions.append((collecting, sum(n for op, n in comm.get_comm_counts().items() if "reduce" in str(op))))
+
+
+def count_ddp_buckets(model) -> None:
+    """Make DDP count the gradient buckets it all-reduces (in ``model.buckets_reduced``)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    model.buckets_reduced = []
+
+    def hook(state, bucket):
+        model.buckets_reduced.append(bucket.index())
+        return allreduce_hook(None, bucket)
+
+    model.register_comm_hook(None, hook)
+
+
 def _poison_first_gradient(model) -> None:
     """Put an inf into the first non-empty local gradient shard of this rank."""
     for p in model.parameters():
@@ -130,25 +181,30 @@ def _poison_first_gradient(model) -> None:
 
 def make_optimizer(model, scenario: Scenario, single: bool = False, odd_rank: bool = False) -> ElraOptimizer:
     options = dict(scenario.options)
+    known = model if scenario.pass_model else None
     if single:
         options.pop("check_consistency", None)
         options["process_group"] = None
     lr = 2e-4 if odd_rank and scenario.diverge else 1e-4
+    odd = scenario.odd_rank if odd_rank else {}
+    params = list(model.parameters())
+    if odd.get("groups", 1) == 2:
+        params = [{"params": params[:1]}, {"params": params[1:]}]
+    multiplier = odd.get("batch_multiplier", scenario.batch_multiplier)
     classes = options.pop("classes", CLASSES)  # None: the regime is detected from the reduced losses and sums
-    return ElraOptimizer(
-        model.parameters(), None, LOCAL_BATCH, classes, lr=lr, batch_multiplier=scenario.batch_multiplier, **options
-    )
+    return ElraOptimizer(params, known, LOCAL_BATCH, classes, lr=lr, batch_multiplier=multiplier, **options)
 
 
 def wrap(model: Net, strategy: str, world: int):
     if strategy == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    if strategy in ("fsdp2", "fsdp2-root", "hsdp"):
+    if strategy in ("fsdp2", "fsdp2-root", "hsdp", "hsdp-root"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if strategy == "hsdp" else None
-        if strategy != "fsdp2-root":
+        hsdp = strategy.startswith("hsdp")
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if hsdp else None
+        if not strategy.endswith("-root"):
             fully_shard(model.hidden, mesh=mesh)
             fully_shard(model.out, mesh=mesh)
         return fully_shard(model, mesh=mesh)
@@ -170,6 +226,22 @@ def full_parameters(model, strategy: str) -> dict[str, torch.Tensor]:
     return params
 
 
+def probe_outputs(model, optimizer: ElraOptimizer, boost: bool) -> dict[str, torch.Tensor]:
+    """The model's outputs on a fixed batch (the same on every rank): now, under ``boosted()``, and after it.
+
+    Parameters alone miss weights a wrapper keeps gathered (FSDP's root): the
+    forward is what must see every in-place change.
+    """
+    x = global_batch(-1, 2)[0]
+    with torch.no_grad():
+        outputs = {"plain": model(x).detach().clone()}
+        if boost:
+            with optimizer.boosted():
+                outputs["boosted"] = model(x).detach().clone()
+            outputs["after_boost"] = model(x).detach().clone()
+    return outputs
+
+
 def single_process(scenario: Scenario, world: int) -> dict:
     """The same computation in one process on the whole global batch."""
     model = make_net()
@@ -180,6 +252,7 @@ def single_process(scenario: Scenario, world: int) -> dict:
     if scenario.boost_cycle:
         with optimizer.boosted():
             result["boosted"] = {k: v.detach().clone() for k, v in model.named_parameters()}
+    result["outputs"] = probe_outputs(model, optimizer, bool(scenario.boost_cycle))
     return result
 
 
@@ -191,12 +264,18 @@ def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[S
         for scenario in scenarios:
             model = wrap(make_net(), scenario.strategy, world)
             optimizer = make_optimizer(model, scenario, odd_rank=rank == world - 1)
+            reductions = [] if scenario.count_reductions else None
+            if reductions is not None and scenario.strategy == "ddp":
+                count_ddp_buckets(model)
             try:
-                counts = train(scenario, model, optimizer, rank, world, world)
+                counts = train(scenario, model, optimizer, rank, world, world, reductions=reductions)
+                outputs = probe_outputs(model, optimizer, bool(scenario.boost_cycle))
             except RuntimeError as error:
                 results[scenario.name] = {"error": str(error)}
                 continue
             result = {"stats": optimizer.stats, "counts": counts, "params": full_parameters(model, scenario.strategy)}
+            result["reductions"] = reductions
+            result["outputs"] = outputs
             if scenario.boost_cycle:
                 with optimizer.boosted():
                     result["boosted"] = full_parameters(model, scenario.strategy)
@@ -223,44 +302,65 @@ def _dcp_load(model, optimizer, state: dict) -> None:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def run_checkpointing(rank: int, world: int, store: str, out: str, scenario: Scenario, save_at: int, phase: str) -> None:
-    """DCP round trips of an FSDP2 run.
+def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tuple[Scenario, int]], phase: str) -> None:
+    """DCP round trips of FSDP2 runs, each ``(scenario, micro-step to save at)``.
 
-    ``save``: train to ``save_at``, save a DCP checkpoint (and a full copy for a
-    single process), train on; then a fresh model and optimizer load the
+    ``save``: train to the save point, save a DCP checkpoint (and a full copy
+    for a single process), train on; then a fresh model and optimizer load the
     checkpoint and train the same steps. ``resume``: load the checkpoint on
-    this world size, train on, and rank 0 runs the single-process twin from
-    the full copy.
+    this world size and train on; rank 0 also runs single-process twins, one
+    from the full copy and one from the DCP checkpoint itself. Saved in the
+    middle of collecting under grad_sync, the pending sums are synchronised
+    first (``state_dict()`` refuses before that: recorded as ``refused``).
     """
     import torch.distributed.checkpoint as dcp
 
+    def resumed_twin(load) -> dict:
+        single_model = make_net()
+        single_opt = make_optimizer(single_model, scenario, single=True)
+        load(single_model, single_opt)
+        train(scenario, single_model, single_opt, 0, world, 1, start=save_at)
+        return {"params": {k: v.detach().clone() for k, v in single_model.named_parameters()}, "stats": single_opt.stats}
+
+    def from_dcp(model, optimizer) -> None:
+        state = _dcp_state(model, optimizer)
+        dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
+        _dcp_load(model, optimizer, state)
+
     def body() -> None:
-        checkpoint = Path(out) / "dcp"
-        results = {}
-        if phase == "save":
+        nonlocal scenario, save_at, checkpoint
+        for scenario, save_at in runs:
+            checkpoint = Path(out) / scenario.name
+            results = {}
+            if phase == "save":
+                model = wrap(make_net(), scenario.strategy, world)
+                optimizer = make_optimizer(model, scenario)
+                train(replace(scenario, steps=save_at), model, optimizer, rank, world, world)
+                results["micro_batches"] = optimizer.micro_batches
+                try:
+                    optimizer.state_dict()
+                except RuntimeError as error:
+                    results["refused"] = str(error)
+                optimizer.sync_pending_grads()
+                dcp.save(_dcp_state(model, optimizer), checkpoint_id=checkpoint)
+                full = _dcp_state(model, optimizer, full=True)
+                if rank == 0:
+                    torch.save(full, checkpoint.with_suffix(".full.pt"))
+                train(scenario, model, optimizer, rank, world, world, start=save_at)
+                results["uninterrupted"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
             model = wrap(make_net(), scenario.strategy, world)
             optimizer = make_optimizer(model, scenario)
-            train(replace(scenario, steps=save_at), model, optimizer, rank, world, world)
-            dcp.save(_dcp_state(model, optimizer), checkpoint_id=checkpoint)
-            full = _dcp_state(model, optimizer, full=True)
-            if rank == 0:
-                torch.save(full, Path(out) / "full.pt")
+            state = _dcp_state(model, optimizer)
+            dcp.load(state, checkpoint_id=checkpoint)
+            _dcp_load(model, optimizer, state)
+            results["loaded_micro_batches"] = optimizer.micro_batches
             train(scenario, model, optimizer, rank, world, world, start=save_at)
-            results["uninterrupted"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
-        model = wrap(make_net(), scenario.strategy, world)
-        optimizer = make_optimizer(model, scenario)
-        state = _dcp_state(model, optimizer)
-        dcp.load(state, checkpoint_id=checkpoint)
-        _dcp_load(model, optimizer, state)
-        train(scenario, model, optimizer, rank, world, world, start=save_at)
-        results["resumed"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
-        if rank == 0 and phase == "resume":
-            single_model = make_net()
-            single_opt = make_optimizer(single_model, scenario, single=True)
-            _dcp_load(single_model, single_opt, torch.load(Path(out) / "full.pt", weights_only=False))
-            train(scenario, single_model, single_opt, 0, world, 1, start=save_at)
-            params = {k: v.detach().clone() for k, v in single_model.named_parameters()}
-            results["single"] = {"params": params, "stats": single_opt.stats}
-        torch.save(results, Path(out) / f"{phase}{rank}.pt")
+            results["resumed"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
+            if rank == 0 and phase == "resume":
+                full = torch.load(checkpoint.with_suffix(".full.pt"), weights_only=False)
+                results["single"] = resumed_twin(lambda m, o: _dcp_load(m, o, full))
+                results["single_dcp"] = resumed_twin(from_dcp)
+            torch.save(results, Path(out) / f"{scenario.name}-{phase}{rank}.pt")
 
+    scenario, save_at, checkpoint = None, 0, None
     as_gloo_rank(rank, world, store, body)

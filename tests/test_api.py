@@ -279,3 +279,62 @@ def test_parameter_on_a_mesh_of_another_size_than_the_group_raises():
 
     with pytest.raises(ValueError, match="mesh of 4 ranks"):
         Reducer(process_group=None).replicas(Shard())
+
+
+def test_named_parameters_train_like_parameters_and_keep_their_names():
+    plain_model, named_model = cubic_model(), cubic_model()
+    plain = ElraOptimizer(plain_model.parameters(), lr=1e-6)
+    named = ElraOptimizer(named_model.named_parameters(), lr=1e-6)
+    xx, y = cubic_data()
+    for _ in range(30):
+        for model, opt in ((plain_model, plain), (named_model, named)):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(xx), y, reduction="sum")
+            loss.backward()
+            opt.step(loss)
+    assert all(torch.equal(a, b) for a, b in zip(plain_model.parameters(), named_model.parameters()))
+    assert named.state_dict()["param_groups"][0]["param_names"] == ["0.weight", "0.bias"]
+    again = ElraOptimizer(cubic_model().named_parameters(), lr=1e-6)
+    again.load_state_dict(named.state_dict())
+    assert again.stats == named.stats
+
+
+@pytest.mark.parametrize(
+    "group, match",
+    [({"lr": 1e-2}, "per-group learning rates"), ({"momentum": 0.9}, "one momentum")],
+)
+def test_per_group_lr_and_momentum_are_refused(group, match):
+    with pytest.raises(ValueError, match=match):
+        ElraOptimizer([{"params": [_param(1.0)], **group}, {"params": [_param(2.0)]}], lr=1e-5, momentum=0.5)
+    ElraOptimizer([{"params": [_param(1.0)], "lr": 1e-5, "momentum": 0.5}], lr=1e-5, momentum=0.5)
+
+
+def test_numpy_losses_are_accepted_like_floats():
+    np = pytest.importorskip("numpy")
+    forms = [lambda v: v, lambda v: np.float32(v), lambda v: np.array(v), lambda v: np.array([v])]
+    ends = []
+    for form in forms:
+        p = _param(1.0, -2.0)
+        opt = ElraOptimizer([p], lr=1e-3)
+        for _ in range(20):
+            opt.zero_grad()
+            loss = (p**2).sum()
+            loss.backward()
+            opt.step(form(loss.item()))
+        opt.set_train_loss(form(0.5))
+        opt.set_valid_loss(form(0.6))
+        ends.append(p.detach().clone())
+    assert all(torch.equal(end, ends[0]) for end in ends)
+
+
+@pytest.mark.parametrize("make", [lambda np: torch.tensor(True), lambda np: np.bool_(True), lambda np: np.array(True)])
+def test_boolean_losses_are_refused_in_every_form(make):
+    np = pytest.importorskip("numpy")
+    p = _param(1.0, 2.0)
+    opt = ElraOptimizer([p])
+    (p**2).sum().backward()
+    with pytest.raises(TypeError, match="boolean"):
+        opt.step(make(np))
+    with pytest.raises(TypeError):
+        opt.set_train_loss(make(np))
+    assert opt.stats["real_steps"] == 0

@@ -1,12 +1,17 @@
 """state_dict / load_state_dict: standard layout, exact resume in a fresh process."""
 
+import copy
+import logging
+import pickle
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import digits_data, digits_model
 from elra import ElraOptimizer
 from resume_worker import make_optimizer, train
 
@@ -45,7 +50,8 @@ def test_state_dict_uses_the_torch_layout():
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
     assert set(sd["state"]) == {0, 1}
-    assert all(set(s) == {"direction"} for s in sd["state"].values())
+    assert all(set(s) == {"direction", "pending_grad"} for s in sd["state"].values())
+    assert all(not s["pending_grad"].any() for s in sd["state"].values())  # nothing pending: zeros
     assert sd["state"][0]["direction"].shape == model.weight.shape
     controller = sd["param_groups"][0]["elra_controller"]
     assert all(isinstance(v, (int, float, bool, list, type(None))) for v in controller.values())
@@ -82,3 +88,177 @@ def test_controller_state_from_another_version_raises():
     del sd["param_groups"][0]["elra_controller"]["alpha"]
     with pytest.raises(ValueError, match="missing"):
         make_optimizer(model).load_state_dict(sd)
+
+
+def test_dcp_resume_mid_collection_in_one_process_is_bit_identical(tmp_path):
+    """torch.distributed.checkpoint loads only what a fresh optimizer's state has room for: the pending sums too."""
+    import torch.distributed.checkpoint as dcp
+    from dist_worker import Scenario, make_net, make_optimizer, train as train_scenario
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    scenario, save_at = Scenario("one", steps=40, batch_multiplier=3, use_grad_sync=False, nan_loss_at=30), 22
+    model = make_net()
+    opt = make_optimizer(model, scenario, single=True)
+    train_scenario(replace(scenario, steps=save_at), model, opt, 0, 1, 1)
+    assert opt.micro_batches == 1
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp_path / "dcp")
+    train_scenario(scenario, model, opt, 0, 1, 1, start=save_at)
+
+    fresh = make_net()
+    fresh_opt = make_optimizer(fresh, scenario, single=True)
+    model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=tmp_path / "dcp")
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert fresh_opt.micro_batches == 1 and fresh.hidden.weight.grad is not None and fresh.dead.grad is None
+    train_scenario(scenario, fresh, fresh_opt, 0, 1, 1, start=save_at)
+    assert fresh_opt.stats == opt.stats and opt.stats["retraces"] >= 1
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+
+
+def _run(model, opt, start, stop, boost_loss=False):
+    """Train micro-steps start..stop-1 on batches that depend only on the step index."""
+    x, y = digits_data(torch.float32)
+    for step in range(start, stop):
+        idx = torch.randint(0, len(x), (8,), generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        if step % 37 == 20:
+            opt.step_retrace(loss.item())
+            continue
+        loss.backward()
+        opt.step(loss)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _digits_optimizer(model, **kwargs):
+    kwargs = {"lr": 1e-5, "weight_decay": 1e-3, "momentum": 0.5, "batch_multiplier": 3, **kwargs}
+    return ElraOptimizer(model.parameters(), None, 8, 10, **kwargs)
+
+
+def _boosted(model, opt):
+    with opt.boosted():
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _same(a, b):
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copies_mid_collection_continue_the_same_trajectory(tmp_path, how):
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model)
+    opt.enable_boost(50)
+    stop = 100
+    _run(model, opt, 0, stop)
+    while not opt.micro_batches:
+        _run(model, opt, stop, stop + 1)
+        stop += 1
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    elif how == "pickle":
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    else:
+        torch.save((model, opt), tmp_path / "both.pt")
+        model2, opt2 = torch.load(tmp_path / "both.pt", weights_only=False)
+    assert opt2.param_groups[0]["params"][0] is next(model2.parameters())
+    end, end2 = _run(model, opt, stop, 300), _run(model2, opt2, stop, 300)
+    assert _same(end, end2)
+    assert opt.stats == opt2.stats and opt.stats["retraces"] > 0 and opt.stats["batch_multiplier"] >= 3
+    assert _same(_boosted(model, opt), _boosted(model2, opt2))
+
+
+def test_a_copy_shares_an_explicit_process_group_and_refuses_pickling(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = digits_model(torch.float32)
+        opt = _digits_optimizer(model, process_group=dist.group.WORLD)
+        assert copy.deepcopy(opt).reducer.group is dist.group.WORLD
+        with pytest.raises(TypeError, match="process_group"):
+            pickle.dumps(opt)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checkpoint_hyperparameters_win_over_the_constructor(caplog):
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model, batch_multiplier=1, momentum=0.5, weight_decay=1e-3)
+    _run(model, opt, 0, 60)
+    saved_model, saved_opt = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    expected = _run(model, opt, 60, 200)
+
+    resumed = digits_model(torch.float32)
+    resumed.load_state_dict(saved_model)
+    other = ElraOptimizer(resumed.parameters(), None, 32, 0, lr=1e-3, weight_decay=0.2, batch_multiplier=4)
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        other.load_state_dict(saved_opt)
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "momentum None -> 0.5" in message and "batch_multiplier 4 -> 1" in message
+    assert _same(_run(resumed, other, 60, 200), expected)
+    assert other.stats == opt.stats
+    assert other.state_dict()["param_groups"][0]["elra_config"] == opt.state_dict()["param_groups"][0]["elra_config"]
+
+
+def _refuse(opt, sd, error=ValueError, match=None):
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(sd)
+
+
+def test_a_refused_load_state_dict_changes_nothing():
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model)
+    _run(model, opt, 0, 61)
+    twin_model, twin = copy.deepcopy((model, opt))
+    good = opt.state_dict()
+
+    bad_shape = copy.deepcopy(good)
+    bad_shape["state"][3]["direction"] = torch.zeros(5)
+    _refuse(opt, bad_shape, match="does not fit parameter 3")
+    unknown_field = copy.deepcopy(good)
+    unknown_field["param_groups"][0]["elra_controller"]["surprise"] = 1.0
+    unknown_field["param_groups"][0]["lr"] = 123.0
+    _refuse(opt, unknown_field, match="unknown")
+    missing = copy.deepcopy(good)
+    del missing["state"][1]
+    _refuse(opt, missing, match="lacks the 'direction'")
+    bad_config = copy.deepcopy(good)
+    bad_config["param_groups"][0]["elra_config"]["momentum"] = 1.5
+    _refuse(opt, bad_config, match="momentum")
+    no_boost = copy.deepcopy(good)
+    no_boost["param_groups"][0]["elra_boost"]["enabled"] = True
+    _refuse(opt, no_boost, match="lacks the 'boost'")
+
+    assert _same(_run(model, opt, 61, 200), _run(twin_model, twin, 61, 200))
+    assert opt.stats == twin.stats
+
+
+def test_boost_state_loads_into_an_optimizer_without_boost():
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model)
+    opt.enable_boost(40)
+    _run(model, opt, 0, 90)
+    resumed = copy.deepcopy(model)
+    plain = _digits_optimizer(resumed)
+    plain.load_state_dict(opt.state_dict())
+    assert _same(_run(model, opt, 90, 200), _run(resumed, plain, 90, 200))
+    assert _same(_boosted(model, opt), _boosted(resumed, plain)) and plain.stats["boost_count"] > 1
+
+
+def test_a_checkpoint_without_hyperparameters_keeps_the_constructors(caplog):
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model)
+    _run(model, opt, 0, 40)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["param_groups"][0]["elra_config"]  # as saved by an older elra
+    resumed, twin = copy.deepcopy(model), copy.deepcopy(model)
+    old = _digits_optimizer(resumed)
+    with caplog.at_level(logging.INFO, logger="elra"):
+        old.load_state_dict(sd)
+    assert any("older elra" in r.getMessage() for r in caplog.records)
+    new = _digits_optimizer(twin)
+    new.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert _same(_run(resumed, old, 40, 120), _run(twin, new, 40, 120))

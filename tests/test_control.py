@@ -71,3 +71,24 @@ def test_25_retraces_in_a_cycle_double_the_multiplier():
     for _ in range(25):
         assert controller.real_step([math.nan], None, [0.0]).action == "retrace"
     assert controller.state.multiplier == 2
+
+
+def test_a_step_out_of_the_16_bit_range_is_refused_and_its_retrace_stays_in_range():
+    from elra.control import RangeBounds
+
+    roomy, tight = RangeBounds(0.01, 0.01, 1e-4), RangeBounds(0.5, 0.4, 1.0)
+    sums = StepSums([4.0], [1.0], [0.0], [0.0], [0.0], [0.0])
+    for bounds in (roomy, tight):
+        controller = _controller(classes=0, momentum=None, lr=0.25)
+        first = controller.real_step([1.0], StepSums([4.0], [0.0], [0.0], [0.0], [0.0], [0.0]), [0.0], bounds=roomy)
+        before = controller.state_dict()
+        # a good loss: accepted unless out of range; refused, the parabola through the losses would
+        # retrace beyond the current point (to offset 0.5 from the good point, past the step of 0.25)
+        decision = controller.real_step([0.25], sums, [0.0], bounds=bounds)
+        assert first.action == "accept" and before["offset"] == 0.25
+        if bounds is roomy:
+            assert decision.action == "accept"
+            continue
+        assert decision.action == "retrace" and controller.state.alpha == 0.5
+        assert decision.shift == 0.25 and controller.state.offset == 0.0  # back to the good point exactly
+        assert controller.state.retraces == 1 and controller.state.steps == before["steps"] + 1

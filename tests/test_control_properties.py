@@ -38,7 +38,7 @@ configs = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, database=None)  # no example database in the checkout
 @given(config=configs, steps=st.lists(real_steps(), min_size=1, max_size=250), decay=st.sampled_from([0.0, 1e-4, 0.3]))
 def test_decisions_are_finite_bounded_and_restorable_at_any_point(config, steps, decay):
     controller = Controller(**config)

@@ -28,19 +28,33 @@ TWO_RANKS = [
     Scenario("ddp-collect-grad-sync", batch_multiplier=2, options={"classes": None}),
     Scenario("ddp-collect-no-helper", batch_multiplier=2, use_grad_sync=False, count_collectives=True),
     Scenario("fsdp2-per-layer", "fsdp2", batch_multiplier=2, options={"weight_decay": 1e-3}, nan_loss_at=9),
-    # The published acceptance retraces the step after the skipped backward; the noise-aware one accepts it,
-    # which needs step_retrace to reshard the root's gathered weights (not on this branch yet).
-    Scenario("fsdp2-root", "fsdp2-root", bad_loss_at=5, options={"acceptance": "published"}),
+    Scenario("fsdp2-root", "fsdp2-root", bad_loss_at=5),
     Scenario("fsdp2-skip-mid-collection", "fsdp2", batch_multiplier=2, bad_loss_at=9, nan_loss_at=13),
     Scenario("fsdp1-flat", "fsdp1", batch_multiplier=2, nan_loss_at=9),
     Scenario("fsdp1-orig-params", "fsdp1-orig", batch_multiplier=2, options={"momentum": 0.5}),
     Scenario("diverged-ranks", options={"check_consistency": 1}, steps=3, diverge=True),
+    Scenario("ranks-differ-in-multiplier", options={"check_consistency": 1}, steps=6, odd_rank={"batch_multiplier": 2}),
+    Scenario("ranks-differ-in-groups", "fsdp2", options={"check_consistency": 1}, steps=6, odd_rank={"groups": 2}),
     Scenario("fsdp2-boost", "fsdp2", boost_cycle=15, options={"momentum": 0.5}, nan_loss_at=4),
     Scenario("ddp-boost", boost_cycle=100, batch_multiplier=2),
     Scenario("fsdp2-scaler", "fsdp2", scaler=True, inf_grad_at=11, batch_multiplier=2),
     Scenario("ddp-scaler", scaler=True, inf_grad_at=7),
     Scenario("ddp-random-faults", batch_multiplier=2, nan_plan=_random_plan(1, 2, 4), inf_plan=_random_plan(2, 2, 4)),
     Scenario("fsdp2-random-faults", "fsdp2", nan_plan=_random_plan(3, 2, 4), inf_plan=_random_plan(4, 2, 4)),
+]
+WRAPPINGS = ("ddp", "fsdp2", "fsdp2-root", "fsdp1", "fsdp1-orig")
+# A skipped backward (step_retrace) and boosted() evaluations change the shards outside backward -> step
+IN_PLACE = [Scenario(f"{w}-retrace-and-boost", w, bad_loss_at=17, boost_cycle=100) for w in WRAPPINGS]
+COUNTED = [Scenario(f"{w}-grad-sync-counted", w, batch_multiplier=4, count_reductions=True) for w in WRAPPINGS]
+REFUSED = {
+    "ddp-grad-sync-around-backward-only": "forward ran outside",
+    "fsdp2-root-without-model": "give the optimizer the wrapped model",
+    "fsdp1-without-model": "give the optimizer the wrapped model",
+}
+TWO_RANKS += IN_PLACE + COUNTED + [
+    Scenario("ddp-grad-sync-around-backward-only", batch_multiplier=4, sync_backward_only=True),
+    Scenario("fsdp2-root-without-model", "fsdp2-root", bad_loss_at=17, use_grad_sync=False, pass_model=False),
+    Scenario("fsdp1-without-model", "fsdp1", boost_cycle=100, use_grad_sync=False, pass_model=False),
 ]
 THREE_RANKS = [
     Scenario("ddp-collect-grad-sync", batch_multiplier=2, nan_loss_at=7),
@@ -49,9 +63,16 @@ THREE_RANKS = [
     Scenario("fsdp1-orig-params", "fsdp1-orig", batch_multiplier=2, nan_loss_at=9),
     Scenario("ddp-random-faults", nan_plan=_random_plan(5, 3, 5), inf_plan=_random_plan(6, 3, 5)),
 ]
-FOUR_RANKS = [Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5)]
-CHECKPOINTED = Scenario("fsdp2-dcp", "fsdp2", steps=40, options={"momentum": 0.5, "weight_decay": 1e-3}, nan_loss_at=30)
-SAVE_AT = 21
+FOUR_RANKS = [
+    Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5),
+    Scenario("hsdp-root-retrace-and-boost", "hsdp-root", bad_loss_at=17, boost_cycle=100),
+]
+CHECKPOINTED = [
+    (Scenario("fsdp2-dcp", "fsdp2", steps=40, options={"momentum": 0.5, "weight_decay": 1e-3}, nan_loss_at=30), 21),
+    # saved with one micro-batch of three collected, under grad_sync: each rank held its own sums
+    (Scenario("fsdp2-dcp-mid-collection", "fsdp2", steps=40, batch_multiplier=3, nan_loss_at=30), 22),
+    (Scenario("fsdp2-root-dcp-mid-collection", "fsdp2-root", steps=40, batch_multiplier=3, use_grad_sync=False, nan_loss_at=31), 22),
+]
 
 
 def _spawn(tmp_path, world: int, scenarios: list[Scenario]) -> list[dict]:
@@ -89,10 +110,12 @@ def _assert_matches_single_process(ranks: list[dict], name: str) -> dict:
         assert torch.allclose(results[0]["params"][key], value, rtol=0, atol=1e-10), key
         assert all(torch.equal(r["params"][key], results[0]["params"][key]) for r in results), key
     assert torch.equal(single["params"]["dead"], make_net().dead)
+    for key, value in single["outputs"].items():  # what the model computes, gathered weights included
+        assert all(torch.allclose(r["outputs"][key], value, rtol=0, atol=1e-10) for r in results), key
     return stats
 
 
-@pytest.mark.parametrize("name", [s.name for s in TWO_RANKS if not s.diverge])
+@pytest.mark.parametrize("name", [s.name for s in TWO_RANKS if not s.diverge and not s.odd_rank and s.name not in REFUSED])
 def test_two_ranks_follow_the_single_process_trajectory(two, name):
     stats = _assert_matches_single_process(two, name)
     scenario = next(s for s in TWO_RANKS if s.name == name)
@@ -106,9 +129,33 @@ def test_three_ranks_with_uneven_shards_follow_the_single_process_trajectory(thr
     _assert_matches_single_process(three, name)
 
 
-def test_hsdp_on_a_2x2_mesh_follows_the_single_process_trajectory(four):
-    stats = _assert_matches_single_process(four, "hsdp-2x2")
+@pytest.mark.parametrize("name", [s.name for s in FOUR_RANKS])
+def test_hsdp_on_a_2x2_mesh_follows_the_single_process_trajectory(four, name):
+    stats = _assert_matches_single_process(four, name)
     assert stats["retraces"] >= 1
+
+
+@pytest.mark.parametrize("name", [s.name for s in IN_PLACE])
+def test_retrace_without_backward_and_boost_reach_the_next_forward(two, name):
+    """The root's gathered weights (FSDP2 root, FSDP1) must not hide an in-place change from the next forward."""
+    _assert_matches_single_process(two, name)
+    outputs = two[0][name]["single"]["outputs"]
+    assert not torch.allclose(outputs["boosted"], outputs["plain"], atol=1e-3)  # the boost does change them
+    assert all(torch.equal(r[name]["outputs"]["after_boost"], r[name]["outputs"]["plain"]) for r in two)
+
+
+@pytest.mark.parametrize("name", [s.name for s in COUNTED])
+def test_grad_sync_around_forward_and_backward_reduces_only_for_a_real_step(two, name):
+    _assert_matches_single_process(two, name)
+    reductions = two[0][name]["reductions"]
+    assert sum(collecting for collecting, _ in reductions) >= 20
+    assert all((count == 0) == collecting for collecting, count in reductions), reductions
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_what_would_be_silently_wrong_or_wasted_is_refused(two, name):
+    for rank in two:
+        assert REFUSED[name] in rank[name]["error"]
 
 
 @pytest.mark.parametrize("ranks, name", [(2, "ddp-random-faults"), (2, "fsdp2-random-faults"), (3, "ddp-random-faults")])
@@ -130,40 +177,56 @@ def test_step_issues_at_most_one_collective_and_none_while_collecting(two):
         assert any(collecting for collecting, _ in counts) == (name != "ddp")
 
 
-def test_diverged_controller_state_raises_on_every_rank(two):
-    for rank in two:
-        assert "ranks disagree" in rank["diverged-ranks"]["error"]
+@pytest.mark.parametrize("name", ["diverged-ranks", "ranks-differ-in-multiplier", "ranks-differ-in-groups"])
+def test_ranks_that_disagree_raise_the_same_error_on_every_rank(two, name):
+    errors = [rank[name].get("error") for rank in two]
+    assert errors[0] is not None and "ranks disagree" in errors[0]
+    assert all(error == errors[0] for error in errors)
 
 
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory):
-    """Save on 2 ranks (and resume there), then resume the same checkpoint on 3 ranks."""
+    """Save on 2 ranks (and resume there), then resume the same checkpoints on 3 ranks and on 1."""
     out = tmp_path_factory.mktemp("dcp")
     for phase, world in (("save", 2), ("resume", 3)):
-        args = (world, f"file://{out}/store-{phase}", str(out), CHECKPOINTED, SAVE_AT, phase)
+        args = (world, f"file://{out}/store-{phase}", str(out), CHECKPOINTED, phase)
         mp.spawn(run_checkpointing, args=args, nprocs=world, join=True)
-    load = lambda phase, world: [torch.load(out / f"{phase}{r}.pt", weights_only=False) for r in range(world)]
-    return load("save", 2), load("resume", 3)
+    load = lambda name, phase, world: [torch.load(out / f"{name}-{phase}{r}.pt", weights_only=False) for r in range(world)]
+    return {s.name: (load(s.name, "save", 2), load(s.name, "resume", 3)) for s, _ in CHECKPOINTED}
 
 
-def test_dcp_resume_on_the_same_world_size_is_bit_identical(checkpointed):
-    saved, _ = checkpointed
+@pytest.mark.parametrize("name", [s.name for s, _ in CHECKPOINTED])
+def test_dcp_resume_on_the_same_world_size_is_bit_identical(checkpointed, name):
+    saved, _ = checkpointed[name]
     for rank in saved:
         uninterrupted, resumed = rank["uninterrupted"], rank["resumed"]
         assert resumed["stats"] == uninterrupted["stats"]
         assert all(torch.equal(resumed["params"][k], v) for k, v in uninterrupted["params"].items())
+        assert rank["loaded_micro_batches"] == rank["micro_batches"]
     assert saved[0]["uninterrupted"]["stats"]["retraces"] >= 1
 
 
-def test_dcp_resume_on_another_world_size_matches_a_single_process_resume(checkpointed):
-    _, resumed = checkpointed
+@pytest.mark.parametrize("name", [s.name for s, _ in CHECKPOINTED])
+def test_dcp_resume_on_another_world_size_matches_a_single_process_resume(checkpointed, name):
+    _, resumed = checkpointed[name]  # 3 ranks (and their twins) train on a global batch of 3 local ones
     stats = resumed[0]["resumed"]["stats"]
     assert all(r["resumed"]["stats"] == stats for r in resumed)
-    single = resumed[0]["single"]
-    assert stats["real_steps"] == single["stats"]["real_steps"] == CHECKPOINTED.steps
-    assert stats["retraces"] == single["stats"]["retraces"] >= 1
-    for key, value in single["params"].items():
-        assert torch.allclose(resumed[0]["resumed"]["params"][key], value, rtol=0, atol=1e-10), key
+    assert stats["real_steps"] >= 13 and stats["retraces"] >= 1
+    for single in (resumed[0]["single"], resumed[0]["single_dcp"]):  # from the full copy; from DCP on 1 rank
+        for key, value in single["stats"].items():
+            assert math.isclose(stats[key], value, rel_tol=1e-9), key
+        for key, value in single["params"].items():
+            assert torch.allclose(resumed[0]["resumed"]["params"][key], value, rtol=0, atol=1e-10), key
+
+
+def test_mid_collection_checkpoints_keep_the_pending_sums(checkpointed):
+    """Saved with a micro-batch pending; with grad_sync state_dict() refuses until they are synchronised."""
+    for name in ("fsdp2-dcp-mid-collection", "fsdp2-root-dcp-mid-collection"):
+        saved, resumed = checkpointed[name]
+        assert all(r["micro_batches"] == 1 == r["loaded_micro_batches"] for r in saved)
+        assert all(r["loaded_micro_batches"] == 1 for r in resumed)
+    assert all("sync_pending_grads()" in r["refused"] for r in checkpointed["fsdp2-dcp-mid-collection"][0])
+    assert not any("refused" in r for r in checkpointed["fsdp2-root-dcp-mid-collection"][0])  # sync was on
 
 
 @pytest.mark.parametrize("name", ["fsdp2-boost", "ddp-boost"])

@@ -70,3 +70,11 @@ def test_lightning_example_drives_elra_through_closures():
     pytest.importorskip("lightning")
     accuracy, stats = _example("lightning_digits").train(epochs=2)
     assert accuracy > 0.85 and stats["real_steps"] == 2 * 45
+
+
+def test_hf_trainer_example_trains_gpt2_with_elra():
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    losses, stats = _example("hf_trainer").train(steps=60, accumulation=2)
+    assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
+    assert stats["real_steps"] + stats["retraces"] == 60 and stats["batch_multiplier"] == 2

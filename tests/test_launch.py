@@ -1,29 +1,43 @@
-"""launch/train.py under torchrun: every strategy, and a killed job that resumes."""
+"""launch/train.py under torchrun: every strategy and model, killed jobs that resume, clear errors."""
 
 from __future__ import annotations
 
+import gc
+import math
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+
+from launch import train as launcher
+from launch.checkpoint import Checkpointer, CheckpointError
+from launch.text import stdlib_source
 
 TRAIN = Path(__file__).resolve().parents[1] / "launch" / "train.py"
 SMALL = ["--epochs", "3", "--max-steps", "12", "--threads", "1"]
+TINY_GPT = ["--model", "gpt", "--context", "16", "--width", "32", "--heads", "2", "--layers", "2", "--batch-size", "8"]
 
 
 def _command(strategy: str, *extra: str) -> list[str]:
-    launcher = [sys.executable] if strategy == "none" else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    return [*launcher, str(TRAIN), "--strategy", strategy, *SMALL, *extra]
+    launcher_ = [sys.executable] if strategy == "none" else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return [*launcher_, str(TRAIN), "--strategy", strategy, *SMALL, *extra]
 
 
-def _run(command: list[str]) -> str:
+def _run(command: list[str], expect_ok: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    if expect_ok:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _epoch_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("epoch ")]
 
 
 def _accuracies(output: str) -> list[float]:
@@ -31,29 +45,78 @@ def _accuracies(output: str) -> list[float]:
 
 
 def test_every_strategy_runs_and_the_distributed_ones_agree():
-    results = {s: _accuracies(_run(_command(s))) for s in ("none", "ddp", "fsdp2", "fsdp1")}
-    assert all(len(v) == 3 for v in results.values())
-    assert results["ddp"] == pytest.approx(results["fsdp2"], abs=1e-3) == results["fsdp1"]
-    assert results["none"][-1] > 0.5
+    results = {s: _run(_command(s)).stdout for s in ("none", "ddp", "fsdp2", "fsdp1")}
+    assert all(len(_epoch_lines(v)) == 3 for v in results.values())
+    # the whole line: losses, accuracy, the boosted model's accuracy, ELRA's state
+    assert _epoch_lines(results["ddp"]) == _epoch_lines(results["fsdp2"]) == _epoch_lines(results["fsdp1"])
+    assert _accuracies(results["none"])[-1] > 0.5
+    boost = [float(v) for v in re.findall(r" boost (\d\.\d+|nan)", results["fsdp1"])]
+    assert boost != _accuracies(results["fsdp1"])  # the averaged weights are evaluated, not the current ones
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_crashed_job_resumes_from_its_newest_complete_checkpoint(tmp_path, strategy):
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(stdlib_source(40_000), encoding="utf-8")
+    return path
+
+
+def test_gpt_under_every_strategy_reports_bits_per_char_and_the_distributed_ones_agree(text_file):
+    gpt = [*TINY_GPT, "--epochs", "2", "--max-steps", "6"]
+    default_corpus = _run(_command("none", *gpt)).stdout  # the standard library's source, offline
+    results = {s: _run(_command(s, *gpt, "--text", str(text_file))).stdout for s in ("ddp", "fsdp2", "fsdp1")}
+    lines = _epoch_lines(results["ddp"])
+    assert len(lines) == 2 and len(_epoch_lines(default_corpus)) == 2
+    assert lines == _epoch_lines(results["fsdp2"]) == _epoch_lines(results["fsdp1"])
+    for line in lines + _epoch_lines(default_corpus):
+        valid, bits = (float(re.search(rf" {k} (\d+\.\d+)", line).group(1)) for k in ("valid", "bits/char"))
+        assert bits == pytest.approx(valid / math.log(2), abs=1e-3) and "accuracy" not in line
+    assert float(re.search(r"bits/char (\d+\.\d+)", lines[-1]).group(1)) < math.log2(256)  # learns something
+
+
+def _resume_and_compare(tmp_path: Path, strategy: str, *options: str) -> tuple[list[str], subprocess.CompletedProcess]:
+    """Run 6 epochs uninterrupted; then kill a rank after epoch 3, resume, and compare the final weights.
+
+    The uninterrupted run checkpoints too: a checkpoint taken mid-collection
+    averages the ranks' pending sums, which rounds like the resumed run does.
+    """
     reference = tmp_path / "reference.pt"
-    _run(_command(strategy, "--save-final", str(reference), "--epochs", "6"))
+    uninterrupted = _run(
+        _command(strategy, *options, "--save-final", str(reference), "--epochs", "6", "--checkpoint-dir", str(tmp_path / "uninterrupted"))
+    ).stdout
 
     checkpoints, final = tmp_path / "ckpt", tmp_path / "final.pt"
-    resumable = ["--checkpoint-dir", str(checkpoints), "--save-final", str(final), "--epochs", "6"]
+    resumable = [*options, "--checkpoint-dir", str(checkpoints), "--save-final", str(final), "--epochs", "6"]
     crashed = subprocess.run(_command(strategy, *resumable, "--crash-after-epoch", "3"), capture_output=True, timeout=300)
     assert crashed.returncode != 0 and not final.exists()
     (checkpoints / "epoch-00004.tmp").mkdir()  # a write that was interrupted
     (checkpoints / "epoch-00004.tmp" / "state.pt").write_bytes(b"garbage")
 
-    output = _run(_command(strategy, *resumable))
-    assert [int(m) for m in re.findall(r"epoch +(\d+) ", output)] == [4, 5, 6]
+    resumed = _run(_command(strategy, *resumable))
+    assert [int(m) for m in re.findall(r"epoch +(\d+) ", resumed.stdout)] == [4, 5, 6]
+    assert _epoch_lines(resumed.stdout) == _epoch_lines(uninterrupted)[3:]
     expected, got = torch.load(reference, weights_only=True), torch.load(final, weights_only=True)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+    return resumable, resumed
+
+
+@pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp2", "fsdp1"])
+def test_crashed_job_resumes_from_its_newest_complete_checkpoint(tmp_path, strategy):
+    # 12 micro-batches per epoch, 5 per real step: epochs end in the middle of collecting
+    resumable, resumed = _resume_and_compare(tmp_path, strategy, "--batch-multiplier", "5")
+    if strategy in ("none", "ddp"):  # its checkpoints hold a pending micro-batch sum (72 = 14*5 + 2)
+        saved = torch.load(tmp_path / "ckpt" / "epoch-00006" / "state.pt", weights_only=True)["optim"]
+        assert saved["param_groups"][0]["elra_controller"]["pending_losses"]
+    assert "Warning" not in resumed.stderr, resumed.stderr[-3000:]  # FSDP1's deprecation warnings stay out
+    if strategy in ("none", "fsdp1"):
+        again = _run(_command(strategy, *resumable))
+        assert "the run is complete" in again.stdout
+        assert again.stdout.strip().endswith(_epoch_lines(resumed.stdout)[-1])  # where it ended
+
+
+def test_crashed_gpt_job_resumes_per_block_sharded(tmp_path, text_file):
+    _resume_and_compare(tmp_path, "fsdp2", *TINY_GPT, "--max-steps", "4", "--text", str(text_file))
 
 
 def test_resnet18_on_fake_cifar_runs_one_process(tmp_path):
@@ -61,5 +124,75 @@ def test_resnet18_on_fake_cifar_runs_one_process(tmp_path):
     output = _run(
         [sys.executable, str(TRAIN), "--model", "resnet18", "--fake-size", "64", "--max-steps", "2", "--epochs", "1",
          "--batch-size", "8", "--threads", "1", "--data-dir", str(tmp_path / "no-cifar-here")]
-    )
+    ).stdout
     assert len(_accuracies(output)) == 1
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("option", [["--epochs", "0"], ["--epochs", "-1"], ["--batch-size", "0"], ["--timeout", "0"]])
+def test_nonsense_numbers_are_refused_by_name(option, capsys):
+    with pytest.raises(SystemExit) as stop:
+        launcher.parse_args(option)
+    assert stop.value.code == 2 and option[0] in capsys.readouterr().err
+
+
+def _fails_clearly(command: list[str], *words: str) -> str:
+    """The job fails with a message and no traceback from the launcher (torchrun adds one of its own)."""
+    done = _run(command, expect_ok=False)
+    assert done.returncode != 0 and f'File "{TRAIN.parent}' not in done.stderr, done.stderr[-3000:]
+    assert all(w in done.stderr for w in words), done.stderr[-3000:]
+    return done.stderr
+
+
+def test_checkpoint_dir_that_is_a_file_is_refused(tmp_path):
+    file = tmp_path / "ckpt"
+    file.write_text("")
+    _fails_clearly([sys.executable, str(TRAIN), "--checkpoint-dir", str(file)], "is a file")
+
+
+def test_distributed_strategy_without_torchrun_says_how_to_launch():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, str(TRAIN), "--strategy", "ddp"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "torchrun" in done.stderr and "--strategy none" in done.stderr
+
+
+def test_checkpoint_of_another_strategy_says_what_differs(tmp_path):
+    checkpoints = tmp_path / "ckpt"
+    _run(_command("none", "--epochs", "1", "--max-steps", "2", "--checkpoint-dir", str(checkpoints)))
+    error = _fails_clearly(_command("fsdp2", "--checkpoint-dir", str(checkpoints)), "--strategy none on 1 ranks", "--strategy fsdp2 cannot resume")
+    assert "metadata is None" not in error
+    _run(_command("ddp", "--epochs", "2", "--max-steps", "2", "--checkpoint-dir", str(checkpoints)))  # ddp can: one state.pt
+    sharded = tmp_path / "sharded" / "epoch-00001"
+    sharded.mkdir(parents=True)
+    (sharded / ".metadata").write_bytes(b"")  # a DCP checkpoint from before meta.json
+    with pytest.raises(CheckpointError, match="fsdp2 or fsdp1.*--strategy none cannot resume"):
+        Checkpointer(sharded.parent, "none", 0).resume(None, None)
+
+
+# ------------------------------------------------------------------- exit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_wrapper_is_freed_before_the_process_group(tmp_path, monkeypatch):
+    """Freeing DDP's reducer after destroy_process_group deadlocks gloo at exit (torch 2.13): never do it."""
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                       "TORCH_GLOO_LAZY_INIT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    alive_at_destroy = []
+    destroy = dist.destroy_process_group
+
+    def watched_destroy(*args, **kwargs):
+        alive_at_destroy.extend(o for o in gc.get_objects() if isinstance(o, torch.nn.parallel.DistributedDataParallel))
+        return destroy(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "destroy_process_group", watched_destroy)
+    launcher.main(["--strategy", "ddp", "--epochs", "1", "--max-steps", "2", "--threads", "1"])
+    assert not dist.is_initialized() and alive_at_destroy == []

@@ -1,5 +1,6 @@
 """Bad numbers never raise and never reach the parameters."""
 
+import logging
 import math
 
 import pytest
@@ -118,3 +119,56 @@ def test_parameters_on_two_devices_are_rejected_at_construction():
 def test_integer_parameters_are_rejected():
     with pytest.raises(ValueError, match="floating point"):
         ElraOptimizer([torch.ones(2, dtype=torch.int64)])
+
+
+def _flat_quadratic(dtype, curvature, steps, inject=None):
+    """A quadratic so flat that ELRA's step length grows far beyond float16's range (65504)."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=dtype))
+    opt = ElraOptimizer([p], lr=1e-3)
+    longest = 0.0
+    for step in range(steps):
+        opt.zero_grad()
+        loss = curvature * (p.float() ** 2).sum()
+        loss.backward()
+        if step == inject:
+            p.grad[0] = 1000.0  # large but finite, far below float16's limit
+        opt.step(loss)
+        longest = max(longest, opt.stats["lr"])
+        assert torch.isfinite(p).all(), step
+    return p, opt, longest
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_steps_longer_than_the_float16_range_are_applied(dtype):
+    p, opt, longest = _flat_quadratic(dtype, 1e-5, 60)
+    reference, _, _ = _flat_quadratic(torch.float32, 1e-5, 60)
+    assert longest > 65504
+    assert (p.float() ** 2).sum() < 1e-4 and (reference**2).sum() < 1e-4
+
+
+def test_a_step_that_would_overflow_float16_parameters_is_a_retrace_and_training_goes_on(caplog):
+    _, opt, _ = _flat_quadratic(torch.float16, 1e-3, 41)
+    assert opt.stats["lr"] > 100  # 1000 * step would overflow float16
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        p, opt, _ = _flat_quadratic(torch.float16, 1e-3, 120, inject=40)
+    assert any("could overflow" in r.getMessage() for r in caplog.records)
+    assert opt.stats["retraces"] >= 1
+    assert (p.float() ** 2).sum() < 1e-6
+
+
+def test_full_batch_float16_mlp_trains_through_steps_beyond_the_float16_range():
+    x = torch.linspace(-math.pi, math.pi, 256).unsqueeze(1)
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).half()
+    opt = ElraOptimizer(model.parameters(), lr=1e-4)
+    losses, longest = [], 0.0
+    for _ in range(120):  # raised "value cannot be converted to type c10::Half" at step 63
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x.half()).float(), torch.sin(x))
+        loss.backward()
+        opt.step(loss)
+        losses.append(loss.item())
+        longest = max(longest, opt.stats["lr"])
+    assert longest > 65504
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert min(losses[-20:]) < losses[0] / 50

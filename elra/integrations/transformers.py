@@ -1,0 +1,315 @@
+"""``ElraTrainer``: ``transformers.Trainer`` driving ``ElraOptimizer``.
+
+Trainer calls ``optimizer.step()`` without a loss once per accumulation chunk
+of ``gradient_accumulation_steps`` micro-batches, clips gradients before it,
+runs a learning-rate scheduler after it and clears the gradients with
+``model.zero_grad()``. ELRA needs each micro-batch's loss, averages the
+micro-batch gradients itself (its batch multiplier, which grows), owns its
+rate and must see the gradients as they are. So ``ElraTrainer``:
+
+- hands ELRA every micro-batch's own mean loss right after its backward
+  (``step(loss)``: collect or real step); Trainer's argument-less ``step()``
+  then has nothing left to do;
+- builds ELRA with ``batch_multiplier = gradient_accumulation_steps``: the
+  first real steps average exactly the micro-batches Trainer would have
+  accumulated, and ELRA grows the multiplier from there;
+- all-reduces DDP gradients in exactly the backward passes that complete a
+  real step (ELRA's, not Trainer's chunk boundary, decides);
+- keeps the gradients ELRA is still collecting through Trainer's
+  ``model.zero_grad()``, so they also reach checkpoints;
+- puts a scheduler in Trainer's slot that only reports ELRA's rate, and
+  turns gradient clipping off (``max_grad_norm`` would rescale the gradients
+  ELRA measures);
+- feeds ``set_train_loss``/``set_valid_loss`` at every evaluation during
+  training and adds ELRA's ``stats`` to Trainer's logs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as error:
+    raise ImportError(
+        "elra.integrations.transformers needs transformers and accelerate: pip install 'elra[transformers]'"
+    ) from error
+
+from ..optimizer import ElraOptimizer
+
+logger = logging.getLogger("elra")
+
+_TRAIN_LOSS_KEY = "elra_trainer_train_loss"
+LOGGED_STATS = ("rate", "batch_multiplier", "retraces", "real_steps", "weight_decay")
+
+
+class ElraRate:
+    """Trainer's scheduler slot: reports ELRA's step length and changes nothing.
+
+    ELRA owns its rate; Trainer logs ``get_last_lr()`` as ``learning_rate``.
+    """
+
+    def __init__(self, optimizer: ElraOptimizer) -> None:
+        self.optimizer = optimizer
+
+    def step(self) -> None:
+        """Nothing to schedule."""
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the rate lives in the optimizer's state."""
+
+
+class _StepTaken:
+    """The optimizer as Trainer's loop sees it: every step was already taken.
+
+    ``ElraTrainer.training_step`` hands ELRA each micro-batch's loss right
+    after its backward; Trainer's own ``optimizer.step()`` at the end of an
+    accumulation chunk has nothing left to do. Checkpoints carry the
+    trainer's running train loss along with ELRA's state; everything else
+    (``param_groups``, ``zero_grad``, ``stats`` ...) is ELRA's.
+    """
+
+    def __init__(self, elra: ElraOptimizer, trainer: "ElraTrainer") -> None:
+        self.elra = elra
+        self.trainer = trainer
+
+    def step(self, closure=None) -> None:
+        if closure is not None:
+            raise TypeError("ElraTrainer hands ELRA each micro-batch loss itself; call step() without a closure")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.elra.state_dict(), _TRAIN_LOSS_KEY: self.trainer._train_loss_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.trainer._load_train_loss_state(state_dict.pop(_TRAIN_LOSS_KEY, [0.0, 0.0]))
+        self.elra.load_state_dict(state_dict)
+        self.trainer._keep_collected()  # the restored partial sums, until Trainer's model.zero_grad() passed
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "elra":  # not set yet (copying, unpickling)
+            raise AttributeError(name)
+        return getattr(self.elra, name)
+
+
+@contextmanager
+def _sync_when_elra_steps(model: torch.nn.Module, optimizer: ElraOptimizer) -> Iterator[None]:
+    """Around forward and backward: DDP all-reduces iff this micro-batch completes a real step.
+
+    Trainer switches DDP's sync off for all but the last micro-batch of its
+    chunk; ELRA's real steps need not fall there (its multiplier grows, and
+    the last chunk of an epoch may be short), so ELRA's ``collecting`` decides.
+    DDP reads the flag at forward time.
+    """
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        yield
+        return
+    before = model.require_backward_grad_sync
+    model.require_backward_grad_sync = not optimizer.collecting
+    try:
+        yield
+    finally:
+        model.require_backward_grad_sync = before
+
+
+def _classes(model: torch.nn.Module) -> int:
+    """ELRA's ``classes``: the vocabulary of a language-model head, else the number of labels."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return 2
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return max(2, int(getattr(text_config, "vocab_size", 2)))
+    return max(2, int(getattr(config, "num_labels", 2)))
+
+
+class _ElraHooks(TrainerCallback):
+    """Puts back the gradients ELRA is collecting after Trainer's ``model.zero_grad()``."""
+
+    def __init__(self, trainer: "ElraTrainer") -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._restore_collected()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._restore_collected()
+
+
+class ElraTrainer(Trainer):
+    """``transformers.Trainer`` training with ``ElraOptimizer``; same arguments.
+
+    Without ``optimizers``, it builds ``ElraOptimizer`` from the
+    ``TrainingArguments``: weight decay ``args.weight_decay`` for the weights,
+    none for biases and norms (Trainer's ``get_decay_parameter_names``), first
+    step length ``args.learning_rate``, ``batch_size`` the per-device batch,
+    ``batch_multiplier`` the ``gradient_accumulation_steps``, ``classes`` the
+    model's vocabulary (language models) or number of labels.
+    ``elra_options`` (a dict) overrides or adds ``ElraOptimizer`` arguments
+    (e.g. ``momentum``, ``warmup``, ``classes``). Or pass your own:
+    ``optimizers=(ElraOptimizer(...), None)``.
+
+    ELRA owns its rate: a scheduler is refused, ``lr_scheduler_type`` and the
+    warmup arguments are ignored. Gradients are never clipped
+    (``max_grad_norm`` is ignored). ``fp16``, DeepSpeed and FSDP are refused
+    (use ``bf16``, or DDP).
+    """
+
+    def __init__(self, *args: Any, elra_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.elra_options = dict(elra_options or {})
+        self.elra_optimizer: ElraOptimizer | None = None
+        self._check_supported()
+        if self.args.max_grad_norm:
+            logger.info("ElraTrainer does not clip gradients: max_grad_norm=%g is ignored", self.args.max_grad_norm)
+            self.args = copy.copy(self.args)
+            self.args.max_grad_norm = 0.0
+        # finite micro-batch losses since the last evaluation: [sum, count], on the device (no host sync)
+        self._train_losses = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        self._collected: dict[torch.Tensor, torch.Tensor] = {}
+        if self.optimizer is not None:
+            self._adopt(self.optimizer)
+        self.add_callback(_ElraHooks(self))
+
+    def _check_supported(self) -> None:
+        if getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+            raise ValueError("ElraTrainer builds ElraOptimizer itself: drop optimizer_cls_and_kwargs")
+        if self.optimizer is not None and self.elra_options:
+            raise ValueError("elra_options configure the ElraOptimizer that ElraTrainer builds; you passed your own")
+        if self.optimizer is not None and not isinstance(self.optimizer, (ElraOptimizer, _StepTaken)):
+            raise TypeError(
+                f"ElraTrainer trains with ElraOptimizer, got {type(self.optimizer).__name__}; "
+                "use transformers.Trainer for other optimizers"
+            )
+        if self.lr_scheduler is not None and not isinstance(self.lr_scheduler, ElraRate):
+            raise ValueError(
+                "ELRA sets its own rate, a scheduler would only mislabel it: pass optimizers=(elra_optimizer, None)"
+            )
+        if self.args.fp16:
+            raise ValueError(
+                "ElraTrainer does not support fp16=True: Trainer's GradScaler would hand ELRA scaled gradients "
+                "and skip steps behind its back; use bf16=True or float32"
+            )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "ElraTrainer supports one process and DDP; DeepSpeed and FSDP run their own optimizer step. "
+                "For FSDP2, write the loop with ElraOptimizer and elra.grad_sync (see the README)"
+            )
+
+    # ------------------------------------------------------- optimizer
+    def create_optimizer(self, model: torch.nn.Module | None = None):
+        """ElraOptimizer with Trainer's parameter groups (no decay for biases and norms)."""
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(model))
+            trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for name, p in trained if name in decay], "weight_decay": self.args.weight_decay},
+                {"params": [p for name, p in trained if name not in decay], "weight_decay": 0.0},
+            ]
+            options = {
+                "batch_size": self.args.per_device_train_batch_size,
+                "classes": _classes(model),
+                "lr": self.args.learning_rate,
+                "weight_decay": self.args.weight_decay,
+                "batch_multiplier": self.args.gradient_accumulation_steps,
+                **self.elra_options,
+            }
+            self.optimizer = ElraOptimizer([g for g in groups if g["params"]], None, **options)
+        self._adopt(self.optimizer)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """A scheduler that reports ELRA's rate and changes nothing."""
+        if self.lr_scheduler is None:
+            self.lr_scheduler = ElraRate(self.elra_optimizer)
+        return self.lr_scheduler
+
+    def _adopt(self, optimizer: ElraOptimizer | _StepTaken) -> None:
+        """Put the step-less view of ELRA in Trainer's slot."""
+        if isinstance(optimizer, _StepTaken):
+            return
+        self.elra_optimizer = optimizer
+        self.optimizer = _StepTaken(optimizer, self)
+
+    # ------------------------------------------------------------ step
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        """Forward and backward of one micro-batch, then ``step(loss)``: ELRA collects or steps.
+
+        The backward uses the micro-batch's own mean loss (``num_items_in_batch``
+        is not used): ELRA averages the micro-batches itself. The returned loss
+        is divided by the chunk length, as Trainer's, so Trainer logs the mean.
+        """
+        elra = self.elra_optimizer
+        elra.zero_grad()  # clears only after a real step; keeps what ELRA collects
+        chunk = getattr(self, "current_gradient_accumulation_steps", 1)
+        self.current_gradient_accumulation_steps = 1
+        try:
+            with _sync_when_elra_steps(model, elra):
+                loss = super().training_step(model, inputs, None)
+        finally:
+            self.current_gradient_accumulation_steps = chunk
+        elra.step(loss)  # a non-finite loss makes ELRA retrace; it stays out of the train-loss mean
+        finite = torch.isfinite(loss)
+        self._train_losses += torch.stack([torch.where(finite, loss, 0.0), finite]).to(torch.float64)
+        self._keep_collected()
+        return loss / chunk
+
+    def _keep_collected(self) -> None:
+        elra = self.elra_optimizer
+        self._collected = (
+            {p: p.grad for group in elra.param_groups for p in group["params"] if p.grad is not None}
+            if elra.micro_batches
+            else {}
+        )
+
+    def _restore_collected(self) -> None:
+        for p, grad in self._collected.items():
+            if p.grad is None:
+                p.grad = grad
+
+    # ---------------------------------------------- losses and logs
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Trainer's evaluation; during training it also feeds ELRA's weight-decay control.
+
+        The train loss is the mean finite micro-batch loss since the previous
+        evaluation (over all processes), the validation loss Trainer's
+        ``eval_loss``. With several evaluation sets the first one counts.
+        """
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        valid = metrics.get(f"{metric_key_prefix}_loss")
+        if self.is_in_train and valid is not None and self.elra_optimizer is not None:
+            total, count = self.accelerator.reduce(self._train_losses, reduction="sum").tolist()
+            if count and math.isfinite(valid):
+                self.elra_optimizer.set_train_loss(total / count)
+                self.elra_optimizer.set_valid_loss(valid)
+                self._train_losses.zero_()
+            elif count:
+                logger.warning("evaluation loss %s is not finite: not fed to ELRA's weight-decay control", valid)
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer's log, with ELRA's rate, batch multiplier, retraces, real steps and weight decay."""
+        if self.elra_optimizer is not None and ("loss" in logs or "train_loss" in logs):
+            stats = self.elra_optimizer.stats
+            logs = {**logs, **{f"elra_{name}": stats[name] for name in LOGGED_STATS}}
+        super().log(logs, start_time)
+
+    def _train_loss_state(self) -> list[float]:
+        return self._train_losses.tolist()
+
+    def _load_train_loss_state(self, state: list[float]) -> None:
+        self._train_losses.copy_(torch.tensor(state, dtype=torch.float64))

@@ -1,0 +1,147 @@
+"""A tiny GPT-2 on synthetic tokens; the Accelerate loop and ElraTrainer run on 1 and 2 processes.
+
+Needs transformers and accelerate; the test modules skip before importing it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.ranks import as_gloo_rank  # noqa: E402
+from elra import ElraOptimizer  # noqa: E402
+
+VOCAB, CONTEXT = 64, 32
+
+
+def tiny_gpt2(seed: int = 0, dropout: float = 0.0, dtype: torch.dtype = torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=CONTEXT, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+    )
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).to(dtype)
+
+
+class TokenSequences(torch.utils.data.Dataset):
+    """Sequences that mostly count up in steps of 3 (mod VOCAB), with 10% random tokens: learnable."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        start = torch.randint(0, VOCAB, (count, 1), generator=gen)
+        ids = (start + 3 * torch.arange(CONTEXT)) % VOCAB
+        noise = torch.rand(count, CONTEXT, generator=gen) < 0.1
+        self.ids = torch.where(noise, torch.randint(0, VOCAB, (count, CONTEXT), generator=gen), ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+def accelerate_train(steps: int, multiplier: int, global_batch: int, out: Path) -> None:
+    """The README's Accelerate loop on the float64 tiny GPT-2; each process writes what it saw.
+
+    ``split_batches``: each process gets its slice of the same global batch, so
+    1 and 2 processes train on the same data. A DDP comm hook records in which
+    micro-steps gradients were all-reduced.
+    """
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    from elra.integrations.accelerate import accumulate
+
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    model = tiny_gpt2(dtype=torch.float64)
+    optimizer = ElraOptimizer(model.parameters(), None, global_batch, VOCAB, lr=1e-4, batch_multiplier=multiplier)
+    loader = torch.utils.data.DataLoader(TokenSequences(steps * global_batch, seed=1), batch_size=global_batch)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    reduced = []
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def count_allreduce(state, bucket):
+            reduced.append(True)
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(torch.distributed.group.WORLD, count_allreduce)
+    synced, real_steps = [], []
+    for batch in loader:
+        optimizer.zero_grad()
+        before = len(reduced)
+        with accumulate(accelerator, model, optimizer):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+        optimizer.step(loss)
+        synced.append(len(reduced) > before)
+        real_steps.append(optimizer.optimizer.stats["real_steps"])
+    params = {name: p.detach().clone() for name, p in accelerator.unwrap_model(model).named_parameters()}
+    torch.save(
+        {"params": params, "stats": optimizer.optimizer.stats, "synced": synced, "real_steps": real_steps},
+        out / f"rank{accelerator.process_index}.pt",
+    )
+
+
+def trainer_train(out: Path) -> None:
+    """ElraTrainer on the float64 tiny GPT-2; real steps (multiplier 3) straddle Trainer's chunks of 2.
+
+    ``split_batches``: each process trains on its slice of the same global batch.
+    """
+    from transformers import TrainingArguments
+
+    from elra.integrations.transformers import ElraTrainer
+
+    model = tiny_gpt2(dtype=torch.float64)
+    optimizer = ElraOptimizer(model.parameters(), None, 8, VOCAB, lr=1e-4, weight_decay=0.01, batch_multiplier=3)
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=8, per_device_eval_batch_size=16,
+        gradient_accumulation_steps=2, max_steps=9, eval_strategy="steps", eval_steps=4, logging_steps=4,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        accelerator_config={"split_batches": True},
+    )
+    trainer = ElraTrainer(
+        model=model, args=args, train_dataset=TokenSequences(64, 0), eval_dataset=TokenSequences(32, 1),
+        optimizers=(optimizer, None),
+    )
+    trainer.train()
+    state = optimizer.controller.state
+    torch.save(
+        {
+            "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+            "stats": optimizer.stats,
+            "losses": (state.train_loss, state.valid_loss),
+            "ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
+        },
+        out / f"trainer{trainer.args.process_index}.pt",
+    )
+
+
+def _both(out: Path, steps: int, multiplier: int, global_batch: int) -> None:
+    accelerate_train(steps, multiplier, global_batch, out)
+    trainer_train(out)
+
+
+def spawned_process(index: int, store: str, steps: int, multiplier: int, global_batch: int, out: str) -> None:
+    """Spawned processes 0 and 1 form a 2-process job; process 2 runs the same loop alone.
+
+    One spawn for both runs: each process pays the transformers import once, side by side.
+    Each runs the Accelerate loop, then ElraTrainer.
+    """
+    if index == 2:
+        torch.set_num_threads(1)
+        _both(Path(out) / "one", steps, multiplier, global_batch)
+        sys.stdout.flush()
+        os._exit(0)
+    os.environ.update(
+        RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1"
+    )
+    as_gloo_rank(index, 2, store, lambda: _both(Path(out) / "two", steps, multiplier, global_batch))

@@ -1,0 +1,88 @@
+"""The Accelerate loop and ElraTrainer on 2 processes (DDP over gloo) against 1 process on the same global batches."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from hf_worker import spawned_process  # noqa: E402
+
+STEPS, MULTIPLIER, GLOBAL_BATCH = 12, 3, 4
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("accelerate")
+    (out / "two").mkdir()
+    (out / "one").mkdir()
+    args = (f"file://{out}/store", STEPS, MULTIPLIER, GLOBAL_BATCH, str(out))
+    mp.spawn(spawned_process, args=args, nprocs=3, join=True)
+    return out
+
+
+def _assert_matches(ranks, single):
+    """Ranks agree exactly; with the single process up to rounding (another reduction order)."""
+    assert ranks[0]["stats"] == ranks[1]["stats"]
+    for key, value in single["stats"].items():
+        assert ranks[0]["stats"][key] == pytest.approx(value, rel=1e-9, abs=1e-15), key
+    for name, value in single["params"].items():
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
+        torch.testing.assert_close(ranks[0]["params"][name], value, rtol=0, atol=1e-10)
+
+
+def _load(out, name):
+    ranks = [torch.load(out / "two" / f"{name}{r}.pt", weights_only=True) for r in range(2)]
+    return ranks, torch.load(out / "one" / f"{name}0.pt", weights_only=True)
+
+
+def test_accelerate_loop_on_two_processes_follows_the_single_process_trajectory(runs):
+    ranks, single = _load(runs, "rank")
+    assert single["stats"]["real_steps"] == STEPS // MULTIPLIER
+    _assert_matches(ranks, single)
+    moved = [not torch.equal(a, b) for a, b in zip(single["params"].values(), _initial_params())]
+    assert all(moved)
+
+
+def test_accelerate_loop_all_reduces_gradients_only_for_real_steps(runs):
+    ranks, _ = _load(runs, "rank")
+    real = [(i + 1) % MULTIPLIER == 0 for i in range(STEPS)]
+    for rank in ranks:
+        assert rank["synced"] == real
+
+
+def test_trainer_on_two_processes_follows_the_single_process_trajectory(runs):
+    """ELRA's real steps (every 3 micro-batches) fall inside Trainer's no_sync chunks of 2: ELRA decides the sync."""
+    ranks, single = _load(runs, "trainer")
+    assert single["stats"]["real_steps"] == 18 // 3 and not single["ddp"]
+    assert all(rank["ddp"] for rank in ranks)
+    _assert_matches(ranks, single)
+    # the losses fed to the weight-decay control; transformers computes GPT-2's loss in float32
+    assert ranks[0]["losses"] == ranks[1]["losses"] == pytest.approx(single["losses"], rel=1e-6)
+
+
+def _initial_params():
+    from hf_worker import tiny_gpt2
+
+    return [p.detach() for p in tiny_gpt2(dtype=torch.float64).parameters()]
+
+
+@pytest.mark.parametrize(
+    "setting, match",
+    [({"gradient_accumulation_steps": 4, "scaler": None}, "batch_multiplier"),
+     ({"gradient_accumulation_steps": 1, "scaler": object()}, "bf16")],
+    ids=["accelerate-accumulation", "fp16-scaler"],
+)
+def test_accelerate_settings_that_act_behind_elras_back_are_refused(setting, match):
+    from elra import ElraOptimizer
+    from elra.integrations.accelerate import accumulate
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = ElraOptimizer(model.parameters(), None, 4, 2)
+    accelerator = SimpleNamespace(**setting)  # the two attributes accumulate() reads; no Accelerate singleton touched
+    with pytest.raises(ValueError, match=match):
+        with accumulate(accelerator, model, optimizer):
+            pass

@@ -1,0 +1,195 @@
+"""ElraTrainer: transformers.Trainer driving ELRA, against a hand-written ELRA loop and across a resume."""
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import TrainingArguments  # noqa: E402
+
+from elra import ElraOptimizer  # noqa: E402
+from elra.integrations.transformers import ElraTrainer  # noqa: E402
+from hf_worker import VOCAB, TokenSequences, tiny_gpt2  # noqa: E402
+
+
+def _args(tmp_path, **overrides) -> TrainingArguments:
+    options = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, per_device_eval_batch_size=32,
+        gradient_accumulation_steps=2, learning_rate=1e-4, max_steps=12, logging_steps=4, save_strategy="no",
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    return TrainingArguments(**{**options, **overrides})
+
+
+def _recording_trainer(*args, **kwargs):
+    """An ElraTrainer that keeps the micro-batches Trainer feeds it, in order."""
+    batches = []
+
+    class Recording(ElraTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            batches.append({k: v.clone() for k, v in inputs.items()})
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return Recording(*args, **kwargs), batches
+
+
+def _replay(batches, make_optimizer):
+    """The hand-written ELRA loop of the README on the micro-batches Trainer fed."""
+    model = tiny_gpt2()
+    optimizer = make_optimizer(model)
+    for batch in batches:
+        optimizer.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step(loss)
+    return model, optimizer
+
+
+def _trainer_groups(model, weight_decay):
+    """Decay for the weights, none for biases and GPT-2's LayerNorms (ln_1, ln_2, ln_f)."""
+    named = list(model.named_parameters())
+    decay = [p for n, p in named if n.endswith(".weight") and ".ln_" not in n]
+    rest = [p for n, p in named if not n.endswith(".weight") or ".ln_" in n]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("multiplier", [None, 3], ids=["multiplier-from-accumulation", "own-optimizer-multiplier-3"])
+def test_trainer_takes_the_steps_of_a_hand_written_elra_loop(tmp_path, multiplier):
+    """Each micro-batch's own loss reaches ELRA, nothing clips, schedules or drops collected gradients.
+
+    With the optimizer built by ElraTrainer, ELRA's multiplier is the accumulation (2);
+    with a given optimizer of multiplier 3, real steps straddle Trainer's chunks of 2.
+    """
+    model = tiny_gpt2()
+    args = _args(tmp_path, weight_decay=0.01)
+    if multiplier is None:
+        trainer, batches = _recording_trainer(model=model, args=args, train_dataset=TokenSequences(64, 0))
+
+        def make(replayed):
+            return ElraOptimizer(
+                _trainer_groups(replayed, 0.01), None, 8, VOCAB, lr=1e-4, weight_decay=0.01, batch_multiplier=2
+            )
+    else:
+        given = ElraOptimizer(model.parameters(), None, 8, VOCAB, lr=1e-4, batch_multiplier=multiplier)
+        trainer, batches = _recording_trainer(
+            model=model, args=args, train_dataset=TokenSequences(64, 0), optimizers=(given, None)
+        )
+
+        def make(replayed):
+            return ElraOptimizer(replayed.parameters(), None, 8, VOCAB, lr=1e-4, batch_multiplier=multiplier)
+
+    trainer.train()
+    replayed, reference = _replay(batches, make)
+    assert len(batches) == 24 and trainer.elra_optimizer.stats == reference.stats
+    assert trainer.elra_optimizer.stats["real_steps"] == 24 // (multiplier or 2)
+    for (name, p), q in zip(model.named_parameters(), replayed.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_trainer_learns_logs_elra_stats_and_feeds_the_weight_decay_control(tmp_path):
+    model = tiny_gpt2()
+    args = _args(
+        tmp_path, gradient_accumulation_steps=1, weight_decay=0.01, max_steps=110, logging_steps=10,
+        eval_strategy="steps", eval_steps=10,
+    )
+    trainer = ElraTrainer(model=model, args=args, train_dataset=TokenSequences(256, 0), eval_dataset=TokenSequences(64, 1))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    stats = trainer.elra_optimizer.stats
+    assert logs[-1]["loss"] < 0.7 * logs[0]["loss"] and evals[-1] < 0.7 * evals[0]
+    assert stats["real_steps"] + stats["retraces"] >= 110
+    assert {k: logs[-1][f"elra_{k}"] for k in ("rate", "batch_multiplier", "retraces", "real_steps")} == {
+        k: stats[k] for k in ("rate", "batch_multiplier", "retraces", "real_steps")
+    }
+    assert logs[-1]["learning_rate"] == stats["lr"]
+    control = trainer.elra_optimizer.controller.state
+    # the last evaluation's losses: Trainer's eval_loss, and the mean train loss of its interval
+    assert control.valid_loss == evals[-1]
+    assert control.train_loss == pytest.approx(logs[-1]["loss"], rel=1e-6)
+    # fed to the controller, they set the decay in force at real step 100 (no evaluation: base decay)
+    assert control.wd_factor is not None and stats["weight_decay"] == control.wd_factor
+
+
+def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    """Dropout on (RNG), shuffled data across epochs, a checkpoint between evaluations and mid-collection."""
+
+    def run(out, resume=None):
+        model = tiny_gpt2(dropout=0.1)
+        optimizer = ElraOptimizer(model.parameters(), None, 8, VOCAB, lr=1e-4, weight_decay=0.01, batch_multiplier=3)
+        args = _args(
+            out, max_steps=14, save_strategy="steps", save_steps=5, eval_strategy="steps", eval_steps=4,
+            per_device_eval_batch_size=16,
+        )
+        trainer = ElraTrainer(
+            model=model, args=args, train_dataset=TokenSequences(64, 0), eval_dataset=TokenSequences(32, 1),
+            optimizers=(optimizer, None),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return model, optimizer
+
+    whole, whole_opt = run(tmp_path / "whole")
+    checkpoint = tmp_path / "whole" / "checkpoint-5"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert saved["param_groups"][0]["elra_controller"]["pending_losses"]  # saved mid-collection
+    assert saved["elra_trainer_train_loss"][1] > 0  # and with train losses not yet fed to ELRA
+    resumed, resumed_opt = run(tmp_path / "resumed", resume=str(checkpoint))
+    assert resumed_opt.stats == whole_opt.stats and resumed_opt.stats["real_steps"] == 9
+    assert resumed_opt.controller.state == whole_opt.controller.state
+    for (name, p), q in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_a_nan_micro_batch_loss_retraces_and_stays_out_of_the_fed_train_loss(tmp_path):
+    losses = []
+
+    class NanOnce(ElraTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if return_outputs:  # evaluation
+                return loss
+            loss = loss * float("nan") if len(losses) == 6 else loss
+            losses.append(loss.item())
+            return loss
+
+    model = tiny_gpt2()
+    args = _args(tmp_path, gradient_accumulation_steps=1, max_steps=8, eval_strategy="steps", eval_steps=8)
+    trainer = NanOnce(model=model, args=args, train_dataset=TokenSequences(64, 0), eval_dataset=TokenSequences(32, 1))
+    trainer.train()
+    assert trainer.elra_optimizer.stats["retraces"] >= 1
+    finite = [v for v in losses if v == v]
+    assert len(finite) == 7 and trainer.elra_optimizer.controller.state.train_loss == pytest.approx(sum(finite) / 7)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_trainer_refuses_what_would_fight_elra(tmp_path):
+    model = tiny_gpt2()
+    data = TokenSequences(16, 0)
+    elra = ElraOptimizer(model.parameters(), None, 8, VOCAB)
+    with pytest.raises(TypeError, match="ElraOptimizer"):
+        ElraTrainer(model=model, args=_args(tmp_path), train_dataset=data,
+                    optimizers=(torch.optim.AdamW(model.parameters()), None))
+    with pytest.raises(ValueError, match="own rate"):
+        ElraTrainer(model=model, args=_args(tmp_path), train_dataset=data,
+                    optimizers=(elra, torch.optim.lr_scheduler.ConstantLR(elra)))
+    with pytest.raises(ValueError, match="you passed your own"):
+        ElraTrainer(model=model, args=_args(tmp_path), train_dataset=data, optimizers=(elra, None),
+                    elra_options={"momentum": 0.9})
+
+
+@pytest.mark.parametrize("module, framework", [("transformers", "transformers"), ("accelerate", "accelerate")])
+def test_an_integration_without_its_framework_names_the_extra(monkeypatch, module, framework):
+    monkeypatch.setitem(sys.modules, framework, None)  # as if not installed
+    monkeypatch.delitem(sys.modules, f"elra.integrations.{module}", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'elra\[transformers\]'"):
+        importlib.import_module(f"elra.integrations.{module}")
+
+
+def test_import_elra_does_not_import_the_frameworks():
+    code = "import sys, elra; assert not {'transformers', 'accelerate'} & set(sys.modules), sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
