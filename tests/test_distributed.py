@@ -214,7 +214,7 @@ def test_dcp_resume_on_another_world_size_matches_a_single_process_resume(checkp
     assert stats["real_steps"] >= 13 and stats["retraces"] >= 1
     for single in (resumed[0]["single"], resumed[0]["single_dcp"]):  # from the full copy; from DCP on 1 rank
         for key, value in single["stats"].items():
-            assert math.isclose(stats[key], value, rel_tol=1e-9), key
+            assert math.isclose(stats[key], value, rel_tol=1e-9) if isinstance(value, float) else stats[key] == value, key
         for key, value in single["params"].items():
             assert torch.allclose(resumed[0]["resumed"]["params"][key], value, rtol=0, atol=1e-10), key
 
