@@ -49,7 +49,7 @@ from launch.text import CharCorpus  # noqa: E402
 class Task:
     name: str
     steps: int
-    classes: int  # ELRA's regime: 0 deterministic, >= 2 stochastic
+    classes: int  # the published package's regime (0 deterministic, >= 2 stochastic); ELRA detects its own
     batch_size: int
     metric: str
     make: Callable  # seed -> (model, batches(step) -> (inputs, targets), loss_fn, evaluate(model) -> float)
@@ -235,7 +235,7 @@ def _transformer(seed):
     return _language_model(seed, model, 64, 32, sequence=True)
 
 
-VOCAB = 95  # characters of the stdlib corpus: ELRA's `classes` for its language models
+VOCAB = 95  # characters of the stdlib corpus: the published package's `classes` for its language models
 
 TASKS = [
     Task("cubic fit", 2000, 0, 2000, "final loss (optimum 8.8172)", _cubic),
@@ -272,7 +272,7 @@ def optimizers(published) -> dict[str, Callable]:
             return _Quiet(published.ElraOptimizer(list(params), None, task.batch_size, task.classes, lr=1e-5))
 
     return {
-        "ELRA": lambda params, task: ElraOptimizer(params, None, task.batch_size, task.classes),
+        "ELRA": lambda params, task: ElraOptimizer(params, None, task.batch_size),
         "Adam 1e-3": lambda params, task: torch.optim.Adam(params, lr=1e-3),
         "AdamW 1e-3 wd0.01": lambda params, task: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01),
         "SGD 0.01 m0.9": lambda params, task: torch.optim.SGD(params, lr=0.01, momentum=0.9),

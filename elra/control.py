@@ -8,6 +8,10 @@ The constants and the order of the updates follow the published ``elra``
 package (see ALGORITHM.md), which is the executable definition of the method.
 Where the package divides by zero or assumes positive losses, this module
 guards the division or measures thresholds by the loss magnitude instead.
+Two additions are the project's own: the regime detected from the first
+step when ``classes`` is not given, and (unless ``acceptance="published"``)
+a stochastic loss cap measured in units of the observed loss noise, with loss
+statistics that clip outliers.
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ STAT_LENGTH = 768
 MAX_MULTIPLIER = 6250
 RETRACES_PER_DOUBLING = 26  # the 25th retrace of a cycle doubles the multiplier
 HALF_GRAD_LIMIT = 65e3
+ACCEPTANCE_RULES = ("noise", "published")
+PROBE_TOLERANCE = 0.5  # noise-free: the loss change after the first step matches its prediction within 50%
+LOSS_PRECISION = 1e-5  # relative loss differences below this are rounding, not mini-batch noise
+NOISE_CAP = 3.0  # a loss may exceed the first loss by this many noise units (plus 10%) before it is refused
+NOISE_CLIP = 4.0  # a loss enters the statistics at most this many noise units away from the previous one
+NOISE_MEMORY = 20  # the noise estimate averages over about this many micro-batch losses
 RANGE_LIMIT = 0.5  # a step may bring 16-bit parameters at most to half their dtype's largest value
 
 
@@ -150,6 +160,12 @@ class ControlState:
     train_loss: float | None = None
     valid_loss: float | None = None
     retraces: int = 0
+    noise_free: bool | None = None  # the regime: deterministic, stochastic, or None until detected
+    probe_loss: float = 0.0
+    probe_slope: float = 0.0
+    noise: float = 0.0
+    noise_samples: int = 0
+    last_loss: float = 0.0
 
 
 class Controller:
@@ -157,31 +173,50 @@ class Controller:
 
     Args:
         lr: initial step length (the first step is ``x -= lr * g``).
-        classes: number of classes; ``<= 1`` selects the deterministic regime.
+        classes: ``None`` detects the regime (see :meth:`_choose_regime`);
+            ``<= 1`` selects the deterministic regime, ``>= 2`` the stochastic one.
         batch_size: samples per micro-batch, sets the statistics window.
         warmup: real steps over which the rate may ramp up.
         momentum: momentum factor or ``None``.
         min_multiplier: initial and smallest number of micro-batches per step.
+        acceptance: ``"noise"`` measures the stochastic regime's loss cap in
+            units of the observed mini-batch loss noise and keeps the loss
+            statistics robust to outliers; ``"published"`` is the published
+            package's rule (cap ``1.1 * max(first loss, log(classes))``).
     """
 
     def __init__(
         self,
         lr: float,
-        classes: int,
+        classes: int | None,
         batch_size: int,
         warmup: int,
         momentum: float | None,
         min_multiplier: int,
+        acceptance: str = "noise",
     ) -> None:
+        if acceptance not in ACCEPTANCE_RULES:
+            raise ValueError(f"Invalid acceptance: {acceptance!r} (expected one of {ACCEPTANCE_RULES})")
         self.classes = classes
         self.batch_size = batch_size
-        self.deterministic = classes <= 1
+        self.acceptance = acceptance
         self.warmup_factor = 1.0 if warmup <= 1 else 1.0 / warmup
         self.momentum = momentum
         self.min_multiplier = min_multiplier
-        self.state = ControlState(alpha=lr, multiplier=min_multiplier)
+        noise_free = None if classes is None else classes <= 1
+        self.state = ControlState(alpha=lr, multiplier=min_multiplier, noise_free=noise_free)
 
     # ------------------------------------------------------------------ API
+    @property
+    def deterministic(self) -> bool:
+        """True in the deterministic regime, and while the regime is still being detected."""
+        return self.state.noise_free is not False
+
+    @property
+    def regime(self) -> str:
+        """``"deterministic"``, ``"stochastic"``, or ``"auto"`` until detected."""
+        return {None: "auto", True: "deterministic", False: "stochastic"}[self.state.noise_free]
+
     @property
     def step_length(self) -> float:
         """The length of the next step: the rate, or ``alpha`` if deterministic."""
@@ -227,17 +262,20 @@ class Controller:
                 sums = None
         s = self.state
         if not s.started:
-            decision = None if sums is None else self._in_range(lambda: self._first_step(loss, n, sums, decays), bounds)
+            decision = None if sums is None else self._in_range(lambda: self._first_step(losses, n, sums, decays), bounds)
             if decision is None:
                 s.retraces += 1
                 logger.warning("first ELRA step skipped: loss %.4g or its gradient is not finite or too large", loss)
                 return Decision("skip")
             return decision
+        if s.noise_free is None and sums is not None:
+            self._choose_regime(losses, n, sums)
         if sums is None:
             s.window_steps += 1  # a step without gradient counts twice in the window, as published
         self._count_step()
+        recorded = self._observe_noise(losses) if self._noise_aware else loss
         if sums is not None and self._acceptable(loss, min(losses)):
-            decision = self._in_range(lambda: self._accept(loss, n, sums, decays), bounds)
+            decision = self._in_range(lambda: self._accept(recorded, n, sums, decays), bounds)
             if decision is not None:
                 return decision
         return self._retrace(loss, bounds)
@@ -272,13 +310,18 @@ class Controller:
         )
         return None
 
-    def _first_step(self, loss: float, n: int, sums: StepSums, decays: Sequence[float]) -> Decision:
+    def _first_step(self, losses: list[float], n: int, sums: StepSums, decays: Sequence[float]) -> Decision:
         s = self.state
+        loss = losses[-1]
+        if s.noise_free is None and self._differ(losses):
+            s.noise_free = False  # micro-batch losses at one point differ: mini-batch noise
+            logger.info("ELRA chose the stochastic regime at real step 1")
         self._count_step()
-        floor = math.log(self.classes) if not self.deterministic else math.log(2.0)
+        floor = math.log(self.classes) if self.classes is not None and self.classes >= 2 else math.log(2.0)
         scale = abs(loss)
         s.loss_sum = loss
-        s.loss_limit = max(loss, floor)
+        s.loss_limit = loss if self.acceptance == "noise" else max(loss, floor)
+        s.last_loss = loss
         s.last_good_loss = loss
         s.multiplier = self.min_multiplier
         s.stat_mean = loss + 0.1 * scale
@@ -288,7 +331,59 @@ class Controller:
         y_sq, _ = self._direction_sums(n, sums, decay)
         s.dir_norm = math.sqrt(y_sq)
         s.grad_norm_avg = s.dir_norm
+        s.probe_loss = math.fsum(losses) / n
+        s.probe_slope = sum(sums.grad_sq) / (n * n) + sum(a * v / n for a, v in zip(decay, sums.grad_param))
         return self._move(n, decay, s.alpha, y_sq, y_sq, y_sq, beta=0.0)
+
+    @staticmethod
+    def _differ(losses: Sequence[float], reference: float | None = None, tolerance: float = 0.0) -> bool:
+        """Whether losses differ by more than ``tolerance`` plus rounding (``reference``: one more value)."""
+        values = [*losses] if reference is None else [*losses, reference]
+        scale = max(abs(v) for v in values)
+        return max(values) - min(values) > tolerance + LOSS_PRECISION * scale
+
+    def _choose_regime(self, losses: Sequence[float], n: int, sums: StepSums) -> None:
+        """Detect the regime from the first point after the first step (the probe).
+
+        The first step moved ``x`` by ``length`` along ``y0`` (later retraces
+        only shorten it). Without noise, the loss change is the trapezoid
+        ``-length * (<g0, y0> + <g1, y0>) / 2`` up to third-order terms; with
+        mini-batches the losses of different batches differ by far more than
+        the tiny first step can explain. Uses global sums only, so every rank
+        decides alike.
+        """
+        s = self.state
+        mean = math.fsum(losses) / n
+        length = s.offset / s.dir_coef if s.dir_coef else 0.0
+        slope = sum(sums.grad_dir) / n * s.dir_coef
+        predicted = s.probe_loss - 0.5 * length * (s.probe_slope + slope)
+        noisy = self._differ(losses) or self._differ([mean], predicted, PROBE_TOLERANCE * abs(predicted - s.probe_loss))
+        s.noise_free = not noisy
+        logger.info("ELRA chose the %s regime at real step %d", self.regime, s.steps + 1)
+
+    @property
+    def _noise_aware(self) -> bool:
+        return self.acceptance == "noise" and self.state.noise_free is False
+
+    def _observe_noise(self, losses: Sequence[float]) -> float:
+        """Update the loss noise (mean absolute difference of consecutive losses); the last loss, clipped.
+
+        Each loss is first clipped to ``NOISE_CLIP`` noise units around the
+        previous one, so one outlier (a buggy batch, a huge negative loss)
+        moves neither the noise nor the loss statistics by much.
+        """
+        s = self.state
+        reference = s.last_loss
+        for value in losses:
+            if not math.isfinite(value):
+                continue
+            if s.noise > 0.0:
+                value = min(max(value, reference - NOISE_CLIP * s.noise), reference + NOISE_CLIP * s.noise)
+            s.noise_samples += 1
+            s.noise += (abs(value - reference) - s.noise) / min(s.noise_samples, NOISE_MEMORY)
+            reference = value
+        s.last_loss = reference
+        return reference
 
     def _count_step(self) -> None:
         """Advance the step counters and run the per-cycle control every 100 steps."""
@@ -385,7 +480,8 @@ class Controller:
 
     def _acceptable(self, loss: float, best: float) -> bool:
         s = self.state
-        if not self.deterministic and not loss < s.loss_limit + 0.1 * abs(s.loss_limit):
+        cap = s.loss_limit + 0.1 * abs(s.loss_limit) + (NOISE_CAP * s.noise if self._noise_aware else 0.0)
+        if not self.deterministic and not loss < cap:
             return False
         return best <= s.stat_mean + 5.0 * s.stat_dev * s.dev_correction
 

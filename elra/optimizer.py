@@ -22,7 +22,7 @@ import torch
 from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster
-from .control import MAX_MULTIPLIER, Controller, Decision, RangeBounds, StepSums
+from .control import ACCEPTANCE_RULES, MAX_MULTIPLIER, Controller, Decision, RangeBounds, StepSums
 from .reduce import AUTO, Reducer, ScalarBatch, dots, flat, local, squares
 from .sync import drop_unsynced_grads, fsdp_wrapping, reshard, sync_unsynced_grads
 
@@ -109,12 +109,14 @@ def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
         isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0
     ):
         raise ValueError(f"Invalid momentum: {momentum!r} (expected None or a number in [0, 1))")
+    if config["acceptance"] not in ACCEPTANCE_RULES:
+        raise ValueError(f"Invalid acceptance: {config['acceptance']!r} (expected one of {ACCEPTANCE_RULES})")
     return {
         **config,
         "lr": float(lr),
         "weight_decay": float(config["weight_decay"]),
         "batch_size": _check_int("batch_size", config["batch_size"], 1),
-        "classes": _check_int("classes", config["classes"], 0),
+        "classes": None if config["classes"] is None else _check_int("classes", config["classes"], 0),
         "warmup": _check_int("warmup", config["warmup"], 0),
         "momentum": float(momentum) if momentum else None,
         "batch_multiplier": _check_int("batch_multiplier", config["batch_multiplier"], 1, MAX_MULTIPLIER),
@@ -129,6 +131,7 @@ def _make_controller(config: dict[str, Any]) -> Controller:
         warmup=config["warmup"],
         momentum=config["momentum"],
         min_multiplier=config["batch_multiplier"],
+        acceptance=config["acceptance"],
     )
 
 
@@ -142,8 +145,11 @@ class ElraOptimizer(Optimizer):
             outside the backward -> step path (``step_retrace``,
             ``boosted()``); ``elra.grad_sync(model, optimizer)`` also tells it.
         batch_size: samples per micro-batch (sets the statistics window).
-        classes: number of classes; ``<= 1`` (default) is the deterministic
-            regime for noise-free problems, ``>= 2`` the stochastic one.
+        classes: ``None`` (default) detects the regime at the second real
+            step (mini-batch noise: stochastic, else deterministic; see
+            ``stats["regime"]``); ``0`` or ``1`` forces the deterministic regime
+            for noise-free problems, ``>= 2`` (the number of classes) the
+            stochastic one.
         lr: initial step length, a tiny probe (1e-6..1e-4); ELRA grows it.
         weight_decay: decoupled decay rate; values above 0.5 mean ``1 - value``.
         warmup: real steps over which the rate may ramp up.
@@ -161,6 +167,11 @@ class ElraOptimizer(Optimizer):
             controller state and make the same call; raises the same
             ``RuntimeError`` on every rank if not. Rides on the step's own
             all-reduce (a handshake of three numbers precedes the first one).
+        acceptance: how the stochastic regime refuses a step: ``"noise"``
+            (default) allows the loss to exceed the first loss by 10% plus three
+            units of the observed mini-batch loss noise, and keeps the loss
+            statistics robust to an outlier; ``"published"`` is the published
+            package's rule (``1.1 * max(first loss, log(classes))``).
 
     Call ``step(loss)`` after every ``backward()``; ELRA needs the loss value.
     Under data parallelism each rank passes its own local loss.
@@ -171,7 +182,7 @@ class ElraOptimizer(Optimizer):
         params,
         model: torch.nn.Module | None = None,
         batch_size: int = 8,
-        classes: int = 0,
+        classes: int | None = None,
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         warmup: int = 1,
@@ -181,6 +192,7 @@ class ElraOptimizer(Optimizer):
         process_group=AUTO,
         replicas: Callable[[torch.Tensor], int] | None = None,
         check_consistency: int = 0,
+        acceptance: str = "noise",
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
@@ -193,6 +205,7 @@ class ElraOptimizer(Optimizer):
                 warmup=warmup,
                 momentum=momentum,
                 batch_multiplier=batch_multiplier,
+                acceptance=acceptance,
             )
         )
         self._check_every = _check_int("check_consistency", check_consistency, 0)
@@ -270,8 +283,8 @@ class ElraOptimizer(Optimizer):
         return len(self._pending)
 
     @property
-    def stats(self) -> dict[str, float | int]:
-        """Numbers for logs and dashboards."""
+    def stats(self) -> dict[str, float | int | str]:
+        """Numbers for logs and dashboards; ``regime`` is ``"auto"`` until detected."""
         s = self.controller.state
         decays = self.controller.weight_decays([_decay_rate(self.defaults["weight_decay"])])
         return {
@@ -285,6 +298,7 @@ class ElraOptimizer(Optimizer):
             "weight_decay": decays[0],
             "schedule": s.schedule,
             "boost_count": self.booster.count,
+            "regime": self.controller.regime,
         }
 
     def set_train_loss(self, loss: float, boost: float | None = None) -> None:

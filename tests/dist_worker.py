@@ -191,7 +191,8 @@ def make_optimizer(model, scenario: Scenario, single: bool = False, odd_rank: bo
     if odd.get("groups", 1) == 2:
         params = [{"params": params[:1]}, {"params": params[1:]}]
     multiplier = odd.get("batch_multiplier", scenario.batch_multiplier)
-    return ElraOptimizer(params, known, LOCAL_BATCH, CLASSES, lr=lr, batch_multiplier=multiplier, **options)
+    classes = options.pop("classes", CLASSES)  # None: the regime is detected from the reduced losses and sums
+    return ElraOptimizer(params, known, LOCAL_BATCH, classes, lr=lr, batch_multiplier=multiplier, **options)
 
 
 def wrap(model: Net, strategy: str, world: int):

@@ -61,7 +61,7 @@ def test_stochastic_regime_follows_published(published, quiet, options):
     steps = 3500
     with quiet() as out:
         theirs, _ = _digits_run(lambda ps: published.ElraOptimizer(ps, None, 768, 10, lr=1e-5, **options), steps)
-    ours, opt = _digits_run(lambda ps: ElraOptimizer(ps, None, 768, 10, lr=1e-5, **options), steps)
+    ours, opt = _digits_run(lambda ps: ElraOptimizer(ps, None, 768, 10, lr=1e-5, acceptance="published", **options), steps)
     assert _rel(theirs, ours).max() < 1e-6
     printed = out.getvalue()
     assert "NoGrad:" in printed  # step_retrace was exercised
