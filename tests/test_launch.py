@@ -181,6 +181,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_op` is deprecated")  # met while scanning gc's objects
 def test_ddp_wrapper_is_freed_before_the_process_group(tmp_path, monkeypatch):
     """Freeing DDP's reducer after destroy_process_group deadlocks gloo at exit (torch 2.13): never do it."""
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
