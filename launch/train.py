@@ -165,25 +165,6 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.n
     return model
 
 
-def free_gathered_weights(model: torch.nn.Module) -> None:
-    """Drop the full weights FSDP's root keeps gathered after a forward, until a backward frees them.
-
-    After a forward without backward (evaluation) the root's next forward would
-    reuse them as they were, missing any in-place change of the shards in
-    between (the boost swap): the next forward must gather the shards anew.
-    Non-root units free theirs after every forward already.
-    """
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    if isinstance(model, FSDPModule):
-        model.reshard()
-    elif isinstance(model, FSDP) and model._handle is not None:
-        from torch.distributed.fsdp._runtime_utils import _reshard  # FSDP1 has no public way
-
-        _reshard(model, model._handle, free_unsharded_flat_param=True)
-
-
 def _quiet_fsdp_warnings() -> None:
     """Warnings about FSDP's own internals, repeated every epoch, that this loop cannot act on.
 
@@ -214,10 +195,7 @@ def reduce_sum(values: torch.Tensor, distributed: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, loader, device, distributed: bool) -> tuple[float, float]:
-    """Mean loss and accuracy per target (per character for gpt) over the held-out set of all ranks.
-
-    Leaves no gathered weights behind, so that the boost swap that follows is seen by the next forward.
-    """
+    """Mean loss and accuracy per target (per character for gpt) over the held-out set of all ranks."""
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
@@ -229,7 +207,6 @@ def evaluate(model, loader, device, distributed: bool) -> tuple[float, float]:
                 torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
             ]
         )
-    free_gathered_weights(model)
     loss_sum, correct, count = reduce_sum(totals, distributed).tolist()
     return loss_sum / max(count, 1.0), correct / max(count, 1.0)
 
@@ -273,8 +250,8 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
     """Build, resume, train and save. The wrapped model lives only in this frame (see ``main``)."""
     train_set, valid_set, classes = build_data(args)
     model = wrap(build_model(args, classes), args.strategy, device)
-    optimizer = ElraOptimizer(
-        model.parameters(), None, args.batch_size, classes, lr=args.lr, weight_decay=args.weight_decay,
+    optimizer = ElraOptimizer(  # given the model: it reshards FSDP's gathered weights after its in-place changes
+        model.parameters(), model, args.batch_size, classes, lr=args.lr, weight_decay=args.weight_decay,
         batch_multiplier=args.batch_multiplier,
     )
     optimizer.enable_boost()
