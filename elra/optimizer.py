@@ -22,6 +22,8 @@ from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster
 from .control import MAX_MULTIPLIER, Controller, Decision, StepSums
+from .geometry import SLOTS, make_direction
+from .line_control import LineController
 from .reduce import AUTO, Reducer, ScalarBatch, dot, local
 from .sync import drop_unsynced_grads
 
@@ -85,6 +87,9 @@ class ElraOptimizer(Optimizer):
         check_consistency: every this many real steps (0: never) verify that
             all ranks hold the same controller state; raises if not. Rides on
             the step's own all-reduce.
+        preconditioner: ``None`` (P2M as published) or ``"adam"``: ELRA's
+            step-length control over Adam's direction ``m_hat/(sqrt(v_hat)+eps)``
+            (``momentum`` is its beta1, default 0.9; see :mod:`elra.geometry`).
 
     Call ``step(loss)`` after every ``backward()``; ELRA needs the loss value.
     Under data parallelism each rank passes its own local loss.
@@ -105,6 +110,7 @@ class ElraOptimizer(Optimizer):
         process_group=AUTO,
         replicas: Callable[[torch.Tensor], int] | None = None,
         check_consistency: int = 0,
+        preconditioner: str | None = None,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
@@ -125,6 +131,7 @@ class ElraOptimizer(Optimizer):
             logger.warning("ELRA starts best from a tiny lr (1e-6..1e-4), got %g", lr)
         self._device: torch.device | None = None
         self.booster = Booster()
+        self.geometry = make_direction(preconditioner, momentum)
         super().__init__(params, dict(lr=float(lr), weight_decay=weight_decay))
         self.controller = Controller(
             lr=float(lr),
@@ -134,6 +141,8 @@ class ElraOptimizer(Optimizer):
             momentum=float(momentum) if momentum else None,
             min_multiplier=batch_multiplier,
         )
+        if self.geometry is not None:
+            self.controller = LineController(float(lr), classes, batch_multiplier)
         self._pending: list[LossLike] = []
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
         self.unsynced_models: set[torch.nn.Module] = set()  # filled by elra.grad_sync
@@ -162,7 +171,10 @@ class ElraOptimizer(Optimizer):
         super().add_param_group({**param_group, "params": params})
         self._device = device
         for p in params:
-            self.state[p]["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self.geometry is None:
+                self.state[p]["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                self.state[p].update(self.geometry.new_state(p))
             if self.booster.enabled:
                 self.state[p]["boost"] = p.detach().clone()
 
@@ -448,6 +460,8 @@ class ElraOptimizer(Optimizer):
     def _real_step(
         self, losses: list[LossLike], with_gradient: bool, inv_scale: float = 1.0, skip_overflow: bool = False
     ) -> str:
+        if self.geometry is not None:
+            return self._preconditioned_step(losses, with_gradient, inv_scale, skip_overflow)
         decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
         groups = [self._group_tensors(group, with_gradient) for group in self.param_groups]
         half = any(tensors["half"] for tensors in groups)
@@ -584,3 +598,66 @@ class ElraOptimizer(Optimizer):
             for tensors in groups:
                 if tensors["moved"]:
                     torch._foreach_add_(tensors["moved"], tensors["moved_dirs"], alpha=decision.shift)
+
+    # ------------------------------------------- preconditioned direction
+    def _preconditioned_step(
+        self, losses: list[LossLike], with_gradient: bool, inv_scale: float, skip_overflow: bool
+    ) -> str:
+        """A real step over :mod:`elra.geometry`'s direction, decided by :class:`LineController`.
+
+        One all-reduce of N = <g, u_old>, D = <m_hat, u_old>, |u_old|^2, |x|^2
+        and the losses; then accept (moments, then ``x <- decay*x - eta*u_new``)
+        or retrace along ``u_old``, recomputed from the unchanged moments.
+        """
+        geometry, t = self.geometry, self.controller.state.moment_steps
+        decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
+        groups = [
+            geometry.gather(group, self.state, self._moved, with_gradient, self.reducer.replicas)
+            for group in self.param_groups
+        ]
+        check = SLOTS
+        batch = ScalarBatch(check + (2 if self._check_every else 0), self._device or torch.device("cpu"), self.reducer)
+        for tensors in groups:
+            geometry.add_sums(batch, tensors, t)
+        fingerprint = self._fingerprint(decays) if self._check_every else 0
+        if self._check_every:
+            batch.add_constant(check, fingerprint)
+            batch.add_constant(check + 1, fingerprint * fingerprint)
+        values, loss_values = batch.read(losses)
+        if self._check_every:
+            self._verify_consistency(values[check], values[check + 1], fingerprint)
+        self._pending = []
+        self._kept_grads = {}
+        grad_scale = inv_scale / len(losses)
+        sums = None
+        if with_gradient:
+            if values[geometry.PRESENT_SLOT] == 0:
+                raise RuntimeError(
+                    "no parameter has a gradient: call loss.backward() before optimizer.step(loss), "
+                    "or optimizer.step_retrace(loss) to skip backward()"
+                )
+            sums = geometry.sums(values, t, grad_scale)
+            if skip_overflow and not sums.is_finite() and all(map(math.isfinite, loss_values)):
+                return "overflow"
+        decision = self.controller.real_step(loss_values, sums, decays)
+        if decision.action == "accept":
+            if self.booster.enabled:
+                self.booster.record(*self._boost_pairs(), sum(loss_values) / len(loss_values))
+            self._moved = set()
+            for j, tensors in enumerate(groups):
+                tensors.old_dirs = []
+                self._moved.update(tensors.owners)
+                geometry.update_moments(tensors, grad_scale)
+                if not tensors.params:
+                    continue
+                directions = geometry.direction(tensors.ms, tensors.vs, t + 1)
+                if decision.decay[j] != 1.0:
+                    torch._foreach_mul_(tensors.params, decision.decay[j])
+                torch._foreach_add_(tensors.params, directions, alpha=-decision.step)
+        elif decision.action == "retrace":
+            for tensors in groups:
+                if tensors.old_dirs:
+                    torch._foreach_add_(tensors.moved, tensors.old_dirs, alpha=decision.shift)
+        for group in self.param_groups:
+            group["lr"] = self.controller.step_length
+        return decision.action
