@@ -17,6 +17,7 @@ def _random_plan(seed: int, world: int, events: int, steps: int = 40) -> tuple:
     return tuple((int(s), int(r)) for s, r in zip(torch.randint(1, steps, (events,), generator=gen), torch.randint(0, world, (events,), generator=gen)))
 
 
+ADAM = {"preconditioner": "adam"}
 TWO_RANKS = [
     Scenario(
         "ddp",
@@ -39,6 +40,18 @@ TWO_RANKS = [
     Scenario("ddp-scaler", scaler=True, inf_grad_at=7),
     Scenario("ddp-random-faults", batch_multiplier=2, nan_plan=_random_plan(1, 2, 4), inf_plan=_random_plan(2, 2, 4)),
     Scenario("fsdp2-random-faults", "fsdp2", nan_plan=_random_plan(3, 2, 4), inf_plan=_random_plan(4, 2, 4)),
+    Scenario(
+        "ddp-adam",
+        batch_multiplier=2,
+        options={**ADAM, "weight_decay": 1e-3, "check_consistency": 1},
+        nan_loss_at=6,
+        bad_loss_at=11,
+        count_collectives=True,
+    ),
+    Scenario("fsdp2-adam", "fsdp2", batch_multiplier=2, options={**ADAM, "weight_decay": 1e-3}, nan_loss_at=9, bad_loss_at=14),
+    Scenario("fsdp1-adam", "fsdp1", batch_multiplier=2, options=ADAM, nan_loss_at=9),
+    Scenario("fsdp2-adam-boost", "fsdp2", boost_cycle=15, options=ADAM, nan_loss_at=4),
+    Scenario("fsdp2-adam-scaler", "fsdp2", scaler=True, inf_grad_at=11, batch_multiplier=2, options=ADAM),
 ]
 THREE_RANKS = [
     Scenario("ddp-collect-grad-sync", batch_multiplier=2, nan_loss_at=7),
@@ -46,9 +59,16 @@ THREE_RANKS = [
     Scenario("fsdp1-flat", "fsdp1", nan_loss_at=4),
     Scenario("fsdp1-orig-params", "fsdp1-orig", batch_multiplier=2, nan_loss_at=9),
     Scenario("ddp-random-faults", nan_plan=_random_plan(5, 3, 5), inf_plan=_random_plan(6, 3, 5)),
+    Scenario("fsdp1-adam", "fsdp1", options=ADAM, nan_loss_at=4),
 ]
-FOUR_RANKS = [Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5)]
-CHECKPOINTED = Scenario("fsdp2-dcp", "fsdp2", steps=40, options={"momentum": 0.5, "weight_decay": 1e-3}, nan_loss_at=30)
+FOUR_RANKS = [
+    Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5),
+    Scenario("hsdp-2x2-adam", "hsdp", batch_multiplier=2, options=ADAM, nan_loss_at=5),
+]
+CHECKPOINTED = [
+    Scenario("fsdp2-dcp", "fsdp2", steps=40, options={"momentum": 0.5, "weight_decay": 1e-3}, nan_loss_at=30),
+    Scenario("fsdp2-dcp-adam", "fsdp2", steps=40, options={**ADAM, "weight_decay": 1e-3}, nan_loss_at=30),
+]
 SAVE_AT = 21
 
 
@@ -103,8 +123,9 @@ def test_three_ranks_with_uneven_shards_follow_the_single_process_trajectory(thr
     _assert_matches_single_process(three, name)
 
 
-def test_hsdp_on_a_2x2_mesh_follows_the_single_process_trajectory(four):
-    stats = _assert_matches_single_process(four, "hsdp-2x2")
+@pytest.mark.parametrize("name", [s.name for s in FOUR_RANKS])
+def test_hsdp_on_a_2x2_mesh_follows_the_single_process_trajectory(four, name):
+    stats = _assert_matches_single_process(four, name)
     assert stats["retraces"] >= 1
 
 
@@ -121,7 +142,7 @@ def test_nan_loss_on_one_rank_retraces_every_rank(two):
 
 
 def test_step_issues_at_most_one_collective_and_none_while_collecting(two):
-    for name in ("ddp", "ddp-collect-no-helper"):
+    for name in ("ddp", "ddp-collect-no-helper", "ddp-adam"):
         counts = two[0][name]["counts"]
         assert counts and all(total == (0 if collecting else 1) for collecting, total in counts)
         assert any(collecting for collecting, _ in counts) == (name != "ddp")
@@ -132,12 +153,12 @@ def test_diverged_controller_state_raises_on_every_rank(two):
         assert "ranks disagree" in rank["diverged-ranks"]["error"]
 
 
-@pytest.fixture(scope="module")
-def checkpointed(tmp_path_factory):
+@pytest.fixture(scope="module", params=CHECKPOINTED, ids=[s.name for s in CHECKPOINTED])
+def checkpointed(tmp_path_factory, request):
     """Save on 2 ranks (and resume there), then resume the same checkpoint on 3 ranks."""
     out = tmp_path_factory.mktemp("dcp")
     for phase, world in (("save", 2), ("resume", 3)):
-        args = (world, f"file://{out}/store-{phase}", str(out), CHECKPOINTED, SAVE_AT, phase)
+        args = (world, f"file://{out}/store-{phase}", str(out), request.param, SAVE_AT, phase)
         mp.spawn(run_checkpointing, args=args, nprocs=world, join=True)
     load = lambda phase, world: [torch.load(out / f"{phase}{r}.pt", weights_only=False) for r in range(world)]
     return load("save", 2), load("resume", 3)
@@ -157,13 +178,13 @@ def test_dcp_resume_on_another_world_size_matches_a_single_process_resume(checkp
     stats = resumed[0]["resumed"]["stats"]
     assert all(r["resumed"]["stats"] == stats for r in resumed)
     single = resumed[0]["single"]
-    assert stats["real_steps"] == single["stats"]["real_steps"] == CHECKPOINTED.steps
+    assert stats["real_steps"] == single["stats"]["real_steps"] == CHECKPOINTED[0].steps
     assert stats["retraces"] == single["stats"]["retraces"] >= 1
     for key, value in single["params"].items():
         assert torch.allclose(resumed[0]["resumed"]["params"][key], value, rtol=0, atol=1e-10), key
 
 
-@pytest.mark.parametrize("name", ["fsdp2-boost", "ddp-boost"])
+@pytest.mark.parametrize("name", ["fsdp2-boost", "ddp-boost", "fsdp2-adam-boost"])
 def test_boost_average_matches_single_process_and_swap_is_exact(two, name):
     results = [r[name] for r in two]
     single = results[0]["single"]["boosted"]
@@ -174,7 +195,7 @@ def test_boost_average_matches_single_process_and_swap_is_exact(two, name):
     assert not torch.equal(results[0]["boosted"]["out.weight"], results[0]["params"]["out.weight"])
 
 
-@pytest.mark.parametrize("name", ["fsdp2-scaler", "ddp-scaler"])
+@pytest.mark.parametrize("name", ["fsdp2-scaler", "ddp-scaler", "fsdp2-adam-scaler"])
 def test_scaler_overflow_on_one_rank_skips_the_step_and_backs_off_everywhere(two, name):
     scenario = next(s for s in TWO_RANKS if s.name == name)
     runs = [r[name]["counts"] for r in two] + [two[0][name]["single"]["counts"]]
