@@ -48,7 +48,7 @@ class GroupTensors:
     moved_vs: list[torch.Tensor] = field(default_factory=list)
     moved_grads: list[torch.Tensor | None] = field(default_factory=list)
     moved_weights: list[float] = field(default_factory=list)
-    old_dirs: list[torch.Tensor] = field(default_factory=list)  # u_old of ``moved``, filled by ``add_sums``
+    old_dirs: list[torch.Tensor] = field(default_factory=list)  # u_old/scale(t) of ``moved``, filled by ``add_sums``
 
 
 class AdamDirection:
@@ -86,17 +86,20 @@ class AdamDirection:
                 tensors.moved_weights.append(1.0 / replicas(p))
         return tensors
 
+    def scale(self, t: int) -> float:
+        """``u = scale(t) * direction(...)``: the bias corrections, kept out of the tensor passes."""
+        return math.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t) if t else 0.0
+
     def direction(self, ms: list[torch.Tensor], vs: list[torch.Tensor], t: int) -> list[torch.Tensor]:
-        """``u = m_hat/(sqrt(v_hat)+eps)`` after ``t`` moment updates (new tensors)."""
+        """``m/(sqrt(v) + eps*sqrt(1-beta2^t))`` after ``t`` moment updates (new tensors).
+
+        Times :meth:`scale` this is Adam's ``m_hat/(sqrt(v_hat)+eps)``; three passes.
+        """
         if not ms or t == 0:
             return [torch.zeros_like(m) for m in ms]
         denom = torch._foreach_sqrt(vs)
-        torch._foreach_mul_(denom, 1.0 / math.sqrt(1.0 - self.beta2**t))
-        torch._foreach_add_(denom, self.eps)
-        torch._foreach_reciprocal_(denom)
-        torch._foreach_mul_(denom, ms)
-        torch._foreach_mul_(denom, 1.0 / (1.0 - self.beta1**t))
-        return denom
+        torch._foreach_add_(denom, self.eps * math.sqrt(1.0 - self.beta2**t))
+        return torch._foreach_div(ms, denom)
 
     def update_moments(self, tensors: GroupTensors, grad_scale: float) -> None:
         """``m``, ``v`` take the gradient ``grad_scale * g`` (the micro-batch mean, unscaled)."""
@@ -122,9 +125,10 @@ class AdamDirection:
                 batch.add(NEXT_DIR, dot(g, u), w)
 
     def sums(self, values: list[float], t: int, grad_scale: float) -> LineSums:
-        """The controller's inputs from the global slot values (D bias-corrected, g averaged)."""
-        correction = 1.0 / (1.0 - self.beta1**t) if t else 0.0
-        return LineSums(values[NEXT_DIR] * grad_scale, values[MOM_DIR] * correction, values[DIR_SQ], values[PARAM_SQ])
+        """The controller's inputs from the global slot values (bias-corrected, g averaged)."""
+        k = self.scale(t)
+        m_hat = 1.0 / (1.0 - self.beta1**t) if t else 0.0
+        return LineSums(values[NEXT_DIR] * k * grad_scale, values[MOM_DIR] * k * m_hat, values[DIR_SQ] * k * k, values[PARAM_SQ])
 
 
 def make_direction(preconditioner: str | None, momentum: float | None) -> AdamDirection | None:

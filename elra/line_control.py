@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 GAIN = 0.1  # eta changes by at most exp(GAIN) per accepted step
+TARGET_RATIO = 0.0  # the r that eta settles at: 0 is the line minimum along u
 SMOOTHING = 0.9  # EMA factor of N and D
 RELATIVE_CLIP = 0.1  # |eta*u| <= RELATIVE_CLIP*|x|
 LOSS_SMOOTHING = 0.98  # EMA factor of the accepted-loss statistics
@@ -187,7 +188,7 @@ class LineController:
             s.ema_next = SMOOTHING * s.ema_next + (1.0 - SMOOTHING) * sums.next_dir
             s.ema_mom = SMOOTHING * s.ema_mom + (1.0 - SMOOTHING) * sums.mom_dir
             ratio = s.ema_next / s.ema_mom
-            s.eta *= math.exp(GAIN * min(max(ratio, -1.0), 1.0))
+            s.eta *= math.exp(GAIN * min(max(ratio - TARGET_RATIO, -1.0), 1.0))
             if sums.param_sq > 0.0 and sums.dir_sq > 0.0:
                 s.eta = min(s.eta, RELATIVE_CLIP * math.sqrt(sums.param_sq / sums.dir_sq))
         s.eta = min(max(s.eta, ETA_BOUNDS[0]), ETA_BOUNDS[1])

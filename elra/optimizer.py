@@ -653,11 +653,11 @@ class ElraOptimizer(Optimizer):
                 directions = geometry.direction(tensors.ms, tensors.vs, t + 1)
                 if decision.decay[j] != 1.0:
                     torch._foreach_mul_(tensors.params, decision.decay[j])
-                torch._foreach_add_(tensors.params, directions, alpha=-decision.step)
+                torch._foreach_add_(tensors.params, directions, alpha=-decision.step * geometry.scale(t + 1))
         elif decision.action == "retrace":
             for tensors in groups:
                 if tensors.old_dirs:
-                    torch._foreach_add_(tensors.moved, tensors.old_dirs, alpha=decision.shift)
+                    torch._foreach_add_(tensors.moved, tensors.old_dirs, alpha=decision.shift * geometry.scale(t))
         for group in self.param_groups:
             group["lr"] = self.controller.step_length
         return decision.action

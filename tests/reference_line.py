@@ -33,9 +33,9 @@ class ReferenceLine:
         self.steps = 0
 
     def _u(self, i, t):
-        """m_hat / (sqrt(v_hat) + eps), in the optimizer's order of operations (rounding)."""
-        denom = self.v[i].sqrt() * (1 / math.sqrt(1 - self.b2**t)) + self.eps
-        return denom.reciprocal() * self.m[i] * (1 / (1 - self.b1**t))
+        """m_hat / (sqrt(v_hat) + eps) = k * w, in the optimizer's order of operations (rounding)."""
+        w = self.m[i] / (self.v[i].sqrt() + self.eps * math.sqrt(1 - self.b2**t))
+        return math.sqrt(1 - self.b2**t) / (1 - self.b1**t), w
 
     @torch.no_grad()
     def step(self, loss: float, grads):
@@ -53,7 +53,8 @@ class ReferenceLine:
         n = len(losses)
         bad = [v for v in losses if not math.isfinite(v)]
         loss = bad[0] if bad else math.fsum(losses) / n
-        old_u = [self._u(i, self.t) if self.moved[i] and self.t else None for i in range(len(self.params))]
+        old = [self._u(i, self.t) if self.moved[i] and self.t else None for i in range(len(self.params))]
+        old_u = [None if kw is None else kw[0] * kw[1] for kw in old]
         numbers = None
         if sums is not None:
             N = sum(float((sums[i] / n * old_u[i]).sum()) for i in range(len(old_u)) if old_u[i] is not None and sums[i] is not None)
@@ -72,7 +73,7 @@ class ReferenceLine:
         self.steps += 1
         if not bad and finite and self._acceptable(loss):
             return self._accept(loss, numbers, sums, n)
-        self._retrace(loss, numbers if finite else None, old_u)
+        self._retrace(loss, numbers if finite else None, old)
 
     def _acceptable(self, loss):
         if self.deterministic:
@@ -108,7 +109,8 @@ class ReferenceLine:
             self.v[i].mul_(self.b2).addcmul_(g, g, value=(1 - self.b2) / n**2)
             if self.decay:
                 p.mul_(1 - self.eta * self.decay)
-            p.add_(self._u(i, self.t), alpha=-self.eta)
+            k, w = self._u(i, self.t)
+            p.add_(w, alpha=-self.eta * k)
 
     def _retrace(self, loss, numbers, old_u):
         self.retraces += 1
@@ -120,7 +122,7 @@ class ReferenceLine:
             if c > 0:
                 new = min(max(numbers[1] * old * old / (2 * c), old / 10), old / 2)
         self.eta = min(max(new, 1e-12), 1e6)
-        for p, u in zip(self.params, old_u):
-            if u is None:
+        for p, kw in zip(self.params, old_u):
+            if kw is None:
                 continue
-            p.add_(u, alpha=old - self.eta)  # back to x_old - eta*u; the decay of the accepted step stays
+            p.add_(kw[1], alpha=(old - self.eta) * kw[0])  # back to x_old - eta*u; the decay of the accepted step stays
