@@ -91,7 +91,7 @@ class ReferenceLine:
             N, D, usq, xsq = numbers
             self.ema_n = 0.9 * self.ema_n + 0.1 * N
             self.ema_d = 0.9 * self.ema_d + 0.1 * D
-            self.eta *= math.exp(0.1 * min(max(self.ema_n / self.ema_d, -1.0), 1.0))
+            self.eta *= math.exp(0.1 * min(max(self.ema_n / self.ema_d + 0.3, -1.0), 1.0))  # aims at r = -0.3
             if xsq > 0 and usq > 0:
                 self.eta = min(self.eta, 0.1 * math.sqrt(xsq / usq))
         self.eta = min(max(self.eta, 1e-12), 1e6)
