@@ -13,7 +13,8 @@ import torch
 
 
 class ReferenceLine:
-    def __init__(self, params, lr, classes, decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, multiplier=1):
+    def __init__(self, params, lr, classes, decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, multiplier=1, target=0.0):
+        self.target = target
         self.params = list(params)
         self.eta, self.deterministic, self.decay = lr, classes <= 1, decay
         self.b1, self.b2, self.eps, self.multiplier = beta1, beta2, eps, multiplier
@@ -91,7 +92,7 @@ class ReferenceLine:
             N, D, usq, xsq = numbers
             self.ema_n = 0.9 * self.ema_n + 0.1 * N
             self.ema_d = 0.9 * self.ema_d + 0.1 * D
-            self.eta *= math.exp(0.1 * min(max(self.ema_n / self.ema_d + 0.3, -1.0), 1.0))  # aims at r = -0.3
+            self.eta *= math.exp(0.1 * min(max(self.ema_n / self.ema_d - self.target, -1.0), 1.0))
             if xsq > 0 and usq > 0:
                 self.eta = min(self.eta, 0.1 * math.sqrt(xsq / usq))
         self.eta = min(max(self.eta, 1e-12), 1e6)

@@ -57,13 +57,14 @@ def _elra_step(opt):
     return step
 
 
-@pytest.mark.parametrize("multiplier, decay", [(1, 0.0), (2, 1e-2)])
-def test_stochastic_steps_match_the_plain_reference(multiplier, decay):
+@pytest.mark.parametrize("multiplier, decay, target", [(1, 0.0, 0.0), (2, 1e-2, -0.3)])
+def test_stochastic_steps_match_the_plain_reference(multiplier, decay, target):
     net, twin = _net(), _net()
     opt = ElraOptimizer(
-        net.parameters(), None, 8, 3, lr=1e-4, weight_decay=decay, batch_multiplier=multiplier, preconditioner="adam"
+        net.parameters(), None, 8, 3, lr=1e-4, weight_decay=decay, batch_multiplier=multiplier,
+        preconditioner="adam", line_target=target,
     )
-    reference = ReferenceLine(twin.parameters(), 1e-4, 3, decay=decay, multiplier=multiplier)
+    reference = ReferenceLine(twin.parameters(), 1e-4, 3, decay=decay, multiplier=multiplier, target=target)
     _train(net, _elra_step(opt), 120)
     _train(twin, reference.step, 120)
     assert opt.stats["retraces"] == reference.retraces >= 3
@@ -118,3 +119,5 @@ def test_state_is_two_moments_per_parameter_and_resumes_exactly():
 def test_unknown_preconditioner_is_refused():
     with pytest.raises(ValueError, match="preconditioner"):
         ElraOptimizer(torch.nn.Linear(2, 1).parameters(), preconditioner="shampoo")
+    with pytest.raises(ValueError, match="line_target"):
+        ElraOptimizer(torch.nn.Linear(2, 1).parameters(), preconditioner="adam", line_target=1.5)
