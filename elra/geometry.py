@@ -54,8 +54,6 @@ class GroupTensors:
 class AdamDirection:
     """Adam's diagonal second-moment direction (``preconditioner="adam"``)."""
 
-    PRESENT_SLOT = PRESENT
-
     def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
 

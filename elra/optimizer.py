@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster
 from .control import MAX_MULTIPLIER, Controller, Decision, StepSums
-from .geometry import SLOTS, make_direction
+from .geometry import PRESENT, SLOTS, make_direction
 from .line_control import LineController
 from .reduce import AUTO, Reducer, ScalarBatch, dot, local
 from .sync import drop_unsynced_grads
@@ -638,7 +638,7 @@ class ElraOptimizer(Optimizer):
         grad_scale = inv_scale / len(losses)
         sums = None
         if with_gradient:
-            if values[geometry.PRESENT_SLOT] == 0:
+            if values[PRESENT] == 0:
                 raise RuntimeError(
                     "no parameter has a gradient: call loss.backward() before optimizer.step(loss), "
                     "or optimizer.step_retrace(loss) to skip backward()"
