@@ -273,6 +273,13 @@ def optimizers(published) -> dict[str, Callable]:
 
     return {
         "ELRA": lambda params, task: ElraOptimizer(params, None, task.batch_size),
+        "ELRA adam": lambda params, task: ElraOptimizer(params, None, task.batch_size, task.classes, preconditioner="adam"),
+        "ELRA adam -0.15": lambda params, task: ElraOptimizer(
+            params, None, task.batch_size, task.classes, preconditioner="adam", line_target=-0.15
+        ),
+        "ELRA adam -0.3": lambda params, task: ElraOptimizer(
+            params, None, task.batch_size, task.classes, preconditioner="adam", line_target=-0.3
+        ),
         "Adam 1e-3": lambda params, task: torch.optim.Adam(params, lr=1e-3),
         "AdamW 1e-3 wd0.01": lambda params, task: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01),
         "SGD 0.01 m0.9": lambda params, task: torch.optim.SGD(params, lr=0.01, momentum=0.9),

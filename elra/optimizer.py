@@ -23,6 +23,8 @@ from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster
 from .control import ACCEPTANCE_RULES, MAX_MULTIPLIER, Controller, Decision, RangeBounds, StepSums
+from .geometry import MOMENT_KEYS, PRESENT, SLOTS, make_direction
+from .line_control import LineController
 from .reduce import AUTO, Reducer, ScalarBatch, dots, flat, local, squares
 from .sync import drop_unsynced_grads, fsdp_wrapping, reshard, sync_unsynced_grads
 
@@ -99,6 +101,13 @@ def _layout(n_groups: int, sixteen_bit: bool) -> tuple[int, int, int]:
     return present, present + 1, present + (4 if sixteen_bit else 1)
 
 
+def _direction_state(geometry, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A parameter's direction state: P2M's last direction, or the preconditioner's moments."""
+    if geometry is None:
+        return {"direction": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    return geometry.new_state(p)
+
+
 def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
     """The optimizer's hyperparameters, validated (constructor arguments or a checkpoint's)."""
     lr, momentum = config["lr"], config["momentum"]
@@ -111,6 +120,10 @@ def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"Invalid momentum: {momentum!r} (expected None or a number in [0, 1))")
     if config["acceptance"] not in ACCEPTANCE_RULES:
         raise ValueError(f"Invalid acceptance: {config['acceptance']!r} (expected one of {ACCEPTANCE_RULES})")
+    make_direction(config["preconditioner"], momentum)  # validates the name
+    target = config["line_target"]
+    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not -1.0 < target < 1.0:
+        raise ValueError(f"Invalid line_target: {target!r} (expected a number in (-1, 1), e.g. 0 or -0.3)")
     return {
         **config,
         "lr": float(lr),
@@ -120,10 +133,16 @@ def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
         "warmup": _check_int("warmup", config["warmup"], 0),
         "momentum": float(momentum) if momentum else None,
         "batch_multiplier": _check_int("batch_multiplier", config["batch_multiplier"], 1, MAX_MULTIPLIER),
+        "line_target": float(target),
     }
 
 
-def _make_controller(config: dict[str, Any]) -> Controller:
+def _make_controller(config: dict[str, Any]) -> Controller | LineController:
+    """P2M's controller, or the line controller of a preconditioned direction."""
+    if config["preconditioner"] is not None:
+        # the regime is not detected along a preconditioned direction yet: classes=None is mini-batch training
+        classes = 2 if config["classes"] is None else config["classes"]
+        return LineController(config["lr"], classes, config["batch_multiplier"], config["line_target"])
     return Controller(
         lr=config["lr"],
         classes=config["classes"],
@@ -172,6 +191,13 @@ class ElraOptimizer(Optimizer):
             units of the observed mini-batch loss noise, and keeps the loss
             statistics robust to an outlier; ``"published"`` is the published
             package's rule (``1.1 * max(first loss, log(classes))``).
+        preconditioner: ``None`` (P2M as published) or ``"adam"``: ELRA's
+            step-length control over Adam's direction ``m_hat/(sqrt(v_hat)+eps)``
+            (``momentum`` is its beta1, default 0.9; see :mod:`elra.geometry`).
+        line_target: with a preconditioner, the gradient-pair ratio the step
+            length aims at, in (-1, 1): 0 (default) the line minimum along the
+            direction, -0.3 a step 1.3x past it (best on transformers, see
+            :mod:`elra.line_control`).
 
     Call ``step(loss)`` after every ``backward()``; ELRA needs the loss value.
     Under data parallelism each rank passes its own local loss.
@@ -193,6 +219,8 @@ class ElraOptimizer(Optimizer):
         replicas: Callable[[torch.Tensor], int] | None = None,
         check_consistency: int = 0,
         acceptance: str = "noise",
+        preconditioner: str | None = None,
+        line_target: float = 0.0,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
@@ -206,6 +234,8 @@ class ElraOptimizer(Optimizer):
                 momentum=momentum,
                 batch_multiplier=batch_multiplier,
                 acceptance=acceptance,
+                preconditioner=preconditioner,
+                line_target=line_target,
             )
         )
         self._check_every = _check_int("check_consistency", check_consistency, 0)
@@ -216,6 +246,7 @@ class ElraOptimizer(Optimizer):
         self._config = config
         self._agreed = False  # whether the ranks verified that they share this state (check_consistency)
         self.booster = Booster()
+        self.geometry = make_direction(config["preconditioner"], config["momentum"])
         super().__init__(params, dict(lr=config["lr"], weight_decay=config["weight_decay"]))
         self.controller = _make_controller(config)
         self._pending: list[LossLike] = []
@@ -253,7 +284,7 @@ class ElraOptimizer(Optimizer):
         self._device = device
         self._agreed = False
         for p in tensors:
-            self.state[p]["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self.state[p].update(_direction_state(self.geometry, p))
             if self.booster.enabled:
                 self.state[p]["boost"] = p.detach().clone()
 
@@ -565,7 +596,8 @@ class ElraOptimizer(Optimizer):
                 booster.load_state_dict(boost)
             except (KeyError, TypeError, ValueError) as error:
                 raise ValueError(f"the boost state of the state_dict is unusable: {error!r}") from error
-        self._check_saved_state(state_dict, booster.enabled)
+        geometry = make_direction(config["preconditioner"], config["momentum"])
+        self._check_saved_state(state_dict, booster.enabled, ("direction",) if geometry is None else MOMENT_KEYS)
         super().load_state_dict(state_dict)
         self._own_loaded_state(state_dict)
         self.param_groups[0].pop(_STATE_KEY, None)
@@ -575,6 +607,7 @@ class ElraOptimizer(Optimizer):
         self._config = config
         self.defaults.update(lr=config["lr"], weight_decay=config["weight_decay"])
         self.controller = controller
+        self.geometry = geometry
         self.booster = booster
         self._fill_empty_state()
         self._pending = pending
@@ -660,7 +693,7 @@ class ElraOptimizer(Optimizer):
                 ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())),
             )
 
-    def _check_saved_state(self, state_dict: dict[str, Any], boost_enabled: bool) -> None:
+    def _check_saved_state(self, state_dict: dict[str, Any], boost_enabled: bool, direction_keys: tuple[str, ...]) -> None:
         """Validate the per-parameter state against this optimizer's parameters, changing nothing."""
         saved_groups, saved_state = state_dict["param_groups"], state_dict.get("state", {})
         sizes = [len(g["params"]) for g in self.param_groups]
@@ -672,7 +705,7 @@ class ElraOptimizer(Optimizer):
             )
         saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        needed = ("direction", "boost") if boost_enabled else ("direction",)
+        needed = (*direction_keys, "boost") if boost_enabled else direction_keys
         for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
             entry = saved_state.get(saved_id, {})
             for key in needed if p.numel() else ():  # FSDP1 saves no state for a parameter with no local part
@@ -714,7 +747,8 @@ class ElraOptimizer(Optimizer):
             for p in group["params"]:
                 if p.numel() == 0:
                     state = self.state[p]
-                    state.setdefault("direction", torch.zeros_like(p, memory_format=torch.preserve_format))
+                    for key, value in _direction_state(self.geometry, p).items():
+                        state.setdefault(key, value)
                     if self.booster.enabled:
                         state.setdefault("boost", p.detach().clone())
 
@@ -734,6 +768,8 @@ class ElraOptimizer(Optimizer):
     def _real_step(
         self, losses: list[LossLike], with_gradient: bool, inv_scale: float = 1.0, skip_overflow: bool = False
     ) -> str:
+        if self.geometry is not None:
+            return self._preconditioned_step(losses, with_gradient, inv_scale, skip_overflow)
         decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
         groups = [self._group_tensors(group, with_gradient) for group in self.param_groups]
         half = any(tensors["half"] for tensors in groups)
@@ -883,8 +919,11 @@ class ElraOptimizer(Optimizer):
         """
         fingerprint = self._fingerprint(call)
         if self._agreed:
-            half = any(p.dtype in _SIXTEEN_BIT for group in self.param_groups for p in group["params"])
-            _, _, check = _layout(len(self.param_groups), half)
+            if self.geometry is None:
+                half = any(p.dtype in _SIXTEEN_BIT for group in self.param_groups for p in group["params"])
+                _, _, check = _layout(len(self.param_groups), half)
+            else:
+                check = SLOTS
             length, at = check + 2 + self.controller.state.multiplier, check
         else:
             length, at = 3, 1
@@ -935,3 +974,68 @@ class ElraOptimizer(Optimizer):
             for tensors in groups:
                 if tensors["moved"]:
                     _add_scaled(tensors["moved"], tensors["moved_dirs"], decision.shift)
+
+    # ------------------------------------------- preconditioned direction
+    def _preconditioned_step(
+        self, losses: list[LossLike], with_gradient: bool, inv_scale: float, skip_overflow: bool
+    ) -> str:
+        """A real step over :mod:`elra.geometry`'s direction, decided by :class:`LineController`.
+
+        One all-reduce of N = <g, u_old>, D = <m_hat, u_old>, |u_old|^2, |x|^2
+        and the losses; then accept (moments, then ``x <- decay*x - eta*u_new``)
+        or retrace along ``u_old``, recomputed from the unchanged moments.
+        """
+        geometry, t = self.geometry, self.controller.state.moment_steps
+        decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
+        groups = [
+            geometry.gather(group, self.state, self._moved, with_gradient, self.reducer.replicas)
+            for group in self.param_groups
+        ]
+        check = SLOTS
+        batch = ScalarBatch(check + (2 if self._check_every else 0), self._device or torch.device("cpu"), self.reducer)
+        for tensors in groups:
+            geometry.add_sums(batch, tensors, t)
+        loss_slots = None
+        if self._check_every:
+            fingerprint = self._agreed_fingerprint(("step", with_gradient, inv_scale, skip_overflow))
+            batch.add_constant(check, fingerprint)
+            batch.add_constant(check + 1, fingerprint * fingerprint)
+            loss_slots = self.controller.state.multiplier
+        values, loss_values = batch.read(losses, loss_slots)
+        if self._check_every:
+            self._verify_consistency(values[check], values[check + 1], fingerprint)
+        self._pending = []
+        self._kept_grads = {}
+        grad_scale = inv_scale / len(losses)
+        sums = None
+        if with_gradient:
+            if values[PRESENT] == 0:
+                raise RuntimeError(
+                    "no parameter has a gradient: call loss.backward() before optimizer.step(loss), "
+                    "or optimizer.step_retrace(loss) to skip backward()"
+                )
+            sums = geometry.sums(values, t, grad_scale)
+            if skip_overflow and not sums.is_finite() and all(map(math.isfinite, loss_values)):
+                return "overflow"
+        decision = self.controller.real_step(loss_values, sums, decays)
+        if decision.action == "accept":
+            if self.booster.enabled:
+                self.booster.record(*self._boost_pairs(), sum(loss_values) / len(loss_values))
+            self._moved = set()
+            for j, tensors in enumerate(groups):
+                tensors.old_dirs = []
+                self._moved.update(tensors.owners)
+                geometry.update_moments(tensors, grad_scale)
+                if not tensors.params:
+                    continue
+                directions = geometry.direction(tensors.ms, tensors.vs, t + 1)
+                if decision.decay[j] != 1.0:
+                    torch._foreach_mul_(tensors.params, decision.decay[j])
+                torch._foreach_add_(tensors.params, directions, alpha=-decision.step * geometry.scale(t + 1))
+        elif decision.action == "retrace":
+            for tensors in groups:
+                if tensors.old_dirs:
+                    torch._foreach_add_(tensors.moved, tensors.old_dirs, alpha=decision.shift * geometry.scale(t))
+        for group in self.param_groups:
+            group["lr"] = self.controller.step_length
+        return decision.action

@@ -21,9 +21,10 @@ from conftest import digits_data, digits_model  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
 
 
-def make_optimizer(model: torch.nn.Module) -> ElraOptimizer:
+def make_optimizer(model: torch.nn.Module, preconditioner: str | None = None) -> ElraOptimizer:
     return ElraOptimizer(
-        model.parameters(), None, 768, 10, lr=1e-5, weight_decay=1e-3, momentum=0.5, batch_multiplier=2
+        model.parameters(), None, 768, 10, lr=1e-5, weight_decay=1e-3, momentum=0.5, batch_multiplier=2,
+        preconditioner=preconditioner,
     )
 
 
@@ -33,11 +34,12 @@ def train(
     save: Path | None = None,
     resume: Path | None = None,
     mid_collection: bool = False,
+    preconditioner: str | None = None,
 ):
     """Train; or run until the first step >= save_at that is (or is not) mid-collection and save there."""
     x, y = digits_data(torch.float32)
     model = digits_model(torch.float32)
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, preconditioner)
     start = 0
     if resume is not None:
         checkpoint = torch.load(resume, weights_only=True)
@@ -71,8 +73,9 @@ def main() -> None:
     parser.add_argument("--save-at", type=int)
     parser.add_argument("--save", type=Path)
     parser.add_argument("--resume", type=Path)
+    parser.add_argument("--preconditioner")
     args = parser.parse_args()
-    model, opt = train(args.steps, args.save_at, args.save, args.resume)
+    model, opt = train(args.steps, args.save_at, args.save, args.resume, preconditioner=args.preconditioner)
     torch.save({"model": model.state_dict(), "stats": opt.stats}, args.out)
 
 

@@ -17,6 +17,7 @@ def _random_plan(seed: int, world: int, events: int, steps: int = 40) -> tuple:
     return tuple((int(s), int(r)) for s, r in zip(torch.randint(1, steps, (events,), generator=gen), torch.randint(0, world, (events,), generator=gen)))
 
 
+ADAM = {"preconditioner": "adam"}
 TWO_RANKS = [
     Scenario(
         "ddp",
@@ -41,6 +42,18 @@ TWO_RANKS = [
     Scenario("ddp-scaler", scaler=True, inf_grad_at=7),
     Scenario("ddp-random-faults", batch_multiplier=2, nan_plan=_random_plan(1, 2, 4), inf_plan=_random_plan(2, 2, 4)),
     Scenario("fsdp2-random-faults", "fsdp2", nan_plan=_random_plan(3, 2, 4), inf_plan=_random_plan(4, 2, 4)),
+    Scenario(
+        "ddp-adam",
+        batch_multiplier=2,
+        options={**ADAM, "weight_decay": 1e-3, "check_consistency": 1},
+        nan_loss_at=6,
+        bad_loss_at=11,
+        count_collectives=True,
+    ),
+    Scenario("fsdp2-adam", "fsdp2", batch_multiplier=2, options={**ADAM, "weight_decay": 1e-3}, nan_loss_at=9, bad_loss_at=14),
+    Scenario("fsdp1-adam", "fsdp1", batch_multiplier=2, options=ADAM, nan_loss_at=9),
+    Scenario("fsdp2-adam-boost", "fsdp2", boost_cycle=15, options=ADAM, nan_loss_at=4),
+    Scenario("fsdp2-adam-scaler", "fsdp2", scaler=True, inf_grad_at=11, batch_multiplier=2, options=ADAM),
 ]
 WRAPPINGS = ("ddp", "fsdp2", "fsdp2-root", "fsdp1", "fsdp1-orig")
 # A skipped backward (step_retrace) and boosted() evaluations change the shards outside backward -> step
@@ -63,6 +76,11 @@ THREE_RANKS = [
     Scenario("fsdp1-flat", "fsdp1", nan_loss_at=4, options={"classes": None}),
     Scenario("fsdp1-orig-params", "fsdp1-orig", batch_multiplier=2, nan_loss_at=9),
     Scenario("ddp-random-faults", nan_plan=_random_plan(5, 3, 5), inf_plan=_random_plan(6, 3, 5)),
+    Scenario("fsdp1-adam", "fsdp1", options=ADAM, nan_loss_at=4),
+]
+FOUR_RANKS = [
+    Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5),
+    Scenario("hsdp-2x2-adam", "hsdp", batch_multiplier=2, options=ADAM, nan_loss_at=5),
 ]
 FOUR_RANKS = [
     Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5),
@@ -70,6 +88,7 @@ FOUR_RANKS = [
 ]
 CHECKPOINTED = [
     (Scenario("fsdp2-dcp", "fsdp2", steps=40, options={"momentum": 0.5, "weight_decay": 1e-3}, nan_loss_at=30), 21),
+    (Scenario("fsdp2-dcp-adam", "fsdp2", steps=40, options={**ADAM, "weight_decay": 1e-3}, nan_loss_at=30), 21),
     # saved with one micro-batch of three collected, under grad_sync: each rank held its own sums
     (Scenario("fsdp2-dcp-mid-collection", "fsdp2", steps=40, batch_multiplier=3, nan_loss_at=30), 22),
     (Scenario("fsdp2-root-dcp-mid-collection", "fsdp2-root", steps=40, batch_multiplier=3, use_grad_sync=False, nan_loss_at=31), 22),
@@ -174,7 +193,7 @@ def test_nan_loss_on_one_rank_retraces_every_rank(two):
 
 
 def test_step_issues_at_most_one_collective_and_none_while_collecting(two):
-    for name in ("ddp", "ddp-collect-no-helper"):
+    for name in ("ddp", "ddp-collect-no-helper", "ddp-adam"):
         counts = two[0][name]["counts"]
         assert counts and all(total == (0 if collecting else 1) for collecting, total in counts)
         assert any(collecting for collecting, _ in counts) == (name != "ddp")
@@ -238,7 +257,7 @@ def test_mid_collection_checkpoints_keep_the_pending_sums(checkpointed):
     assert not any("refused" in r for r in checkpointed["fsdp2-root-dcp-mid-collection"][0])  # sync was on
 
 
-@pytest.mark.parametrize("name", ["fsdp2-boost", "ddp-boost"])
+@pytest.mark.parametrize("name", ["fsdp2-boost", "ddp-boost", "fsdp2-adam-boost"])
 def test_boost_average_matches_single_process_and_swap_is_exact(two, name):
     results = [r[name] for r in two]
     single = results[0]["single"]["boosted"]
@@ -249,7 +268,7 @@ def test_boost_average_matches_single_process_and_swap_is_exact(two, name):
     assert not torch.equal(results[0]["boosted"]["out.weight"], results[0]["params"]["out.weight"])
 
 
-@pytest.mark.parametrize("name", ["fsdp2-scaler", "ddp-scaler"])
+@pytest.mark.parametrize("name", ["fsdp2-scaler", "ddp-scaler", "fsdp2-adam-scaler"])
 def test_scaler_overflow_on_one_rank_skips_the_step_and_backs_off_everywhere(two, name):
     scenario = next(s for s in TWO_RANKS if s.name == name)
     runs = [r[name]["counts"] for r in two] + [two[0][name]["single"]["counts"]]

@@ -1,0 +1,139 @@
+"""Direction geometry: how the raw gradient becomes the step direction.
+
+``preconditioner=None`` is P2M as published: the direction is the (momentum
+of the) gradient, held in one ``direction`` tensor per parameter (see
+:mod:`elra.optimizer`). ``"adam"`` divides the momentum by the root of a
+second-moment EMA, per coordinate (Adam's direction, bias corrected):
+
+    m <- b1*m + (1-b1)*g,   v <- b2*v + (1-b2)*g^2
+    u  = m_hat / (sqrt(v_hat) + eps)
+
+and lets :class:`elra.line_control.LineController` choose the step length
+along ``u``. The state is ``m`` and ``v`` (two tensors per parameter, sharded
+like the parameter); ``u`` is recomputed from them when needed, never stored:
+a retrace goes back along ``u_old``, which the unchanged moments still give.
+This module does the tensor work on local parts; the controller sees scalars.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .line_control import LineSums
+from .reduce import ScalarBatch, dots, flat, local, squares
+
+PRECONDITIONERS = (None, "adam")
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+# slots of the step's scalar vector
+NEXT_DIR, MOM_DIR, DIR_SQ, PARAM_SQ, PRESENT = range(5)
+SLOTS = 5
+
+
+@dataclass
+class GroupTensors:
+    """Local parts of one group: parameters with a gradient, and those the last step moved."""
+
+    params: list[torch.Tensor] = field(default_factory=list)
+    owners: list[torch.Tensor] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
+    ms: list[torch.Tensor] = field(default_factory=list)
+    vs: list[torch.Tensor] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    moved: list[torch.Tensor] = field(default_factory=list)
+    moved_ms: list[torch.Tensor] = field(default_factory=list)
+    moved_vs: list[torch.Tensor] = field(default_factory=list)
+    moved_grads: list[torch.Tensor | None] = field(default_factory=list)
+    moved_weights: list[float] = field(default_factory=list)
+    old_dirs: list[torch.Tensor] = field(default_factory=list)  # u_old/scale(t) of ``moved``, filled by ``add_sums``
+
+
+class AdamDirection:
+    """Adam's diagonal second-moment direction (``preconditioner="adam"``)."""
+
+    def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+
+    @staticmethod
+    def new_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in MOMENT_KEYS}
+
+    def gather(self, group: dict[str, Any], state, moved: set, with_gradient: bool, replicas) -> GroupTensors:
+        tensors = GroupTensors()
+        for p in group["params"]:
+            m, v = (local(state[p][key]) for key in MOMENT_KEYS)
+            grad = p.grad if with_gradient else None
+            if grad is not None:
+                if grad.is_sparse:
+                    raise RuntimeError("ElraOptimizer does not support sparse gradients")
+                grad = local(grad)
+                tensors.params.append(local(p))
+                tensors.owners.append(p)
+                tensors.grads.append(grad)
+                tensors.ms.append(m)
+                tensors.vs.append(v)
+                tensors.weights.append(1.0 / replicas(p))
+            if p in moved:
+                tensors.moved.append(local(p))
+                tensors.moved_ms.append(m)
+                tensors.moved_vs.append(v)
+                tensors.moved_grads.append(grad)
+                tensors.moved_weights.append(1.0 / replicas(p))
+        return tensors
+
+    def scale(self, t: int) -> float:
+        """``u = scale(t) * direction(...)``: the bias corrections, kept out of the tensor passes."""
+        return math.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t) if t else 0.0
+
+    def direction(self, ms: list[torch.Tensor], vs: list[torch.Tensor], t: int) -> list[torch.Tensor]:
+        """``m/(sqrt(v) + eps*sqrt(1-beta2^t))`` after ``t`` moment updates (new tensors).
+
+        Times :meth:`scale` this is Adam's ``m_hat/(sqrt(v_hat)+eps)``; three passes.
+        """
+        if not ms or t == 0:
+            return [torch.zeros_like(m) for m in ms]
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, self.eps * math.sqrt(1.0 - self.beta2**t))
+        return torch._foreach_div(ms, denom)
+
+    def update_moments(self, tensors: GroupTensors, grad_scale: float) -> None:
+        """``m``, ``v`` take the gradient ``grad_scale * g`` (the micro-batch mean, unscaled)."""
+        if not tensors.ms:
+            return
+        torch._foreach_mul_(tensors.ms, self.beta1)
+        torch._foreach_add_(tensors.ms, tensors.grads, alpha=(1.0 - self.beta1) * grad_scale)
+        torch._foreach_mul_(tensors.vs, self.beta2)
+        torch._foreach_addcmul_(tensors.vs, tensors.grads, tensors.grads, value=(1.0 - self.beta2) * grad_scale**2)
+
+    def add_sums(self, batch: ScalarBatch, tensors: GroupTensors, t: int) -> None:
+        """This rank's terms of N, D, |u_old|^2 and |x|^2; keeps ``u_old`` for a retrace."""
+        batch.add_constant(PRESENT, len(tensors.params))
+        batch.add(PARAM_SQ, squares(tensors.params), tensors.weights)
+        if t == 0:
+            return
+        tensors.old_dirs = self.direction(tensors.moved_ms, tensors.moved_vs, t)
+        flat_dirs = [flat(u) for u in tensors.old_dirs]
+        batch.add(MOM_DIR, dots([flat(m) for m in tensors.moved_ms], flat_dirs), tensors.moved_weights)
+        batch.add(DIR_SQ, squares(tensors.old_dirs), tensors.moved_weights)
+        with_grad = [(flat(g), u, w) for g, u, w in zip(tensors.moved_grads, flat_dirs, tensors.moved_weights) if g is not None]
+        if with_grad:
+            grads, dirs, weights = zip(*with_grad)
+            batch.add(NEXT_DIR, dots(grads, dirs), weights)
+
+    def sums(self, values: list[float], t: int, grad_scale: float) -> LineSums:
+        """The controller's inputs from the global slot values (bias-corrected, g averaged)."""
+        k = self.scale(t)
+        m_hat = 1.0 / (1.0 - self.beta1**t) if t else 0.0
+        return LineSums(values[NEXT_DIR] * k * grad_scale, values[MOM_DIR] * k * m_hat, values[DIR_SQ] * k * k, values[PARAM_SQ])
+
+
+def make_direction(preconditioner: str | None, momentum: float | None) -> AdamDirection | None:
+    """The direction for ``preconditioner`` (``None``: P2M's own, handled by the optimizer)."""
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"Invalid preconditioner: {preconditioner!r} (expected one of {PRECONDITIONERS})")
+    if preconditioner is None:
+        return None
+    return AdamDirection(beta1=0.9 if momentum is None else float(momentum))

@@ -1,0 +1,129 @@
+"""A plain, slow twin of ``ElraOptimizer(preconditioner="adam")``: one tensor at a time, no foreach.
+
+It restates the rule of :mod:`elra.line_control` and :mod:`elra.geometry`
+from their docstrings in the most direct form, so that the optimised
+implementation can be checked against it number for number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class ReferenceLine:
+    def __init__(self, params, lr, classes, decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, multiplier=1, target=0.0):
+        self.target = target
+        self.params = list(params)
+        self.eta, self.deterministic, self.decay = lr, classes <= 1, decay
+        self.b1, self.b2, self.eps, self.multiplier = beta1, beta2, eps, multiplier
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+        self.moved = [False] * len(self.params)
+        self.started = False
+        self.ema_n = self.ema_d = 0.0
+        self.losses_seen = []  # (weight-free) EMA statistics are recomputed from these
+        self.stat = [0.0, 0.0, 0.0]  # mean, square, weight
+        self.last_good = 0.0
+        self.pending, self.grad_sums = [], None
+        self.retraces = 0
+        self.failed = 0  # retraces in a row
+        self.accepted_eta = 0.0
+        self.steps = 0
+
+    def _u(self, i, t):
+        """m_hat / (sqrt(v_hat) + eps) = k * w, in the optimizer's order of operations (rounding)."""
+        w = self.m[i] / (self.v[i].sqrt() + self.eps * math.sqrt(1 - self.b2**t))
+        return math.sqrt(1 - self.b2**t) / (1 - self.b1**t), w
+
+    @torch.no_grad()
+    def step(self, loss: float, grads):
+        """``grads``: one tensor (or None) per parameter, or None when backward was skipped."""
+        self.pending.append(float(loss))
+        if grads is not None:
+            if self.grad_sums is None:
+                self.grad_sums = [None if g is None else g.clone() for g in grads]
+            else:
+                self.grad_sums = [a if g is None else (g.clone() if a is None else a + g) for a, g in zip(self.grad_sums, grads)]
+        if len(self.pending) < self.multiplier and grads is not None:
+            return
+        losses, sums = self.pending, self.grad_sums if grads is not None else None
+        self.pending, self.grad_sums = [], None
+        n = len(losses)
+        bad = [v for v in losses if not math.isfinite(v)]
+        loss = bad[0] if bad else math.fsum(losses) / n
+        old = [self._u(i, self.t) if self.moved[i] and self.t else None for i in range(len(self.params))]
+        old_u = [None if kw is None else kw[0] * kw[1] for kw in old]
+        numbers = None
+        if sums is not None:
+            N = sum(float((sums[i] / n * old_u[i]).sum()) for i in range(len(old_u)) if old_u[i] is not None and sums[i] is not None)
+            D = sum(float((self.m[i] / (1 - self.b1**self.t) * old_u[i]).sum()) for i in range(len(old_u)) if old_u[i] is not None)
+            usq = sum(float((u * u).sum()) for u in old_u if u is not None)
+            xsq = sum(float((p * p).sum()) for p, g in zip(self.params, sums) if g is not None)
+            numbers = (N, D, usq, xsq)
+        finite = numbers is not None and all(math.isfinite(v) for v in numbers)
+        if not self.started:
+            if bad or not finite:
+                self.retraces += 1
+                return
+            self.started = True
+            self.steps += 1
+            return self._accept(loss, None, sums, n)
+        self.steps += 1
+        if not bad and finite and self._acceptable(loss):
+            return self._accept(loss, numbers, sums, n)
+        self._retrace(loss, numbers if finite else None, old)
+
+    def _acceptable(self, loss):
+        if self.deterministic:
+            return loss <= self.last_good or self.failed >= 3
+        if len(self.losses_seen) < 10:
+            return True
+        mean = self.stat[0] / self.stat[2]
+        sd = math.sqrt(max(self.stat[1] / self.stat[2] - mean * mean, 0.0))
+        return loss <= mean + 5.0 * sd
+
+    def _accept(self, loss, numbers, sums, n):
+        if self.failed >= 3:
+            self.eta = self.accepted_eta
+        if numbers is not None and numbers[1] > 0:
+            N, D, usq, xsq = numbers
+            self.ema_n = 0.9 * self.ema_n + 0.1 * N
+            self.ema_d = 0.9 * self.ema_d + 0.1 * D
+            self.eta *= math.exp(0.1 * min(max(self.ema_n / self.ema_d - self.target, -1.0), 1.0))
+            if xsq > 0 and usq > 0:
+                self.eta = min(self.eta, 0.1 * math.sqrt(xsq / usq))
+        self.eta = min(max(self.eta, 1e-12), 1e6)
+        self.failed, self.accepted_eta = 0, self.eta
+        self.stat = [0.98 * self.stat[0] + 0.02 * loss, 0.98 * self.stat[1] + 0.02 * loss * loss, 0.98 * self.stat[2] + 0.02]
+        self.losses_seen.append(loss)
+        self.last_good = loss
+        self.t += 1
+        for i, p in enumerate(self.params):
+            g = sums[i]
+            self.moved[i] = g is not None
+            if g is None:
+                continue
+            self.m[i].mul_(self.b1).add_(g, alpha=(1 - self.b1) / n)
+            self.v[i].mul_(self.b2).addcmul_(g, g, value=(1 - self.b2) / n**2)
+            if self.decay:
+                p.mul_(1 - self.eta * self.decay)
+            k, w = self._u(i, self.t)
+            p.add_(w, alpha=-self.eta * k)
+
+    def _retrace(self, loss, numbers, old_u):
+        self.retraces += 1
+        self.failed += 1
+        old = self.eta
+        new = old / 2
+        if self.deterministic and numbers is not None and math.isfinite(loss) and numbers[1] > 0:
+            c = loss - self.last_good + old * numbers[1]
+            if c > 0:
+                new = min(max(numbers[1] * old * old / (2 * c), old / 10), old / 2)
+        self.eta = min(max(new, 1e-12), 1e6)
+        for p, kw in zip(self.params, old_u):
+            if kw is None:
+                continue
+            p.add_(kw[1], alpha=(old - self.eta) * kw[0])  # back to x_old - eta*u; the decay of the accepted step stays
