@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from benchmarks.ranks import as_gloo_rank  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
-
-VOCAB, CONTEXT = 64, 32
+from hf_trainer import CONTEXT, VOCAB, CountingSequences  # noqa: E402  (the example's data, learnable)
 
 
 def tiny_gpt2(seed: int = 0, dropout: float = 0.0, dtype: torch.dtype = torch.float32):
@@ -28,23 +28,6 @@ def tiny_gpt2(seed: int = 0, dropout: float = 0.0, dtype: torch.dtype = torch.fl
     )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config).to(dtype)
-
-
-class TokenSequences(torch.utils.data.Dataset):
-    """Sequences that mostly count up in steps of 3 (mod VOCAB), with 10% random tokens: learnable."""
-
-    def __init__(self, count: int, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        start = torch.randint(0, VOCAB, (count, 1), generator=gen)
-        ids = (start + 3 * torch.arange(CONTEXT)) % VOCAB
-        noise = torch.rand(count, CONTEXT, generator=gen) < 0.1
-        self.ids = torch.where(noise, torch.randint(0, VOCAB, (count, CONTEXT), generator=gen), ids)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
 def accelerate_train(steps: int, multiplier: int, global_batch: int, out: Path) -> None:
@@ -61,7 +44,7 @@ def accelerate_train(steps: int, multiplier: int, global_batch: int, out: Path) 
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True))
     model = tiny_gpt2(dtype=torch.float64)
     optimizer = ElraOptimizer(model.parameters(), None, global_batch, VOCAB, lr=1e-4, batch_multiplier=multiplier)
-    loader = torch.utils.data.DataLoader(TokenSequences(steps * global_batch, seed=1), batch_size=global_batch)
+    loader = torch.utils.data.DataLoader(CountingSequences(steps * global_batch, seed=1), batch_size=global_batch)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     reduced = []
@@ -109,7 +92,7 @@ def trainer_train(out: Path) -> None:
         accelerator_config={"split_batches": True},
     )
     trainer = ElraTrainer(
-        model=model, args=args, train_dataset=TokenSequences(64, 0), eval_dataset=TokenSequences(32, 1),
+        model=model, args=args, train_dataset=CountingSequences(64, 0), eval_dataset=CountingSequences(32, 1),
         optimizers=(optimizer, None),
     )
     trainer.train()

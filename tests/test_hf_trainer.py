@@ -14,7 +14,7 @@ from transformers import TrainingArguments  # noqa: E402
 
 from elra import ElraOptimizer  # noqa: E402
 from elra.integrations.transformers import ElraTrainer  # noqa: E402
-from hf_worker import VOCAB, TokenSequences, tiny_gpt2  # noqa: E402
+from hf_worker import VOCAB, CountingSequences, tiny_gpt2  # noqa: E402
 
 
 def _args(tmp_path, **overrides) -> TrainingArguments:
@@ -68,7 +68,7 @@ def test_trainer_takes_the_steps_of_a_hand_written_elra_loop(tmp_path, multiplie
     model = tiny_gpt2()
     args = _args(tmp_path, weight_decay=0.01)
     if multiplier is None:
-        trainer, batches = _recording_trainer(model=model, args=args, train_dataset=TokenSequences(64, 0))
+        trainer, batches = _recording_trainer(model=model, args=args, train_dataset=CountingSequences(64, 0))
 
         def make(replayed):
             return ElraOptimizer(
@@ -77,7 +77,7 @@ def test_trainer_takes_the_steps_of_a_hand_written_elra_loop(tmp_path, multiplie
     else:
         given = ElraOptimizer(model.parameters(), None, 8, VOCAB, lr=1e-4, batch_multiplier=multiplier)
         trainer, batches = _recording_trainer(
-            model=model, args=args, train_dataset=TokenSequences(64, 0), optimizers=(given, None)
+            model=model, args=args, train_dataset=CountingSequences(64, 0), optimizers=(given, None)
         )
 
         def make(replayed):
@@ -97,7 +97,7 @@ def test_trainer_learns_logs_elra_stats_and_feeds_the_weight_decay_control(tmp_p
         tmp_path, gradient_accumulation_steps=1, weight_decay=0.01, max_steps=110, logging_steps=10,
         eval_strategy="steps", eval_steps=10,
     )
-    trainer = ElraTrainer(model=model, args=args, train_dataset=TokenSequences(256, 0), eval_dataset=TokenSequences(64, 1))
+    trainer = ElraTrainer(model=model, args=args, train_dataset=CountingSequences(256, 0), eval_dataset=CountingSequences(64, 1))
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
@@ -127,7 +127,7 @@ def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path)
             per_device_eval_batch_size=16,
         )
         trainer = ElraTrainer(
-            model=model, args=args, train_dataset=TokenSequences(64, 0), eval_dataset=TokenSequences(32, 1),
+            model=model, args=args, train_dataset=CountingSequences(64, 0), eval_dataset=CountingSequences(32, 1),
             optimizers=(optimizer, None),
         )
         trainer.train(resume_from_checkpoint=resume)
@@ -159,7 +159,7 @@ def test_a_nan_micro_batch_loss_retraces_and_stays_out_of_the_fed_train_loss(tmp
 
     model = tiny_gpt2()
     args = _args(tmp_path, gradient_accumulation_steps=1, max_steps=8, eval_strategy="steps", eval_steps=8)
-    trainer = NanOnce(model=model, args=args, train_dataset=TokenSequences(64, 0), eval_dataset=TokenSequences(32, 1))
+    trainer = NanOnce(model=model, args=args, train_dataset=CountingSequences(64, 0), eval_dataset=CountingSequences(32, 1))
     trainer.train()
     assert trainer.elra_optimizer.stats["retraces"] >= 1
     finite = [v for v in losses if v == v]
@@ -169,7 +169,7 @@ def test_a_nan_micro_batch_loss_retraces_and_stays_out_of_the_fed_train_loss(tmp
 
 def test_trainer_refuses_what_would_fight_elra(tmp_path):
     model = tiny_gpt2()
-    data = TokenSequences(16, 0)
+    data = CountingSequences(16, 0)
     elra = ElraOptimizer(model.parameters(), None, 8, VOCAB)
     with pytest.raises(TypeError, match="ElraOptimizer"):
         ElraTrainer(model=model, args=_args(tmp_path), train_dataset=data,
