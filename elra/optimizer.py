@@ -862,15 +862,7 @@ class ElraOptimizer(Optimizer):
             batch.add(ranged + 1, squares(dirs), weights)
             with_grad = [(g, w) for g, w in zip(grads, weights) if g is not None]
             batch.add(ranged + 2, squares([g for g, _ in with_grad]), [w for _, w in with_grad])
-        loss_slots = None
-        if self._check_every:
-            fingerprint = self._agreed_fingerprint(("step", with_gradient, *scaling))
-            batch.add_constant(check, fingerprint)
-            batch.add_constant(check + 1, fingerprint * fingerprint)
-            loss_slots = self.controller.state.multiplier
-        values, loss_values = batch.read(losses, loss_slots)
-        if self._check_every:
-            self._verify_consistency(values[check], values[check + 1], fingerprint)
+        values, loss_values = self._read_checked(batch, check, losses, ("step", with_gradient, *scaling))
         bounds = RangeBounds(*(math.sqrt(v) if v >= 0.0 else math.nan for v in values[ranged:check])) if half else None
         if not with_gradient:
             return None, loss_values, bounds
@@ -881,6 +873,19 @@ class ElraOptimizer(Optimizer):
             )
         sums = StepSums(*(values[k * n_groups : (k + 1) * n_groups] for k in range(len(_SUMS))))
         return sums, loss_values, bounds
+
+    def _read_checked(
+        self, batch: ScalarBatch, check: int, losses: list[LossLike], call: tuple
+    ) -> tuple[list[float], list[float]]:
+        """The step's one collective; under ``check_consistency`` with the fingerprint in ``check``, verified."""
+        if not self._check_every:
+            return batch.read(losses)
+        fingerprint = self._agreed_fingerprint(call)
+        batch.add_constant(check, fingerprint)
+        batch.add_constant(check + 1, fingerprint * fingerprint)
+        values, loss_values = batch.read(losses, self.controller.state.multiplier)
+        self._verify_consistency(values[check], values[check + 1], fingerprint)
+        return values, loss_values
 
     def _fingerprint(self, call: tuple) -> int:
         """A 20-bit hash of everything that decides this collective's layout and the next decision.
@@ -995,15 +1000,7 @@ class ElraOptimizer(Optimizer):
         batch = ScalarBatch(check + (2 if self._check_every else 0), self._device or torch.device("cpu"), self.reducer)
         for tensors in groups:
             geometry.add_sums(batch, tensors, t)
-        loss_slots = None
-        if self._check_every:
-            fingerprint = self._agreed_fingerprint(("step", with_gradient, inv_scale, skip_overflow))
-            batch.add_constant(check, fingerprint)
-            batch.add_constant(check + 1, fingerprint * fingerprint)
-            loss_slots = self.controller.state.multiplier
-        values, loss_values = batch.read(losses, loss_slots)
-        if self._check_every:
-            self._verify_consistency(values[check], values[check + 1], fingerprint)
+        values, loss_values = self._read_checked(batch, check, losses, ("step", with_gradient, inv_scale, skip_overflow))
         self._pending = []
         self._kept_grads = {}
         grad_scale = inv_scale / len(losses)
