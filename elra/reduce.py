@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_LARGE = 1 << 16  # elements from which a tensor's inner products run one tensor at a time
 AUTO = "auto"
 
 
@@ -28,14 +29,28 @@ def flat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def squares(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``|t|^2`` of every tensor, in one multi-tensor call (accumulated in float32 for 16-bit)."""
-    low = sum(t.dtype in _LOW_PRECISION for t in tensors)
-    if not low:
-        return list(torch._foreach_powsum(list(tensors), 2)) if tensors else []
-    if low == len(tensors):
-        return [n * n for n in torch._foreach_norm(list(tensors), 2, dtype=torch.float32)]
-    flats = [flat(t) for t in tensors]  # 16-bit beside wider tensors: one at a time
-    return dots(flats, flats)
+    """``|t|^2`` of every tensor (accumulated in float32 for 16-bit).
+
+    Small tensors go through one multi-tensor call (its cost does not grow
+    with their number); large ones through ``torch.dot``, which uses every
+    CPU thread where the multi-tensor kernel does not.
+    """
+    result: list[torch.Tensor | None] = [None] * len(tensors)
+    small = [i for i, t in enumerate(tensors) if t.numel() < _LARGE]
+    uniform = len({tensors[i].dtype in _LOW_PRECISION for i in small}) <= 1
+    if small and uniform:
+        group = [tensors[i] for i in small]
+        if group[0].dtype in _LOW_PRECISION:
+            values = [n * n for n in torch._foreach_norm(group, 2, dtype=torch.float32)]
+        else:
+            values = torch._foreach_powsum(group, 2)
+        for i, value in zip(small, values):
+            result[i] = value
+    for i, t in enumerate(tensors):
+        if result[i] is None:
+            f = flat(t)
+            result[i] = torch.dot(f, f)
+    return result
 
 
 def dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
