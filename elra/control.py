@@ -254,9 +254,9 @@ class Controller:
         losses = [float(v) for v in losses]
         bad = [v for v in losses if not math.isfinite(v)]
         loss = bad[0] if bad else losses[-1]
-        if bad or (sums is not None and not sums.is_finite()):
-            sums = None
         n = len(losses)
+        if bad or (sums is not None and not (sums.is_finite() and self._direction_is_finite(n, sums, decays))):
+            sums = None
         if sums is not None and half_precision:
             if math.sqrt(sum(sums.grad_sq)) / n >= HALF_GRAD_LIMIT:
                 sums = None
@@ -495,6 +495,14 @@ class Controller:
         grad_norm = s.grad_norm_avg if s.grad_norm_avg > 0.0 else math.sqrt(sum(sums.grad_sq)) / n
         kappa = 0.005 * grad_norm / x_norm * (4.0 if s.increased else 2.0)
         return [wd * kappa for wd in wds]
+
+    def _direction_is_finite(self, n: int, sums: StepSums, decays: Sequence[float]) -> bool:
+        """Whether the new direction's sums are finite too (finite sums can overflow in them)."""
+        decay = self._decay_coefficients(n, sums, decays)
+        y_sq, y_dir = self._direction_sums(n, sums, decay)
+        momentum = self.momentum or 0.0
+        spread = momentum * momentum * sum(sums.dir_sq) + y_sq + abs(y_dir)
+        return all(map(math.isfinite, (*decay, y_sq, y_dir, spread)))
 
     @staticmethod
     def _direction_sums(n: int, sums: StepSums, decay: Sequence[float]) -> tuple[float, float]:
