@@ -291,7 +291,7 @@ def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[S
 def _dcp_state(model, optimizer, full: bool = False) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    options = StateDictOptions(full_state_dict=full, cpu_offload=full)
+    options = StateDictOptions(full_state_dict=full)  # no cpu_offload: FSDP1's offloading gather crashes on CPU with torch 2.13
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     return {"model": model_state, "optim": optim_state}
 
