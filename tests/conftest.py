@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.published import load_published  # noqa: E402
+
+# hypothesis keeps caches in ./.hypothesis unless told otherwise: never in the checkout
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", tempfile.mkdtemp(prefix="elra-hypothesis-"))
 
 # The test problems are tiny: one thread per process avoids oversubscribing the
 # cores when pytest-xdist runs workers side by side.
