@@ -274,9 +274,7 @@ def optimizers(published) -> dict[str, Callable]:
     return {
         "ELRA": lambda params, task: ElraOptimizer(params, None, task.batch_size),
         "ELRA adam": lambda params, task: ElraOptimizer(params, None, task.batch_size, task.classes, preconditioner="adam"),
-        "ELRA adam -0.15": lambda params, task: ElraOptimizer(
-            params, None, task.batch_size, task.classes, preconditioner="adam", line_target=-0.15
-        ),
+        "ELRA muon": lambda params, task: ElraOptimizer(params, None, task.batch_size, task.classes, preconditioner="muon"),
         "ELRA adam -0.3": lambda params, task: ElraOptimizer(
             params, None, task.batch_size, task.classes, preconditioner="adam", line_target=-0.3
         ),

@@ -26,7 +26,7 @@ import torch
 from .line_control import LineSums
 from .reduce import ScalarBatch, dots, flat, local, squares
 
-PRECONDITIONERS = (None, "adam")
+PRECONDITIONERS = (None, "adam", "muon")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 # slots of the step's scalar vector
 NEXT_DIR, MOM_DIR, DIR_SQ, PARAM_SQ, PRESENT = range(5)
@@ -39,6 +39,7 @@ class GroupTensors:
 
     params: list[torch.Tensor] = field(default_factory=list)
     owners: list[torch.Tensor] = field(default_factory=list)
+    held_ms: list[torch.Tensor] = field(default_factory=list)  # m of ``owners`` as held (DTensors under FSDP2)
     grads: list[torch.Tensor] = field(default_factory=list)
     ms: list[torch.Tensor] = field(default_factory=list)
     vs: list[torch.Tensor] = field(default_factory=list)
@@ -57,14 +58,17 @@ class AdamDirection:
     def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
 
-    @staticmethod
-    def new_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in MOMENT_KEYS}
+    def state_keys(self, p: torch.Tensor) -> tuple[str, ...]:
+        """The names of ``p``'s direction state (two tensors shaped like ``p``)."""
+        return MOMENT_KEYS
+
+    def new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in self.state_keys(p)}
 
     def gather(self, group: dict[str, Any], state, moved: set, with_gradient: bool, replicas) -> GroupTensors:
         tensors = GroupTensors()
         for p in group["params"]:
-            m, v = (local(state[p][key]) for key in MOMENT_KEYS)
+            m, v = (local(state[p][key]) for key in self.state_keys(p))
             grad = p.grad if with_gradient else None
             if grad is not None:
                 if grad.is_sparse:
@@ -72,6 +76,7 @@ class AdamDirection:
                 grad = local(grad)
                 tensors.params.append(local(p))
                 tensors.owners.append(p)
+                tensors.held_ms.append(state[p][MOMENT_KEYS[0]])
                 tensors.grads.append(grad)
                 tensors.ms.append(m)
                 tensors.vs.append(v)
@@ -99,12 +104,17 @@ class AdamDirection:
         torch._foreach_add_(denom, self.eps * math.sqrt(1.0 - self.beta2**t))
         return torch._foreach_div(ms, denom)
 
+    def update_momentum(self, tensors: GroupTensors, grad_scale: float) -> None:
+        """``m`` takes the gradient ``grad_scale * g`` (the micro-batch mean, unscaled)."""
+        if tensors.ms:
+            torch._foreach_mul_(tensors.ms, self.beta1)
+            torch._foreach_add_(tensors.ms, tensors.grads, alpha=(1.0 - self.beta1) * grad_scale)
+
     def update_moments(self, tensors: GroupTensors, grad_scale: float) -> None:
-        """``m``, ``v`` take the gradient ``grad_scale * g`` (the micro-batch mean, unscaled)."""
+        """``m`` and ``v`` take the gradient ``grad_scale * g``."""
         if not tensors.ms:
             return
-        torch._foreach_mul_(tensors.ms, self.beta1)
-        torch._foreach_add_(tensors.ms, tensors.grads, alpha=(1.0 - self.beta1) * grad_scale)
+        self.update_momentum(tensors, grad_scale)
         torch._foreach_mul_(tensors.vs, self.beta2)
         torch._foreach_addcmul_(tensors.vs, tensors.grads, tensors.grads, value=(1.0 - self.beta2) * grad_scale**2)
 
@@ -114,7 +124,7 @@ class AdamDirection:
         batch.add(PARAM_SQ, squares(tensors.params), tensors.weights)
         if t == 0:
             return
-        tensors.old_dirs = self.direction(tensors.moved_ms, tensors.moved_vs, t)
+        tensors.old_dirs = self.old_directions(tensors, t)
         flat_dirs = [flat(u) for u in tensors.old_dirs]
         batch.add(MOM_DIR, dots([flat(m) for m in tensors.moved_ms], flat_dirs), tensors.moved_weights)
         batch.add(DIR_SQ, squares(tensors.old_dirs), tensors.moved_weights)
@@ -122,6 +132,34 @@ class AdamDirection:
         if with_grad:
             grads, dirs, weights = zip(*with_grad)
             batch.add(NEXT_DIR, dots(grads, dirs), weights)
+
+    def old_directions(self, tensors: GroupTensors, t: int) -> list[torch.Tensor]:
+        """``u_old/scale(t)`` of the moved parameters, from their unchanged moments."""
+        return self.direction(tensors.moved_ms, tensors.moved_vs, t)
+
+    def new_directions(self, tensors: GroupTensors, t: int) -> list[torch.Tensor]:
+        """``u_new/scale(t)`` of the parameters with a gradient, after the moment update."""
+        return self.direction(tensors.ms, tensors.vs, t)
+
+    def owners(self, tensors: GroupTensors) -> list[torch.Tensor]:
+        """The parameters an accepted step moves."""
+        return tensors.owners
+
+    def accept(self, tensors: GroupTensors, t: int, step: float, decay: float, grad_scale: float) -> None:
+        """Take the gradient into the moments, then ``x <- decay*x - step*u_new`` (``t``: updates before)."""
+        tensors.old_dirs = []
+        self.update_moments(tensors, grad_scale)
+        if not tensors.params:
+            return
+        directions = self.new_directions(tensors, t + 1)
+        if decay != 1.0:
+            torch._foreach_mul_(tensors.params, decay)
+        torch._foreach_add_(tensors.params, directions, alpha=-step * self.scale(t + 1))
+
+    def retrace(self, tensors: GroupTensors, t: int, shift: float) -> None:
+        """``x <- x + shift*u_old`` for the parameters the last step moved."""
+        if tensors.old_dirs:
+            torch._foreach_add_(tensors.moved, tensors.old_dirs, alpha=shift * self.scale(t))
 
     def sums(self, values: list[float], t: int, grad_scale: float) -> LineSums:
         """The controller's inputs from the global slot values (bias-corrected, g averaged)."""
@@ -136,4 +174,9 @@ def make_direction(preconditioner: str | None, momentum: float | None) -> AdamDi
         raise ValueError(f"Invalid preconditioner: {preconditioner!r} (expected one of {PRECONDITIONERS})")
     if preconditioner is None:
         return None
-    return AdamDirection(beta1=0.9 if momentum is None else float(momentum))
+    beta1 = 0.9 if momentum is None else float(momentum)
+    if preconditioner == "muon":
+        from .orthogonal import OrthogonalDirection
+
+        return OrthogonalDirection(beta1=beta1)
+    return AdamDirection(beta1=beta1)

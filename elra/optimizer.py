@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster
 from .control import ACCEPTANCE_RULES, MAX_MULTIPLIER, Controller, Decision, RangeBounds, StepSums
-from .geometry import MOMENT_KEYS, PRESENT, SLOTS, make_direction
+from .geometry import PRESENT, SLOTS, make_direction
 from .line_control import LineController
 from .reduce import AUTO, Reducer, ScalarBatch, dots, flat, local, squares
 from .sync import drop_unsynced_grads, fsdp_wrapping, reshard, sync_unsynced_grads
@@ -597,7 +597,9 @@ class ElraOptimizer(Optimizer):
             except (KeyError, TypeError, ValueError) as error:
                 raise ValueError(f"the boost state of the state_dict is unusable: {error!r}") from error
         geometry = make_direction(config["preconditioner"], config["momentum"])
-        self._check_saved_state(state_dict, booster.enabled, ("direction",) if geometry is None else MOMENT_KEYS)
+        self._check_saved_state(
+            state_dict, booster.enabled, (lambda p: ("direction",)) if geometry is None else geometry.state_keys
+        )
         super().load_state_dict(state_dict)
         self._own_loaded_state(state_dict)
         self.param_groups[0].pop(_STATE_KEY, None)
@@ -693,7 +695,9 @@ class ElraOptimizer(Optimizer):
                 ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())),
             )
 
-    def _check_saved_state(self, state_dict: dict[str, Any], boost_enabled: bool, direction_keys: tuple[str, ...]) -> None:
+    def _check_saved_state(
+        self, state_dict: dict[str, Any], boost_enabled: bool, direction_keys: Callable[[torch.Tensor], tuple[str, ...]]
+    ) -> None:
         """Validate the per-parameter state against this optimizer's parameters, changing nothing."""
         saved_groups, saved_state = state_dict["param_groups"], state_dict.get("state", {})
         sizes = [len(g["params"]) for g in self.param_groups]
@@ -705,9 +709,9 @@ class ElraOptimizer(Optimizer):
             )
         saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        needed = (*direction_keys, "boost") if boost_enabled else direction_keys
         for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
             entry = saved_state.get(saved_id, {})
+            needed = (*direction_keys(p), "boost") if boost_enabled else direction_keys(p)
             for key in needed if p.numel() else ():  # FSDP1 saves no state for a parameter with no local part
                 if key not in entry:
                     raise ValueError(f"the state_dict lacks the '{key}' state of parameter {index}")
@@ -1020,19 +1024,11 @@ class ElraOptimizer(Optimizer):
                 self.booster.record(*self._boost_pairs(), sum(loss_values) / len(loss_values))
             self._moved = set()
             for j, tensors in enumerate(groups):
-                tensors.old_dirs = []
-                self._moved.update(tensors.owners)
-                geometry.update_moments(tensors, grad_scale)
-                if not tensors.params:
-                    continue
-                directions = geometry.direction(tensors.ms, tensors.vs, t + 1)
-                if decision.decay[j] != 1.0:
-                    torch._foreach_mul_(tensors.params, decision.decay[j])
-                torch._foreach_add_(tensors.params, directions, alpha=-decision.step * geometry.scale(t + 1))
+                self._moved.update(geometry.owners(tensors))
+                geometry.accept(tensors, t, decision.step, decision.decay[j], grad_scale)
         elif decision.action == "retrace":
             for tensors in groups:
-                if tensors.old_dirs:
-                    torch._foreach_add_(tensors.moved, tensors.old_dirs, alpha=decision.shift * geometry.scale(t))
+                geometry.retrace(tensors, t, decision.shift)
         for group in self.param_groups:
             group["lr"] = self.controller.step_length
         return decision.action

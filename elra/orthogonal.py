@@ -1,0 +1,132 @@
+"""Orthogonalised momentum for matrices (``preconditioner="muon"``).
+
+Muon's direction: a 2-D parameter steps along the semi-orthogonal matrix
+nearest to its momentum (a Newton-Schulz iteration: the singular values
+become about 1, the singular vectors stay), scaled to an RMS of 0.2 per
+entry, about that of Adam's direction; every other parameter (vectors,
+scalars, convolution kernels) keeps Adam's direction
+(:class:`elra.geometry.AdamDirection`). ELRA's line controller sets the one
+step length along the combined direction, so Muon's learning rate is gone.
+
+The orthogonalisation needs the whole matrix: under FSDP2 and HSDP an
+accepted step gathers each matrix's momentum (``DTensor.full_tensor``), every
+rank orthogonalises the same matrix and keeps its own rows. The result is
+kept in a ``direction`` tensor beside the momentum (state 2x the matrix, as
+Adam's), so the next step's sums and a retrace need no second iteration.
+FSDP1 flattens parameters and loses their shapes: refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .geometry import MOMENT_KEYS, AdamDirection, GroupTensors
+from .reduce import ScalarBatch
+
+MATRIX_KEYS = ("exp_avg", "direction")
+NEWTON_SCHULZ_STEPS = 5
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # a quintic that pushes singular values toward 1 fast
+RMS = 0.2  # per-entry size of a matrix's direction
+
+
+def is_matrix(p: torch.Tensor) -> bool:
+    """Whether ``p`` (its global shape) steps along orthogonalised momentum."""
+    return p.ndim == 2 and min(p.shape) > 1
+
+
+def orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
+    """About ``U V^T`` of ``matrix = U S V^T``, its RMS ``1/sqrt(max(rows, cols))``; float32 for 16-bit input."""
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    x = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
+    x = x / (x.norm() + 1e-7)
+    wide = x.shape[0] <= x.shape[1]
+    x = x if wide else x.mT
+    for _ in range(NEWTON_SCHULZ_STEPS):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.mT
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else tensor
+
+
+def _part_like(whole: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """The piece of ``whole`` that this rank holds of ``held`` (a DTensor's local shard; no communication)."""
+    if not hasattr(held, "device_mesh"):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, held.device_mesh, held.placements, src_data_rank=None).to_local()
+
+
+class _MatrixDirection(AdamDirection):
+    """The matrices' part: momentum, and the orthogonalised direction in the state's second tensor."""
+
+    def state_keys(self, p: torch.Tensor) -> tuple[str, ...]:
+        return MATRIX_KEYS
+
+    def update_moments(self, tensors: GroupTensors, grad_scale: float) -> None:
+        self.update_momentum(tensors, grad_scale)
+
+    def old_directions(self, tensors: GroupTensors, t: int) -> list[torch.Tensor]:
+        return list(tensors.moved_vs)
+
+    def new_directions(self, tensors: GroupTensors, t: int) -> list[torch.Tensor]:
+        inverse_scale = 1.0 / self.scale(t)
+        for held, cached in zip(tensors.held_ms, tensors.vs):
+            whole = orthogonalize(_whole(held))
+            whole = whole * (RMS * math.sqrt(max(whole.shape)) * inverse_scale)
+            cached.copy_(_part_like(whole, held))
+        return tensors.vs
+
+
+@dataclass
+class SplitTensors:
+    """One group's local parts, matrices apart from the rest."""
+
+    others: GroupTensors
+    matrices: GroupTensors
+
+
+class OrthogonalDirection(AdamDirection):
+    """Orthogonalised momentum for matrices, Adam's direction for the rest (``preconditioner="muon"``)."""
+
+    def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+        super().__init__(beta1, beta2, eps)
+        self.matrices = _MatrixDirection(beta1, beta2, eps)
+
+    def state_keys(self, p: torch.Tensor) -> tuple[str, ...]:
+        if getattr(p, "_fsdp_flattened", False):
+            raise ValueError(
+                'preconditioner="muon" needs each matrix whole, but FSDP1 (FullyShardedDataParallel) flattens '
+                'parameters: use FSDP2 (fully_shard), DDP, or preconditioner="adam"'
+            )
+        return MATRIX_KEYS if is_matrix(p) else MOMENT_KEYS
+
+    def gather(self, group: dict[str, Any], state, moved: set, with_gradient: bool, replicas) -> SplitTensors:
+        params = group["params"]
+        return SplitTensors(
+            super().gather({"params": [p for p in params if not is_matrix(p)]}, state, moved, with_gradient, replicas),
+            self.matrices.gather({"params": [p for p in params if is_matrix(p)]}, state, moved, with_gradient, replicas),
+        )
+
+    def add_sums(self, batch: ScalarBatch, tensors: SplitTensors, t: int) -> None:
+        super().add_sums(batch, tensors.others, t)
+        self.matrices.add_sums(batch, tensors.matrices, t)
+
+    def owners(self, tensors: SplitTensors) -> list[torch.Tensor]:
+        return tensors.others.owners + tensors.matrices.owners
+
+    def accept(self, tensors: SplitTensors, t: int, step: float, decay: float, grad_scale: float) -> None:
+        super().accept(tensors.others, t, step, decay, grad_scale)
+        self.matrices.accept(tensors.matrices, t, step, decay, grad_scale)
+
+    def retrace(self, tensors: SplitTensors, t: int, shift: float) -> None:
+        super().retrace(tensors.others, t, shift)
+        self.matrices.retrace(tensors.matrices, t, shift)
