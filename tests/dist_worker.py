@@ -263,7 +263,11 @@ def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[S
         results = {}
         for scenario in scenarios:
             model = wrap(make_net(), scenario.strategy, world)
-            optimizer = make_optimizer(model, scenario, odd_rank=rank == world - 1)
+            try:
+                optimizer = make_optimizer(model, scenario, odd_rank=rank == world - 1)
+            except ValueError as error:  # a refused configuration
+                results[scenario.name] = {"error": str(error)}
+                continue
             reductions = [] if scenario.count_reductions else None
             if reductions is not None and scenario.strategy == "ddp":
                 count_ddp_buckets(model)

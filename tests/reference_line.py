@@ -1,4 +1,4 @@
-"""A plain, slow twin of ``ElraOptimizer(preconditioner="adam")``: one tensor at a time, no foreach.
+"""A plain, slow twin of ``ElraOptimizer(preconditioner="adam" | "muon")``: one tensor at a time, no foreach.
 
 It restates the rule of :mod:`elra.line_control` and :mod:`elra.geometry`
 from their docstrings in the most direct form, so that the optimised
@@ -12,9 +12,23 @@ import math
 import torch
 
 
+def orthogonalize(g: torch.Tensor) -> torch.Tensor:
+    """Five quintic Newton-Schulz steps on g/|g| (Muon's), on the wide orientation."""
+    x = g / (g.norm() + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    for _ in range(5):
+        a = x @ x.T
+        x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
+    return x.T if tall else x
+
+
 class ReferenceLine:
-    def __init__(self, params, lr, classes, decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, multiplier=1, target=0.0):
-        self.target = target
+    def __init__(
+        self, params, lr, classes, decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, multiplier=1, target=0.0, muon=False
+    ):
+        self.target, self.muon = target, muon
         self.params = list(params)
         self.eta, self.deterministic, self.decay = lr, classes <= 1, decay
         self.b1, self.b2, self.eps, self.multiplier = beta1, beta2, eps, multiplier
@@ -34,9 +48,15 @@ class ReferenceLine:
         self.steps = 0
 
     def _u(self, i, t):
-        """m_hat / (sqrt(v_hat) + eps) = k * w, in the optimizer's order of operations (rounding)."""
-        w = self.m[i] / (self.v[i].sqrt() + self.eps * math.sqrt(1 - self.b2**t))
-        return math.sqrt(1 - self.b2**t) / (1 - self.b1**t), w
+        """m_hat / (sqrt(v_hat) + eps) = k * w, in the optimizer's order of operations (rounding).
+
+        With ``muon``, a matrix's u is 0.2 * sqrt(max(rows, cols)) * orthogonalize(m).
+        """
+        k = math.sqrt(1 - self.b2**t) / (1 - self.b1**t)
+        m = self.m[i]
+        if self.muon and m.ndim == 2 and min(m.shape) > 1:
+            return k, orthogonalize(m) * (0.2 * math.sqrt(max(m.shape)) * (1.0 / k))
+        return k, m / (self.v[i].sqrt() + self.eps * math.sqrt(1 - self.b2**t))
 
     @torch.no_grad()
     def step(self, loss: float, grads):

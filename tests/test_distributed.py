@@ -18,6 +18,7 @@ def _random_plan(seed: int, world: int, events: int, steps: int = 40) -> tuple:
 
 
 ADAM = {"preconditioner": "adam"}
+MUON = {"preconditioner": "muon"}
 TWO_RANKS = [
     Scenario(
         "ddp",
@@ -54,6 +55,12 @@ TWO_RANKS = [
     Scenario("fsdp1-adam", "fsdp1", batch_multiplier=2, options=ADAM, nan_loss_at=9),
     Scenario("fsdp2-adam-boost", "fsdp2", boost_cycle=15, options=ADAM, nan_loss_at=4),
     Scenario("fsdp2-adam-scaler", "fsdp2", scaler=True, inf_grad_at=11, batch_multiplier=2, options=ADAM),
+    Scenario(
+        "ddp-muon", batch_multiplier=2, options={**MUON, "weight_decay": 1e-3}, nan_loss_at=6, bad_loss_at=11,
+        count_collectives=True,
+    ),
+    Scenario("fsdp2-muon", "fsdp2", batch_multiplier=2, options={**MUON, "weight_decay": 1e-3}, nan_loss_at=9, bad_loss_at=14),
+    Scenario("fsdp2-root-muon", "fsdp2-root", options=MUON, bad_loss_at=17, boost_cycle=15),
 ]
 WRAPPINGS = ("ddp", "fsdp2", "fsdp2-root", "fsdp1", "fsdp1-orig")
 # A skipped backward (step_retrace) and boosted() evaluations change the shards outside backward -> step
@@ -64,11 +71,13 @@ REFUSED = {
     "ddp-grad-sync-around-backward-only": "forward ran outside",
     "fsdp2-root-without-model": "give the optimizer the wrapped model",
     "fsdp1-without-model": "give the optimizer the wrapped model",
+    "fsdp1-muon": 'preconditioner="muon" needs each matrix whole',
 }
 TWO_RANKS += IN_PLACE + COUNTED + [
     Scenario("ddp-grad-sync-around-backward-only", batch_multiplier=4, sync_backward_only=True),
     Scenario("fsdp2-root-without-model", "fsdp2-root", bad_loss_at=17, use_grad_sync=False, pass_model=False),
     Scenario("fsdp1-without-model", "fsdp1", boost_cycle=100, use_grad_sync=False, pass_model=False),
+    Scenario("fsdp1-muon", "fsdp1", options=MUON),
 ]
 THREE_RANKS = [
     Scenario("ddp-collect-grad-sync", batch_multiplier=2, nan_loss_at=7),
@@ -77,18 +86,18 @@ THREE_RANKS = [
     Scenario("fsdp1-orig-params", "fsdp1-orig", batch_multiplier=2, nan_loss_at=9),
     Scenario("ddp-random-faults", nan_plan=_random_plan(5, 3, 5), inf_plan=_random_plan(6, 3, 5)),
     Scenario("fsdp1-adam", "fsdp1", options=ADAM, nan_loss_at=4),
+    Scenario("fsdp2-muon", "fsdp2", batch_multiplier=2, options=MUON, nan_loss_at=7),
 ]
 FOUR_RANKS = [
     Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5),
     Scenario("hsdp-2x2-adam", "hsdp", batch_multiplier=2, options=ADAM, nan_loss_at=5),
-]
-FOUR_RANKS = [
-    Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5),
+    Scenario("hsdp-2x2-muon", "hsdp", batch_multiplier=2, options=MUON, nan_loss_at=5),
     Scenario("hsdp-root-retrace-and-boost", "hsdp-root", bad_loss_at=17, boost_cycle=100),
 ]
 CHECKPOINTED = [
     (Scenario("fsdp2-dcp", "fsdp2", steps=40, options={"momentum": 0.5, "weight_decay": 1e-3}, nan_loss_at=30), 21),
     (Scenario("fsdp2-dcp-adam", "fsdp2", steps=40, options={**ADAM, "weight_decay": 1e-3}, nan_loss_at=30), 21),
+    (Scenario("fsdp2-dcp-muon", "fsdp2", steps=40, options={**MUON, "weight_decay": 1e-3}, nan_loss_at=30), 21),
     # saved with one micro-batch of three collected, under grad_sync: each rank held its own sums
     (Scenario("fsdp2-dcp-mid-collection", "fsdp2", steps=40, batch_multiplier=3, nan_loss_at=30), 22),
     (Scenario("fsdp2-root-dcp-mid-collection", "fsdp2-root", steps=40, batch_multiplier=3, use_grad_sync=False, nan_loss_at=31), 22),
@@ -193,7 +202,7 @@ def test_nan_loss_on_one_rank_retraces_every_rank(two):
 
 
 def test_step_issues_at_most_one_collective_and_none_while_collecting(two):
-    for name in ("ddp", "ddp-collect-no-helper", "ddp-adam"):
+    for name in ("ddp", "ddp-collect-no-helper", "ddp-adam", "ddp-muon"):
         counts = two[0][name]["counts"]
         assert counts and all(total == (0 if collecting else 1) for collecting, total in counts)
         assert any(collecting for collecting, _ in counts) == (name != "ddp")

@@ -1,4 +1,4 @@
-"""``preconditioner="adam"``: the optimised step against its plain reference, and its state."""
+"""``preconditioner="adam"`` and ``"muon"``: the optimised step against its plain reference, and its state."""
 
 from __future__ import annotations
 
@@ -57,14 +57,18 @@ def _elra_step(opt):
     return step
 
 
-@pytest.mark.parametrize("multiplier, decay, target", [(1, 0.0, 0.0), (2, 1e-2, -0.3)])
-def test_stochastic_steps_match_the_plain_reference(multiplier, decay, target):
+@pytest.mark.parametrize(
+    "preconditioner, multiplier, decay, target", [("adam", 1, 0.0, 0.0), ("adam", 2, 1e-2, -0.3), ("muon", 2, 1e-2, 0.0)]
+)
+def test_stochastic_steps_match_the_plain_reference(preconditioner, multiplier, decay, target):
     net, twin = _net(), _net()
     opt = ElraOptimizer(
         net.parameters(), None, 8, 3, lr=1e-4, weight_decay=decay, batch_multiplier=multiplier,
-        preconditioner="adam", line_target=target,
+        preconditioner=preconditioner, line_target=target,
     )
-    reference = ReferenceLine(twin.parameters(), 1e-4, 3, decay=decay, multiplier=multiplier, target=target)
+    reference = ReferenceLine(
+        twin.parameters(), 1e-4, 3, decay=decay, multiplier=multiplier, target=target, muon=preconditioner == "muon"
+    )
     _train(net, _elra_step(opt), 120)
     _train(twin, reference.step, 120)
     assert opt.stats["retraces"] == reference.retraces >= 3
@@ -96,15 +100,20 @@ def test_noise_free_problem_matches_the_reference_and_converges():
     assert _rosenbrock(point).item() < 1e-6  # Adam(1e-3) stays above 4 here
 
 
-def test_state_is_two_moments_per_parameter_and_resumes_exactly():
+@pytest.mark.parametrize("preconditioner", ["adam", "muon"])
+def test_state_is_two_tensors_per_parameter_and_resumes_exactly(preconditioner):
     net, resumed_net = _net(), _net()
-    make = lambda params: ElraOptimizer(params, None, 8, 3, lr=1e-4, weight_decay=1e-2, batch_multiplier=2, preconditioner="adam")
+    make = lambda params: ElraOptimizer(
+        params, None, 8, 3, lr=1e-4, weight_decay=1e-2, batch_multiplier=2, preconditioner=preconditioner
+    )
     opt = make(net.parameters())
     _train(net, _elra_step(opt), 45)
     buffer = io.BytesIO()
     torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, buffer)
     sd = opt.state_dict()
-    assert all(set(s) - {"pending_grad"} == {"exp_avg", "exp_avg_sq"} for s in sd["state"].values())
+    matrix_state = {"exp_avg", "direction"} if preconditioner == "muon" else {"exp_avg", "exp_avg_sq"}
+    for p, state in zip(net.parameters(), sd["state"].values()):
+        assert set(state) - {"pending_grad"} == (matrix_state if p.ndim == 2 else {"exp_avg", "exp_avg_sq"})
     _train(net, _elra_step(opt), 120, start=45)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
@@ -121,3 +130,30 @@ def test_unknown_preconditioner_is_refused():
         ElraOptimizer(torch.nn.Linear(2, 1).parameters(), preconditioner="shampoo")
     with pytest.raises(ValueError, match="line_target"):
         ElraOptimizer(torch.nn.Linear(2, 1).parameters(), preconditioner="adam", line_target=1.5)
+
+
+def test_orthogonalized_momentum_keeps_the_singular_vectors_and_flattens_the_spectrum():
+    from elra.orthogonal import orthogonalize
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((6, 20), (20, 6)):
+        matrix = torch.randn(*shape, generator=gen, dtype=torch.float64) @ torch.diag(torch.logspace(-1, 1, shape[1], dtype=torch.float64))
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        result = orthogonalize(matrix)
+        singular = torch.linalg.svdvals(result)
+        assert singular.min() > 0.5 and singular.max() < 1.3  # about 1, where the input's spanned 100x
+        cosine = (result * (u @ vh)).sum() / (result.norm() * (u @ vh).norm())
+        assert cosine > 0.95
+
+
+def test_muon_refuses_flattened_parameters_and_checkpoints_of_adam():
+    flat = torch.nn.Parameter(torch.zeros(6))
+    flat._fsdp_flattened = True  # what FSDP1 marks its parameters with
+    with pytest.raises(ValueError, match="FSDP1"):
+        ElraOptimizer([flat], preconditioner="muon")
+    net = _net()
+    adam = ElraOptimizer(net.parameters(), None, 8, 3, preconditioner="adam")
+    with pytest.raises(ValueError, match="lacks the 'direction' state"):
+        ElraOptimizer(net.parameters(), None, 8, 3, preconditioner="muon").load_state_dict(
+            {**adam.state_dict(), "elra_config": {**adam.state_dict()["elra_config"], "preconditioner": "muon"}}
+        )
