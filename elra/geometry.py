@@ -26,7 +26,7 @@ import torch
 from .line_control import LineSums
 from .reduce import ScalarBatch, dots, flat, local, squares
 
-PRECONDITIONERS = (None, "adam")
+PRECONDITIONERS = (None, "adam", "factored")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 # slots of the step's scalar vector
 NEXT_DIR, MOM_DIR, DIR_SQ, PARAM_SQ, PRESENT = range(5)
@@ -61,10 +61,23 @@ class AdamDirection:
     def new_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
         return {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in MOMENT_KEYS}
 
+    def state_shapes(self, p: torch.Tensor) -> dict[str, torch.Size]:
+        """The state keys of parameter ``p`` and their (global) shapes: what a checkpoint must hold."""
+        return {key: p.shape for key in MOMENT_KEYS}
+
+    @staticmethod
+    def moments(state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """The local first and second moment in one parameter's state."""
+        return local(state["exp_avg"]), local(state["exp_avg_sq"])
+
+    def vector_length(self, params: list[torch.Tensor]) -> int:
+        """Numbers this direction adds to a step's all-reduce after the scalars (vector blocks): none."""
+        return 0
+
     def gather(self, group: dict[str, Any], state, moved: set, with_gradient: bool, replicas) -> GroupTensors:
         tensors = GroupTensors()
         for p in group["params"]:
-            m, v = (local(state[p][key]) for key in MOMENT_KEYS)
+            m, v = self.moments(state[p])
             grad = p.grad if with_gradient else None
             if grad is not None:
                 if grad.is_sparse:
@@ -136,4 +149,8 @@ def make_direction(preconditioner: str | None, momentum: float | None) -> AdamDi
         raise ValueError(f"Invalid preconditioner: {preconditioner!r} (expected one of {PRECONDITIONERS})")
     if preconditioner is None:
         return None
+    if preconditioner == "factored":
+        from .factored import FactoredDirection
+
+        return FactoredDirection(beta1=0.9 if momentum is None else float(momentum))
     return AdamDirection(beta1=0.9 if momentum is None else float(momentum))

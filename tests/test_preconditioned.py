@@ -1,4 +1,4 @@
-"""``preconditioner="adam"``: the optimised step against its plain reference, and its state."""
+"""``preconditioner="adam"`` and ``"factored"``: the optimised step against its plain reference, and its state."""
 
 from __future__ import annotations
 
@@ -57,14 +57,16 @@ def _elra_step(opt):
     return step
 
 
+@pytest.mark.parametrize("preconditioner", ["adam", "factored"])
 @pytest.mark.parametrize("multiplier, decay, target", [(1, 0.0, 0.0), (2, 1e-2, -0.3)])
-def test_stochastic_steps_match_the_plain_reference(multiplier, decay, target):
+def test_stochastic_steps_match_the_plain_reference(multiplier, decay, target, preconditioner):
     net, twin = _net(), _net()
     opt = ElraOptimizer(
         net.parameters(), None, 8, 3, lr=1e-4, weight_decay=decay, batch_multiplier=multiplier,
-        preconditioner="adam", line_target=target,
+        preconditioner=preconditioner, line_target=target,
     )
-    reference = ReferenceLine(twin.parameters(), 1e-4, 3, decay=decay, multiplier=multiplier, target=target)
+    factored = preconditioner == "factored"
+    reference = ReferenceLine(twin.parameters(), 1e-4, 3, decay=decay, multiplier=multiplier, target=target, factored=factored)
     _train(net, _elra_step(opt), 120)
     _train(twin, reference.step, 120)
     assert opt.stats["retraces"] == reference.retraces >= 3
@@ -96,15 +98,22 @@ def test_noise_free_problem_matches_the_reference_and_converges():
     assert _rosenbrock(point).item() < 1e-6  # Adam(1e-3) stays above 4 here
 
 
-def test_state_is_two_moments_per_parameter_and_resumes_exactly():
+FULL, FACTORED = {"exp_avg", "exp_avg_sq"}, {"exp_avg", "exp_avg_sq_row", "exp_avg_sq_col"}
+
+
+@pytest.mark.parametrize("preconditioner, matrix_keys", [("adam", FULL), ("factored", FACTORED)])
+def test_state_is_the_moments_of_each_parameter_and_resumes_exactly(preconditioner, matrix_keys):
     net, resumed_net = _net(), _net()
-    make = lambda params: ElraOptimizer(params, None, 8, 3, lr=1e-4, weight_decay=1e-2, batch_multiplier=2, preconditioner="adam")
+    make = lambda params: ElraOptimizer(
+        params, None, 8, 3, lr=1e-4, weight_decay=1e-2, batch_multiplier=2, preconditioner=preconditioner
+    )
     opt = make(net.parameters())
     _train(net, _elra_step(opt), 45)
     buffer = io.BytesIO()
     torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, buffer)
     sd = opt.state_dict()
-    assert all(set(s) - {"pending_grad"} == {"exp_avg", "exp_avg_sq"} for s in sd["state"].values())
+    keys = [set(s) - {"pending_grad"} for s in sd["state"].values()]
+    assert keys == [matrix_keys if p.dim() == 2 else FULL for p in net.parameters()]
     _train(net, _elra_step(opt), 120, start=45)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
