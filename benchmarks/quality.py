@@ -274,6 +274,9 @@ def optimizers(published) -> dict[str, Callable]:
     return {
         "ELRA": lambda params, task: ElraOptimizer(params, None, task.batch_size),
         "ELRA adam": lambda params, task: ElraOptimizer(params, None, task.batch_size, task.classes, preconditioner="adam"),
+        "ELRA factored": lambda params, task: ElraOptimizer(
+            params, None, task.batch_size, task.classes, preconditioner="factored"
+        ),
         "ELRA adam -0.15": lambda params, task: ElraOptimizer(
             params, None, task.batch_size, task.classes, preconditioner="adam", line_target=-0.15
         ),
