@@ -101,14 +101,21 @@ def _matrix(p: torch.Tensor) -> tuple[int, int] | None:
     if rows + cols >= rows * cols:
         return None
     placements = getattr(p, "placements", ())
-    from_dim0 = all(pl.is_replicate() or (type(pl).__name__ == "Shard" and pl.dim == 0) for pl in placements)
-    if not from_dim0 or (placements and tuple(local(p).shape[1:]) != tuple(p.shape[1:])):
+    if placements and not _rows_sharded(p, placements):
         raise ValueError(
             f'preconditioner="factored" needs matrix parameters sharded along dim 0 only (FSDP2\'s default), '
             f"got a parameter of shape {tuple(p.shape)} with placements {placements}: "
             'shard along dim 0, or use preconditioner="adam"'
         )
     return rows, cols
+
+
+def _rows_sharded(p: torch.Tensor, placements) -> bool:
+    """Whether a DTensor is replicated or sharded along dim 0 only (whole rows on each rank)."""
+    from torch.distributed.tensor import Shard
+
+    along_rows = all(pl.is_replicate() or (type(pl) is Shard and pl.dim == 0) for pl in placements)
+    return along_rows and tuple(local(p).shape[1:]) == tuple(p.shape[1:])
 
 
 def _row_state(p: torch.Tensor, rows: int) -> torch.Tensor:
