@@ -275,6 +275,9 @@ def optimizers(published) -> dict[str, Callable]:
         "ELRA": lambda params, task: ElraOptimizer(params, None, task.batch_size),
         "ELRA adam": lambda params, task: ElraOptimizer(params, None, task.batch_size, task.classes, preconditioner="adam"),
         "ELRA muon": lambda params, task: ElraOptimizer(params, None, task.batch_size, task.classes, preconditioner="muon"),
+        "ELRA factored": lambda params, task: ElraOptimizer(
+            params, None, task.batch_size, task.classes, preconditioner="factored"
+        ),
         "ELRA adam -0.3": lambda params, task: ElraOptimizer(
             params, None, task.batch_size, task.classes, preconditioner="adam", line_target=-0.3
         ),

@@ -127,6 +127,7 @@ def candidates(args) -> list[tuple[str, object, bool]]:
         ("ELRA wd", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, weight_decay=0.9999), True),
         ("ELRA momentum", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, momentum=0.9), True),
         ("ELRA adam", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, preconditioner="adam"), True),
+        ("ELRA factored", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, preconditioner="factored"), True),
     ]
     if not args.no_published and args.device == "cpu":
         rows.append(("elra 0.0.5", published_factory(args.cache), True))

@@ -26,7 +26,7 @@ import torch
 from .line_control import LineSums
 from .reduce import ScalarBatch, dots, flat, local, squares
 
-PRECONDITIONERS = (None, "adam", "muon")
+PRECONDITIONERS = (None, "adam", "factored", "muon")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 # slots of the step's scalar vector
 NEXT_DIR, MOM_DIR, DIR_SQ, PARAM_SQ, PRESENT = range(5)
@@ -58,17 +58,26 @@ class AdamDirection:
     def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
 
-    def state_keys(self, p: torch.Tensor) -> tuple[str, ...]:
-        """The names of ``p``'s direction state (two tensors shaped like ``p``)."""
-        return MOMENT_KEYS
-
     def new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in self.state_keys(p)}
+        return {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in self.state_shapes(p)}
+
+    def state_shapes(self, p: torch.Tensor) -> dict[str, torch.Size]:
+        """The state keys of parameter ``p`` and their (global) shapes: what a checkpoint must hold."""
+        return {key: p.shape for key in MOMENT_KEYS}
+
+    @staticmethod
+    def moments(state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """The local first and second moment in one parameter's state."""
+        return local(state["exp_avg"]), local(state["exp_avg_sq"])
+
+    def vector_length(self, params: list[torch.Tensor]) -> int:
+        """Numbers this direction adds to a step's all-reduce after the scalars (vector blocks): none."""
+        return 0
 
     def gather(self, group: dict[str, Any], state, moved: set, with_gradient: bool, replicas) -> GroupTensors:
         tensors = GroupTensors()
         for p in group["params"]:
-            m, v = (local(state[p][key]) for key in self.state_keys(p))
+            m, v = self.moments(state[p])
             grad = p.grad if with_gradient else None
             if grad is not None:
                 if grad.is_sparse:
@@ -175,6 +184,10 @@ def make_direction(preconditioner: str | None, momentum: float | None) -> AdamDi
     if preconditioner is None:
         return None
     beta1 = 0.9 if momentum is None else float(momentum)
+    if preconditioner == "factored":
+        from .factored import FactoredDirection
+
+        return FactoredDirection(beta1=beta1)
     if preconditioner == "muon":
         from .orthogonal import OrthogonalDirection
 

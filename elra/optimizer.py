@@ -191,9 +191,12 @@ class ElraOptimizer(Optimizer):
             units of the observed mini-batch loss noise, and keeps the loss
             statistics robust to an outlier; ``"published"`` is the published
             package's rule (``1.1 * max(first loss, log(classes))``).
-        preconditioner: ``None`` (P2M as published) or ``"adam"``: ELRA's
+        preconditioner: ``None`` (P2M as published), ``"adam"``: ELRA's
             step-length control over Adam's direction ``m_hat/(sqrt(v_hat)+eps)``
-            (``momentum`` is its beta1, default 0.9; see :mod:`elra.geometry`).
+            (``momentum`` is its beta1, default 0.9; see :mod:`elra.geometry`),
+            or ``"factored"``: the same with an Adafactor-style factored second
+            moment for matrices, about half of Adam's state (not under FSDP1;
+            see :mod:`elra.factored`).
         line_target: with a preconditioner, the gradient-pair ratio the step
             length aims at, in (-1, 1): 0 (default) the line minimum along the
             direction, -0.3 a step 1.3x past it (best on transformers, see
@@ -597,9 +600,7 @@ class ElraOptimizer(Optimizer):
             except (KeyError, TypeError, ValueError) as error:
                 raise ValueError(f"the boost state of the state_dict is unusable: {error!r}") from error
         geometry = make_direction(config["preconditioner"], config["momentum"])
-        self._check_saved_state(
-            state_dict, booster.enabled, (lambda p: ("direction",)) if geometry is None else geometry.state_keys
-        )
+        self._check_saved_state(state_dict, booster.enabled, geometry, config["preconditioner"])
         super().load_state_dict(state_dict)
         self._own_loaded_state(state_dict)
         self.param_groups[0].pop(_STATE_KEY, None)
@@ -696,9 +697,12 @@ class ElraOptimizer(Optimizer):
             )
 
     def _check_saved_state(
-        self, state_dict: dict[str, Any], boost_enabled: bool, direction_keys: Callable[[torch.Tensor], tuple[str, ...]]
+        self, state_dict: dict[str, Any], boost_enabled: bool, geometry, preconditioner: str | None
     ) -> None:
-        """Validate the per-parameter state against this optimizer's parameters, changing nothing."""
+        """Validate the per-parameter state against this optimizer's parameters, changing nothing.
+
+        ``geometry`` (the checkpoint's ``preconditioner``, ``None`` for P2M) tells which state each parameter needs.
+        """
         saved_groups, saved_state = state_dict["param_groups"], state_dict.get("state", {})
         sizes = [len(g["params"]) for g in self.param_groups]
         saved_sizes = [len(g.get("params", ())) for g in saved_groups]
@@ -710,13 +714,17 @@ class ElraOptimizer(Optimizer):
         saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
+            shapes = {"direction": p.shape} if geometry is None else geometry.state_shapes(p)
+            needed = [*shapes, "boost"] if boost_enabled else list(shapes)
             entry = saved_state.get(saved_id, {})
-            needed = (*direction_keys(p), "boost") if boost_enabled else direction_keys(p)
             for key in needed if p.numel() else ():  # FSDP1 saves no state for a parameter with no local part
                 if key not in entry:
-                    raise ValueError(f"the state_dict lacks the '{key}' state of parameter {index}")
+                    raise ValueError(
+                        f"the state_dict lacks the '{key}' state of parameter {index} "
+                        f"(its preconditioner={preconditioner!r} needs it)"
+                    )
             for key, value in entry.items():
-                if isinstance(value, torch.Tensor) and value.shape != p.shape:
+                if isinstance(value, torch.Tensor) and value.shape != shapes.get(key, p.shape):
                     raise ValueError(
                         f"state '{key}' of shape {tuple(value.shape)} does not fit parameter {index} of shape "
                         f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
@@ -933,7 +941,9 @@ class ElraOptimizer(Optimizer):
                 _, _, check = _layout(len(self.param_groups), half)
             else:
                 check = SLOTS
-            length, at = check + 2 + self.controller.state.multiplier, check
+            params = [p for group in self.param_groups for p in group["params"]]
+            extra = 0 if self.geometry is None else self.geometry.vector_length(params)  # vector blocks after the losses
+            length, at = check + 2 + self.controller.state.multiplier + extra, check
         else:
             length, at = 3, 1
         numbers = [0.0] * length

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .geometry import MOMENT_KEYS, AdamDirection, GroupTensors
-from .reduce import ScalarBatch
+from .reduce import ScalarBatch, local
 
 MATRIX_KEYS = ("exp_avg", "direction")
 NEWTON_SCHULZ_STEPS = 5
@@ -68,8 +68,13 @@ def _part_like(whole: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
 class _MatrixDirection(AdamDirection):
     """The matrices' part: momentum, and the orthogonalised direction in the state's second tensor."""
 
-    def state_keys(self, p: torch.Tensor) -> tuple[str, ...]:
-        return MATRIX_KEYS
+    def state_shapes(self, p: torch.Tensor) -> dict[str, torch.Size]:
+        return {key: p.shape for key in MATRIX_KEYS}
+
+    @staticmethod
+    def moments(state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The momentum, and the cached direction in place of a second moment."""
+        return local(state["exp_avg"]), local(state["direction"])
 
     def update_moments(self, tensors: GroupTensors, grad_scale: float) -> None:
         self.update_momentum(tensors, grad_scale)
@@ -101,13 +106,13 @@ class OrthogonalDirection(AdamDirection):
         super().__init__(beta1, beta2, eps)
         self.matrices = _MatrixDirection(beta1, beta2, eps)
 
-    def state_keys(self, p: torch.Tensor) -> tuple[str, ...]:
+    def state_shapes(self, p: torch.Tensor) -> dict[str, torch.Size]:
         if getattr(p, "_fsdp_flattened", False):
             raise ValueError(
                 'preconditioner="muon" needs each matrix whole, but FSDP1 (FullyShardedDataParallel) flattens '
                 'parameters: use FSDP2 (fully_shard), DDP, or preconditioner="adam"'
             )
-        return MATRIX_KEYS if is_matrix(p) else MOMENT_KEYS
+        return {key: p.shape for key in (MATRIX_KEYS if is_matrix(p) else MOMENT_KEYS)}
 
     def gather(self, group: dict[str, Any], state, moved: set, with_gradient: bool, replicas) -> SplitTensors:
         params = group["params"]

@@ -7,6 +7,10 @@ FSDP1 flat shards, DDP replicas), weights each tensor by 1/(number of ranks
 holding an identical copy), and ONE ``all_reduce(SUM)`` of a small float64
 vector over the data-parallel group makes the global values. A single process
 issues no collective. The vector then reaches the host with one transfer.
+
+A step may also need a few per-element sums over ranks (the column sums of a
+factored second moment, :mod:`elra.factored`): they ride in the same vector as
+weighted vector blocks (:meth:`ScalarBatch.add_vector`) and stay on the device.
 """
 
 from __future__ import annotations
@@ -162,8 +166,18 @@ class Reducer:
         return vector
 
 
+class VectorBlock:
+    """A vector summed over ranks with a step's scalars; ``value`` holds the sum after :meth:`ScalarBatch.read`."""
+
+    __slots__ = ("terms", "weight", "value")
+
+    def __init__(self, terms: torch.Tensor, weight: float) -> None:
+        self.terms, self.weight = terms, weight
+        self.value: torch.Tensor | None = None
+
+
 class ScalarBatch:
-    """Collects weighted scalar terms into numbered slots, then sums them globally once."""
+    """Collects weighted scalar terms into numbered slots (and vector blocks), then sums them globally once."""
 
     def __init__(self, slots: int, device: torch.device, reducer: Reducer) -> None:
         self.slots = slots
@@ -172,6 +186,7 @@ class ScalarBatch:
         self.reducer = reducer
         self._blocks: list[tuple[int, list[torch.Tensor], Sequence[float]]] = []
         self._constants = [0.0] * slots
+        self._vectors: list[VectorBlock] = []
 
     def add(self, slot: int, terms: list[torch.Tensor], weights: Sequence[float]) -> None:
         """Per-tensor 0-dim terms whose weighted sum goes into ``slot``."""
@@ -181,6 +196,17 @@ class ScalarBatch:
     def add_constant(self, slot: int, value: float) -> None:
         """A host-side number (already this rank's share) to be summed over ranks."""
         self._constants[slot] += value
+
+    def add_vector(self, terms: torch.Tensor, weight: float) -> VectorBlock:
+        """A 1-D tensor of this rank's terms, weighted like :meth:`add`, summed over ranks elementwise.
+
+        It travels after the scalars and losses in the same collective; after
+        :meth:`read` the block's ``value`` is the global sum (on the device, in
+        the accumulation dtype: no host transfer).
+        """
+        block = VectorBlock(terms.reshape(-1), weight)
+        self._vectors.append(block)
+        return block
 
     def read(
         self, losses: Sequence[float | torch.Tensor], loss_slots: int | None = None
@@ -197,7 +223,13 @@ class ScalarBatch:
             vector.index_add_(0, index, sums)
         loss_vector = _loss_vector(losses, self.dtype, self.device) / self.reducer.world_size
         padding = torch.zeros(max(0, (loss_slots or 0) - len(losses)), dtype=self.dtype, device=self.device)
-        values = self.reducer.sum(torch.cat([vector, loss_vector, padding])).tolist()
+        head = [vector, loss_vector, padding]
+        blocks = [b.terms.to(self.dtype) * b.weight for b in self._vectors]
+        reduced = self.reducer.sum(torch.cat(head + blocks))
+        end = start = sum(t.numel() for t in head)
+        for block, terms in zip(self._vectors, blocks):
+            block.value, end = reduced[end : end + terms.numel()], end + terms.numel()
+        values = reduced[:start].tolist()  # the vector blocks stay on the device
         return values[: self.slots], values[self.slots : self.slots + len(losses)]
 
 

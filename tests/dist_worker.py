@@ -263,18 +263,14 @@ def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[S
         results = {}
         for scenario in scenarios:
             model = wrap(make_net(), scenario.strategy, world)
-            try:
-                optimizer = make_optimizer(model, scenario, odd_rank=rank == world - 1)
-            except ValueError as error:  # a refused configuration
-                results[scenario.name] = {"error": str(error)}
-                continue
             reductions = [] if scenario.count_reductions else None
             if reductions is not None and scenario.strategy == "ddp":
                 count_ddp_buckets(model)
             try:
+                optimizer = make_optimizer(model, scenario, odd_rank=rank == world - 1)
                 counts = train(scenario, model, optimizer, rank, world, world, reductions=reductions)
                 outputs = probe_outputs(model, optimizer, bool(scenario.boost_cycle))
-            except RuntimeError as error:
+            except (RuntimeError, ValueError) as error:
                 results[scenario.name] = {"error": str(error)}
                 continue
             result = {"stats": optimizer.stats, "counts": counts, "params": full_parameters(model, scenario.strategy)}

@@ -1,5 +1,8 @@
 """A plain, slow twin of ``ElraOptimizer(preconditioner="adam" | "muon")``: one tensor at a time, no foreach.
 
+``factored=True`` is the twin of ``preconditioner="factored"``: the second
+moment of a matrix is :class:`FactoredSecondMoment` (see :mod:`elra.factored`).
+
 It restates the rule of :mod:`elra.line_control` and :mod:`elra.geometry`
 from their docstrings in the most direct form, so that the optimised
 implementation can be checked against it number for number.
@@ -24,16 +27,55 @@ def orthogonalize(g: torch.Tensor) -> torch.Tensor:
     return x.T if tall else x
 
 
+class FactoredSecondMoment:
+    """Adafactor's v of one matrix as EMAs of its row and column sums of g^2, with a tensor's interface.
+
+    ``v[i, j] = R[i] * C[j] / sum(C)`` for the parameter seen as ``shape[0]`` rows.
+    """
+
+    def __init__(self, p):
+        self.shape = p.shape
+        self.rows = torch.zeros(p.shape[0], dtype=p.dtype)
+        self.cols = torch.zeros(p.numel() // p.shape[0], dtype=p.dtype)
+
+    def mul_(self, factor):
+        self.rows.mul_(factor)
+        self.cols.mul_(factor)
+        return self
+
+    def addcmul_(self, g, h, value):
+        square = (g * h).reshape(self.rows.numel(), self.cols.numel())
+        self.rows.add_(square.sum(1), alpha=value)
+        self.cols.add_(square.sum(0), alpha=value)
+        return self
+
+    def dense(self):
+        total = self.cols.sum()
+        v = torch.zeros(self.rows.numel(), self.cols.numel(), dtype=self.rows.dtype)
+        if total > 0:
+            v = self.rows[:, None] * self.cols[None, :] / total
+        return v.reshape(self.shape)
+
+    def sqrt(self):
+        return self.dense().sqrt()
+
+
+def _factors(p) -> bool:
+    """Whether ``preconditioner="factored"`` factors ``p``: a matrix where rows + cols < its size."""
+    return p.dim() >= 2 and p.shape[0] + p.numel() // p.shape[0] < p.numel()
+
+
 class ReferenceLine:
     def __init__(
-        self, params, lr, classes, decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, multiplier=1, target=0.0, muon=False
+        self, params, lr, classes, decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, multiplier=1, target=0.0,
+        factored=False, muon=False,
     ):
         self.target, self.muon = target, muon
         self.params = list(params)
         self.eta, self.deterministic, self.decay = lr, classes <= 1, decay
         self.b1, self.b2, self.eps, self.multiplier = beta1, beta2, eps, multiplier
         self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
+        self.v = [FactoredSecondMoment(p) if factored and _factors(p) else torch.zeros_like(p) for p in self.params]
         self.t = 0
         self.moved = [False] * len(self.params)
         self.started = False

@@ -42,13 +42,14 @@ def test_resume_in_fresh_process_is_bit_identical(tmp_path, uninterrupted, mid_c
     assert collecting == mid_collection and saved["step"] >= 700
 
 
-def test_preconditioned_resume_in_fresh_process_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("preconditioner", ["adam", "factored"])
+def test_preconditioned_resume_in_fresh_process_is_bit_identical(tmp_path, preconditioner):
     checkpoint, out = tmp_path / "ckpt.pt", tmp_path / "final.pt"
     steps = 500
-    model, expected = train(steps, preconditioner="adam")
-    train(steps, save_at=250, save=checkpoint, mid_collection=True, preconditioner="adam")
+    model, expected = train(steps, preconditioner=preconditioner)
+    train(steps, save_at=250, save=checkpoint, mid_collection=True, preconditioner=preconditioner)
     command = [sys.executable, str(WORKER), str(out), "--steps", str(steps), "--resume", str(checkpoint)]
-    subprocess.run([*command, "--preconditioner", "adam"], check=True)
+    subprocess.run([*command, "--preconditioner", preconditioner], check=True)
     resumed = torch.load(out, weights_only=True)
     assert all(torch.equal(resumed["model"][k], v) for k, v in model.state_dict().items())
     assert resumed["stats"] == expected.stats and expected.stats["retraces"] > 0

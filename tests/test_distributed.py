@@ -19,6 +19,7 @@ def _random_plan(seed: int, world: int, events: int, steps: int = 40) -> tuple:
 
 ADAM = {"preconditioner": "adam"}
 MUON = {"preconditioner": "muon"}
+FACTORED = {"preconditioner": "factored"}
 TWO_RANKS = [
     Scenario(
         "ddp",
@@ -61,6 +62,27 @@ TWO_RANKS = [
     ),
     Scenario("fsdp2-muon", "fsdp2", batch_multiplier=2, options={**MUON, "weight_decay": 1e-3}, nan_loss_at=9, bad_loss_at=14),
     Scenario("fsdp2-root-muon", "fsdp2-root", options=MUON, bad_loss_at=17, boost_cycle=15),
+    Scenario(
+        "ddp-factored",
+        batch_multiplier=2,
+        options={**FACTORED, "weight_decay": 1e-3, "check_consistency": 1},
+        nan_loss_at=6,
+        bad_loss_at=11,
+        count_collectives=True,
+    ),
+    # column sums of g^2 are partial on each rank: they ride in the step's one all-reduce
+    Scenario(
+        "fsdp2-factored",
+        "fsdp2",
+        batch_multiplier=2,
+        options={**FACTORED, "weight_decay": 1e-3, "check_consistency": 1},
+        nan_loss_at=9,
+        bad_loss_at=14,
+        count_collectives=True,
+    ),
+    Scenario("fsdp2-root-factored-scaler", "fsdp2-root", scaler=True, inf_grad_at=11, options=FACTORED),
+    Scenario("fsdp1-factored", "fsdp1", options=FACTORED),
+    Scenario("fsdp1-orig-factored", "fsdp1-orig", options=FACTORED),
 ]
 WRAPPINGS = ("ddp", "fsdp2", "fsdp2-root", "fsdp1", "fsdp1-orig")
 # A skipped backward (step_retrace) and boosted() evaluations change the shards outside backward -> step
@@ -72,12 +94,17 @@ REFUSED = {
     "fsdp2-root-without-model": "give the optimizer the wrapped model",
     "fsdp1-without-model": "give the optimizer the wrapped model",
     "fsdp1-muon": 'preconditioner="muon" needs each matrix whole',
+    "fsdp1-orig-muon": 'preconditioner="muon" needs each matrix whole',
+    # FSDP1 flattened the matrices: a full v would silently differ from one process's factored v
+    "fsdp1-factored": "cannot factor the flat parameters of FSDP1",
+    "fsdp1-orig-factored": "cannot factor the flat parameters of FSDP1",
 }
 TWO_RANKS += IN_PLACE + COUNTED + [
     Scenario("ddp-grad-sync-around-backward-only", batch_multiplier=4, sync_backward_only=True),
     Scenario("fsdp2-root-without-model", "fsdp2-root", bad_loss_at=17, use_grad_sync=False, pass_model=False),
     Scenario("fsdp1-without-model", "fsdp1", boost_cycle=100, use_grad_sync=False, pass_model=False),
     Scenario("fsdp1-muon", "fsdp1", options=MUON),
+    Scenario("fsdp1-orig-muon", "fsdp1-orig", options=MUON),
 ]
 THREE_RANKS = [
     Scenario("ddp-collect-grad-sync", batch_multiplier=2, nan_loss_at=7),
@@ -87,17 +114,22 @@ THREE_RANKS = [
     Scenario("ddp-random-faults", nan_plan=_random_plan(5, 3, 5), inf_plan=_random_plan(6, 3, 5)),
     Scenario("fsdp1-adam", "fsdp1", options=ADAM, nan_loss_at=4),
     Scenario("fsdp2-muon", "fsdp2", batch_multiplier=2, options=MUON, nan_loss_at=7),
+    Scenario("fsdp2-factored", "fsdp2", batch_multiplier=2, options=FACTORED, nan_loss_at=9),  # rows 3+2+2, 1+1+1
 ]
 FOUR_RANKS = [
     Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5),
-    Scenario("hsdp-2x2-adam", "hsdp", batch_multiplier=2, options=ADAM, nan_loss_at=5),
     Scenario("hsdp-2x2-muon", "hsdp", batch_multiplier=2, options=MUON, nan_loss_at=5),
     Scenario("hsdp-root-retrace-and-boost", "hsdp-root", bad_loss_at=17, boost_cycle=100),
+    Scenario("hsdp-2x2-adam", "hsdp", batch_multiplier=2, options=ADAM, nan_loss_at=5),
+    # replicated across one mesh dimension, sharded across the other: column sums weighted 1/2
+    Scenario("hsdp-2x2-factored", "hsdp", batch_multiplier=2, options={**FACTORED, "weight_decay": 1e-3}, nan_loss_at=5),
 ]
 CHECKPOINTED = [
     (Scenario("fsdp2-dcp", "fsdp2", steps=40, options={"momentum": 0.5, "weight_decay": 1e-3}, nan_loss_at=30), 21),
     (Scenario("fsdp2-dcp-adam", "fsdp2", steps=40, options={**ADAM, "weight_decay": 1e-3}, nan_loss_at=30), 21),
     (Scenario("fsdp2-dcp-muon", "fsdp2", steps=40, options={**MUON, "weight_decay": 1e-3}, nan_loss_at=30), 21),
+    # the row factor is a DTensor sharded like the rows (resharded on 3 ranks), the column factor a plain tensor
+    (Scenario("fsdp2-dcp-factored", "fsdp2", steps=40, options={**FACTORED, "weight_decay": 1e-3}, nan_loss_at=30), 21),
     # saved with one micro-batch of three collected, under grad_sync: each rank held its own sums
     (Scenario("fsdp2-dcp-mid-collection", "fsdp2", steps=40, batch_multiplier=3, nan_loss_at=30), 22),
     (Scenario("fsdp2-root-dcp-mid-collection", "fsdp2-root", steps=40, batch_multiplier=3, use_grad_sync=False, nan_loss_at=31), 22),
@@ -202,7 +234,7 @@ def test_nan_loss_on_one_rank_retraces_every_rank(two):
 
 
 def test_step_issues_at_most_one_collective_and_none_while_collecting(two):
-    for name in ("ddp", "ddp-collect-no-helper", "ddp-adam", "ddp-muon"):
+    for name in ("ddp", "ddp-collect-no-helper", "ddp-adam", "ddp-muon", "ddp-factored", "fsdp2-factored"):
         counts = two[0][name]["counts"]
         assert counts and all(total == (0 if collecting else 1) for collecting, total in counts)
         assert any(collecting for collecting, _ in counts) == (name != "ddp")
@@ -277,7 +309,7 @@ def test_boost_average_matches_single_process_and_swap_is_exact(two, name):
     assert not torch.equal(results[0]["boosted"]["out.weight"], results[0]["params"]["out.weight"])
 
 
-@pytest.mark.parametrize("name", ["fsdp2-scaler", "ddp-scaler", "fsdp2-adam-scaler"])
+@pytest.mark.parametrize("name", ["fsdp2-scaler", "ddp-scaler", "fsdp2-adam-scaler", "fsdp2-root-factored-scaler"])
 def test_scaler_overflow_on_one_rank_skips_the_step_and_backs_off_everywhere(two, name):
     scenario = next(s for s in TWO_RANKS if s.name == name)
     runs = [r[name]["counts"] for r in two] + [two[0][name]["single"]["counts"]]

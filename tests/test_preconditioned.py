@@ -1,4 +1,4 @@
-"""``preconditioner="adam"`` and ``"muon"``: the optimised step against its plain reference, and its state."""
+"""``preconditioner="adam"``, ``"factored"`` and ``"muon"``: the optimised step against its plain reference, and its state."""
 
 from __future__ import annotations
 
@@ -58,7 +58,11 @@ def _elra_step(opt):
 
 
 @pytest.mark.parametrize(
-    "preconditioner, multiplier, decay, target", [("adam", 1, 0.0, 0.0), ("adam", 2, 1e-2, -0.3), ("muon", 2, 1e-2, 0.0)]
+    "preconditioner, multiplier, decay, target",
+    [
+        ("adam", 1, 0.0, 0.0), ("adam", 2, 1e-2, -0.3), ("factored", 1, 0.0, 0.0), ("factored", 2, 1e-2, -0.3),
+        ("muon", 2, 1e-2, 0.0),
+    ],
 )
 def test_stochastic_steps_match_the_plain_reference(preconditioner, multiplier, decay, target):
     net, twin = _net(), _net()
@@ -67,7 +71,8 @@ def test_stochastic_steps_match_the_plain_reference(preconditioner, multiplier, 
         preconditioner=preconditioner, line_target=target,
     )
     reference = ReferenceLine(
-        twin.parameters(), 1e-4, 3, decay=decay, multiplier=multiplier, target=target, muon=preconditioner == "muon"
+        twin.parameters(), 1e-4, 3, decay=decay, multiplier=multiplier, target=target,
+        factored=preconditioner == "factored", muon=preconditioner == "muon",
     )
     _train(net, _elra_step(opt), 120)
     _train(twin, reference.step, 120)
@@ -100,8 +105,11 @@ def test_noise_free_problem_matches_the_reference_and_converges():
     assert _rosenbrock(point).item() < 1e-6  # Adam(1e-3) stays above 4 here
 
 
-@pytest.mark.parametrize("preconditioner", ["adam", "muon"])
-def test_state_is_two_tensors_per_parameter_and_resumes_exactly(preconditioner):
+FULL, FACTORED = {"exp_avg", "exp_avg_sq"}, {"exp_avg", "exp_avg_sq_row", "exp_avg_sq_col"}
+
+
+@pytest.mark.parametrize("preconditioner, matrix_keys", [("adam", FULL), ("factored", FACTORED), ("muon", {"exp_avg", "direction"})])
+def test_state_is_the_moments_of_each_parameter_and_resumes_exactly(preconditioner, matrix_keys):
     net, resumed_net = _net(), _net()
     make = lambda params: ElraOptimizer(
         params, None, 8, 3, lr=1e-4, weight_decay=1e-2, batch_multiplier=2, preconditioner=preconditioner
@@ -111,9 +119,8 @@ def test_state_is_two_tensors_per_parameter_and_resumes_exactly(preconditioner):
     buffer = io.BytesIO()
     torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, buffer)
     sd = opt.state_dict()
-    matrix_state = {"exp_avg", "direction"} if preconditioner == "muon" else {"exp_avg", "exp_avg_sq"}
-    for p, state in zip(net.parameters(), sd["state"].values()):
-        assert set(state) - {"pending_grad"} == (matrix_state if p.ndim == 2 else {"exp_avg", "exp_avg_sq"})
+    keys = [set(s) - {"pending_grad"} for s in sd["state"].values()]
+    assert keys == [matrix_keys if p.dim() == 2 else FULL for p in net.parameters()]
     _train(net, _elra_step(opt), 120, start=45)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
