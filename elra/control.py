@@ -48,6 +48,51 @@ NOISE_MEMORY = 20  # the noise estimate averages over about this many micro-batc
 RANGE_LIMIT = 0.5  # a step may bring 16-bit parameters at most to half their dtype's largest value
 
 
+def window_length(multiplier: int, batch_size: int) -> int:
+    """Real steps of a statistics window: about ``STAT_LENGTH`` samples per cycle, whole cycles."""
+    return max(1, int(STAT_LENGTH / (multiplier * batch_size))) * CYCLE
+
+
+def doubled(multiplier: int) -> int:
+    """The next batch multiplier (at least 2, at most ``MAX_MULTIPLIER``)."""
+    return min(max(2 * multiplier, 2), MAX_MULTIPLIER)
+
+
+def check_progress(means: list[float], stalled: int, mean: float) -> tuple[int, float | None, bool]:
+    """The stall rule at the end of a window whose mean loss is ``mean``.
+
+    ``stalled`` counts the windows in a row (this one included) whose mean
+    did not beat the best; ``means[0]`` holds the best, ``means[1:]`` the
+    stalled means. After six stalled windows the batch should grow; at five, a
+    falling trend (the first two or three of the six above the last ones)
+    forgives the stall. Returns the new count, the new best mean (``None``:
+    unchanged) and whether to grow; updates ``means`` in place.
+    """
+    if stalled >= 6:
+        means[0] = mean
+        return 0, mean, True
+    means[stalled] = mean
+    if stalled == 5:
+        first2, last2 = means[0] + means[1], means[4] + means[5]
+        first3, last3 = means[0] + means[1] + means[2], means[3] + means[4] + means[5]
+        if first2 > last2 or first3 > last3:
+            best = min(last2 / 2.0, last3 / 3.0)
+            means[0] = best
+            return 0, best, False
+    return stalled, None, False
+
+
+def validation_lag(train: float | None, valid: float | None, multiplier: int) -> float | None:
+    """The weight-decay factor ``sqrt(2*valid/train - 1)`` (1 if valid <= train), capped at ``3*multiplier**0.666``.
+
+    ``None`` unless both losses are known and positive.
+    """
+    if train is None or valid is None or not (train > 0.0 and valid > 0.0):
+        return None
+    lag = 1.0 if valid <= train else math.sqrt(2.0 * valid / train - 1.0)
+    return min(3.0 * multiplier**0.666, lag)
+
+
 @dataclass
 class StepSums:
     """Global sums of one real step, one entry per parameter group.
@@ -392,8 +437,7 @@ class Controller:
         s.window_steps += 1
         if s.steps % CYCLE:
             return
-        window = max(1, int(STAT_LENGTH / (s.multiplier * self.batch_size))) * CYCLE
-        if s.window_steps >= window:
+        if s.window_steps >= window_length(s.multiplier, self.batch_size):
             self._close_window()
         s.grad_norm_avg = s.dir_norm_sum / CYCLE
         self._update_weight_decay()
@@ -435,31 +479,17 @@ class Controller:
     def _check_progress(self, mean: float) -> None:
         """After six windows without progress (trend check at five), ask for a larger batch."""
         s = self.state
-        stalled = s.stalled_windows
-        if stalled >= 6:
-            s.window_means[0] = s.stat_mean = mean
+        s.stalled_windows, best, grow = check_progress(s.window_means, s.stalled_windows, mean)
+        if best is not None:
+            s.stat_mean = best
+        if grow:
             s.increased = True
             s.increase_phase = 1
-            s.stalled_windows = 0
-            return
-        s.window_means[stalled] = mean
-        if stalled == 5:
-            m = s.window_means
-            first2, last2 = m[0] + m[1], m[4] + m[5]
-            first3, last3 = m[0] + m[1] + m[2], m[3] + m[4] + m[5]
-            if first2 > last2 or first3 > last3:
-                s.stalled_windows = 0
-                s.window_means[0] = s.stat_mean = min(last2 / 2.0, last3 / 3.0)
 
     def _update_weight_decay(self) -> None:
         """More decay when the validation loss lags the training loss (positive losses only)."""
         s = self.state
-        t, v = s.train_loss, s.valid_loss
-        if t is not None and v is not None and t > 0.0 and v > 0.0:
-            lag = 1.0 if v <= t else math.sqrt(2.0 * v / t - 1.0)
-            s.wd_factor = min(3.0 * s.multiplier**0.666, lag)
-        else:
-            s.wd_factor = None
+        s.wd_factor = validation_lag(s.train_loss, s.valid_loss, s.multiplier)
 
     def _update_schedule(self) -> None:
         s = self.state
@@ -618,7 +648,7 @@ class Controller:
         s.retraces += 1
         if not self.deterministic and s.cycle_retraces % RETRACES_PER_DOUBLING == RETRACES_PER_DOUBLING - 1:
             s.stalled_windows = 0
-            self._set_multiplier(min(max(2 * s.multiplier, 2), MAX_MULTIPLIER))
+            self._set_multiplier(doubled(s.multiplier))
         self._growth(retrace=True)
         s.schedule = min(s.schedule + 0.4, SCHEDULE_MAX)
         s.rate_damper = max(1e-3, s.rate_damper * 0.5)
