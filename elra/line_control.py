@@ -28,13 +28,32 @@ parabola through the two losses (after MAX_RETRACES in a row the step is
 accepted with the last accepted length: the momentum points uphill and only
 new gradients turn it); mini-batch problems retrace when the loss is
 not finite or far above the running statistics of accepted losses.
+
+Batch growth and the weight-decay control are P2M's (:mod:`elra.control`),
+on the same clock: every ``CYCLE`` real steps (retraces included) a cycle
+ends, and a window of ``window_length`` real steps (about ``STAT_LENGTH``
+samples per cycle) closes at the first cycle end that completes it. A window
+whose mean accepted loss does not beat the best window mean counts as
+stalled; after six in a row (forgiven at five by a falling trend) the number
+of micro-batches per real step doubles, as it does at every 25th retrace of a
+cycle. Mini-batch problems only: a noise-free loss gains nothing from more
+micro-batches. Unlike P2M the multiplier keeps no separate re-baselining
+phase: a grown batch is judged against the best mean so far, which the
+window that grew it set. The decoupled decay of each group is its configured
+``weight_decay`` times :func:`elra.control.validation_lag` of the last
+training and validation losses the user reported (1 until both are known).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
+
+from .control import CYCLE, RETRACES_PER_DOUBLING, check_progress, doubled, validation_lag, window_length
+
+logger = logging.getLogger("elra")
 
 GAIN = 0.1  # eta changes by at most exp(GAIN) per accepted step
 SMOOTHING = 0.9  # EMA factor of N and D
@@ -44,6 +63,11 @@ LOSS_DEVIATIONS = 5.0  # mini-batch retrace above mean + this many standard devi
 LOSS_WARMUP = 10  # accepted steps before the statistics can reject a step
 ETA_BOUNDS = (1e-12, 1e6)
 MAX_RETRACES = 3  # noise-free: after this many retraces in a row, accept (the moments must turn)
+
+
+_GROWTH_FIELDS = frozenset(
+    {"window_steps", "window_accepted", "window_loss", "best_mean", "stalled_windows", "window_means", "cycle_retraces"}
+)  # added with batch growth: a state saved before lacks them
 
 
 @dataclass
@@ -98,6 +122,14 @@ class LineState:
     last_good_loss: float = 0.0
     train_loss: float | None = None
     valid_loss: float | None = None
+    # batch growth (P2M's windows and cycles): real steps, accepted losses and their sum in the open window
+    window_steps: int = 0
+    window_accepted: int = 0
+    window_loss: float = 0.0
+    best_mean: float | None = None  # the best window mean so far (None before the first window closes)
+    stalled_windows: int = 0
+    window_means: list[float] = field(default_factory=lambda: [0.0] * 6)
+    cycle_retraces: int = 0
 
     # the names the P2M state shows in ``ElraOptimizer.stats``
     @property
@@ -120,12 +152,15 @@ class LineController:
         lr: initial step length along the direction (a probe; Adam's direction
             has entries of size about 1, so this is a per-coordinate step).
         classes: ``<= 1`` selects the noise-free regime.
-        min_multiplier: number of micro-batches per real step.
+        batch_size: samples per micro-batch, sets the statistics window.
+        min_multiplier: initial and smallest number of micro-batches per real step.
         target: the gradient-pair ratio r that eta settles at (0: line minimum).
     """
 
-    def __init__(self, lr: float, classes: int, min_multiplier: int, target: float = 0.0) -> None:
+    def __init__(self, lr: float, classes: int, batch_size: int, min_multiplier: int, target: float = 0.0) -> None:
         self.deterministic = classes <= 1
+        self.batch_size = batch_size
+        self.min_multiplier = min_multiplier
         self.target = target
         self.momentum = None  # the momentum lives in the direction's moments
         self.state = LineState(eta=lr, multiplier=min_multiplier)
@@ -140,7 +175,10 @@ class LineController:
         return "deterministic" if self.deterministic else "stochastic"
 
     def weight_decays(self, decays: Sequence[float]) -> list[float]:
-        return [float(wd) for wd in decays]
+        """The decoupled decay in force for each group: ``weight_decay`` times the validation lag (0 stays 0)."""
+        s = self.state
+        lag = validation_lag(s.train_loss, s.valid_loss, s.multiplier)
+        return [0.0 if wd <= 0.0 else (float(wd) if lag is None else float(wd) * lag) for wd in decays]
 
     def set_train_loss(self, loss: float) -> None:
         self.state.train_loss = float(loss)
@@ -162,9 +200,9 @@ class LineController:
                 s.retraces += 1
                 return LineDecision("skip")
             s.started = True
-            s.steps += 1
+            self._count_step()
             return self._accept(loss, None, decays)
-        s.steps += 1
+        self._count_step()
         if usable and self._acceptable(loss):
             return self._accept(loss, sums, decays)
         return self._retrace(loss, sums if sums is not None and sums.is_finite() else None)
@@ -174,15 +212,56 @@ class LineController:
 
     def load_state_dict(self, state: dict) -> None:
         names = {f.name for f in fields(LineState)}
-        missing, unknown = names - state.keys(), state.keys() - names
+        missing, unknown = names - state.keys() - _GROWTH_FIELDS, state.keys() - names
         if missing or unknown:
             raise ValueError(
                 f"controller state does not match this version of elra: missing {sorted(missing)}, "
                 f"unknown {sorted(unknown)}"
             )
-        self.state = LineState(**{k: state[k] for k in names})
+        loaded = LineState(**{k: state[k] for k in names & state.keys()})  # older states: a fresh window
+        loaded.window_means = [float(v) for v in loaded.window_means]
+        self.state = loaded
 
     # ------------------------------------------------------------- internals
+    def _count_step(self) -> None:
+        """Advance the step counters; at a cycle's end close a complete window and start a new cycle."""
+        s = self.state
+        s.steps += 1
+        s.window_steps += 1
+        if s.steps % CYCLE:
+            return
+        if s.window_steps >= window_length(s.multiplier, self.batch_size):
+            self._close_window()
+        s.cycle_retraces = 0
+
+    def _close_window(self) -> None:
+        """Compare the window's mean accepted loss with the best so far; after a stall, grow the batch."""
+        s = self.state
+        mean = s.window_loss / s.window_accepted if s.window_accepted else math.inf
+        s.window_steps = s.window_accepted = 0
+        s.window_loss = 0.0
+        if s.best_mean is not None and not mean < s.best_mean:  # a tie is no progress
+            s.stalled_windows += 1
+        else:
+            s.stalled_windows = 0
+            s.best_mean = mean
+        s.stalled_windows, best, grow = check_progress(s.window_means, s.stalled_windows, mean)
+        if best is not None:
+            s.best_mean = best
+        if grow:
+            self._grow()
+
+    def _grow(self) -> None:
+        """Double the micro-batches per real step (mini-batch problems only)."""
+        s = self.state
+        if self.deterministic:
+            return
+        value = max(self.min_multiplier, doubled(s.multiplier))
+        if value != s.multiplier:
+            logger.info("ELRA batch multiplier %d -> %d at real step %d", s.multiplier, value, s.steps)
+        s.multiplier = value
+        s.stalled_windows = 0
+
     def _acceptable(self, loss: float) -> bool:
         s = self.state
         if self.deterministic:
@@ -210,17 +289,22 @@ class LineController:
         s.loss_sq = LOSS_SMOOTHING * s.loss_sq + (1.0 - LOSS_SMOOTHING) * loss * loss
         s.loss_weight = LOSS_SMOOTHING * s.loss_weight + (1.0 - LOSS_SMOOTHING)
         s.accepted += 1
+        s.window_accepted += 1
+        s.window_loss += loss
         s.failed = 0
         s.accepted_eta = s.eta
         s.last_good_loss = loss
         s.moment_steps += 1
-        return LineDecision("accept", step=s.eta, decay=tuple(1.0 - s.eta * float(a) for a in decays))
+        return LineDecision("accept", step=s.eta, decay=tuple(1.0 - s.eta * a for a in self.weight_decays(decays)))
 
     def _retrace(self, loss: float, sums: LineSums | None) -> LineDecision:
         """Go back along the old direction: ``x_old - eta_new*u_old``."""
         s = self.state
         s.retraces += 1
         s.failed += 1
+        s.cycle_retraces += 1
+        if s.cycle_retraces % RETRACES_PER_DOUBLING == RETRACES_PER_DOUBLING - 1:
+            self._grow()  # a retrace storm: the mini-batch noise swamps the step
         old = s.eta
         new = 0.5 * old
         if self.deterministic and sums is not None and math.isfinite(loss) and sums.mom_dir > 0.0:

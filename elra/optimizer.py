@@ -142,7 +142,9 @@ def _make_controller(config: dict[str, Any]) -> Controller | LineController:
     if config["preconditioner"] is not None:
         # the regime is not detected along a preconditioned direction yet: classes=None is mini-batch training
         classes = 2 if config["classes"] is None else config["classes"]
-        return LineController(config["lr"], classes, config["batch_multiplier"], config["line_target"])
+        return LineController(
+            config["lr"], classes, config["batch_size"], config["batch_multiplier"], config["line_target"]
+        )
     return Controller(
         lr=config["lr"],
         classes=config["classes"],
