@@ -5,7 +5,11 @@ moment of a matrix is :class:`FactoredSecondMoment` (see :mod:`elra.factored`).
 
 It restates the rule of :mod:`elra.line_control` and :mod:`elra.geometry`
 from their docstrings in the most direct form, so that the optimised
-implementation can be checked against it number for number.
+implementation can be checked against it number for number. Of the batch
+growth it has only the retrace storm (every 25th retrace of a 100-step cycle
+doubles the micro-batches per real step): its runs are far shorter than a
+statistics window. The validation-driven decay is the caller's: ``decay`` is
+the decay in force.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class ReferenceLine:
         self.failed = 0  # retraces in a row
         self.accepted_eta = 0.0
         self.steps = 0
+        self.cycle_retraces = 0
 
     def _u(self, i, t):
         """m_hat / (sqrt(v_hat) + eps) = k * w, in the optimizer's order of operations (rounding).
@@ -131,12 +136,17 @@ class ReferenceLine:
                 self.retraces += 1
                 return
             self.started = True
-            self.steps += 1
+            self._count_step()
             return self._accept(loss, None, sums, n)
-        self.steps += 1
+        self._count_step()
         if not bad and finite and self._acceptable(loss):
             return self._accept(loss, numbers, sums, n)
         self._retrace(loss, numbers if finite else None, old)
+
+    def _count_step(self):
+        self.steps += 1
+        if self.steps % 100 == 0:
+            self.cycle_retraces = 0
 
     def _acceptable(self, loss):
         if self.deterministic:
@@ -178,6 +188,9 @@ class ReferenceLine:
     def _retrace(self, loss, numbers, old_u):
         self.retraces += 1
         self.failed += 1
+        self.cycle_retraces += 1
+        if self.cycle_retraces % 26 == 25 and not self.deterministic:
+            self.multiplier = min(2 * self.multiplier, 6250)
         old = self.eta
         new = old / 2
         if self.deterministic and numbers is not None and math.isfinite(loss) and numbers[1] > 0:

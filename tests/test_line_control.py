@@ -1,0 +1,131 @@
+"""``LineController``'s batch growth and validation-driven weight decay, fed plain numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from elra.control import MAX_MULTIPLIER
+from elra.line_control import LineController, LineSums
+
+SUMS = LineSums(next_dir=0.0, mom_dir=1.0, dir_sq=1.0, param_sq=1.0)  # a step at the line minimum
+
+
+def _controller(classes: int = 10, batch_size: int = 768, multiplier: int = 1) -> LineController:
+    """With ``batch_size * multiplier >= STAT_LENGTH`` a statistics window is one 100-step cycle."""
+    return LineController(1e-3, classes, batch_size, multiplier)
+
+
+def _feed(controller: LineController, losses) -> list[int]:
+    """Real steps of one micro-batch loss each (nan: no gradient); the multiplier after each."""
+    trace = []
+    for loss in losses:
+        n = controller.state.multiplier
+        usable = math.isfinite(loss)
+        controller.real_step([loss] * n, SUMS if usable else None, [0.0])
+        trace.append(controller.state.multiplier)
+    return trace
+
+
+def _flat(steps: int) -> list[float]:
+    return [1.0 - 0.01 * (-1) ** k for k in range(steps)]  # mini-batch noise around a constant
+
+
+def _windows(means: list[float]) -> list[float]:
+    """Noisy losses whose windows (of one cycle) have these means.
+
+    A cycle's last step opens the next window, so the first window holds 99 losses.
+    """
+    return [m - 0.01 * (-1) ** k for i, m in enumerate(means) for k in range(99 if i == 0 else 100)]
+
+
+def test_a_stalled_loss_doubles_the_micro_batches_after_six_windows_and_an_improving_one_does_not():
+    stalled = _controller()
+    trace = _feed(stalled, _flat(1500))
+    # window 1 (steps 1-99, closed at step 100) sets the best; the next six only tie it
+    assert trace[698] == 1 and trace[699] == 2  # step 700 closes the sixth stalled window
+    assert trace[1298] == 2 and trace[1299] == 4 and set(trace) == {1, 2, 4}  # again, windows of 100 steps at m=2
+    improving = _controller()
+    assert set(_feed(improving, [1.0 / (1.0 + 0.01 * k) for k in range(1500)])) == {1}
+
+
+def test_the_window_scales_with_the_samples_of_a_real_step():
+    # 8 samples a micro-batch: 96 cycles a window, so 1500 stalled steps close no window
+    assert set(_feed(_controller(batch_size=8), _flat(1500))) == {1}
+    # 384 samples: windows of 2 cycles; the sixth stalled window closes at step 1400
+    trace = _feed(_controller(batch_size=384), _flat(1500))
+    assert trace[1398] == 1 and trace[1399] == 2
+
+
+def test_a_falling_trend_forgives_a_stall():
+    # five windows above the best, but falling: the best moves up to them, and the next beats it
+    falling = _controller()
+    assert set(_feed(falling, _windows([1.0, 1.02, 1.015, 1.01, 1.005, 1.003, 1.001, 1.001]))) == {1}
+    assert falling.state.retraces == 0 and falling.state.stalled_windows == 0
+    flat = _controller()  # the same first stall without the fall grows when the sixth window closes
+    trace = _feed(flat, _windows([1.0] + [1.02] * 7))
+    assert flat.state.retraces == 0 and trace[698] == 1 and trace[699] == 2
+
+
+def test_the_noise_free_regime_never_grows():
+    deterministic = _controller(classes=0)
+    assert set(_feed(deterministic, _flat(1500) + [math.nan] * 60)) == {1}
+    assert deterministic.state.retraces >= 60
+
+
+@pytest.mark.parametrize("start, grown", [(1, 2), (3, 6), (4000, MAX_MULTIPLIER), (MAX_MULTIPLIER, MAX_MULTIPLIER)])
+def test_the_25th_retrace_of_a_cycle_doubles_the_micro_batches(start, grown):
+    controller = _controller(batch_size=8, multiplier=start)
+    trace = _feed(controller, [1.0] * 20 + [math.nan] * 24)
+    assert set(trace) == {start}  # 24 retraces in the cycle
+    trace = _feed(controller, [math.nan])
+    assert trace == [grown]
+    # a new cycle starts the count again: 24 more (at steps 101-124) do not double
+    _feed(controller, [1.0] * (100 - controller.state.steps))
+    assert controller.state.steps == 100
+    assert set(_feed(controller, [math.nan] * 24)) == {grown}
+
+
+def test_weight_decay_grows_with_the_validation_lag_up_to_its_cap():
+    controller = _controller()
+    assert controller.weight_decays([0.1, 0.0]) == [0.1, 0.0]  # nothing reported yet
+    controller.set_train_loss(1.0)
+    assert controller.weight_decays([0.1, 0.0]) == [0.1, 0.0]  # only one of them
+    controller.set_valid_loss(0.8)
+    assert controller.weight_decays([0.1, 0.0]) == [0.1, 0.0]  # valid <= train: the configured decay
+    controller.set_valid_loss(2.5)  # lag sqrt(2*2.5/1 - 1) = 2
+    assert controller.weight_decays([0.1, 0.0]) == [0.1 * 2.0, 0.0]
+    decision = controller.real_step([1.0], SUMS, [0.1, 0.0])
+    assert decision.decay == (1.0 - decision.step * 0.2, 1.0)  # the step uses the decay in force
+    controller.set_valid_loss(100.0)  # lag sqrt(199) = 14.1: capped at 3 with one micro-batch
+    assert controller.weight_decays([0.1]) == [0.1 * 3.0]
+    controller.state.multiplier = 8  # a larger batch takes fewer steps per sample: a larger cap
+    assert controller.weight_decays([0.1]) == [pytest.approx(0.1 * 3.0 * 8**0.666)]
+    controller.set_train_loss(-1.0)  # the lag is defined for positive losses only
+    assert controller.weight_decays([0.1]) == [0.1]
+
+
+def test_a_resumed_controller_grows_at_the_same_step():
+    losses = _flat(900) + [math.nan] * 30 + _flat(600)
+    uninterrupted = _controller()
+    expected = _feed(uninterrupted, losses)
+    first = _controller()
+    trace = _feed(first, losses[:650])  # mid-window, five stalled windows behind
+    assert first.state.stalled_windows == 5 and first.state.window_steps > 0
+    resumed = _controller()
+    resumed.load_state_dict(first.state_dict())
+    trace += _feed(resumed, losses[650:])
+    assert trace == expected and set(trace) == {1, 2, 4, 8}  # windows at 700 and 1500, a retrace storm at 925
+    assert resumed.state_dict() == uninterrupted.state_dict()
+
+
+def test_a_state_saved_before_batch_growth_still_loads():
+    controller = _controller()
+    _feed(controller, _flat(50))
+    old = {k: v for k, v in controller.state_dict().items() if not k.startswith(("window", "best", "stalled", "cycle"))}
+    fresh = _controller()
+    fresh.load_state_dict(old)
+    assert fresh.state.steps == 50 and fresh.state.window_steps == 0 and fresh.state.best_mean is None
+    with pytest.raises(ValueError, match="missing"):
+        fresh.load_state_dict({k: v for k, v in old.items() if k != "eta"})
