@@ -27,8 +27,8 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 NAN_AT, SKIP_AT, SPIKE_AT = (7, 30), (12, 41), 55
 
 
-def _train(net, step_fn, steps: int, start: int = 0) -> None:
-    """Mini-batch training with a nan loss, a skipped backward and a loss spike injected.
+def _train(net, step_fn, steps: int, start: int = 0, nan_at: tuple = NAN_AT) -> None:
+    """Mini-batch training with nan losses, a skipped backward and a loss spike injected.
 
     The reference gets each micro-batch's own gradient; the optimizer's add up in ``.grad``.
     """
@@ -42,7 +42,7 @@ def _train(net, step_fn, steps: int, start: int = 0) -> None:
             step_fn(loss.item(), None)
             continue
         loss.backward()
-        value = math.nan if step in NAN_AT else loss.item()
+        value = math.nan if step in nan_at else loss.item()
         step_fn(value, [p.grad for p in net.parameters()])
 
 
@@ -82,6 +82,48 @@ def test_stochastic_steps_match_the_plain_reference(preconditioner, multiplier, 
         assert torch.allclose(p, q, rtol=0, atol=1e-10)
     assert torch.equal(net.dead, torch.ones(2, dtype=torch.float64))
     assert opt.stats["lr"] > 3 * 1e-4  # the step length responded to the problem
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", "muon"])
+def test_a_retrace_storm_doubles_the_micro_batches_of_a_real_step_like_the_reference(preconditioner):
+    net, twin = _net(), _net()
+    opt = ElraOptimizer(net.parameters(), None, 8, 3, lr=1e-4, weight_decay=1e-2, preconditioner=preconditioner)
+    reference = ReferenceLine(twin.parameters(), 1e-4, 3, decay=1e-2, muon=preconditioner == "muon")
+    storm = NAN_AT + tuple(range(60, 84))  # with the skips and the spike, the 25th retrace is micro-batch 79
+    collected = []
+    step = _elra_step(opt)
+
+    def counting(value, grads):
+        step(value, grads)
+        collected.append(opt.micro_batches)
+
+    counting.zero_grad = opt.zero_grad
+    _train(net, counting, 200, nan_at=storm)
+    _train(twin, reference.step, 200, nan_at=storm)
+    assert opt.stats["batch_multiplier"] == reference.multiplier == 2
+    assert collected[:80] == [0] * 80 and collected[80:] == [1, 0] * 60  # then two micro-batches a real step
+    assert opt.stats["retraces"] == reference.retraces >= 25
+    assert opt.stats["real_steps"] == reference.steps == 80 + 60
+    assert math.isclose(opt.stats["lr"], reference.eta, rel_tol=1e-9)
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-10)
+
+
+def test_a_lagging_validation_loss_scales_the_decay_of_each_step():
+    net, twin = _net(), _net()
+    opt = ElraOptimizer(net.parameters(), None, 8, 3, lr=1e-4, weight_decay=1e-2, batch_multiplier=2, preconditioner="adam")
+    opt.set_train_loss(1.0)
+    opt.set_valid_loss(2.5)  # lag sqrt(2*2.5/1.0 - 1) = 2
+    assert opt.stats["weight_decay"] == 2e-2
+    reference = ReferenceLine(twin.parameters(), 1e-4, 3, decay=2e-2, multiplier=2)
+    _train(net, _elra_step(opt), 120)
+    _train(twin, reference.step, 120)
+    assert opt.stats["retraces"] == reference.retraces >= 3
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-10)
+    undecayed = _net()
+    _train(undecayed, ReferenceLine(undecayed.parameters(), 1e-4, 3, decay=1e-2, multiplier=2).step, 120)
+    assert not torch.allclose(net[0].weight, undecayed[0].weight, rtol=0, atol=1e-6)  # the lag mattered
 
 
 def _rosenbrock(point: torch.Tensor) -> torch.Tensor:
