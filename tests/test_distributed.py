@@ -56,6 +56,9 @@ TWO_RANKS = [
     Scenario("fsdp1-adam", "fsdp1", batch_multiplier=2, options=ADAM, nan_loss_at=9),
     Scenario("fsdp2-adam-boost", "fsdp2", boost_cycle=15, options=ADAM, nan_loss_at=4),
     Scenario("fsdp2-adam-scaler", "fsdp2", scaler=True, inf_grad_at=11, batch_multiplier=2, options=ADAM),
+    # 25 retraces in a cycle (nan losses on one rank): the multiplier doubles at micro-step 29, on every rank
+    Scenario("ddp-adam-growth", options={**ADAM, "check_consistency": 1}, nan_plan=tuple((s, 0) for s in range(5, 30))),
+    Scenario("fsdp2-adam-growth", "fsdp2", options={**ADAM, "weight_decay": 1e-3}, nan_plan=tuple((s, 1) for s in range(5, 30))),
     Scenario(
         "ddp-muon", batch_multiplier=2, options={**MUON, "weight_decay": 1e-3}, nan_loss_at=6, bad_loss_at=11,
         count_collectives=True,
@@ -185,6 +188,12 @@ def test_two_ranks_follow_the_single_process_trajectory(two, name):
     if scenario.nan_loss_at is not None or scenario.bad_loss_at is not None:
         assert stats["retraces"] >= 1
     assert stats["regime"] == "stochastic"  # detected where classes is None: every rank, like one process
+
+
+@pytest.mark.parametrize("name", ["ddp-adam-growth", "fsdp2-adam-growth"])
+def test_a_retrace_storm_doubles_the_micro_batches_of_every_rank_like_one_process(two, name):
+    stats = _assert_matches_single_process(two, name)
+    assert stats["batch_multiplier"] == 2 and stats["real_steps"] == 30 + 5
 
 
 @pytest.mark.parametrize("name", [s.name for s in THREE_RANKS])
