@@ -51,7 +51,16 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
-from .control import CYCLE, RETRACES_PER_DOUBLING, check_progress, doubled, validation_lag, window_length
+from .control import (
+    CYCLE,
+    LOSS_PRECISION,
+    PROBE_TOLERANCE,
+    RETRACES_PER_DOUBLING,
+    check_progress,
+    doubled,
+    validation_lag,
+    window_length,
+)
 
 logger = logging.getLogger("elra")
 
@@ -107,6 +116,9 @@ class LineDecision:
 class LineState:
     eta: float
     multiplier: int
+    noise_free: bool | None = None  # the regime: None until detected at the second real step
+    probe_loss: float = 0.0  # the loss at the first point, and how far along u_0 the second lies
+    probe_length: float = 0.0
     started: bool = False
     steps: int = 0
     retraces: int = 0
@@ -151,28 +163,35 @@ class LineController:
     Args:
         lr: initial step length along the direction (a probe; Adam's direction
             has entries of size about 1, so this is a per-coordinate step).
-        classes: ``<= 1`` selects the noise-free regime.
+        classes: ``None`` detects the regime at the second real step (see
+            :meth:`_choose_regime`); ``<= 1`` selects the noise-free regime,
+            ``>= 2`` the mini-batch one.
         batch_size: samples per micro-batch, sets the statistics window.
         min_multiplier: initial and smallest number of micro-batches per real step.
         target: the gradient-pair ratio r that eta settles at (0: line minimum).
     """
 
-    def __init__(self, lr: float, classes: int, batch_size: int, min_multiplier: int, target: float = 0.0) -> None:
-        self.deterministic = classes <= 1
+    def __init__(
+        self, lr: float, classes: int | None, batch_size: int, min_multiplier: int, target: float = 0.0
+    ) -> None:
         self.batch_size = batch_size
         self.min_multiplier = min_multiplier
         self.target = target
         self.momentum = None  # the momentum lives in the direction's moments
-        self.state = LineState(eta=lr, multiplier=min_multiplier)
+        noise_free = None if classes is None else classes <= 1
+        self.state = LineState(eta=lr, multiplier=min_multiplier, noise_free=noise_free)
 
     @property
     def step_length(self) -> float:
         return self.state.eta
 
     @property
+    def deterministic(self) -> bool:
+        return self.state.noise_free is True
+
+    @property
     def regime(self) -> str:
-        """Given, not detected, along a preconditioned direction (see ``classes``)."""
-        return "deterministic" if self.deterministic else "stochastic"
+        return {None: "auto", True: "deterministic", False: "stochastic"}[self.state.noise_free]
 
     def weight_decays(self, decays: Sequence[float]) -> list[float]:
         """The decoupled decay in force for each group: ``weight_decay`` times the validation lag (0 stays 0)."""
@@ -201,7 +220,10 @@ class LineController:
                 return LineDecision("skip")
             s.started = True
             self._count_step()
+            s.probe_loss = loss
             return self._accept(loss, None, decays)
+        if s.noise_free is None and usable:
+            self._choose_regime(losses, loss, sums)
         self._count_step()
         if usable and self._acceptable(loss):
             return self._accept(loss, sums, decays)
@@ -262,6 +284,23 @@ class LineController:
         s.multiplier = value
         s.stalled_windows = 0
 
+    def _choose_regime(self, losses: list[float], loss: float, sums: LineSums) -> None:
+        """Detect the regime at the first usable point after the first (tiny) step.
+
+        That step moved ``x`` by ``probe_length`` along ``u_0`` (without decay):
+        without noise the loss changed by the trapezoid ``-length*(D + N)/2``
+        (``D = <g_0, u_0>``, ``N = <g_1, u_0>``) up to third-order terms; with
+        mini-batches, losses of different batches differ by far more than the
+        tiny step explains. Global sums only, so every rank decides alike.
+        """
+        s = self.state
+        predicted = s.probe_loss - 0.5 * s.probe_length * (sums.mom_dir + sums.next_dir)
+        values = [*losses, predicted]
+        allowed = PROBE_TOLERANCE * abs(predicted - s.probe_loss) + LOSS_PRECISION * max(abs(v) for v in values)
+        spread = max(losses) - min(losses) > LOSS_PRECISION * max(abs(v) for v in losses)
+        s.noise_free = not (spread or abs(loss - predicted) > allowed)
+        logger.info("ELRA chose the %s regime at real step %d", self.regime, s.steps + 1)
+
     def _acceptable(self, loss: float) -> bool:
         s = self.state
         if self.deterministic:
@@ -294,8 +333,11 @@ class LineController:
         s.failed = 0
         s.accepted_eta = s.eta
         s.last_good_loss = loss
+        s.probe_length = s.eta
         s.moment_steps += 1
-        return LineDecision("accept", step=s.eta, decay=tuple(1.0 - s.eta * a for a in self.weight_decays(decays)))
+        # the probe step stays a pure step along u_0 (see _choose_regime)
+        in_force = [0.0] * len(decays) if s.noise_free is None else self.weight_decays(decays)
+        return LineDecision("accept", step=s.eta, decay=tuple(1.0 - s.eta * a for a in in_force))
 
     def _retrace(self, loss: float, sums: LineSums | None) -> LineDecision:
         """Go back along the old direction: ``x_old - eta_new*u_old``."""
@@ -313,4 +355,5 @@ class LineController:
             if curvature_term > 0.0:
                 new = min(max(sums.mom_dir * old * old / (2.0 * curvature_term), 0.1 * old), 0.5 * old)
         s.eta = min(max(new, ETA_BOUNDS[0]), ETA_BOUNDS[1])
+        s.probe_length = s.eta
         return LineDecision("retrace", step=s.eta, shift=old - s.eta)

@@ -33,6 +33,9 @@ logger = logging.getLogger("elra")
 LossLike = float | torch.Tensor
 _STATE_KEY = "elra_controller"
 _BOOST_KEY = "elra_boost"
+# weight_decay=None along a preconditioned direction in the stochastic regime: decoupled, as AdamW's
+# (x <- (1 - step*wd)*x); chosen by benchmarks/quality.py over all its tasks (see the README)
+AUTO_DECAY = 0.1
 _CONFIG_KEY = "elra_config"
 _PENDING_GRAD = "pending_grad"
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -40,8 +43,10 @@ _HALF_MAX = torch.finfo(torch.float16).max
 _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
 
 
-def _decay_rate(value: Any) -> float:
-    """The seed's convention: a weight decay above 0.5 means ``1 - value``."""
+def _decay_rate(value: Any) -> float | None:
+    """The seed's convention: a weight decay above 0.5 means ``1 - value``; ``None``: automatic."""
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
         raise ValueError(f"Invalid weight_decay: {value!r} (expected a number in [0, 1]; 0.9999 means 1e-4)")
     return 1.0 - float(value) if value > 0.5 else float(value)
@@ -127,7 +132,7 @@ def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
     return {
         **config,
         "lr": float(lr),
-        "weight_decay": float(config["weight_decay"]),
+        "weight_decay": None if config["weight_decay"] is None else float(config["weight_decay"]),
         "batch_size": _check_int("batch_size", config["batch_size"], 1),
         "classes": None if config["classes"] is None else _check_int("classes", config["classes"], 0),
         "warmup": _check_int("warmup", config["warmup"], 0),
@@ -140,10 +145,8 @@ def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
 def _make_controller(config: dict[str, Any]) -> Controller | LineController:
     """P2M's controller, or the line controller of a preconditioned direction."""
     if config["preconditioner"] is not None:
-        # the regime is not detected along a preconditioned direction yet: classes=None is mini-batch training
-        classes = 2 if config["classes"] is None else config["classes"]
         return LineController(
-            config["lr"], classes, config["batch_size"], config["batch_multiplier"], config["line_target"]
+            config["lr"], config["classes"], config["batch_size"], config["batch_multiplier"], config["line_target"]
         )
     return Controller(
         lr=config["lr"],
@@ -173,6 +176,9 @@ class ElraOptimizer(Optimizer):
             stochastic one.
         lr: initial step length, a tiny probe (1e-6..1e-4); ELRA grows it.
         weight_decay: decoupled decay rate; values above 0.5 mean ``1 - value``.
+            ``None`` (default): 0 for P2M and in the deterministic regime,
+            ``AUTO_DECAY`` (0.1) along a preconditioned direction in the
+            stochastic regime.
         warmup: real steps over which the rate may ramp up.
         momentum: momentum factor in [0, 1), ``None`` or 0 for none.
         batch_multiplier: initial and smallest number of micro-batches whose
@@ -215,7 +221,7 @@ class ElraOptimizer(Optimizer):
         batch_size: int = 8,
         classes: int | None = None,
         lr: float = 1e-5,
-        weight_decay: float = 0.0,
+        weight_decay: float | None = None,
         warmup: int = 1,
         momentum: float | None = None,
         *,
@@ -322,7 +328,7 @@ class ElraOptimizer(Optimizer):
     def stats(self) -> dict[str, float | int | str]:
         """Numbers for logs and dashboards; ``regime`` is ``"auto"`` until detected."""
         s = self.controller.state
-        decays = self.controller.weight_decays([_decay_rate(self.defaults["weight_decay"])])
+        decays = self.controller.weight_decays(self._decay_rates([self.defaults]))
         return {
             "real_steps": s.steps,
             "retraces": s.retraces,
@@ -642,6 +648,13 @@ class ElraOptimizer(Optimizer):
             p.grad = grad
 
     # ------------------------------------------------------- internals
+    def _decay_rates(self, groups: list[dict[str, Any]]) -> list[float]:
+        """Each group's decoupled decay rate; ``None`` (automatic) is AUTO_DECAY along a
+        preconditioned direction once the regime is known to be stochastic, else 0."""
+        stochastic = self.geometry is not None and self.controller.regime == "stochastic"
+        automatic = AUTO_DECAY if stochastic else 0.0
+        return [automatic if _decay_rate(g["weight_decay"]) is None else _decay_rate(g["weight_decay"]) for g in groups]
+
     def _reported(self, loss: Any, what: str) -> float:
         value = _loss_value(loss)
         value = float(value) if not isinstance(value, torch.Tensor) else value.item()
@@ -784,7 +797,7 @@ class ElraOptimizer(Optimizer):
     ) -> str:
         if self.geometry is not None:
             return self._preconditioned_step(losses, with_gradient, inv_scale, skip_overflow)
-        decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
+        decays = self._decay_rates(self.param_groups)
         groups = [self._group_tensors(group, with_gradient) for group in self.param_groups]
         half = any(tensors["half"] for tensors in groups)
         sums, values, bounds = self._global_sums(groups, decays, losses, with_gradient, (inv_scale, skip_overflow))
@@ -908,7 +921,7 @@ class ElraOptimizer(Optimizer):
         count, batch multiplier and collected micro-batches (the vector's
         length), the hyperparameters and the controller state.
         """
-        decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
+        decays = self._decay_rates(self.param_groups)
         state = sorted(self.controller.state_dict().items())
         text = repr((call, len(self.param_groups), len(self._pending), decays, sorted(self._config.items()), state))
         return zlib.crc32(text.encode()) % (1 << 20) + 1
@@ -1007,7 +1020,7 @@ class ElraOptimizer(Optimizer):
         or retrace along ``u_old``, recomputed from the unchanged moments.
         """
         geometry, t = self.geometry, self.controller.state.moment_steps
-        decays = [_decay_rate(group["weight_decay"]) for group in self.param_groups]
+        decays = self._decay_rates(self.param_groups)
         groups = [
             geometry.gather(group, self.state, self._moved, with_gradient, self.reducer.replicas)
             for group in self.param_groups

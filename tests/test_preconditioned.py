@@ -205,3 +205,29 @@ def test_muon_refuses_flattened_parameters_and_checkpoints_of_adam():
     saved["param_groups"][0]["elra_config"]["preconditioner"] = "muon"  # adam's state under muon's name
     with pytest.raises(ValueError, match="lacks the 'direction' state"):
         ElraOptimizer(net.parameters(), None, 8, 3, preconditioner="muon").load_state_dict(saved)
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", "muon"])
+def test_regime_is_detected_and_the_automatic_decay_follows_it(preconditioner):
+    point = torch.nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    opt = ElraOptimizer([point], None, 1, lr=1e-4, preconditioner=preconditioner)
+    assert opt.stats["regime"] == "auto" and opt.stats["weight_decay"] == 0.0
+    for _ in range(1000):
+        point.grad = None
+        loss = _rosenbrock(point)
+        loss.backward()
+        opt.step(loss.item())
+    assert opt.stats["regime"] == "deterministic" and opt.stats["weight_decay"] == 0.0
+    assert _rosenbrock(point).item() < 1e-6  # no decay pulls it off the optimum
+
+    decayed, kept, p2m = _net(), _net(), _net()
+    optimizers = [
+        ElraOptimizer(decayed.parameters(), None, 8, lr=1e-4, preconditioner=preconditioner),
+        ElraOptimizer(kept.parameters(), None, 8, lr=1e-4, weight_decay=0.0, preconditioner=preconditioner),
+        ElraOptimizer(p2m.parameters(), None, 8, lr=1e-4, preconditioner=None),
+    ]
+    for net, opt in zip((decayed, kept, p2m), optimizers):
+        _train(net, _elra_step(opt), 5)
+    assert [opt.stats["regime"] for opt in optimizers] == ["stochastic"] * 3
+    assert [opt.stats["weight_decay"] for opt in optimizers] == [0.1, 0.0, 0.0]
+    assert not torch.equal(decayed[0].weight, kept[0].weight)  # the same steps, but one decays
