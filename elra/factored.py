@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .geometry import AdamDirection, GroupTensors
+from .geometry import AdamDirection, GroupTensors, moment_dtype, moment_zeros
 from .reduce import ScalarBatch, VectorBlock, local
 
 ROW, COL = "exp_avg_sq_row", "exp_avg_sq_col"
@@ -121,11 +121,11 @@ def _rows_sharded(p: torch.Tensor, placements) -> bool:
 def _row_state(p: torch.Tensor, rows: int) -> torch.Tensor:
     """Zeros for ``R``: sharded like the parameter's rows (a DTensor for a DTensor parameter)."""
     if not hasattr(p, "placements"):
-        return torch.zeros(rows, dtype=p.dtype, device=p.device)
+        return torch.zeros(rows, dtype=moment_dtype(p), device=p.device)
     from torch.distributed.tensor import DTensor
 
     part = local(p)
-    zeros = torch.zeros(part.shape[0], dtype=part.dtype, device=part.device)
+    zeros = torch.zeros(part.shape[0], dtype=moment_dtype(p), device=part.device)
     return DTensor.from_local(zeros, p.device_mesh, p.placements, run_check=False, shape=torch.Size([rows]), stride=(1,))
 
 
@@ -138,9 +138,9 @@ class FactoredDirection(AdamDirection):
             return super().new_state(p)
         rows, cols = shape
         return {
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg": moment_zeros(p),
             ROW: _row_state(p, rows),
-            COL: torch.zeros(cols, dtype=p.dtype, device=local(p).device),
+            COL: torch.zeros(cols, dtype=moment_dtype(p), device=local(p).device),
         }
 
     def state_shapes(self, p: torch.Tensor) -> dict[str, torch.Size]:

@@ -33,6 +33,17 @@ NEXT_DIR, MOM_DIR, DIR_SQ, PARAM_SQ, PRESENT = range(5)
 SLOTS = 5
 
 
+def moment_dtype(p: torch.Tensor) -> torch.dtype:
+    """float32 for 16-bit parameters: in float16 ``(1-b2)*g^2`` underflows to 0 (and ``u`` to inf),
+    in bfloat16 ``0.999*v`` rounds back to ``v``; mixed-precision Adam keeps float32 moments too."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+def moment_zeros(p: torch.Tensor) -> torch.Tensor:
+    """A zero moment shaped (and sharded) like ``p``, in :func:`moment_dtype`."""
+    return torch.zeros_like(p, dtype=moment_dtype(p), memory_format=torch.preserve_format)
+
+
 @dataclass
 class GroupTensors:
     """Local parts of one group: parameters with a gradient, and those the last step moved."""
@@ -59,7 +70,7 @@ class AdamDirection:
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
 
     def new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in self.state_shapes(p)}
+        return {key: moment_zeros(p) for key in self.state_shapes(p)}
 
     def state_shapes(self, p: torch.Tensor) -> dict[str, torch.Size]:
         """The state keys of parameter ``p`` and their (global) shapes: what a checkpoint must hold."""

@@ -356,4 +356,5 @@ class LineController:
                 new = min(max(sums.mom_dir * old * old / (2.0 * curvature_term), 0.1 * old), 0.5 * old)
         s.eta = min(max(new, ETA_BOUNDS[0]), ETA_BOUNDS[1])
         s.probe_length = s.eta
+        logger.debug("ELRA retrace %d at real step %d: loss %.4g, step length %.4g", s.retraces, s.steps, loss, s.eta)
         return LineDecision("retrace", step=s.eta, shift=old - s.eta)

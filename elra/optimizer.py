@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster
 from .control import ACCEPTANCE_RULES, MAX_MULTIPLIER, Controller, Decision, RangeBounds, StepSums
-from .geometry import PRESENT, SLOTS, make_direction
+from .geometry import PRESENT, SLOTS, make_direction, moment_dtype
 from .line_control import LineController
 from .reduce import AUTO, Reducer, ScalarBatch, dots, flat, local, squares
 from .sync import drop_unsynced_grads, fsdp_wrapping, reshard, sync_unsynced_grads
@@ -230,7 +230,7 @@ class ElraOptimizer(Optimizer):
         replicas: Callable[[torch.Tensor], int] | None = None,
         check_consistency: int = 0,
         acceptance: str = "noise",
-        preconditioner: str | None = None,
+        preconditioner: str | None = "muon",
         line_target: float = 0.0,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -611,6 +611,7 @@ class ElraOptimizer(Optimizer):
         self._check_saved_state(state_dict, booster.enabled, geometry, config["preconditioner"])
         super().load_state_dict(state_dict)
         self._own_loaded_state(state_dict)
+        self._restore_float32_moments(state_dict)
         self.param_groups[0].pop(_STATE_KEY, None)
         self.param_groups[0].pop(_BOOST_KEY, None)
         self.param_groups[0].pop(_CONFIG_KEY, None)
@@ -762,6 +763,20 @@ class ElraOptimizer(Optimizer):
             for key, value in entry.items():
                 if isinstance(value, torch.Tensor) and value.numel() and local(value).data_ptr() in saved:
                     entry[key] = value.clone()
+
+    def _restore_float32_moments(self, state_dict: dict[str, Any]) -> None:
+        """Undo torch's cast of loaded state to the parameter's dtype for the float32 moments of 16-bit parameters.
+
+        In float16 ``(1-b2)*g^2`` would flush to 0 and the direction become inf (see :func:`moment_dtype`).
+        """
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            if p.dtype == moment_dtype(p):
+                continue
+            for key, value in state_dict.get("state", {}).get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor) and value.dtype == moment_dtype(p) and key in self.state[p]:
+                    self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
 
     def _fill_empty_state(self) -> None:
         """Recreate the state of parameters with no local elements.

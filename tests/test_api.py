@@ -119,7 +119,7 @@ def test_parameters_without_grad_are_left_alone():
         opt.step(loss)
     assert torch.equal(unused.detach(), torch.tensor([3.0, 4.0]))
     assert not torch.equal(used.detach(), torch.tensor([1.0, 2.0]))
-    assert not opt.state[unused]["direction"].any()
+    assert not any(t.any() for t in opt.state[unused].values() if isinstance(t, torch.Tensor))
 
 
 def test_step_without_any_gradient_raises_and_keeps_state():
@@ -140,7 +140,7 @@ def test_sparse_gradients_raise():
 
 def test_collected_micro_batches_average_their_gradients():
     p = _param(1.0, 2.0)
-    opt = ElraOptimizer([p], classes=10, lr=0.1, batch_multiplier=3)
+    opt = ElraOptimizer([p], classes=10, lr=0.1, batch_multiplier=3, preconditioner=None)  # P2M's first step: -lr*g
     directions = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0]), torch.tensor([2.0, 2.0])]
     seen = []
     for d in directions:
@@ -204,7 +204,7 @@ def test_param_group_lr_shows_the_current_rate_and_schedulers_do_not_steer():
 def test_add_param_group_after_steps_trains_the_new_group():
     a, b = _param(1.0, 2.0), _param(3.0)
     opt = ElraOptimizer([a], lr=1e-3)
-    for step in range(60):
+    for step in range(150):
         if step == 20:
             opt.add_param_group({"params": [b], "weight_decay": 0.0})
         opt.zero_grad()

@@ -86,11 +86,11 @@ def test_boost_state_is_checkpointed():
     assert torch.equal(other.state[model.weight]["boost"], opt.state[model.weight]["boost"])
 
 
-def _half_training(dtype, steps, scaler, inject_inf_at=()):
+def _half_training(dtype, steps, scaler, inject_inf_at=(), preconditioner="muon"):
     torch.manual_seed(0)
     x, y = digits_data(torch.float32)
     model = digits_model(torch.float32).to(dtype)
-    opt = ElraOptimizer(model.parameters(), None, 16, 10, lr=1e-4, warmup=10)
+    opt = ElraOptimizer(model.parameters(), None, 16, 10, lr=1e-4, warmup=10, preconditioner=preconditioner)
     scales, outcomes = [], []
     for step, (xb, yb) in enumerate(_batches(x, y, steps)):
         opt.zero_grad()
@@ -106,10 +106,15 @@ def _half_training(dtype, steps, scaler, inject_inf_at=()):
     return model, scales, outcomes, accuracy, opt
 
 
+@pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_scaler_backs_off_on_overflow_grows_when_clean_and_trains(dtype):
+def test_scaler_backs_off_on_overflow_grows_when_clean_and_trains(dtype, preconditioner):
+    """16-bit parameters; along a preconditioned direction their moments are float32 (in float16
+    (1-b2)*g^2 underflows and the direction becomes inf; in bfloat16 0.999*v rounds back to v)."""
     scaler = ElraGradScaler(init_scale=2.0**10, growth_interval=20)
-    model, scales, outcomes, accuracy, opt = _half_training(dtype, 300, scaler, inject_inf_at=(30, 31))
+    model, scales, outcomes, accuracy, opt = _half_training(
+        dtype, 300, scaler, inject_inf_at=(30, 31), preconditioner=preconditioner
+    )
     assert outcomes[30] == outcomes[31] == "overflow"
     assert scales[29] / 4 == scales[31]  # halved twice
     assert max(scales[32:]) > scales[31]  # and grew back

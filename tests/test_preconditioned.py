@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -231,3 +232,30 @@ def test_regime_is_detected_and_the_automatic_decay_follows_it(preconditioner):
     assert [opt.stats["regime"] for opt in optimizers] == ["stochastic"] * 3
     assert [opt.stats["weight_decay"] for opt in optimizers] == [0.1, 0.0, 0.0]
     assert not torch.equal(decayed[0].weight, kept[0].weight)  # the same steps, but one decays
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", "factored", "muon"])
+def test_16_bit_parameters_keep_float32_moments_through_a_checkpoint(preconditioner):
+    def run(opt, net, steps, start=0):
+        for step in range(start, steps):
+            x, y = _batch(step)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x.half()).float(), y).backward()
+            opt.step(1.0)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).half()
+    twin = copy.deepcopy(net)
+    make = lambda m: ElraOptimizer(m.parameters(), None, 8, 3, lr=1e-3, preconditioner=preconditioner)
+    opt = make(net)
+    run(opt, net, 10)
+    saved = copy.deepcopy(opt.state_dict())
+    twin.load_state_dict(net.state_dict())
+    resumed = make(twin)
+    resumed.load_state_dict(saved)
+    moments = [v for s in resumed.state.values() for k, v in s.items() if k != "pending_grad"]
+    assert moments and all(v.dtype == torch.float32 for v in moments)
+    assert any(v.abs().min() > 0 for v in moments if v.numel())  # float16 would have flushed (1-b2)*g^2 to 0
+    run(opt, net, 20, 10)
+    run(resumed, twin, 20, 10)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), twin.parameters()))
