@@ -71,7 +71,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=_at_least(1), default=10, help="epochs to reach (a resumed job counts those done)")
     parser.add_argument("--batch-size", type=_at_least(1), default=32, help="micro-batch size per rank (sequences for gpt)")
     parser.add_argument("--lr", type=_positive_float, default=1e-5, help="ELRA's first step length (a tiny probe)")
-    parser.add_argument("--weight-decay", type=float, default=0.9999, help="0.9999 means 1e-4")
+    parser.add_argument(
+        "--preconditioner", choices=["auto", "muon", "adam", "factored", "none"], default="auto",
+        help="ELRA's direction: auto is muon, or adam under fsdp1 (which flattens the matrices muon needs whole); "
+        "none is P2M, the published method",
+    )
+    parser.add_argument(
+        "--weight-decay", type=float, default=None,
+        help="decoupled decay (0.9999 means 1e-4); default: 0.1 along a preconditioned direction, 0 for P2M",
+    )
     parser.add_argument("--checkpoint-dir", type=Path, help="checkpoint every epoch here and resume from the newest")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="CIFAR-10 files (resnet18)")
     parser.add_argument("--fake-size", type=_at_least(1), default=2048, help="FakeData images when CIFAR-10 is absent")
@@ -246,13 +254,20 @@ def _report(args, epoch: int, train_loss: float, valid: tuple[float, float], boo
     )
 
 
+def preconditioner(args) -> str | None:
+    """The ``--preconditioner`` for ElraOptimizer (``auto``: muon, adam under fsdp1)."""
+    if args.preconditioner == "auto":
+        return "adam" if args.strategy == "fsdp1" else "muon"
+    return None if args.preconditioner == "none" else args.preconditioner
+
+
 def train(args, rank: int, world: int, device: torch.device, distributed: bool) -> None:
     """Build, resume, train and save. The wrapped model lives only in this frame (see ``main``)."""
     train_set, valid_set, classes = build_data(args)
     model = wrap(build_model(args, classes), args.strategy, device)
     optimizer = ElraOptimizer(  # given the model: it reshards FSDP's gathered weights after its in-place changes
         model.parameters(), model, args.batch_size, classes, lr=args.lr, weight_decay=args.weight_decay,
-        batch_multiplier=args.batch_multiplier,
+        batch_multiplier=args.batch_multiplier, preconditioner=preconditioner(args),
     )
     optimizer.enable_boost()
     checkpointer = Checkpointer(args.checkpoint_dir, args.strategy, rank, world=world) if args.checkpoint_dir else None

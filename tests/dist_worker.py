@@ -180,7 +180,7 @@ def _poison_first_gradient(model) -> None:
 
 
 def make_optimizer(model, scenario: Scenario, single: bool = False, odd_rank: bool = False) -> ElraOptimizer:
-    options = dict(scenario.options)
+    options = {"preconditioner": None, **scenario.options}  # P2M unless the scenario names a direction
     known = model if scenario.pass_model else None
     if single:
         options.pop("check_consistency", None)

@@ -55,17 +55,21 @@ def test_preconditioned_resume_in_fresh_process_is_bit_identical(tmp_path, preco
     assert resumed["stats"] == expected.stats and expected.stats["retraces"] > 0
 
 
-def test_state_dict_uses_the_torch_layout():
+@pytest.mark.parametrize(
+    "preconditioner, weight_keys, bias_keys",
+    [(None, {"direction"}, {"direction"}), ("muon", {"exp_avg", "direction"}, {"exp_avg", "exp_avg_sq"})],
+)
+def test_state_dict_uses_the_torch_layout(preconditioner, weight_keys, bias_keys):
     model = torch.nn.Linear(3, 2)
-    opt = ElraOptimizer(model.parameters(), lr=1e-4)
+    opt = ElraOptimizer(model.parameters(), lr=1e-4, preconditioner=preconditioner)
     model(torch.ones(1, 3)).sum().backward()
     opt.step(1.0)
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
     assert set(sd["state"]) == {0, 1}
-    assert all(set(s) == {"direction", "pending_grad"} for s in sd["state"].values())
+    assert set(sd["state"][0]) == {*weight_keys, "pending_grad"} and set(sd["state"][1]) == {*bias_keys, "pending_grad"}
     assert all(not s["pending_grad"].any() for s in sd["state"].values())  # nothing pending: zeros
-    assert sd["state"][0]["direction"].shape == model.weight.shape
+    assert all(t.shape == model.weight.shape for t in sd["state"][0].values())
     controller = sd["param_groups"][0]["elra_controller"]
     assert all(isinstance(v, (int, float, bool, list, type(None))) for v in controller.values())
     assert "elra_controller" not in opt.param_groups[0]
@@ -229,7 +233,7 @@ def test_a_refused_load_state_dict_changes_nothing():
     good = opt.state_dict()
 
     bad_shape = copy.deepcopy(good)
-    bad_shape["state"][3]["direction"] = torch.zeros(5)
+    bad_shape["state"][3]["exp_avg"] = torch.zeros(5)
     _refuse(opt, bad_shape, match="does not fit parameter 3")
     unknown_field = copy.deepcopy(good)
     unknown_field["param_groups"][0]["elra_controller"]["surprise"] = 1.0
@@ -237,7 +241,7 @@ def test_a_refused_load_state_dict_changes_nothing():
     _refuse(opt, unknown_field, match="unknown")
     missing = copy.deepcopy(good)
     del missing["state"][1]
-    _refuse(opt, missing, match="lacks the 'direction'")
+    _refuse(opt, missing, match="lacks the '.*' state of parameter 1")
     bad_config = copy.deepcopy(good)
     bad_config["param_groups"][0]["elra_config"]["momentum"] = 1.5
     _refuse(opt, bad_config, match="momentum")

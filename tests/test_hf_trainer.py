@@ -13,6 +13,7 @@ pytest.importorskip("accelerate")
 from transformers import TrainingArguments  # noqa: E402
 
 from elra import ElraOptimizer  # noqa: E402
+from elra.control import validation_lag  # noqa: E402
 from elra.integrations.transformers import ElraTrainer  # noqa: E402
 from hf_worker import VOCAB, CountingSequences, tiny_gpt2  # noqa: E402
 
@@ -112,8 +113,9 @@ def test_trainer_learns_logs_elra_stats_and_feeds_the_weight_decay_control(tmp_p
     # the last evaluation's losses: Trainer's eval_loss, and the mean train loss of its interval
     assert control.valid_loss == evals[-1]
     assert control.train_loss == pytest.approx(logs[-1]["loss"], rel=1e-6)
-    # fed to the controller, they set the decay in force at real step 100 (no evaluation: base decay)
-    assert control.wd_factor is not None and stats["weight_decay"] == control.wd_factor
+    # fed to the controller, they set the decay in force: the configured one times the validation lag
+    lag = validation_lag(control.train_loss, control.valid_loss, stats["batch_multiplier"])
+    assert lag is not None and stats["weight_decay"] == pytest.approx(0.01 * lag, rel=1e-12)
 
 
 def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path):

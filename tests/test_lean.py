@@ -1,8 +1,12 @@
 """Lean by construction: state size, in-place updates, one host transfer per real step."""
 
+from functools import partial
+
 import torch
 
-from elra import ElraOptimizer
+import elra
+
+ElraOptimizer = partial(elra.ElraOptimizer, preconditioner=None)  # P2M, the published method, not the default
 
 
 def _mlp():
