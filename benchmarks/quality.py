@@ -7,7 +7,9 @@ a small CNN on scikit-learn's digits, an MLP regression on scikit-learn's
 diabetes data, a character-level MLP language model on the project's LICENSE
 text, and two language models on the installed Python standard library's
 source: an MLP over 16 characters and a 2-layer causal transformer
-(``launch.models.CharGPT``, context 64). Optimizers: ELRA (defaults), Adam
+(``launch.models.CharGPT``, context 64). Optimizers: ELRA (defaults: the
+muon direction and automatic weight decay), ELRA P2M (the published method,
+``preconditioner=None``), ELRA over Adam's and the factored direction, Adam
 (1e-3), AdamW (1e-3, weight decay 0.01), SGD with momentum (0.01, 0.9),
 Prodigy (1.0), Schedule-Free AdamW (defaults) and the published elra 0.0.5
 (fetched with pip). Every optimizer gets the same number of gradient
@@ -273,14 +275,9 @@ def optimizers(published) -> dict[str, Callable]:
 
     return {
         "ELRA": lambda params, task: ElraOptimizer(params, None, task.batch_size),
-        "ELRA adam": lambda params, task: ElraOptimizer(params, None, task.batch_size, task.classes, preconditioner="adam"),
-        "ELRA muon": lambda params, task: ElraOptimizer(params, None, task.batch_size, task.classes, preconditioner="muon"),
-        "ELRA factored": lambda params, task: ElraOptimizer(
-            params, None, task.batch_size, task.classes, preconditioner="factored"
-        ),
-        "ELRA adam -0.3": lambda params, task: ElraOptimizer(
-            params, None, task.batch_size, task.classes, preconditioner="adam", line_target=-0.3
-        ),
+        "ELRA P2M": lambda params, task: ElraOptimizer(params, None, task.batch_size, preconditioner=None),
+        "ELRA adam": lambda params, task: ElraOptimizer(params, None, task.batch_size, preconditioner="adam"),
+        "ELRA factored": lambda params, task: ElraOptimizer(params, None, task.batch_size, preconditioner="factored"),
         "Adam 1e-3": lambda params, task: torch.optim.Adam(params, lr=1e-3),
         "AdamW 1e-3 wd0.01": lambda params, task: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01),
         "SGD 0.01 m0.9": lambda params, task: torch.optim.SGD(params, lr=0.01, momentum=0.9),

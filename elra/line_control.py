@@ -1,4 +1,4 @@
-"""Step-length control along a preconditioned direction (``preconditioner="adam"``).
+"""Step-length control along a preconditioned direction (``preconditioner="muon"``, ``"adam"``, ``"factored"``).
 
 Plain Python numbers in, one :class:`LineDecision` out, like
 :mod:`elra.control`, whose P2M rule assumes raw-gradient scale (its step clip,
@@ -14,16 +14,15 @@ negative after an overshoot; it is invariant to rescaling the loss or the
 direction, so no constant depends on the problem's scale. ``eta`` is
 multiplied by ``exp(GAIN*clip(r_bar - target, -1, 1))`` with ``r_bar`` the
 ratio of the smoothed N and D: it settles at ``r = target``, by default 0,
-the line minimum. The greedy minimum is short-sighted under momentum and
-mini-batch noise (D also carries the noise energy of m, which pulls r toward
-0 and eta down): on the benchmark transformer a target of 0 gave 1.77
-held-out bits/char, -0.15 1.49, -0.3 1.40, -0.5 1.71 (the step then sat at
-the relative clip). But where the noise dominates D, r stays near 0 whatever
-eta is, and a negative target grows eta until the clip: -0.3 diverged on the
-MLP char-LM and the digits CNN. So 0 is the default, a negative target an
-option for transformer-like problems. A failed step is retraced along the unchanged old
+the line minimum. Over Adam's direction that greedy minimum is short-sighted
+on the benchmark transformer (target 0: 1.77 held-out bits/char, -0.3: 1.40),
+but where mini-batch noise dominates D, r stays near 0 whatever eta is and a
+negative target grows eta to the clip (-0.3 diverged on the MLP char-LM and
+the digits CNN). Over the muon direction target 0 gives 1.28, so 0 is the
+default. The regime is detected at the second real step (see
+:meth:`LineController._choose_regime`). A failed step is retraced along the unchanged old
 direction (recomputed from the unchanged moments): noise-free problems
-(``classes <= 1``) retrace when the loss rises and refit ``eta`` on the
+retrace when the loss rises and refit ``eta`` on the
 parabola through the two losses (after MAX_RETRACES in a row the step is
 accepted with the last accepted length: the momentum points uphill and only
 new gradients turn it); mini-batch problems retrace when the loss is
@@ -74,9 +73,11 @@ ETA_BOUNDS = (1e-12, 1e6)
 MAX_RETRACES = 3  # noise-free: after this many retraces in a row, accept (the moments must turn)
 
 
-_GROWTH_FIELDS = frozenset(
+# fields added with batch growth and regime detection: a state saved before lacks them
+_LATER_FIELDS = frozenset(
     {"window_steps", "window_accepted", "window_loss", "best_mean", "stalled_windows", "window_means", "cycle_retraces"}
-)  # added with batch growth: a state saved before lacks them
+    | {"noise_free", "probe_loss", "probe_length"}
+)
 
 
 @dataclass
@@ -234,14 +235,16 @@ class LineController:
 
     def load_state_dict(self, state: dict) -> None:
         names = {f.name for f in fields(LineState)}
-        missing, unknown = names - state.keys() - _GROWTH_FIELDS, state.keys() - names
+        missing, unknown = names - state.keys() - _LATER_FIELDS, state.keys() - names
         if missing or unknown:
             raise ValueError(
                 f"controller state does not match this version of elra: missing {sorted(missing)}, "
                 f"unknown {sorted(unknown)}"
             )
-        loaded = LineState(**{k: state[k] for k in names & state.keys()})  # older states: a fresh window
+        loaded = LineState(**{k: state[k] for k in names & state.keys()})  # older states: a fresh window, ...
         loaded.window_means = [float(v) for v in loaded.window_means]
+        if "noise_free" not in state:  # ... and the given regime (classes=None then meant mini-batch training)
+            loaded.noise_free = bool(self.state.noise_free)
         self.state = loaded
 
     # ------------------------------------------------------------- internals

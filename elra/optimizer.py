@@ -199,16 +199,17 @@ class ElraOptimizer(Optimizer):
             units of the observed mini-batch loss noise, and keeps the loss
             statistics robust to an outlier; ``"published"`` is the published
             package's rule (``1.1 * max(first loss, log(classes))``).
-        preconditioner: ``None`` (P2M as published), ``"adam"``: ELRA's
-            step-length control over Adam's direction ``m_hat/(sqrt(v_hat)+eps)``
-            (``momentum`` is its beta1, default 0.9; see :mod:`elra.geometry`),
-            or ``"factored"``: the same with an Adafactor-style factored second
-            moment for matrices, about half of Adam's state (not under FSDP1;
-            see :mod:`elra.factored`).
+        preconditioner: ``"muon"`` (default): ELRA's step-length control over
+            orthogonalised momentum for matrices and Adam's direction for the
+            rest (see :mod:`elra.orthogonal`; not under FSDP1); ``"adam"``: over
+            Adam's direction ``m_hat/(sqrt(v_hat)+eps)`` (``momentum`` is its
+            beta1, default 0.9; see :mod:`elra.geometry`); ``"factored"``: the
+            same with an Adafactor-style factored second moment for matrices,
+            about half of Adam's state (not under FSDP1; see
+            :mod:`elra.factored`); ``None``: P2M as published.
         line_target: with a preconditioner, the gradient-pair ratio the step
             length aims at, in (-1, 1): 0 (default) the line minimum along the
-            direction, -0.3 a step 1.3x past it (best on transformers, see
-            :mod:`elra.line_control`).
+            direction, below 0 a step past it (see :mod:`elra.line_control`).
 
     Call ``step(loss)`` after every ``backward()``; ELRA needs the loss value.
     Under data parallelism each rank passes its own local loss.

@@ -120,12 +120,14 @@ def test_a_resumed_controller_grows_at_the_same_step():
     assert resumed.state_dict() == uninterrupted.state_dict()
 
 
-def test_a_state_saved_before_batch_growth_still_loads():
+def test_a_state_saved_before_batch_growth_and_regime_detection_still_loads():
     controller = _controller()
     _feed(controller, _flat(50))
-    old = {k: v for k, v in controller.state_dict().items() if not k.startswith(("window", "best", "stalled", "cycle"))}
+    later = ("window", "best", "stalled", "cycle", "noise_free", "probe")
+    old = {k: v for k, v in controller.state_dict().items() if not k.startswith(later)}
     fresh = _controller()
     fresh.load_state_dict(old)
     assert fresh.state.steps == 50 and fresh.state.window_steps == 0 and fresh.state.best_mean is None
+    assert fresh.regime == controller.regime == "stochastic"  # the given regime (classes) stays
     with pytest.raises(ValueError, match="missing"):
         fresh.load_state_dict({k: v for k, v in old.items() if k != "eta"})
