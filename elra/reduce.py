@@ -23,6 +23,8 @@ import torch.distributed as dist
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _LARGE = 1 << 16  # elements from which a tensor's inner products run one tensor at a time
+_STACKED = 1 << 12  # elements up to which a tensor's inner products come from a stacked copy (see products)
+_STACK_BATCH = 1 << 18  # elements per vector in one stacked copy: bounds the temporary memory
 AUTO = "auto"
 
 
@@ -60,6 +62,62 @@ def squares(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``<a_i, b_i>`` of flat (see :func:`flat`) same-shaped tensor pairs."""
     return [torch.dot(x, y) for x, y in zip(a, b)]
+
+
+def products(
+    batch: "ScalarBatch",
+    vectors: Sequence[Sequence[torch.Tensor]],
+    pairs: Sequence[tuple[int, int, int]],
+    weights: Sequence[float],
+) -> None:
+    """Adds to ``batch`` the weighted inner products of aligned tensor lists.
+
+    ``vectors`` holds lists of same-shaped tensors (``vectors[a][i]`` and
+    ``vectors[b][i]`` belong to one parameter ``i`` of weight ``weights[i]``);
+    each ``(a, b, slot)`` of ``pairs`` adds ``sum_i weights[i] * <vectors[a][i],
+    vectors[b][i]>`` to ``slot``.
+
+    Many small tensors cost a dispatch per tensor and per product where
+    their data costs nearly nothing, so tensors of up to ``_STACKED``
+    elements with the same shape, dtype and weight are stacked (all their
+    vectors in one copy of at most ``_STACK_BATCH`` elements per vector) and
+    one matrix product gives every pair's sum for the whole stack (the Gram
+    matrix of the vectors). Larger tensors are read in place, all products
+    of one tensor before the next, so that its vectors are read from memory
+    once and from cache after that.
+    """
+    used = sorted({a for a, _, _ in pairs} | {b for _, b, _ in pairs})
+    position = {v: k for k, v in enumerate(used)}
+    classes: dict[tuple, list[int]] = {}
+    large: list[int] = []
+    for i, t in enumerate(vectors[used[0]]):
+        if t.numel() <= _STACKED:
+            classes.setdefault((t.shape, t.dtype, weights[i]), []).append(i)
+        else:
+            large.append(i)
+    grams: dict[float, list[torch.Tensor]] = {}
+    for (shape, dtype, weight), members in classes.items():
+        per_stack = max(1, _STACK_BATCH // max(1, shape.numel()))
+        for start in range(0, len(members), per_stack):
+            part = members[start : start + per_stack]
+            stacked = torch.stack([vectors[v][i] for v in used for i in part]).view(len(used), -1)
+            if dtype in _LOW_PRECISION:
+                stacked = stacked.float()
+            grams.setdefault(weight, []).append(stacked @ stacked.T)
+    if grams:
+        index = torch.tensor([position[a] * len(used) + position[b] for a, b, _ in pairs], device=batch.device)
+        for weight, matrices in grams.items():
+            total = torch.stack(matrices).to(batch.dtype).sum(0) if len(matrices) > 1 else matrices[0].to(batch.dtype)
+            batch.add_values([slot for _, _, slot in pairs], total.view(-1)[index] * weight)
+    if large:
+        terms: list[list[torch.Tensor]] = [[] for _ in pairs]
+        for i in large:  # every product of one tensor before the next: its vectors stay in cache
+            flats = {v: flat(vectors[v][i]) for v in used}
+            for k, (a, b, _) in enumerate(pairs):
+                terms[k].append(torch.dot(flats[a], flats[b]))
+        chosen = [weights[i] for i in large]
+        for (_, _, slot), values in zip(pairs, terms):
+            batch.add(slot, values, chosen)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -185,6 +243,7 @@ class ScalarBatch:
         self.dtype = _accumulation_dtype(device)
         self.reducer = reducer
         self._blocks: list[tuple[int, list[torch.Tensor], Sequence[float]]] = []
+        self._vectors: list[tuple[list[int], torch.Tensor]] = []
         self._constants = [0.0] * slots
         self._vectors: list[VectorBlock] = []
 
@@ -192,6 +251,11 @@ class ScalarBatch:
         """Per-tensor 0-dim terms whose weighted sum goes into ``slot``."""
         if terms:
             self._blocks.append((slot, terms, weights))
+
+    def add_values(self, slots: list[int], values: torch.Tensor) -> None:
+        """Weighted terms already summed, one per slot (a 1-D tensor of the batch's dtype)."""
+        if slots:
+            self._vectors.append((slots, values))
 
     def add_constant(self, slot: int, value: float) -> None:
         """A host-side number (already this rank's share) to be summed over ranks."""
@@ -217,10 +281,11 @@ class ScalarBatch:
         whose length must not depend on how many micro-batches were collected.
         """
         vector = torch.tensor(self._constants, dtype=self.dtype, device=self.device)
-        if self._blocks:
-            sums = torch.stack([self._weighted_sum(terms, weights) for _, terms, weights in self._blocks])
-            index = torch.tensor([slot for slot, _, _ in self._blocks], device=self.device)
-            vector.index_add_(0, index, sums)
+        if self._blocks or self._vectors:
+            parts = [torch.stack([self._weighted_sum(terms, weights) for _, terms, weights in self._blocks])] if self._blocks else []
+            parts += [values for _, values in self._vectors]
+            slots = [slot for slot, _, _ in self._blocks] + [slot for slots, _ in self._vectors for slot in slots]
+            vector.index_add_(0, torch.tensor(slots, device=self.device), torch.cat(parts))
         loss_vector = _loss_vector(losses, self.dtype, self.device) / self.reducer.world_size
         padding = torch.zeros(max(0, (loss_slots or 0) - len(losses)), dtype=self.dtype, device=self.device)
         head = [vector, loss_vector, padding]
