@@ -22,6 +22,7 @@ import torch
 from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster
+from .chunks import runs
 from .control import ACCEPTANCE_RULES, MAX_MULTIPLIER, Controller, Decision, RangeBounds, StepSums
 from .geometry import PRESENT, SLOTS, make_direction, moment_dtype
 from .line_control import LineController
@@ -1008,18 +1009,17 @@ class ElraOptimizer(Optimizer):
                 params, grads, dirs = tensors["params"], tensors["grads"], tensors["dirs"]
                 if tensors["stale"]:
                     torch._foreach_zero_(tensors["stale"])
-                if not params:
-                    continue
-                if decision.keep == 0.0:
-                    torch._foreach_copy_(dirs, grads)
-                    if grad_scale != 1.0:
-                        torch._foreach_mul_(dirs, grad_scale)
-                else:
-                    torch._foreach_mul_(dirs, decision.keep)
-                    _add_scaled(dirs, grads, grad_scale)
-                if decision.param_scale[j]:
-                    _add_scaled(dirs, params, decision.param_scale[j])
-                _add_scaled(params, dirs, -decision.step)
+                for params, grads, dirs in runs([params, grads, dirs]):  # each run's passes hit the cache
+                    if decision.keep == 0.0:
+                        torch._foreach_copy_(dirs, grads)
+                        if grad_scale != 1.0:
+                            torch._foreach_mul_(dirs, grad_scale)
+                    else:
+                        torch._foreach_mul_(dirs, decision.keep)
+                        _add_scaled(dirs, grads, grad_scale)
+                    if decision.param_scale[j]:
+                        _add_scaled(dirs, params, decision.param_scale[j])
+                    _add_scaled(params, dirs, -decision.step)
         elif decision.action == "retrace" and decision.shift:
             for tensors in groups:
                 if tensors["moved"]:

@@ -110,14 +110,18 @@ def products(
             total = torch.stack(matrices).to(batch.dtype).sum(0) if len(matrices) > 1 else matrices[0].to(batch.dtype)
             batch.add_values([slot for _, _, slot in pairs], total.view(-1)[index] * weight)
     if large:
-        terms: list[list[torch.Tensor]] = [[] for _ in pairs]
+        at = [(position[a], position[b]) for a, b, _ in pairs]
+        terms: list[torch.Tensor] = []
         for i in large:  # every product of one tensor before the next: its vectors stay in cache
-            flats = {v: flat(vectors[v][i]) for v in used}
-            for k, (a, b, _) in enumerate(pairs):
-                terms[k].append(torch.dot(flats[a], flats[b]))
+            flats = [flat(vectors[v][i]) for v in used]
+            terms += [torch.dot(flats[a], flats[b]) for a, b in at]
+        table = torch.stack(terms).view(len(large), len(pairs)).to(batch.dtype)
         chosen = [weights[i] for i in large]
-        for (_, _, slot), values in zip(pairs, terms):
-            batch.add(slot, values, chosen)
+        if all(w == chosen[0] for w in chosen):
+            values = table.sum(0) * chosen[0]
+        else:
+            values = torch.tensor(chosen, dtype=batch.dtype, device=batch.device) @ table
+        batch.add_values([slot for _, _, slot in pairs], values)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
