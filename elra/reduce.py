@@ -247,7 +247,7 @@ class ScalarBatch:
         self.dtype = _accumulation_dtype(device)
         self.reducer = reducer
         self._blocks: list[tuple[int, list[torch.Tensor], Sequence[float]]] = []
-        self._vectors: list[tuple[list[int], torch.Tensor]] = []
+        self._summed: list[tuple[list[int], torch.Tensor]] = []
         self._constants = [0.0] * slots
         self._vectors: list[VectorBlock] = []
 
@@ -259,7 +259,7 @@ class ScalarBatch:
     def add_values(self, slots: list[int], values: torch.Tensor) -> None:
         """Weighted terms already summed, one per slot (a 1-D tensor of the batch's dtype)."""
         if slots:
-            self._vectors.append((slots, values))
+            self._summed.append((slots, values))
 
     def add_constant(self, slot: int, value: float) -> None:
         """A host-side number (already this rank's share) to be summed over ranks."""
@@ -285,10 +285,10 @@ class ScalarBatch:
         whose length must not depend on how many micro-batches were collected.
         """
         vector = torch.tensor(self._constants, dtype=self.dtype, device=self.device)
-        if self._blocks or self._vectors:
+        if self._blocks or self._summed:
             parts = [torch.stack([self._weighted_sum(terms, weights) for _, terms, weights in self._blocks])] if self._blocks else []
-            parts += [values for _, values in self._vectors]
-            slots = [slot for slot, _, _ in self._blocks] + [slot for slots, _ in self._vectors for slot in slots]
+            parts += [values for _, values in self._summed]
+            slots = [slot for slot, _, _ in self._blocks] + [slot for slots, _ in self._summed for slot in slots]
             vector.index_add_(0, torch.tensor(slots, device=self.device), torch.cat(parts))
         loss_vector = _loss_vector(losses, self.dtype, self.device) / self.reducer.world_size
         padding = torch.zeros(max(0, (loss_slots or 0) - len(losses)), dtype=self.dtype, device=self.device)
