@@ -16,30 +16,34 @@ import torch
 CHUNK = 1 << 16  # elements per tensor list in one run (about 256 KB of float32: a few lists fit in L2)
 
 
-def runs(
-    lists: Sequence[Sequence[torch.Tensor]], budget: int = CHUNK, split: bool = False
-) -> Iterator[list[list[torch.Tensor]]]:
-    """Aligned slices of ``lists`` (same length, same-shaped tensors at each index) of about ``budget`` elements.
+def runs(lists: Sequence[Sequence], budget: int = CHUNK, split: bool = False) -> Iterator[list[list]]:
+    """Aligned slices of ``lists`` (same length; same-shaped tensors at each index) of about ``budget`` elements.
 
     With ``split``, a tensor above ``budget`` elements whose aligned tensors
     are all contiguous comes as pieces (flat views) of ``budget`` elements,
-    one run each; otherwise it is a run of its own.
+    packed into the runs like whole tensors; otherwise it is a run of its
+    own. Entries that are not tensors (per-tensor weights, say) travel along,
+    repeated for every piece. The first list must hold tensors.
     """
-    start, size = 0, 0
+    current: list[list] = [[] for _ in lists]
+    size = 0
     count = len(lists[0]) if lists else 0
     for i in range(count):
         numel = lists[0][i].numel()
-        if numel > budget and split and all(t[i].is_contiguous() for t in lists):
-            if start < i:
-                yield [list(t[start:i]) for t in lists]
-            pieces = [t[i].view(-1).split(budget) for t in lists]
-            for k in range(len(pieces[0])):
-                yield [[p[k]] for p in pieces]
-            start, size = i + 1, 0
-            continue
-        size += numel
-        if size >= budget:
-            yield [list(t[start : i + 1]) for t in lists]
-            start, size = i + 1, 0
-    if start < count:
-        yield [list(t[start:]) for t in lists]
+        column = [t[i] for t in lists]
+        tensors = [x for x in column if isinstance(x, torch.Tensor)]
+        if split and numel > budget and all(x.is_contiguous() for x in tensors):
+            pieces = -(-numel // budget)
+            parts = [x.view(-1).split(budget) if isinstance(x, torch.Tensor) else [x] * pieces for x in column]
+            items = list(zip(*parts))
+        else:
+            items = [column]
+        for item in items:
+            for run, x in zip(current, item):
+                run.append(x)
+            size += item[0].numel()
+            if size >= budget:
+                yield current
+                current, size = [[] for _ in lists], 0
+    if current and current[0]:
+        yield current

@@ -70,12 +70,20 @@ def products(
     pairs: Sequence[tuple[int, int, int]],
     weights: Sequence[float],
 ) -> None:
-    """Adds to ``batch`` the weighted inner products of aligned tensor lists.
+    """Adds to ``batch`` the weighted inner products of aligned tensor lists (see :class:`Products`)."""
+    accumulator = Products(batch, pairs)
+    accumulator.add(vectors, weights)
+    accumulator.finish()
 
-    ``vectors`` holds lists of same-shaped tensors (``vectors[a][i]`` and
+
+class Products:
+    """Weighted inner products of aligned tensor lists, added to a :class:`ScalarBatch`.
+
+    Each :meth:`add` takes lists of same-shaped tensors (``vectors[a][i]`` and
     ``vectors[b][i]`` belong to one parameter ``i`` of weight ``weights[i]``);
-    each ``(a, b, slot)`` of ``pairs`` adds ``sum_i weights[i] * <vectors[a][i],
-    vectors[b][i]>`` to ``slot``.
+    every ``(a, b, slot)`` of ``pairs`` adds ``sum_i weights[i] * <vectors[a][i],
+    vectors[b][i]>`` to ``slot``. :meth:`finish` hands the sums of all calls
+    to the batch (a few stacked tensors, whatever the number of calls).
 
     Many small tensors cost a dispatch per tensor and per product where
     their data costs nearly nothing, so tensors of up to ``_STACKED``
@@ -86,42 +94,52 @@ def products(
     of one tensor before the next, so that its vectors are read from memory
     once and from cache after that.
     """
-    used = sorted({a for a, _, _ in pairs} | {b for _, b, _ in pairs})
-    position = {v: k for k, v in enumerate(used)}
-    classes: dict[tuple, list[int]] = {}
-    large: list[int] = []
-    for i, t in enumerate(vectors[used[0]]):
-        if t.numel() <= _STACKED:
-            classes.setdefault((t.shape, t.dtype, weights[i]), []).append(i)
-        else:
-            large.append(i)
-    grams: dict[float, list[torch.Tensor]] = {}
-    for (shape, dtype, weight), members in classes.items():
-        per_stack = max(1, _STACK_BATCH // max(1, shape.numel()))
-        for start in range(0, len(members), per_stack):
-            part = members[start : start + per_stack]
-            stacked = torch.stack([vectors[v][i] for v in used for i in part]).view(len(used), -1)
-            if dtype in _LOW_PRECISION:
-                stacked = stacked.float()
-            grams.setdefault(weight, []).append(stacked @ stacked.T)
-    if grams:
-        index = torch.tensor([position[a] * len(used) + position[b] for a, b, _ in pairs], device=batch.device)
-        for weight, matrices in grams.items():
-            total = torch.stack(matrices).to(batch.dtype).sum(0) if len(matrices) > 1 else matrices[0].to(batch.dtype)
-            batch.add_values([slot for _, _, slot in pairs], total.view(-1)[index] * weight)
-    if large:
-        at = [(position[a], position[b]) for a, b, _ in pairs]
-        terms: list[torch.Tensor] = []
-        for i in large:  # every product of one tensor before the next: its vectors stay in cache
-            flats = [flat(vectors[v][i]) for v in used]
-            terms += [torch.dot(flats[a], flats[b]) for a, b in at]
-        table = torch.stack(terms).view(len(large), len(pairs)).to(batch.dtype)
-        chosen = [weights[i] for i in large]
-        if all(w == chosen[0] for w in chosen):
-            values = table.sum(0) * chosen[0]
-        else:
-            values = torch.tensor(chosen, dtype=batch.dtype, device=batch.device) @ table
-        batch.add_values([slot for _, _, slot in pairs], values)
+
+    def __init__(self, batch: "ScalarBatch", pairs: Sequence[tuple[int, int, int]]) -> None:
+        self.batch = batch
+        self.slots = [slot for _, _, slot in pairs]
+        self.used = sorted({a for a, _, _ in pairs} | {b for _, b, _ in pairs})
+        position = {v: k for k, v in enumerate(self.used)}
+        self.at = [(position[a], position[b]) for a, b, _ in pairs]
+        self.grams: dict[float, list[torch.Tensor]] = {}
+        self.terms: list[torch.Tensor] = []
+        self.weights: list[float] = []
+
+    def add(self, vectors: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -> None:
+        used = self.used
+        classes: dict[tuple, list[int]] = {}
+        for i, t in enumerate(vectors[used[0]]):
+            if t.numel() <= _STACKED:
+                classes.setdefault((t.shape, t.dtype, weights[i]), []).append(i)
+            else:  # every product of one tensor before the next: its vectors stay in cache
+                flats = [flat(vectors[v][i]) for v in used]
+                self.terms += [torch.dot(flats[a], flats[b]) for a, b in self.at]
+                self.weights.append(weights[i])
+        for (shape, dtype, weight), members in classes.items():
+            per_stack = max(1, _STACK_BATCH // max(1, shape.numel()))
+            for start in range(0, len(members), per_stack):
+                part = members[start : start + per_stack]
+                stacked = torch.stack([vectors[v][i] for v in used for i in part]).view(len(used), -1)
+                if dtype in _LOW_PRECISION:
+                    stacked = stacked.float()
+                self.grams.setdefault(weight, []).append(stacked @ stacked.T)
+
+    def finish(self) -> None:
+        batch, width = self.batch, len(self.used)
+        if self.grams:
+            index = torch.tensor([a * width + b for a, b in self.at], device=batch.device)
+            for weight, matrices in self.grams.items():
+                total = torch.stack(matrices).to(batch.dtype).sum(0) if len(matrices) > 1 else matrices[0].to(batch.dtype)
+                batch.add_values(self.slots, total.view(-1)[index] * weight)
+        if self.terms:
+            table = torch.stack(self.terms).view(len(self.weights), len(self.at)).to(batch.dtype)
+            chosen = self.weights
+            if all(w == chosen[0] for w in chosen):
+                values = table.sum(0) * chosen[0]
+            else:
+                values = torch.tensor(chosen, dtype=batch.dtype, device=batch.device) @ table
+            batch.add_values(self.slots, values)
+        self.grams, self.terms, self.weights = {}, [], []
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

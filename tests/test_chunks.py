@@ -21,5 +21,7 @@ def test_runs_cover_every_element_once_and_stay_aligned(split):
     assert all(torch.equal(t, torch.ones(t.shape)) for t in a + b)
     a[1] = torch.zeros(2000)
     b[1] = torch.zeros(2000)
-    pieces = [len(part[0]) for part in runs([a, b], budget=1500, split=True)]
-    assert len(pieces) > 3 and 1 in pieces  # the large contiguous tensor came in pieces
+    sizes = [t.numel() for part in runs([a, b, list(range(len(a)))], budget=1500, split=True) for t in part[0]]
+    assert 1500 in sizes and 500 in sizes  # the large contiguous tensor came in pieces
+    labels = [i for part in runs([a, b, list(range(len(a)))], budget=1500, split=True) for i in part[2]]
+    assert labels == [0, 1, 1, 2, 3, 4, 5]  # non-tensor entries travel along, once per piece
