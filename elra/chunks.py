@@ -16,15 +16,17 @@ import torch
 CHUNK = 1 << 16  # elements per tensor list in one run (about 256 KB of float32: a few lists fit in L2)
 
 
-def runs(lists: Sequence[Sequence], budget: int = CHUNK, split: bool = False) -> Iterator[list[list]]:
+def runs(lists: Sequence[Sequence], budget: int | None = None, split: bool = False) -> Iterator[list[list]]:
     """Aligned slices of ``lists`` (same length; same-shaped tensors at each index) of about ``budget`` elements.
 
     With ``split``, a tensor above ``budget`` elements whose aligned tensors
     are all contiguous comes as pieces (flat views) of ``budget`` elements,
     packed into the runs like whole tensors; otherwise it is a run of its
     own. Entries that are not tensors (per-tensor weights, say) travel along,
-    repeated for every piece. The first list must hold tensors.
+    repeated for every piece. The first list must hold tensors. ``budget``
+    defaults to ``CHUNK``.
     """
+    budget = CHUNK if budget is None else budget
     current: list[list] = [[] for _ in lists]
     size = 0
     count = len(lists[0]) if lists else 0
