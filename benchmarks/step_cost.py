@@ -123,9 +123,10 @@ def candidates(args) -> list[tuple[str, object, bool]]:
         ("Adam(fused)", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), False),
         ("AdamW(foreach) wd", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-4, foreach=True), False),
         ("AdamW(fused) wd", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-4, fused=True), False),
-        ("ELRA", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5), True),
-        ("ELRA wd", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, weight_decay=0.9999), True),
-        ("ELRA momentum", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, momentum=0.9), True),
+        ("ELRA P2M", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, preconditioner=None), True),
+        ("ELRA P2M wd", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, preconditioner=None, weight_decay=0.9999), True),
+        ("ELRA P2M momentum", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, preconditioner=None, momentum=0.9), True),
+        ("ELRA (muon)", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5), True),
         ("ELRA adam", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, preconditioner="adam"), True),
         ("ELRA factored", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, preconditioner="factored"), True),
     ]

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from .line_control import LineSums
-from .reduce import ScalarBatch, dots, flat, local, squares
+from .chunks import runs
+from .reduce import Products, ScalarBatch, dots, flat, local, squares
 
 PRECONDITIONERS = (None, "adam", "factored", "muon")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
@@ -61,10 +62,21 @@ class GroupTensors:
     moved_grads: list[torch.Tensor | None] = field(default_factory=list)
     moved_weights: list[float] = field(default_factory=list)
     old_dirs: list[torch.Tensor] = field(default_factory=list)  # u_old/scale(t) of ``moved``, filled by ``add_sums``
+    old_from_moments: bool = False  # ``add_sums`` kept no ``old_dirs``: a retrace recomputes them chunk by chunk
 
 
 class AdamDirection:
-    """Adam's diagonal second-moment direction (``preconditioner="adam"``)."""
+    """Adam's diagonal second-moment direction (``preconditioner="adam"``).
+
+    The public methods (``direction``, ``update_moments``, ``old_directions``,
+    ``new_directions`` ...) are what subclasses override. Where a subclass
+    keeps Adam's own (``_own``), :meth:`add_sums`, :meth:`accept` and
+    :meth:`retrace` run the whole chain of elementwise passes over
+    cache-sized chunks (:func:`elra.chunks.runs`) instead of pass after pass
+    over all tensors: the same operations per element, so the same numbers,
+    with the data read from memory once per phase, and without a
+    parameter-sized ``u`` at any time.
+    """
 
     def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
@@ -121,7 +133,7 @@ class AdamDirection:
         if not ms or t == 0:
             return [torch.zeros_like(m) for m in ms]
         denom = torch._foreach_sqrt(vs)
-        torch._foreach_add_(denom, self.eps * math.sqrt(1.0 - self.beta2**t))
+        torch._foreach_add_(denom, self._shift(t))
         return torch._foreach_div(ms, denom)
 
     def update_momentum(self, tensors: GroupTensors, grad_scale: float) -> None:
@@ -138,8 +150,21 @@ class AdamDirection:
         torch._foreach_mul_(tensors.vs, self.beta2)
         torch._foreach_addcmul_(tensors.vs, tensors.grads, tensors.grads, value=(1.0 - self.beta2) * grad_scale**2)
 
+    def _own(self, *names: str) -> bool:
+        """Whether this object uses AdamDirection's own methods ``names`` (the chunked chains assume them)."""
+        return all(getattr(type(self), name) is getattr(AdamDirection, name) for name in names)
+
+    def _shift(self, t: int) -> float:
+        """The ``eps`` of :meth:`direction` after ``t`` moment updates."""
+        return self.eps * math.sqrt(1.0 - self.beta2**t)
+
     def add_sums(self, batch: ScalarBatch, tensors: GroupTensors, t: int) -> None:
-        """This rank's terms of N, D, |u_old|^2 and |x|^2; keeps ``u_old`` for a retrace."""
+        """This rank's terms of N, D, |u_old|^2 and |x|^2; keeps ``u_old`` (or how to recompute it) for a retrace."""
+        aligned = len(tensors.moved) == len(tensors.params) and all(
+            a is b and g is not None for a, b, g in zip(tensors.moved, tensors.params, tensors.moved_grads)
+        )
+        if t and aligned and self._own("old_directions", "direction"):
+            return self._chained_sums(batch, tensors, t)
         batch.add_constant(PRESENT, len(tensors.params))
         batch.add(PARAM_SQ, squares(tensors.params), tensors.weights)
         if t == 0:
@@ -152,6 +177,23 @@ class AdamDirection:
         if with_grad:
             grads, dirs, weights = zip(*with_grad)
             batch.add(NEXT_DIR, dots(grads, dirs), weights)
+
+    def _chained_sums(self, batch: ScalarBatch, tensors: GroupTensors, t: int) -> None:
+        """:meth:`add_sums` chunk by chunk, when the moved parameters are those with a gradient.
+
+        ``u_old`` lives one chunk at a time; a retrace recomputes it from the
+        unchanged moments (:meth:`retrace`).
+        """
+        batch.add_constant(PRESENT, len(tensors.params))
+        x, g, m, u = range(4)
+        sums = Products(batch, [(x, x, PARAM_SQ), (m, u, MOM_DIR), (u, u, DIR_SQ), (g, u, NEXT_DIR)])
+        shift = self._shift(t)
+        for xs, gs, ms, vs, weights in runs([tensors.params, tensors.grads, tensors.ms, tensors.vs, tensors.weights], split=True):
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, shift)
+            sums.add((xs, gs, ms, torch._foreach_div(ms, denom)), weights)
+        sums.finish()
+        tensors.old_dirs, tensors.old_from_moments = [], True
 
     def old_directions(self, tensors: GroupTensors, t: int) -> list[torch.Tensor]:
         """``u_old/scale(t)`` of the moved parameters, from their unchanged moments."""
@@ -167,7 +209,9 @@ class AdamDirection:
 
     def accept(self, tensors: GroupTensors, t: int, step: float, decay: float, grad_scale: float) -> None:
         """Take the gradient into the moments, then ``x <- decay*x - step*u_new`` (``t``: updates before)."""
-        tensors.old_dirs = []
+        tensors.old_dirs, tensors.old_from_moments = [], False
+        if self._own("update_moments", "update_momentum", "new_directions", "direction"):
+            return self._chained_accept(tensors, t, step, decay, grad_scale)
         self.update_moments(tensors, grad_scale)
         if not tensors.params:
             return
@@ -176,9 +220,30 @@ class AdamDirection:
             torch._foreach_mul_(tensors.params, decay)
         torch._foreach_add_(tensors.params, directions, alpha=-step * self.scale(t + 1))
 
+    def _chained_accept(self, tensors: GroupTensors, t: int, step: float, decay: float, grad_scale: float) -> None:
+        """:meth:`accept` chunk by chunk: moments, ``u_new`` and the step of one chunk, then the next."""
+        shift, alpha = self._shift(t + 1), -step * self.scale(t + 1)
+        for xs, gs, ms, vs in runs([tensors.params, tensors.grads, tensors.ms, tensors.vs], split=True):
+            torch._foreach_mul_(ms, self.beta1)
+            torch._foreach_add_(ms, gs, alpha=(1.0 - self.beta1) * grad_scale)
+            torch._foreach_mul_(vs, self.beta2)
+            torch._foreach_addcmul_(vs, gs, gs, value=(1.0 - self.beta2) * grad_scale**2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, shift)
+            directions = torch._foreach_div(ms, denom)
+            if decay != 1.0:
+                torch._foreach_mul_(xs, decay)
+            torch._foreach_add_(xs, directions, alpha=alpha)
+
     def retrace(self, tensors: GroupTensors, t: int, shift: float) -> None:
         """``x <- x + shift*u_old`` for the parameters the last step moved."""
-        if tensors.old_dirs:
+        if tensors.old_from_moments:
+            eps, alpha = self._shift(t), shift * self.scale(t)
+            for xs, ms, vs in runs([tensors.moved, tensors.moved_ms, tensors.moved_vs], split=True):
+                denom = torch._foreach_sqrt(vs)
+                torch._foreach_add_(denom, eps)
+                torch._foreach_add_(xs, torch._foreach_div(ms, denom), alpha=alpha)
+        elif tensors.old_dirs:
             torch._foreach_add_(tensors.moved, tensors.old_dirs, alpha=shift * self.scale(t))
 
     def sums(self, values: list[float], t: int, grad_scale: float) -> LineSums:

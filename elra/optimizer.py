@@ -22,10 +22,11 @@ import torch
 from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster
+from .chunks import runs
 from .control import ACCEPTANCE_RULES, MAX_MULTIPLIER, Controller, Decision, RangeBounds, StepSums
 from .geometry import PRESENT, SLOTS, make_direction, moment_dtype
 from .line_control import LineController
-from .reduce import AUTO, Reducer, ScalarBatch, dots, flat, local, squares
+from .reduce import AUTO, Reducer, ScalarBatch, local, products, squares
 from .sync import drop_unsynced_grads, fsdp_wrapping, reshard, sync_unsynced_grads
 
 logger = logging.getLogger("elra")
@@ -883,21 +884,21 @@ class ElraOptimizer(Optimizer):
         for j, tensors in enumerate(groups) if with_gradient else ():
             slot = {name: k * n_groups + j for k, name in enumerate(_SUMS)}
             batch.add_constant(present, len(tensors["params"]))
-            grads, dirs, weights = tensors["grads"], tensors["dirs"], tensors["weights"]
-            flat_grads = [flat(g) for g in grads]
-            flat_params = [flat(x) for x in tensors["params"]] if decays[j] else []
-            flat_dirs = [flat(d) for d in dirs] if started else []
-            batch.add(slot["grad_sq"], squares(grads), weights)
+            if not tensors["params"]:
+                continue
+            grad, param, direction = 0, 1, 2  # positions in the vectors below
+            pairs = [(grad, grad, slot["grad_sq"])]
             if started:
-                batch.add(slot["grad_dir"], dots(flat_grads, flat_dirs), weights)
+                pairs.append((grad, direction, slot["grad_dir"]))
                 if momentum:
-                    batch.add(slot["dir_sq"], squares(dirs), weights)
+                    pairs.append((direction, direction, slot["dir_sq"]))
             if any_decay:
-                batch.add(slot["param_sq"], squares(tensors["params"]), weights)
+                pairs.append((param, param, slot["param_sq"]))
             if decays[j]:
-                batch.add(slot["grad_param"], dots(flat_grads, flat_params), weights)
+                pairs.append((grad, param, slot["grad_param"]))
                 if started:
-                    batch.add(slot["param_dir"], dots(flat_params, flat_dirs), weights)
+                    pairs.append((param, direction, slot["param_dir"]))
+            products(batch, (tensors["grads"], tensors["params"], tensors["dirs"]), pairs, tensors["weights"])
         ranged_tensors = [entry for tensors in groups for entry in tensors["ranged"]]
         if ranged_tensors:
             params, dirs, grads, weights = zip(*ranged_tensors)
@@ -1008,18 +1009,17 @@ class ElraOptimizer(Optimizer):
                 params, grads, dirs = tensors["params"], tensors["grads"], tensors["dirs"]
                 if tensors["stale"]:
                     torch._foreach_zero_(tensors["stale"])
-                if not params:
-                    continue
-                if decision.keep == 0.0:
-                    torch._foreach_copy_(dirs, grads)
-                    if grad_scale != 1.0:
-                        torch._foreach_mul_(dirs, grad_scale)
-                else:
-                    torch._foreach_mul_(dirs, decision.keep)
-                    _add_scaled(dirs, grads, grad_scale)
-                if decision.param_scale[j]:
-                    _add_scaled(dirs, params, decision.param_scale[j])
-                _add_scaled(params, dirs, -decision.step)
+                for params, grads, dirs in runs([params, grads, dirs]):  # each run's passes hit the cache
+                    if decision.keep == 0.0:
+                        torch._foreach_copy_(dirs, grads)
+                        if grad_scale != 1.0:
+                            torch._foreach_mul_(dirs, grad_scale)
+                    else:
+                        torch._foreach_mul_(dirs, decision.keep)
+                        _add_scaled(dirs, grads, grad_scale)
+                    if decision.param_scale[j]:
+                        _add_scaled(dirs, params, decision.param_scale[j])
+                    _add_scaled(params, dirs, -decision.step)
         elif decision.action == "retrace" and decision.shift:
             for tensors in groups:
                 if tensors["moved"]:

@@ -23,6 +23,8 @@ import torch.distributed as dist
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _LARGE = 1 << 16  # elements from which a tensor's inner products run one tensor at a time
+_STACKED = 1 << 12  # elements up to which a tensor's inner products come from a stacked copy (see products)
+_STACK_BATCH = 1 << 18  # elements per vector in one stacked copy: bounds the temporary memory
 AUTO = "auto"
 
 
@@ -60,6 +62,84 @@ def squares(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``<a_i, b_i>`` of flat (see :func:`flat`) same-shaped tensor pairs."""
     return [torch.dot(x, y) for x, y in zip(a, b)]
+
+
+def products(
+    batch: "ScalarBatch",
+    vectors: Sequence[Sequence[torch.Tensor]],
+    pairs: Sequence[tuple[int, int, int]],
+    weights: Sequence[float],
+) -> None:
+    """Adds to ``batch`` the weighted inner products of aligned tensor lists (see :class:`Products`)."""
+    accumulator = Products(batch, pairs)
+    accumulator.add(vectors, weights)
+    accumulator.finish()
+
+
+class Products:
+    """Weighted inner products of aligned tensor lists, added to a :class:`ScalarBatch`.
+
+    Each :meth:`add` takes lists of same-shaped tensors (``vectors[a][i]`` and
+    ``vectors[b][i]`` belong to one parameter ``i`` of weight ``weights[i]``);
+    every ``(a, b, slot)`` of ``pairs`` adds ``sum_i weights[i] * <vectors[a][i],
+    vectors[b][i]>`` to ``slot``. :meth:`finish` hands the sums of all calls
+    to the batch (a few stacked tensors, whatever the number of calls).
+
+    Many small tensors cost a dispatch per tensor and per product where
+    their data costs nearly nothing, so tensors of up to ``_STACKED``
+    elements with the same shape, dtype and weight are stacked (all their
+    vectors in one copy of at most ``_STACK_BATCH`` elements per vector) and
+    one matrix product gives every pair's sum for the whole stack (the Gram
+    matrix of the vectors). Larger tensors are read in place, all products
+    of one tensor before the next, so that its vectors are read from memory
+    once and from cache after that.
+    """
+
+    def __init__(self, batch: "ScalarBatch", pairs: Sequence[tuple[int, int, int]]) -> None:
+        self.batch = batch
+        self.slots = [slot for _, _, slot in pairs]
+        self.used = sorted({a for a, _, _ in pairs} | {b for _, b, _ in pairs})
+        position = {v: k for k, v in enumerate(self.used)}
+        self.at = [(position[a], position[b]) for a, b, _ in pairs]
+        self.grams: dict[float, list[torch.Tensor]] = {}
+        self.terms: list[torch.Tensor] = []
+        self.weights: list[float] = []
+
+    def add(self, vectors: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -> None:
+        used = self.used
+        classes: dict[tuple, list[int]] = {}
+        for i, t in enumerate(vectors[used[0]]):
+            if t.numel() <= _STACKED:
+                classes.setdefault((t.shape, t.dtype, weights[i]), []).append(i)
+            else:  # every product of one tensor before the next: its vectors stay in cache
+                flats = [flat(vectors[v][i]) for v in used]
+                self.terms += [torch.dot(flats[a], flats[b]) for a, b in self.at]
+                self.weights.append(weights[i])
+        for (shape, dtype, weight), members in classes.items():
+            per_stack = max(1, _STACK_BATCH // max(1, shape.numel()))
+            for start in range(0, len(members), per_stack):
+                part = members[start : start + per_stack]
+                stacked = torch.stack([vectors[v][i] for v in used for i in part]).view(len(used), -1)
+                if dtype in _LOW_PRECISION:
+                    stacked = stacked.float()
+                self.grams.setdefault(weight, []).append(stacked @ stacked.T)
+
+    def finish(self) -> None:
+        batch, width = self.batch, len(self.used)
+        if self.grams:
+            index = torch.tensor([a * width + b for a, b in self.at], device=batch.device)
+            for weight, matrices in self.grams.items():
+                total = torch.stack(matrices).to(batch.dtype).sum(0) if len(matrices) > 1 else matrices[0].to(batch.dtype)
+                batch.add_values(self.slots, total.view(-1)[index] * weight)
+        if self.terms:
+            table = torch.stack(self.terms).view(len(self.weights), len(self.at)).to(batch.dtype)
+            chosen = self.weights
+            if all(w == chosen[0] for w in chosen):
+                values = table.sum(0) * chosen[0]
+            else:
+                values = torch.tensor(chosen, dtype=batch.dtype, device=batch.device) @ table
+            batch.add_values(self.slots, values)
+        self.grams, self.terms, self.weights = {}, [], []
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -185,6 +265,7 @@ class ScalarBatch:
         self.dtype = _accumulation_dtype(device)
         self.reducer = reducer
         self._blocks: list[tuple[int, list[torch.Tensor], Sequence[float]]] = []
+        self._summed: list[tuple[list[int], torch.Tensor]] = []
         self._constants = [0.0] * slots
         self._vectors: list[VectorBlock] = []
 
@@ -192,6 +273,11 @@ class ScalarBatch:
         """Per-tensor 0-dim terms whose weighted sum goes into ``slot``."""
         if terms:
             self._blocks.append((slot, terms, weights))
+
+    def add_values(self, slots: list[int], values: torch.Tensor) -> None:
+        """Weighted terms already summed, one per slot (a 1-D tensor of the batch's dtype)."""
+        if slots:
+            self._summed.append((slots, values))
 
     def add_constant(self, slot: int, value: float) -> None:
         """A host-side number (already this rank's share) to be summed over ranks."""
@@ -217,10 +303,11 @@ class ScalarBatch:
         whose length must not depend on how many micro-batches were collected.
         """
         vector = torch.tensor(self._constants, dtype=self.dtype, device=self.device)
-        if self._blocks:
-            sums = torch.stack([self._weighted_sum(terms, weights) for _, terms, weights in self._blocks])
-            index = torch.tensor([slot for slot, _, _ in self._blocks], device=self.device)
-            vector.index_add_(0, index, sums)
+        if self._blocks or self._summed:
+            parts = [torch.stack([self._weighted_sum(terms, weights) for _, terms, weights in self._blocks])] if self._blocks else []
+            parts += [values for _, values in self._summed]
+            slots = [slot for slot, _, _ in self._blocks] + [slot for slots, _ in self._summed for slot in slots]
+            vector.index_add_(0, torch.tensor(slots, device=self.device), torch.cat(parts))
         loss_vector = _loss_vector(losses, self.dtype, self.device) / self.reducer.world_size
         padding = torch.zeros(max(0, (loss_slots or 0) - len(losses)), dtype=self.dtype, device=self.device)
         head = [vector, loss_vector, padding]

@@ -1,0 +1,51 @@
+"""Cache blocking: chains of elementwise ``torch._foreach_*`` ops, run chunk by chunk.
+
+A chain of elementwise passes over many tensors (``d = g``, ``d += c*x``,
+``x -= s*d``) reads every tensor from memory once per pass when each pass
+covers all tensors. Run on aligned runs of tensors that fit in a core's
+cache, the second and later passes find their operands there. The results
+are the same numbers: each element goes through the same operations.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+CHUNK = 1 << 16  # elements per tensor list in one run (about 256 KB of float32: a few lists fit in L2)
+
+
+def runs(lists: Sequence[Sequence], budget: int | None = None, split: bool = False) -> Iterator[list[list]]:
+    """Aligned slices of ``lists`` (same length; same-shaped tensors at each index) of about ``budget`` elements.
+
+    With ``split``, a tensor above ``budget`` elements whose aligned tensors
+    are all contiguous comes as pieces (flat views) of ``budget`` elements,
+    packed into the runs like whole tensors; otherwise it is a run of its
+    own. Entries that are not tensors (per-tensor weights, say) travel along,
+    repeated for every piece. The first list must hold tensors. ``budget``
+    defaults to ``CHUNK``.
+    """
+    budget = CHUNK if budget is None else budget
+    current: list[list] = [[] for _ in lists]
+    size = 0
+    count = len(lists[0]) if lists else 0
+    for i in range(count):
+        numel = lists[0][i].numel()
+        column = [t[i] for t in lists]
+        tensors = [x for x in column if isinstance(x, torch.Tensor)]
+        if split and numel > budget and all(x.is_contiguous() for x in tensors):
+            pieces = -(-numel // budget)
+            parts = [x.view(-1).split(budget) if isinstance(x, torch.Tensor) else [x] * pieces for x in column]
+            items = list(zip(*parts))
+        else:
+            items = [column]
+        for item in items:
+            for run, x in zip(current, item):
+                run.append(x)
+            size += item[0].numel()
+            if size >= budget:
+                yield current
+                current, size = [[] for _ in lists], 0
+    if current and current[0]:
+        yield current

@@ -1,0 +1,27 @@
+"""Cache blocking: the runs cover every element once, aligned across the lists."""
+
+import pytest
+import torch
+
+from elra.chunks import runs
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_runs_cover_every_element_once_and_stay_aligned(split):
+    shapes = [(3,), (50, 40), (7,), (1000, 10), (5, 5), ()]
+    a = [torch.zeros(s) for s in shapes]
+    b = [torch.zeros(s) for s in shapes]
+    b[3] = torch.zeros(10, 1000).t()  # not contiguous: never split
+    seen = 0
+    for part_a, part_b in runs([a, b], budget=1500, split=split):
+        assert [t.shape for t in part_a] == [t.shape for t in part_b]
+        torch._foreach_add_(part_a, 1.0)
+        torch._foreach_add_(part_b, part_a)
+        seen += len(part_a)
+    assert all(torch.equal(t, torch.ones(t.shape)) for t in a + b)
+    a[1] = torch.zeros(2000)
+    b[1] = torch.zeros(2000)
+    sizes = [t.numel() for part in runs([a, b, list(range(len(a)))], budget=1500, split=True) for t in part[0]]
+    assert 1500 in sizes and 500 in sizes  # the large contiguous tensor came in pieces
+    labels = [i for part in runs([a, b, list(range(len(a)))], budget=1500, split=True) for i in part[2]]
+    assert labels == [0, 1, 1, 2, 3, 4, 5]  # non-tensor entries travel along, once per piece

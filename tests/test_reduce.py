@@ -1,0 +1,35 @@
+"""The step's inner products: the batched computation against a plain one, tensor by tensor."""
+
+import pytest
+import torch
+
+from elra.reduce import Reducer, ScalarBatch, products
+
+
+def _reference(vectors, pairs, weights, slots):
+    values = [0.0] * slots
+    for a, b, slot in pairs:
+        for i, w in enumerate(weights):
+            x, y = (vectors[v][i].double().reshape(-1) for v in (a, b))
+            values[slot] += w * float(torch.dot(x, y))
+    return values
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_products_equal_the_plain_sums_for_small_stacked_and_large_tensors(dtype):
+    gen = torch.Generator().manual_seed(0)
+    # many same-shaped small tensors (stacked, some over two stacks), odd shapes, a 0-dim one and large ones
+    shapes = [(7,)] * 30 + [(64, 64)] * 70 + [(3, 5), (), (300, 300), (70000,), (5, 4, 3)]
+    weights = [1.0 if i % 4 else 0.5 for i in range(len(shapes))]  # mixed replica weights
+    vectors = [[torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes] for _ in range(3)]
+    vectors[2][-1] = vectors[2][-1].transpose(0, 2)  # a non-contiguous tensor
+    vectors[0][-1] = vectors[0][-1].transpose(0, 2)
+    vectors[1][-1] = vectors[1][-1].transpose(0, 2)
+    pairs = [(0, 0, 0), (0, 2, 1), (2, 2, 2), (1, 1, 3), (0, 1, 4), (1, 2, 5), (0, 2, 5)]
+    batch = ScalarBatch(6, torch.device("cpu"), Reducer(None))
+    products(batch, vectors, pairs, weights)
+    values, _ = batch.read([0.0])
+    expected = _reference(vectors, pairs, weights, 6)
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
+    for got, want in zip(values, expected):
+        assert got == pytest.approx(want, rel=tolerance, abs=tolerance * 1e3)
