@@ -133,13 +133,19 @@ def test_a_state_saved_before_batch_growth_and_regime_detection_still_loads():
         fresh.load_state_dict({k: v for k, v in old.items() if k != "eta"})
 
 
-@pytest.mark.parametrize("slope_ratio, regime", [(0.9999, "deterministic"), (0.83, "stochastic")])
-def test_regime_needs_the_loss_and_the_slope_of_one_function(slope_ratio, regime):
-    """A transformer at initialisation: the probe's loss change matches the trapezoid, the slope does not."""
-    controller = LineController(1e-5, None, 32, 1)
-    controller.real_step([4.6], LineSums(0.0, 0.0, 0.0, 1.0), [0.0])  # the probe, length 1e-5
+@pytest.mark.parametrize(
+    "probe, slope_ratio, residual, regime",
+    [
+        (1e-5, 0.9999, 1e-6, "deterministic"),  # a tiny step on a smooth function
+        (1e-2, 0.5, 1e-6, "deterministic"),  # a long probe: half the slope gone to curvature, still one function
+        (1e-5, 0.83, 2e-3, "stochastic"),  # a transformer at initialisation: within half the change, not the curvature
+    ],
+)
+def test_regime_measures_the_trapezoid_against_its_curvature_term(probe, slope_ratio, residual, regime):
+    controller = LineController(probe, None, 32, 1)
+    controller.real_step([4.6], LineSums(0.0, 0.0, 0.0, 1.0), [0.0])  # the probe step
     d = 800.0
     n = slope_ratio * d
-    predicted = 4.6 - 0.5 * 1e-5 * (d + n)
-    controller.real_step([predicted], LineSums(n, d, 1.0, 1.0), [0.0])
+    predicted = 4.6 - 0.5 * probe * (d + n)
+    controller.real_step([predicted + residual], LineSums(n, d, 1.0, 1.0), [0.0])
     assert controller.regime == regime
