@@ -187,11 +187,8 @@ class AdamDirection:
         batch.add_constant(PRESENT, len(tensors.params))
         x, g, m, u = range(4)
         sums = Products(batch, [(x, x, PARAM_SQ), (m, u, MOM_DIR), (u, u, DIR_SQ), (g, u, NEXT_DIR)])
-        shift = self._shift(t)
         for xs, gs, ms, vs, weights in runs([tensors.params, tensors.grads, tensors.ms, tensors.vs, tensors.weights], split=True):
-            denom = torch._foreach_sqrt(vs)
-            torch._foreach_add_(denom, shift)
-            sums.add((xs, gs, ms, torch._foreach_div(ms, denom)), weights)
+            sums.add((xs, gs, ms, self.direction(ms, vs, t)), weights)
         sums.finish()
         tensors.old_dirs, tensors.old_from_moments = [], True
 
@@ -222,15 +219,10 @@ class AdamDirection:
 
     def _chained_accept(self, tensors: GroupTensors, t: int, step: float, decay: float, grad_scale: float) -> None:
         """:meth:`accept` chunk by chunk: moments, ``u_new`` and the step of one chunk, then the next."""
-        shift, alpha = self._shift(t + 1), -step * self.scale(t + 1)
+        alpha = -step * self.scale(t + 1)
         for xs, gs, ms, vs in runs([tensors.params, tensors.grads, tensors.ms, tensors.vs], split=True):
-            torch._foreach_mul_(ms, self.beta1)
-            torch._foreach_add_(ms, gs, alpha=(1.0 - self.beta1) * grad_scale)
-            torch._foreach_mul_(vs, self.beta2)
-            torch._foreach_addcmul_(vs, gs, gs, value=(1.0 - self.beta2) * grad_scale**2)
-            denom = torch._foreach_sqrt(vs)
-            torch._foreach_add_(denom, shift)
-            directions = torch._foreach_div(ms, denom)
+            self.update_moments(GroupTensors(ms=ms, vs=vs, grads=gs), grad_scale)
+            directions = self.direction(ms, vs, t + 1)
             if decay != 1.0:
                 torch._foreach_mul_(xs, decay)
             torch._foreach_add_(xs, directions, alpha=alpha)
@@ -238,11 +230,9 @@ class AdamDirection:
     def retrace(self, tensors: GroupTensors, t: int, shift: float) -> None:
         """``x <- x + shift*u_old`` for the parameters the last step moved."""
         if tensors.old_from_moments:
-            eps, alpha = self._shift(t), shift * self.scale(t)
+            alpha = shift * self.scale(t)
             for xs, ms, vs in runs([tensors.moved, tensors.moved_ms, tensors.moved_vs], split=True):
-                denom = torch._foreach_sqrt(vs)
-                torch._foreach_add_(denom, eps)
-                torch._foreach_add_(xs, torch._foreach_div(ms, denom), alpha=alpha)
+                torch._foreach_add_(xs, self.direction(ms, vs, t), alpha=alpha)
         elif tensors.old_dirs:
             torch._foreach_add_(tensors.moved, tensors.old_dirs, alpha=shift * self.scale(t))
 

@@ -86,8 +86,7 @@ class _MatrixDirection(AdamDirection):
         inverse_scale = 1.0 / self.scale(t)
         for held, cached in zip(tensors.held_ms, tensors.vs):
             whole = orthogonalize(_whole(held))
-            whole = whole * (RMS * math.sqrt(max(whole.shape)) * inverse_scale)
-            cached.copy_(_part_like(whole, held))
+            cached.copy_(_part_like(whole, held)).mul_(RMS * math.sqrt(max(whole.shape)) * inverse_scale)
         return tensors.vs
 
 
