@@ -39,6 +39,7 @@ _BOOST_KEY = "elra_boost"
 AUTO_DECAY = 0.1
 _CONFIG_KEY = "elra_config"
 _PENDING_GRAD = "pending_grad"
+_MOVED = "moved"  # 1.0 where the last accepted step moved the parameter: a retrace and the next sums need it
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _HALF_MAX = torch.finfo(torch.float16).max
 _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
@@ -553,7 +554,8 @@ class ElraOptimizer(Optimizer):
                 pending = p.grad if self._pending else None
                 if pending is None:  # NaN: no gradient collected (it survives any resharding, unlike a flag)
                     pending = torch.full_like(p, math.nan if self._pending else 0.0, memory_format=torch.preserve_format)
-                sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending}
+                moved = torch.tensor(float(p in self._moved))
+                sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending, _MOVED: moved}
                 index += 1
         return sd
 
@@ -625,7 +627,7 @@ class ElraOptimizer(Optimizer):
         self.booster = booster
         self._fill_empty_state()
         self._pending = pending
-        self._moved = {p for g in self.param_groups for p in g["params"]}
+        self._moved = {p for g in self.param_groups for p in g["params"] if self._loaded_as_moved(p)}
         self._agreed = False
         for model in self.unsynced_models:  # loaded mid-run: what the wrappers collected belongs to the old run
             drop_unsynced_grads(model)
@@ -742,7 +744,7 @@ class ElraOptimizer(Optimizer):
                         f"(its preconditioner={preconditioner!r} needs it)"
                     )
             for key, value in entry.items():
-                if isinstance(value, torch.Tensor) and value.shape != shapes.get(key, p.shape):
+                if isinstance(value, torch.Tensor) and value.shape != shapes.get(key, () if key == _MOVED else p.shape):
                     raise ValueError(
                         f"state '{key}' of shape {tuple(value.shape)} does not fit parameter {index} of shape "
                         f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
@@ -795,6 +797,16 @@ class ElraOptimizer(Optimizer):
                         state.setdefault(key, value)
                     if self.booster.enabled:
                         state.setdefault("boost", p.detach().clone())
+
+    def _loaded_as_moved(self, p: torch.Tensor) -> bool:
+        """Whether the checkpoint's last accepted step moved ``p`` (taken off its state).
+
+        Checkpoints without the flag, and parameters with no local part (no
+        state under FSDP1), count as moved: a direction the step did not move
+        along is zero in P2M, and that was all older checkpoints could say.
+        """
+        flag = self.state.get(p, {}).pop(_MOVED, None)
+        return flag is None or bool(flag)
 
     def _restore_pending_grads(self, collecting: bool) -> None:
         """Put the saved partial sums into ``.grad`` (all NaN, or an empty shard: no gradient); clear the others."""

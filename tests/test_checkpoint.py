@@ -2,6 +2,7 @@
 
 import copy
 import logging
+import math
 import pickle
 import subprocess
 import sys
@@ -67,9 +68,11 @@ def test_state_dict_uses_the_torch_layout(preconditioner, weight_keys, bias_keys
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
     assert set(sd["state"]) == {0, 1}
-    assert set(sd["state"][0]) == {*weight_keys, "pending_grad"} and set(sd["state"][1]) == {*bias_keys, "pending_grad"}
+    extra = {"pending_grad", "moved"}
+    assert set(sd["state"][0]) == {*weight_keys, *extra} and set(sd["state"][1]) == {*bias_keys, *extra}
     assert all(not s["pending_grad"].any() for s in sd["state"].values())  # nothing pending: zeros
-    assert all(t.shape == model.weight.shape for t in sd["state"][0].values())
+    assert all(s["moved"].item() == 1.0 for s in sd["state"].values())  # the step moved both
+    assert all(t.shape == model.weight.shape for k, t in sd["state"][0].items() if k != "moved")
     controller = sd["param_groups"][0]["elra_controller"]
     assert all(isinstance(v, (int, float, bool, list, type(None))) for v in controller.values())
     assert "elra_controller" not in opt.param_groups[0]
@@ -279,3 +282,36 @@ def test_a_checkpoint_without_hyperparameters_keeps_the_constructors(caplog):
     new = _digits_optimizer(twin)
     new.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert _same(_run(resumed, old, 40, 120), _run(twin, new, 40, 120))
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
+def test_resume_remembers_which_parameters_the_last_step_moved(preconditioner):
+    """A head without a gradient in the last accepted step did not move: after a resume, the next
+    step's sums must leave its (nonzero) direction out, and a retrace must not move it back."""
+
+    def run(opt, net, steps):
+        for step in steps:
+            x = torch.randn(6, 4, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+            heads = ["a"] if step == 5 else ["a", "b"]
+            loss = sum(net[h](torch.tanh(net["body"](x))).square().mean() for h in heads)
+            opt.zero_grad()
+            loss.backward()
+            opt.step(math.nan if step == 6 else loss.item())  # step 6 fails: a retrace
+
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict({k: torch.nn.Linear(4, 4 if k == "body" else 3) for k in ("body", "a", "b")}).double()
+    twin = copy.deepcopy(net)
+    make = lambda m: ElraOptimizer(m.parameters(), None, 6, 3, lr=1e-4, preconditioner=preconditioner)
+    opt = make(net)
+    run(opt, net, range(6))
+    saved = copy.deepcopy(opt.state_dict())
+    twin.load_state_dict(net.state_dict())
+    resumed = make(twin)
+    resumed.load_state_dict(saved)
+    head_b = net["b"].weight.detach().clone()
+    run(opt, net, range(6, 7))
+    assert opt.stats["retraces"] == 1 and torch.equal(net["b"].weight, head_b)  # b has no step to undo
+    run(opt, net, range(7, 12))
+    run(resumed, twin, range(6, 12))
+    assert resumed.stats == opt.stats
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), twin.parameters()))
