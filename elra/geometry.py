@@ -25,6 +25,7 @@ import torch
 
 from .line_control import LineSums
 from .chunks import runs
+from .fused import adamw_accept, fusable
 from .reduce import Products, ScalarBatch, dots, flat, local, squares
 
 PRECONDITIONERS = (None, "adam", "factored", "muon")
@@ -218,9 +219,16 @@ class AdamDirection:
         torch._foreach_add_(tensors.params, directions, alpha=-step * self.scale(t + 1))
 
     def _chained_accept(self, tensors: GroupTensors, t: int, step: float, decay: float, grad_scale: float) -> None:
-        """:meth:`accept` chunk by chunk: moments, ``u_new`` and the step of one chunk, then the next."""
+        """:meth:`accept` in torch's fused AdamW kernel where :func:`elra.fused.fusable` allows, else chunk
+        by chunk: moments, ``u_new`` and the step of one chunk, then the next."""
+        columns = [tensors.params, tensors.grads, tensors.ms, tensors.vs]
+        if step > 0 or decay == 1.0:
+            fused = [fusable(*parameter) for parameter in zip(*columns)]
+            if any(fused):
+                adamw_accept(*_pick(columns, fused), t + 1, (self.beta1, self.beta2), self.eps, step, decay, grad_scale)
+                columns = _pick(columns, [not f for f in fused])
         alpha = -step * self.scale(t + 1)
-        for xs, gs, ms, vs in runs([tensors.params, tensors.grads, tensors.ms, tensors.vs], split=True):
+        for xs, gs, ms, vs in runs(columns, split=True):
             self.update_moments(GroupTensors(ms=ms, vs=vs, grads=gs), grad_scale)
             directions = self.direction(ms, vs, t + 1)
             if decay != 1.0:
@@ -241,6 +249,11 @@ class AdamDirection:
         k = self.scale(t)
         m_hat = 1.0 / (1.0 - self.beta1**t) if t else 0.0
         return LineSums(values[NEXT_DIR] * k * grad_scale, values[MOM_DIR] * k * m_hat, values[DIR_SQ] * k * k, values[PARAM_SQ])
+
+
+def _pick(columns: list[list], chosen: list[bool]) -> list[list]:
+    """The entries of each column where ``chosen`` holds."""
+    return [[x for x, keep in zip(column, chosen) if keep] for column in columns]
 
 
 def make_direction(preconditioner: str | None, momentum: float | None) -> AdamDirection | None:
