@@ -1,19 +1,23 @@
-"""torch's fused AdamW kernel, where it computes the accept of Adam's direction.
+"""torch's fused AdamW and SGD kernels, where they compute ELRA's accept.
 
 An accepted step over Adam's direction (moments take the gradient, then
 ``x <- decay*x - step*u_new``, :class:`elra.geometry.AdamDirection`) is term
 for term an AdamW step with learning rate ``step`` and decoupled weight decay
-``(1-decay)/step``. torch's fused kernel does it in one pass over x, g, m and
-v, where the foreach chain takes eight; the numbers agree to rounding.
+``(1-decay)/step``; P2M's accept (``d <- keep*d + s*g + c*x``, then
+``x <- x - step*d``) is an SGD step with momentum ``keep`` and coupled weight
+decay ``c``. torch's fused kernels do each in one pass over the tensors where
+the foreach chains take three to eight; the numbers agree to rounding.
 
-The kernel indexes memory flat, so every tensor of a parameter must be
+The kernels index memory flat, so every tensor of a parameter must be
 contiguous (a transposed parameter beside a contiguous gradient would be
 updated wrongly, silently), of one floating dtype (no float32 moments beside
-16-bit parameters), on a CPU or CUDA device. :func:`fusable` tells which
-parameters qualify; the others take the foreach chain.
+16-bit parameters), on a CPU or CUDA device. :func:`split_fusable` sorts the
+parameters; the others take the foreach chains.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -21,15 +25,27 @@ _DEVICES = ("cpu", "cuda")
 _DTYPES = (torch.float32, torch.float64)
 
 
-def fusable(*tensors: torch.Tensor) -> bool:
-    """Whether one parameter's tensors (x, g, m, v) can go through the fused kernel together."""
-    first = tensors[0]
-    return (
-        hasattr(torch, "_fused_adamw_")
-        and first.device.type in _DEVICES
-        and first.dtype in _DTYPES
-        and all(x.dtype == first.dtype and x.device == first.device and x.is_contiguous() for x in tensors)
-    )
+def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether parameter ``x`` and its tensors (gradient, state) can go through a fused kernel together."""
+    dtype = x.dtype
+    if dtype not in _DTYPES or not x.is_contiguous():
+        return False
+    device = x.device
+    if device.type not in _DEVICES:
+        return False
+    for t in others:
+        if t.dtype != dtype or not t.is_contiguous() or t.device != device:
+            return False
+    return True
+
+
+def split_fusable(columns: list[list]) -> tuple[list[list], list[list]]:
+    """Aligned lists (parameters, then their tensors) cut into the parameters :func:`fusable` takes and the rest."""
+    chosen = [fusable(*parameter) for parameter in zip(*columns)]
+    if all(chosen):
+        return columns, [[] for _ in columns]
+    pick = lambda wanted: [[t for t, c in zip(column, chosen) if c == wanted] for column in columns]  # noqa: E731
+    return pick(True), pick(False)
 
 
 def adamw_accept(
@@ -46,33 +62,62 @@ def adamw_accept(
 ) -> None:
     """Moments take ``grad_scale * g``, then ``x <- decay*x - step*u`` (``u`` after ``moment_steps`` updates).
 
-    Every tensor must pass :func:`fusable`; ``step > 0`` or ``decay == 1``.
-    The kernel divides the gradients by its scale in place: they are
-    restored, so the caller's ``.grad`` is what it was (to rounding).
+    Every parameter must pass :func:`fusable`; ``step > 0`` or ``decay == 1``.
+    """
+
+    def launch(device: torch.device, members: list[int], scale: torch.Tensor | None) -> None:
+        pick = lambda tensors: [tensors[i] for i in members]  # noqa: E731
+        count = torch.tensor(float(moment_steps), dtype=torch.float32, device=device)
+        torch._fused_adamw_(
+            pick(params), pick(grads), pick(ms), pick(vs), [], [count] * len(members),
+            lr=step, beta1=betas[0], beta2=betas[1], weight_decay=(1.0 - decay) / step if decay != 1.0 else 0.0,
+            eps=eps, amsgrad=False, maximize=False, grad_scale=scale,
+        )  # fmt: skip
+
+    _by_device(params, grads, grad_scale, launch)
+
+
+def sgd_accept(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    dirs: list[torch.Tensor],
+    keep: float,
+    grad_scale: float,
+    param_scale: float,
+    step: float,
+) -> None:
+    """``d <- keep*d + grad_scale*g + param_scale*x`` (``keep == 0``: without the old ``d``), then ``x <- x - step*d``.
+
+    Every parameter must pass :func:`fusable`.
+    """
+
+    def launch(device: torch.device, members: list[int], scale: torch.Tensor | None) -> None:
+        pick = lambda tensors: [tensors[i] for i in members]  # noqa: E731
+        torch._fused_sgd_(
+            pick(params), pick(grads), pick(dirs), weight_decay=param_scale, momentum=keep or 1.0, lr=step,
+            dampening=0.0, nesterov=False, maximize=False, is_first_step=keep == 0.0, grad_scale=scale, found_inf=None,
+        )  # fmt: skip
+
+    _by_device(params, grads, grad_scale, launch)
+
+
+def _by_device(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    grad_scale: float,
+    launch: Callable[[torch.device, list[int], torch.Tensor | None], None],
+) -> None:
+    """One ``launch`` per (device, dtype) of ``params``, with the kernels' gradient scale (they divide by it).
+
+    The kernels leave the divided gradients in place: they are restored, so
+    the caller's ``.grad`` is what it was (to rounding).
     """
     groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(params):
         groups.setdefault((x.device, x.dtype), []).append(i)
-    weight_decay = (1.0 - decay) / step if decay != 1.0 else 0.0
     for (device, _), members in groups.items():
-        pick = lambda tensors: [tensors[i] for i in members]  # noqa: E731
-        count = torch.tensor(float(moment_steps), dtype=torch.float32, device=device)
-        scale = None if grad_scale == 1.0 else torch.tensor(1.0 / grad_scale, dtype=torch.float32, device=device)
-        torch._fused_adamw_(
-            pick(params),
-            pick(grads),
-            pick(ms),
-            pick(vs),
-            [],
-            [count] * len(members),
-            lr=step,
-            beta1=betas[0],
-            beta2=betas[1],
-            weight_decay=weight_decay,
-            eps=eps,
-            amsgrad=False,
-            maximize=False,
-            grad_scale=scale,
-        )
-        if scale is not None:
-            torch._foreach_div_(pick(grads), grad_scale)
+        if grad_scale == 1.0:
+            launch(device, members, None)
+            continue
+        launch(device, members, torch.tensor(1.0 / grad_scale, dtype=torch.float32, device=device))
+        torch._foreach_div_([grads[i] for i in members], grad_scale)

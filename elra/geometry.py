@@ -25,7 +25,7 @@ import torch
 
 from .line_control import LineSums
 from .chunks import runs
-from .fused import adamw_accept, fusable
+from .fused import adamw_accept, split_fusable
 from .reduce import Products, ScalarBatch, dots, flat, local, squares
 
 PRECONDITIONERS = (None, "adam", "factored", "muon")
@@ -103,23 +103,25 @@ class AdamDirection:
         for p in group["params"]:
             m, v = self.moments(state[p])
             grad = p.grad if with_gradient else None
+            weight = 1.0 / replicas(p)
+            x = local(p)
             if grad is not None:
                 if grad.is_sparse:
                     raise RuntimeError("ElraOptimizer does not support sparse gradients")
                 grad = local(grad)
-                tensors.params.append(local(p))
+                tensors.params.append(x)
                 tensors.owners.append(p)
                 tensors.held_ms.append(state[p][MOMENT_KEYS[0]])
                 tensors.grads.append(grad)
                 tensors.ms.append(m)
                 tensors.vs.append(v)
-                tensors.weights.append(1.0 / replicas(p))
+                tensors.weights.append(weight)
             if p in moved:
-                tensors.moved.append(local(p))
+                tensors.moved.append(x)
                 tensors.moved_ms.append(m)
                 tensors.moved_vs.append(v)
                 tensors.moved_grads.append(grad)
-                tensors.moved_weights.append(1.0 / replicas(p))
+                tensors.moved_weights.append(weight)
         return tensors
 
     def scale(self, t: int) -> float:
@@ -223,10 +225,9 @@ class AdamDirection:
         by chunk: moments, ``u_new`` and the step of one chunk, then the next."""
         columns = [tensors.params, tensors.grads, tensors.ms, tensors.vs]
         if step > 0 or decay == 1.0:
-            fused = [fusable(*parameter) for parameter in zip(*columns)]
-            if any(fused):
-                adamw_accept(*_pick(columns, fused), t + 1, (self.beta1, self.beta2), self.eps, step, decay, grad_scale)
-                columns = _pick(columns, [not f for f in fused])
+            fused, columns = split_fusable(columns)
+            if fused[0]:
+                adamw_accept(*fused, t + 1, (self.beta1, self.beta2), self.eps, step, decay, grad_scale)
         alpha = -step * self.scale(t + 1)
         for xs, gs, ms, vs in runs(columns, split=True):
             self.update_moments(GroupTensors(ms=ms, vs=vs, grads=gs), grad_scale)
@@ -249,11 +250,6 @@ class AdamDirection:
         k = self.scale(t)
         m_hat = 1.0 / (1.0 - self.beta1**t) if t else 0.0
         return LineSums(values[NEXT_DIR] * k * grad_scale, values[MOM_DIR] * k * m_hat, values[DIR_SQ] * k * k, values[PARAM_SQ])
-
-
-def _pick(columns: list[list], chosen: list[bool]) -> list[list]:
-    """The entries of each column where ``chosen`` holds."""
-    return [[x for x, keep in zip(column, chosen) if keep] for column in columns]
 
 
 def make_direction(preconditioner: str | None, momentum: float | None) -> AdamDirection | None:

@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster
 from .chunks import runs
+from .fused import sgd_accept, split_fusable
 from .control import ACCEPTANCE_RULES, MAX_MULTIPLIER, Controller, Decision, RangeBounds, StepSums
 from .geometry import PRESENT, SLOTS, make_direction, moment_dtype
 from .line_control import LineController
@@ -1021,7 +1022,10 @@ class ElraOptimizer(Optimizer):
                 params, grads, dirs = tensors["params"], tensors["grads"], tensors["dirs"]
                 if tensors["stale"]:
                     torch._foreach_zero_(tensors["stale"])
-                for params, grads, dirs in runs([params, grads, dirs]):  # each run's passes hit the cache
+                fused, columns = split_fusable([params, grads, dirs])
+                if fused[0]:
+                    sgd_accept(*fused, decision.keep, grad_scale, decision.param_scale[j], decision.step)
+                for params, grads, dirs in runs(columns):  # each run's passes hit the cache
                     if decision.keep == 0.0:
                         torch._foreach_copy_(dirs, grads)
                         if grad_scale != 1.0:
@@ -1049,10 +1053,8 @@ class ElraOptimizer(Optimizer):
         """
         geometry, t = self.geometry, self.controller.state.moment_steps
         decays = self._decay_rates(self.param_groups)
-        groups = [
-            geometry.gather(group, self.state, self._moved, with_gradient, self.reducer.replicas)
-            for group in self.param_groups
-        ]
+        replicas = self.reducer.replicas_counter()
+        groups = [geometry.gather(group, self.state, self._moved, with_gradient, replicas) for group in self.param_groups]
         check = SLOTS
         batch = ScalarBatch(check + (2 if self._check_every else 0), self._device or torch.device("cpu"), self.reducer)
         for tensors in groups:

@@ -216,8 +216,13 @@ class Reducer:
 
     def weights(self, params: Sequence[torch.Tensor]) -> list[float]:
         """``1 / replicas`` of each parameter: the share of its local sums this rank contributes."""
+        replicas = self.replicas_counter()
+        return [1.0 / replicas(p) for p in params]
+
+    def replicas_counter(self) -> Callable[[torch.Tensor], int]:
+        """:meth:`replicas` with the group looked up once: for one step's many parameters."""
         world = self.world_size
-        return [1.0 / self._replicas_in(p, world) for p in params]
+        return lambda param: self._replicas_in(param, world)
 
     def _replicas_in(self, param: torch.Tensor, world: int) -> int:
         if self._replicas is not None:

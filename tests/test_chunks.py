@@ -25,3 +25,10 @@ def test_runs_cover_every_element_once_and_stay_aligned(split):
     assert 1500 in sizes and 500 in sizes  # the large contiguous tensor came in pieces
     labels = [i for part in runs([a, b, list(range(len(a)))], budget=1500, split=True) for i in part[2]]
     assert labels == [0, 1, 1, 2, 3, 4, 5]  # non-tensor entries travel along, once per piece
+
+
+@pytest.mark.parametrize("device, runs_expected", [("cpu", 16), ("meta", 1)])
+def test_default_runs_are_cache_sized_on_cpu_and_launch_sized_elsewhere(device, runs_expected):
+    """On an accelerator every op of a run is a kernel launch: 2M elements are one run there, 16 on CPU."""
+    tensors = [torch.empty(1 << 20, device=device) for _ in range(2)]
+    assert len(list(runs([tensors, tensors], split=True))) == runs_expected

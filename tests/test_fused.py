@@ -1,17 +1,16 @@
-"""The accept of Adam's direction in torch's fused AdamW kernel (elra.fused) against the foreach chain."""
+"""Accepted steps in torch's fused AdamW and SGD kernels (elra.fused) against the foreach chains."""
 
 import pytest
 import torch
 
-import elra.geometry
+import elra.fused
 from elra import ElraOptimizer
 from elra.fused import fusable
 
 
-def _train(params, grads_of, steps: int, multiplier: int = 1, preconditioner: str = "adam", decay: float = 1e-2):
-    opt = ElraOptimizer(
-        params, None, 8, 3, lr=1e-4, weight_decay=decay, batch_multiplier=multiplier, preconditioner=preconditioner
-    )
+def _train(params, grads_of, steps: int, multiplier: int = 1, preconditioner: str | None = "adam", **options):
+    options = {"weight_decay": 1e-2, **options}
+    opt = ElraOptimizer(params, None, 8, 3, lr=1e-4, batch_multiplier=multiplier, preconditioner=preconditioner, **options)
     for step in range(steps):
         opt.zero_grad()
         for p, g in zip(params, grads_of(step)):
@@ -28,15 +27,19 @@ def _grads(shapes):
     return grads_of
 
 
-@pytest.mark.parametrize("preconditioner", ["adam", "muon"])
-def test_the_fused_kernel_gives_the_foreach_chains_numbers(monkeypatch, preconditioner):
+@pytest.mark.parametrize(
+    "preconditioner, options",
+    [("adam", {}), ("muon", {}), (None, {}), (None, {"momentum": 0.5, "weight_decay": 0.999})],
+    ids=["adam", "muon", "p2m", "p2m-momentum-decay"],
+)
+def test_the_fused_kernels_give_the_foreach_chains_numbers(monkeypatch, preconditioner, options):
     shapes = [(6, 5), (5,), (3, 6), (3,)]
     start = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(shapes)]
     fused = [x.clone().requires_grad_() for x in start]
-    opt = _train(fused, _grads(shapes), 40, multiplier=2, preconditioner=preconditioner)
-    monkeypatch.setattr(elra.geometry, "fusable", lambda *tensors: False)
+    opt = _train(fused, _grads(shapes), 40, 2, preconditioner, **options)
+    monkeypatch.setattr(elra.fused, "fusable", lambda *tensors: False)
     chained = [x.clone().requires_grad_() for x in start]
-    twin = _train(chained, _grads(shapes), 40, multiplier=2, preconditioner=preconditioner)
+    twin = _train(chained, _grads(shapes), 40, 2, preconditioner, **options)
     assert opt.stats["real_steps"] == twin.stats["real_steps"] == 20
     for p, q, x in zip(fused, chained, start):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6) and not torch.equal(p, x)
