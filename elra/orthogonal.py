@@ -31,6 +31,7 @@ MATRIX_KEYS = ("exp_avg", "direction")
 NEWTON_SCHULZ_STEPS = 5
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # a quintic that pushes singular values toward 1 fast
 RMS = 0.2  # per-entry size of a matrix's direction
+STACK_ELEMENTS = 1 << 22  # matrices orthogonalised together: bounds the stacked copies (16 MB of float32)
 
 
 def is_matrix(p: torch.Tensor) -> bool:
@@ -39,16 +40,32 @@ def is_matrix(p: torch.Tensor) -> bool:
 
 
 def orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
-    """About ``U V^T`` of ``matrix = U S V^T``, its RMS ``1/sqrt(max(rows, cols))``; float32 for 16-bit input."""
+    """About ``U V^T`` of ``matrix = U S V^T``, its RMS ``1/sqrt(max(rows, cols))``; float32 for 16-bit input.
+
+    ``matrix`` may be a stack of matrices (``(..., rows, cols)``): each is orthogonalised on its own.
+    """
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     x = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
-    x = x / (x.norm() + 1e-7)
-    wide = x.shape[0] <= x.shape[1]
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
+    wide = x.shape[-2] <= x.shape[-1]
     x = x if wide else x.mT
     for _ in range(NEWTON_SCHULZ_STEPS):
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x if wide else x.mT
+
+
+def _stacks(matrices: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``matrices`` in stacks of one (global) shape, dtype and device, each of at most
+    ``STACK_ELEMENTS`` elements (or one matrix): what :func:`orthogonalize` takes at once."""
+    classes: dict[tuple, list[int]] = {}
+    for i, m in enumerate(matrices):
+        classes.setdefault((m.shape, m.dtype, m.device), []).append(i)
+    stacks = []
+    for (shape, _, _), members in classes.items():
+        size = max(1, STACK_ELEMENTS // shape.numel())
+        stacks += [members[start : start + size] for start in range(0, len(members), size)]
+    return stacks
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -83,10 +100,15 @@ class _MatrixDirection(AdamDirection):
         return list(tensors.moved_vs)
 
     def new_directions(self, tensors: GroupTensors, t: int) -> list[torch.Tensor]:
+        """Orthogonalises the momenta in stacks of same-shaped matrices: one matrix product per
+        Newton-Schulz term and stack, where one per matrix would cost a dispatch (a launch) each."""
         inverse_scale = 1.0 / self.scale(t)
-        for held, cached in zip(tensors.held_ms, tensors.vs):
-            whole = orthogonalize(_whole(held))
-            cached.copy_(_part_like(whole, held)).mul_(RMS * math.sqrt(max(whole.shape)) * inverse_scale)
+        for members in _stacks(tensors.held_ms):
+            helds = [tensors.held_ms[i] for i in members]
+            wholes = orthogonalize(torch.stack([_whole(held) for held in helds]))
+            factor = RMS * math.sqrt(max(wholes.shape[-2:])) * inverse_scale
+            for i, held, whole in zip(members, helds, wholes.unbind()):
+                tensors.vs[i].copy_(_part_like(whole, held)).mul_(factor)
         return tensors.vs
 
 

@@ -196,6 +196,35 @@ def test_orthogonalized_momentum_keeps_the_singular_vectors_and_flattens_the_spe
         assert cosine > 0.95
 
 
+def test_same_shaped_matrices_are_orthogonalised_in_stacks_one_by_one(monkeypatch):
+    """A stack gives each matrix its own result; the optimizer stacks by shape within a size bound."""
+    import elra.orthogonal
+    from elra.orthogonal import orthogonalize
+
+    matrices = torch.randn(5, 6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    matrices[1] *= 100.0  # each matrix is normalised on its own
+    for matrix, stacked in zip(matrices, orthogonalize(matrices)):
+        assert torch.allclose(orthogonalize(matrix), stacked, rtol=0, atol=1e-12)
+
+    def train(net):
+        opt = ElraOptimizer(net.parameters(), None, 8, 3, lr=1e-4, preconditioner="muon")
+        for step in range(20):
+            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step(1.0 / (1 + step))
+        return [p.detach() for p in net.parameters()]
+
+    make = lambda: torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(5)), torch.nn.Linear(4, 2)).double()
+    torch.manual_seed(0)
+    stacked = train(make())
+    monkeypatch.setattr(elra.orthogonal, "STACK_ELEMENTS", 40)  # two 4x4 matrices a stack
+    assert [len(s) for s in elra.orthogonal._stacks([torch.zeros(4, 4)] * 5 + [torch.zeros(2, 4)])] == [2, 2, 1, 1]
+    torch.manual_seed(0)
+    in_pairs = train(make())
+    assert all(torch.allclose(p, q, rtol=0, atol=1e-12) for p, q in zip(stacked, in_pairs))
+
+
 def test_muon_refuses_flattened_parameters_and_checkpoints_of_adam():
     flat = torch.nn.Parameter(torch.zeros(6))
     flat._fsdp_flattened = True  # what FSDP1 marks its parameters with
