@@ -315,3 +315,18 @@ def test_resume_remembers_which_parameters_the_last_step_moved(preconditioner):
     run(resumed, twin, range(6, 12))
     assert resumed.stats == opt.stats
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), twin.parameters()))
+
+
+def test_a_checkpoint_without_moved_flags_counts_every_parameter_as_moved():
+    """Checkpoints from before the flag load; P2M's directions of unmoved parameters are zero, so nothing changes."""
+    model = torch.nn.Linear(3, 2)
+    opt = ElraOptimizer(model.parameters(), None, 4, 2, preconditioner=None)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step(1.0)
+    sd = copy.deepcopy(opt.state_dict())
+    for entry in sd["state"].values():
+        del entry["moved"]
+    resumed = ElraOptimizer(model.parameters(), None, 4, 2, preconditioner=None)
+    resumed.load_state_dict(sd)
+    assert resumed._moved == set(model.parameters())
+    assert all("moved" not in state for state in resumed.state.values())
