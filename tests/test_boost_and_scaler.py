@@ -122,12 +122,15 @@ def test_scaler_backs_off_on_overflow_grows_when_clean_and_trains(dtype, precond
     assert opt.stats["real_steps"] == 300 - 2 and accuracy > 0.8
 
 
-def test_scaler_matches_unscaled_training_in_float32():
+@pytest.mark.parametrize("preconditioner", [None, "adam", "muon"])
+def test_scaler_matches_unscaled_training_in_float32(preconditioner):
+    """Full-precision parameters: the fused kernels take the scaler's gradient scale."""
+
     def run(scaler):
         torch.manual_seed(0)
         x, y = digits_data(torch.float64)
         model = digits_model()
-        opt = ElraOptimizer(model.parameters(), None, 16, 10, lr=1e-5)
+        opt = ElraOptimizer(model.parameters(), None, 16, 10, lr=1e-5, preconditioner=preconditioner)
         for xb, yb in _batches(x, y, 100):
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(xb), yb)
