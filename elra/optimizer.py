@@ -139,10 +139,17 @@ def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
         "batch_size": _check_int("batch_size", config["batch_size"], 1),
         "classes": None if config["classes"] is None else _check_int("classes", config["classes"], 0),
         "warmup": _check_int("warmup", config["warmup"], 0),
-        "momentum": float(momentum) if momentum else None,
+        "momentum": _normalized_momentum(momentum, config["preconditioner"]),
         "batch_multiplier": _check_int("batch_multiplier", config["batch_multiplier"], 1, MAX_MULTIPLIER),
         "line_target": float(target),
     }
+
+
+def _normalized_momentum(momentum: Any, preconditioner: str | None) -> float | None:
+    """P2M: 0 is no momentum (``None``); along a preconditioned direction 0 is beta1 = 0 and ``None`` its default."""
+    if preconditioner is None:
+        return float(momentum) if momentum else None
+    return None if momentum is None else float(momentum)
 
 
 def _make_controller(config: dict[str, Any]) -> Controller | LineController:
@@ -183,7 +190,9 @@ class ElraOptimizer(Optimizer):
             ``AUTO_DECAY`` (0.1) along a preconditioned direction in the
             stochastic regime.
         warmup: real steps over which the rate may ramp up.
-        momentum: momentum factor in [0, 1), ``None`` or 0 for none.
+        momentum: momentum factor in [0, 1). P2M: ``None`` or 0 for none. Along
+            a preconditioned direction it is beta1: ``None`` for 0.9, 0 for
+            no averaging (the direction of the gradient itself).
         batch_multiplier: initial and smallest number of micro-batches whose
             gradients are averaged per real step.
         process_group: data-parallel group to reduce over: ``"auto"`` (the
@@ -311,7 +320,8 @@ class ElraOptimizer(Optimizer):
                 f"a parameter group sets lr={group['lr']!r}: ELRA adapts one step length for all groups, "
                 "so per-group learning rates are not supported (leave 'lr' out of the group)"
             )
-        if "momentum" in group and (group["momentum"] or None) != self._config["momentum"]:
+        momentum = group.get("momentum")
+        if "momentum" in group and _normalized_momentum(momentum, self._config["preconditioner"]) != self._config["momentum"]:
             raise ValueError(
                 f"a parameter group sets momentum={group['momentum']!r}: ELRA uses one momentum for all groups "
                 f"(the constructor's, {self._config['momentum']}); leave 'momentum' out of the group"

@@ -288,3 +288,22 @@ def test_16_bit_parameters_keep_float32_moments_through_a_checkpoint(preconditio
     run(opt, net, 20, 10)
     run(resumed, twin, 20, 10)
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", "muon"])
+def test_momentum_zero_means_no_averaging_along_a_preconditioned_direction(preconditioner):
+    """``momentum=0`` is beta1 = 0 there (it once fell back to 0.9, as ``None`` does); P2M keeps 0 as none."""
+    net = torch.nn.Linear(4, 3)
+    opt = ElraOptimizer(net.parameters(), None, 8, 3, lr=1e-4, momentum=0.0, preconditioner=preconditioner)
+    assert opt.geometry.beta1 == 0.0
+    for step in range(3):
+        opt.zero_grad()
+        net(torch.randn(8, 4, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+        opt.step(1.0 / (1 + step))
+        assert all(torch.equal(opt.state[p]["exp_avg"], p.grad) for p in net.parameters())  # m is the last gradient
+    resumed = ElraOptimizer(net.parameters(), None, 8, 3, lr=1e-4, preconditioner=preconditioner)
+    resumed.load_state_dict(opt.state_dict())  # the checkpoint's momentum wins
+    assert resumed.geometry.beta1 == 0.0
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "momentum": 0.0})  # the same momentum
+    assert ElraOptimizer(net.parameters(), momentum=None, preconditioner=preconditioner).geometry.beta1 == 0.9
+    assert ElraOptimizer(net.parameters(), momentum=0.0, preconditioner=None).controller.momentum is None
