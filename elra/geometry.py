@@ -252,6 +252,13 @@ class AdamDirection:
         return LineSums(values[NEXT_DIR] * k * grad_scale, values[MOM_DIR] * k * m_hat, values[DIR_SQ] * k * k, values[PARAM_SQ])
 
 
+def direction_state(geometry, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A parameter's direction state: P2M's last direction, or the preconditioner's moments."""
+    if geometry is None:
+        return {"direction": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    return geometry.new_state(p)
+
+
 def make_direction(preconditioner: str | None, momentum: float | None) -> AdamDirection | None:
     """The direction for ``preconditioner`` (``None``: P2M's own, handled by the optimizer)."""
     if preconditioner not in PRECONDITIONERS:

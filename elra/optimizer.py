@@ -5,6 +5,8 @@ The optimizer turns the tensors of one real step into a few global sums
 applies the decision with ``torch._foreach_*`` calls on the parameters as they
 are. It holds one tensor per parameter: the last step direction (or the
 momentum), from which a retrace recomputes the last good point.
+Hyperparameter checks live in :mod:`elra.config`, ``state_dict`` and
+``load_state_dict`` in :mod:`elra.checkpoint`.
 """
 
 from __future__ import annotations
@@ -22,44 +24,24 @@ import torch
 from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster
+from .checkpoint import Checkpointing
 from .chunks import runs
+from .config import check_int, checked_config, decay_rate, make_controller, normalized_momentum
+from .control import Decision, RangeBounds, StepSums
 from .fused import sgd_accept, split_fusable
-from .control import ACCEPTANCE_RULES, MAX_MULTIPLIER, Controller, Decision, RangeBounds, StepSums
-from .geometry import PRESENT, SLOTS, make_direction, moment_dtype
-from .line_control import LineController
+from .geometry import PRESENT, SLOTS, direction_state, make_direction
 from .reduce import AUTO, Reducer, ScalarBatch, local, products, squares
-from .sync import drop_unsynced_grads, fsdp_wrapping, reshard, sync_unsynced_grads
+from .sync import drop_unsynced_grads, fsdp_wrapping, reshard
 
 logger = logging.getLogger("elra")
 
 LossLike = float | torch.Tensor
-_STATE_KEY = "elra_controller"
-_BOOST_KEY = "elra_boost"
 # weight_decay=None along a preconditioned direction in the stochastic regime: decoupled, as AdamW's
 # (x <- (1 - step*wd)*x); chosen by benchmarks/quality.py over all its tasks (see the README)
 AUTO_DECAY = 0.1
-_CONFIG_KEY = "elra_config"
-_PENDING_GRAD = "pending_grad"
-_MOVED = "moved"  # 1.0 where the last accepted step moved the parameter: a retrace and the next sums need it
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _HALF_MAX = torch.finfo(torch.float16).max
 _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
-
-
-def _decay_rate(value: Any) -> float | None:
-    """The seed's convention: a weight decay above 0.5 means ``1 - value``; ``None``: automatic."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"Invalid weight_decay: {value!r} (expected a number in [0, 1]; 0.9999 means 1e-4)")
-    return 1.0 - float(value) if value > 0.5 else float(value)
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"Invalid {name}: {value!r} (expected an integer {bound})")
-    return int(value)
 
 
 def _loss_value(loss: Any) -> LossLike:
@@ -109,67 +91,7 @@ def _layout(n_groups: int, sixteen_bit: bool) -> tuple[int, int, int]:
     return present, present + 1, present + (4 if sixteen_bit else 1)
 
 
-def _direction_state(geometry, p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A parameter's direction state: P2M's last direction, or the preconditioner's moments."""
-    if geometry is None:
-        return {"direction": torch.zeros_like(p, memory_format=torch.preserve_format)}
-    return geometry.new_state(p)
-
-
-def _checked_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer's hyperparameters, validated (constructor arguments or a checkpoint's)."""
-    lr, momentum = config["lr"], config["momentum"]
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0.0 < lr < math.inf:
-        raise ValueError(f"Invalid learning rate: {lr!r} (expected a positive number, e.g. 1e-5)")
-    _decay_rate(config["weight_decay"])
-    if momentum is not None and (
-        isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0
-    ):
-        raise ValueError(f"Invalid momentum: {momentum!r} (expected None or a number in [0, 1))")
-    if config["acceptance"] not in ACCEPTANCE_RULES:
-        raise ValueError(f"Invalid acceptance: {config['acceptance']!r} (expected one of {ACCEPTANCE_RULES})")
-    make_direction(config["preconditioner"], momentum)  # validates the name
-    target = config["line_target"]
-    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not -1.0 < target < 1.0:
-        raise ValueError(f"Invalid line_target: {target!r} (expected a number in (-1, 1), e.g. 0 or -0.3)")
-    return {
-        **config,
-        "lr": float(lr),
-        "weight_decay": None if config["weight_decay"] is None else float(config["weight_decay"]),
-        "batch_size": _check_int("batch_size", config["batch_size"], 1),
-        "classes": None if config["classes"] is None else _check_int("classes", config["classes"], 0),
-        "warmup": _check_int("warmup", config["warmup"], 0),
-        "momentum": _normalized_momentum(momentum, config["preconditioner"]),
-        "batch_multiplier": _check_int("batch_multiplier", config["batch_multiplier"], 1, MAX_MULTIPLIER),
-        "line_target": float(target),
-    }
-
-
-def _normalized_momentum(momentum: Any, preconditioner: str | None) -> float | None:
-    """P2M: 0 is no momentum (``None``); along a preconditioned direction 0 is beta1 = 0 and ``None`` its default."""
-    if preconditioner is None:
-        return float(momentum) if momentum else None
-    return None if momentum is None else float(momentum)
-
-
-def _make_controller(config: dict[str, Any]) -> Controller | LineController:
-    """P2M's controller, or the line controller of a preconditioned direction."""
-    if config["preconditioner"] is not None:
-        return LineController(
-            config["lr"], config["classes"], config["batch_size"], config["batch_multiplier"], config["line_target"]
-        )
-    return Controller(
-        lr=config["lr"],
-        classes=config["classes"],
-        batch_size=config["batch_size"],
-        warmup=config["warmup"],
-        momentum=config["momentum"],
-        min_multiplier=config["batch_multiplier"],
-        acceptance=config["acceptance"],
-    )
-
-
-class ElraOptimizer(Optimizer):
+class ElraOptimizer(Checkpointing, Optimizer):
     """ELRA (P2M): gradient descent that adapts its own step size and batch size.
 
     Args:
@@ -248,7 +170,7 @@ class ElraOptimizer(Optimizer):
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
-        config = _checked_config(
+        config = checked_config(
             dict(
                 lr=lr,
                 weight_decay=weight_decay,
@@ -262,7 +184,7 @@ class ElraOptimizer(Optimizer):
                 line_target=line_target,
             )
         )
-        self._check_every = _check_int("check_consistency", check_consistency, 0)
+        self._check_every = check_int("check_consistency", check_consistency, 0)
         self.reducer = Reducer(process_group, replicas)
         if lr >= 1e-3:
             logger.warning("ELRA starts best from a tiny lr (1e-6..1e-4), got %g", lr)
@@ -272,7 +194,7 @@ class ElraOptimizer(Optimizer):
         self.booster = Booster()
         self.geometry = make_direction(config["preconditioner"], config["momentum"])
         super().__init__(params, dict(lr=config["lr"], weight_decay=config["weight_decay"]))
-        self.controller = _make_controller(config)
+        self.controller = make_controller(config)
         self._pending: list[LossLike] = []
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
         self.unsynced_models: set[torch.nn.Module] = set()  # filled by elra.grad_sync
@@ -291,7 +213,7 @@ class ElraOptimizer(Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         named = [p for p in params if isinstance(p, tuple)]  # model.named_parameters(): torch keeps the names
         tensors = [p[1] for p in named] if len(named) == len(params) else params
-        _decay_rate(param_group.get("weight_decay", self.defaults["weight_decay"]))
+        decay_rate(param_group.get("weight_decay", self.defaults["weight_decay"]))
         self._check_group_options(param_group)
         device = self._device
         for p in tensors:
@@ -308,7 +230,7 @@ class ElraOptimizer(Optimizer):
         self._device = device
         self._agreed = False
         for p in tensors:
-            self.state[p].update(_direction_state(self.geometry, p))
+            self.state[p].update(direction_state(self.geometry, p))
             if self.booster.enabled:
                 self.state[p]["boost"] = p.detach().clone()
 
@@ -321,7 +243,7 @@ class ElraOptimizer(Optimizer):
                 "so per-group learning rates are not supported (leave 'lr' out of the group)"
             )
         momentum = group.get("momentum")
-        if "momentum" in group and _normalized_momentum(momentum, self._config["preconditioner"]) != self._config["momentum"]:
+        if "momentum" in group and normalized_momentum(momentum, self._config["preconditioner"]) != self._config["momentum"]:
             raise ValueError(
                 f"a parameter group sets momentum={group['momentum']!r}: ELRA uses one momentum for all groups "
                 f"(the constructor's, {self._config['momentum']}); leave 'momentum' out of the group"
@@ -534,117 +456,7 @@ class ElraOptimizer(Optimizer):
         pairs = [(local(p), local(self.state[p]["boost"])) for g in self.param_groups for p in g["params"]]
         return [p for p, _ in pairs], [m for _, m in pairs]
 
-    # ------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """The torch layout, plus the controller's numbers in ``param_groups[0]``.
-
-        While collecting, the partial gradient sums are saved too, so a resumed
-        run continues with the same micro-batches. Every parameter carries a
-        ``pending_grad`` (zeros when nothing is pending), so that the state of a
-        fresh optimizer, the template ``torch.distributed.checkpoint`` loads
-        into, has room for them. Sums a wrapper holds per rank (collected under
-        :func:`elra.grad_sync`) must be synchronised first: see
-        :meth:`sync_pending_grads`.
-        """
-        if self._pending and self.unsynced_models:
-            raise RuntimeError(
-                f"state_dict() in the middle of collecting micro-batches ({len(self._pending)} of "
-                f"{self.controller.state.multiplier}) with gradient sync off (grad_sync): each rank holds its own "
-                "partial sums, which one checkpoint cannot keep. Call optimizer.sync_pending_grads() on every "
-                "rank first (one gradient reduction), or save when optimizer.collecting is False"
-            )
-        sd = super().state_dict()
-        controller = self.controller.state_dict()
-        controller["pending_losses"] = [float(v) for v in self._pending]
-        sd["param_groups"][0][_STATE_KEY] = controller
-        sd["param_groups"][0][_BOOST_KEY] = self.booster.state_dict()
-        sd["param_groups"][0][_CONFIG_KEY] = dict(self._config)
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                pending = p.grad if self._pending else None
-                if pending is None:  # NaN: no gradient collected (it survives any resharding, unlike a flag)
-                    pending = torch.full_like(p, math.nan if self._pending else 0.0, memory_format=torch.preserve_format)
-                moved = torch.tensor(float(p in self._moved))
-                sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending, _MOVED: moved}
-                index += 1
-        return sd
-
-    @torch.no_grad()
-    def sync_pending_grads(self) -> None:
-        """Reduce the micro-batch gradients collected with sync off, as the next real step would.
-
-        A collective: call it on every rank, before saving a checkpoint while
-        collecting under :func:`elra.grad_sync` (``state_dict()`` refuses
-        otherwise). Averaging the partial sums over ranks now gives the same
-        averaged gradient at the real step (the reduction is linear), and the
-        averaged sums are what one checkpoint can hold, at any world size.
-        Costs one gradient reduction (DDP: an all-reduce of all gradients;
-        FSDP2: an all-reduce per parameter; FSDP1: per wrapped module) at
-        checkpoint time; nothing when nothing is pending or sync was on.
-        """
-        if not self._pending or not self.unsynced_models:
-            self.unsynced_models.clear()
-            return
-        for model in self.unsynced_models:
-            sync_unsynced_grads(model)
-        self.unsynced_models.clear()
-        self._keep_grads()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state saved by ``state_dict``: everything, or nothing if it does not fit.
-
-        The checkpoint's hyperparameters win (as torch restores a group's
-        ``lr``): momentum, batch size, regime, warmup, the smallest batch
-        multiplier and the default lr and weight decay are those it was saved
-        with; each one that differs from this optimizer's is logged at WARNING.
-        ``process_group``, ``replicas`` and ``check_consistency`` describe this
-        job, not the run, and stay as constructed. A state_dict that does not
-        fit raises ``ValueError`` before anything changes.
-        """
-        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        if not groups or not isinstance(groups[0], dict) or _STATE_KEY not in groups[0]:
-            raise ValueError("not an ElraOptimizer state_dict (no controller state in param_groups[0])")
-        config = self._saved_config(groups[0].get(_CONFIG_KEY))
-        controller_state = dict(groups[0][_STATE_KEY])
-        pending = [float(v) for v in controller_state.pop("pending_losses", [])]
-        controller = _make_controller(config)
-        controller.load_state_dict(controller_state)
-        if len(pending) >= controller.state.multiplier:
-            raise ValueError(
-                f"the state_dict holds {len(pending)} collected micro-batches for a batch multiplier of "
-                f"{controller.state.multiplier}: it is corrupted"
-            )
-        booster = Booster()
-        boost = groups[0].get(_BOOST_KEY)
-        if boost is not None:
-            try:
-                booster.load_state_dict(boost)
-            except (KeyError, TypeError, ValueError) as error:
-                raise ValueError(f"the boost state of the state_dict is unusable: {error!r}") from error
-        geometry = make_direction(config["preconditioner"], config["momentum"])
-        self._check_saved_state(state_dict, booster.enabled, geometry, config["preconditioner"])
-        super().load_state_dict(state_dict)
-        self._own_loaded_state(state_dict)
-        self._restore_float32_moments(state_dict)
-        self.param_groups[0].pop(_STATE_KEY, None)
-        self.param_groups[0].pop(_BOOST_KEY, None)
-        self.param_groups[0].pop(_CONFIG_KEY, None)
-        self._log_config_change(config)
-        self._config = config
-        self.defaults.update(lr=config["lr"], weight_decay=config["weight_decay"])
-        self.controller = controller
-        self.geometry = geometry
-        self.booster = booster
-        self._fill_empty_state()
-        self._pending = pending
-        self._moved = {p for g in self.param_groups for p in g["params"] if self._loaded_as_moved(p)}
-        self._agreed = False
-        for model in self.unsynced_models:  # loaded mid-run: what the wrappers collected belongs to the old run
-            drop_unsynced_grads(model)
-        self.unsynced_models.clear()
-        self._restore_pending_grads(bool(pending))
-
+    # ------------------------------------- copies (checkpoints: elra.checkpoint)
     def __getstate__(self) -> dict[str, Any]:
         """Everything needed to continue the same trajectory (``copy.deepcopy``, pickle, ``torch.save``).
 
@@ -669,7 +481,7 @@ class ElraOptimizer(Optimizer):
         preconditioned direction once the regime is known to be stochastic, else 0."""
         stochastic = self.geometry is not None and self.controller.regime == "stochastic"
         automatic = AUTO_DECAY if stochastic else 0.0
-        return [automatic if _decay_rate(g["weight_decay"]) is None else _decay_rate(g["weight_decay"]) for g in groups]
+        return [automatic if decay_rate(g["weight_decay"]) is None else decay_rate(g["weight_decay"]) for g in groups]
 
     def _reported(self, loss: Any, what: str) -> float:
         value = _loss_value(loss)
@@ -707,130 +519,6 @@ class ElraOptimizer(Optimizer):
                     f"{self.controller.state.multiplier}: use optimizer.zero_grad() (it keeps them while "
                     "collecting), not model.zero_grad(); see `collecting` in the README"
                 )
-
-    def _saved_config(self, saved: Any) -> dict[str, Any]:
-        """The checkpoint's hyperparameters, validated; this optimizer's for checkpoints without them."""
-        if saved is None:
-            logger.info("ELRA state_dict without hyperparameters (saved by an older elra): keeping the constructor's")
-            return dict(self._config)
-        if not isinstance(saved, dict) or self._config.keys() - saved.keys():
-            raise ValueError(
-                f"the state_dict's ELRA hyperparameters {saved!r} lack {sorted(self._config.keys() - set(saved))}"
-            )
-        return _checked_config({**self._config, **saved})
-
-    def _log_config_change(self, config: dict[str, Any]) -> None:
-        changed = {k: (self._config.get(k), v) for k, v in config.items() if self._config.get(k) != v}
-        if changed:
-            logger.warning(
-                "ELRA load_state_dict: the checkpoint's hyperparameters replace the constructor's: %s",
-                ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())),
-            )
-
-    def _check_saved_state(
-        self, state_dict: dict[str, Any], boost_enabled: bool, geometry, preconditioner: str | None
-    ) -> None:
-        """Validate the per-parameter state against this optimizer's parameters, changing nothing.
-
-        ``geometry`` (the checkpoint's ``preconditioner``, ``None`` for P2M) tells which state each parameter needs.
-        """
-        saved_groups, saved_state = state_dict["param_groups"], state_dict.get("state", {})
-        sizes = [len(g["params"]) for g in self.param_groups]
-        saved_sizes = [len(g.get("params", ())) for g in saved_groups]
-        if sizes != saved_sizes:
-            raise ValueError(
-                f"the state_dict has parameter groups of sizes {saved_sizes}, this optimizer {sizes}: "
-                "it is from another model or parameter grouping"
-            )
-        saved_ids = [i for g in saved_groups for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
-            shapes = {"direction": p.shape} if geometry is None else geometry.state_shapes(p)
-            needed = [*shapes, "boost"] if boost_enabled else list(shapes)
-            entry = saved_state.get(saved_id, {})
-            for key in needed if p.numel() else ():  # FSDP1 saves no state for a parameter with no local part
-                if key not in entry:
-                    raise ValueError(
-                        f"the state_dict lacks the '{key}' state of parameter {index} "
-                        f"(its preconditioner={preconditioner!r} needs it)"
-                    )
-            for key, value in entry.items():
-                if isinstance(value, torch.Tensor) and value.shape != shapes.get(key, () if key == _MOVED else p.shape):
-                    raise ValueError(
-                        f"state '{key}' of shape {tuple(value.shape)} does not fit parameter {index} of shape "
-                        f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
-                    )
-
-    def _own_loaded_state(self, state_dict: dict[str, Any]) -> None:
-        """Copy state tensors that torch's load kept shared with the state_dict.
-
-        torch's ``load_state_dict`` keeps a tensor already of the right dtype and
-        device as it is, so loading a live ``state_dict()`` (another optimizer's)
-        would make two optimizers update one direction buffer.
-        """
-        saved = {
-            local(v).data_ptr()
-            for entry in state_dict.get("state", {}).values()
-            for v in entry.values()
-            if isinstance(v, torch.Tensor) and v.numel()
-        }
-        for entry in self.state.values():
-            for key, value in entry.items():
-                if isinstance(value, torch.Tensor) and value.numel() and local(value).data_ptr() in saved:
-                    entry[key] = value.clone()
-
-    def _restore_float32_moments(self, state_dict: dict[str, Any]) -> None:
-        """Undo torch's cast of loaded state to the parameter's dtype for the float32 moments of 16-bit parameters.
-
-        In float16 ``(1-b2)*g^2`` would flush to 0 and the direction become inf (see :func:`moment_dtype`).
-        """
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            if p.dtype == moment_dtype(p):
-                continue
-            for key, value in state_dict.get("state", {}).get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor) and value.dtype == moment_dtype(p) and key in self.state[p]:
-                    self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
-
-    def _fill_empty_state(self) -> None:
-        """Recreate the state of parameters with no local elements.
-
-        FSDP1 (``use_orig_params=True``) hands ``load_state_dict`` no state at all
-        for a parameter that lies wholly in another rank's shard; its state here
-        is empty tensors, so nothing is lost by creating them again.
-        """
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.numel() == 0:
-                    state = self.state[p]
-                    for key, value in _direction_state(self.geometry, p).items():
-                        state.setdefault(key, value)
-                    if self.booster.enabled:
-                        state.setdefault("boost", p.detach().clone())
-
-    def _loaded_as_moved(self, p: torch.Tensor) -> bool:
-        """Whether the checkpoint's last accepted step moved ``p`` (taken off its state).
-
-        Checkpoints without the flag, and parameters with no local part (no
-        state under FSDP1), count as moved: a direction the step did not move
-        along is zero in P2M, and that was all older checkpoints could say.
-        """
-        flag = self.state.get(p, {}).pop(_MOVED, None)
-        return flag is None or bool(flag)
-
-    def _restore_pending_grads(self, collecting: bool) -> None:
-        """Put the saved partial sums into ``.grad`` (all NaN, or an empty shard: no gradient); clear the others."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
-                if collecting and grad is not None and not bool(local(grad).isnan().all()):
-                    p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
-                elif collecting:
-                    p.grad = None  # a gradient of the run before the load must not join these sums
-        self._kept_grads = {}
-        if collecting:
-            self._keep_grads()
 
     def _real_step(
         self, losses: list[LossLike], with_gradient: bool, inv_scale: float = 1.0, skip_overflow: bool = False

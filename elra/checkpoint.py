@@ -1,0 +1,268 @@
+"""Checkpoints of :class:`elra.optimizer.ElraOptimizer`: ``state_dict``, ``load_state_dict`` and what they need.
+
+The torch layout, plus ELRA's own numbers: the controller's state, the boost
+counters and the hyperparameters in ``param_groups[0]``; per parameter,
+beside the direction state, the gradient sums collected toward the next real
+step (``pending_grad``) and whether the last accepted step moved it
+(``moved``). A load validates everything before it changes anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from .boost import Booster
+from .config import checked_config, make_controller
+from .geometry import direction_state, make_direction, moment_dtype
+from .reduce import local
+from .sync import drop_unsynced_grads, sync_unsynced_grads
+
+logger = logging.getLogger("elra")
+
+STATE_KEY = "elra_controller"
+BOOST_KEY = "elra_boost"
+CONFIG_KEY = "elra_config"
+_PENDING_GRAD = "pending_grad"
+_MOVED = "moved"  # 1.0 where the last accepted step moved the parameter: a retrace and the next sums need it
+
+
+class Checkpointing:
+    """The checkpoint methods of :class:`elra.optimizer.ElraOptimizer` (a mixin before ``torch.optim.Optimizer``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The torch layout, plus the controller's numbers in ``param_groups[0]``.
+
+        While collecting, the partial gradient sums are saved too, so a resumed
+        run continues with the same micro-batches. Every parameter carries a
+        ``pending_grad`` (zeros when nothing is pending), so that the state of a
+        fresh optimizer, the template ``torch.distributed.checkpoint`` loads
+        into, has room for them. Sums a wrapper holds per rank (collected under
+        :func:`elra.grad_sync`) must be synchronised first: see
+        :meth:`sync_pending_grads`.
+        """
+        if self._pending and self.unsynced_models:
+            raise RuntimeError(
+                f"state_dict() in the middle of collecting micro-batches ({len(self._pending)} of "
+                f"{self.controller.state.multiplier}) with gradient sync off (grad_sync): each rank holds its own "
+                "partial sums, which one checkpoint cannot keep. Call optimizer.sync_pending_grads() on every "
+                "rank first (one gradient reduction), or save when optimizer.collecting is False"
+            )
+        sd = super().state_dict()
+        controller = self.controller.state_dict()
+        controller["pending_losses"] = [float(v) for v in self._pending]
+        sd["param_groups"][0][STATE_KEY] = controller
+        sd["param_groups"][0][BOOST_KEY] = self.booster.state_dict()
+        sd["param_groups"][0][CONFIG_KEY] = dict(self._config)
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                pending = p.grad if self._pending else None
+                if pending is None:  # NaN: no gradient collected (it survives any resharding, unlike a flag)
+                    pending = torch.full_like(p, math.nan if self._pending else 0.0, memory_format=torch.preserve_format)
+                moved = torch.tensor(float(p in self._moved))
+                sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending, _MOVED: moved}
+                index += 1
+        return sd
+
+    @torch.no_grad()
+    def sync_pending_grads(self) -> None:
+        """Reduce the micro-batch gradients collected with sync off, as the next real step would.
+
+        A collective: call it on every rank, before saving a checkpoint while
+        collecting under :func:`elra.grad_sync` (``state_dict()`` refuses
+        otherwise). Averaging the partial sums over ranks now gives the same
+        averaged gradient at the real step (the reduction is linear), and the
+        averaged sums are what one checkpoint can hold, at any world size.
+        Costs one gradient reduction (DDP: an all-reduce of all gradients;
+        FSDP2: an all-reduce per parameter; FSDP1: per wrapped module) at
+        checkpoint time; nothing when nothing is pending or sync was on.
+        """
+        if not self._pending or not self.unsynced_models:
+            self.unsynced_models.clear()
+            return
+        for model in self.unsynced_models:
+            sync_unsynced_grads(model)
+        self.unsynced_models.clear()
+        self._keep_grads()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by ``state_dict``: everything, or nothing if it does not fit.
+
+        The checkpoint's hyperparameters win (as torch restores a group's
+        ``lr``): momentum, batch size, regime, warmup, the smallest batch
+        multiplier and the default lr and weight decay are those it was saved
+        with; each one that differs from this optimizer's is logged at WARNING.
+        ``process_group``, ``replicas`` and ``check_consistency`` describe this
+        job, not the run, and stay as constructed. A state_dict that does not
+        fit raises ``ValueError`` before anything changes.
+        """
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not groups or not isinstance(groups[0], dict) or STATE_KEY not in groups[0]:
+            raise ValueError("not an ElraOptimizer state_dict (no controller state in param_groups[0])")
+        config = self._saved_config(groups[0].get(CONFIG_KEY))
+        controller_state = dict(groups[0][STATE_KEY])
+        pending = [float(v) for v in controller_state.pop("pending_losses", [])]
+        controller = make_controller(config)
+        controller.load_state_dict(controller_state)
+        if len(pending) >= controller.state.multiplier:
+            raise ValueError(
+                f"the state_dict holds {len(pending)} collected micro-batches for a batch multiplier of "
+                f"{controller.state.multiplier}: it is corrupted"
+            )
+        booster = Booster()
+        boost = groups[0].get(BOOST_KEY)
+        if boost is not None:
+            try:
+                booster.load_state_dict(boost)
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"the boost state of the state_dict is unusable: {error!r}") from error
+        geometry = make_direction(config["preconditioner"], config["momentum"])
+        self._check_saved_state(state_dict, booster.enabled, geometry, config["preconditioner"])
+        super().load_state_dict(state_dict)
+        self._own_loaded_state(state_dict)
+        self._restore_float32_moments(state_dict)
+        self.param_groups[0].pop(STATE_KEY, None)
+        self.param_groups[0].pop(BOOST_KEY, None)
+        self.param_groups[0].pop(CONFIG_KEY, None)
+        self._log_config_change(config)
+        self._config = config
+        self.defaults.update(lr=config["lr"], weight_decay=config["weight_decay"])
+        self.controller = controller
+        self.geometry = geometry
+        self.booster = booster
+        self._fill_empty_state()
+        self._pending = pending
+        self._moved = {p for g in self.param_groups for p in g["params"] if self._loaded_as_moved(p)}
+        self._agreed = False
+        for model in self.unsynced_models:  # loaded mid-run: what the wrappers collected belongs to the old run
+            drop_unsynced_grads(model)
+        self.unsynced_models.clear()
+        self._restore_pending_grads(bool(pending))
+
+    def _saved_config(self, saved: Any) -> dict[str, Any]:
+        """The checkpoint's hyperparameters, validated; this optimizer's for checkpoints without them."""
+        if saved is None:
+            logger.info("ELRA state_dict without hyperparameters (saved by an older elra): keeping the constructor's")
+            return dict(self._config)
+        if not isinstance(saved, dict) or self._config.keys() - saved.keys():
+            raise ValueError(
+                f"the state_dict's ELRA hyperparameters {saved!r} lack {sorted(self._config.keys() - set(saved))}"
+            )
+        return checked_config({**self._config, **saved})
+
+    def _log_config_change(self, config: dict[str, Any]) -> None:
+        changed = {k: (self._config.get(k), v) for k, v in config.items() if self._config.get(k) != v}
+        if changed:
+            logger.warning(
+                "ELRA load_state_dict: the checkpoint's hyperparameters replace the constructor's: %s",
+                ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())),
+            )
+
+    def _check_saved_state(
+        self, state_dict: dict[str, Any], boost_enabled: bool, geometry, preconditioner: str | None
+    ) -> None:
+        """Validate the per-parameter state against this optimizer's parameters, changing nothing.
+
+        ``geometry`` (the checkpoint's ``preconditioner``, ``None`` for P2M) tells which state each parameter needs.
+        """
+        saved_groups, saved_state = state_dict["param_groups"], state_dict.get("state", {})
+        sizes = [len(g["params"]) for g in self.param_groups]
+        saved_sizes = [len(g.get("params", ())) for g in saved_groups]
+        if sizes != saved_sizes:
+            raise ValueError(
+                f"the state_dict has parameter groups of sizes {saved_sizes}, this optimizer {sizes}: "
+                "it is from another model or parameter grouping"
+            )
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
+            shapes = {"direction": p.shape} if geometry is None else geometry.state_shapes(p)
+            needed = [*shapes, "boost"] if boost_enabled else list(shapes)
+            entry = saved_state.get(saved_id, {})
+            for key in needed if p.numel() else ():  # FSDP1 saves no state for a parameter with no local part
+                if key not in entry:
+                    raise ValueError(
+                        f"the state_dict lacks the '{key}' state of parameter {index} "
+                        f"(its preconditioner={preconditioner!r} needs it)"
+                    )
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.shape != shapes.get(key, () if key == _MOVED else p.shape):
+                    raise ValueError(
+                        f"state '{key}' of shape {tuple(value.shape)} does not fit parameter {index} of shape "
+                        f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
+                    )
+
+    def _own_loaded_state(self, state_dict: dict[str, Any]) -> None:
+        """Copy state tensors that torch's load kept shared with the state_dict.
+
+        torch's ``load_state_dict`` keeps a tensor already of the right dtype and
+        device as it is, so loading a live ``state_dict()`` (another optimizer's)
+        would make two optimizers update one direction buffer.
+        """
+        saved = {
+            local(v).data_ptr()
+            for entry in state_dict.get("state", {}).values()
+            for v in entry.values()
+            if isinstance(v, torch.Tensor) and v.numel()
+        }
+        for entry in self.state.values():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.numel() and local(value).data_ptr() in saved:
+                    entry[key] = value.clone()
+
+    def _restore_float32_moments(self, state_dict: dict[str, Any]) -> None:
+        """Undo torch's cast of loaded state to the parameter's dtype for the float32 moments of 16-bit parameters.
+
+        In float16 ``(1-b2)*g^2`` would flush to 0 and the direction become inf (see :func:`moment_dtype`).
+        """
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            if p.dtype == moment_dtype(p):
+                continue
+            for key, value in state_dict.get("state", {}).get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor) and value.dtype == moment_dtype(p) and key in self.state[p]:
+                    self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
+
+    def _fill_empty_state(self) -> None:
+        """Recreate the state of parameters with no local elements.
+
+        FSDP1 (``use_orig_params=True``) hands ``load_state_dict`` no state at all
+        for a parameter that lies wholly in another rank's shard; its state here
+        is empty tensors, so nothing is lost by creating them again.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.numel() == 0:
+                    state = self.state[p]
+                    for key, value in direction_state(self.geometry, p).items():
+                        state.setdefault(key, value)
+                    if self.booster.enabled:
+                        state.setdefault("boost", p.detach().clone())
+
+    def _loaded_as_moved(self, p: torch.Tensor) -> bool:
+        """Whether the checkpoint's last accepted step moved ``p`` (taken off its state).
+
+        Checkpoints without the flag, and parameters with no local part (no
+        state under FSDP1), count as moved: a direction the step did not move
+        along is zero in P2M, and that was all older checkpoints could say.
+        """
+        flag = self.state.get(p, {}).pop(_MOVED, None)
+        return flag is None or bool(flag)
+
+    def _restore_pending_grads(self, collecting: bool) -> None:
+        """Put the saved partial sums into ``.grad`` (all NaN, or an empty shard: no gradient); clear the others."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
+                if collecting and grad is not None and not bool(local(grad).isnan().all()):
+                    p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
+                elif collecting:
+                    p.grad = None  # a gradient of the run before the load must not join these sums
+        self._kept_grads = {}
+        if collecting:
+            self._keep_grads()
