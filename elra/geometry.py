@@ -140,8 +140,13 @@ class AdamDirection:
         return torch._foreach_div(ms, denom)
 
     def update_momentum(self, tensors: GroupTensors, grad_scale: float) -> None:
-        """``m`` takes the gradient ``grad_scale * g`` (the micro-batch mean, unscaled)."""
-        if tensors.ms:
+        """``m`` takes the gradient ``grad_scale * g`` (the micro-batch mean, unscaled); one pass when
+        unscaled and of the moment's dtype (``lerp`` takes no 16-bit gradient beside a float32 moment)."""
+        if not tensors.ms:
+            return
+        if grad_scale == 1.0 and all(m.dtype == g.dtype for m, g in zip(tensors.ms, tensors.grads)):
+            torch._foreach_lerp_(tensors.ms, tensors.grads, 1.0 - self.beta1)
+        else:
             torch._foreach_mul_(tensors.ms, self.beta1)
             torch._foreach_add_(tensors.ms, tensors.grads, alpha=(1.0 - self.beta1) * grad_scale)
 

@@ -42,17 +42,22 @@ def is_matrix(p: torch.Tensor) -> bool:
 def orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
     """About ``U V^T`` of ``matrix = U S V^T``, its RMS ``1/sqrt(max(rows, cols))``; float32 for 16-bit input.
 
-    ``matrix`` may be a stack of matrices (``(..., rows, cols)``): each is orthogonalised on its own.
+    ``matrix`` may be a stack of matrices (``(stack, rows, cols)``): each is
+    orthogonalised on its own. Each term is one fused product
+    (``baddbmm``: ``B = b*G + c*G@G``, ``X = a*X + B@X``), no separate scaling passes.
     """
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     x = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
+    single = x.ndim == 2
+    x = x.unsqueeze(0) if single else x
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
     wide = x.shape[-2] <= x.shape[-1]
     x = x if wide else x.mT
     for _ in range(NEWTON_SCHULZ_STEPS):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x if wide else x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x if wide else x.mT
+    return x.squeeze(0) if single else x
 
 
 def _stacks(matrices: list[torch.Tensor]) -> list[list[int]]:
@@ -108,7 +113,7 @@ class _MatrixDirection(AdamDirection):
             wholes = orthogonalize(torch.stack([_whole(held) for held in helds]))
             factor = RMS * math.sqrt(max(wholes.shape[-2:])) * inverse_scale
             for i, held, whole in zip(members, helds, wholes.unbind()):
-                tensors.vs[i].copy_(_part_like(whole, held)).mul_(factor)
+                torch.mul(_part_like(whole, held), factor, out=tensors.vs[i])
         return tensors.vs
 
 
