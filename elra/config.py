@@ -72,7 +72,12 @@ def make_controller(config: dict[str, Any]) -> Controller | LineController:
     """P2M's controller, or the line controller of a preconditioned direction."""
     if config["preconditioner"] is not None:
         return LineController(
-            config["lr"], config["classes"], config["batch_size"], config["batch_multiplier"], config["line_target"]
+            config["lr"],
+            config["classes"],
+            config["batch_size"],
+            config["batch_multiplier"],
+            config["line_target"],
+            0.9 if config["momentum"] is None else config["momentum"],
         )
     return Controller(
         lr=config["lr"],

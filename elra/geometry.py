@@ -31,8 +31,8 @@ from .reduce import Products, ScalarBatch, dots, flat, local, squares
 PRECONDITIONERS = (None, "adam", "factored", "muon")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 # slots of the step's scalar vector
-NEXT_DIR, MOM_DIR, DIR_SQ, PARAM_SQ, PRESENT = range(5)
-SLOTS = 5
+NEXT_DIR, MOM_DIR, DIR_SQ, PARAM_SQ, PRESENT, GRAD_SQ, MOM_SQ = range(7)
+SLOTS = 7
 
 
 def moment_dtype(p: torch.Tensor) -> torch.dtype:
@@ -167,7 +167,8 @@ class AdamDirection:
         return self.eps * math.sqrt(1.0 - self.beta2**t)
 
     def add_sums(self, batch: ScalarBatch, tensors: GroupTensors, t: int) -> None:
-        """This rank's terms of N, D, |u_old|^2 and |x|^2; keeps ``u_old`` (or how to recompute it) for a retrace."""
+        """This rank's terms of N, D, |u_old|^2, |x|^2, |g|^2 and |m|^2; keeps ``u_old`` (or how to recompute
+        it) for a retrace."""
         aligned = len(tensors.moved) == len(tensors.params) and all(
             a is b and g is not None for a, b, g in zip(tensors.moved, tensors.params, tensors.moved_grads)
         )
@@ -177,6 +178,8 @@ class AdamDirection:
         batch.add(PARAM_SQ, squares(tensors.params), tensors.weights)
         if t == 0:
             return
+        batch.add(GRAD_SQ, squares(tensors.grads), tensors.weights)
+        batch.add(MOM_SQ, squares(tensors.ms), tensors.weights)
         tensors.old_dirs = self.old_directions(tensors, t)
         flat_dirs = [flat(u) for u in tensors.old_dirs]
         batch.add(MOM_DIR, dots([flat(m) for m in tensors.moved_ms], flat_dirs), tensors.moved_weights)
@@ -194,7 +197,8 @@ class AdamDirection:
         """
         batch.add_constant(PRESENT, len(tensors.params))
         x, g, m, u = range(4)
-        sums = Products(batch, [(x, x, PARAM_SQ), (m, u, MOM_DIR), (u, u, DIR_SQ), (g, u, NEXT_DIR)])
+        pairs = [(x, x, PARAM_SQ), (m, u, MOM_DIR), (u, u, DIR_SQ), (g, u, NEXT_DIR), (g, g, GRAD_SQ), (m, m, MOM_SQ)]
+        sums = Products(batch, pairs)
         for xs, gs, ms, vs, weights in runs([tensors.params, tensors.grads, tensors.ms, tensors.vs, tensors.weights], split=True):
             sums.add((xs, gs, ms, self.direction(ms, vs, t)), weights)
         sums.finish()
@@ -254,7 +258,14 @@ class AdamDirection:
         """The controller's inputs from the global slot values (bias-corrected, g averaged)."""
         k = self.scale(t)
         m_hat = 1.0 / (1.0 - self.beta1**t) if t else 0.0
-        return LineSums(values[NEXT_DIR] * k * grad_scale, values[MOM_DIR] * k * m_hat, values[DIR_SQ] * k * k, values[PARAM_SQ])
+        return LineSums(
+            values[NEXT_DIR] * k * grad_scale,
+            values[MOM_DIR] * k * m_hat,
+            values[DIR_SQ] * k * k,
+            values[PARAM_SQ],
+            values[GRAD_SQ] * grad_scale * grad_scale,
+            values[MOM_SQ],
+        )
 
 
 def direction_state(geometry, p: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -70,6 +70,8 @@ LOSS_SMOOTHING = 0.98  # EMA factor of the accepted-loss statistics
 LOSS_DEVIATIONS = 5.0  # mini-batch retrace above mean + this many standard deviations
 LOSS_WARMUP = 10  # accepted steps before the statistics can reject a step
 ETA_BOUNDS = (1e-12, 1e6)
+LINE_TARGET = -0.1  # the default target without noise (benchmarks/quality.py; see the README)
+_TINY = 1e-300
 MAX_RETRACES = 3  # noise-free: after this many retraces in a row, accept (the moments must turn)
 
 
@@ -77,6 +79,7 @@ MAX_RETRACES = 3  # noise-free: after this many retraces in a row, accept (the m
 _LATER_FIELDS = frozenset(
     {"window_steps", "window_accepted", "window_loss", "best_mean", "stalled_windows", "window_means", "cycle_retraces"}
     | {"noise_free", "probe_loss", "probe_length"}
+    | {"ema_grad_sq", "ema_mom_sq"}
 )
 
 
@@ -85,13 +88,18 @@ class LineSums:
     """Global sums of one real step (gradients already averaged over micro-batches).
 
     ``next_dir``: N = <g, u_old>; ``mom_dir``: D = <m_hat, u_old>; ``dir_sq``:
-    |u_old|^2; ``param_sq``: |x|^2. ``next_dir`` is nan without a gradient.
+    |u_old|^2; ``param_sq``: |x|^2; ``grad_sq``: |g|^2 and ``mom_sq``: |m|^2
+    (the momentum before it takes g, not bias corrected), whose ratio tells
+    signal from noise (:meth:`LineController.signal_share`). ``next_dir`` is
+    nan without a gradient.
     """
 
     next_dir: float
     mom_dir: float
     dir_sq: float
     param_sq: float
+    grad_sq: float = 0.0
+    mom_sq: float = 0.0
 
     def is_finite(self) -> bool:
         return all(math.isfinite(v) for v in asdict(self).values())
@@ -128,6 +136,8 @@ class LineState:
     moment_steps: int = 0  # accepted steps: the moments' bias-correction count
     ema_next: float = 0.0
     ema_mom: float = 0.0
+    ema_grad_sq: float | None = None  # EMAs of |g|^2 and |m|^2 (None before the first sample)
+    ema_mom_sq: float | None = None
     loss_mean: float = 0.0
     loss_sq: float = 0.0
     loss_weight: float = 0.0
@@ -169,15 +179,25 @@ class LineController:
             ``>= 2`` the mini-batch one.
         batch_size: samples per micro-batch, sets the statistics window.
         min_multiplier: initial and smallest number of micro-batches per real step.
-        target: the gradient-pair ratio r that eta settles at (0: line minimum).
+        target: the gradient-pair ratio r that eta settles at where the
+            gradient has no noise (0: the line minimum; negative: a little
+            past it); it is scaled by :meth:`signal_share`, so noise pulls it to 0.
+        beta: the direction's momentum (beta1), which :meth:`signal_share` assumes.
     """
 
     def __init__(
-        self, lr: float, classes: int | None, batch_size: int, min_multiplier: int, target: float = 0.0
+        self,
+        lr: float,
+        classes: int | None,
+        batch_size: int,
+        min_multiplier: int,
+        target: float = LINE_TARGET,
+        beta: float = 0.9,
     ) -> None:
         self.batch_size = batch_size
         self.min_multiplier = min_multiplier
         self.target = target
+        self.beta = beta
         self.momentum = None  # the momentum lives in the direction's moments
         noise_free = None if classes is None else classes <= 1
         self.state = LineState(eta=lr, multiplier=min_multiplier, noise_free=noise_free)
@@ -327,11 +347,12 @@ class LineController:
         s = self.state
         if s.failed >= MAX_RETRACES:
             s.eta = s.accepted_eta  # the direction failed, not the length
+        target = self.target * self.signal_share(sums) if sums is not None and s.moment_steps else self.target
         if sums is not None and sums.mom_dir > 0.0:
             s.ema_next = SMOOTHING * s.ema_next + (1.0 - SMOOTHING) * sums.next_dir
             s.ema_mom = SMOOTHING * s.ema_mom + (1.0 - SMOOTHING) * sums.mom_dir
             ratio = s.ema_next / s.ema_mom
-            s.eta *= math.exp(GAIN * min(max(ratio - self.target, -1.0), 1.0))
+            s.eta *= math.exp(GAIN * min(max(ratio - target, -1.0), 1.0))
             if sums.param_sq > 0.0 and sums.dir_sq > 0.0:
                 s.eta = min(s.eta, RELATIVE_CLIP * math.sqrt(sums.param_sq / sums.dir_sq))
         s.eta = min(max(s.eta, ETA_BOUNDS[0]), ETA_BOUNDS[1])
@@ -349,6 +370,22 @@ class LineController:
         # the probe step stays a pure step along u_0 (see _choose_regime)
         in_force = [0.0] * len(decays) if s.noise_free is None else self.weight_decays(decays)
         return LineDecision("accept", step=s.eta, decay=tuple(1.0 - s.eta * a for a in in_force))
+
+    def signal_share(self, sums: LineSums) -> float:
+        """The share of the gradient that is signal, from the smoothed ``|m|^2 / |g|^2``.
+
+        With momentum ``beta`` a constant gradient gives ``|m|^2 = |g|^2``,
+        independent noise ``|m|^2 = (1-beta)/(1+beta) |g|^2``; in between the
+        ratio is linear in the signal's share of ``|g|^2``. Updates the EMAs.
+        """
+        s = self.state
+        s.ema_grad_sq = sums.grad_sq if s.ema_grad_sq is None else SMOOTHING * s.ema_grad_sq + (1.0 - SMOOTHING) * sums.grad_sq
+        s.ema_mom_sq = sums.mom_sq if s.ema_mom_sq is None else SMOOTHING * s.ema_mom_sq + (1.0 - SMOOTHING) * sums.mom_sq
+        floor = (1.0 - self.beta) / (1.0 + self.beta)
+        if floor >= 1.0:  # no momentum: m is g, the ratio says nothing
+            return 0.0
+        ratio = s.ema_mom_sq / max(s.ema_grad_sq, _TINY)
+        return min(max((ratio - floor) / (1.0 - floor), 0.0), 1.0)
 
     def _retrace(self, loss: float, sums: LineSums | None) -> LineDecision:
         """Go back along the old direction: ``x_old - eta_new*u_old``."""

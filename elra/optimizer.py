@@ -30,6 +30,7 @@ from .config import check_int, checked_config, decay_rate, make_controller, norm
 from .control import Decision, RangeBounds, StepSums
 from .fused import sgd_accept, split_fusable
 from .geometry import PRESENT, SLOTS, direction_state, make_direction
+from .line_control import LINE_TARGET
 from .reduce import AUTO, Reducer, ScalarBatch, local, products, squares
 from .sync import drop_unsynced_grads, fsdp_wrapping, reshard
 
@@ -142,8 +143,10 @@ class ElraOptimizer(Checkpointing, Optimizer):
             about half of Adam's state (not under FSDP1; see
             :mod:`elra.factored`); ``None``: P2M as published.
         line_target: with a preconditioner, the gradient-pair ratio the step
-            length aims at, in (-1, 1): 0 (default) the line minimum along the
-            direction, below 0 a step past it (see :mod:`elra.line_control`).
+            length aims at where the gradient has no noise, in (-1, 1): 0 the
+            line minimum along the direction, below 0 a step past it (default
+            -0.1); scaled by the measured signal share, so mini-batch noise
+            pulls it toward 0 (see :mod:`elra.line_control`).
 
     Call ``step(loss)`` after every ``backward()``; ELRA needs the loss value.
     Under data parallelism each rank passes its own local loss.
@@ -166,7 +169,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         check_consistency: int = 0,
         acceptance: str = "noise",
         preconditioner: str | None = "muon",
-        line_target: float = 0.0,
+        line_target: float = LINE_TARGET,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")

@@ -71,7 +71,7 @@ def _factors(p) -> bool:
 
 class ReferenceLine:
     def __init__(
-        self, params, lr, classes, decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, multiplier=1, target=0.0,
+        self, params, lr, classes, decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, multiplier=1, target=-0.1,
         factored=False, muon=False,
     ):
         self.target, self.muon = target, muon
@@ -84,6 +84,7 @@ class ReferenceLine:
         self.moved = [False] * len(self.params)
         self.started = False
         self.ema_n = self.ema_d = 0.0
+        self.ema_g = self.ema_m = None  # EMAs of |g|^2 and |m|^2: the signal share scales the target
         self.losses_seen = []  # (weight-free) EMA statistics are recomputed from these
         self.stat = [0.0, 0.0, 0.0]  # mean, square, weight
         self.last_good = 0.0
@@ -129,7 +130,9 @@ class ReferenceLine:
             D = sum(float((self.m[i] / (1 - self.b1**self.t) * old_u[i]).sum()) for i in range(len(old_u)) if old_u[i] is not None)
             usq = sum(float((u * u).sum()) for u in old_u if u is not None)
             xsq = sum(float((p * p).sum()) for p, g in zip(self.params, sums) if g is not None)
-            numbers = (N, D, usq, xsq)
+            gsq = sum(float(((g / n) ** 2).sum()) for g in sums if g is not None)
+            msq = sum(float((m * m).sum()) for m, g in zip(self.m, sums) if g is not None)
+            numbers = (N, D, usq, xsq, gsq, msq)
         finite = numbers is not None and all(math.isfinite(v) for v in numbers)
         if not self.started:
             if bad or not finite:
@@ -160,11 +163,18 @@ class ReferenceLine:
     def _accept(self, loss, numbers, sums, n):
         if self.failed >= 3:
             self.eta = self.accepted_eta
+        target = self.target
+        if numbers is not None and self.t:
+            gsq, msq = numbers[4:]
+            self.ema_g = gsq if self.ema_g is None else 0.9 * self.ema_g + 0.1 * gsq
+            self.ema_m = msq if self.ema_m is None else 0.9 * self.ema_m + 0.1 * msq
+            floor = (1 - self.b1) / (1 + self.b1)  # pure noise: |m|^2 = floor * |g|^2; no noise: |m|^2 = |g|^2
+            target *= min(max((self.ema_m / self.ema_g - floor) / (1 - floor), 0.0), 1.0) if floor < 1 else 0.0
         if numbers is not None and numbers[1] > 0:
-            N, D, usq, xsq = numbers
+            N, D, usq, xsq = numbers[:4]
             self.ema_n = 0.9 * self.ema_n + 0.1 * N
             self.ema_d = 0.9 * self.ema_d + 0.1 * D
-            self.eta *= math.exp(0.1 * min(max(self.ema_n / self.ema_d - self.target, -1.0), 1.0))
+            self.eta *= math.exp(0.1 * min(max(self.ema_n / self.ema_d - target, -1.0), 1.0))
             if xsq > 0 and usq > 0:
                 self.eta = min(self.eta, 0.1 * math.sqrt(xsq / usq))
         self.eta = min(max(self.eta, 1e-12), 1e6)

@@ -149,3 +149,13 @@ def test_regime_measures_the_trapezoid_against_its_curvature_term(probe, slope_r
     predicted = 4.6 - 0.5 * probe * (d + n)
     controller.real_step([predicted + residual], LineSums(n, d, 1.0, 1.0), [0.0])
     assert controller.regime == regime
+
+
+def test_the_signal_share_tells_a_steady_gradient_from_noise():
+    """|m|^2/|g|^2 is 1 for a steady gradient and (1-beta)/(1+beta) for independent noise; 0 without momentum."""
+    floor = 0.1 / 1.9
+    for mom_sq, share in ((4.0, 1.0), (4.0 * floor, 0.0), (4.0 * (floor + 1.0) / 2, 0.5), (0.0, 0.0)):
+        controller = LineController(1e-3, None, 32, 1)
+        assert controller.signal_share(LineSums(0.0, 1.0, 1.0, 1.0, grad_sq=4.0, mom_sq=mom_sq)) == pytest.approx(share)
+    without_momentum = LineController(1e-3, None, 32, 1, beta=0.0)
+    assert without_momentum.signal_share(LineSums(0.0, 1.0, 1.0, 1.0, grad_sq=4.0, mom_sq=4.0)) == 0.0
