@@ -12,7 +12,7 @@ import numbers
 from typing import Any
 
 from .control import ACCEPTANCE_RULES, MAX_MULTIPLIER, Controller
-from .geometry import make_direction
+from .geometry import direction_beta1, make_direction
 from .line_control import LineController
 
 
@@ -77,7 +77,7 @@ def make_controller(config: dict[str, Any]) -> Controller | LineController:
             config["batch_size"],
             config["batch_multiplier"],
             config["line_target"],
-            0.9 if config["momentum"] is None else config["momentum"],
+            direction_beta1(config["momentum"]),
         )
     return Controller(
         lr=config["lr"],

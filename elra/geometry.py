@@ -232,11 +232,9 @@ class AdamDirection:
     def _chained_accept(self, tensors: GroupTensors, t: int, step: float, decay: float, grad_scale: float) -> None:
         """:meth:`accept` in torch's fused AdamW kernel where :func:`elra.fused.fusable` allows, else chunk
         by chunk: moments, ``u_new`` and the step of one chunk, then the next."""
-        columns = [tensors.params, tensors.grads, tensors.ms, tensors.vs]
-        if step > 0 or decay == 1.0:
-            fused, columns = split_fusable(columns)
-            if fused[0]:
-                adamw_accept(*fused, t + 1, (self.beta1, self.beta2), self.eps, step, decay, grad_scale)
+        fused, columns = split_fusable([tensors.params, tensors.grads, tensors.ms, tensors.vs])
+        if fused[0]:  # the controller's step is > 0 (ETA_BOUNDS), as the kernel's decay needs
+            adamw_accept(*fused, t + 1, (self.beta1, self.beta2), self.eps, step, decay, grad_scale)
         alpha = -step * self.scale(t + 1)
         for xs, gs, ms, vs in runs(columns, split=True):
             self.update_moments(GroupTensors(ms=ms, vs=vs, grads=gs), grad_scale)
@@ -275,13 +273,18 @@ def direction_state(geometry, p: torch.Tensor) -> dict[str, torch.Tensor]:
     return geometry.new_state(p)
 
 
+def direction_beta1(momentum: float | None) -> float:
+    """A preconditioned direction's beta1: ``momentum``, 0.9 when it is ``None``."""
+    return 0.9 if momentum is None else float(momentum)
+
+
 def make_direction(preconditioner: str | None, momentum: float | None) -> AdamDirection | None:
     """The direction for ``preconditioner`` (``None``: P2M's own, handled by the optimizer)."""
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"Invalid preconditioner: {preconditioner!r} (expected one of {PRECONDITIONERS})")
     if preconditioner is None:
         return None
-    beta1 = 0.9 if momentum is None else float(momentum)
+    beta1 = direction_beta1(momentum)
     if preconditioner == "factored":
         from .factored import FactoredDirection
 

@@ -349,7 +349,9 @@ class LineController:
         s = self.state
         if s.failed >= MAX_RETRACES:
             s.eta = s.accepted_eta  # the direction failed, not the length
-        target = self.target * self.signal_share(sums) if sums is not None and s.moment_steps else self.target
+        target = self.target
+        if sums is not None and s.moment_steps:  # the sums of |g|^2 and |m|^2 exist once m has a gradient
+            target *= self.signal_share(sums)
         if sums is not None and sums.mom_dir > 0.0:
             s.ema_next = SMOOTHING * s.ema_next + (1.0 - SMOOTHING) * sums.next_dir
             s.ema_mom = SMOOTHING * s.ema_mom + (1.0 - SMOOTHING) * sums.mom_dir

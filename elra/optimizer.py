@@ -245,8 +245,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 f"a parameter group sets lr={group['lr']!r}: ELRA adapts one step length for all groups, "
                 "so per-group learning rates are not supported (leave 'lr' out of the group)"
             )
-        momentum = group.get("momentum")
-        if "momentum" in group and normalized_momentum(momentum, self._config["preconditioner"]) != self._config["momentum"]:
+        preconditioner = self._config["preconditioner"]
+        if "momentum" in group and normalized_momentum(group["momentum"], preconditioner) != self._config["momentum"]:
             raise ValueError(
                 f"a parameter group sets momentum={group['momentum']!r}: ELRA uses one momentum for all groups "
                 f"(the constructor's, {self._config['momentum']}); leave 'momentum' out of the group"
