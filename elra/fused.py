@@ -21,18 +21,18 @@ from typing import Callable
 
 import torch
 
-_DEVICES = ("cpu", "cuda")
 _DTYPES = (torch.float32, torch.float64)
 
 
 def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Whether parameter ``x`` and its tensors (gradient, state) can go through a fused kernel together."""
+    """Whether parameter ``x`` and its tensors (gradient, state) can go through a fused kernel together.
+
+    Runs once per parameter and step, so it reads the cheapest tensor properties.
+    """
     dtype = x.dtype
-    if dtype not in _DTYPES or not x.is_contiguous():
+    if dtype not in _DTYPES or not (x.is_cpu or x.is_cuda) or not x.is_contiguous():
         return False
     device = x.device
-    if device.type not in _DEVICES:
-        return False
     for t in others:
         if t.dtype != dtype or not t.is_contiguous() or t.device != device:
             return False
@@ -41,7 +41,7 @@ def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:
 
 def split_fusable(columns: list[list]) -> tuple[list[list], list[list]]:
     """Aligned lists (parameters, then their tensors) cut into the parameters :func:`fusable` takes and the rest."""
-    chosen = [fusable(*parameter) for parameter in zip(*columns)]
+    chosen = list(map(fusable, *columns))
     if all(chosen):
         return columns, [[] for _ in columns]
     pick = lambda wanted: [[t for t, c in zip(column, chosen) if c == wanted] for column in columns]  # noqa: E731
