@@ -53,6 +53,10 @@ def test_layouts_the_kernel_would_misread_take_the_foreach_chain():
     assert not fusable(transposed, torch.zeros(shape), torch.zeros(shape), torch.zeros(shape))
     assert fusable(contiguous, torch.zeros(shape), torch.zeros(shape), torch.zeros(shape))
     assert not fusable(contiguous, torch.zeros(shape, dtype=torch.float64), torch.zeros(shape), torch.zeros(shape))
+    assert not fusable(contiguous, torch.zeros(shape).T.contiguous().T, torch.zeros(shape))  # a transposed gradient
+    assert not fusable(torch.zeros(shape, dtype=torch.float16), torch.zeros(shape, dtype=torch.float16))
+    assert not fusable(torch.zeros(shape, device="meta"), torch.zeros(shape, device="meta"))  # no kernel there
+    assert not fusable(contiguous, torch.zeros(shape, device="meta"))
     _train([transposed], _grads([shape]), 30)
     _train([contiguous], _grads([shape]), 30)
     assert torch.allclose(transposed, contiguous, rtol=1e-5, atol=1e-6)
