@@ -172,7 +172,7 @@ class ReferenceLine:
             target *= min(max((self.ema_m / self.ema_g - floor) / (1 - floor), 0.0), 1.0) if floor < 1 else 0.0
         if numbers is not None and numbers[1] > 0:
             N, D, usq, xsq = numbers[:4]
-            keep, gain = (0.7, 0.3) if self.deterministic else (0.9, 0.1)  # the noise-free pair is exact
+            keep, gain = (0.7, 0.3) if self.deterministic else (0.95, 0.1)  # the noise-free pair is exact
             self.ema_n = keep * self.ema_n + (1 - keep) * N
             self.ema_d = keep * self.ema_d + (1 - keep) * D
             self.eta *= math.exp(gain * min(max(self.ema_n / self.ema_d - target, -1.0), 1.0))
