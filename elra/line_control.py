@@ -18,7 +18,8 @@ line minimum (target 0) is short-sighted on the benchmark transformer, but
 where mini-batch noise dominates D, r stays near 0 whatever eta is and a
 negative target grows eta to the clip (-0.1 and -0.3 diverged on the MLP
 char-LMs). Without noise the pair is exact and ``eta`` follows it faster
-(``NOISE_FREE_GAIN`` 0.3, ``NOISE_FREE_SMOOTHING`` 0.7 instead of 0.1 and 0.95). ``S`` (:meth:`LineController.signal_share`, from the smoothed
+(``NOISE_FREE_GAIN`` 0.3, ``NOISE_FREE_SMOOTHING`` 0.7 instead of 0.1 and
+0.95). ``S`` (:meth:`LineController.signal_share`, from the smoothed
 ``|m|^2/|g|^2``) is the share of signal in the gradient: about 1 early in
 training, about 0 once noise dominates, so the default target -0.1 acts
 where r responds to eta (transformer 1.293 -> 1.262 held-out bits/char over
@@ -88,6 +89,11 @@ _LATER_FIELDS = frozenset(
     | {"noise_free", "probe_loss", "probe_length"}
     | {"ema_grad_sq", "ema_mom_sq"}
 )
+
+
+def _ema(average: float | None, value: float, keep: float) -> float:
+    """``keep*average + (1-keep)*value``; ``value`` itself where there is no average yet (``None``)."""
+    return value if average is None else keep * average + (1.0 - keep) * value
 
 
 @dataclass
@@ -359,8 +365,8 @@ class LineController:
             target *= self.signal_share(sums)
         if sums is not None and sums.mom_dir > 0.0:
             gain, smoothing = (NOISE_FREE_GAIN, NOISE_FREE_SMOOTHING) if self.deterministic else (GAIN, PAIR_SMOOTHING)
-            s.ema_next = smoothing * s.ema_next + (1.0 - smoothing) * sums.next_dir
-            s.ema_mom = smoothing * s.ema_mom + (1.0 - smoothing) * sums.mom_dir
+            s.ema_next = _ema(s.ema_next, sums.next_dir, smoothing)
+            s.ema_mom = _ema(s.ema_mom, sums.mom_dir, smoothing)
             ratio = s.ema_next / s.ema_mom
             s.eta *= math.exp(gain * min(max(ratio - target, -1.0), 1.0))
             if sums.param_sq > 0.0 and sums.dir_sq > 0.0:
@@ -389,8 +395,8 @@ class LineController:
         ratio is linear in the signal's share of ``|g|^2``. Updates the EMAs.
         """
         s = self.state
-        s.ema_grad_sq = sums.grad_sq if s.ema_grad_sq is None else SHARE_SMOOTHING * s.ema_grad_sq + (1.0 - SHARE_SMOOTHING) * sums.grad_sq
-        s.ema_mom_sq = sums.mom_sq if s.ema_mom_sq is None else SHARE_SMOOTHING * s.ema_mom_sq + (1.0 - SHARE_SMOOTHING) * sums.mom_sq
+        s.ema_grad_sq = _ema(s.ema_grad_sq, sums.grad_sq, SHARE_SMOOTHING)
+        s.ema_mom_sq = _ema(s.ema_mom_sq, sums.mom_sq, SHARE_SMOOTHING)
         floor = (1.0 - self.beta) / (1.0 + self.beta)
         if floor >= 1.0:  # no momentum: m is g, the ratio says nothing
             return 0.0
