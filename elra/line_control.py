@@ -23,7 +23,8 @@ char-LMs). Without noise the pair is exact and ``eta`` follows it faster
 ``|m|^2/|g|^2``) is the share of signal in the gradient: about 1 early in
 training, about 0 once noise dominates, so the default target -0.1 acts
 where r responds to eta (transformer 1.293 -> 1.262 held-out bits/char over
-the muon direction, the other benchmark tasks within noise). The regime is detected at the second real step (see
+the muon direction with N and D smoothed over 0.9, the other benchmark tasks
+within noise). The regime is detected at the second real step (see
 :meth:`LineController._choose_regime`). A failed step is retraced along the unchanged old
 direction (recomputed from the unchanged moments): noise-free problems
 retrace when the loss rises and refit ``eta`` on the
@@ -67,7 +68,7 @@ from .control import (
 
 logger = logging.getLogger("elra")
 
-GAIN = 0.1  # eta changes by at most exp(GAIN) per accepted step
+GAIN = 0.1  # mini-batch regime: eta changes by at most exp(GAIN) per accepted step
 PAIR_SMOOTHING = 0.95  # EMA factor of N and D (transformer 1.262 -> 1.227 bits/char against 0.9; 0.97 ran away)
 SHARE_SMOOTHING = 0.9  # EMA factor of |g|^2 and |m|^2 (the signal share)
 # noise-free: the gradient pair is exact, so eta follows it faster (full-batch benchmarks, see the README)
