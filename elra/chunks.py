@@ -1,4 +1,5 @@
-"""Cache blocking: chains of elementwise ``torch._foreach_*`` ops, run chunk by chunk.
+"""Batching tensor work: chains of elementwise ``torch._foreach_*`` ops run chunk by
+chunk (cache blocking), and stacks of same-shaped tensors for batched matrix ops.
 
 A chain of elementwise passes over many tensors (``d = g``, ``d += c*x``,
 ``x -= s*d``) reads every tensor from memory once per pass when each pass
@@ -54,3 +55,21 @@ def runs(lists: Sequence[Sequence], budget: int | None = None, split: bool = Fal
                 current, size = [[] for _ in lists], 0
     if current and current[0]:
         yield current
+
+
+def stacks(tensors: Sequence[torch.Tensor], budget: int) -> list[list[int]]:
+    """Indices of ``tensors`` in stacks of one shape, dtype and device, each of at most ``budget``
+    elements (or one tensor): one batched op per stack does the work of one op per tensor."""
+    classes: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        classes.setdefault((t.shape, t.dtype, t.device), []).append(i)
+    result = []
+    for (shape, _, _), members in classes.items():
+        size = max(1, budget // max(1, shape.numel()))
+        result += [members[start : start + size] for start in range(0, len(members), size)]
+    return result
+
+
+def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``; a view, not a copy, of a single tensor (do not write into it)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))

@@ -32,17 +32,18 @@ DTensors sharded along another dimension than 0.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .chunks import stacked, stacks
 from .geometry import AdamDirection, GroupTensors, moment_dtype, moment_zeros
 from .reduce import ScalarBatch, VectorBlock, local
 
 ROW, COL = "exp_avg_sq_row", "exp_avg_sq_col"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+STACK_ELEMENTS = 1 << 22  # factored matrices handled together: bounds the stacked copies (16 MB of float32)
 
 
 @dataclass
@@ -58,22 +59,44 @@ class Factors:
     def shape(self) -> tuple[int, int]:
         return self.row.numel(), self.col.numel()
 
-    def take(self, grad: torch.Tensor) -> torch.Tensor:
-        """Keep the row sums of ``grad^2``; return its (partial) column sums."""
-        g = grad.reshape(self.shape)
+
+def take(factors: list[Factors], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Keep the row sums of each ``grad^2`` in its :class:`Factors`; return the (partial) column sums.
+
+    Same-shaped gradients go in stacks: one square and two sums per stack.
+    """
+    matrices = [g.reshape(f.shape) for f, g in zip(factors, grads)]
+    col_sqs: list[torch.Tensor] = [None] * len(matrices)  # type: ignore[list-item]
+    for members in stacks(matrices, STACK_ELEMENTS):
+        g = stacked([matrices[i] for i in members])
         square = (g.float() if g.dtype in _LOW_PRECISION else g).square()
-        self.row_sq = square.sum(1)
-        return square.sum(0)
+        for i, row_sq, col_sq in zip(members, square.sum(2).unbind(), square.sum(1).unbind()):
+            factors[i].row_sq, col_sqs[i] = row_sq, col_sq
+    return col_sqs
 
-    def update(self, beta2: float, value: float) -> None:
-        """``R``, ``C`` take ``value`` times this step's sums."""
-        self.row.mul_(beta2).add_(self.row_sq.to(self.row.dtype), alpha=value)
-        self.col.mul_(beta2).add_(self.col_sq.value.to(self.col.dtype), alpha=value)
 
-    def root(self, eps: float) -> torch.Tensor:
-        """``sqrt(v) + eps`` as a (local rows, cols) matrix, ``v = R C^T / sum(C)`` (0 where nothing was seen)."""
-        total = self.col.sum().clamp_min(torch.finfo(self.col.dtype).tiny)
-        return torch.outer(self.row, self.col / total).sqrt_().add_(eps)
+def update(factors: list[Factors], beta2: float, value: float) -> None:
+    """Every ``R``, ``C`` takes ``value`` times this step's sums (multi-tensor ops)."""
+    for held, sums in (([f.row for f in factors], [f.row_sq for f in factors]), ([f.col for f in factors], [f.col_sq.value for f in factors])):
+        torch._foreach_mul_(held, beta2)
+        torch._foreach_add_(held, sums, alpha=value)
+
+
+def divided(ms: list[torch.Tensor], factors: list[Factors], eps: float) -> list[torch.Tensor]:
+    """``m/(sqrt(v) + eps)`` of each factored parameter, ``v = R C^T / sum(C)`` (0 where nothing was seen).
+
+    Same-shaped matrices go in stacks: ``sqrt(v)`` is built and applied once per stack.
+    """
+    matrices = [m.reshape(f.shape) for m, f in zip(ms, factors)]
+    result: list[torch.Tensor] = [None] * len(ms)  # type: ignore[list-item]
+    for members in stacks(matrices, STACK_ELEMENTS):
+        rows = stacked([factors[i].row for i in members])
+        cols = stacked([factors[i].col for i in members])
+        total = cols.sum(1, keepdim=True).clamp_min(torch.finfo(cols.dtype).tiny)
+        root = (rows.unsqueeze(2) * (cols / total).unsqueeze(1)).sqrt_().add_(eps)
+        for i, u in zip(members, (stacked([matrices[i] for i in members]) / root).unbind()):
+            result[i] = u.view(ms[i].shape)
+    return result
 
 
 @dataclass
@@ -171,7 +194,11 @@ class FactoredDirection(AdamDirection):
     def add_sums(self, batch: ScalarBatch, tensors: FactoredTensors, t: int) -> None:
         """Adam's terms, and the column sums of ``g^2`` of every factored parameter as vector blocks."""
         super().add_sums(batch, tensors, t)
-        partial = {id(v): v.take(g) for g, v in zip(tensors.grads, tensors.vs) if isinstance(v, Factors)}
+        partial: dict[int, torch.Tensor] = {}
+        with_grad = [(v, g) for g, v in zip(tensors.grads, tensors.vs) if isinstance(v, Factors)]
+        if with_grad:
+            factored, grads = map(list, zip(*with_grad))
+            partial = {id(f): cols for f, cols in zip(factored, take(factored, grads))}
         for factors, weight in tensors.factors:
             cols = partial.get(id(factors))
             factors.col_sq = batch.add_vector(torch.zeros_like(factors.col) if cols is None else cols, weight)
@@ -182,19 +209,18 @@ class FactoredDirection(AdamDirection):
         if not factored:
             return
         self.update_momentum(_pick(tensors, factored), grad_scale)
-        for i in factored:
-            tensors.vs[i].update(self.beta2, (1.0 - self.beta2) * grad_scale**2)
+        update([tensors.vs[i] for i in factored], self.beta2, (1.0 - self.beta2) * grad_scale**2)
 
     def direction(self, ms: list[torch.Tensor], vs: list[Any], t: int) -> list[torch.Tensor]:
-        """As :meth:`AdamDirection.direction`, with ``sqrt(v)`` of a factored ``v`` built one matrix at a time."""
+        """As :meth:`AdamDirection.direction`, with ``sqrt(v)`` of a factored ``v`` built in stacks (:func:`divided`)."""
         full, factored = _split(vs)
         result: list[torch.Tensor] = [None] * len(ms)  # type: ignore[list-item]
         for i, u in zip(full, super().direction([ms[i] for i in full], [vs[i] for i in full], t)):
             result[i] = u
-        eps = self.eps * math.sqrt(1.0 - self.beta2**t)
-        for i in factored:
-            m = ms[i]
-            result[i] = (m.reshape(vs[i].shape) / vs[i].root(eps)).view(m.shape) if t else torch.zeros_like(m)
+        factored_ms = [ms[i] for i in factored]
+        us = divided(factored_ms, [vs[i] for i in factored], self._shift(t)) if t else map(torch.zeros_like, factored_ms)
+        for i, u in zip(factored, us):
+            result[i] = u
         return result
 
 

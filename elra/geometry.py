@@ -26,7 +26,7 @@ import torch
 from .line_control import LineSums
 from .chunks import runs
 from .fused import adamw_accept, split_fusable
-from .reduce import Products, ScalarBatch, dots, flat, local, squares
+from .reduce import Products, ScalarBatch, local, products, squares
 
 PRECONDITIONERS = (None, "adam", "factored", "muon")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
@@ -181,13 +181,11 @@ class AdamDirection:
         batch.add(GRAD_SQ, squares(tensors.grads), tensors.weights)
         batch.add(MOM_SQ, squares(tensors.ms), tensors.weights)
         tensors.old_dirs = self.old_directions(tensors, t)
-        flat_dirs = [flat(u) for u in tensors.old_dirs]
-        batch.add(MOM_DIR, dots([flat(m) for m in tensors.moved_ms], flat_dirs), tensors.moved_weights)
-        batch.add(DIR_SQ, squares(tensors.old_dirs), tensors.moved_weights)
-        with_grad = [(flat(g), u, w) for g, u, w in zip(tensors.moved_grads, flat_dirs, tensors.moved_weights) if g is not None]
+        products(batch, (tensors.moved_ms, tensors.old_dirs), [(0, 1, MOM_DIR), (1, 1, DIR_SQ)], tensors.moved_weights)
+        with_grad = [(g, u, w) for g, u, w in zip(tensors.moved_grads, tensors.old_dirs, tensors.moved_weights) if g is not None]
         if with_grad:
             grads, dirs, weights = zip(*with_grad)
-            batch.add(NEXT_DIR, dots(grads, dirs), weights)
+            products(batch, (grads, dirs), [(0, 1, NEXT_DIR)], weights)
 
     def _chained_sums(self, batch: ScalarBatch, tensors: GroupTensors, t: int) -> None:
         """:meth:`add_sums` chunk by chunk, when the moved parameters are those with a gradient.

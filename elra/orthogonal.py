@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .chunks import stacked, stacks
 from .geometry import MOMENT_KEYS, AdamDirection, GroupTensors
 from .reduce import ScalarBatch, local
 
@@ -32,6 +33,11 @@ NEWTON_SCHULZ_STEPS = 5
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # a quintic that pushes singular values toward 1 fast
 RMS = 0.2  # per-entry size of a matrix's direction
 STACK_ELEMENTS = 1 << 22  # matrices orthogonalised together: bounds the stacked copies (16 MB of float32)
+# The iteration's precision on an accelerator (CPUs keep float32: few have fast bfloat16 products).
+# Muon's own choice: bfloat16 products run on the tensor cores (about 15x float32's rate on an
+# H100) and add an error of about 1e-2 to a result that is itself about 0.2 from U V^T
+# (benchmarks/orthogonalize.py). None: the momentum's dtype.
+ACCELERATOR_DTYPE: torch.dtype | None = torch.bfloat16
 
 
 def is_matrix(p: torch.Tensor) -> bool:
@@ -39,15 +45,18 @@ def is_matrix(p: torch.Tensor) -> bool:
     return p.ndim == 2 and min(p.shape) > 1
 
 
-def orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
-    """About ``U V^T`` of ``matrix = U S V^T``, its RMS ``1/sqrt(max(rows, cols))``; float32 for 16-bit input.
+def orthogonalize(matrix: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """About ``U V^T`` of ``matrix = U S V^T``, its RMS ``1/sqrt(max(rows, cols))``.
 
+    Computed in ``dtype`` (default: the input's, float32 for 16-bit input).
     ``matrix`` may be a stack of matrices (``(stack, rows, cols)``): each is
     orthogonalised on its own. Each term is one fused product
     (``baddbmm``: ``B = b*G + c*G@G``, ``X = a*X + B@X``), no separate scaling passes.
     """
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
-    x = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
+    if dtype is None:
+        dtype = torch.float32 if matrix.dtype in (torch.float16, torch.bfloat16) else matrix.dtype
+    x = matrix.to(dtype)
     single = x.ndim == 2
     x = x.unsqueeze(0) if single else x
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
@@ -58,19 +67,6 @@ def orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     x = x if wide else x.mT
     return x.squeeze(0) if single else x
-
-
-def _stacks(matrices: list[torch.Tensor]) -> list[list[int]]:
-    """Indices of ``matrices`` in stacks of one (global) shape, dtype and device, each of at most
-    ``STACK_ELEMENTS`` elements (or one matrix): what :func:`orthogonalize` takes at once."""
-    classes: dict[tuple, list[int]] = {}
-    for i, m in enumerate(matrices):
-        classes.setdefault((m.shape, m.dtype, m.device), []).append(i)
-    stacks = []
-    for (shape, _, _), members in classes.items():
-        size = max(1, STACK_ELEMENTS // shape.numel())
-        stacks += [members[start : start + size] for start in range(0, len(members), size)]
-    return stacks
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -108,12 +104,13 @@ class _MatrixDirection(AdamDirection):
         """Orthogonalises the momenta in stacks of same-shaped matrices: one matrix product per
         Newton-Schulz term and stack, where one per matrix would cost a dispatch (a launch) each."""
         inverse_scale = 1.0 / self.scale(t)
-        for members in _stacks(tensors.held_ms):
+        for members in stacks(tensors.held_ms, STACK_ELEMENTS):
             helds = [tensors.held_ms[i] for i in members]
-            wholes = orthogonalize(torch.stack([_whole(held) for held in helds]))
-            factor = RMS * math.sqrt(max(wholes.shape[-2:])) * inverse_scale
-            for i, held, whole in zip(members, helds, wholes.unbind()):
-                torch.mul(_part_like(whole, held), factor, out=tensors.vs[i])
+            dtype = None if helds[0].device.type == "cpu" else ACCELERATOR_DTYPE
+            wholes = orthogonalize(stacked([_whole(held) for held in helds]), dtype)
+            wholes.mul_(RMS * math.sqrt(max(wholes.shape[-2:])) * inverse_scale)
+            parts = [_part_like(whole, held) for whole, held in zip(wholes.unbind(), helds)]
+            torch._foreach_copy_([tensors.vs[i] for i in members], parts)
         return tensors.vs
 
 

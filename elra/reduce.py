@@ -16,16 +16,39 @@ weighted vector blocks (:meth:`ScalarBatch.add_vector`) and stay on the device.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_LARGE = 1 << 16  # elements from which a tensor's inner products run one tensor at a time
-_STACKED = 1 << 12  # elements up to which a tensor's inner products come from a stacked copy (see products)
-_STACK_BATCH = 1 << 18  # elements per vector in one stacked copy: bounds the temporary memory
 AUTO = "auto"
+
+
+class Limits(NamedTuple):
+    """Sizes (in elements) that choose how a device computes many inner products.
+
+    ``large``: from this size a tensor's squared norm is a ``torch.dot`` of
+    its own (on CPU it uses every thread, where a multi-tensor kernel does
+    not). ``stacked``: up to this size a tensor's products come from a copy
+    stacked with others (see :class:`Products`). ``batch``: elements per
+    vector in one stacked copy (bounds the temporary memory).
+    """
+
+    large: float
+    stacked: int
+    batch: int
+
+
+CPU_LIMITS = Limits(large=1 << 16, stacked=1 << 12, batch=1 << 18)
+# On an accelerator each op is a kernel launch and memory is fast: copying a
+# tensor of up to 16 MB of float32 into a stack costs less than its own launches.
+DEVICE_LIMITS = Limits(large=math.inf, stacked=1 << 22, batch=1 << 23)
+
+
+def limits(device: torch.device) -> Limits:
+    """The :class:`Limits` of ``device`` (CPU or accelerator)."""
+    return CPU_LIMITS if device.type == "cpu" else DEVICE_LIMITS
 
 
 def flat(tensor: torch.Tensor) -> torch.Tensor:
@@ -37,31 +60,29 @@ def flat(tensor: torch.Tensor) -> torch.Tensor:
 def squares(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``|t|^2`` of every tensor (accumulated in float32 for 16-bit).
 
-    Small tensors go through one multi-tensor call (its cost does not grow
-    with their number); large ones through ``torch.dot``, which uses every
-    CPU thread where the multi-tensor kernel does not.
+    Tensors below ``large`` (every tensor on an accelerator) go through one
+    multi-tensor call per precision class, whose cost does not grow with
+    their number; larger ones through ``torch.dot``.
     """
     result: list[torch.Tensor | None] = [None] * len(tensors)
-    small = [i for i, t in enumerate(tensors) if t.numel() < _LARGE]
-    uniform = len({tensors[i].dtype in _LOW_PRECISION for i in small}) <= 1
-    if small and uniform:
-        group = [tensors[i] for i in small]
-        if group[0].dtype in _LOW_PRECISION:
-            values = [n * n for n in torch._foreach_norm(group, 2, dtype=torch.float32)]
+    large = limits(tensors[0].device).large if tensors else 0
+    for low in (False, True):
+        members = [i for i, t in enumerate(tensors) if (t.dtype in _LOW_PRECISION) == low and t.numel() < large]
+        if not members:
+            continue
+        group = [tensors[i] for i in members]
+        if low:
+            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
+            values = torch._foreach_mul(norms, norms)
         else:
             values = torch._foreach_powsum(group, 2)
-        for i, value in zip(small, values):
+        for i, value in zip(members, values):
             result[i] = value
     for i, t in enumerate(tensors):
         if result[i] is None:
             f = flat(t)
             result[i] = torch.dot(f, f)
     return result
-
-
-def dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``<a_i, b_i>`` of flat (see :func:`flat`) same-shaped tensor pairs."""
-    return [torch.dot(x, y) for x, y in zip(a, b)]
 
 
 def products(
@@ -83,16 +104,17 @@ class Products:
     ``vectors[b][i]`` belong to one parameter ``i`` of weight ``weights[i]``);
     every ``(a, b, slot)`` of ``pairs`` adds ``sum_i weights[i] * <vectors[a][i],
     vectors[b][i]>`` to ``slot``. :meth:`finish` hands the sums of all calls
-    to the batch (a few stacked tensors, whatever the number of calls).
+    to the batch in one tensor.
 
-    Many small tensors cost a dispatch per tensor and per product where
-    their data costs nearly nothing, so tensors of up to ``_STACKED``
-    elements with the same shape, dtype and weight are stacked (all their
-    vectors in one copy of at most ``_STACK_BATCH`` elements per vector) and
-    one matrix product gives every pair's sum for the whole stack (the Gram
-    matrix of the vectors). Larger tensors are read in place, all products
-    of one tensor before the next, so that its vectors are read from memory
-    once and from cache after that.
+    Many small tensors cost a dispatch (on an accelerator, a kernel launch)
+    per tensor and per product where their data costs little, so tensors of
+    up to ``stacked`` elements (:func:`limits`) with the same shape, dtype
+    and weight are stacked (all their vectors in one copy of at most
+    ``batch`` elements per vector) and each pair is one ``torch.dot`` of two
+    rows of it. Larger tensors are read in place, all products of one tensor
+    before the next, so that its vectors are read from memory once and from
+    cache after that. Every product is a ``torch.dot``, never a matrix
+    product, which TF32 or reduced-precision matmul settings would round.
     """
 
     def __init__(self, batch: "ScalarBatch", pairs: Sequence[tuple[int, int, int]]) -> None:
@@ -101,36 +123,34 @@ class Products:
         self.used = sorted({a for a, _, _ in pairs} | {b for _, b, _ in pairs})
         position = {v: k for k, v in enumerate(self.used)}
         self.at = [(position[a], position[b]) for a, b, _ in pairs]
-        self.grams: dict[float, list[torch.Tensor]] = {}
         self.terms: list[torch.Tensor] = []
         self.weights: list[float] = []
 
     def add(self, vectors: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -> None:
-        used = self.used
+        used, first = self.used, vectors[self.used[0]]
+        if not first:
+            return
+        limit = limits(first[0].device)
         classes: dict[tuple, list[int]] = {}
-        for i, t in enumerate(vectors[used[0]]):
-            if t.numel() <= _STACKED:
+        for i, t in enumerate(first):
+            if t.numel() <= limit.stacked:
                 classes.setdefault((t.shape, t.dtype, weights[i]), []).append(i)
             else:  # every product of one tensor before the next: its vectors stay in cache
-                flats = [flat(vectors[v][i]) for v in used]
-                self.terms += [torch.dot(flats[a], flats[b]) for a, b in self.at]
-                self.weights.append(weights[i])
-        for (shape, dtype, weight), members in classes.items():
-            per_stack = max(1, _STACK_BATCH // max(1, shape.numel()))
+                self._add_rows([flat(vectors[v][i]) for v in used], weights[i])
+        for (shape, _, weight), members in classes.items():
+            per_stack = max(1, limit.batch // max(1, shape.numel()))
             for start in range(0, len(members), per_stack):
                 part = members[start : start + per_stack]
-                stacked = torch.stack([vectors[v][i] for v in used for i in part]).view(len(used), -1)
-                if dtype in _LOW_PRECISION:
-                    stacked = stacked.float()
-                self.grams.setdefault(weight, []).append(stacked @ stacked.T)
+                stack = torch.stack([vectors[v][i] for v in used for i in part]).view(len(used), -1)
+                self._add_rows((stack.float() if stack.dtype in _LOW_PRECISION else stack).unbind(), weight)
+
+    def _add_rows(self, rows: Sequence[torch.Tensor], weight: float) -> None:
+        """The products of ``rows`` (one flat vector per used list) as the terms of one weight."""
+        self.terms += [torch.dot(rows[a], rows[b]) for a, b in self.at]
+        self.weights.append(weight)
 
     def finish(self) -> None:
-        batch, width = self.batch, len(self.used)
-        if self.grams:
-            index = torch.tensor([a * width + b for a, b in self.at], device=batch.device)
-            for weight, matrices in self.grams.items():
-                total = torch.stack(matrices).to(batch.dtype).sum(0) if len(matrices) > 1 else matrices[0].to(batch.dtype)
-                batch.add_values(self.slots, total.view(-1)[index] * weight)
+        batch = self.batch
         if self.terms:
             table = torch.stack(self.terms).view(len(self.weights), len(self.at)).to(batch.dtype)
             chosen = self.weights
@@ -139,7 +159,7 @@ class Products:
             else:
                 values = torch.tensor(chosen, dtype=batch.dtype, device=batch.device) @ table
             batch.add_values(self.slots, values)
-        self.grams, self.terms, self.weights = {}, [], []
+        self.terms, self.weights = [], []
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -293,7 +313,7 @@ class ScalarBatch:
 
         It travels after the scalars and losses in the same collective; after
         :meth:`read` the block's ``value`` is the global sum (on the device, in
-        the accumulation dtype: no host transfer).
+        the terms' dtype: no host transfer).
         """
         block = VectorBlock(terms.reshape(-1), weight)
         self._vectors.append(block)
@@ -316,13 +336,32 @@ class ScalarBatch:
         loss_vector = _loss_vector(losses, self.dtype, self.device) / self.reducer.world_size
         padding = torch.zeros(max(0, (loss_slots or 0) - len(losses)), dtype=self.dtype, device=self.device)
         head = [vector, loss_vector, padding]
-        blocks = [b.terms.to(self.dtype) * b.weight for b in self._vectors]
-        reduced = self.reducer.sum(torch.cat(head + blocks))
-        end = start = sum(t.numel() for t in head)
-        for block, terms in zip(self._vectors, blocks):
-            block.value, end = reduced[end : end + terms.numel()], end + terms.numel()
+        reduced = self.reducer.sum(torch.cat(head + self._weighted_vectors()))
+        start = sum(t.numel() for t in head)
+        self._hand_out(reduced[start:])
         values = reduced[:start].tolist()  # the vector blocks stay on the device
         return values[: self.slots], values[self.slots : self.slots + len(losses)]
+
+    def _weighted_vectors(self) -> list[torch.Tensor]:
+        """All vector blocks' weighted terms as one tensor (a few ops, whatever the number of blocks)."""
+        if not self._vectors:
+            return []
+        terms = torch.cat([b.terms for b in self._vectors]).to(self.dtype)
+        weights = [b.weight for b in self._vectors]
+        if len(set(weights)) > 1:
+            sizes = torch.tensor([b.terms.numel() for b in self._vectors], device=self.device)
+            return [terms * torch.tensor(weights, dtype=self.dtype, device=self.device).repeat_interleave(sizes)]
+        return [terms if weights[0] == 1.0 else terms * weights[0]]
+
+    def _hand_out(self, sums: torch.Tensor) -> None:
+        """Each vector block's global sum, a view of ``sums`` in its terms' dtype (one conversion when they share one)."""
+        dtypes = {b.terms.dtype for b in self._vectors}
+        if len(dtypes) == 1:
+            sums = sums.to(dtypes.pop())
+        offset = 0
+        for block in self._vectors:
+            size = block.terms.numel()
+            block.value, offset = sums[offset : offset + size].to(block.terms.dtype), offset + size
 
 
     def _weighted_sum(self, terms: list[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

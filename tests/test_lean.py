@@ -2,9 +2,13 @@
 
 from functools import partial
 
+import pytest
 import torch
+import torch.utils._python_dispatch
 
 import elra
+import elra.chunks
+import elra.reduce
 
 ElraOptimizer = partial(elra.ElraOptimizer, preconditioner=None)  # P2M, the published method, not the default
 
@@ -61,3 +65,42 @@ def test_one_host_transfer_per_real_step(monkeypatch):
         loss.backward()
         opt.step(loss)
         assert calls == ["tolist"] * expected
+
+
+class _Kernels(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops of a region that would launch a kernel on an accelerator (views and host bookkeeping do not)."""
+
+    FREE = {"lift_fresh", "_record_function_enter_new", "_record_function_exit", "_local_scalar_dense"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func.overloadpacket.__name__ in self.FREE):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(preconditioner=None, weight_decay=1e-2, momentum=0.9), dict(preconditioner="adam"), dict(preconditioner="factored"), dict(preconditioner="muon")],
+)
+def test_an_accelerator_step_launches_as_many_kernels_for_many_tensors_as_for_few(monkeypatch, options):
+    """With an accelerator's batching sizes, a real step's kernels do not grow with the number of tensors."""
+    monkeypatch.setattr(elra.reduce, "limits", lambda device: elra.reduce.DEVICE_LIMITS)
+    monkeypatch.setattr(elra.chunks, "CHUNK", elra.chunks.DEVICE_CHUNK)
+
+    def kernels(blocks: int) -> int:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*(m for _ in range(blocks) for m in (torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))))
+        opt = elra.ElraOptimizer(model.parameters(), None, 16, 5, lr=1e-4, **options)
+        for step in range(4):
+            opt.zero_grad()
+            model(torch.randn(16, 8, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+            counter = _Kernels()
+            with counter:
+                opt.step(1.0 / (1 + step))
+        return counter.count
+
+    assert kernels(32) == kernels(4)

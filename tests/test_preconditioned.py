@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from elra import ElraOptimizer
+from elra.chunks import stacks
 from reference_line import ReferenceLine
 
 
@@ -197,6 +198,17 @@ def test_orthogonalized_momentum_keeps_the_singular_vectors_and_flattens_the_spe
         assert cosine > 0.95
 
 
+def test_orthogonalisation_in_bfloat16_stays_near_the_float64_iteration():
+    """An accelerator runs Newton-Schulz in bfloat16: it adds ~1e-2 to an iteration that is itself ~0.2 from U V^T."""
+    from elra.orthogonal import orthogonalize
+
+    matrices = torch.randn(3, 32, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = orthogonalize(matrices)
+    fast = orthogonalize(matrices, torch.bfloat16)
+    assert fast.dtype == torch.bfloat16
+    assert 1e-4 < float((fast.double() - exact).norm() / exact.norm()) < 5e-2
+
+
 def test_same_shaped_matrices_are_orthogonalised_in_stacks_one_by_one(monkeypatch):
     """A stack gives each matrix its own result; the optimizer stacks by shape within a size bound."""
     import elra.orthogonal
@@ -220,7 +232,7 @@ def test_same_shaped_matrices_are_orthogonalised_in_stacks_one_by_one(monkeypatc
     torch.manual_seed(0)
     stacked = train(make())
     monkeypatch.setattr(elra.orthogonal, "STACK_ELEMENTS", 40)  # two 4x4 matrices a stack
-    assert [len(s) for s in elra.orthogonal._stacks([torch.zeros(4, 4)] * 5 + [torch.zeros(2, 4)])] == [2, 2, 1, 1]
+    assert [len(s) for s in stacks([torch.zeros(4, 4)] * 5 + [torch.zeros(2, 4)], 40)] == [2, 2, 1, 1]
     torch.manual_seed(0)
     in_pairs = train(make())
     assert all(torch.allclose(p, q, rtol=0, atol=1e-12) for p, q in zip(stacked, in_pairs))
