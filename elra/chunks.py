@@ -1,5 +1,7 @@
 """Batching tensor work: chains of elementwise ``torch._foreach_*`` ops run chunk by
-chunk (cache blocking), and stacks of same-shaped tensors for batched matrix ops.
+chunk (cache blocking), stacks of same-shaped tensors for batched matrix ops, and
+lists of one dtype for the multi-tensor kernels (on CUDA a list of mixed dtypes
+falls back to one kernel per tensor).
 
 A chain of elementwise passes over many tensors (``d = g``, ``d += c*x``,
 ``x -= s*d``) reads every tensor from memory once per pass when each pass
@@ -73,3 +75,36 @@ def stacks(tensors: Sequence[torch.Tensor], budget: int) -> list[list[int]]:
 def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``torch.stack(tensors)``; a view, not a copy, of a single tensor (do not write into it)."""
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
+
+
+def converted(tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` in the dtypes of the aligned ``like``: themselves where they match, else copies
+    made by one multi-tensor copy."""
+    if _same_dtypes(tensors, like):
+        return list(tensors)
+    copies = [torch.empty_like(t, dtype=other.dtype) for t, other in zip(tensors, like)]
+    torch._foreach_copy_(copies, list(tensors))
+    return copies
+
+
+def in_dtype_of(like: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], *others: Sequence) -> Iterator[list[list]]:
+    """``[like, tensors, *others]`` with ``tensors`` in the dtypes of ``like``: the lists themselves
+    where they match, else in runs (bounded temporaries) with converted copies."""
+    if _same_dtypes(tensors, like):
+        yield [list(like), list(tensors), *others]
+        return
+    for part in runs([like, tensors, *others]):
+        yield [part[0], converted(part[1], part[0]), *part[2:]]
+
+
+def add_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], alpha: float) -> None:
+    """``targets += alpha * sources``, computed in the sources' dtype and rounded once into the
+    targets' (16-bit parameters, float32 directions) with single-dtype multi-tensor ops."""
+    for ds, wide, xs in in_dtype_of(sources, targets, targets):
+        torch._foreach_add_(wide, ds, alpha=alpha)
+        if wide[0] is not xs[0]:
+            torch._foreach_copy_(xs, wide)
+
+
+def _same_dtypes(tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> bool:
+    return all(t.dtype == other.dtype for t, other in zip(tensors, like))

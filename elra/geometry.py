@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from .line_control import LineSums
-from .chunks import runs
+from .chunks import add_, in_dtype_of, runs
 from .fused import adamw_accept, split_fusable
-from .reduce import Products, ScalarBatch, local, products, squares
+from .reduce import Products, ScalarBatch, local, products
 
 PRECONDITIONERS = (None, "adam", "factored", "muon")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
@@ -140,23 +140,27 @@ class AdamDirection:
         return torch._foreach_div(ms, denom)
 
     def update_momentum(self, tensors: GroupTensors, grad_scale: float) -> None:
-        """``m`` takes the gradient ``grad_scale * g`` (the micro-batch mean, unscaled); one pass when
-        unscaled and of the moment's dtype (``lerp`` takes no 16-bit gradient beside a float32 moment)."""
+        """``m`` takes the gradient ``grad_scale * g`` (the micro-batch mean, unscaled); one pass when unscaled."""
         if not tensors.ms:
             return
-        if grad_scale == 1.0 and all(m.dtype == g.dtype for m, g in zip(tensors.ms, tensors.grads)):
-            torch._foreach_lerp_(tensors.ms, tensors.grads, 1.0 - self.beta1)
-        else:
-            torch._foreach_mul_(tensors.ms, self.beta1)
-            torch._foreach_add_(tensors.ms, tensors.grads, alpha=(1.0 - self.beta1) * grad_scale)
+        for ms, grads in in_dtype_of(tensors.ms, tensors.grads):
+            self._momentum(ms, grads, grad_scale)
 
     def update_moments(self, tensors: GroupTensors, grad_scale: float) -> None:
         """``m`` and ``v`` take the gradient ``grad_scale * g``."""
         if not tensors.ms:
             return
-        self.update_momentum(tensors, grad_scale)
-        torch._foreach_mul_(tensors.vs, self.beta2)
-        torch._foreach_addcmul_(tensors.vs, tensors.grads, tensors.grads, value=(1.0 - self.beta2) * grad_scale**2)
+        for ms, grads, vs in in_dtype_of(tensors.ms, tensors.grads, tensors.vs):  # 16-bit g, float32 moments
+            self._momentum(ms, grads, grad_scale)
+            torch._foreach_mul_(vs, self.beta2)
+            torch._foreach_addcmul_(vs, grads, grads, value=(1.0 - self.beta2) * grad_scale**2)
+
+    def _momentum(self, ms: list[torch.Tensor], grads: list[torch.Tensor], grad_scale: float) -> None:
+        if grad_scale == 1.0:
+            torch._foreach_lerp_(ms, grads, 1.0 - self.beta1)
+        else:
+            torch._foreach_mul_(ms, self.beta1)
+            torch._foreach_add_(ms, grads, alpha=(1.0 - self.beta1) * grad_scale)
 
     def _own(self, *names: str) -> bool:
         """Whether this object uses AdamDirection's own methods ``names`` (the chunked chains assume them)."""
@@ -175,11 +179,11 @@ class AdamDirection:
         if t and aligned and self._own("old_directions", "direction"):
             return self._chained_sums(batch, tensors, t)
         batch.add_constant(PRESENT, len(tensors.params))
-        batch.add(PARAM_SQ, squares(tensors.params), tensors.weights)
         if t == 0:
+            products(batch, (tensors.params,), [(0, 0, PARAM_SQ)], tensors.weights)
             return
-        batch.add(GRAD_SQ, squares(tensors.grads), tensors.weights)
-        batch.add(MOM_SQ, squares(tensors.ms), tensors.weights)
+        vectors, pairs = (tensors.params, tensors.grads, tensors.ms), [(0, 0, PARAM_SQ), (1, 1, GRAD_SQ), (2, 2, MOM_SQ)]
+        products(batch, vectors, pairs, tensors.weights)
         tensors.old_dirs = self.old_directions(tensors, t)
         products(batch, (tensors.moved_ms, tensors.old_dirs), [(0, 1, MOM_DIR), (1, 1, DIR_SQ)], tensors.moved_weights)
         with_grad = [(g, u, w) for g, u, w in zip(tensors.moved_grads, tensors.old_dirs, tensors.moved_weights) if g is not None]
@@ -225,7 +229,7 @@ class AdamDirection:
         directions = self.new_directions(tensors, t + 1)
         if decay != 1.0:
             torch._foreach_mul_(tensors.params, decay)
-        torch._foreach_add_(tensors.params, directions, alpha=-step * self.scale(t + 1))
+        add_(tensors.params, directions, alpha=-step * self.scale(t + 1))
 
     def _chained_accept(self, tensors: GroupTensors, t: int, step: float, decay: float, grad_scale: float) -> None:
         """:meth:`accept` in torch's fused AdamW kernel where :func:`elra.fused.fusable` allows, else chunk
@@ -239,16 +243,16 @@ class AdamDirection:
             directions = self.direction(ms, vs, t + 1)
             if decay != 1.0:
                 torch._foreach_mul_(xs, decay)
-            torch._foreach_add_(xs, directions, alpha=alpha)
+            add_(xs, directions, alpha=alpha)
 
     def retrace(self, tensors: GroupTensors, t: int, shift: float) -> None:
         """``x <- x + shift*u_old`` for the parameters the last step moved."""
         if tensors.old_from_moments:
             alpha = shift * self.scale(t)
             for xs, ms, vs in runs([tensors.moved, tensors.moved_ms, tensors.moved_vs], split=True):
-                torch._foreach_add_(xs, self.direction(ms, vs, t), alpha=alpha)
+                add_(xs, self.direction(ms, vs, t), alpha=alpha)
         elif tensors.old_dirs:
-            torch._foreach_add_(tensors.moved, tensors.old_dirs, alpha=shift * self.scale(t))
+            add_(tensors.moved, tensors.old_dirs, alpha=shift * self.scale(t))
 
     def sums(self, values: list[float], t: int, grad_scale: float) -> LineSums:
         """The controller's inputs from the global slot values (bias-corrected, g averaged)."""

@@ -31,7 +31,7 @@ from .control import Decision, RangeBounds, StepSums
 from .fused import sgd_accept, split_fusable
 from .geometry import PRESENT, SLOTS, direction_state, make_direction
 from .line_control import LINE_TARGET
-from .reduce import AUTO, Reducer, ScalarBatch, local, products, squares
+from .reduce import AUTO, Reducer, ScalarBatch, local, products
 from .sync import drop_unsynced_grads, fsdp_wrapping, reshard
 
 logger = logging.getLogger("elra")
@@ -616,10 +616,11 @@ class ElraOptimizer(Checkpointing, Optimizer):
         ranged_tensors = [entry for tensors in groups for entry in tensors["ranged"]]
         if ranged_tensors:
             params, dirs, grads, weights = zip(*ranged_tensors)
-            batch.add(ranged, squares(params), weights)
-            batch.add(ranged + 1, squares(dirs), weights)
+            products(batch, (params, dirs), [(0, 0, ranged), (1, 1, ranged + 1)], weights)
             with_grad = [(g, w) for g, w in zip(grads, weights) if g is not None]
-            batch.add(ranged + 2, squares([g for g, _ in with_grad]), [w for _, w in with_grad])
+            if with_grad:
+                grads, weights = zip(*with_grad)
+                products(batch, (grads,), [(0, 0, ranged + 2)], weights)
         values, loss_values = self._read_checked(batch, check, losses, ("step", with_gradient, *scaling))
         bounds = RangeBounds(*(math.sqrt(v) if v >= 0.0 else math.nan for v in values[ranged:check])) if half else None
         if not with_gradient:

@@ -26,24 +26,21 @@ AUTO = "auto"
 
 
 class Limits(NamedTuple):
-    """Sizes (in elements) that choose how a device computes many inner products.
+    """Sizes (in elements) that choose how a device computes many inner products (see :class:`Products`).
 
-    ``large``: from this size a tensor's squared norm is a ``torch.dot`` of
-    its own (on CPU it uses every thread, where a multi-tensor kernel does
-    not). ``stacked``: up to this size a tensor's products come from a copy
-    stacked with others (see :class:`Products`). ``batch``: elements per
-    vector in one stacked copy (bounds the temporary memory).
+    ``stacked``: up to this size a tensor's products come from a copy
+    stacked with others. ``batch``: elements per vector in one stacked copy
+    (bounds the temporary memory).
     """
 
-    large: float
     stacked: int
     batch: int
 
 
-CPU_LIMITS = Limits(large=1 << 16, stacked=1 << 12, batch=1 << 18)
+CPU_LIMITS = Limits(stacked=1 << 12, batch=1 << 18)
 # On an accelerator each op is a kernel launch and memory is fast: copying a
 # tensor of up to 16 MB of float32 into a stack costs less than its own launches.
-DEVICE_LIMITS = Limits(large=math.inf, stacked=1 << 22, batch=1 << 23)
+DEVICE_LIMITS = Limits(stacked=1 << 22, batch=1 << 23)
 
 
 def limits(device: torch.device) -> Limits:
@@ -55,34 +52,6 @@ def flat(tensor: torch.Tensor) -> torch.Tensor:
     """A 1-D view (float32 for 16-bit tensors, so that inner products accumulate in it)."""
     tensor = tensor.reshape(-1)
     return tensor.float() if tensor.dtype in _LOW_PRECISION else tensor
-
-
-def squares(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``|t|^2`` of every tensor (accumulated in float32 for 16-bit).
-
-    Tensors below ``large`` (every tensor on an accelerator) go through one
-    multi-tensor call per precision class, whose cost does not grow with
-    their number; larger ones through ``torch.dot``.
-    """
-    result: list[torch.Tensor | None] = [None] * len(tensors)
-    large = limits(tensors[0].device).large if tensors else 0
-    for low in (False, True):
-        members = [i for i, t in enumerate(tensors) if (t.dtype in _LOW_PRECISION) == low and t.numel() < large]
-        if not members:
-            continue
-        group = [tensors[i] for i in members]
-        if low:
-            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
-            values = torch._foreach_mul(norms, norms)
-        else:
-            values = torch._foreach_powsum(group, 2)
-        for i, value in zip(members, values):
-            result[i] = value
-    for i, t in enumerate(tensors):
-        if result[i] is None:
-            f = flat(t)
-            result[i] = torch.dot(f, f)
-    return result
 
 
 def products(
@@ -289,15 +258,9 @@ class ScalarBatch:
         self.device = device
         self.dtype = _accumulation_dtype(device)
         self.reducer = reducer
-        self._blocks: list[tuple[int, list[torch.Tensor], Sequence[float]]] = []
         self._summed: list[tuple[list[int], torch.Tensor]] = []
         self._constants = [0.0] * slots
         self._vectors: list[VectorBlock] = []
-
-    def add(self, slot: int, terms: list[torch.Tensor], weights: Sequence[float]) -> None:
-        """Per-tensor 0-dim terms whose weighted sum goes into ``slot``."""
-        if terms:
-            self._blocks.append((slot, terms, weights))
 
     def add_values(self, slots: list[int], values: torch.Tensor) -> None:
         """Weighted terms already summed, one per slot (a 1-D tensor of the batch's dtype)."""
@@ -309,7 +272,7 @@ class ScalarBatch:
         self._constants[slot] += value
 
     def add_vector(self, terms: torch.Tensor, weight: float) -> VectorBlock:
-        """A 1-D tensor of this rank's terms, weighted like :meth:`add`, summed over ranks elementwise.
+        """A 1-D tensor of this rank's terms times ``weight`` (1/replicas), summed over ranks elementwise.
 
         It travels after the scalars and losses in the same collective; after
         :meth:`read` the block's ``value`` is the global sum (on the device, in
@@ -328,11 +291,9 @@ class ScalarBatch:
         whose length must not depend on how many micro-batches were collected.
         """
         vector = torch.tensor(self._constants, dtype=self.dtype, device=self.device)
-        if self._blocks or self._summed:
-            parts = [torch.stack([self._weighted_sum(terms, weights) for _, terms, weights in self._blocks])] if self._blocks else []
-            parts += [values for _, values in self._summed]
-            slots = [slot for slot, _, _ in self._blocks] + [slot for slots, _ in self._summed for slot in slots]
-            vector.index_add_(0, torch.tensor(slots, device=self.device), torch.cat(parts))
+        if self._summed:
+            slots = [slot for slots, _ in self._summed for slot in slots]
+            vector.index_add_(0, torch.tensor(slots, device=self.device), torch.cat([values for _, values in self._summed]))
         loss_vector = _loss_vector(losses, self.dtype, self.device) / self.reducer.world_size
         padding = torch.zeros(max(0, (loss_slots or 0) - len(losses)), dtype=self.dtype, device=self.device)
         head = [vector, loss_vector, padding]
@@ -362,13 +323,6 @@ class ScalarBatch:
         for block in self._vectors:
             size = block.terms.numel()
             block.value, offset = sums[offset : offset + size].to(block.terms.dtype), offset + size
-
-
-    def _weighted_sum(self, terms: list[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-        stacked = torch.stack(terms).to(self.dtype)
-        if all(w == weights[0] for w in weights):
-            return stacked.sum() * weights[0]
-        return stacked @ torch.tensor(weights, dtype=self.dtype, device=self.device)
 
 
 def _loss_vector(losses: Sequence[float | torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

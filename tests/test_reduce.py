@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from elra.reduce import Reducer, ScalarBatch, products
+import elra.reduce
+from elra.reduce import CPU_LIMITS, DEVICE_LIMITS, Reducer, ScalarBatch, products
 
 
 def _reference(vectors, pairs, weights, slots):
@@ -15,8 +16,11 @@ def _reference(vectors, pairs, weights, slots):
     return values
 
 
+@pytest.mark.parametrize("limits", [CPU_LIMITS, DEVICE_LIMITS._replace(batch=20000)], ids=["cpu", "accelerator"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_products_equal_the_plain_sums_for_small_stacked_and_large_tensors(dtype):
+def test_products_equal_the_plain_sums_for_small_stacked_and_large_tensors(dtype, limits, monkeypatch):
+    """On CPU the large tensors are read in place; an accelerator's sizes stack them all (in small stacks here)."""
+    monkeypatch.setattr(elra.reduce, "limits", lambda device: limits)
     gen = torch.Generator().manual_seed(0)
     # many same-shaped small tensors (stacked, some over two stacks), odd shapes, a 0-dim one and large ones
     shapes = [(7,)] * 30 + [(64, 64)] * 70 + [(3, 5), (), (300, 300), (70000,), (5, 4, 3)]
