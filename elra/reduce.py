@@ -15,11 +15,14 @@ weighted vector blocks (:meth:`ScalarBatch.add_vector`) and stay on the device.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
+
+from .chunks import stacked
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 AUTO = "auto"
@@ -78,9 +81,8 @@ class Products:
     Many small tensors cost a dispatch (on an accelerator, a kernel launch)
     per tensor and per product where their data costs little, so tensors of
     up to ``stacked`` elements (:func:`limits`) with the same shape, dtype
-    and weight are stacked (all their vectors in one copy of at most
-    ``batch`` elements per vector) and each pair is one ``torch.dot`` of two
-    rows of it. Larger tensors are read in place, all products of one tensor
+    and weight are stacked (one copy per vector of at most ``batch``
+    elements) and each pair is one ``torch.dot`` of two such copies. Larger tensors are read in place, all products of one tensor
     before the next, so that its vectors are read from memory once and from
     cache after that. Every product is a ``torch.dot``, never a matrix
     product, which TF32 or reduced-precision matmul settings would round.
@@ -110,8 +112,7 @@ class Products:
             per_stack = max(1, limit.batch // max(1, shape.numel()))
             for start in range(0, len(members), per_stack):
                 part = members[start : start + per_stack]
-                stack = torch.stack([vectors[v][i] for v in used for i in part]).view(len(used), -1)
-                self._add_rows((stack.float() if stack.dtype in _LOW_PRECISION else stack).unbind(), weight)
+                self._add_rows(_common([stacked([vectors[v][i] for i in part]).reshape(-1) for v in used]), weight)
 
     def _add_rows(self, rows: Sequence[torch.Tensor], weight: float) -> None:
         """The products of ``rows`` (one flat vector per used list) as the terms of one weight."""
@@ -129,6 +130,17 @@ class Products:
                 values = torch.tensor(chosen, dtype=batch.dtype, device=batch.device) @ table
             batch.add_values(self.slots, values)
         self.terms, self.weights = [], []
+
+
+def _common(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``rows`` in one dtype for ``torch.dot``: their promoted dtype, float32 for 16-bit ones.
+
+    Each row is stacked from one list, which has one dtype: a stack of mixed
+    dtypes would convert tensor by tensor (on CUDA a kernel each).
+    """
+    dtype = functools.reduce(torch.promote_types, (row.dtype for row in rows))
+    dtype = torch.float32 if dtype in _LOW_PRECISION else dtype
+    return [row.to(dtype) for row in rows]
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

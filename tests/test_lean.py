@@ -1,5 +1,6 @@
 """Lean by construction: state size, in-place updates, one host transfer per real step."""
 
+import math
 from functools import partial
 
 import pytest
@@ -104,3 +105,39 @@ def test_an_accelerator_step_launches_as_many_kernels_for_many_tensors_as_for_fe
         return counter.count
 
     assert kernels(32) == kernels(4)
+
+
+class _MixedLists(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records multi-tensor ops and stacks over tensors of several dtypes (on CUDA: a kernel per tensor).
+
+    ``_foreach_copy_`` is the exception: it converts a whole list in one kernel, by design.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if (name.startswith("_foreach") and name != "_foreach_copy_") or name in ("stack", "cat"):
+            dtypes = {t.dtype for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)}
+            if len(dtypes) > 1:
+                self.found.append((name, sorted(map(str, dtypes))))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
+def test_a_16_bit_step_gives_every_multi_tensor_op_one_dtype(monkeypatch, preconditioner):
+    """bfloat16 parameters with float32 moments: gradients and steps are converted by whole lists."""
+    monkeypatch.setattr(elra.reduce, "limits", lambda device: elra.reduce.DEVICE_LIMITS)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3)).bfloat16()
+    opt = elra.ElraOptimizer(model.parameters(), None, 16, 3, lr=1e-4, weight_decay=1e-2, preconditioner=preconditioner)
+    mixed = _MixedLists()
+    for step in range(6):
+        opt.zero_grad()
+        model(torch.randn(16, 8, generator=torch.Generator().manual_seed(step)).bfloat16()).float().square().mean().backward()
+        with mixed:
+            opt.step(math.nan if step == 3 else 1.0 / (1 + step))  # a retrace too
+    assert opt.stats["retraces"] == 1
+    assert mixed.found == []
