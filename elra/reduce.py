@@ -33,17 +33,20 @@ class Limits(NamedTuple):
 
     ``stacked``: up to this size a tensor's products come from a copy
     stacked with others. ``batch``: elements per vector in one stacked copy
-    (bounds the temporary memory).
+    (bounds the temporary memory). ``gram``: a stack gives all its products
+    in one matrix product, else in a ``torch.dot`` each.
     """
 
     stacked: int
     batch: int
+    gram: bool
 
 
-CPU_LIMITS = Limits(stacked=1 << 12, batch=1 << 18)
+CPU_LIMITS = Limits(stacked=1 << 12, batch=1 << 18, gram=True)  # CPU float32 matrix products are IEEE
 # On an accelerator each op is a kernel launch and memory is fast: copying a
 # tensor of up to 16 MB of float32 into a stack costs less than its own launches.
-DEVICE_LIMITS = Limits(stacked=1 << 22, batch=1 << 23)
+# Its matrix products may be rounded (TF32): each product is a torch.dot there.
+DEVICE_LIMITS = Limits(stacked=1 << 22, batch=1 << 23, gram=False)
 
 
 def limits(device: torch.device) -> Limits:
@@ -81,11 +84,15 @@ class Products:
     Many small tensors cost a dispatch (on an accelerator, a kernel launch)
     per tensor and per product where their data costs little, so tensors of
     up to ``stacked`` elements (:func:`limits`) with the same shape, dtype
-    and weight are stacked (one copy per vector of at most ``batch``
-    elements) and each pair is one ``torch.dot`` of two such copies. Larger tensors are read in place, all products of one tensor
-    before the next, so that its vectors are read from memory once and from
-    cache after that. Every product is a ``torch.dot``, never a matrix
-    product, which TF32 or reduced-precision matmul settings would round.
+    and weight are stacked (all their vectors, at most ``batch`` elements
+    per vector). On CPU one matrix product of a stack gives all its pairs
+    (the Gram matrix of its vectors); on an accelerator, where TF32 may
+    round matrix products, each pair is one ``torch.dot`` of two rows. A
+    stack whose vectors differ in dtype is built one vector at a time (a
+    stack of mixed dtypes converts tensor by tensor: on CUDA a kernel each).
+    Larger tensors are read in place, all products of one tensor before the
+    next, so that its vectors are read from memory once and from cache after
+    that.
     """
 
     def __init__(self, batch: "ScalarBatch", pairs: Sequence[tuple[int, int, int]]) -> None:
@@ -96,6 +103,7 @@ class Products:
         self.at = [(position[a], position[b]) for a, b, _ in pairs]
         self.terms: list[torch.Tensor] = []
         self.weights: list[float] = []
+        self.grams: dict[float, list[torch.Tensor]] = {}
 
     def add(self, vectors: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -> None:
         used, first = self.used, vectors[self.used[0]]
@@ -112,7 +120,15 @@ class Products:
             per_stack = max(1, limit.batch // max(1, shape.numel()))
             for start in range(0, len(members), per_stack):
                 part = members[start : start + per_stack]
-                self._add_rows(_common([stacked([vectors[v][i] for i in part]).reshape(-1) for v in used]), weight)
+                if len({vectors[v][part[0]].dtype for v in used}) > 1:
+                    self._add_rows(_common([stacked([vectors[v][i] for i in part]).reshape(-1) for v in used]), weight)
+                    continue
+                rows = torch.stack([vectors[v][i] for v in used for i in part]).view(len(used), -1)
+                rows = rows.float() if rows.dtype in _LOW_PRECISION else rows
+                if limit.gram:
+                    self.grams.setdefault(weight, []).append(rows @ rows.T)
+                else:
+                    self._add_rows(rows.unbind(), weight)
 
     def _add_rows(self, rows: Sequence[torch.Tensor], weight: float) -> None:
         """The products of ``rows`` (one flat vector per used list) as the terms of one weight."""
@@ -120,7 +136,12 @@ class Products:
         self.weights.append(weight)
 
     def finish(self) -> None:
-        batch = self.batch
+        batch, width = self.batch, len(self.used)
+        if self.grams:
+            index = torch.tensor([a * width + b for a, b in self.at], device=batch.device)
+            for weight, matrices in self.grams.items():
+                total = torch.stack(matrices).sum(0) if len(matrices) > 1 else matrices[0]
+                batch.add_values(self.slots, total.view(-1)[index].to(batch.dtype) * weight)
         if self.terms:
             table = torch.stack(self.terms).view(len(self.weights), len(self.at)).to(batch.dtype)
             chosen = self.weights
@@ -129,7 +150,7 @@ class Products:
             else:
                 values = torch.tensor(chosen, dtype=batch.dtype, device=batch.device) @ table
             batch.add_values(self.slots, values)
-        self.terms, self.weights = [], []
+        self.terms, self.weights, self.grams = [], [], {}
 
 
 def _common(rows: list[torch.Tensor]) -> list[torch.Tensor]:
