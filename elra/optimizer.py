@@ -558,24 +558,25 @@ class ElraOptimizer(Checkpointing, Optimizer):
         tensors: dict[str, Any] = {k: [] for k in keys}
         tensors["half"] = False
         for p in group["params"]:
-            direction = local(self.state[p]["direction"])
+            x, direction, moved = local(p), local(self.state[p]["direction"]), p in self._moved
             grad = p.grad if with_gradient else None
-            if p.dtype in _SIXTEEN_BIT:
-                tensors["half"] = True
-                weight = 1.0 / self.reducer.replicas(p) / torch.finfo(p.dtype).max ** 2
-                tensors["ranged"].append((local(p), direction, None if grad is None else local(grad), weight))
             if grad is not None:
                 if grad.is_sparse:
                     raise RuntimeError("ElraOptimizer does not support sparse gradients")
-                tensors["params"].append(local(p))
+                grad = local(grad)
+                tensors["params"].append(x)
                 tensors["owners"].append(p)
-                tensors["grads"].append(local(grad))
+                tensors["grads"].append(grad)
                 tensors["dirs"].append(direction)
-            elif p in self._moved:
+            elif moved:
                 tensors["stale"].append(direction)
-            if p in self._moved:
-                tensors["moved"].append(local(p))
+            if moved:
+                tensors["moved"].append(x)
                 tensors["moved_dirs"].append(direction)
+            if p.dtype in _SIXTEEN_BIT:
+                tensors["half"] = True
+                weight = 1.0 / self.reducer.replicas(p) / torch.finfo(p.dtype).max ** 2
+                tensors["ranged"].append((x, direction, grad, weight))
         tensors["weights"] = self.reducer.weights(tensors["owners"])
         return tensors
 
