@@ -8,7 +8,8 @@ bfloat16, and reports how far each result is from the exact polar factor
 ``U V^T`` (relative Frobenius error) and from the same iteration in float64.
 Newton-Schulz with these coefficients leaves singular values at about
 0.7-1.2 (and tiny ones tiny), so the first error is the method's own; the
-second is what the precision adds.
+second is what the precision adds. (ELRA keeps float32: the bfloat16
+iteration made its held-out losses worse, see the README.)
 
     python benchmarks/orthogonalize.py [--device cpu|cuda]
 """

@@ -199,7 +199,8 @@ def test_orthogonalized_momentum_keeps_the_singular_vectors_and_flattens_the_spe
 
 
 def test_orthogonalisation_in_bfloat16_stays_near_the_float64_iteration():
-    """An accelerator runs Newton-Schulz in bfloat16: it adds ~1e-2 to an iteration that is itself ~0.2 from U V^T."""
+    """Newton-Schulz in bfloat16 (what benchmarks/orthogonalize.py measures) adds ~1e-2 to an iteration
+    that is itself ~0.2 from U V^T."""
     from elra.orthogonal import orthogonalize
 
     matrices = torch.randn(3, 32, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -17,15 +17,19 @@ def _reference(vectors, pairs, weights, slots):
 
 
 @pytest.mark.parametrize("limits", [CPU_LIMITS, DEVICE_LIMITS._replace(batch=20000)], ids=["cpu", "accelerator"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, "bfloat16 beside float32"])
 def test_products_equal_the_plain_sums_for_small_stacked_and_large_tensors(dtype, limits, monkeypatch):
-    """On CPU the large tensors are read in place; an accelerator's sizes stack them all (in small stacks here)."""
+    """On CPU the large tensors are read in place; an accelerator's sizes stack them all (in small stacks here).
+
+    16-bit parameters and gradients come beside float32 moments: their stacks are built one list at a time.
+    """
     monkeypatch.setattr(elra.reduce, "limits", lambda device: limits)
     gen = torch.Generator().manual_seed(0)
     # many same-shaped small tensors (stacked, some over two stacks), odd shapes, a 0-dim one and large ones
     shapes = [(7,)] * 30 + [(64, 64)] * 70 + [(3, 5), (), (300, 300), (70000,), (5, 4, 3)]
     weights = [1.0 if i % 4 else 0.5 for i in range(len(shapes))]  # mixed replica weights
-    vectors = [[torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes] for _ in range(3)]
+    dtypes = [torch.bfloat16, torch.bfloat16, torch.float32] if isinstance(dtype, str) else [dtype] * 3
+    vectors = [[torch.randn(s, generator=gen, dtype=torch.float64).to(d) for s in shapes] for d in dtypes]
     vectors[2][-1] = vectors[2][-1].transpose(0, 2)  # a non-contiguous tensor
     vectors[0][-1] = vectors[0][-1].transpose(0, 2)
     vectors[1][-1] = vectors[1][-1].transpose(0, 2)
@@ -34,6 +38,6 @@ def test_products_equal_the_plain_sums_for_small_stacked_and_large_tensors(dtype
     products(batch, vectors, pairs, weights)
     values, _ = batch.read([0.0])
     expected = _reference(vectors, pairs, weights, 6)
-    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     for got, want in zip(values, expected):
         assert got == pytest.approx(want, rel=tolerance, abs=tolerance * 1e3)
