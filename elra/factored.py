@@ -77,7 +77,9 @@ def take(factors: list[Factors], grads: list[torch.Tensor]) -> list[torch.Tensor
 
 def update(factors: list[Factors], beta2: float, value: float) -> None:
     """Every ``R``, ``C`` takes ``value`` times this step's sums (multi-tensor ops)."""
-    for held, sums in (([f.row for f in factors], [f.row_sq for f in factors]), ([f.col for f in factors], [f.col_sq.value for f in factors])):
+    rows = [f.row for f in factors], [f.row_sq for f in factors]
+    cols = [f.col for f in factors], [f.col_sq.value for f in factors]
+    for held, sums in (rows, cols):
         torch._foreach_mul_(held, beta2)
         torch._foreach_add_(held, sums, alpha=value)
 

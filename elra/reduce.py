@@ -140,8 +140,8 @@ class Products:
         if self.grams:
             index = torch.tensor([a * width + b for a, b in self.at], device=batch.device)
             for weight, matrices in self.grams.items():
-                total = torch.stack(matrices).sum(0) if len(matrices) > 1 else matrices[0]
-                batch.add_values(self.slots, total.view(-1)[index].to(batch.dtype) * weight)
+                total = torch.stack(matrices).to(batch.dtype).sum(0) if len(matrices) > 1 else matrices[0].to(batch.dtype)
+                batch.add_values(self.slots, total.view(-1)[index] * weight)
         if self.terms:
             table = torch.stack(self.terms).view(len(self.weights), len(self.at)).to(batch.dtype)
             chosen = self.weights
