@@ -100,9 +100,13 @@ def in_dtype_of(like: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], *
 def add_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], alpha: float) -> None:
     """``targets += alpha * sources``, computed in the sources' dtype and rounded once into the
     targets' (16-bit parameters, float32 directions) with single-dtype multi-tensor ops."""
-    for ds, wide, xs in in_dtype_of(sources, targets, targets):
+    if _same_dtypes(targets, sources):
+        torch._foreach_add_(list(targets), list(sources), alpha=alpha)
+        return
+    for xs, ds in runs([targets, sources]):
+        wide = converted(xs, ds)
         torch._foreach_add_(wide, ds, alpha=alpha)
-        if wide[0] is not xs[0]:
+        if wide[0] is not xs[0]:  # a run whose dtypes all match was added in place
             torch._foreach_copy_(xs, wide)
 
 

@@ -179,11 +179,10 @@ class AdamDirection:
         if t and aligned and self._own("old_directions", "direction"):
             return self._chained_sums(batch, tensors, t)
         batch.add_constant(PRESENT, len(tensors.params))
+        pairs = [(0, 0, PARAM_SQ), (1, 1, GRAD_SQ), (2, 2, MOM_SQ)] if t else [(0, 0, PARAM_SQ)]
+        products(batch, (tensors.params, tensors.grads, tensors.ms), pairs, tensors.weights)
         if t == 0:
-            products(batch, (tensors.params,), [(0, 0, PARAM_SQ)], tensors.weights)
             return
-        vectors, pairs = (tensors.params, tensors.grads, tensors.ms), [(0, 0, PARAM_SQ), (1, 1, GRAD_SQ), (2, 2, MOM_SQ)]
-        products(batch, vectors, pairs, tensors.weights)
         tensors.old_dirs = self.old_directions(tensors, t)
         products(batch, (tensors.moved_ms, tensors.old_dirs), [(0, 1, MOM_DIR), (1, 1, DIR_SQ)], tensors.moved_weights)
         with_grad = [(g, u, w) for g, u, w in zip(tensors.moved_grads, tensors.old_dirs, tensors.moved_weights) if g is not None]

@@ -119,11 +119,11 @@ class Products:
         for (shape, _, weight), members in classes.items():
             per_stack = max(1, limit.batch // max(1, shape.numel()))
             for start in range(0, len(members), per_stack):
-                part = members[start : start + per_stack]
-                if len({vectors[v][part[0]].dtype for v in used}) > 1:
-                    self._add_rows(_common([stacked([vectors[v][i] for i in part]).reshape(-1) for v in used]), weight)
+                columns = [[vectors[v][i] for i in members[start : start + per_stack]] for v in used]
+                if len({column[0].dtype for column in columns}) > 1:  # one stack per column, one dtype each
+                    self._add_rows(_common([stacked(column).reshape(-1) for column in columns]), weight)
                     continue
-                rows = torch.stack([vectors[v][i] for v in used for i in part]).view(len(used), -1)
+                rows = torch.stack([t for column in columns for t in column]).view(len(used), -1)
                 rows = rows.float() if rows.dtype in _LOW_PRECISION else rows
                 if limit.gram:
                     self.grams.setdefault(weight, []).append(rows @ rows.T)
