@@ -96,7 +96,7 @@ class Checkpointing:
         ``lr``): momentum, batch size, regime, warmup, the smallest batch
         multiplier and the default lr and weight decay are those it was saved
         with; each one that differs from this optimizer's is logged at WARNING.
-        ``process_group``, ``replicas`` and ``check_consistency`` describe this
+        ``process_group``, ``replicas``, ``check_consistency`` and ``compiled`` describe this
         job, not the run, and stay as constructed. A state_dict that does not
         fit raises ``ValueError`` before anything changes.
         """
@@ -120,7 +120,7 @@ class Checkpointing:
                 booster.load_state_dict(boost)
             except (KeyError, TypeError, ValueError) as error:
                 raise ValueError(f"the boost state of the state_dict is unusable: {error!r}") from error
-        geometry = make_direction(config["preconditioner"], config["momentum"])
+        geometry = make_direction(config["preconditioner"], config["momentum"], self._compiled)
         self._check_saved_state(state_dict, booster.enabled, geometry, config["preconditioner"])
         super().load_state_dict(state_dict)
         self._own_loaded_state(state_dict)

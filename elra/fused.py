@@ -65,16 +65,15 @@ def adamw_accept(
     Every parameter must pass :func:`fusable`; ``step > 0`` or ``decay == 1``.
     """
 
-    def launch(device: torch.device, members: list[int], scale: torch.Tensor | None) -> None:
-        pick = lambda tensors: [tensors[i] for i in members]  # noqa: E731
+    def launch(device: torch.device, columns: list[list[torch.Tensor]], scale: torch.Tensor | None) -> None:
         count = torch.tensor(float(moment_steps), dtype=torch.float32, device=device)
         torch._fused_adamw_(
-            pick(params), pick(grads), pick(ms), pick(vs), [], [count] * len(members),
+            *columns, [], [count] * len(columns[0]),
             lr=step, beta1=betas[0], beta2=betas[1], weight_decay=(1.0 - decay) / step if decay != 1.0 else 0.0,
             eps=eps, amsgrad=False, maximize=False, grad_scale=scale,
         )  # fmt: skip
 
-    _by_device(params, grads, grad_scale, launch)
+    _by_device([params, grads, ms, vs], grad_scale, launch)
 
 
 def sgd_accept(
@@ -91,33 +90,33 @@ def sgd_accept(
     Every parameter must pass :func:`fusable`.
     """
 
-    def launch(device: torch.device, members: list[int], scale: torch.Tensor | None) -> None:
-        pick = lambda tensors: [tensors[i] for i in members]  # noqa: E731
+    def launch(device: torch.device, columns: list[list[torch.Tensor]], scale: torch.Tensor | None) -> None:
         torch._fused_sgd_(
-            pick(params), pick(grads), pick(dirs), weight_decay=param_scale, momentum=keep or 1.0, lr=step,
+            *columns, weight_decay=param_scale, momentum=keep or 1.0, lr=step,
             dampening=0.0, nesterov=False, maximize=False, is_first_step=keep == 0.0, grad_scale=scale, found_inf=None,
         )  # fmt: skip
 
-    _by_device(params, grads, grad_scale, launch)
+    _by_device([params, grads, dirs], grad_scale, launch)
 
 
 def _by_device(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
+    columns: list[list[torch.Tensor]],
     grad_scale: float,
-    launch: Callable[[torch.device, list[int], torch.Tensor | None], None],
+    launch: Callable[[torch.device, list[list[torch.Tensor]], torch.Tensor | None], None],
 ) -> None:
-    """One ``launch`` per (device, dtype) of ``params``, with the kernels' gradient scale (they divide by it).
+    """One ``launch`` per (device, dtype) of the parameters (``columns[0]``; ``columns[1]`` their gradients),
+    with the kernels' gradient scale (they divide by it).
 
     The kernels leave the divided gradients in place: they are restored, so
     the caller's ``.grad`` is what it was (to rounding).
     """
     groups: dict[tuple, list[int]] = {}
-    for i, x in enumerate(params):
+    for i, x in enumerate(columns[0]):
         groups.setdefault((x.device, x.dtype), []).append(i)
     for (device, _), members in groups.items():
+        part = columns if len(groups) == 1 else [[column[i] for i in members] for column in columns]
         if grad_scale == 1.0:
-            launch(device, members, None)
+            launch(device, part, None)
             continue
-        launch(device, members, torch.tensor(1.0 / grad_scale, dtype=torch.float32, device=device))
-        torch._foreach_div_([grads[i] for i in members], grad_scale)
+        launch(device, part, torch.tensor(1.0 / grad_scale, dtype=torch.float32, device=device))
+        torch._foreach_div_(part[1], grad_scale)

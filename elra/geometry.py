@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from . import compiled
 from .line_control import LineSums
 from .chunks import add_, in_dtype_of, runs
 from .fused import adamw_accept, split_fusable
@@ -81,6 +82,7 @@ class AdamDirection:
 
     def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.compiled = False  # the sums of large tensors in one compiled kernel (:mod:`elra.compiled`)
 
     def new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         return {key: moment_zeros(p) for key in self.state_shapes(p)}
@@ -199,8 +201,15 @@ class AdamDirection:
         batch.add_constant(PRESENT, len(tensors.params))
         x, g, m, u = range(4)
         pairs = [(x, x, PARAM_SQ), (m, u, MOM_DIR), (u, u, DIR_SQ), (g, u, NEXT_DIR), (g, g, GRAD_SQ), (m, m, MOM_SQ)]
+        columns = [tensors.params, tensors.grads, tensors.ms, tensors.vs, tensors.weights]
+        if self.compiled:
+            large, rest = compiled.split_large(columns)
+            values = compiled.adam_sums(*large, self._shift(t), batch.dtype) if large[0] else None
+            if values is not None:  # the kernel's order is that of ``pairs``
+                batch.add_values([slot for _, _, slot in pairs], values)
+                columns = rest
         sums = Products(batch, pairs)
-        for xs, gs, ms, vs, weights in runs([tensors.params, tensors.grads, tensors.ms, tensors.vs, tensors.weights], split=True):
+        for xs, gs, ms, vs, weights in runs(columns, split=True):
             sums.add((xs, gs, ms, self.direction(ms, vs, t)), weights)
         sums.finish()
         tensors.old_dirs, tensors.old_from_moments = [], True
@@ -279,8 +288,9 @@ def direction_beta1(momentum: float | None) -> float:
     return 0.9 if momentum is None else float(momentum)
 
 
-def make_direction(preconditioner: str | None, momentum: float | None) -> AdamDirection | None:
-    """The direction for ``preconditioner`` (``None``: P2M's own, handled by the optimizer)."""
+def make_direction(preconditioner: str | None, momentum: float | None, compiled: bool = False) -> AdamDirection | None:
+    """The direction for ``preconditioner`` (``None``: P2M's own, handled by the optimizer); ``compiled``:
+    Adam's sums of large tensors in one compiled kernel (:mod:`elra.compiled`)."""
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"Invalid preconditioner: {preconditioner!r} (expected one of {PRECONDITIONERS})")
     if preconditioner is None:
@@ -289,9 +299,12 @@ def make_direction(preconditioner: str | None, momentum: float | None) -> AdamDi
     if preconditioner == "factored":
         from .factored import FactoredDirection
 
-        return FactoredDirection(beta1=beta1)
-    if preconditioner == "muon":
+        direction = FactoredDirection(beta1=beta1)
+    elif preconditioner == "muon":
         from .orthogonal import OrthogonalDirection
 
-        return OrthogonalDirection(beta1=beta1)
-    return AdamDirection(beta1=beta1)
+        direction = OrthogonalDirection(beta1=beta1)
+    else:
+        direction = AdamDirection(beta1=beta1)
+    direction.compiled = compiled
+    return direction

@@ -147,6 +147,11 @@ class ElraOptimizer(Checkpointing, Optimizer):
             line minimum along the direction, below 0 a step past it (default
             -0.1); scaled by the measured signal share, so mini-batch noise
             pulls it toward 0 (see :mod:`elra.line_control`).
+        compiled: with Adam's direction (``"adam"``, and muon's non-matrix
+            parameters), compute the inner products of large tensors before
+            each decision in one kernel made by ``torch.compile`` (it compiles
+            at the first step, needs a C++ compiler on CPU; on failure ELRA logs
+            why and stays eager). See :mod:`elra.compiled`.
 
     Call ``step(loss)`` after every ``backward()``; ELRA needs the loss value.
     Under data parallelism each rank passes its own local loss.
@@ -170,6 +175,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         acceptance: str = "noise",
         preconditioner: str | None = "muon",
         line_target: float = LINE_TARGET,
+        compiled: bool = False,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
@@ -188,6 +194,14 @@ class ElraOptimizer(Checkpointing, Optimizer):
             )
         )
         self._check_every = check_int("check_consistency", check_consistency, 0)
+        if not isinstance(compiled, bool):
+            raise TypeError(f"compiled must be True or False, got {compiled!r}")
+        if compiled and preconditioner not in ("adam", "muon"):
+            raise ValueError(
+                f"compiled=True computes Adam's direction's sums (preconditioner='adam', and muon's non-matrix "
+                f"parameters); it has nothing to do with preconditioner={preconditioner!r}"
+            )
+        self._compiled = compiled
         self.reducer = Reducer(process_group, replicas)
         if lr >= 1e-3:
             logger.warning("ELRA starts best from a tiny lr (1e-6..1e-4), got %g", lr)
@@ -195,7 +209,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._config = config
         self._agreed = False  # whether the ranks verified that they share this state (check_consistency)
         self.booster = Booster()
-        self.geometry = make_direction(config["preconditioner"], config["momentum"])
+        self.geometry = make_direction(config["preconditioner"], config["momentum"], compiled)
         super().__init__(params, dict(lr=config["lr"], weight_decay=config["weight_decay"]))
         self.controller = make_controller(config)
         self._pending: list[LossLike] = []
