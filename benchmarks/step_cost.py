@@ -128,7 +128,11 @@ def candidates(args) -> list[tuple[str, object, bool]]:
         ("ELRA P2M momentum", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, preconditioner=None, momentum=0.9), True),
         ("ELRA (muon)", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5), True),
         ("ELRA adam", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, preconditioner="adam"), True),
-        ("ELRA adam compiled", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, preconditioner="adam", compiled=True), True),
+        *(  # the compiled sums are for the CPU (elra.compiled)
+            [("ELRA adam compiled", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, preconditioner="adam", compiled=True), True)]
+            if args.device == "cpu"
+            else []
+        ),
         ("ELRA factored", lambda ps: ElraOptimizer(ps, None, 32, 10, lr=1e-5, preconditioner="factored"), True),
     ]
     if not args.no_published and args.device == "cpu":

@@ -148,10 +148,10 @@ class ElraOptimizer(Checkpointing, Optimizer):
             -0.1); scaled by the measured signal share, so mini-batch noise
             pulls it toward 0 (see :mod:`elra.line_control`).
         compiled: with Adam's direction (``"adam"``, and muon's non-matrix
-            parameters), compute the inner products of large tensors before
-            each decision in one kernel made by ``torch.compile`` (it compiles
-            at the first step, needs a C++ compiler on CPU; on failure ELRA logs
-            why and stays eager). See :mod:`elra.compiled`.
+            parameters) on the CPU, compute the inner products of large tensors
+            before each decision in one kernel made by ``torch.compile`` (it
+            compiles at the first step and needs a C++ compiler; on failure ELRA
+            logs why and stays eager). See :mod:`elra.compiled`.
 
     Call ``step(loss)`` after every ``backward()``; ELRA needs the loss value.
     Under data parallelism each rank passes its own local loss.
