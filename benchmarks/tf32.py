@@ -58,7 +58,8 @@ def main() -> None:
     for name in OPTIMIZERS:
         for tf32 in (False, True):
             values = [held_out(name, seed, tf32) for seed in range(args.seeds)]
-            print(f"| {name} | {'on' if tf32 else 'off'} | {', '.join(f'{v:.3f}' for v in values)} | {statistics.fmean(values):.3f} |", flush=True)
+            runs = ", ".join(f"{v:.3f}" for v in values)
+            print(f"| {name} | {'on' if tf32 else 'off'} | {runs} | {statistics.fmean(values):.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ The kernel is compiled at the first step (seconds; it needs a C++ compiler).
 It runs on CPU tensors of at least :data:`MIN_ELEMENTS` elements, one call
 each: below that a call's overhead (about 25 us) outweighs what it saves, and
 on a GPU the eager sums are a few large kernels already (on an H100 the
-MLP's whole step took 1.0 ms eager, 2.3 ms compiled). When compiling fails, ELRA logs
-why once and keeps the eager path, which computes the same sums (to
-rounding: the kernel adds in its own order).
+MLP's whole step took 1.0 ms eager, 2.3 ms compiled). When compiling
+fails, ELRA logs why once and keeps the eager path, which computes the same
+sums (to rounding: the kernel adds in its own order).
 """
 
 from __future__ import annotations
@@ -70,20 +70,19 @@ def adam_sums(
     if _failed:
         return None
     if _kernel is None:
+        if torch._dynamo.config.disable:  # TORCH_COMPILE_DISABLE: it would run uncompiled, with tensor-sized temporaries
+            _failed = True
+            logger.warning("ELRA's compiled=True has no effect: torch.compile is disabled; it computes its sums eagerly")
+            return None
         _kernel = torch.compile(_adam_sums, dynamic=True, fullgraph=True)
-    shifts: dict[tuple, torch.Tensor] = {}
-    rows = []
+    shifts = {x.dtype: torch.tensor(shift, dtype=x.dtype) for x in xs}
     try:
-        for x, g, m, v in zip(xs, gs, ms, vs):
-            key = (x.dtype, x.device)
-            if key not in shifts:
-                shifts[key] = torch.tensor(shift, dtype=x.dtype, device=x.device)
-            rows.append(_kernel(x.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), shifts[key]).to(dtype))
-    except Exception as error:  # noqa: BLE001 - any compiler failure leaves the eager path, which is correct
+        rows = [_kernel(*(t.reshape(-1) for t in tensors), shifts[tensors[0].dtype]) for tensors in zip(xs, gs, ms, vs)]
+    except Exception as error:  # noqa: BLE001 - a compiler's failure leaves the eager path, which is correct
         _failed = True
         logger.warning("ELRA could not compile its sums (%s: %s); it computes them eagerly", type(error).__name__, error)
         return None
-    table = torch.stack(rows)
+    table = torch.stack(rows).to(dtype)
     if all(w == weights[0] for w in weights):
         return table.sum(0) * weights[0]
-    return torch.tensor(list(weights), dtype=dtype, device=table.device) @ table
+    return torch.tensor(list(weights), dtype=dtype) @ table

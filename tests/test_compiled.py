@@ -99,3 +99,14 @@ def test_compiled_is_refused_where_it_has_nothing_to_compile(preconditioner):
         ElraOptimizer(_net().parameters(), preconditioner=preconditioner, compiled=True)
     with pytest.raises(TypeError, match="compiled must be"):
         ElraOptimizer(_net().parameters(), preconditioner="adam", compiled=1)
+
+
+def test_disabled_torch_compile_leaves_the_eager_path(monkeypatch, caplog):
+    """Under TORCH_COMPILE_DISABLE the function would run uncompiled, with tensor-sized temporaries: refused."""
+    monkeypatch.setattr(compiled, "_kernel", None)
+    monkeypatch.setattr(compiled, "_failed", False)
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    big = [torch.ones(compiled.MIN_ELEMENTS)]
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        assert compiled.adam_sums(big, big, big, big, [1.0], 1e-8, torch.float64) is None
+    assert compiled._kernel is None and "disabled" in caplog.text
