@@ -17,11 +17,14 @@ parameters; the others take the foreach chains.
 
 from __future__ import annotations
 
+from itertools import chain
+from operator import attrgetter
 from typing import Callable
 
 import torch
 
 _DTYPES = (torch.float32, torch.float64)
+_DTYPE, _IS_CPU, _IS_CUDA = attrgetter("dtype"), attrgetter("is_cpu"), attrgetter("is_cuda")
 
 
 def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -41,11 +44,24 @@ def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:
 
 def split_fusable(columns: list[list]) -> tuple[list[list], list[list]]:
     """Aligned lists (parameters, then their tensors) cut into the parameters :func:`fusable` takes and the rest."""
+    everything = list(chain.from_iterable(columns))
+    if everything and _one_kind(everything) and all(map(torch.Tensor.is_contiguous, everything)):
+        first = everything[0]
+        if first.dtype in _DTYPES and (first.is_cpu or first.is_cuda):
+            return columns, [[] for _ in columns]
     chosen = list(map(fusable, *columns))
     if all(chosen):
         return columns, [[] for _ in columns]
     pick = lambda wanted: [[t for t, c in zip(column, chosen) if c == wanted] for column in columns]  # noqa: E731
     return pick(True), pick(False)
+
+
+def _one_kind(tensors: list[torch.Tensor]) -> bool:
+    """Whether ``tensors`` share one dtype and one device, checked by C-level passes over their
+    attributes: a step's hundreds of tensors would cost a Python call each otherwise."""
+    if len(set(map(_DTYPE, tensors))) != 1 or len(set(map(torch.Tensor.get_device, tensors))) != 1:
+        return False
+    return all(map(_IS_CPU, tensors)) or all(map(_IS_CUDA, tensors))  # get_device is -1 for every non-CUDA kind
 
 
 def adamw_accept(
@@ -110,11 +126,15 @@ def _by_device(
     The kernels leave the divided gradients in place: they are restored, so
     the caller's ``.grad`` is what it was (to rounding).
     """
-    groups: dict[tuple, list[int]] = {}
-    for i, x in enumerate(columns[0]):
-        groups.setdefault((x.device, x.dtype), []).append(i)
-    for (device, _), members in groups.items():
-        part = columns if len(groups) == 1 else [[column[i] for i in members] for column in columns]
+    params = columns[0]
+    if _one_kind(params):
+        parts = [(params[0].device, columns)]
+    else:
+        groups: dict[tuple, list[int]] = {}
+        for i, x in enumerate(params):
+            groups.setdefault((x.device, x.dtype), []).append(i)
+        parts = [(device, [[column[i] for i in members] for column in columns]) for (device, _), members in groups.items()]
+    for device, part in parts:
         if grad_scale == 1.0:
             launch(device, part, None)
             continue

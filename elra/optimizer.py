@@ -568,30 +568,30 @@ class ElraOptimizer(Checkpointing, Optimizer):
         ``ranged`` lists (parameter, direction, gradient or None, weight / largest
         value**2) of the 16-bit ones, whose range a step must respect.
         """
-        keys = ("params", "owners", "grads", "dirs", "weights", "stale", "moved", "moved_dirs", "ranged")
+        keys = ("params", "owners", "grads", "dirs", "stale", "moved", "moved_dirs", "ranged")
         tensors: dict[str, Any] = {k: [] for k in keys}
-        tensors["half"] = False
-        for p in group["params"]:
-            x, direction, moved = local(p), local(self.state[p]["direction"]), p in self._moved
+        params, owners, grads, dirs, stale, moved_params, moved_dirs, ranged = (tensors[k] for k in keys)
+        state, last_moved = self.state, self._moved
+        for p in group["params"]:  # one pass, local names: a step may hold hundreds of parameters
+            x, direction, moved = local(p), local(state[p]["direction"]), p in last_moved
             grad = p.grad if with_gradient else None
             if grad is not None:
                 if grad.is_sparse:
                     raise RuntimeError("ElraOptimizer does not support sparse gradients")
-                grad = local(grad)
-                tensors["params"].append(x)
-                tensors["owners"].append(p)
-                tensors["grads"].append(grad)
-                tensors["dirs"].append(direction)
+                params.append(x)
+                owners.append(p)
+                grads.append(local(grad))
+                dirs.append(direction)
             elif moved:
-                tensors["stale"].append(direction)
+                stale.append(direction)
             if moved:
-                tensors["moved"].append(x)
-                tensors["moved_dirs"].append(direction)
+                moved_params.append(x)
+                moved_dirs.append(direction)
             if p.dtype in _SIXTEEN_BIT:
-                tensors["half"] = True
                 weight = 1.0 / self.reducer.replicas(p) / torch.finfo(p.dtype).max ** 2
-                tensors["ranged"].append((x, direction, grad, weight))
-        tensors["weights"] = self.reducer.weights(tensors["owners"])
+                ranged.append((x, direction, grad if grad is None else local(grad), weight))
+        tensors["half"] = bool(ranged)
+        tensors["weights"] = self.reducer.weights(owners)
         return tensors
 
     def _global_sums(

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 import elra.fused
+import elra.geometry
+import elra.optimizer
 from elra import ElraOptimizer
-from elra.fused import fusable
+from elra.fused import fusable, split_fusable
 
 
 def _train(params, grads_of, steps: int, multiplier: int = 1, preconditioner: str | None = "adam", **options):
@@ -37,7 +39,8 @@ def test_the_fused_kernels_give_the_foreach_chains_numbers(monkeypatch, precondi
     start = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(shapes)]
     fused = [x.clone().requires_grad_() for x in start]
     opt = _train(fused, _grads(shapes), 40, 2, preconditioner, **options)
-    monkeypatch.setattr(elra.fused, "fusable", lambda *tensors: False)
+    for module in (elra.optimizer, elra.geometry):  # the twin takes the foreach chains everywhere
+        monkeypatch.setattr(module, "split_fusable", lambda columns: ([[] for _ in columns], columns))
     chained = [x.clone().requires_grad_() for x in start]
     twin = _train(chained, _grads(shapes), 40, 2, preconditioner, **options)
     assert opt.stats["real_steps"] == twin.stats["real_steps"] == 20
@@ -60,6 +63,52 @@ def test_layouts_the_kernel_would_misread_take_the_foreach_chain():
     _train([transposed], _grads([shape]), 30)
     _train([contiguous], _grads([shape]), 30)
     assert torch.allclose(transposed, contiguous, rtol=1e-5, atol=1e-6)
+
+
+def test_the_quick_check_of_whole_lists_agrees_with_the_per_parameter_rule():
+    """:func:`split_fusable` checks whole lists at once where it can; it must choose what :func:`fusable` chooses."""
+    shape = (4, 3)
+    plain = lambda dtype=torch.float32: torch.zeros(shape, dtype=dtype)  # noqa: E731
+    cases = [
+        [[plain(), plain()], [plain(), plain()], [plain(), plain()]],
+        [[plain(), torch.zeros(shape[::-1]).T], [plain(), plain()], [plain(), plain()]],  # a transposed parameter
+        [[plain(), plain()], [plain(), plain().T.contiguous().T], [plain(), plain()]],  # a transposed gradient
+        [[plain(), plain(torch.float64)], [plain(), plain(torch.float64)], [plain(), plain(torch.float64)]],
+        [[plain(), plain()], [plain(), plain(torch.float64)], [plain(), plain()]],  # a gradient of another dtype
+        [[plain(torch.float16)], [plain(torch.float16)], [plain(torch.float16)]],
+        [[torch.zeros(shape, device="meta")], [torch.zeros(shape, device="meta")], [torch.zeros(shape, device="meta")]],
+    ]
+    for columns in cases:
+        chosen = [fusable(*tensors) for tensors in zip(*columns)]
+        fused, rest = split_fusable(columns)
+        assert [[t for t, c in zip(column, chosen) if c] for column in columns] == fused
+        assert [[t for t, c in zip(column, chosen) if not c] for column in columns] == rest
+
+
+def test_float32_and_float64_parameters_share_a_step_through_one_kernel_each(monkeypatch):
+    """Parameters of two dtypes: the fused kernel runs once per dtype, with the chains' numbers."""
+    shapes = [(6, 5), (5,)]
+    start = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(shapes)]
+    mixed = lambda: [start[0].clone().requires_grad_(), start[1].double().requires_grad_()]  # noqa: E731
+    grads_of = lambda step: [g.to(x.dtype) for g, x in zip(_grads(shapes)(step), mixed())]  # noqa: E731
+    chained = mixed()
+    monkeypatch.setattr(elra.optimizer, "split_fusable", lambda columns: ([[] for _ in columns], columns))
+    _train(chained, grads_of, 20, preconditioner=None, momentum=0.5)
+    monkeypatch.undo()
+    launches = []
+    kernel = torch._fused_sgd_
+
+    def counted(params, *args, **kwargs):
+        launches.append({p.dtype for p in params})
+        return kernel(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_sgd_", counted)
+    fused = mixed()
+    _train(fused, grads_of, 20, preconditioner=None, momentum=0.5)
+    assert launches and all(len(dtypes) == 1 for dtypes in launches)
+    assert {dtype for dtypes in launches for dtype in dtypes} == {torch.float32, torch.float64}
+    for p, q, x in zip(fused, chained, start):
+        assert p.dtype == q.dtype and torch.allclose(p, q, rtol=1e-5, atol=1e-6) and not torch.equal(p.float(), x)
 
 
 def test_an_accepted_step_leaves_the_collected_gradients_as_they_were():
