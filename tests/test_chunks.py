@@ -1,9 +1,9 @@
-"""Cache blocking: the runs cover every element once, aligned across the lists."""
+"""Cache blocking: the runs cover every element once, aligned across the lists; converted copies."""
 
 import pytest
 import torch
 
-from elra.chunks import runs
+from elra.chunks import converted, runs
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -32,3 +32,17 @@ def test_default_runs_are_cache_sized_on_cpu_and_launch_sized_elsewhere(device, 
     """On an accelerator every op of a run is a kernel launch: 2M elements are one run there, 16 on CPU."""
     tensors = [torch.empty(1 << 20, device=device) for _ in range(2)]
     assert len(list(runs([tensors, tensors], split=True))) == runs_expected
+
+
+def test_converted_copies_hold_the_values_in_the_dtypes_asked_for():
+    """One buffer where the targets share a dtype (views of it, each shaped like its source), else one copy each."""
+    gen = torch.Generator().manual_seed(0)
+    sources = [torch.randn(shape, generator=gen).bfloat16() for shape in ((3, 4), (5, 2), (7,))]
+    sources[1] = sources[1].T  # a transposed source
+    for like in ([torch.zeros(1)] * 3, [torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.zeros(1)]):
+        copies = converted(sources, like)
+        assert [c.dtype for c in copies] == [t.dtype for t in like]
+        assert all(c.shape == s.shape and torch.equal(c, s.to(c.dtype)) for c, s in zip(copies, sources))
+    shared = converted(sources, [torch.zeros(1)] * 3)
+    assert len({c.untyped_storage().data_ptr() for c in shared}) == 1
+    assert converted(shared, [torch.zeros(1)] * 3)[0] is shared[0]  # matching dtypes: the tensors themselves
