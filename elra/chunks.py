@@ -79,18 +79,10 @@ def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def converted(tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``tensors`` in the dtypes of the aligned ``like``: themselves where they match, else copies
-    made by one multi-tensor copy, views of one buffer where ``like`` has one dtype and device (one
-    allocation instead of one per tensor: on an accelerator each is a call into its allocator)."""
+    made by one multi-tensor copy."""
     if _same_dtypes(tensors, like):
         return list(tensors)
-    kinds = {(other.dtype, other.device) for other in like}
-    if len(kinds) == 1:
-        dtype, device = kinds.pop()
-        sizes = [t.numel() for t in tensors]
-        pieces = torch.empty(sum(sizes), dtype=dtype, device=device).split(sizes)
-        copies = [piece.view(t.shape) for piece, t in zip(pieces, tensors)]
-    else:
-        copies = [torch.empty_like(t, dtype=other.dtype) for t, other in zip(tensors, like)]
+    copies = [torch.empty_like(t, dtype=other.dtype) for t, other in zip(tensors, like)]
     torch._foreach_copy_(copies, list(tensors))
     return copies
 
