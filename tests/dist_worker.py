@@ -18,7 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.ranks import as_gloo_rank  # noqa: E402
-from elra import ElraGradScaler, ElraOptimizer, grad_sync  # noqa: E402
+from elra import ElraGradScaler, ElraOptimizer, compiled, grad_sync  # noqa: E402
+
+compiled.MIN_ELEMENTS = 20  # scenarios with compiled=True: the small nets' weights through the kernel, their biases eager
 
 LOCAL_BATCH = 4
 FEATURES, HIDDEN, CLASSES = 5, 7, 3
@@ -276,6 +278,7 @@ def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[S
             result = {"stats": optimizer.stats, "counts": counts, "params": full_parameters(model, scenario.strategy)}
             result["reductions"] = reductions
             result["outputs"] = outputs
+            result["compiled_kernel"] = compiled._kernel is not None and not compiled._failed  # it ran, never fell back
             if scenario.boost_cycle:
                 with optimizer.boosted():
                     result["boosted"] = full_parameters(model, scenario.strategy)

@@ -62,6 +62,9 @@ TWO_RANKS = [
     # 25 retraces in a cycle (nan losses on one rank): the multiplier doubles at micro-step 29, on every rank
     Scenario("ddp-adam-growth", options={**ADAM, "check_consistency": 1}, nan_plan=tuple((s, 0) for s in range(5, 30))),
     Scenario("fsdp2-adam-growth", "fsdp2", options={**ADAM, "weight_decay": 1e-3}, nan_plan=tuple((s, 1) for s in range(5, 30))),
+    # compiled=True: the kernel's sums of replicas and of shards beside the eager ones (dist_worker: weights in, biases not)
+    Scenario("ddp-adam-compiled", batch_multiplier=2, options={**ADAM, "compiled": True, "weight_decay": 1e-3}, nan_loss_at=6),
+    Scenario("fsdp2-adam-compiled", "fsdp2", options={**ADAM, "compiled": True, "weight_decay": 1e-3}, bad_loss_at=14),
     Scenario(
         "ddp-muon", batch_multiplier=2, options={**MUON, "weight_decay": 1e-3}, nan_loss_at=6, bad_loss_at=11,
         count_collectives=True,
@@ -191,6 +194,12 @@ def test_two_ranks_follow_the_single_process_trajectory(two, name):
     if scenario.nan_loss_at is not None or scenario.bad_loss_at is not None:
         assert stats["retraces"] >= 1
     assert stats["regime"] == "stochastic"  # detected where classes is None: every rank, like one process
+
+
+@pytest.mark.parametrize("name", ["ddp-adam-compiled", "fsdp2-adam-compiled"])
+def test_compiled_sums_come_from_the_kernel_on_every_rank(two, name):
+    """The trajectory test above passes on the eager path too: here the kernel must have given the sums."""
+    assert all(r[name]["compiled_kernel"] for r in two)
 
 
 @pytest.mark.parametrize("name", ["ddp-adam-growth", "fsdp2-adam-growth"])
