@@ -111,4 +111,3 @@ def test_half_precision_on_cuda_learns_and_skips_overflowing_steps(dtype, precon
         losses.append(loss.item())
     assert all(p.dtype == dtype and bool(torch.isfinite(p).all()) for p in net.parameters())
     assert sum(losses[-20:]) < 0.5 * sum(losses[:20])
-
