@@ -43,11 +43,13 @@ def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:
 
 
 def split_fusable(columns: list[list]) -> tuple[list[list], list[list]]:
-    """Aligned lists (parameters, then their tensors) cut into the parameters :func:`fusable` takes and the rest."""
+    """Aligned lists (parameters, then their tensors) cut into the parameters :func:`fusable` takes and the rest.
+
+    The common case, every tensor contiguous and of one float dtype on one device, is checked on the whole lists.
+    """
     everything = list(chain.from_iterable(columns))
-    if everything and _one_kind(everything) and all(map(torch.Tensor.is_contiguous, everything)):
-        first = everything[0]
-        if first.dtype in _DTYPES and (first.is_cpu or first.is_cuda):
+    if everything and everything[0].dtype in _DTYPES and _one_kind(everything):
+        if all(map(torch.Tensor.is_contiguous, everything)):
             return columns, [[] for _ in columns]
     chosen = list(map(fusable, *columns))
     if all(chosen):
