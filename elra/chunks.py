@@ -59,6 +59,14 @@ def runs(lists: Sequence[Sequence], budget: int | None = None, split: bool = Fal
         yield current
 
 
+def partitioned(columns: list[list], chosen: list[bool]) -> tuple[list[list], list[list]]:
+    """Aligned lists cut into the entries ``chosen`` marks and the rest (the lists themselves when all are chosen)."""
+    if all(chosen):
+        return columns, [[] for _ in columns]
+    pick = lambda wanted: [[t for t, c in zip(column, chosen) if c == wanted] for column in columns]  # noqa: E731
+    return pick(True), pick(False)
+
+
 def stacks(tensors: Sequence[torch.Tensor], budget: int) -> list[list[int]]:
     """Indices of ``tensors`` in stacks of one shape, dtype and device, each of at most ``budget``
     elements (or one tensor): one batched op per stack does the work of one op per tensor."""

@@ -24,6 +24,9 @@ from typing import Sequence
 
 import torch
 
+from .chunks import partitioned
+from .reduce import weighted_sum
+
 logger = logging.getLogger("elra")
 
 MIN_ELEMENTS = 1 << 16
@@ -50,9 +53,7 @@ def split_large(columns: list[list]) -> tuple[list[list], list[list]]:
             and all(t.dtype == x.dtype and t.is_cpu for t in others[:3])
         )
 
-    chosen = list(map(takes, *columns))
-    pick = lambda wanted: [[t for t, c in zip(column, chosen) if c == wanted] for column in columns]  # noqa: E731
-    return pick(True), pick(False)
+    return partitioned(columns, list(map(takes, *columns)))
 
 
 def adam_sums(
@@ -82,7 +83,4 @@ def adam_sums(
         _failed = True
         logger.warning("ELRA could not compile its sums (%s: %s); it computes them eagerly", type(error).__name__, error)
         return None
-    table = torch.stack(rows).to(dtype)
-    if all(w == weights[0] for w in weights):
-        return table.sum(0) * weights[0]
-    return torch.tensor(list(weights), dtype=dtype) @ table
+    return weighted_sum(torch.stack(rows).to(dtype), weights)

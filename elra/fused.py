@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from .chunks import partitioned
+
 _DTYPES = (torch.float32, torch.float64)
 _DTYPE, _IS_CPU, _IS_CUDA = attrgetter("dtype"), attrgetter("is_cpu"), attrgetter("is_cuda")
 
@@ -51,11 +53,7 @@ def split_fusable(columns: list[list]) -> tuple[list[list], list[list]]:
     if everything and everything[0].dtype in _DTYPES and _one_kind(everything):
         if all(map(torch.Tensor.is_contiguous, everything)):
             return columns, [[] for _ in columns]
-    chosen = list(map(fusable, *columns))
-    if all(chosen):
-        return columns, [[] for _ in columns]
-    pick = lambda wanted: [[t for t, c in zip(column, chosen) if c == wanted] for column in columns]  # noqa: E731
-    return pick(True), pick(False)
+    return partitioned(columns, list(map(fusable, *columns)))
 
 
 def _one_kind(tensors: list[torch.Tensor]) -> bool:

@@ -144,13 +144,15 @@ class Products:
                 batch.add_values(self.slots, total.view(-1)[index] * weight)
         if self.terms:
             table = torch.stack(self.terms).view(len(self.weights), len(self.at)).to(batch.dtype)
-            chosen = self.weights
-            if all(w == chosen[0] for w in chosen):
-                values = table.sum(0) * chosen[0]
-            else:
-                values = torch.tensor(chosen, dtype=batch.dtype, device=batch.device) @ table
-            batch.add_values(self.slots, values)
+            batch.add_values(self.slots, weighted_sum(table, self.weights))
         self.terms, self.weights, self.grams = [], [], {}
+
+
+def weighted_sum(table: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """``sum_i weights[i] * table[i]``: the slot values of per-tensor rows of terms (one op when the weights agree)."""
+    if all(w == weights[0] for w in weights):
+        return table.sum(0) * weights[0]
+    return torch.tensor(list(weights), dtype=table.dtype, device=table.device) @ table
 
 
 def _common(rows: list[torch.Tensor]) -> list[torch.Tensor]:
