@@ -74,7 +74,11 @@ SHARE_SMOOTHING = 0.9  # EMA factor of |g|^2 and |m|^2 (the signal share)
 # noise-free: the gradient pair is exact, so eta follows it faster (full-batch benchmarks, see the README)
 NOISE_FREE_GAIN = 0.3
 NOISE_FREE_SMOOTHING = 0.7
-RELATIVE_CLIP = 0.1  # |eta*u| <= RELATIVE_CLIP*|x|
+# |eta*u| <= RELATIVE_CLIP * max(|x|, CLIP_FLOOR * (the largest |x| of the accepted points so far)).
+# Relative to |x| alone no step could cross the origin: a noise-free path through it stalled there.
+# Near an optimum at 0 the bound relative to |x| is a good trust region; the floor keeps it elsewhere.
+RELATIVE_CLIP = 0.1
+CLIP_FLOOR = 0.1
 LOSS_SMOOTHING = 0.98  # EMA factor of the accepted-loss statistics
 LOSS_DEVIATIONS = 5.0  # mini-batch retrace above mean + this many standard deviations
 LOSS_WARMUP = 10  # accepted steps before the statistics can reject a step
@@ -89,6 +93,7 @@ _LATER_FIELDS = frozenset(
     {"window_steps", "window_accepted", "window_loss", "best_mean", "stalled_windows", "window_means", "cycle_retraces"}
     | {"noise_free", "probe_loss", "probe_length"}
     | {"ema_grad_sq", "ema_mom_sq"}
+    | {"param_peak"}
 )
 
 
@@ -152,6 +157,7 @@ class LineState:
     ema_mom: float = 0.0
     ema_grad_sq: float | None = None  # EMAs of |g|^2 and |m|^2 (None before the first sample)
     ema_mom_sq: float | None = None
+    param_peak: float = 0.0  # the largest |x|^2 of the accepted points so far: the step clip's floor
     loss_mean: float = 0.0
     loss_sq: float = 0.0
     loss_weight: float = 0.0
@@ -364,14 +370,17 @@ class LineController:
         target = self.target
         if sums is not None and s.moment_steps:  # the sums of |g|^2 and |m|^2 exist once m has a gradient
             target *= self.signal_share(sums)
+        if sums is not None:
+            s.param_peak = max(s.param_peak, sums.param_sq)
         if sums is not None and sums.mom_dir > 0.0:
             gain, smoothing = (NOISE_FREE_GAIN, NOISE_FREE_SMOOTHING) if self.deterministic else (GAIN, PAIR_SMOOTHING)
             s.ema_next = _ema(s.ema_next, sums.next_dir, smoothing)
             s.ema_mom = _ema(s.ema_mom, sums.mom_dir, smoothing)
             ratio = s.ema_next / s.ema_mom
             s.eta *= math.exp(gain * min(max(ratio - target, -1.0), 1.0))
-            if sums.param_sq > 0.0 and sums.dir_sq > 0.0:
-                s.eta = min(s.eta, RELATIVE_CLIP * math.sqrt(sums.param_sq / sums.dir_sq))
+            scale = max(sums.param_sq, CLIP_FLOOR * CLIP_FLOOR * s.param_peak)
+            if scale > 0.0 and sums.dir_sq > 0.0:
+                s.eta = min(s.eta, RELATIVE_CLIP * math.sqrt(scale / sums.dir_sq))
         s.eta = min(max(s.eta, ETA_BOUNDS[0]), ETA_BOUNDS[1])
         s.loss_mean = LOSS_SMOOTHING * s.loss_mean + (1.0 - LOSS_SMOOTHING) * loss
         s.loss_sq = LOSS_SMOOTHING * s.loss_sq + (1.0 - LOSS_SMOOTHING) * loss * loss

@@ -84,6 +84,7 @@ class ReferenceLine:
         self.moved = [False] * len(self.params)
         self.started = False
         self.ema_n = self.ema_d = 0.0
+        self.peak_xsq = 0.0
         self.ema_g = self.ema_m = None  # EMAs of |g|^2 and |m|^2: the signal share scales the target
         self.losses_seen = []  # (weight-free) EMA statistics are recomputed from these
         self.stat = [0.0, 0.0, 0.0]  # mean, square, weight
@@ -170,14 +171,17 @@ class ReferenceLine:
             self.ema_m = msq if self.ema_m is None else 0.9 * self.ema_m + 0.1 * msq
             floor = (1 - self.b1) / (1 + self.b1)  # pure noise: |m|^2 = floor * |g|^2; no noise: |m|^2 = |g|^2
             target *= min(max((self.ema_m / self.ema_g - floor) / (1 - floor), 0.0), 1.0) if floor < 1 else 0.0
+        if numbers is not None:
+            self.peak_xsq = max(self.peak_xsq, numbers[3])  # the clip's scale: the largest |x|^2 accepted
         if numbers is not None and numbers[1] > 0:
             N, D, usq, xsq = numbers[:4]
             keep, gain = (0.7, 0.3) if self.deterministic else (0.95, 0.1)  # the noise-free pair is exact
             self.ema_n = keep * self.ema_n + (1 - keep) * N
             self.ema_d = keep * self.ema_d + (1 - keep) * D
             self.eta *= math.exp(gain * min(max(self.ema_n / self.ema_d - target, -1.0), 1.0))
-            if xsq > 0 and usq > 0:
-                self.eta = min(self.eta, 0.1 * math.sqrt(xsq / usq))
+            scale = max(xsq, 0.1 * 0.1 * self.peak_xsq)  # |x| floored at a tenth of the largest |x|
+            if scale > 0 and usq > 0:
+                self.eta = min(self.eta, 0.1 * math.sqrt(scale / usq))
         self.eta = min(max(self.eta, 1e-12), 1e6)
         self.failed, self.accepted_eta = 0, self.eta
         self.stat = [0.98 * self.stat[0] + 0.02 * loss, 0.98 * self.stat[1] + 0.02 * loss * loss, 0.98 * self.stat[2] + 0.02]

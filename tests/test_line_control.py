@@ -123,14 +123,30 @@ def test_a_resumed_controller_grows_at_the_same_step():
 def test_a_state_saved_before_batch_growth_and_regime_detection_still_loads():
     controller = _controller()
     _feed(controller, _flat(50))
-    later = ("window", "best", "stalled", "cycle", "noise_free", "probe")
+    later = ("window", "best", "stalled", "cycle", "noise_free", "probe", "param_peak")
     old = {k: v for k, v in controller.state_dict().items() if not k.startswith(later)}
     fresh = _controller()
     fresh.load_state_dict(old)
     assert fresh.state.steps == 50 and fresh.state.window_steps == 0 and fresh.state.best_mean is None
+    assert fresh.state.param_peak == 0.0 < controller.state.param_peak  # the next accepted point sets it
     assert fresh.regime == controller.regime == "stochastic"  # the given regime (classes) stays
     with pytest.raises(ValueError, match="missing"):
         fresh.load_state_dict({k: v for k, v in old.items() if k != "eta"})
+
+
+def test_the_step_clip_is_relative_to_the_parameter_norm_floored_at_a_tenth_of_its_largest():
+    controller = LineController(0.5, 1, 1, 1)  # noise-free
+    controller.real_step([4.0], LineSums(0.0, 0.0, 0.0, 1.0), [0.0])  # the probe step
+    no_curvature = dict(next_dir=1.0, mom_dir=1.0)  # r = 1: eta grows by exp(NOISE_FREE_GAIN) a step
+    controller.real_step([3.0], LineSums(**no_curvature, dir_sq=1.0, param_sq=100.0), [0.0])  # |x| = 10
+    controller.real_step([2.0], LineSums(**no_curvature, dir_sq=1e-2, param_sq=1e-6), [0.0])  # near the origin
+    assert controller.state.eta == pytest.approx(0.5 * math.exp(0.6))  # under 0.1 * max(|x|, 1) / |u| = 1
+    controller.real_step([1.0], LineSums(**no_curvature, dir_sq=1e4, param_sq=1e-6), [0.0])
+    assert controller.state.eta == pytest.approx(0.1 * 1.0 / 100.0)
+    controller.real_step([0.5], LineSums(**no_curvature, dir_sq=1e4, param_sq=0.0625), [0.0])
+    assert controller.state.eta == pytest.approx(0.1 * 1.0 / 100.0)  # |x| = 0.25 is under the floor
+    controller.real_step([0.25], LineSums(**no_curvature, dir_sq=1e10, param_sq=1e4), [0.0])
+    assert controller.state.eta == pytest.approx(0.1 * 100.0 / 1e5)  # relative to |x| above it
 
 
 @pytest.mark.parametrize(
