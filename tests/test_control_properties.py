@@ -3,8 +3,9 @@
 import json
 import math
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
+import torch
 
 from elra.control import Controller, StepSums
 
@@ -26,6 +27,23 @@ def real_steps(draw):
     return losses, sums
 
 
+def _realizable(sums: StepSums) -> bool:
+    """Whether some tensors g, x and B have these sums (one group): finite, and their Gram matrix,
+    normalised by its diagonal, positive semidefinite. Only for those does the step clip bound the step
+    of the momentum direction, the projection of y = g/n + a*x on beta*B + (1-beta)*y."""
+    diag = [sums.grad_sq[0], sums.param_sq[0], sums.dir_sq[0]]
+    off = {(0, 1): sums.grad_param[0], (0, 2): sums.grad_dir[0], (1, 2): sums.param_dir[0]}
+    if not all(map(math.isfinite, diag + list(off.values()))):
+        return False
+    gram = torch.eye(3, dtype=torch.float64)
+    for (i, j), value in off.items():
+        norm = math.sqrt(diag[i] * diag[j])
+        if abs(value) > norm * (1 + 1e-9):  # Cauchy-Schwarz
+            return False
+        gram[i, j] = gram[j, i] = value / norm if norm else 0.0
+    return bool(torch.linalg.eigvalsh(gram).min() >= -1e-9)
+
+
 configs = st.fixed_dictionaries(
     {
         "lr": st.floats(min_value=1e-8, max_value=1.0),
@@ -40,9 +58,15 @@ configs = st.fixed_dictionaries(
 
 @settings(max_examples=150, deadline=None, database=None)  # no example database in the checkout
 @given(config=configs, steps=st.lists(real_steps(), min_size=1, max_size=250), decay=st.sampled_from([0.0, 1e-4, 0.3]))
+@example(  # sums no tensors can have (<g, x> = 1e300 with |g| = 0): found once by a random run
+    config={"lr": 1.0, "classes": 0, "batch_size": 1, "warmup": 0, "momentum": 0.5, "min_multiplier": 1},
+    steps=[([0.0], StepSums([1.0], [0.0], [0.0], [0.0], [0.0], [0.0])), ([0.0], StepSums([0.0], [0.0], [0.0], [1.0], [1e300], [1e300]))],
+    decay=1e-4,
+)
 def test_decisions_are_finite_bounded_and_restorable_at_any_point(config, steps, decay):
     controller = Controller(**config)
     twin = None
+    clipped = True  # whether the last accepted step's sums are those of some tensors
     for index, (losses, sums) in enumerate(steps):
         if index == len(steps) // 2:
             twin = Controller(**config)
@@ -57,7 +81,9 @@ def test_decisions_are_finite_bounded_and_restorable_at_any_point(config, steps,
         assert 1e-12 <= s.alpha <= 1e6
         # the floor 1e-5, unless the step clip (rate * |d| <= 10, applied after it as published) takes it lower
         assert 0.0 < s.rate and math.isfinite(s.rate)
-        assert s.rate >= 1e-5 or s.rate * s.dir_norm <= 10.0 * (1 + 1e-9)
+        if decision.action == "accept":
+            clipped = sums is None or _realizable(sums)
+        assert s.rate >= 1e-5 or s.rate * s.dir_norm <= 10.0 * (1 + 1e-9) or not clipped
         assert 1 <= s.multiplier <= 6250
         assert controller.step_length > 0.0 and math.isfinite(controller.step_length)
     if twin is not None:
