@@ -376,8 +376,9 @@ class LineController:
             gain, smoothing = (NOISE_FREE_GAIN, NOISE_FREE_SMOOTHING) if self.deterministic else (GAIN, PAIR_SMOOTHING)
             s.ema_next = _ema(s.ema_next, sums.next_dir, smoothing)
             s.ema_mom = _ema(s.ema_mom, sums.mom_dir, smoothing)
-            ratio = s.ema_next / s.ema_mom
-            s.eta *= math.exp(gain * min(max(ratio - target, -1.0), 1.0))
+            if s.ema_mom > 0.0:  # a D of a few subnormals can round its EMA to 0: eta stays
+                ratio = s.ema_next / s.ema_mom
+                s.eta *= math.exp(gain * min(max(ratio - target, -1.0), 1.0))
             scale = max(sums.param_sq, CLIP_FLOOR * CLIP_FLOOR * s.param_peak)
             if scale > 0.0 and sums.dir_sq > 0.0:
                 s.eta = min(s.eta, RELATIVE_CLIP * math.sqrt(scale / sums.dir_sq))

@@ -178,7 +178,8 @@ class ReferenceLine:
             keep, gain = (0.7, 0.3) if self.deterministic else (0.95, 0.1)  # the noise-free pair is exact
             self.ema_n = keep * self.ema_n + (1 - keep) * N
             self.ema_d = keep * self.ema_d + (1 - keep) * D
-            self.eta *= math.exp(gain * min(max(self.ema_n / self.ema_d - target, -1.0), 1.0))
+            if self.ema_d > 0:
+                self.eta *= math.exp(gain * min(max(self.ema_n / self.ema_d - target, -1.0), 1.0))
             scale = max(xsq, 0.1 * 0.1 * self.peak_xsq)  # |x| floored at a tenth of the largest |x|
             if scale > 0 and usq > 0:
                 self.eta = min(self.eta, 0.1 * math.sqrt(scale / usq))

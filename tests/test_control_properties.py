@@ -1,4 +1,4 @@
-"""Property-based tests of the controller: any inputs, finite and bounded outputs, exact restore."""
+"""Property-based tests of the controllers: any inputs, finite and bounded outputs, exact restore."""
 
 import json
 import math
@@ -7,7 +7,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 import torch
 
-from elra.control import Controller, StepSums
+from elra.control import MAX_MULTIPLIER, Controller, StepSums
+from elra.line_control import ETA_BOUNDS, LineController, LineSums
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
 anything = st.one_of(finite, st.sampled_from([math.nan, math.inf, -math.inf, 0.0, 1e-300, 1e300]))
@@ -86,5 +87,58 @@ def test_decisions_are_finite_bounded_and_restorable_at_any_point(config, steps,
         assert s.rate >= 1e-5 or s.rate * s.dir_norm <= 10.0 * (1 + 1e-9) or not clipped
         assert 1 <= s.multiplier <= 6250
         assert controller.step_length > 0.0 and math.isfinite(controller.step_length)
+    if twin is not None:
+        assert twin.state_dict() == controller.state_dict()
+
+
+@st.composite
+def line_steps(draw):
+    """One real step of the line controller: losses for up to 3 micro-batches and its sums (or no gradient)."""
+    losses = draw(st.lists(anything, min_size=1, max_size=3))
+    if draw(st.booleans()) and draw(st.booleans()):
+        return losses, None
+    return losses, LineSums(
+        next_dir=draw(anything), mom_dir=draw(anything), dir_sq=draw(positive), param_sq=draw(positive),
+        grad_sq=draw(positive), mom_sq=draw(positive),
+    )
+
+
+line_configs = st.fixed_dictionaries(
+    {
+        "lr": st.floats(min_value=1e-8, max_value=1.0),
+        "classes": st.sampled_from([None, 0, 1, 2, 1000]),
+        "batch_size": st.integers(1, 1024),
+        "min_multiplier": st.integers(1, 4),
+        "target": st.sampled_from([0.0, -0.1, -0.5]),
+        "beta": st.sampled_from([0.0, 0.9]),
+    }
+)
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(config=line_configs, steps=st.lists(line_steps(), min_size=1, max_size=250), decay=st.sampled_from([0.0, 0.1]))
+@example(  # D = 5e-324 rounds its EMA to 0: the ratio N/D was a ZeroDivisionError (found by a random run)
+    config={"lr": 1.0, "classes": None, "batch_size": 1, "min_multiplier": 1, "target": 0.0, "beta": 0.0},
+    steps=[([0.0], LineSums(0.0, 0.0, 0.0, 0.0)), ([0.0], LineSums(0.0, 5e-324, 0.0, 0.0))],
+    decay=0.0,
+)
+def test_line_decisions_are_finite_bounded_and_restorable_at_any_point(config, steps, decay):
+    """The line controller (the preconditioned directions) under any inputs, like the P2M one above."""
+    controller = LineController(**config)
+    twin = None
+    for index, (losses, sums) in enumerate(steps):
+        if index == len(steps) // 2:
+            twin = LineController(**config)
+            twin.load_state_dict(json.loads(json.dumps(controller.state_dict())))
+        decision = controller.real_step(losses, sums, [decay])
+        if twin is not None:
+            assert twin.real_step(losses, sums, [decay]) == decision
+        assert decision.action in ("accept", "retrace", "skip")
+        assert all(math.isfinite(v) for v in (decision.step, decision.shift, *decision.decay))
+        assert decision.step >= 0.0 and all(0.0 <= d <= 1.0 for d in decision.decay)
+        s = controller.state
+        assert ETA_BOUNDS[0] <= s.eta <= ETA_BOUNDS[1]
+        assert math.isfinite(s.param_peak) and s.param_peak >= 0.0
+        assert 1 <= s.multiplier <= MAX_MULTIPLIER
     if twin is not None:
         assert twin.state_dict() == controller.state_dict()
