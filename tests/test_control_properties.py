@@ -45,6 +45,23 @@ def _realizable(sums: StepSums) -> bool:
     return bool(torch.linalg.eigvalsh(gram).min() >= -1e-9)
 
 
+def _decided_with_a_restored_twin(make, steps, decay):
+    """Feeds ``steps`` to ``make()``'s controller, from the middle on also to a twin restored from its
+    JSON state; yields each step's sums, decision and controller. The twin must decide alike and end
+    in the same state."""
+    controller, twin = make(), None
+    for index, (losses, sums) in enumerate(steps):
+        if index == len(steps) // 2:
+            twin = make()
+            twin.load_state_dict(json.loads(json.dumps(controller.state_dict())))
+        decision = controller.real_step(losses, sums, [decay])
+        if twin is not None:
+            assert twin.real_step(losses, sums, [decay]) == decision
+        yield sums, decision, controller
+    if twin is not None:
+        assert twin.state_dict() == controller.state_dict()
+
+
 configs = st.fixed_dictionaries(
     {
         "lr": st.floats(min_value=1e-8, max_value=1.0),
@@ -65,16 +82,8 @@ configs = st.fixed_dictionaries(
     decay=1e-4,
 )
 def test_decisions_are_finite_bounded_and_restorable_at_any_point(config, steps, decay):
-    controller = Controller(**config)
-    twin = None
     clipped = True  # whether the last accepted step's sums are those of some tensors
-    for index, (losses, sums) in enumerate(steps):
-        if index == len(steps) // 2:
-            twin = Controller(**config)
-            twin.load_state_dict(json.loads(json.dumps(controller.state_dict())))
-        decision = controller.real_step(losses, sums, [decay])
-        if twin is not None:
-            assert twin.real_step(losses, sums, [decay]) == decision
+    for sums, decision, controller in _decided_with_a_restored_twin(lambda: Controller(**config), steps, decay):
         numbers = (decision.keep, decision.grad_scale, decision.step, decision.shift, *decision.param_scale)
         assert all(math.isfinite(v) for v in numbers)
         assert decision.step >= 0.0
@@ -87,8 +96,6 @@ def test_decisions_are_finite_bounded_and_restorable_at_any_point(config, steps,
         assert s.rate >= 1e-5 or s.rate * s.dir_norm <= 10.0 * (1 + 1e-9) or not clipped
         assert 1 <= s.multiplier <= 6250
         assert controller.step_length > 0.0 and math.isfinite(controller.step_length)
-    if twin is not None:
-        assert twin.state_dict() == controller.state_dict()
 
 
 @st.composite
@@ -122,17 +129,14 @@ line_configs = st.fixed_dictionaries(
     steps=[([0.0], LineSums(0.0, 0.0, 0.0, 0.0)), ([0.0], LineSums(0.0, 5e-324, 0.0, 0.0))],
     decay=0.0,
 )
+@example(  # the largest |x| (the step clip's floor) set before the restore, smaller ones after it
+    config={"lr": 1e-3, "classes": 1, "batch_size": 1, "min_multiplier": 1, "target": 0.0, "beta": 0.9},
+    steps=[([4.0 - k], LineSums(1.0, 1.0, 1.0, param_sq)) for k, param_sq in enumerate((1.0, 100.0, 1.0, 1.0))],
+    decay=0.0,
+)
 def test_line_decisions_are_finite_bounded_and_restorable_at_any_point(config, steps, decay):
     """The line controller (the preconditioned directions) under any inputs, like the P2M one above."""
-    controller = LineController(**config)
-    twin = None
-    for index, (losses, sums) in enumerate(steps):
-        if index == len(steps) // 2:
-            twin = LineController(**config)
-            twin.load_state_dict(json.loads(json.dumps(controller.state_dict())))
-        decision = controller.real_step(losses, sums, [decay])
-        if twin is not None:
-            assert twin.real_step(losses, sums, [decay]) == decision
+    for _, decision, controller in _decided_with_a_restored_twin(lambda: LineController(**config), steps, decay):
         assert decision.action in ("accept", "retrace", "skip")
         assert all(math.isfinite(v) for v in (decision.step, decision.shift, *decision.decay))
         assert decision.step >= 0.0 and all(0.0 <= d <= 1.0 for d in decision.decay)
@@ -140,5 +144,3 @@ def test_line_decisions_are_finite_bounded_and_restorable_at_any_point(config, s
         assert ETA_BOUNDS[0] <= s.eta <= ETA_BOUNDS[1]
         assert math.isfinite(s.param_peak) and s.param_peak >= 0.0
         assert 1 <= s.multiplier <= MAX_MULTIPLIER
-    if twin is not None:
-        assert twin.state_dict() == controller.state_dict()
