@@ -77,7 +77,7 @@ def make_controller(config: dict[str, Any]) -> Controller | LineController:
             config["batch_size"],
             config["batch_multiplier"],
             config["line_target"],
-            direction_beta1(config["momentum"]),
+            config["momentum"],
         )
     return Controller(
         lr=config["lr"],

@@ -212,6 +212,11 @@ class ControlState:
     noise_samples: int = 0
     last_loss: float = 0.0
 
+    @property
+    def restarts(self) -> int:
+        """P2M keeps its momentum through every step (the line controller's count, for ``stats``)."""
+        return 0
+
 
 class Controller:
     """Decides each real step of ELRA from global scalars.

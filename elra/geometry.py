@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from . import compiled
-from .line_control import LineSums
+from .line_control import BETA1, LineSums
 from .chunks import add_, in_dtype_of, runs
 from .fused import adamw_accept, split_fusable
 from .reduce import Products, ScalarBatch, local, products
 
 PRECONDITIONERS = (None, "adam", "factored", "muon")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+# m, and muon's cached direction of a matrix (kept over scale(t), whose 1 - beta1^t scales like m_1)
+FIRST_MOMENT_KEYS = frozenset({"exp_avg", "direction"})
 # slots of the step's scalar vector
 NEXT_DIR, MOM_DIR, DIR_SQ, PARAM_SQ, PRESENT, GRAD_SQ, MOM_SQ = range(7)
 SLOTS = 7
@@ -156,6 +158,30 @@ class AdamDirection:
             self._momentum(ms, grads, grad_scale)
             torch._foreach_mul_(vs, self.beta2)
             torch._foreach_addcmul_(vs, grads, grads, value=(1.0 - self.beta2) * grad_scale**2)
+
+    def set_beta1(self, beta1: float) -> None:
+        """The momentum of the coming moment updates (the controller's, by the regime)."""
+        self.beta1 = beta1
+
+    def switch_beta1(self, states: Iterable[dict[str, torch.Tensor]], beta1: float) -> None:
+        """After the first moment update only: ``m`` (and what is derived from it) as if ``beta1`` had made it.
+
+        ``m_1 = (1-beta1)*g_1``: a factor. Keeps the bias correction exact where
+        the regime, detected at the second real step, changes the momentum.
+        """
+        factor = (1.0 - beta1) / (1.0 - self.beta1)
+        for state in states:
+            for key in FIRST_MOMENT_KEYS & state.keys():
+                state[key].mul_(factor)
+        self.set_beta1(beta1)
+
+    def restart(self, tensors: GroupTensors, t: int, grad_scale: float) -> None:
+        """``m`` such that after the coming update (the ``t+1``-th) ``m_hat`` is the gradient ``grad_scale * g``."""
+        if not tensors.ms:
+            return
+        for ms, grads in in_dtype_of(tensors.ms, tensors.grads):
+            torch._foreach_zero_(ms)
+            torch._foreach_add_(ms, grads, alpha=(1.0 - self.beta1**t) * grad_scale)
 
     def _momentum(self, ms: list[torch.Tensor], grads: list[torch.Tensor], grad_scale: float) -> None:
         if grad_scale == 1.0:
@@ -284,8 +310,9 @@ def direction_state(geometry, p: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def direction_beta1(momentum: float | None) -> float:
-    """A preconditioned direction's beta1: ``momentum``, 0.9 when it is ``None``."""
-    return 0.9 if momentum is None else float(momentum)
+    """A preconditioned direction's first beta1: ``momentum``, ``BETA1`` when it is ``None`` (the controller
+    may choose another by the regime, :attr:`elra.line_control.LineController.beta1`)."""
+    return BETA1 if momentum is None else float(momentum)
 
 
 def make_direction(preconditioner: str | None, momentum: float | None, compiled: bool = False) -> AdamDirection | None:

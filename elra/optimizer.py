@@ -285,6 +285,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         return {
             "real_steps": s.steps,
             "retraces": s.retraces,
+            "restarts": s.restarts,
             "batch_multiplier": s.multiplier,
             "micro_batches": self.micro_batches,
             "lr": self.controller.step_length,
@@ -769,6 +770,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         or retrace along ``u_old``, recomputed from the unchanged moments.
         """
         geometry, t = self.geometry, self.controller.state.moment_steps
+        geometry.set_beta1(self.controller.beta1)  # the regime's (given, or restored with the controller)
         decays = self._decay_rates(self.param_groups)
         replicas = self.reducer.replicas_counter()
         groups = [geometry.gather(group, self.state, self._moved, with_gradient, replicas) for group in self.param_groups]
@@ -791,12 +793,16 @@ class ElraOptimizer(Checkpointing, Optimizer):
             if skip_overflow and not sums.is_finite() and all(map(math.isfinite, loss_values)):
                 return "overflow"
         decision = self.controller.real_step(loss_values, sums, decays)
+        if self.controller.beta1 != geometry.beta1:  # the regime, detected now, chose it: the moments took one gradient
+            geometry.switch_beta1(self.state.values(), self.controller.beta1)
         if decision.action == "accept":
             if self.booster.enabled:
                 self.booster.record(*self._boost_pairs(), sum(loss_values) / len(loss_values))
             self._moved = set()
             for j, tensors in enumerate(groups):
                 self._moved.update(geometry.owners(tensors))
+                if decision.restart:
+                    geometry.restart(tensors, t, grad_scale)
                 geometry.accept(tensors, t, decision.step, decision.decay[j], grad_scale)
         elif decision.action == "retrace":
             for tensors in groups:

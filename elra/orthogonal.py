@@ -152,6 +152,14 @@ class OrthogonalDirection(AdamDirection):
         super().accept(tensors.others, t, step, decay, grad_scale)
         self.matrices.accept(tensors.matrices, t, step, decay, grad_scale)
 
+    def set_beta1(self, beta1: float) -> None:
+        super().set_beta1(beta1)
+        self.matrices.set_beta1(beta1)
+
+    def restart(self, tensors: SplitTensors, t: int, grad_scale: float) -> None:
+        super().restart(tensors.others, t, grad_scale)
+        self.matrices.restart(tensors.matrices, t, grad_scale)
+
     def retrace(self, tensors: SplitTensors, t: int, shift: float) -> None:
         super().retrace(tensors.others, t, shift)
         self.matrices.retrace(tensors.matrices, t, shift)

@@ -49,6 +49,7 @@ class Scenario:
     inf_grad_at: int | None = None  # micro-step where the last rank's first gradient shard gets an inf
     nan_plan: tuple = ()  # (micro-step, rank) pairs: that rank reports a nan loss then
     inf_plan: tuple = ()  # (micro-step, rank) pairs: that rank's first gradient shard gets an inf then
+    full_batch: bool = False  # the same global batch at every step: a noise-free loss
 
 
 def _planned(plan: tuple, step: int, rank: int, sharded_world: int) -> bool:
@@ -98,7 +99,7 @@ def train(
     if scenario.boost_cycle:
         optimizer.enable_boost(scenario.boost_cycle)
     for step in range(start, scenario.steps):
-        x, y = global_batch(step, world)
+        x, y = global_batch(0 if scenario.full_batch else step, world)
         if sharded_world > 1:
             x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
         optimizer.zero_grad()

@@ -71,13 +71,16 @@ def _factors(p) -> bool:
 
 class ReferenceLine:
     def __init__(
-        self, params, lr, classes, decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8, multiplier=1, target=-0.1,
+        self, params, lr, classes, decay=0.0, beta1=None, beta2=0.999, eps=1e-8, multiplier=1, target=-0.1,
         factored=False, muon=False,
     ):
         self.target, self.muon = target, muon
         self.params = list(params)
         self.eta, self.deterministic, self.decay = lr, classes <= 1, decay
+        if beta1 is None:  # more momentum without noise, where uphill steps restart it
+            beta1 = 0.95 if self.deterministic else 0.9
         self.b1, self.b2, self.eps, self.multiplier = beta1, beta2, eps, multiplier
+        self.restart = False
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [FactoredSecondMoment(p) if factored and _factors(p) else torch.zeros_like(p) for p in self.params]
         self.t = 0
@@ -154,7 +157,7 @@ class ReferenceLine:
 
     def _acceptable(self, loss):
         if self.deterministic:
-            return loss <= self.last_good or self.failed >= 3
+            return loss <= self.last_good or self.failed >= 3 or self.restart
         if len(self.losses_seen) < 10:
             return True
         mean = self.stat[0] / self.stat[2]
@@ -162,7 +165,8 @@ class ReferenceLine:
         return loss <= mean + 5.0 * sd
 
     def _accept(self, loss, numbers, sums, n):
-        if self.failed >= 3:
+        restart, self.restart = self.restart, False
+        if self.failed >= 3 or restart:
             self.eta = self.accepted_eta
         target = self.target
         if numbers is not None and self.t:
@@ -173,7 +177,7 @@ class ReferenceLine:
             target *= min(max((self.ema_m / self.ema_g - floor) / (1 - floor), 0.0), 1.0) if floor < 1 else 0.0
         if numbers is not None:
             self.peak_xsq = max(self.peak_xsq, numbers[3])  # the clip's scale: the largest |x|^2 accepted
-        if numbers is not None and numbers[1] > 0:
+        if numbers is not None and numbers[1] > 0 and not restart:
             N, D, usq, xsq = numbers[:4]
             keep, gain = (0.7, 0.3) if self.deterministic else (0.95, 0.1)  # the noise-free pair is exact
             self.ema_n = keep * self.ema_n + (1 - keep) * N
@@ -194,6 +198,8 @@ class ReferenceLine:
             self.moved[i] = g is not None
             if g is None:
                 continue
+            if restart:  # m_hat after this update is g
+                self.m[i] = g * ((1 - self.b1 ** (self.t - 1)) / n)
             self.m[i].mul_(self.b1).add_(g, alpha=(1 - self.b1) / n)
             self.v[i].mul_(self.b2).addcmul_(g, g, value=(1 - self.b2) / n**2)
             if self.decay:
@@ -209,6 +215,14 @@ class ReferenceLine:
             self.multiplier = min(2 * self.multiplier, 6250)
         old = self.eta
         new = old / 2
+        rise = loss - self.last_good
+        if self.deterministic and numbers is not None and math.isfinite(loss) and old > 0:
+            if 2 * rise / old + numbers[0] >= 0 and rise > 1e-5 * max(abs(loss), abs(self.last_good)):
+                self.restart, self.eta = True, 0.0  # uphill from x_old: back there, the momentum restarts
+                for p, kw in zip(self.params, old_u):
+                    if kw is not None:
+                        p.add_(kw[1], alpha=old * kw[0])
+                return
         if self.deterministic and numbers is not None and math.isfinite(loss) and numbers[1] > 0:
             c = loss - self.last_good + old * numbers[1]
             if c > 0:

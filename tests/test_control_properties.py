@@ -117,7 +117,7 @@ line_configs = st.fixed_dictionaries(
         "batch_size": st.integers(1, 1024),
         "min_multiplier": st.integers(1, 4),
         "target": st.sampled_from([0.0, -0.1, -0.5]),
-        "beta": st.sampled_from([0.0, 0.9]),
+        "beta": st.sampled_from([None, 0.0, 0.9]),
     }
 )
 
@@ -141,6 +141,7 @@ def test_line_decisions_are_finite_bounded_and_restorable_at_any_point(config, s
         assert all(math.isfinite(v) for v in (decision.step, decision.shift, *decision.decay))
         assert decision.step >= 0.0 and all(0.0 <= d <= 1.0 for d in decision.decay)
         s = controller.state
-        assert ETA_BOUNDS[0] <= s.eta <= ETA_BOUNDS[1]
+        assert ETA_BOUNDS[0] <= s.eta <= ETA_BOUNDS[1] or (s.restart and s.eta == 0.0)  # back at x_old
+        assert not decision.restart or decision.action == "accept"
         assert math.isfinite(s.param_peak) and s.param_peak >= 0.0
         assert 1 <= s.multiplier <= MAX_MULTIPLIER

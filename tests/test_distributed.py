@@ -93,6 +93,13 @@ TWO_RANKS = [
     Scenario("fsdp1-factored", "fsdp1", options=FACTORED),
     Scenario("fsdp1-orig-factored", "fsdp1-orig", options=FACTORED),
 ]
+# noise-free (one batch throughout): the regime, detected at the second real step, sets beta1 0.95 (the sharded
+# moments are rescaled); uphill steps restart the momentum from the sharded gradients
+NOISE_FREE = [
+    Scenario("fsdp2-muon-full-batch", "fsdp2", steps=100, options={**MUON, "classes": None}, full_batch=True),
+    Scenario("ddp-factored-full-batch", steps=100, options={**FACTORED, "classes": None}, full_batch=True),
+]
+TWO_RANKS += NOISE_FREE
 WRAPPINGS = ("ddp", "fsdp2", "fsdp2-root", "fsdp1", "fsdp1-orig")
 # A skipped backward (step_retrace) and boosted() evaluations change the shards outside backward -> step
 IN_PLACE = [Scenario(f"{w}-retrace-and-boost", w, bad_loss_at=17, boost_cycle=100) for w in WRAPPINGS]
@@ -187,13 +194,21 @@ def _assert_matches_single_process(ranks: list[dict], name: str) -> dict:
     return stats
 
 
-@pytest.mark.parametrize("name", [s.name for s in TWO_RANKS if not s.diverge and not s.odd_rank and s.name not in REFUSED])
+@pytest.mark.parametrize(
+    "name", [s.name for s in TWO_RANKS if not s.diverge and not s.odd_rank and s.name not in REFUSED and not s.full_batch]
+)
 def test_two_ranks_follow_the_single_process_trajectory(two, name):
     stats = _assert_matches_single_process(two, name)
     scenario = next(s for s in TWO_RANKS if s.name == name)
     if scenario.nan_loss_at is not None or scenario.bad_loss_at is not None:
         assert stats["retraces"] >= 1
     assert stats["regime"] == "stochastic"  # detected where classes is None: every rank, like one process
+
+
+@pytest.mark.parametrize("name", [s.name for s in NOISE_FREE])
+def test_noise_free_momentum_and_its_restarts_follow_the_single_process_trajectory(two, name):
+    stats = _assert_matches_single_process(two, name)
+    assert stats["regime"] == "deterministic" and stats["restarts"] >= 1
 
 
 @pytest.mark.parametrize("name", ["ddp-adam-compiled", "fsdp2-adam-compiled"])

@@ -175,3 +175,54 @@ def test_the_signal_share_tells_a_steady_gradient_from_noise():
         assert controller.signal_share(LineSums(0.0, 1.0, 1.0, 1.0, grad_sq=4.0, mom_sq=mom_sq)) == pytest.approx(share)
     without_momentum = LineController(1e-3, None, 32, 1, beta=0.0)
     assert without_momentum.signal_share(LineSums(0.0, 1.0, 1.0, 1.0, grad_sq=4.0, mom_sq=4.0)) == 0.0
+
+
+def _noise_free_after_one_step(lr: float = 0.5) -> LineController:
+    """A noise-free controller whose first step (length ``lr``) was accepted at loss 1."""
+    controller = LineController(lr, 0, 1, 1)
+    assert controller.real_step([1.0], LineSums(0.0, 0.0, 1.0, 1.0), [0.0]).action == "accept"
+    return controller
+
+
+def test_a_step_that_went_uphill_is_undone_and_restarts_the_momentum():
+    """On a quadratic the slope at the start of the failed step is ``2*rise/eta + N``: here 2*0.5/0.5 - 1.5 = 0.5
+    uphill (shorter retraces along it only spent evaluations); back at the start, the next step restarts."""
+    controller = _noise_free_after_one_step()
+    length = controller.step_length
+    pair = (controller.state.ema_next, controller.state.ema_mom)
+    decision = controller.real_step([1.5], LineSums(-1.5, 1.0, 1.0, 1.0), [0.0])
+    assert decision.action == "retrace" and decision.shift == length  # all the way back
+    assert controller.state.restart and controller.state.restarts == 1
+    assert controller.step_length == length  # what the restarted step starts from, not the 0 offset of the point
+    decision = controller.real_step([1.0 + 1e-12], LineSums(0.2, 3.0, 1.0, 1.0), [0.0])  # x_old, to rounding
+    assert decision.action == "accept" and decision.restart and decision.step == length
+    assert (controller.state.ema_next, controller.state.ema_mom) == pair  # that pair measured the abandoned direction
+    assert not controller.state.restart and not controller.real_step([0.5], SUMS, [0.0]).restart
+
+
+@pytest.mark.parametrize(
+    "loss, next_dir, restarts",
+    [
+        (1.5, -2.5, False),  # slope 2*0.5/0.5 - 2.5 < 0: downhill from x_old, too long: a shorter retrace
+        (1.0 + 1e-7, 1.0, False),  # a rise within rounding of the loss says nothing
+        (1.5, -1.5, True),
+    ],
+)
+def test_only_a_step_measured_uphill_restarts(loss, next_dir, restarts):
+    controller = _noise_free_after_one_step()
+    decision = controller.real_step([loss], LineSums(next_dir, 1.0, 1.0, 1.0), [0.0])
+    assert decision.action == "retrace" and controller.state.restart == restarts
+    assert (decision.shift == 0.5) == restarts
+
+
+def test_mini_batch_noise_never_restarts_and_keeps_beta1_09():
+    controller = LineController(0.5, 10, 1, 1)
+    for loss in [1.0] * 12 + [100.0]:  # the outlier is retraced
+        decision = controller.real_step([loss], LineSums(-1.5, 1.0, 1.0, 1.0), [0.0])
+    assert decision.action == "retrace" and decision.shift < 0.5 and not controller.state.restart
+    assert controller.beta1 == 0.9
+
+
+@pytest.mark.parametrize("classes, beta, beta1", [(0, None, 0.95), (10, None, 0.9), (None, None, 0.9), (0, 0.5, 0.5)])
+def test_beta1_is_the_given_one_else_the_regimes(classes, beta, beta1):
+    assert LineController(1e-3, classes, 1, 1, beta=beta).beta1 == beta1
