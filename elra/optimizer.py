@@ -114,7 +114,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
             stochastic regime.
         warmup: real steps over which the rate may ramp up.
         momentum: momentum factor in [0, 1). P2M: ``None`` or 0 for none. Along
-            a preconditioned direction it is beta1: ``None`` for 0.9, 0 for
+            a preconditioned direction it is beta1: ``None`` for 0.9 (0.95 in
+            the deterministic regime, where uphill steps restart it), 0 for
             no averaging (the direction of the gradient itself).
         batch_multiplier: initial and smallest number of micro-batches whose
             gradients are averaged per real step.
@@ -138,7 +139,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             orthogonalised momentum for matrices and Adam's direction for the
             rest (see :mod:`elra.orthogonal`; not under FSDP1); ``"adam"``: over
             Adam's direction ``m_hat/(sqrt(v_hat)+eps)`` (``momentum`` is its
-            beta1, default 0.9; see :mod:`elra.geometry`); ``"factored"``: the
+            beta1, by default 0.9, 0.95 without noise; see :mod:`elra.geometry`); ``"factored"``: the
             same with an Adafactor-style factored second moment for matrices,
             about half of Adam's state (not under FSDP1; see
             :mod:`elra.factored`); ``None``: P2M as published.

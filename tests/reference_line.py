@@ -157,7 +157,7 @@ class ReferenceLine:
 
     def _acceptable(self, loss):
         if self.deterministic:
-            return loss <= self.last_good or self.failed >= 3 or self.restart
+            return loss - self.last_good <= 1e-6 * abs(self.last_good) or self.failed >= 3 or self.restart
         if len(self.losses_seen) < 10:
             return True
         mean = self.stat[0] / self.stat[2]
@@ -217,7 +217,7 @@ class ReferenceLine:
         new = old / 2
         rise = loss - self.last_good
         if self.deterministic and numbers is not None and math.isfinite(loss) and old > 0:
-            if 2 * rise / old + numbers[0] >= 0 and rise > 1e-5 * max(abs(loss), abs(self.last_good)):
+            if 2 * rise / old + numbers[0] >= 0:
                 self.restart, self.eta = True, 0.0  # uphill from x_old: back there, the momentum restarts
                 for p, kw in zip(self.params, old_u):
                     if kw is not None:

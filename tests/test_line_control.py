@@ -201,18 +201,19 @@ def test_a_step_that_went_uphill_is_undone_and_restarts_the_momentum():
 
 
 @pytest.mark.parametrize(
-    "loss, next_dir, restarts",
+    "loss, next_dir, action",
     [
-        (1.5, -2.5, False),  # slope 2*0.5/0.5 - 2.5 < 0: downhill from x_old, too long: a shorter retrace
-        (1.0 + 1e-7, 1.0, False),  # a rise within rounding of the loss says nothing
-        (1.5, -1.5, True),
+        (1.5, -2.5, "retrace"),  # slope 2*0.5/0.5 - 2.5 < 0: downhill from x_old, too long: a shorter retrace
+        (1.5, -1.5, "restart"),
+        (1.0 + 1e-7, 1.0, "accept"),  # a rise within rounding of the loss says nothing
+        (1.0 + 1e-5, 1.0, "restart"),
     ],
 )
-def test_only_a_step_measured_uphill_restarts(loss, next_dir, restarts):
+def test_only_a_step_measured_uphill_restarts_and_a_rise_within_rounding_is_accepted(loss, next_dir, action):
     controller = _noise_free_after_one_step()
     decision = controller.real_step([loss], LineSums(next_dir, 1.0, 1.0, 1.0), [0.0])
-    assert decision.action == "retrace" and controller.state.restart == restarts
-    assert (decision.shift == 0.5) == restarts
+    assert decision.action == ("accept" if action == "accept" else "retrace")
+    assert controller.state.restart == (action == "restart") and (decision.shift == 0.5) == (action == "restart")
 
 
 def test_mini_batch_noise_never_restarts_and_keeps_beta1_09():
