@@ -12,7 +12,7 @@ import numbers
 from typing import Any
 
 from .control import ACCEPTANCE_RULES, MAX_MULTIPLIER, Controller
-from .geometry import direction_beta1, make_direction
+from .geometry import make_direction
 from .line_control import LineController
 
 

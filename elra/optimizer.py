@@ -139,10 +139,10 @@ class ElraOptimizer(Checkpointing, Optimizer):
             orthogonalised momentum for matrices and Adam's direction for the
             rest (see :mod:`elra.orthogonal`; not under FSDP1); ``"adam"``: over
             Adam's direction ``m_hat/(sqrt(v_hat)+eps)`` (``momentum`` is its
-            beta1, by default 0.9, 0.95 without noise; see :mod:`elra.geometry`); ``"factored"``: the
-            same with an Adafactor-style factored second moment for matrices,
-            about half of Adam's state (not under FSDP1; see
-            :mod:`elra.factored`); ``None``: P2M as published.
+            beta1, by default 0.9, 0.95 without noise; see :mod:`elra.geometry`);
+            ``"factored"``: the same with an Adafactor-style factored second
+            moment for matrices, about half of Adam's state (not under FSDP1;
+            see :mod:`elra.factored`); ``None``: P2M as published.
         line_target: with a preconditioner, the gradient-pair ratio the step
             length aims at where the gradient has no noise, in (-1, 1): 0 the
             line minimum along the direction, below 0 a step past it (default
