@@ -213,6 +213,8 @@ class ReferenceLine:
         self.cycle_retraces += 1
         if self.cycle_retraces % 26 == 25 and not self.deterministic:
             self.multiplier = min(2 * self.multiplier, 6250)
+        if self.restart:  # back at x_old, which gave no usable gradient this time: stay
+            return
         old = self.eta
         new = old / 2
         rise = loss - self.last_good
