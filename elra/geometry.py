@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import torch
 
 from . import compiled
-from .line_control import BETA1, LineSums
+from .line_control import BETA1, LineSums, first_moment_factor
 from .chunks import add_, in_dtype_of, runs
 from .fused import adamw_accept, split_fusable
 from .reduce import Products, ScalarBatch, local, products
@@ -169,7 +169,7 @@ class AdamDirection:
         ``m_1 = (1-beta1)*g_1``: a factor. Keeps the bias correction exact where
         the regime, detected at the second real step, changes the momentum.
         """
-        factor = (1.0 - beta1) / (1.0 - self.beta1)
+        factor = first_moment_factor(self.beta1, beta1)
         for state in states:
             for key in FIRST_MOMENT_KEYS & state.keys():
                 state[key].mul_(factor)

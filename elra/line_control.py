@@ -110,6 +110,11 @@ _LATER_FIELDS = frozenset(
 )
 
 
+def first_moment_factor(old_beta1: float, new_beta1: float) -> float:
+    """What ``m_1 = (1-beta1)*g_1`` (one gradient so far) is multiplied by when beta1 changes."""
+    return (1.0 - new_beta1) / (1.0 - old_beta1)
+
+
 def _ema(average: float | None, value: float, keep: float) -> float:
     """``keep*average + (1-keep)*value``; ``value`` itself where there is no average yet (``None``)."""
     return value if average is None else keep * average + (1.0 - keep) * value
@@ -293,7 +298,7 @@ class LineController:
             before = self.beta1
             self._choose_regime(losses, loss, sums)
             if self.beta1 != before:  # the optimizer rescales m (one gradient so far) to this regime's beta1
-                sums = replace(sums, mom_sq=sums.mom_sq * ((1.0 - self.beta1) / (1.0 - before)) ** 2)
+                sums = replace(sums, mom_sq=sums.mom_sq * first_moment_factor(before, self.beta1) ** 2)
         self._count_step()
         if usable and self._acceptable(loss):
             return self._accept(loss, sums, decays)
@@ -484,6 +489,6 @@ class LineController:
         (A rise within ``ROUNDING`` of the loss was accepted before: it says nothing.)
         """
         s = self.state
-        if not (self.deterministic and sums is not None and math.isfinite(loss) and s.eta > 0.0):
+        if not (self.deterministic and sums is not None and math.isfinite(loss)):
             return False
         return 2.0 * (loss - s.last_good_loss) / s.eta + sums.next_dir >= 0.0
