@@ -28,6 +28,8 @@ BOOST_KEY = "elra_boost"
 CONFIG_KEY = "elra_config"
 _PENDING_GRAD = "pending_grad"
 _MOVED = "moved"  # 1.0 where the last accepted step moved the parameter: a retrace and the next sums need it
+_LATE = "late"  # 1.0 where a parameter's moments wait for their first gradient after the first update
+_FLAGS = (_MOVED, _LATE)  # 0-d per-parameter state
 
 
 class Checkpointing:
@@ -58,13 +60,15 @@ class Checkpointing:
         sd["param_groups"][0][BOOST_KEY] = self.booster.state_dict()
         sd["param_groups"][0][CONFIG_KEY] = dict(self._config)
         index = 0
+        started = self._moment_steps() > 0
         for group in self.param_groups:
             for p in group["params"]:
                 pending = p.grad if self._pending else None
                 if pending is None:  # NaN: no gradient collected (it survives any resharding, unlike a flag)
                     pending = torch.full_like(p, math.nan if self._pending else 0.0, memory_format=torch.preserve_format)
                 moved = torch.tensor(float(p in self._moved))
-                sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending, _MOVED: moved}
+                late = torch.tensor(float(started and p in self._waiting))
+                sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending, _MOVED: moved, _LATE: late}
                 index += 1
         return sd
 
@@ -137,6 +141,7 @@ class Checkpointing:
         self._fill_empty_state()
         self._pending = pending
         self._moved = {p for g in self.param_groups for p in g["params"] if self._loaded_as_moved(p)}
+        self._waiting = {p for g in self.param_groups for p in g["params"] if self._loaded_as_waiting(p)}
         self._agreed = False
         for model in self.unsynced_models:  # loaded mid-run: what the wrappers collected belongs to the old run
             drop_unsynced_grads(model)
@@ -190,7 +195,7 @@ class Checkpointing:
                         f"(its preconditioner={preconditioner!r} needs it)"
                     )
             for key, value in entry.items():
-                if isinstance(value, torch.Tensor) and value.shape != shapes.get(key, () if key == _MOVED else p.shape):
+                if isinstance(value, torch.Tensor) and value.shape != shapes.get(key, () if key in _FLAGS else p.shape):
                     raise ValueError(
                         f"state '{key}' of shape {tuple(value.shape)} does not fit parameter {index} of shape "
                         f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
@@ -253,6 +258,20 @@ class Checkpointing:
         """
         flag = self.state.get(p, {}).pop(_MOVED, None)
         return flag is None or bool(flag)
+
+    def _loaded_as_waiting(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s moments still wait for their first gradient (taken off its state).
+
+        Before the first update every parameter waits. After it, the flag says;
+        checkpoints without it (older, or a fresh optimizer's template that
+        ``torch.distributed.checkpoint`` loads into) say no, as older elra assumed.
+        """
+        flag = self.state.get(p, {}).pop(_LATE, None)
+        return self._moment_steps() == 0 or (flag is not None and bool(flag))
+
+    def _moment_steps(self) -> int:
+        """Moment updates so far (P2M keeps no moments: 0)."""
+        return getattr(self.controller.state, "moment_steps", 0)
 
     def _restore_pending_grads(self, collecting: bool) -> None:
         """Put the saved partial sums into ``.grad`` (all NaN, or an empty shard: no gradient); clear the others."""

@@ -5,7 +5,7 @@ communication, no I/O: every rank that feeds the controller the same global
 sums takes the same decision, and the whole state is a dict of numbers.
 
 The constants and the order of the updates follow the published ``elra``
-package (see ALGORITHM.md), which is the executable definition of the method.
+package, which is the executable definition of the method.
 Where the package divides by zero or assumes positive losses, this module
 guards the division or measures thresholds by the loss magnitude instead.
 Two additions are the project's own: the regime detected from the first

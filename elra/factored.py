@@ -213,6 +213,15 @@ class FactoredDirection(AdamDirection):
         self.update_momentum(_pick(tensors, factored), grad_scale)
         update([tensors.vs[i] for i in factored], self.beta2, (1.0 - self.beta2) * grad_scale**2)
 
+    def start_second_moment(self, tensors: GroupTensors, t: int, grad_scale: float) -> None:
+        """As :meth:`AdamDirection.start_second_moment`; a factored ``v`` from this step's row and column sums."""
+        full, factored = _split(tensors.vs)
+        super().start_second_moment(_pick(tensors, full), t, grad_scale)
+        value = (1.0 - self.beta2**t) * grad_scale**2
+        for factors in (tensors.vs[i] for i in factored):
+            factors.row.copy_(factors.row_sq).mul_(value)
+            factors.col.copy_(factors.col_sq.value).mul_(value)
+
     def direction(self, ms: list[torch.Tensor], vs: list[Any], t: int) -> list[torch.Tensor]:
         """As :meth:`AdamDirection.direction`, with ``sqrt(v)`` of a factored ``v`` built in stacks (:func:`divided`)."""
         full, factored = _split(vs)

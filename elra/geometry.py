@@ -183,6 +183,27 @@ class AdamDirection:
             torch._foreach_zero_(ms)
             torch._foreach_add_(ms, grads, alpha=(1.0 - self.beta1**t) * grad_scale)
 
+    def start(self, tensors: GroupTensors, t: int, grad_scale: float, fresh: set) -> None:
+        """Moments of the parameters in ``fresh`` (whose first gradient comes now, at update ``t+1``: added
+        by ``add_param_group`` or unused until now) such that after the coming update ``m_hat = g`` and
+        ``v_hat = g^2``, as Adam's first step of a parameter gives. Adam counts steps per parameter; here the
+        bias correction is global, and from zero moments such a parameter's first ``u`` would be
+        ``(1-b1)/sqrt(1-b2)``, about 3 times the gradient's sign, for hundreds of steps."""
+        picked = [i for i, p in enumerate(tensors.owners) if p in fresh]
+        if not t or not picked:
+            return
+        part = GroupTensors(
+            ms=[tensors.ms[i] for i in picked], vs=[tensors.vs[i] for i in picked], grads=[tensors.grads[i] for i in picked]
+        )
+        AdamDirection.restart(self, part, t, grad_scale)  # on these tensors (muon's restart splits a group)
+        self.start_second_moment(part, t, grad_scale)
+
+    def start_second_moment(self, tensors: GroupTensors, t: int, grad_scale: float) -> None:
+        """``v`` such that after the coming (``t+1``-th) update ``v_hat = (grad_scale * g)^2``."""
+        for vs, grads in in_dtype_of(tensors.vs, tensors.grads):
+            torch._foreach_zero_(vs)
+            torch._foreach_addcmul_(vs, grads, grads, value=(1.0 - self.beta2**t) * grad_scale**2)
+
     def _momentum(self, ms: list[torch.Tensor], grads: list[torch.Tensor], grad_scale: float) -> None:
         if grad_scale == 1.0:
             torch._foreach_lerp_(ms, grads, 1.0 - self.beta1)
@@ -200,14 +221,14 @@ class AdamDirection:
 
     def add_sums(self, batch: ScalarBatch, tensors: GroupTensors, t: int) -> None:
         """This rank's terms of N, D, |u_old|^2, |x|^2, |g|^2 and |m|^2; keeps ``u_old`` (or how to recompute
-        it) for a retrace."""
+        it) for a retrace. The first step's are |x|^2 and |g|^2: a non-finite gradient must be seen there too."""
         aligned = len(tensors.moved) == len(tensors.params) and all(
             a is b and g is not None for a, b, g in zip(tensors.moved, tensors.params, tensors.moved_grads)
         )
         if t and aligned and self._own("old_directions", "direction"):
             return self._chained_sums(batch, tensors, t)
         batch.add_constant(PRESENT, len(tensors.params))
-        pairs = [(0, 0, PARAM_SQ), (1, 1, GRAD_SQ), (2, 2, MOM_SQ)] if t else [(0, 0, PARAM_SQ)]
+        pairs = [(0, 0, PARAM_SQ), (1, 1, GRAD_SQ), (2, 2, MOM_SQ)] if t else [(0, 0, PARAM_SQ), (1, 1, GRAD_SQ)]
         products(batch, (tensors.params, tensors.grads, tensors.ms), pairs, tensors.weights)
         if t == 0:
             return

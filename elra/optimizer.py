@@ -40,6 +40,8 @@ LossLike = float | torch.Tensor
 # weight_decay=None along a preconditioned direction in the stochastic regime: decoupled, as AdamW's
 # (x <- (1 - step*wd)*x); chosen by benchmarks/quality.py over all its tasks (see the README)
 AUTO_DECAY = 0.1
+# other optimizers' per-group options that ELRA would otherwise keep in the group and ignore
+FOREIGN_GROUP_OPTIONS = frozenset({"betas", "eps", "nesterov", "dampening", "amsgrad", "maximize"})
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _HALF_MAX = torch.finfo(torch.float16).max
 _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
@@ -211,6 +213,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._agreed = False  # whether the ranks verified that they share this state (check_consistency)
         self.booster = Booster()
         self.geometry = make_direction(config["preconditioner"], config["momentum"], compiled)
+        self._waiting: set[torch.Tensor] = set()  # parameters whose moments have not taken a gradient yet
         super().__init__(params, dict(lr=config["lr"], weight_decay=config["weight_decay"]))
         self.controller = make_controller(config)
         self._pending: list[LossLike] = []
@@ -228,6 +231,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
         tools that initialise missing state by calling ``step()`` leave ELRA alone.
         """
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("a parameter group's 'params' must be an ordered collection: a set's order changes "
+                            "between runs (use a list)")
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         named = [p for p in params if isinstance(p, tuple)]  # model.named_parameters(): torch keeps the names
         tensors = [p[1] for p in named] if len(named) == len(params) else params
@@ -247,13 +253,21 @@ class ElraOptimizer(Checkpointing, Optimizer):
         super().add_param_group({**param_group, "params": params})
         self._device = device
         self._agreed = False
+        self._waiting.update(tensors)
         for p in tensors:
             self.state[p].update(direction_state(self.geometry, p))
             if self.booster.enabled:
                 self.state[p]["boost"] = p.detach().clone()
 
     def _check_group_options(self, group: dict[str, Any]) -> None:
-        """Refuse per-group options ELRA cannot honour: it has one step length and one momentum."""
+        """Refuse per-group options ELRA cannot honour: it has one step length and one momentum, and no
+        per-group form of other optimizers' options (a group copied from AdamW or SGD would lose them silently)."""
+        foreign = sorted(FOREIGN_GROUP_OPTIONS & group.keys())
+        if foreign:
+            raise ValueError(
+                f"a parameter group sets {', '.join(map(repr, foreign))}: ELRA has no such per-group options "
+                "(its direction's betas and eps are fixed, its momentum is the constructor's); leave them out"
+            )
         current = {self.defaults["lr"], *(g["lr"] for g in self.param_groups)}
         if "lr" in group and group["lr"] not in current:
             raise ValueError(
@@ -387,6 +401,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         Under FSDP the optimizer needs the model (see ``model``) so that the
         retrace reaches the weights FSDP kept gathered from the forward.
         """
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Real) or math.isnan(limit)):
+            raise TypeError(f"skip_backward's limit must be a number or None, got {limit!r}")
         value = _loss_value(loss)
         device = self._device or torch.device("cpu")
         value = torch.as_tensor(value, dtype=torch.float64).to(device)
@@ -801,7 +817,12 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 self.booster.record(*self._boost_pairs(), sum(loss_values) / len(loss_values))
             self._moved = set()
             for j, tensors in enumerate(groups):
-                self._moved.update(geometry.owners(tensors))
+                owners = geometry.owners(tensors)
+                self._moved.update(owners)
+                fresh = self._waiting.intersection(owners)
+                if fresh:
+                    geometry.start(tensors, t, grad_scale, fresh)
+                    self._waiting -= fresh
                 if decision.restart:
                     geometry.restart(tensors, t, grad_scale)
                 geometry.accept(tensors, t, decision.step, decision.decay[j], grad_scale)

@@ -95,6 +95,9 @@ class _MatrixDirection(AdamDirection):
     def update_moments(self, tensors: GroupTensors, grad_scale: float) -> None:
         self.update_momentum(tensors, grad_scale)
 
+    def start_second_moment(self, tensors: GroupTensors, t: int, grad_scale: float) -> None:
+        """Nothing: the second tensor is the cached direction, made from ``m`` at the accept."""
+
     def old_directions(self, tensors: GroupTensors, t: int) -> list[torch.Tensor]:
         return list(tensors.moved_vs)
 
@@ -155,6 +158,10 @@ class OrthogonalDirection(AdamDirection):
     def set_beta1(self, beta1: float) -> None:
         super().set_beta1(beta1)
         self.matrices.set_beta1(beta1)
+
+    def start(self, tensors: SplitTensors, t: int, grad_scale: float, fresh: set) -> None:
+        super().start(tensors.others, t, grad_scale, fresh)
+        self.matrices.start(tensors.matrices, t, grad_scale, fresh)
 
     def restart(self, tensors: SplitTensors, t: int, grad_scale: float) -> None:
         super().restart(tensors.others, t, grad_scale)

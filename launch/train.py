@@ -78,12 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--weight-decay", type=float, default=None,
-        help="decoupled decay (0.9999 means 1e-4); default: 0.1 along a preconditioned direction, 0 for P2M",
+        help="decoupled decay (0.9999 means 1e-4); none: 0.1 along a preconditioned direction, 0 for P2M",
     )
     parser.add_argument("--checkpoint-dir", type=Path, help="checkpoint every epoch here and resume from the newest")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="CIFAR-10 files (resnet18)")
     parser.add_argument("--fake-size", type=_at_least(1), default=2048, help="FakeData images when CIFAR-10 is absent")
-    parser.add_argument("--text", type=Path, help="UTF-8 text for gpt (default: the Python standard library's source)")
+    parser.add_argument("--text", type=Path, help="UTF-8 text for gpt (none: the Python standard library's source)")
     parser.add_argument("--context", type=_at_least(1), default=64, help="characters per gpt window")
     parser.add_argument("--width", type=_at_least(1), default=128, help="gpt embedding width")
     parser.add_argument("--heads", type=_at_least(1), default=4, help="gpt attention heads (divide --width)")

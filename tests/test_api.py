@@ -301,12 +301,34 @@ def test_named_parameters_train_like_parameters_and_keep_their_names():
 
 @pytest.mark.parametrize(
     "group, match",
-    [({"lr": 1e-2}, "per-group learning rates"), ({"momentum": 0.9}, "one momentum")],
+    [
+        ({"lr": 1e-2}, "per-group learning rates"),
+        ({"momentum": 0.9}, "one momentum"),
+        ({"betas": (0.5, 0.5)}, "'betas'"),
+        ({"eps": 1.0, "nesterov": True}, "'eps', 'nesterov'"),
+    ],
 )
 def test_per_group_lr_and_momentum_are_refused(group, match):
     with pytest.raises(ValueError, match=match):
         ElraOptimizer([{"params": [_param(1.0)], **group}, {"params": [_param(2.0)]}], lr=1e-5, momentum=0.5)
     ElraOptimizer([{"params": [_param(1.0)], "lr": 1e-5, "momentum": 0.5}], lr=1e-5, momentum=0.5)
+
+
+def test_foreign_group_options_and_sets_are_refused_by_add_param_group_too():
+    opt = ElraOptimizer([_param(1.0)], lr=1e-5)
+    with pytest.raises(ValueError, match="'amsgrad'"):
+        opt.add_param_group({"params": [_param(2.0)], "amsgrad": True})
+    with pytest.raises(TypeError, match="ordered collection"):
+        opt.add_param_group({"params": {_param(3.0)}})
+    assert len(opt.param_groups) == 1 and len(opt.state) == 1
+
+
+def test_skip_backward_takes_a_numeric_limit_only():
+    opt = ElraOptimizer([_param(1.0)], lr=1e-5)
+    assert opt.skip_backward(3.0, limit=2) and not opt.skip_backward(1.0, limit=2.5)
+    for limit in ("x", True, float("nan")):
+        with pytest.raises(TypeError, match="limit must be a number"):
+            opt.skip_backward(1.0, limit=limit)
 
 
 def test_numpy_losses_are_accepted_like_floats():

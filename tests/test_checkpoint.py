@@ -68,11 +68,12 @@ def test_state_dict_uses_the_torch_layout(preconditioner, weight_keys, bias_keys
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
     assert set(sd["state"]) == {0, 1}
-    extra = {"pending_grad", "moved"}
+    extra = {"pending_grad", "moved", "late"}
     assert set(sd["state"][0]) == {*weight_keys, *extra} and set(sd["state"][1]) == {*bias_keys, *extra}
     assert all(not s["pending_grad"].any() for s in sd["state"].values())  # nothing pending: zeros
     assert all(s["moved"].item() == 1.0 for s in sd["state"].values())  # the step moved both
-    assert all(t.shape == model.weight.shape for k, t in sd["state"][0].items() if k != "moved")
+    assert all(s["late"].item() == 0.0 for s in sd["state"].values())  # both took their first gradient
+    assert all(t.shape == model.weight.shape for k, t in sd["state"][0].items() if k not in ("moved", "late"))
     controller = sd["param_groups"][0]["elra_controller"]
     assert all(isinstance(v, (int, float, bool, list, type(None))) for v in controller.values())
     assert "elra_controller" not in opt.param_groups[0]

@@ -266,7 +266,7 @@ def test_state_is_the_moments_of_each_parameter_and_resumes_exactly(precondition
     buffer = io.BytesIO()
     torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, buffer)
     sd = opt.state_dict()
-    keys = [set(s) - {"pending_grad", "moved"} for s in sd["state"].values()]
+    keys = [set(s) - {"pending_grad", "moved", "late"} for s in sd["state"].values()]
     assert keys == [matrix_keys if p.dim() == 2 else FULL for p in net.parameters()]
     _train(net, _elra_step(opt), 120, start=45)
     buffer.seek(0)
@@ -277,6 +277,49 @@ def test_state_is_the_moments_of_each_parameter_and_resumes_exactly(precondition
     _train(resumed_net, _elra_step(resumed), 120, start=45)
     assert resumed.stats == opt.stats and opt.stats["retraces"] >= 2
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), resumed_net.parameters()))
+
+
+def _late_run(preconditioner, steps, late_from, save_at=None, resume=None):
+    """Least squares in which ``late`` gets its first gradient at step ``late_from`` (unused before)."""
+    torch.manual_seed(0)
+    early, late = torch.nn.Linear(4, 3).double(), torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = ElraOptimizer([*early.parameters(), late], None, 8, 3, lr=1e-4, preconditioner=preconditioner)
+    if resume is not None:
+        early.load_state_dict(resume["early"])
+        late.data.copy_(resume["late"])
+        opt.load_state_dict(resume["optimizer"])
+    saved = None
+    for step in range(0 if resume is None else save_at, steps):
+        if step == save_at and resume is None:
+            saved = copy.deepcopy({"early": early.state_dict(), "late": late.detach(), "optimizer": opt.state_dict()})
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        opt.zero_grad()
+        used = late if step >= late_from else late.detach()  # the same loss, with no gradient before
+        loss = (early(x) - x[:, :3]).pow(2).mean() + (used - 2.0).pow(2).sum()
+        loss.backward()
+        opt.step(loss.item())
+        if resume is None and save_at is None and opt.state[late]["exp_avg"].any():
+            break  # its first gradient is in the moments
+    return late, opt, saved
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", "factored", "muon"])
+def test_a_parameter_whose_first_gradient_comes_late_starts_as_adam_does(preconditioner):
+    """Its moments start at ``m_hat = g``, ``v_hat = g^2``: its first ``u`` is Adam's first, ``g/|g|`` per
+    coordinate, not ``(1-b1)/sqrt(1-b2)``, about 3 times that, as zero moments under the global bias
+    correction would give (for hundreds of steps)."""
+    late, opt, _ = _late_run(preconditioner, 80, 60)
+    geometry, t = opt.geometry, opt.controller.state.moment_steps
+    assert t > 50 and late.grad.abs().min() > 0 and opt.state[late]["exp_avg"].any()
+    u = geometry.scale(t) * geometry.direction([opt.state[late]["exp_avg"]], [opt.state[late]["exp_avg_sq"]], t)[0]
+    assert torch.allclose(u.abs(), torch.ones(3, dtype=torch.float64), atol=1e-6)
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", "muon"])
+def test_a_checkpoint_saved_while_a_parameter_waits_for_its_first_gradient_resumes_exactly(preconditioner):
+    late, opt, saved = _late_run(preconditioner, 60, 40, save_at=25)
+    resumed_late, resumed, _ = _late_run(preconditioner, 60, 40, save_at=25, resume=saved)
+    assert torch.equal(late, resumed_late) and resumed.stats == opt.stats
 
 
 def test_unknown_preconditioner_is_refused():

@@ -49,6 +49,29 @@ def test_non_finite_gradient_is_a_retrace(bad):
     assert not torch.equal(p.detach(), trial)  # moved back toward the last good point
 
 
+@pytest.mark.parametrize("first_bad_step", [0, 5])
+@pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
+def test_a_non_finite_gradient_reaches_neither_parameters_nor_state(preconditioner, first_bad_step):
+    """At the first real step too: there the sums hold no product with the direction yet, only |g|^2 sees it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    opt = elra.ElraOptimizer(model.parameters(), None, 8, preconditioner=preconditioner)
+    start = ((model(x) - y) ** 2).mean().item()
+    for step in range(first_bad_step + 45):
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        if step == first_bad_step:
+            model.weight.grad[0, 0] = math.nan
+        opt.step(loss)
+        tensors = [*model.parameters(), *(t for state in opt.state.values() for t in state.values())]
+        assert all(torch.isfinite(t).all() for t in tensors), step
+    skipped = 1 if first_bad_step == 0 else 0  # before the first step there is nothing to retrace to
+    assert opt.stats["real_steps"] == first_bad_step + 45 - skipped and opt.stats["retraces"] >= 1
+    assert ((model(x) - y) ** 2).mean().item() < 0.8 * start  # and it still trains
+
+
 def test_retrace_returns_to_the_last_good_point_along_the_old_direction():
     p, opt = _trained_quadratic(steps=5)
     x_trial = p.detach().clone()
