@@ -89,7 +89,7 @@ TWO_RANKS = [
         bad_loss_at=14,
         count_collectives=True,
     ),
-    Scenario("fsdp2-root-factored-scaler", "fsdp2-root", scaler=True, inf_grad_at=11, options=FACTORED),
+    Scenario("fsdp2-root-factored-scaler", "fsdp2-root", scaler=True, inf_grad_at=0, options=FACTORED),  # at the first step
     Scenario("fsdp1-factored", "fsdp1", options=FACTORED),
     Scenario("fsdp1-orig-factored", "fsdp1-orig", options=FACTORED),
 ]
