@@ -163,8 +163,9 @@ class AdamDirection:
         """The momentum of the coming moment updates (the controller's, by the regime)."""
         self.beta1 = beta1
 
-    def switch_beta1(self, states: Iterable[dict[str, torch.Tensor]], beta1: float) -> None:
-        """After the first moment update only: ``m`` (and what is derived from it) as if ``beta1`` had made it.
+    def switch_beta1(self, states: Iterable[dict[str, torch.Tensor]], beta1: float, groups: Iterable = ()) -> None:
+        """After the first moment update only: ``m`` (and what is derived from it: the old directions this
+        step's ``groups`` hold for a retrace) as if ``beta1`` had made it.
 
         ``m_1 = (1-beta1)*g_1``: a factor. Keeps the bias correction exact where
         the regime, detected at the second real step, changes the momentum.
@@ -173,7 +174,14 @@ class AdamDirection:
         for state in states:
             for key in FIRST_MOMENT_KEYS & state.keys():
                 state[key].mul_(factor)
+        for tensors in groups:
+            self.rescale_old_directions(tensors, factor)
         self.set_beta1(beta1)
+
+    def rescale_old_directions(self, tensors: GroupTensors, factor: float) -> None:
+        """``u_old/scale(t)`` kept by :meth:`add_sums`, made from ``m`` before it was rescaled by ``factor``."""
+        if tensors.old_dirs:
+            torch._foreach_mul_(tensors.old_dirs, factor)
 
     def restart(self, tensors: GroupTensors, t: int, grad_scale: float) -> None:
         """``m`` such that after the coming update (the ``t+1``-th) ``m_hat`` is the gradient ``grad_scale * g``."""
@@ -200,6 +208,8 @@ class AdamDirection:
 
     def start_second_moment(self, tensors: GroupTensors, t: int, grad_scale: float) -> None:
         """``v`` such that after the coming (``t+1``-th) update ``v_hat = (grad_scale * g)^2``."""
+        if not tensors.vs:
+            return
         for vs, grads in in_dtype_of(tensors.vs, tensors.grads):
             torch._foreach_zero_(vs)
             torch._foreach_addcmul_(vs, grads, grads, value=(1.0 - self.beta2**t) * grad_scale**2)

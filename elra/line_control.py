@@ -107,6 +107,7 @@ _LATER_FIELDS = frozenset(
     | {"ema_grad_sq", "ema_mom_sq"}
     | {"param_peak"}
     | {"restart", "restarts"}
+    | {"from_restart"}
 )
 
 
@@ -179,6 +180,7 @@ class LineState:
     param_peak: float = 0.0  # the largest |x|^2 of the accepted points so far: the step clip's floor
     restart: bool = False  # noise-free: the last step went uphill; back at its start (eta 0), the momentum restarts
     restarts: int = 0
+    from_restart: bool = False  # the step under way was a restart's: along the gradient, it cannot restart again
     loss_mean: float = 0.0
     loss_sq: float = 0.0
     loss_weight: float = 0.0
@@ -402,6 +404,7 @@ class LineController:
     def _accept(self, loss: float, sums: LineSums | None, decays: Sequence[float]) -> LineDecision:
         s = self.state
         restart, s.restart = s.restart, False
+        s.from_restart = restart
         if s.failed >= MAX_RETRACES or restart:
             s.eta = s.accepted_eta  # the direction failed, not the length
         target = self.target
@@ -462,7 +465,7 @@ class LineController:
         old = s.eta
         if s.restart:  # back at x_old, which gave no usable gradient this time: stay there
             return LineDecision("retrace")
-        if self._went_uphill(loss, sums):
+        if not s.from_restart and self._went_uphill(loss, sums):
             s.restart, s.eta, s.probe_length = True, 0.0, 0.0
             s.restarts += 1
             logger.debug("ELRA restarts the momentum at real step %d: the step from the last point went uphill", s.steps)
@@ -487,6 +490,9 @@ class LineController:
         quadratic took 3 retraces in every 4 steps while the momentum turned);
         going back and restarting the momentum from the gradient there costs one.
         (A rise within ``ROUNDING`` of the loss was accepted before: it says nothing.)
+        A restart's own step (along ``m_hat = g``, downhill) is not judged so: where the slope's estimate
+        fails (a kink, a 16-bit step's rounding) that step would restart again from the same point with the
+        same length, for ever; it retraces by shrinking instead (:meth:`_retrace`).
         """
         s = self.state
         if not (self.deterministic and sums is not None and math.isfinite(loss)):

@@ -811,9 +811,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 return "overflow"
         decision = self.controller.real_step(loss_values, sums, decays)
         if self.controller.beta1 != geometry.beta1:  # the regime, detected now, chose it: the moments took one gradient
-            geometry.switch_beta1(self.state.values(), self.controller.beta1)
+            geometry.switch_beta1(self.state.values(), self.controller.beta1, groups)
         if decision.action == "accept":
-            if self.booster.enabled:
+            if self.booster.enabled and not decision.restart:  # a restart is back at a point already recorded
                 self.booster.record(*self._boost_pairs(), sum(loss_values) / len(loss_values))
             self._moved = set()
             for j, tensors in enumerate(groups):

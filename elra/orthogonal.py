@@ -98,6 +98,9 @@ class _MatrixDirection(AdamDirection):
     def start_second_moment(self, tensors: GroupTensors, t: int, grad_scale: float) -> None:
         """Nothing: the second tensor is the cached direction, made from ``m`` at the accept."""
 
+    def rescale_old_directions(self, tensors: GroupTensors, factor: float) -> None:
+        """Nothing: the old directions are the cached ones in the state, rescaled with ``m``."""
+
     def old_directions(self, tensors: GroupTensors, t: int) -> list[torch.Tensor]:
         return list(tensors.moved_vs)
 
@@ -158,6 +161,10 @@ class OrthogonalDirection(AdamDirection):
     def set_beta1(self, beta1: float) -> None:
         super().set_beta1(beta1)
         self.matrices.set_beta1(beta1)
+
+    def rescale_old_directions(self, tensors: SplitTensors, factor: float) -> None:
+        super().rescale_old_directions(tensors.others, factor)
+        self.matrices.rescale_old_directions(tensors.matrices, factor)
 
     def start(self, tensors: SplitTensors, t: int, grad_scale: float, fresh: set) -> None:
         super().start(tensors.others, t, grad_scale, fresh)

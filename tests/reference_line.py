@@ -80,7 +80,7 @@ class ReferenceLine:
         if beta1 is None:  # more momentum without noise, where uphill steps restart it
             beta1 = 0.95 if self.deterministic else 0.9
         self.b1, self.b2, self.eps, self.multiplier = beta1, beta2, eps, multiplier
-        self.restart = False
+        self.restart = self.from_restart = False
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [FactoredSecondMoment(p) if factored and _factors(p) else torch.zeros_like(p) for p in self.params]
         self.t = 0
@@ -166,6 +166,7 @@ class ReferenceLine:
 
     def _accept(self, loss, numbers, sums, n):
         restart, self.restart = self.restart, False
+        self.from_restart = restart  # the coming step is along g: it shrinks, it never restarts again
         if self.failed >= 3 or restart:
             self.eta = self.accepted_eta
         target = self.target
@@ -219,7 +220,7 @@ class ReferenceLine:
         new = old / 2
         rise = loss - self.last_good
         if self.deterministic and numbers is not None and math.isfinite(loss) and old > 0:
-            if 2 * rise / old + numbers[0] >= 0:
+            if 2 * rise / old + numbers[0] >= 0 and not self.from_restart:
                 self.restart, self.eta = True, 0.0  # uphill from x_old: back there, the momentum restarts
                 for p, kw in zip(self.params, old_u):
                     if kw is not None:

@@ -200,6 +200,24 @@ def test_a_step_that_went_uphill_is_undone_and_restarts_the_momentum():
     assert not controller.state.restart and not controller.real_step([0.5], SUMS, [0.0]).restart
 
 
+def test_a_restarts_own_step_that_rises_shrinks_and_never_restarts_again():
+    """The restart's step is along ``m_hat = g``: downhill. Where it rises all the same (a kink, a 16-bit step
+    rounding) the slope estimate is wrong; restarting again would retake the same step from the same point with
+    the same length, for ever. It retraces by shrinking, as any step too long, until a step is accepted."""
+    controller = _noise_free_after_one_step()
+    length = controller.step_length
+    controller.real_step([1.5], LineSums(-1.5, 1.0, 1.0, 1.0), [0.0])  # uphill: back, restart pending
+    assert controller.real_step([1.0], LineSums(0.2, 3.0, 1.0, 1.0), [0.0]).restart  # the restart's step
+    uphill_again = LineSums(-1.5, 1.0, 1.0, 1.0)  # measured as uphill as the first one
+    for _ in range(2):
+        decision = controller.real_step([1.5], uphill_again, [0.0])
+        assert decision.action == "retrace" and 0.0 < decision.shift < length and not controller.state.restart
+    assert controller.state.restarts == 1
+    assert controller.real_step([0.9], SUMS, [0.0]).action == "accept"
+    decision = controller.real_step([1.5], uphill_again, [0.0])  # an ordinary step may restart again
+    assert controller.state.restart and controller.state.restarts == 2 and decision.shift == controller.step_length
+
+
 @pytest.mark.parametrize(
     "loss, next_dir, action",
     [

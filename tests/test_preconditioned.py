@@ -201,6 +201,31 @@ def test_a_detected_noise_free_regime_moves_as_if_its_momentum_had_been_there_fr
     assert not torch.allclose(unscaled[0].weight, told[0].weight, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("preconditioner, late", [("factored", False), ("adam", True), ("adam", False)])
+def test_a_retrace_at_the_step_that_detects_the_regime_follows_the_told_run(preconditioner, late):
+    """Started within ``lr`` of the optimum, the probe overshoots and the detecting step retraces along
+    ``u_old``. The eager path keeps ``u_old`` from ``m`` before the rescale (for factored parameters, and
+    wherever a parameter's first gradient came late): it must be rescaled with ``m``, or the retrace goes
+    twice as far."""
+    runs = []
+    for classes in (None, 0):
+        torch.manual_seed(0)
+        target, centre = torch.randn(6, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+        w = torch.nn.Parameter(target + 1e-7 * torch.randn(6, 5, dtype=torch.float64))
+        b = torch.nn.Parameter(centre + 1e-7 * torch.randn(4, dtype=torch.float64))
+        opt = ElraOptimizer([w, b], None, 8, classes, preconditioner=preconditioner)
+        for step in range(20):
+            b.requires_grad_(not late or step >= 1)
+            opt.zero_grad()
+            loss = ((w - target) ** 2).sum() + 3 * ((b - centre) ** 2).sum()
+            loss.backward()
+            opt.step(loss.item())
+            if step == 1:
+                assert opt.stats["retraces"] == 1
+        runs.append(torch.cat([w.detach().flatten(), b.detach()]))
+    assert torch.allclose(runs[0], runs[1], rtol=0, atol=1e-12)
+
+
 class _Bowl(torch.nn.Module):
     """f = |x - 1|^2 from x = -1: noise-free, and the momentum overshoots the optimum."""
 
@@ -210,6 +235,36 @@ class _Bowl(torch.nn.Module):
 
     def loss(self) -> torch.Tensor:
         return ((self.x - 1) ** 2).sum()
+
+
+def test_boost_records_each_accepted_point_once_across_restarts():
+    """A restart's accept is back at the last accepted point, already in the average."""
+    bowl = _Bowl()
+    opt = ElraOptimizer(bowl.parameters(), None, 8, 0, preconditioner="adam")
+    opt.enable_boost(cycle=1000)
+    for _ in range(150):
+        opt.zero_grad()
+        loss = bowl.loss()
+        loss.backward()
+        opt.step(loss.item())
+    stats = opt.stats
+    assert stats["restarts"] >= 1
+    assert stats["boost_count"] == stats["real_steps"] - stats["retraces"] - stats["restarts"]
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", "muon"])
+def test_a_kink_at_the_optimum_does_not_lock_the_restarts_into_a_cycle(preconditioner):
+    """``f = sum|x - 1|``: along a step across the kink the slope estimate ``2*rise/eta + N`` says uphill even
+    for the restart's own step along the gradient. Restarting again from the same point with the same length
+    cycled there for ever (adam: between f 0.001 and 0.64, ending at 0.64; muon stuck at 0.1)."""
+    x = torch.nn.Parameter(-torch.ones(4, 3, dtype=torch.float64))
+    opt = ElraOptimizer([x], None, 8, 0, preconditioner=preconditioner)
+    for _ in range(600):
+        opt.zero_grad()
+        loss = (x - 1).abs().sum()
+        loss.backward()
+        opt.step(loss.item())
+    assert (x - 1).abs().sum().item() < 1e-6 and opt.stats["restarts"] >= 1
 
 
 @pytest.mark.parametrize("at_restart", [True, False])
@@ -313,6 +368,22 @@ def test_a_parameter_whose_first_gradient_comes_late_starts_as_adam_does(precond
     assert t > 50 and late.grad.abs().min() > 0 and opt.state[late]["exp_avg"].any()
     u = geometry.scale(t) * geometry.direction([opt.state[late]["exp_avg"]], [opt.state[late]["exp_avg_sq"]], t)[0]
     assert torch.allclose(u.abs(), torch.ones(3, dtype=torch.float64), atol=1e-6)
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", "factored", "muon"])
+def test_a_matrix_unfrozen_mid_run_starts_its_moments(preconditioner):
+    """Every parameter starting at once may be a factored matrix: the full second moments are none then."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    net[0].weight.requires_grad_(False)
+    opt = ElraOptimizer(net.parameters(), None, 8, preconditioner=preconditioner)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    for step in range(6):
+        net[0].weight.requires_grad_(step >= 2)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step(torch.nn.functional.mse_loss(net(x), y).item())
+    assert opt.stats["real_steps"] == 6 and opt.state[net[0].weight]["exp_avg"].any()
 
 
 @pytest.mark.parametrize("preconditioner", ["adam", "muon"])
