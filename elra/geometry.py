@@ -184,6 +184,10 @@ class AdamDirection:
             torch._foreach_mul_(tensors.old_dirs, factor)
 
     def restart(self, tensors: GroupTensors, t: int, grad_scale: float) -> None:
+        """The momentum restarts from the gradient: see :meth:`start_first_moment`."""
+        self.start_first_moment(tensors, t, grad_scale)
+
+    def start_first_moment(self, tensors: GroupTensors, t: int, grad_scale: float) -> None:
         """``m`` such that after the coming update (the ``t+1``-th) ``m_hat`` is the gradient ``grad_scale * g``."""
         if not tensors.ms:
             return
@@ -203,7 +207,7 @@ class AdamDirection:
         part = GroupTensors(
             ms=[tensors.ms[i] for i in picked], vs=[tensors.vs[i] for i in picked], grads=[tensors.grads[i] for i in picked]
         )
-        AdamDirection.restart(self, part, t, grad_scale)  # on these tensors (muon's restart splits a group)
+        self.start_first_moment(part, t, grad_scale)
         self.start_second_moment(part, t, grad_scale)
 
     def start_second_moment(self, tensors: GroupTensors, t: int, grad_scale: float) -> None:

@@ -819,7 +819,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             for j, tensors in enumerate(groups):
                 owners = geometry.owners(tensors)
                 self._moved.update(owners)
-                fresh = self._waiting.intersection(owners)
+                fresh = self._waiting.intersection(owners) if self._waiting else None
                 if fresh:
                     geometry.start(tensors, t, grad_scale, fresh)
                     self._waiting -= fresh
