@@ -50,6 +50,7 @@ class Scenario:
     nan_plan: tuple = ()  # (micro-step, rank) pairs: that rank reports a nan loss then
     inf_plan: tuple = ()  # (micro-step, rank) pairs: that rank's first gradient shard gets an inf then
     full_batch: bool = False  # the same global batch at every step: a noise-free loss
+    late_from: int | None = None  # micro-step from which the net's ``late`` layer joins the forward
 
 
 def _planned(plan: tuple, step: int, rank: int, sharded_world: int) -> bool:
@@ -63,14 +64,24 @@ class Net(torch.nn.Module):
         self.hidden = torch.nn.Linear(FEATURES, HIDDEN)
         self.out = torch.nn.Linear(HIDDEN, CLASSES)
         self.dead = torch.nn.Parameter(torch.ones(3))  # never used: no gradient on any rank
+        self.late: torch.nn.Linear | None = None
+        self.awake = False  # whether ``late`` takes part in the forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.hidden(x)))
+        hidden = torch.tanh(self.hidden(x))
+        out = self.out(hidden)
+        return out + self.late(hidden) if self.awake else out
 
 
-def make_net() -> Net:
+def make_net(late: bool = False) -> Net:
+    """The scenarios' net; ``late``: with a zero layer that joins later (its first gradients come mid-run)."""
     torch.manual_seed(0)
-    return Net().double()
+    net = Net()
+    if late:
+        net.late = torch.nn.Linear(HIDDEN, CLASSES)
+        torch.nn.init.zeros_(net.late.weight)
+        torch.nn.init.zeros_(net.late.bias)
+    return net.double()
 
 
 def global_batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +111,8 @@ def train(
         optimizer.enable_boost(scenario.boost_cycle)
     for step in range(start, scenario.steps):
         x, y = global_batch(0 if scenario.full_batch else step, world)
+        if scenario.late_from is not None:
+            getattr(model, "module", model).awake = step >= scenario.late_from  # DDP wraps the net, FSDP2 is it
         if sharded_world > 1:
             x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
         optimizer.zero_grad()
@@ -247,7 +260,7 @@ def probe_outputs(model, optimizer: ElraOptimizer, boost: bool) -> dict[str, tor
 
 def single_process(scenario: Scenario, world: int) -> dict:
     """The same computation in one process on the whole global batch."""
-    model = make_net()
+    model = make_net(scenario.late_from is not None)
     optimizer = make_optimizer(model, scenario, single=True)
     counts = train(scenario, model, optimizer, 0, world, 1)
     result = {"params": {k: v.detach().clone() for k, v in model.named_parameters()}, "stats": optimizer.stats}
@@ -265,7 +278,7 @@ def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[S
     def body() -> None:
         results = {}
         for scenario in scenarios:
-            model = wrap(make_net(), scenario.strategy, world)
+            model = wrap(make_net(scenario.late_from is not None), scenario.strategy, world)
             reductions = [] if scenario.count_reductions else None
             if reductions is not None and scenario.strategy == "ddp":
                 count_ddp_buckets(model)
@@ -329,7 +342,7 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tu
     import torch.distributed.checkpoint as dcp
 
     def resumed_twin(load) -> dict:
-        single_model = make_net()
+        single_model = make_net(scenario.late_from is not None)
         single_opt = make_optimizer(single_model, scenario, single=True)
         load(single_model, single_opt)
         train(scenario, single_model, single_opt, 0, world, 1, start=save_at)
@@ -346,7 +359,7 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tu
             checkpoint = Path(out) / scenario.name
             results = {}
             if phase == "save":
-                model = wrap(make_net(), scenario.strategy, world)
+                model = wrap(make_net(scenario.late_from is not None), scenario.strategy, world)
                 optimizer = make_optimizer(model, scenario)
                 train(replace(scenario, steps=save_at), model, optimizer, rank, world, world)
                 results["micro_batches"] = optimizer.micro_batches
@@ -368,7 +381,7 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tu
                 train(scenario, model, optimizer, rank, world, world, start=save_at)
                 results["reloaded"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
                 results["reloaded"]["outputs"] = probe_outputs(model, optimizer, False)
-            model = wrap(make_net(), scenario.strategy, world)
+            model = wrap(make_net(scenario.late_from is not None), scenario.strategy, world)
             optimizer = make_optimizer(model, scenario)
             _reload(model, optimizer, checkpoint)
             results["loaded_micro_batches"] = optimizer.micro_batches

@@ -100,6 +100,14 @@ NOISE_FREE = [
     Scenario("ddp-factored-full-batch", steps=100, options={**FACTORED, "classes": None}, full_batch=True),
 ]
 TWO_RANKS += NOISE_FREE
+# a layer joins the forward mid-run: its moments start from its first (reduced) gradient; ``nan_loss_at`` retraces
+# the step that would have started it, ``bad_loss_at`` skips that backward
+LATE = [
+    Scenario("ddp-late-adam", options={**ADAM, "weight_decay": 1e-3}, late_from=15, nan_loss_at=15),
+    Scenario("fsdp2-late-factored", "fsdp2", batch_multiplier=2, options=FACTORED, late_from=15, nan_loss_at=21),
+    Scenario("fsdp2-root-late-muon", "fsdp2-root", options=MUON, late_from=15, bad_loss_at=15),
+]
+TWO_RANKS += LATE
 WRAPPINGS = ("ddp", "fsdp2", "fsdp2-root", "fsdp1", "fsdp1-orig")
 # A skipped backward (step_retrace) and boosted() evaluations change the shards outside backward -> step
 IN_PLACE = [Scenario(f"{w}-retrace-and-boost", w, bad_loss_at=17, boost_cycle=100) for w in WRAPPINGS]
@@ -131,6 +139,7 @@ THREE_RANKS = [
     Scenario("fsdp1-adam", "fsdp1", options=FSDP1_ADAM, nan_loss_at=4),
     Scenario("fsdp2-muon", "fsdp2", batch_multiplier=2, options=MUON, nan_loss_at=7),
     Scenario("fsdp2-factored", "fsdp2", batch_multiplier=2, options=FACTORED, nan_loss_at=9),  # rows 3+2+2, 1+1+1
+    Scenario("fsdp2-late-factored", "fsdp2", options=FACTORED, late_from=12, nan_loss_at=20),
 ]
 FOUR_RANKS = [
     Scenario("hsdp-2x2", "hsdp", batch_multiplier=2, options={"momentum": 0.5}, nan_loss_at=5),
@@ -146,6 +155,8 @@ CHECKPOINTED = [
     (Scenario("fsdp2-dcp-muon", "fsdp2", steps=40, options={**MUON, "weight_decay": 1e-3}, nan_loss_at=30), 21),
     # the row factor is a DTensor sharded like the rows (resharded on 3 ranks), the column factor a plain tensor
     (Scenario("fsdp2-dcp-factored", "fsdp2", steps=40, options={**FACTORED, "weight_decay": 1e-3}, nan_loss_at=30), 21),
+    # saved while the late layer waits for its first gradient (the ``late`` flag, resharded on 3 ranks)
+    (Scenario("fsdp2-dcp-late-factored", "fsdp2", steps=40, options=FACTORED, late_from=25, nan_loss_at=30), 21),
     # saved with one micro-batch of three collected, under grad_sync: each rank held its own sums
     (Scenario("fsdp2-dcp-mid-collection", "fsdp2", steps=40, batch_multiplier=3, nan_loss_at=30), 22),
     (Scenario("fsdp2-root-dcp-mid-collection", "fsdp2-root", steps=40, batch_multiplier=3, use_grad_sync=False, nan_loss_at=31), 22),
@@ -209,6 +220,14 @@ def test_two_ranks_follow_the_single_process_trajectory(two, name):
 def test_noise_free_momentum_and_its_restarts_follow_the_single_process_trajectory(two, name):
     stats = _assert_matches_single_process(two, name)
     assert stats["regime"] == "deterministic" and stats["restarts"] >= 1
+
+
+@pytest.mark.parametrize("ranks, name", [(2, s.name) for s in LATE] + [(3, "fsdp2-late-factored")])
+def test_a_layer_joining_mid_run_starts_its_moments_like_one_process(request, ranks, name):
+    results = request.getfixturevalue({2: "two", 3: "three"}[ranks])
+    _assert_matches_single_process(results, name)
+    params = results[0][name]["params"]
+    assert params["late.weight"].abs().min() > 0 and params["late.bias"].abs().min() > 0  # it trained
 
 
 @pytest.mark.parametrize("name", ["ddp-adam-compiled", "fsdp2-adam-compiled"])
