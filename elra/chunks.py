@@ -59,6 +59,14 @@ def runs(lists: Sequence[Sequence], budget: int | None = None, split: bool = Fal
         yield current
 
 
+def run_scratch(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """A flat buffer of ``CHUNK`` elements in the dtype of ``tensors[0]``, reused run after run for a
+    temporary (see :func:`runs`); ``None`` off the CPU, where the caching allocator hands freed blocks back."""
+    if not tensors or tensors[0].device.type != "cpu":
+        return None
+    return torch.empty(CHUNK, dtype=tensors[0].dtype)
+
+
 def partitioned(columns: list[list], chosen: list[bool]) -> tuple[list[list], list[list]]:
     """Aligned lists cut into the entries ``chosen`` marks and the rest (the lists themselves when all are chosen)."""
     if all(chosen):

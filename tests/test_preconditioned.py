@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import elra.chunks
 from elra import ElraOptimizer
 from elra.chunks import stacks
 from reference_line import ReferenceLine
@@ -84,6 +85,14 @@ def test_stochastic_steps_match_the_plain_reference(preconditioner, multiplier, 
         assert torch.allclose(p, q, rtol=0, atol=1e-10)
     assert torch.equal(net.dead, torch.ones(2, dtype=torch.float64))
     assert opt.stats["lr"] > 3 * 1e-4  # the step length responded to the problem
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_adams_passes_in_runs_of_a_few_elements_match_the_plain_reference(monkeypatch, chunk):
+    """Tensors cut into pieces of ``chunk`` elements, a few per run: one scratch buffer serves run after run
+    (the sums, a retrace going back along the old direction), as fresh tensors would."""
+    monkeypatch.setattr(elra.chunks, "CHUNK", chunk)
+    test_stochastic_steps_match_the_plain_reference("adam", 2, 1e-2, -0.3)
 
 
 @pytest.mark.parametrize("preconditioner", ["adam", "muon"])
