@@ -3,8 +3,10 @@
 The torch layout, plus ELRA's own numbers: the controller's state, the boost
 counters and the hyperparameters in ``param_groups[0]``; per parameter,
 beside the direction state, the gradient sums collected toward the next real
-step (``pending_grad``) and whether the last accepted step moved it
-(``moved``). A load validates everything before it changes anything.
+step (``pending_grad``, and ``collected`` where it holds sums) and whether
+the last accepted step moved it (``moved``) or its moments still wait for a
+first gradient (``late``). A load validates everything before it changes
+anything.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ CONFIG_KEY = "elra_config"
 _PENDING_GRAD = "pending_grad"
 _MOVED = "moved"  # 1.0 where the last accepted step moved the parameter: a retrace and the next sums need it
 _LATE = "late"  # 1.0 where a parameter's moments wait for their first gradient after the first update
-_FLAGS = (_MOVED, _LATE)  # 0-d per-parameter state
+_COLLECTED = "collected"  # 1.0 where ``pending_grad`` holds collected sums (all NaN ones too: an overflow's)
+_FLAGS = (_MOVED, _LATE, _COLLECTED)  # 0-d per-parameter state
 
 
 class Checkpointing:
@@ -64,11 +67,13 @@ class Checkpointing:
         for group in self.param_groups:
             for p in group["params"]:
                 pending = p.grad if self._pending else None
-                if pending is None:  # NaN: no gradient collected (it survives any resharding, unlike a flag)
+                collected = torch.tensor(float(pending is not None))
+                if pending is None:  # NaN: no gradient collected, as elra before the flag read it
                     pending = torch.full_like(p, math.nan if self._pending else 0.0, memory_format=torch.preserve_format)
                 moved = torch.tensor(float(p in self._moved))
                 late = torch.tensor(float(started and p in self._waiting))
-                sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending, _MOVED: moved, _LATE: late}
+                flags = {_MOVED: moved, _LATE: late, _COLLECTED: collected}
+                sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending, **flags}
                 index += 1
         return sd
 
@@ -139,14 +144,14 @@ class Checkpointing:
         self.geometry = geometry
         self.booster = booster
         self._fill_empty_state()
-        self._pending = pending
+        was_collecting, self._pending = bool(self._pending), pending
         self._moved = {p for g in self.param_groups for p in g["params"] if self._loaded_as_moved(p)}
         self._waiting = {p for g in self.param_groups for p in g["params"] if self._loaded_as_waiting(p)}
         self._agreed = False
         for model in self.unsynced_models:  # loaded mid-run: what the wrappers collected belongs to the old run
             drop_unsynced_grads(model)
         self.unsynced_models.clear()
-        self._restore_pending_grads(bool(pending))
+        self._restore_pending_grads(bool(pending), was_collecting)
 
     def _saved_config(self, saved: Any) -> dict[str, Any]:
         """The checkpoint's hyperparameters, validated; this optimizer's for checkpoints without them."""
@@ -273,15 +278,20 @@ class Checkpointing:
         """Moment updates so far (P2M keeps no moments: 0)."""
         return getattr(self.controller.state, "moment_steps", 0)
 
-    def _restore_pending_grads(self, collecting: bool) -> None:
-        """Put the saved partial sums into ``.grad`` (all NaN, or an empty shard: no gradient); clear the others."""
+    def _restore_pending_grads(self, collecting: bool, was_collecting: bool) -> None:
+        """Put the saved partial sums into ``.grad``; clear the others where the loaded or the live run was
+        collecting: sums of the run before the load (``zero_grad`` keeps them while collecting) must not
+        join the loaded run's next real step."""
         for group in self.param_groups:
             for p in group["params"]:
-                grad = self.state.get(p, {}).pop(_PENDING_GRAD, None)
-                if collecting and grad is not None and not bool(local(grad).isnan().all()):
+                state = self.state.get(p, {})
+                grad, flag = state.pop(_PENDING_GRAD, None), state.pop(_COLLECTED, None)
+                if flag is None:  # saved before the flag: all NaN (or an empty shard) said "no gradient"
+                    flag = grad is not None and not bool(local(grad).isnan().all())
+                if collecting and grad is not None and bool(flag):
                     p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
-                elif collecting:
-                    p.grad = None  # a gradient of the run before the load must not join these sums
+                elif collecting or was_collecting:
+                    p.grad = None
         self._kept_grads = {}
         if collecting:
             self._keep_grads()

@@ -498,9 +498,14 @@ class ElraOptimizer(Checkpointing, Optimizer):
         torch's optimizers keep only ``defaults``, ``state`` and ``param_groups``;
         ELRA also needs its controller, collected micro-batches and boost
         counters. Hooks are not copied (as in torch), nor the models that
-        ``grad_sync`` saw (they belong to the original's training loop).
+        ``grad_sync`` saw (they belong to the original's training loop), nor
+        methods patched onto this object (an LR scheduler wraps ``step`` with
+        a reference to this optimizer: a copy would step the original).
         """
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        patched = {k for k, v in self.__dict__.items() if callable(v) and callable(getattr(type(self), k, None))}
+        state = {
+            k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") and k not in patched | {"_opt_called"}
+        }
         state["unsynced_models"] = set()
         state["_agreed"] = False
         return state

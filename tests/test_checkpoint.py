@@ -1,6 +1,7 @@
 """state_dict / load_state_dict: standard layout, exact resume in a fresh process."""
 
 import copy
+import io
 import logging
 import math
 import pickle
@@ -68,12 +69,12 @@ def test_state_dict_uses_the_torch_layout(preconditioner, weight_keys, bias_keys
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
     assert set(sd["state"]) == {0, 1}
-    extra = {"pending_grad", "moved", "late"}
+    extra = {"pending_grad", "collected", "moved", "late"}
     assert set(sd["state"][0]) == {*weight_keys, *extra} and set(sd["state"][1]) == {*bias_keys, *extra}
     assert all(not s["pending_grad"].any() for s in sd["state"].values())  # nothing pending: zeros
     assert all(s["moved"].item() == 1.0 for s in sd["state"].values())  # the step moved both
     assert all(s["late"].item() == 0.0 for s in sd["state"].values())  # both took their first gradient
-    assert all(t.shape == model.weight.shape for k, t in sd["state"][0].items() if k not in ("moved", "late"))
+    assert all(t.shape == model.weight.shape for k, t in sd["state"][0].items() if k not in ("moved", "late", "collected"))
     controller = sd["param_groups"][0]["elra_controller"]
     assert all(isinstance(v, (int, float, bool, list, type(None))) for v in controller.values())
     assert "elra_controller" not in opt.param_groups[0]
@@ -153,6 +154,67 @@ def _run(model, opt, start, stop, boost_loss=False):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def _collect(model, opt, start, stop, nan_grad_at=None):
+    """Micro-steps start..stop-1 with ``zero_grad`` after ``step`` (a no-op while collecting); at ``nan_grad_at``
+    the first layer's gradient is all NaN (an overflow) under a finite loss."""
+    x, y = digits_data(torch.float32)
+    for step in range(start, stop):
+        idx = torch.randint(0, len(x), (8,), generator=torch.Generator().manual_seed(step))
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        if step == nan_grad_at:
+            next(model.parameters()).grad.fill_(math.nan)
+        opt.step(loss)
+        opt.zero_grad()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _saved(model, opt) -> tuple[dict, dict]:
+    buffer = io.BytesIO()
+    torch.save((model.state_dict(), opt.state_dict()), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _resumed(saved: tuple[dict, dict], **kwargs):
+    model = digits_model(torch.float32)
+    model.load_state_dict(saved[0])
+    opt = _digits_optimizer(model, **kwargs)
+    opt.load_state_dict(saved[1])
+    return model, opt
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam"])
+def test_rolling_back_while_collecting_drops_the_live_runs_sums(preconditioner):
+    """A checkpoint of a real-step boundary, loaded while the live run collects: the sums in ``.grad`` belong to
+    the abandoned micro-batches and must not join the next real step (the loaded run goes as a fresh resume)."""
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model, preconditioner=preconditioner)
+    _collect(model, opt, 0, 30)
+    assert not opt.micro_batches
+    saved = _saved(model, opt)
+    _collect(model, opt, 30, 32)
+    assert opt.micro_batches == 2
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    fresh, fresh_opt = _resumed(saved, preconditioner=preconditioner)
+    assert _same(_collect(model, opt, 30, 90), _collect(fresh, fresh_opt, 30, 90)) and opt.stats == fresh_opt.stats
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam"])
+def test_an_all_nan_gradient_collected_before_a_checkpoint_is_still_there_after_it(preconditioner):
+    """All NaN also meant "no gradient collected" in ``pending_grad``: the flag ``collected`` tells them apart."""
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model, preconditioner=preconditioner)
+    _collect(model, opt, 0, 31, nan_grad_at=30)
+    assert opt.micro_batches == 1
+    saved = _saved(model, opt)
+    fresh, fresh_opt = _resumed(saved, preconditioner=preconditioner)
+    retraces = opt.stats["retraces"]
+    assert _same(_collect(model, opt, 31, 60), _collect(fresh, fresh_opt, 31, 60)) and opt.stats == fresh_opt.stats
+    assert opt.stats["retraces"] > retraces
+
+
 def _digits_optimizer(model, **kwargs):
     kwargs = {"lr": 1e-5, "weight_decay": 1e-3, "momentum": 0.5, "batch_multiplier": 3, **kwargs}
     return ElraOptimizer(model.parameters(), None, 8, 10, **kwargs)
@@ -189,6 +251,21 @@ def test_copies_mid_collection_continue_the_same_trajectory(tmp_path, how):
     assert _same(end, end2)
     assert opt.stats == opt2.stats and opt.stats["retraces"] > 0 and opt.stats["batch_multiplier"] >= 3
     assert _same(_boosted(model, opt), _boosted(model2, opt2))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_made_with_an_lr_scheduler_attached_steps_itself_not_the_original(how):
+    """A scheduler wraps ``step`` on the instance with a reference to the original: the copy must not keep it."""
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
+    _run(model, opt, 0, 30)
+    model2, opt2 = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    original, stats = torch.cat([p.detach().flatten() for p in model.parameters()]), opt.stats
+    copied = _run(model2, opt2, 30, 60)
+    assert _same(torch.cat([p.detach().flatten() for p in model.parameters()]), original) and opt.stats == stats
+    assert opt2.stats["real_steps"] > stats["real_steps"]
+    assert _same(copied, _run(model, opt, 30, 60)) and opt.stats == opt2.stats  # the original, later, goes alike
 
 
 def test_a_copy_shares_an_explicit_process_group_and_refuses_pickling(tmp_path):
