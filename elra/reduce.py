@@ -123,7 +123,7 @@ class Products:
                 if len({column[0].dtype for column in columns}) > 1:  # one stack per column, one dtype each
                     self._add_rows(_common([stacked(column).reshape(-1) for column in columns]), weight)
                     continue
-                rows = torch.stack([t for column in columns for t in column]).view(len(used), -1)
+                rows = torch.stack([t for column in columns for t in column]).reshape(len(used), -1)  # channels_last: a copy
                 rows = rows.float() if rows.dtype in _LOW_PRECISION else rows
                 if limit.gram:
                     self.grams.setdefault(weight, []).append(rows @ rows.T)

@@ -1,5 +1,7 @@
 """Accepted steps in torch's fused AdamW and SGD kernels (elra.fused) against the foreach chains."""
 
+import math
+
 import pytest
 import torch
 
@@ -63,6 +65,24 @@ def test_layouts_the_kernel_would_misread_take_the_foreach_chain():
     _train([transposed], _grads([shape]), 30)
     _train([contiguous], _grads([shape]), 30)
     assert torch.allclose(transposed, contiguous, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
+def test_channels_last_parameters_train_as_contiguous_ones(preconditioner):
+    """``model.to(memory_format=torch.channels_last)``, the convolution recipe: the stacked sums of small
+    tensors once viewed such a stack flat and failed at the first step."""
+    shapes = [(4, 3, 3, 3), (4,), (2, 4, 1, 1)]
+    start = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(shapes)]
+    last = lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t  # noqa: E731
+    plain, channels_last = [x.clone().requires_grad_() for x in start], [last(x.clone()).requires_grad_() for x in start]
+    assert not channels_last[0].is_contiguous()
+    grads = _grads(shapes)
+    opt = _train(plain, grads, 40, 2, preconditioner)
+    twin = _train(channels_last, lambda step: [last(g) for g in grads(step)], 40, 2, preconditioner)
+    assert opt.stats["real_steps"] == twin.stats["real_steps"] == 20 and opt.stats["retraces"] == twin.stats["retraces"]
+    assert math.isclose(opt.stats["lr"], twin.stats["lr"], rel_tol=1e-6)  # the sums add in another order
+    for p, q, x in zip(plain, channels_last, start):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6) and not torch.equal(p, x)
 
 
 def test_the_quick_check_of_whole_lists_agrees_with_the_per_parameter_rule():
