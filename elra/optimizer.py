@@ -29,7 +29,7 @@ from .chunks import runs
 from .config import check_int, checked_config, decay_rate, make_controller, normalized_momentum
 from .control import Decision, RangeBounds, StepSums
 from .fused import sgd_accept, split_fusable
-from .geometry import PRESENT, SLOTS, direction_state, make_direction
+from .geometry import PRESENT, SLOTS, direction_state, make_direction, moment_dtype
 from .line_control import LINE_TARGET
 from .reduce import AUTO, Reducer, ScalarBatch, local, products
 from .sync import drop_unsynced_grads, fsdp_wrapping, reshard
@@ -259,6 +259,23 @@ class ElraOptimizer(Checkpointing, Optimizer):
             if self.booster.enabled:
                 self.state[p]["boost"] = p.detach().clone()
 
+    def _follow_parameter_casts(self) -> None:
+        """Before the first real step: the state made at construction follows a ``model.to(dtype or device)``
+        since (torch's optimizers make their state at the first step, so that order works with them). It holds
+        zeros and the boost's copy of the parameters: the conversion changes no value."""
+        moment = moment_dtype if self.geometry is not None else (lambda p: p.dtype)
+        devices = set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                devices.add(p.device)
+                for key, value in self.state[p].items():
+                    dtype = p.dtype if key == "boost" else moment(p)
+                    if local(value) is value and (value.dtype != dtype or value.device != p.device):
+                        self.state[p][key] = value.to(dtype=dtype, device=p.device)
+        if len(devices) > 1:
+            raise ValueError(f"all parameters must be on one device: found {sorted(map(str, devices))}; use one optimizer per device")
+        self._device = devices.pop() if devices else self._device
+
     def _check_group_options(self, group: dict[str, Any]) -> None:
         """Refuse per-group options ELRA cannot honour: it has one step length and one momentum, and no
         per-group form of other optimizers' options (a group copied from AdamW or SGD would lose them silently)."""
@@ -294,9 +311,10 @@ class ElraOptimizer(Checkpointing, Optimizer):
 
     @property
     def stats(self) -> dict[str, float | int | str]:
-        """Numbers for logs and dashboards; ``regime`` is ``"auto"`` until detected."""
+        """Numbers for logs and dashboards; ``regime`` is ``"auto"`` until detected; ``weight_decay``: the first
+        group's in force (as edited in ``param_groups``, times the validation lag)."""
         s = self.controller.state
-        decays = self.controller.weight_decays(self._decay_rates([self.defaults]))
+        decays = self.controller.weight_decays(self._decay_rates(self.param_groups[:1]))
         return {
             "real_steps": s.steps,
             "retraces": s.retraces,
@@ -363,6 +381,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         step is dropped without touching the controller).
         """
         self._check_kept_grads()
+        if not self.controller.state.steps:
+            self._follow_parameter_casts()
         losses = [*self._pending, value]
         if len(losses) < self.controller.state.multiplier:
             self._pending = losses

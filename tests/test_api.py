@@ -49,6 +49,20 @@ def test_seed_constructor_forms():
     assert opt.stats["weight_decay"] == pytest.approx(1e-5)
 
 
+@pytest.mark.parametrize("preconditioner", [None, "adam"])
+def test_stats_show_the_weight_decay_a_group_edit_puts_in_force(preconditioner):
+    p = _param(1.0, 2.0)
+    opt = ElraOptimizer([p], None, 8, 3, weight_decay=1e-2, preconditioner=preconditioner)
+    for step in range(4):
+        if step == 2:
+            opt.param_groups[0]["weight_decay"] = 0.05
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        opt.step(loss)
+    assert opt.stats["weight_decay"] == pytest.approx(0.05)
+
+
 def test_step_without_loss_raises_type_error_asking_for_it():
     p = _param(1.0, 2.0)
     opt = ElraOptimizer([p])

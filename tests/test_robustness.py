@@ -137,6 +137,32 @@ def test_mixed_dtypes_train_together():
     assert a.dtype == torch.float32 and b.dtype == torch.float64 and c.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
+def test_a_model_cast_after_the_optimizer_was_built_trains_as_one_cast_before(preconditioner):
+    """torch's optimizers make their state at the first step, so ``model.double()`` after building one works;
+    ELRA's state, made at construction, follows such a cast until the first real step."""
+    def trained(cast_first: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+        model = model.double() if cast_first else model
+        opt = ElraOptimizer(model.parameters(), None, 8, 2, batch_multiplier=2, preconditioner=preconditioner)
+        opt.enable_boost(20)
+        model = model.double()
+        x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        for _ in range(30):
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step(loss)
+        assert all(v.dtype == torch.float64 for state in opt.state.values() for v in state.values())
+        with opt.boosted():
+            boosted = [p.detach().clone() for p in model.parameters()]
+        return [p.detach() for p in model.parameters()] + boosted, opt.stats
+
+    (cast_later, stats), (cast_first, first_stats) = trained(False), trained(True)
+    assert stats == first_stats and all(torch.equal(a, b) for a, b in zip(cast_later, cast_first))
+
+
 def test_parameters_on_two_devices_are_rejected_at_construction():
     with pytest.raises(ValueError, match="one device"):
         ElraOptimizer([torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1, device="meta"))])
