@@ -49,6 +49,7 @@ class Checkpointing:
         :func:`elra.grad_sync`) must be synchronised first: see
         :meth:`sync_pending_grads`.
         """
+        self._refuse_inside_boosted("state_dict()")
         if self._pending and self.unsynced_models:
             raise RuntimeError(
                 f"state_dict() in the middle of collecting micro-batches ({len(self._pending)} of "
@@ -109,6 +110,7 @@ class Checkpointing:
         job, not the run, and stay as constructed. A state_dict that does not
         fit raises ``ValueError`` before anything changes.
         """
+        self._refuse_inside_boosted("load_state_dict()")
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if not groups or not isinstance(groups[0], dict) or STATE_KEY not in groups[0]:
             raise ValueError("not an ElraOptimizer state_dict (no controller state in param_groups[0])")

@@ -160,6 +160,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
     Under data parallelism each rank passes its own local loss.
     """
 
+    _boost_swapped = False  # inside boosted(): the parameters hold the boost mean, the state the current point
+
     def __init__(
         self,
         params,
@@ -239,6 +241,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         tensors = [p[1] for p in named] if len(named) == len(params) else params
         decay_rate(param_group.get("weight_decay", self.defaults["weight_decay"]))
         self._check_group_options(param_group)
+        if len({id(p) for p in tensors}) != len(tensors):  # torch only warns
+            raise ValueError("a parameter appears twice in a parameter group: ELRA would count it twice in every sum")
         device = self._device
         for p in tensors:
             if not isinstance(p, torch.Tensor):
@@ -380,6 +384,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         or ``overflow`` (non-finite gradients with ``skip_overflow``: the real
         step is dropped without touching the controller).
         """
+        self._refuse_inside_boosted("a step")
         self._check_kept_grads()
         if not self.controller.state.steps:
             self._follow_parameter_casts()
@@ -397,6 +402,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         """Revert the last step without a gradient (the caller skipped ``backward``)."""
         if loss is None:
             raise TypeError("step_retrace needs the loss value that made you skip backward()")
+        self._refuse_inside_boosted("step_retrace")
         self._check_models_known("step_retrace")
         self._real_step([*self._pending, _loss_value(loss)], with_gradient=False)
         reshard(self.models)  # the skipped backward left gathered weights behind
@@ -468,11 +474,21 @@ class ElraOptimizer(Checkpointing, Optimizer):
             self._check_models_known("boosted()")
         Booster.swap(params, means)
         reshard(self.models if count else ())
+        self._boost_swapped = bool(count)
         try:
             yield count
         finally:
+            self._boost_swapped = False
             Booster.swap(params, means)
             reshard(self.models if count else ())
+
+    def _refuse_inside_boosted(self, what: str) -> None:
+        if self._boost_swapped:
+            raise RuntimeError(
+                f"{what} inside optimizer.boosted(): the parameters hold the boost mean until the block ends, "
+                "and the optimizer's state belongs to the current point. Evaluate (or save the model's boosted "
+                "weights) inside it; train, copy and save the optimizer after it"
+            )
 
     def get_boost_model(
         self, enable: bool, model: torch.nn.Module | None = None, device: torch.device | str | None = None
@@ -522,6 +538,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         methods patched onto this object (an LR scheduler wraps ``step`` with
         a reference to this optimizer: a copy would step the original).
         """
+        self._refuse_inside_boosted("a copy of the optimizer")
         patched = {k for k, v in self.__dict__.items() if callable(v) and callable(getattr(type(self), k, None))}
         state = {
             k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") and k not in patched | {"_opt_called"}

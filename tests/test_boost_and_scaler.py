@@ -1,5 +1,6 @@
 """Boost (parameter averaging) and ElraGradScaler in one process."""
 
+import copy
 import math
 
 import pytest
@@ -84,6 +85,28 @@ def test_boost_state_is_checkpointed():
     other.load_state_dict(opt.state_dict())
     assert other.booster.state_dict() == opt.booster.state_dict()
     assert torch.equal(other.state[model.weight]["boost"], opt.state[model.weight]["boost"])
+
+
+def test_what_would_mix_the_boost_mean_with_the_run_is_refused_inside_boosted():
+    """Inside ``boosted()`` the parameters hold the mean: a step, a checkpoint or a copy there would mix it with
+    the run (a model saved there holds the mean, the optimizer the current point). Evaluating is what it is for."""
+    model = torch.nn.Linear(3, 2)
+    opt = ElraOptimizer(model.parameters(), model)
+    opt.enable_boost(cycle=10)
+    for _ in range(4):
+        opt.zero_grad()
+        loss = model(torch.ones(1, 3)).pow(2).sum()
+        loss.backward()
+        opt.step(loss)
+    saved, before = opt.state_dict(), [p.detach().clone() for p in model.parameters()]
+    with opt.boosted() as count:
+        assert count >= 2 and not torch.equal(model.weight, before[0])
+        for refused in (lambda: opt.step(loss), lambda: opt.step_retrace(1.0), opt.state_dict,
+                        lambda: opt.load_state_dict(saved), lambda: copy.deepcopy(opt)):
+            with pytest.raises(RuntimeError, match="inside optimizer.boosted"):
+                refused()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before)) and opt.state_dict()["state"]
+    copy.deepcopy(opt)
 
 
 def _half_training(dtype, steps, scaler, inject_inf_at=(), preconditioner="muon"):

@@ -173,6 +173,16 @@ def test_integer_parameters_are_rejected():
         ElraOptimizer([torch.ones(2, dtype=torch.int64)])
 
 
+def test_a_parameter_given_twice_is_rejected():
+    """torch only warns; ELRA's sums would count it twice (in a second group torch raises too)."""
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="twice"):
+        ElraOptimizer([p, p])
+    opt = ElraOptimizer([p])
+    with pytest.raises(ValueError, match="twice"):
+        opt.add_param_group({"params": [q := torch.nn.Parameter(torch.ones(3)), q]})
+
+
 def _flat_quadratic(dtype, curvature, steps, inject=None):
     """A quadratic so flat that ELRA's step length grows far beyond float16's range (65504)."""
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=dtype))
