@@ -113,7 +113,12 @@ class Checkpointing:
         self._refuse_inside_boosted("load_state_dict()")
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if not groups or not isinstance(groups[0], dict) or STATE_KEY not in groups[0]:
-            raise ValueError("not an ElraOptimizer state_dict (no controller state in param_groups[0])")
+            raise ValueError(
+                "not an ElraOptimizer state_dict (no controller state in param_groups[0]). From "
+                "torch.distributed.checkpoint with StateDictOptions(flatten_optimizer_state_dict=True) (torchtitan's "
+                "setting)? Its files hold ELRA's state, but torch rebuilds only the keys its own optimizers keep: "
+                "save and load with flatten_optimizer_state_dict=False"
+            )
         config = self._saved_config(groups[0].get(CONFIG_KEY))
         controller_state = dict(groups[0][STATE_KEY])
         pending = [float(v) for v in controller_state.pop("pending_losses", [])]

@@ -139,6 +139,22 @@ def test_dcp_resume_mid_collection_in_one_process_is_bit_identical(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
 
 
+def test_a_flattened_dcp_state_dict_is_refused_naming_the_option():
+    """torch rebuilds a flattened optimizer state from the keys the live optimizer has: ELRA's controller, its
+    flags and collected sums would be dropped (torchtitan flattens by default)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model)
+    _run(model, opt, 0, 7)
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model_sd, optim_sd = get_state_dict(model, opt, options=options)
+    assert any("elra_controller" in key for key in optim_sd)  # saved: it is the load that loses it
+    fresh = digits_model(torch.float32)
+    with pytest.raises(ValueError, match="flatten_optimizer_state_dict=False"):
+        set_state_dict(fresh, _digits_optimizer(fresh), model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+
+
 def _run(model, opt, start, stop, boost_loss=False):
     """Train micro-steps start..stop-1 on batches that depend only on the step index."""
     x, y = digits_data(torch.float32)

@@ -184,6 +184,18 @@ def test_trainer_refuses_what_would_fight_elra(tmp_path):
                     elra_options={"momentum": 0.9})
 
 
+@pytest.mark.parametrize(
+    "weight_decay, elra_options, expected", [(0.0, {}, None), (0.0, {"weight_decay": 0.0}, 0.0), (0.05, {}, 0.05)]
+)
+def test_the_weights_take_elras_automatic_decay_unless_a_decay_is_given(tmp_path, weight_decay, elra_options, expected):
+    """TrainingArguments' weight_decay defaults to 0, which would switch off the decay ELRA's defaults rely on."""
+    model = tiny_gpt2()
+    trainer = ElraTrainer(model=model, args=_args(tmp_path, weight_decay=weight_decay),
+                          train_dataset=CountingSequences(16, 0), elra_options=elra_options)
+    weights, rest = trainer.create_optimizer().param_groups
+    assert weights["weight_decay"] == expected and rest["weight_decay"] == 0.0
+
+
 @pytest.mark.parametrize("module, framework", [("transformers", "transformers"), ("accelerate", "accelerate")])
 def test_an_integration_without_its_framework_names_the_extra(monkeypatch, module, framework):
     monkeypatch.setitem(sys.modules, framework, None)  # as if not installed

@@ -153,8 +153,9 @@ class ElraTrainer(Trainer):
     """``transformers.Trainer`` training with ``ElraOptimizer``; same arguments.
 
     Without ``optimizers``, it builds ``ElraOptimizer`` from the
-    ``TrainingArguments``: weight decay ``args.weight_decay`` for the weights,
-    none for biases and norms (Trainer's ``get_decay_parameter_names``), first
+    ``TrainingArguments``: weight decay ``args.weight_decay`` for the weights
+    (its default 0: ELRA's automatic decay; ``elra_options={"weight_decay": 0.0}``
+    for none), none for biases and norms (Trainer's ``get_decay_parameter_names``), first
     step length ``args.learning_rate``, ``batch_size`` the per-device batch,
     ``batch_multiplier`` the ``gradient_accumulation_steps``, ``classes`` the
     model's vocabulary (language models) or number of labels.
@@ -216,15 +217,19 @@ class ElraTrainer(Trainer):
             model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(model))
             trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+            weight_decay = self.elra_options.get("weight_decay", self.args.weight_decay or None)
+            if weight_decay is None:
+                logger.info("ElraTrainer: weight_decay=0 (TrainingArguments' default) -> ELRA's automatic decay; "
+                            "elra_options={'weight_decay': 0.0} trains without")
             groups = [
-                {"params": [p for name, p in trained if name in decay], "weight_decay": self.args.weight_decay},
+                {"params": [p for name, p in trained if name in decay], "weight_decay": weight_decay},
                 {"params": [p for name, p in trained if name not in decay], "weight_decay": 0.0},
             ]
             options = {
                 "batch_size": self.args.per_device_train_batch_size,
                 "classes": _classes(model),
                 "lr": self.args.learning_rate,
-                "weight_decay": self.args.weight_decay,
+                "weight_decay": weight_decay,
                 "batch_multiplier": self.args.gradient_accumulation_steps,
                 **self.elra_options,
             }
