@@ -71,7 +71,7 @@ def test_layouts_the_kernel_would_misread_take_the_foreach_chain():
 def test_channels_last_parameters_train_as_contiguous_ones(preconditioner):
     """``model.to(memory_format=torch.channels_last)``, the convolution recipe: the stacked sums of small
     tensors once viewed such a stack flat and failed at the first step."""
-    shapes = [(4, 3, 3, 3), (4,), (2, 4, 1, 1)]
+    shapes = [(4, 3, 3, 3), (4,), (2, 4, 1, 1), (16, 16, 5, 5)]  # the last above the stacked size: summed in place
     start = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(shapes)]
     last = lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t  # noqa: E731
     plain, channels_last = [x.clone().requires_grad_() for x in start], [last(x.clone()).requires_grad_() for x in start]
