@@ -72,15 +72,21 @@ def test_get_boost_model_returns_a_boosted_copy_per_epoch_and_never_changes_the_
     assert not all(torch.equal(a, b) for a, b in zip(copy.parameters(), boosted.parameters()))
 
 
-def test_boost_state_is_checkpointed():
+def _boosted_linear(steps: int = 4):
+    """A small linear model trained a few steps with boosting on (cycle 10), and the last loss."""
     model = torch.nn.Linear(3, 2)
-    opt = ElraOptimizer(model.parameters())
+    opt = ElraOptimizer(model.parameters(), model)
     opt.enable_boost(cycle=10)
-    for _ in range(4):
+    for _ in range(steps):
         opt.zero_grad()
         loss = model(torch.ones(1, 3)).pow(2).sum()
         loss.backward()
         opt.step(loss)
+    return model, opt, loss
+
+
+def test_boost_state_is_checkpointed():
+    model, opt, _ = _boosted_linear()
     other = ElraOptimizer(model.parameters())
     other.load_state_dict(opt.state_dict())
     assert other.booster.state_dict() == opt.booster.state_dict()
@@ -90,14 +96,7 @@ def test_boost_state_is_checkpointed():
 def test_what_would_mix_the_boost_mean_with_the_run_is_refused_inside_boosted():
     """Inside ``boosted()`` the parameters hold the mean: a step, a checkpoint or a copy there would mix it with
     the run (a model saved there holds the mean, the optimizer the current point). Evaluating is what it is for."""
-    model = torch.nn.Linear(3, 2)
-    opt = ElraOptimizer(model.parameters(), model)
-    opt.enable_boost(cycle=10)
-    for _ in range(4):
-        opt.zero_grad()
-        loss = model(torch.ones(1, 3)).pow(2).sum()
-        loss.backward()
-        opt.step(loss)
+    model, opt, loss = _boosted_linear()
     saved, before = opt.state_dict(), [p.detach().clone() for p in model.parameters()]
     with opt.boosted() as count:
         assert count >= 2 and not torch.equal(model.weight, before[0])
