@@ -600,6 +600,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
     def _real_step(
         self, losses: list[LossLike], with_gradient: bool, inv_scale: float = 1.0, skip_overflow: bool = False
     ) -> str:
+        self.reducer.learn_shards(self.models)
         if self.geometry is not None:
             return self._preconditioned_step(losses, with_gradient, inv_scale, skip_overflow)
         decays = self._decay_rates(self.param_groups)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .chunks import stacked
+from .sync import fsdp1_shards
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 AUTO = "auto"
@@ -187,7 +188,9 @@ class Reducer:
             ranks of the group that hold an identical copy of what this rank
             holds. By default DTensors count the mesh dimensions they are
             replicated over, FSDP1 flat parameters (and their views) are
-            shards, and other tensors are replicas on every rank (DDP).
+            shards unless their unit's strategy repeats them (NO_SHARD,
+            HYBRID_SHARD: see :meth:`learn_shards`), and other tensors are
+            replicas on every rank (DDP).
     """
 
     def __init__(self, process_group=AUTO, replicas: Callable[[torch.Tensor], int] | None = None) -> None:
@@ -197,6 +200,8 @@ class Reducer:
             raise TypeError("replicas must be a function of a parameter returning a number of ranks")
         self._process_group = process_group
         self._replicas = replicas
+        self.flat_shards: dict[torch.Tensor, int] = {}  # FSDP1 parameters: distinct shards (see learn_shards)
+        self._shards_of: tuple[int, ...] = ()  # the models they were read from
 
     def __deepcopy__(self, memo: dict) -> "Reducer":
         """A copy reduces over the same group (a group is a connection, not data)."""
@@ -208,12 +213,19 @@ class Reducer:
                 "an ElraOptimizer built with an explicit process_group cannot be pickled (a process group "
                 "lives in its process): save optimizer.state_dict() instead, or build it with process_group='auto'"
             )
-        return dict(self.__dict__)
+        return {**self.__dict__, "flat_shards": {}, "_shards_of": ()}  # the copy reads its own models
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         if self._process_group == AUTO:
             self._process_group = AUTO  # the marker is compared by identity
+
+    def learn_shards(self, models: Sequence[torch.nn.Module]) -> None:
+        """Read from the FSDP1 units of ``models`` how many distinct shards their parameters have (NO_SHARD
+        and HYBRID_SHARD repeat them on several ranks); again only when the models change."""
+        key = tuple(map(id, models))
+        if key != self._shards_of:
+            self.flat_shards, self._shards_of = fsdp1_shards(models), key
 
     @property
     def group(self):
@@ -259,8 +271,8 @@ class Reducer:
                     f"{world}: pass process_group= the group of that mesh (or replicas=)"
                 )
             count = math.prod(mesh.size(dim) for dim, placement in enumerate(param.placements) if placement.is_replicate())
-        elif getattr(param, "_fsdp_flattened", False):
-            count = 1
+        elif getattr(param, "_fsdp_flattened", False):  # a shard, unless the unit's strategy repeats it
+            count = world // self.flat_shards.get(param, world)
         else:
             count = world
         if not isinstance(count, int) or count < 1:

@@ -148,6 +148,30 @@ def _sync_fsdp1(module: torch.nn.Module) -> None:
         handle._use_sharded_grad_views()
 
 
+def fsdp1_shards(models: Iterable[torch.nn.Module]) -> dict[torch.Tensor, int]:
+    """For the parameters of the FSDP1 units in ``models`` (flat parameters and, with ``use_orig_params``,
+    the views the optimizer holds): in how many distinct shards the data-parallel ranks hold them.
+
+    FULL_SHARD and SHARD_GRAD_OP shard over the unit's process group; HYBRID_SHARD over its shard group (the
+    copies repeat across the replicate group); NO_SHARD keeps one whole copy on every rank.
+    """
+    if not dist.is_available():
+        return {}
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    shards: dict[torch.Tensor, int] = {}
+    for model in models:
+        for module in model.modules():
+            handle = getattr(module, "_handle", None) if isinstance(module, FullyShardedDataParallel) else None
+            if handle is None:
+                continue
+            count = module.process_group.size() if handle.uses_sharded_strategy else 1
+            flat = handle.flat_param
+            for p in (flat, *(flat._params or ()), *(flat._shared_params or ())):
+                shards[p] = count
+    return shards
+
+
 def reshard(models: Iterable[torch.nn.Module]) -> int:
     """Free the weights FSDP keeps gathered after a forward; returns the FSDP modules found.
 

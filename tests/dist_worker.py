@@ -31,7 +31,7 @@ class Scenario:
     """One distributed training run and the events injected into it."""
 
     name: str
-    strategy: str = "ddp"  # ddp | fsdp2 | fsdp2-root | hsdp | hsdp-root | fsdp1 | fsdp1-orig
+    strategy: str = "ddp"  # ddp | fsdp2 | fsdp2-root | hsdp | hsdp-root | fsdp1 | fsdp1-orig | fsdp1-no-shard | fsdp1-hybrid
     steps: int = 40
     batch_multiplier: int = 1
     use_grad_sync: bool = True
@@ -224,9 +224,17 @@ def wrap(model: Net, strategy: str, world: int):
             fully_shard(model.hidden, mesh=mesh)
             fully_shard(model.out, mesh=mesh)
         return fully_shard(model, mesh=mesh)
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
 
-    return FSDP(model, device_id=torch.device("cpu"), use_orig_params=strategy == "fsdp1-orig")
+    options = {}
+    if strategy == "fsdp1-no-shard":  # every rank holds whole flat parameters
+        options["sharding_strategy"] = ShardingStrategy.NO_SHARD
+    elif strategy == "fsdp1-hybrid":  # sharded over 2 ranks, repeated over the other mesh dimension
+        from torch.distributed.device_mesh import init_device_mesh
+
+        options["sharding_strategy"] = ShardingStrategy.HYBRID_SHARD
+        options["device_mesh"] = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("replicate", "shard"))
+    return FSDP(model, device_id=torch.device("cpu"), use_orig_params=strategy != "fsdp1", **options)
 
 
 def full_parameters(model, strategy: str) -> dict[str, torch.Tensor]:

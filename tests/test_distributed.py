@@ -100,6 +100,17 @@ NOISE_FREE = [
     Scenario("ddp-factored-full-batch", steps=100, options={**FACTORED, "classes": None}, full_batch=True),
 ]
 TWO_RANKS += NOISE_FREE
+# FSDP1 strategies that repeat a flat parameter on several ranks: each copy counts once in the sums (their absolute
+# size decides the regime and P2M's noise-free step); ``nan_loss_at``: a retrace
+REPEATED_FLAT = [
+    Scenario("fsdp1-no-shard-full-batch", "fsdp1-no-shard", steps=30, options={"classes": None}, full_batch=True, nan_loss_at=15),
+    # short: FSDP1 gives "dead" a zero gradient, so its |x|^2 joins the step clip's scale, unlike one process
+    Scenario(
+        "fsdp1-no-shard-adam-full-batch", "fsdp1-no-shard", steps=8, options={**FSDP1_ADAM, "classes": None},
+        full_batch=True, nan_loss_at=5,
+    ),
+]
+TWO_RANKS += REPEATED_FLAT
 # a layer joins the forward mid-run: its moments start from its first (reduced) gradient; ``nan_loss_at`` retraces
 # the step that would have started it, ``bad_loss_at`` skips that backward
 LATE = [
@@ -148,6 +159,10 @@ FOUR_RANKS = [
     Scenario("hsdp-2x2-adam", "hsdp", batch_multiplier=2, options=ADAM, nan_loss_at=5),
     # replicated across one mesh dimension, sharded across the other: column sums weighted 1/2
     Scenario("hsdp-2x2-factored", "hsdp", batch_multiplier=2, options={**FACTORED, "weight_decay": 1e-3}, nan_loss_at=5),
+    Scenario(
+        "fsdp1-hybrid-2x2-full-batch", "fsdp1-hybrid", steps=8, options={**FSDP1_ADAM, "classes": None},
+        full_batch=True, nan_loss_at=5,
+    ),
 ]
 CHECKPOINTED = [
     (Scenario("fsdp2-dcp", "fsdp2", steps=40, options={"momentum": 0.5, "weight_decay": 1e-3}, nan_loss_at=30), 21),
@@ -228,6 +243,14 @@ def test_a_layer_joining_mid_run_starts_its_moments_like_one_process(request, ra
     _assert_matches_single_process(results, name)
     params = results[0][name]["params"]
     assert params["late.weight"].abs().min() > 0 and params["late.bias"].abs().min() > 0  # it trained
+
+
+@pytest.mark.parametrize("ranks, name", [(2, s.name) for s in REPEATED_FLAT] + [(4, "fsdp1-hybrid-2x2-full-batch")])
+def test_fsdp1_strategies_that_repeat_flat_parameters_count_each_copy_once(request, ranks, name):
+    """NO_SHARD and HYBRID_SHARD hold a flat parameter on several ranks: counted once per rank, the sums were
+    2-4 times too large and a noise-free fit was taken for mini-batch training."""
+    stats = _assert_matches_single_process(request.getfixturevalue({2: "two", 4: "four"}[ranks]), name)
+    assert stats["regime"] == "deterministic" and stats["retraces"] >= 1
 
 
 @pytest.mark.parametrize("name", ["ddp-adam-compiled", "fsdp2-adam-compiled"])
