@@ -50,6 +50,7 @@ class Checkpointing:
         :meth:`sync_pending_grads`.
         """
         self._refuse_inside_boosted("state_dict()")
+        self._note_unsynced_models()
         if self._pending and self.unsynced_models:
             raise RuntimeError(
                 f"state_dict() in the middle of collecting micro-batches ({len(self._pending)} of "
@@ -91,6 +92,7 @@ class Checkpointing:
         FSDP2: an all-reduce per parameter; FSDP1: per wrapped module) at
         checkpoint time; nothing when nothing is pending or sync was on.
         """
+        self._note_unsynced_models()
         if not self._pending or not self.unsynced_models:
             self.unsynced_models.clear()
             return
@@ -111,6 +113,7 @@ class Checkpointing:
         fit raises ``ValueError`` before anything changes.
         """
         self._refuse_inside_boosted("load_state_dict()")
+        self._note_unsynced_models()
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if not groups or not isinstance(groups[0], dict) or STATE_KEY not in groups[0]:
             raise ValueError(

@@ -32,7 +32,7 @@ from .fused import sgd_accept, split_fusable
 from .geometry import PRESENT, SLOTS, direction_state, make_direction, moment_dtype
 from .line_control import LINE_TARGET
 from .reduce import AUTO, Reducer, ScalarBatch, local, products
-from .sync import drop_unsynced_grads, fsdp_wrapping, reshard
+from .sync import drop_unsynced_grads, fsdp_wrapping, holds_unsynced_grads, reshard
 
 logger = logging.getLogger("elra")
 
@@ -406,7 +406,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._check_models_known("step_retrace")
         self._real_step([*self._pending, _loss_value(loss)], with_gradient=False)
         reshard(self.models)  # the skipped backward left gathered weights behind
-        for model in self.unsynced_models:
+        for model in {*self.models, *self.unsynced_models}:  # the abandoned sums, wherever a wrapper keeps them
             drop_unsynced_grads(model)
         self.unsynced_models.clear()
 
@@ -577,6 +577,12 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 "give the optimizer the wrapped model, ElraOptimizer(model.parameters(), model, ...), "
                 "or use `with elra.grad_sync(model, optimizer):` around forward and backward"
             )
+
+    def _note_unsynced_models(self) -> None:
+        """While collecting: add the known models whose FSDP2 units hold unreduced sums though :func:`grad_sync`
+        did not turn their sync off (the caller did, ``set_requires_gradient_sync``) to ``unsynced_models``."""
+        if self._pending:
+            self.unsynced_models.update(model for model in self.models if holds_unsynced_grads(model))
 
     def _keep_grads(self) -> None:
         """Remember the collected gradients, to catch a reset (``model.zero_grad()``) while collecting."""

@@ -60,19 +60,54 @@ def drop_unsynced_grads(model: torch.nn.Module) -> None:
     backward would add to fresh gradients. This clears them (FSDP2's unsharded
     parameters, FSDP1's flat parameters) and every ``.grad`` of the model.
     """
+    for fsdp_param in _fsdp2_params(model):
+        fsdp_param.unsharded_accumulated_grad = None
+        unsharded = getattr(fsdp_param, "_unsharded_param", None)
+        if unsharded is not None:
+            unsharded.grad = None
     for module in model.modules():
-        fsdp2_state = getattr(module, "_get_fsdp_state", None)
-        group = getattr(fsdp2_state(), "_fsdp_param_group", None) if fsdp2_state is not None else None
-        for fsdp_param in getattr(group, "fsdp_params", ()):
-            fsdp_param.unsharded_accumulated_grad = None
-            unsharded = getattr(fsdp_param, "_unsharded_param", None)
-            if unsharded is not None:
-                unsharded.grad = None
         flat_param = getattr(getattr(module, "_handle", None), "flat_param", None)
         if flat_param is not None:
             flat_param.grad = None
     for param in model.parameters():
         param.grad = None
+
+
+def holds_unsynced_grads(model: torch.nn.Module) -> bool:
+    """Whether an FSDP2 unit of ``model`` holds gradient sums its backward did not reduce: gradient sync
+    turned off by the caller (``set_requires_gradient_sync(False)``) rather than by :func:`grad_sync`."""
+    for fsdp_param in _fsdp2_params(model):
+        unsharded = getattr(fsdp_param, "_unsharded_param", None)
+        if fsdp_param.unsharded_accumulated_grad is not None or getattr(unsharded, "grad", None) is not None:
+            return True
+    return False
+
+
+def _sync_ddp(model: torch.nn.parallel.DistributedDataParallel) -> None:
+    """DDP's ``.grad`` averaged over ranks in one all-reduce, every parameter in it: ranks may differ in which
+    parameters got a gradient (data-dependent routing), so a zero stands in for a missing one and a count
+    per parameter, in the same vector, says whether any rank had one (else ``.grad`` stays ``None``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    present = torch.tensor([float(p.grad is not None) for p in params], dtype=flat.dtype, device=flat.device)
+    flat = torch.cat([flat, present])
+    dist.all_reduce(flat, group=model.process_group)
+    sizes = [p.numel() for p in params]
+    sums, counts = flat[: sum(sizes)], flat[sum(sizes) :].tolist()
+    sums /= dist.get_world_size(model.process_group)
+    for p, mean, count in zip(params, sums.split(sizes), counts):
+        if count:
+            p.grad = torch.empty_like(p).copy_(mean.view(p.shape)) if p.grad is None else p.grad.copy_(mean.view(p.shape))
+
+
+def _fsdp2_params(model: torch.nn.Module) -> Iterator:
+    """The ``FSDPParam``s of ``model``'s FSDP2 units (torch internals: what the unsharded gradients hang on)."""
+    for module in model.modules():
+        fsdp2_state = getattr(module, "_get_fsdp_state", None)
+        group = getattr(fsdp2_state(), "_fsdp_param_group", None) if fsdp2_state is not None else None
+        yield from getattr(group, "fsdp_params", ())
 
 
 @torch.no_grad()
@@ -87,12 +122,7 @@ def sync_unsynced_grads(model: torch.nn.Module) -> None:
     reduce-scatter to a sharded ``.grad`` too).
     """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=model.process_group)
-            flat /= dist.get_world_size(model.process_group)
-            torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+        _sync_ddp(model)
         return
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.distributed.tensor import distribute_tensor
@@ -104,10 +134,9 @@ def sync_unsynced_grads(model: torch.nn.Module) -> None:
         if not isinstance(module, FSDPModule):
             continue
         groups = module._get_fsdp_state()._fsdp_param_groups
-        for fsdp_param in (fsdp_param for group in groups for fsdp_param in group.fsdp_params):
+        fsdp_params = [fsdp_param for group in groups for fsdp_param in group.fsdp_params]
+        for fsdp_param, full in zip(fsdp_params, _unsharded_sums(fsdp_params)):
             unsharded = getattr(fsdp_param, "_unsharded_param", None)  # none before the first forward
-            full = fsdp_param.unsharded_accumulated_grad
-            full = getattr(unsharded, "grad", None) if full is None else full
             if full is None:
                 continue
             param = fsdp_param.sharded_param
@@ -124,6 +153,27 @@ def sync_unsynced_grads(model: torch.nn.Module) -> None:
             fsdp_param.unsharded_accumulated_grad = None
             if unsharded is not None:
                 unsharded.grad = None
+
+
+def _unsharded_sums(fsdp_params: list) -> list[torch.Tensor | None]:
+    """Each FSDP2 parameter's unsharded gradient sum on this rank: zeros where another rank has one and this
+    rank none (data-dependent routing), ``None`` where no rank has one. Every rank then reduces the same
+    parameters in the same order; one small all-reduce of the counts decides."""
+    if not fsdp_params:
+        return []
+    sums = []
+    for fsdp_param in fsdp_params:
+        full = fsdp_param.unsharded_accumulated_grad
+        sums.append(getattr(getattr(fsdp_param, "_unsharded_param", None), "grad", None) if full is None else full)
+    mesh = fsdp_params[0].sharded_param.device_mesh
+    device = fsdp_params[0].sharded_param.to_local().device
+    counts = torch.tensor([float(full is not None) for full in sums], dtype=torch.float64, device=device)
+    for dim in range(mesh.ndim):
+        dist.all_reduce(counts, group=mesh.get_group(dim))
+    return [
+        None if not count else full if full is not None else torch.zeros(p.sharded_param.shape, device=device)
+        for p, full, count in zip(fsdp_params, sums, counts.tolist())
+    ]
 
 
 def _sync_fsdp1(module: torch.nn.Module) -> None:

@@ -51,6 +51,7 @@ class Scenario:
     inf_plan: tuple = ()  # (micro-step, rank) pairs: that rank's first gradient shard gets an inf then
     full_batch: bool = False  # the same global batch at every step: a noise-free loss
     late_from: int | None = None  # micro-step from which the net's ``late`` layer joins the forward
+    user_sync: bool = False  # FSDP2's own set_requires_gradient_sync(not collecting) instead of grad_sync
 
 
 def _planned(plan: tuple, step: int, rank: int, sharded_world: int) -> bool:
@@ -117,6 +118,8 @@ def train(
             x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
         optimizer.zero_grad()
         collecting = optimizer.collecting
+        if scenario.user_sync and sharded_world > 1:
+            model.set_requires_gradient_sync(not collecting)
         around_forward = scenario.use_grad_sync and not scenario.sync_backward_only
         around_backward = scenario.use_grad_sync and scenario.sync_backward_only
         with grad_sync(model, optimizer) if around_forward else nullcontext():
@@ -403,4 +406,52 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tu
             torch.save(results, Path(out) / f"{scenario.name}-{phase}{rank}.pt")
 
     scenario, save_at, checkpoint = None, 0, None
+    as_gloo_rank(rank, world, store, body)
+
+
+class Routed(torch.nn.Module):
+    """One expert per rank; each rank's samples go to its own expert (data-dependent routing)."""
+
+    def __init__(self, experts: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(FEATURES, CLASSES) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        return self.experts[expert](x)
+
+
+def routed_grads(rank: int, world: int) -> dict[str, torch.Tensor | None]:
+    """The gradients one micro-batch leaves on ``rank`` (its slice of the global batch, through its expert)."""
+    model = Routed(world).double()
+    x, y = global_batch(0, world)
+    part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    torch.nn.functional.cross_entropy(model(x[part], rank), y[part]).backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def run_routed_sync(rank: int, world: int, store: str, out: str, strategy: str) -> None:
+    """DDP or FSDP2, collecting under grad_sync with each rank's batch routed to its own expert, then
+    sync_pending_grads."""
+
+    def body() -> None:
+        if strategy == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(Routed(world).double(), find_unused_parameters=True)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            model = fully_shard(Routed(world).double())
+        optimizer = ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, batch_multiplier=2, preconditioner=None)
+        x, y = global_batch(0, world)
+        part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        with grad_sync(model, optimizer):
+            loss = torch.nn.functional.cross_entropy(model(x[part], rank), y[part])
+            loss.backward()
+        optimizer.step(loss)
+        optimizer.sync_pending_grads()
+        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+        grads = {name.replace("module.", "", 1): full(p.grad) for name, p in model.named_parameters()}
+        collected = [float(entry["collected"]) for entry in optimizer.state_dict()["state"].values()]
+        torch.save({"grads": grads, "collected": collected}, Path(out) / f"routed{rank}.pt")
+
     as_gloo_rank(rank, world, store, body)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dist_worker import Scenario, make_net, run_checkpointing, run_scenarios
+from dist_worker import Scenario, make_net, routed_grads, run_checkpointing, run_routed_sync, run_scenarios
 
 
 def _random_plan(seed: int, world: int, events: int, steps: int = 40) -> tuple:
@@ -111,6 +111,12 @@ REPEATED_FLAT = [
     ),
 ]
 TWO_RANKS += REPEATED_FLAT
+# gradient sync turned off by the caller, not grad_sync: a skipped backward mid-collection must drop FSDP2's unsharded
+# sums as well (micro-step 13 is the second of three)
+TWO_RANKS.append(
+    Scenario("fsdp2-user-sync-retrace", "fsdp2", batch_multiplier=3, use_grad_sync=False, user_sync=True, bad_loss_at=13,
+             options=ADAM)
+)
 # a layer joins the forward mid-run: its moments start from its first (reduced) gradient; ``nan_loss_at`` retraces
 # the step that would have started it, ``bad_loss_at`` skips that backward
 LATE = [
@@ -177,6 +183,9 @@ CHECKPOINTED = [
     (Scenario("fsdp2-root-dcp-mid-collection", "fsdp2-root", steps=40, batch_multiplier=3, use_grad_sync=False, nan_loss_at=31), 22),
     (Scenario("fsdp1-dcp-mid-collection", "fsdp1", steps=40, batch_multiplier=3, nan_loss_at=30), 22),
     (Scenario("fsdp1-orig-dcp-mid-collection", "fsdp1-orig", steps=40, batch_multiplier=3, nan_loss_at=30), 22),
+    # sync turned off by the caller: state_dict() sees FSDP2's unsharded sums, refuses, and sync_pending_grads keeps them
+    (Scenario("fsdp2-dcp-mid-collection-user-sync", "fsdp2", steps=40, batch_multiplier=3, use_grad_sync=False,
+              user_sync=True, nan_loss_at=30), 22),
 ]
 
 
@@ -371,7 +380,10 @@ def test_mid_collection_checkpoints_keep_the_pending_sums(checkpointed):
         saved, resumed = checkpointed[name]
         assert all(r["micro_batches"] == 1 == r["loaded_micro_batches"] for r in saved)
         assert all(r["loaded_micro_batches"] == 1 for r in resumed)
-    for name in ("fsdp2-dcp-mid-collection", "fsdp1-dcp-mid-collection", "fsdp1-orig-dcp-mid-collection"):
+    for name in (
+        "fsdp2-dcp-mid-collection", "fsdp1-dcp-mid-collection", "fsdp1-orig-dcp-mid-collection",
+        "fsdp2-dcp-mid-collection-user-sync",
+    ):
         assert all("sync_pending_grads()" in r["refused"] for r in checkpointed[name][0])
     assert not any("refused" in r for r in checkpointed["fsdp2-root-dcp-mid-collection"][0])  # sync was on
 
@@ -397,3 +409,19 @@ def test_scaler_overflow_on_one_rank_skips_the_step_and_backs_off_everywhere(two
     assert outcome == "overflow" and backed_off == used / 2
     assert sum(o == "overflow" for o, _ in runs[0]) == 1
     assert max(s for _, s in runs[0]) > backed_off  # and the scale grows again
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_sync_pending_grads_lines_up_parameters_that_only_some_ranks_have_gradients_for(tmp_path, strategy):
+    """Routed experts: each rank's collected sums hold only its expert's gradient. Averaged over ranks, every
+    expert's mean is its own gradient over the world size, on every rank (the sums once lined up by position
+    among the gradients present, adding one expert's sums to the other's), and the checkpoint's flags agree."""
+    world = 2
+    mp.spawn(run_routed_sync, args=(world, f"file://{tmp_path}/store", str(tmp_path), strategy), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"routed{r}.pt", weights_only=False) for r in range(world)]
+    own = [routed_grads(r, world) for r in range(world)]
+    for name in own[0]:
+        expected = sum(grads[name] for grads in own if grads[name] is not None) / world
+        for rank in ranks:
+            assert torch.allclose(rank["grads"][name], expected, rtol=0, atol=1e-12), name
+    assert ranks[0]["collected"] == ranks[1]["collected"] == [1.0] * 4
