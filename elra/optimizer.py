@@ -586,12 +586,13 @@ class ElraOptimizer(Checkpointing, Optimizer):
 
     def _keep_grads(self) -> None:
         """Remember the collected gradients, to catch a reset (``model.zero_grad()``) while collecting."""
+        moving = {p for model in self.models if getattr(model, "gradient_as_bucket_view", False) for p in model.parameters()}
         self._kept_grads = {
             p: p.grad
             for group in self.param_groups
             for p in group["params"]
-            # FSDP1 replaces its flat gradients itself between backward passes
-            if p.grad is not None and not getattr(p, "_fsdp_flattened", False)
+            # FSDP1 replaces its flat gradients itself between backward passes, DDP with bucket views too
+            if p.grad is not None and not getattr(p, "_fsdp_flattened", False) and p not in moving
         }
 
     def _check_kept_grads(self) -> None:
@@ -600,7 +601,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 raise RuntimeError(
                     f"gradients were reset while ELRA was collecting micro-batch {len(self._pending) + 1} of "
                     f"{self.controller.state.multiplier}: use optimizer.zero_grad() (it keeps them while "
-                    "collecting), not model.zero_grad(); see `collecting` in the README"
+                    "collecting), not model.zero_grad(); see `collecting` in the README. (Under "
+                    "DDP(gradient_as_bucket_view=True), which moves gradients into its buckets, give the "
+                    "optimizer the model.)"
                 )
 
     def _real_step(

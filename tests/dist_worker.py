@@ -31,7 +31,7 @@ class Scenario:
     """One distributed training run and the events injected into it."""
 
     name: str
-    strategy: str = "ddp"  # ddp | fsdp2 | fsdp2-root | hsdp | hsdp-root | fsdp1 | fsdp1-orig | fsdp1-no-shard | fsdp1-hybrid
+    strategy: str = "ddp"  # ddp | ddp-bucket-view | fsdp2 | fsdp2-root | hsdp | hsdp-root | fsdp1 | fsdp1-orig | fsdp1-no-shard | fsdp1-hybrid
     steps: int = 40
     batch_multiplier: int = 1
     use_grad_sync: bool = True
@@ -215,8 +215,9 @@ def make_optimizer(model, scenario: Scenario, single: bool = False, odd_rank: bo
 
 
 def wrap(model: Net, strategy: str, world: int):
-    if strategy == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    if strategy in ("ddp", "ddp-bucket-view"):
+        views = strategy == "ddp-bucket-view"  # .grad are views into DDP's buckets
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, gradient_as_bucket_view=views)
     if strategy in ("fsdp2", "fsdp2-root", "hsdp", "hsdp-root"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -249,7 +250,7 @@ def full_parameters(model, strategy: str) -> dict[str, torch.Tensor]:
     params = {}
     for name, p in model.named_parameters():
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        params[name.replace("module.", "", 1) if strategy == "ddp" else name] = full.detach().clone()
+        params[name.replace("module.", "", 1) if strategy.startswith("ddp") else name] = full.detach().clone()
     return params
 
 

@@ -33,6 +33,8 @@ TWO_RANKS = [
     ),
     Scenario("ddp-collect-grad-sync", batch_multiplier=2, options={"classes": None}),
     Scenario("ddp-collect-no-helper", batch_multiplier=2, use_grad_sync=False, count_collectives=True),
+    Scenario("ddp-bucket-view-collect", "ddp-bucket-view", batch_multiplier=2, options=ADAM, nan_loss_at=9),
+    Scenario("ddp-bucket-view-collect-no-helper", "ddp-bucket-view", batch_multiplier=2, use_grad_sync=False),
     Scenario("fsdp2-per-layer", "fsdp2", batch_multiplier=2, options={"weight_decay": 1e-3}, nan_loss_at=9),
     Scenario("fsdp2-root", "fsdp2-root", bad_loss_at=5),
     Scenario("fsdp2-skip-mid-collection", "fsdp2", batch_multiplier=2, bad_loss_at=9, nan_loss_at=13),
