@@ -29,10 +29,12 @@ class TensorSet:
         return len(self.y)
 
     def loader(self, epoch: int | None, rank: int, world: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Training batches of epoch ``epoch`` (equal on all ranks), or all samples once (``None``)."""
+        """Training batches of epoch ``epoch`` (equal on all ranks), or the held-out samples once (``None``):
+        the first multiple of the number of ranks, so that sharded models run the same forwards on every rank
+        (one more batch on some ranks left the others waiting in FSDP's gathers)."""
         n = len(self)
         if epoch is None:
-            mine = torch.arange(rank, n, world)
+            mine = torch.arange(rank, n // world * world, world)
             for idx in mine.split(batch_size):
                 yield self.transform(self.x[idx]), self.y[idx]
             return

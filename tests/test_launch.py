@@ -198,3 +198,14 @@ def test_ddp_wrapper_is_freed_before_the_process_group(tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "destroy_process_group", watched_destroy)
     launcher.main(["--strategy", "ddp", "--epochs", "1", "--max-steps", "2", "--threads", "1"])
     assert not dist.is_initialized() and alive_at_destroy == []
+
+
+def test_every_rank_evaluates_the_same_number_of_batches():
+    """Held-out samples split over ranks: unequal batch counts left FSDP ranks waiting in a gather (513 images
+    over 2 ranks, batch 256: 2 batches on one rank, 1 on the other)."""
+    from launch.data import TensorSet
+
+    data = TensorSet(torch.arange(513.0).unsqueeze(1), torch.arange(513), lambda x: x)
+    for world in (2, 3, 4):
+        batches = [[len(y) for _, y in data.loader(None, rank, world, 256)] for rank in range(world)]
+        assert all(sizes == batches[0] for sizes in batches) and sum(batches[0]) * world == 513 // world * world
