@@ -61,6 +61,7 @@ class Checkpointing:
         sd = super().state_dict()
         controller = self.controller.state_dict()
         controller["pending_losses"] = [float(v) for v in self._pending]
+        controller["pending_reports"] = [float(v) for v in self._reports]
         sd["param_groups"][0][STATE_KEY] = controller
         sd["param_groups"][0][BOOST_KEY] = self.booster.state_dict()
         sd["param_groups"][0][CONFIG_KEY] = dict(self._config)
@@ -125,6 +126,9 @@ class Checkpointing:
         config = self._saved_config(groups[0].get(CONFIG_KEY))
         controller_state = dict(groups[0][STATE_KEY])
         pending = [float(v) for v in controller_state.pop("pending_losses", [])]
+        reports = [float(v) for v in controller_state.pop("pending_reports", [0.0] * len(self._reports))]
+        if len(reports) != len(self._reports):
+            raise ValueError(f"the state_dict's pending_reports {reports!r} are not {len(self._reports)} numbers")
         controller = make_controller(config)
         controller.load_state_dict(controller_state)
         if len(pending) >= controller.state.multiplier:
@@ -154,7 +158,7 @@ class Checkpointing:
         self.geometry = geometry
         self.booster = booster
         self._fill_empty_state()
-        was_collecting, self._pending = bool(self._pending), pending
+        was_collecting, self._pending, self._reports = bool(self._pending), pending, reports
         self._moved = {p for g in self.param_groups for p in g["params"] if self._loaded_as_moved(p)}
         self._waiting = {p for g in self.param_groups for p in g["params"] if self._loaded_as_waiting(p)}
         self._agreed = False

@@ -45,6 +45,9 @@ FOREIGN_GROUP_OPTIONS = frozenset({"betas", "eps", "nesterov", "dampening", "ams
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _HALF_MAX = torch.finfo(torch.float16).max
 _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
+# each real step's vector ends in the losses reported since the last one: train and validation, value and count
+REPORT_SLOTS = 4
+_REPORTED_FIELDS = frozenset({"train_loss", "valid_loss"})  # controller fields that those set
 
 
 def _loss_value(loss: Any) -> LossLike:
@@ -219,6 +222,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         super().__init__(params, dict(lr=config["lr"], weight_decay=config["weight_decay"]))
         self.controller = make_controller(config)
         self._pending: list[LossLike] = []
+        self._reports = [0.0] * REPORT_SLOTS  # this rank's train and validation loss since the last real step
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
         self.unsynced_models: set[torch.nn.Module] = set()  # filled by elra.grad_sync
         self.models: list[torch.nn.Module] = [model] if model is not None else []  # to reshard after in-place changes
@@ -335,12 +339,17 @@ class ElraOptimizer(Checkpointing, Optimizer):
         }
 
     def set_train_loss(self, loss: float, boost: float | None = None) -> None:
-        """Report the training loss (e.g. per epoch); drives the weight-decay control."""
-        self.controller.set_train_loss(self._reported(loss, "train"))
+        """Report the training loss (e.g. per epoch); drives the weight-decay control. Under data parallelism the
+        next real step sets every rank's to the mean of the values the ranks reported since the last one."""
+        value = self._reported(loss, "train")
+        self.controller.set_train_loss(value)
+        self._reports[0:2] = [value, 1.0]
 
     def set_valid_loss(self, loss: float, boost: float | None = None, accu: float | None = None) -> None:
-        """Report the validation loss (e.g. per epoch); drives the weight-decay control."""
-        self.controller.set_valid_loss(self._reported(loss, "validation"))
+        """Report the validation loss (e.g. per epoch); drives the weight-decay control (see ``set_train_loss``)."""
+        value = self._reported(loss, "validation")
+        self.controller.set_valid_loss(value)
+        self._reports[2:4] = [value, 1.0]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients, except while collecting: then micro-batch gradients must add up."""
@@ -679,7 +688,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         any_decay = any(decays)
         half = any(tensors["half"] for tensors in groups)
         present, ranged, check = _layout(n_groups, half)
-        batch = ScalarBatch(check + (2 if self._check_every else 0), self._device or torch.device("cpu"), self.reducer)
+        batch = self._scalar_batch(check)
         for j, tensors in enumerate(groups) if with_gradient else ():
             slot = {name: k * n_groups + j for k, name in enumerate(_SUMS)}
             batch.add_constant(present, len(tensors["params"]))
@@ -718,18 +727,40 @@ class ElraOptimizer(Checkpointing, Optimizer):
         sums = StepSums(*(values[k * n_groups : (k + 1) * n_groups] for k in range(len(_SUMS))))
         return sums, loss_values, bounds
 
+    def _scalar_batch(self, check: int) -> ScalarBatch:
+        """A real step's vector: ``check`` slots of sums, the fingerprint's two under ``check_consistency``, the
+        reported losses' (:meth:`_apply_reports`)."""
+        slots = check + (2 if self._check_every else 0) + REPORT_SLOTS
+        return ScalarBatch(slots, self._device or torch.device("cpu"), self.reducer)
+
     def _read_checked(
         self, batch: ScalarBatch, check: int, losses: list[LossLike], call: tuple
     ) -> tuple[list[float], list[float]]:
-        """The step's one collective; under ``check_consistency`` with the fingerprint in ``check``, verified."""
+        """The step's one collective; under ``check_consistency`` with the fingerprint in ``check``, verified.
+        It carries the losses reported since the last real step too (:meth:`_apply_reports`)."""
+        reports = batch.slots - REPORT_SLOTS
+        for slot, value in enumerate(self._reports, start=reports):
+            batch.add_constant(slot, value)
         if not self._check_every:
-            return batch.read(losses)
-        fingerprint = self._agreed_fingerprint(call)
-        batch.add_constant(check, fingerprint)
-        batch.add_constant(check + 1, fingerprint * fingerprint)
-        values, loss_values = batch.read(losses, self.controller.state.multiplier)
-        self._verify_consistency(values[check], values[check + 1], fingerprint)
+            values, loss_values = batch.read(losses)
+        else:
+            fingerprint = self._agreed_fingerprint(call)
+            batch.add_constant(check, fingerprint)
+            batch.add_constant(check + 1, fingerprint * fingerprint)
+            values, loss_values = batch.read(losses, self.controller.state.multiplier)
+            self._verify_consistency(values[check], values[check + 1], fingerprint)
+        self._apply_reports(values[reports:])
         return values, loss_values
+
+    def _apply_reports(self, sums: list[float]) -> None:
+        """Every rank's train and validation loss: the mean of those reported (on any rank) since the last real
+        step, before this step's decision; ranks that report different values, or only one rank, agree so."""
+        train, trains, valid, valids = sums
+        if trains:
+            self.controller.set_train_loss(train / trains)
+        if valids:
+            self.controller.set_valid_loss(valid / valids)
+        self._reports = [0.0] * REPORT_SLOTS
 
     def _fingerprint(self, call: tuple) -> int:
         """A 20-bit hash of everything that decides this collective's layout and the next decision.
@@ -739,7 +770,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         length), the hyperparameters and the controller state.
         """
         decays = self._decay_rates(self.param_groups)
-        state = sorted(self.controller.state_dict().items())
+        # the reported losses are reconciled by this collective, before they decide anything
+        state = sorted((k, v) for k, v in self.controller.state_dict().items() if k not in _REPORTED_FIELDS)
         text = repr((call, len(self.param_groups), len(self._pending), decays, sorted(self._config.items()), state))
         return zlib.crc32(text.encode()) % (1 << 20) + 1
 
@@ -844,7 +876,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         replicas = self.reducer.replicas_counter()
         groups = [geometry.gather(group, self.state, self._moved, with_gradient, replicas) for group in self.param_groups]
         check = SLOTS
-        batch = ScalarBatch(check + (2 if self._check_every else 0), self._device or torch.device("cpu"), self.reducer)
+        batch = self._scalar_batch(check)
         for tensors in groups:
             geometry.add_sums(batch, tensors, t)
         values, loss_values = self._read_checked(batch, check, losses, ("step", with_gradient, inv_scale, skip_overflow))

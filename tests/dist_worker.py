@@ -52,6 +52,8 @@ class Scenario:
     full_batch: bool = False  # the same global batch at every step: a noise-free loss
     late_from: int | None = None  # micro-step from which the net's ``late`` layer joins the forward
     user_sync: bool = False  # FSDP2's own set_requires_gradient_sync(not collecting) instead of grad_sync
+    reports_at: int | None = None  # micro-step where rank r reports train loss 1 and validation loss 2 + r ...
+    rank0_reports: bool = False  # ... or only rank 0 does (the single process reports what the ranks agree on)
 
 
 def _planned(plan: tuple, step: int, rank: int, sharded_world: int) -> bool:
@@ -112,6 +114,8 @@ def train(
         optimizer.enable_boost(scenario.boost_cycle)
     for step in range(start, scenario.steps):
         x, y = global_batch(0 if scenario.full_batch else step, world)
+        if step == scenario.reports_at:
+            _report(scenario, optimizer, rank, world, sharded_world)
         if scenario.late_from is not None:
             getattr(model, "module", model).awake = step >= scenario.late_from  # DDP wraps the net, FSDP2 is it
         if sharded_world > 1:
@@ -156,6 +160,14 @@ def train(
         else:
             optimizer.step(value)
     return counts
+
+
+def _report(scenario: Scenario, optimizer: ElraOptimizer, rank: int, world: int, sharded_world: int) -> None:
+    """Rank r's validation loss is 2 + r; one process reports the mean of those the ranks report."""
+    reporting = [0] if scenario.rank0_reports else list(range(world))
+    if sharded_world == 1 or rank in reporting:
+        optimizer.set_train_loss(1.0)
+        optimizer.set_valid_loss(2.0 + rank if sharded_world > 1 else sum(2.0 + r for r in reporting) / len(reporting))
 
 
 @contextmanager

@@ -113,6 +113,13 @@ REPEATED_FLAT = [
     ),
 ]
 TWO_RANKS += REPEATED_FLAT
+# losses reported per rank (validation 2 and 3) or on rank 0 only: every rank's decay comes from their mean
+REPORTS = [
+    Scenario("ddp-adam-rank-reports", options={**ADAM, "weight_decay": 1e-2}, reports_at=10, nan_loss_at=20),
+    Scenario("fsdp2-rank0-reports", "fsdp2", batch_multiplier=2, options={**ADAM, "weight_decay": 1e-2}, reports_at=9,
+             rank0_reports=True, nan_loss_at=20),
+]
+TWO_RANKS += REPORTS
 # gradient sync turned off by the caller, not grad_sync: a skipped backward mid-collection must drop FSDP2's unsharded
 # sums as well (micro-step 13 is the second of three)
 TWO_RANKS.append(
@@ -262,6 +269,13 @@ def test_fsdp1_strategies_that_repeat_flat_parameters_count_each_copy_once(reque
     2-4 times too large and a noise-free fit was taken for mini-batch training."""
     stats = _assert_matches_single_process(request.getfixturevalue({2: "two", 4: "four"}[ranks]), name)
     assert stats["regime"] == "deterministic" and stats["retraces"] >= 1
+
+
+@pytest.mark.parametrize("name, valid", [("ddp-adam-rank-reports", 2.5), ("fsdp2-rank0-reports", 2.0)])
+def test_losses_reported_on_some_ranks_set_one_decay_on_every_rank(two, name, valid):
+    """Per-rank reports once gave each rank its own decay: DDP replicas drifted apart, with equal stats."""
+    stats = _assert_matches_single_process(two, name)
+    assert stats["weight_decay"] == pytest.approx(1e-2 * math.sqrt(2.0 * valid - 1.0), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ["ddp-adam-compiled", "fsdp2-adam-compiled"])
