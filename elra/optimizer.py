@@ -281,7 +281,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
                     if local(value) is value and (value.dtype != dtype or value.device != p.device):
                         self.state[p][key] = value.to(dtype=dtype, device=p.device)
         if len(devices) > 1:
-            raise ValueError(f"all parameters must be on one device: found {sorted(map(str, devices))}; use one optimizer per device")
+            raise ValueError(
+                f"all parameters must be on one device: found {sorted(map(str, devices))}; use one optimizer per device"
+            )
         self._device = devices.pop() if devices else self._device
 
     def _check_group_options(self, group: dict[str, Any]) -> None:
