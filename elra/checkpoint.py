@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -126,9 +127,7 @@ class Checkpointing:
         config = self._saved_config(groups[0].get(CONFIG_KEY))
         controller_state = dict(groups[0][STATE_KEY])
         pending = [float(v) for v in controller_state.pop("pending_losses", [])]
-        reports = [float(v) for v in controller_state.pop("pending_reports", [0.0] * len(self._reports))]
-        if len(reports) != len(self._reports):
-            raise ValueError(f"the state_dict's pending_reports {reports!r} are not {len(self._reports)} numbers")
+        reports = _pending_reports(controller_state.pop("pending_reports", [0.0] * len(self._reports)), len(self._reports))
         controller = make_controller(config)
         controller.load_state_dict(controller_state)
         if len(pending) >= controller.state.multiplier:
@@ -309,3 +308,16 @@ class Checkpointing:
         self._kept_grads = {}
         if collecting:
             self._keep_grads()
+
+
+def _pending_reports(saved: Any, size: int) -> list[float]:
+    """The train and validation losses reported since the last real step (value, count 0 or 1, twice), checked."""
+    valid = (
+        isinstance(saved, (list, tuple))
+        and len(saved) == size
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in saved)
+        and all(saved[i] in (0, 1) for i in range(1, size, 2))
+    )
+    if not valid:
+        raise ValueError(f"the state_dict's pending_reports {saved!r} are not {size // 2} (loss, count 0 or 1) pairs")
+    return [float(v) for v in saved]

@@ -479,6 +479,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         unchanged). BatchNorm running statistics belong to the current weights:
         recompute them for the boosted ones (``torch.optim.swa_utils.update_bn``).
         """
+        self._refuse_inside_boosted("boosted()")
         count = self.booster.count if self.booster.enabled else 0
         params, means = self._boost_pairs() if count else ([], [])
         if count:
@@ -809,7 +810,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 check = SLOTS
             params = [p for group in self.param_groups for p in group["params"]]
             extra = 0 if self.geometry is None else self.geometry.vector_length(params)  # vector blocks after the losses
-            length, at = check + 2 + self.controller.state.multiplier + extra, check
+            length, at = check + 2 + REPORT_SLOTS + self.controller.state.multiplier + extra, check
         else:
             length, at = 3, 1
         numbers = [0.0] * length

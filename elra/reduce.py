@@ -272,7 +272,7 @@ class Reducer:
                 )
             count = math.prod(mesh.size(dim) for dim, placement in enumerate(param.placements) if placement.is_replicate())
         elif getattr(param, "_fsdp_flattened", False):  # a shard, unless the unit's strategy repeats it
-            count = world // self.flat_shards.get(param, world)
+            count = max(1, world // self.flat_shards.get(param, world))
         else:
             count = world
         if not isinstance(count, int) or count < 1:

@@ -54,6 +54,7 @@ class Scenario:
     user_sync: bool = False  # FSDP2's own set_requires_gradient_sync(not collecting) instead of grad_sync
     reports_at: int | None = None  # micro-step where rank r reports train loss 1 and validation loss 2 + r ...
     rank0_reports: bool = False  # ... or only rank 0 does (the single process reports what the ranks agree on)
+    lone_skip_at: int | None = None  # micro-step where the last rank calls skip_backward where the others step
 
 
 def _planned(plan: tuple, step: int, rank: int, sharded_world: int) -> bool:
@@ -157,6 +158,8 @@ def train(
             with CommDebugMode() as comm:
                 optimizer.step(value)
             counts.append((collecting, comm.get_total_counts()))
+        elif step == scenario.lone_skip_at and rank == world - 1:
+            optimizer.skip_backward(value)  # meets the other ranks' step: a disagreement, not a size mismatch
         else:
             optimizer.step(value)
     return counts

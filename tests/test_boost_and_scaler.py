@@ -101,7 +101,7 @@ def test_what_would_mix_the_boost_mean_with_the_run_is_refused_inside_boosted():
     with opt.boosted() as count:
         assert count >= 2 and not torch.equal(model.weight, before[0])
         for refused in (lambda: opt.step(loss), lambda: opt.step_retrace(1.0), opt.state_dict,
-                        lambda: opt.load_state_dict(saved), lambda: copy.deepcopy(opt)):
+                        lambda: opt.load_state_dict(saved), lambda: copy.deepcopy(opt), opt.boosted().__enter__):
             with pytest.raises(RuntimeError, match="inside optimizer.boosted"):
                 refused()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before)) and opt.state_dict()["state"]

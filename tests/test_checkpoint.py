@@ -139,6 +139,19 @@ def test_dcp_resume_mid_collection_in_one_process_is_bit_identical(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
 
 
+@pytest.mark.parametrize("reports", ["1234", [1.0, 1.0, math.nan, 1.0], [1.0, -1.0, 0.0, 0.0], [True, 1, 0, 0], None, 7])
+def test_malformed_pending_reports_are_refused_before_anything_changes(reports):
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model)
+    _run(model, opt, 0, 7)
+    saved, before = opt.state_dict(), copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0]["elra_controller"]["pending_reports"] = reports
+    with pytest.raises(ValueError, match="pending_reports"):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    assert after["param_groups"][0]["elra_controller"] == before["param_groups"][0]["elra_controller"]
+
+
 def test_a_flattened_dcp_state_dict_is_refused_naming_the_option():
     """torch rebuilds a flattened optimizer state from the keys the live optimizer has: ELRA's controller, its
     flags and collected sums would be dropped (torchtitan flattens by default)."""

@@ -43,6 +43,8 @@ TWO_RANKS = [
     Scenario("diverged-ranks", options={"check_consistency": 1}, steps=3, diverge=True),
     Scenario("ranks-differ-in-multiplier", options={"check_consistency": 1}, steps=6, odd_rank={"batch_multiplier": 2}),
     Scenario("ranks-differ-in-groups", "fsdp2", options={"check_consistency": 1}, steps=6, odd_rank={"groups": 2}),
+    Scenario("one-rank-skips-backward-alone", options={"check_consistency": 1}, steps=6, lone_skip_at=4),
+    Scenario("one-rank-skips-backward-alone-adam", options={**ADAM, "check_consistency": 1}, steps=6, lone_skip_at=4),
     Scenario("fsdp2-boost", "fsdp2", boost_cycle=15, options={"momentum": 0.5}, nan_loss_at=4),
     Scenario("ddp-boost", boost_cycle=100, batch_multiplier=2),
     Scenario("fsdp2-scaler", "fsdp2", scaler=True, inf_grad_at=11, batch_multiplier=2),
@@ -239,7 +241,11 @@ def _assert_matches_single_process(ranks: list[dict], name: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "name", [s.name for s in TWO_RANKS if not s.diverge and not s.odd_rank and s.name not in REFUSED and not s.full_batch]
+    "name",
+    [
+        s.name for s in TWO_RANKS
+        if not (s.diverge or s.odd_rank or s.lone_skip_at is not None or s.full_batch) and s.name not in REFUSED
+    ],
 )
 def test_two_ranks_follow_the_single_process_trajectory(two, name):
     stats = _assert_matches_single_process(two, name)
@@ -343,7 +349,13 @@ def test_step_issues_at_most_one_collective_and_none_while_collecting(two):
         assert any(collecting for collecting, _ in counts) == (name != "ddp")
 
 
-@pytest.mark.parametrize("name", ["diverged-ranks", "ranks-differ-in-multiplier", "ranks-differ-in-groups"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "diverged-ranks", "ranks-differ-in-multiplier", "ranks-differ-in-groups", "one-rank-skips-backward-alone",
+        "one-rank-skips-backward-alone-adam",
+    ],
+)
 def test_ranks_that_disagree_raise_the_same_error_on_every_rank(two, name):
     errors = [rank[name].get("error") for rank in two]
     assert errors[0] is not None and "ranks disagree" in errors[0]
