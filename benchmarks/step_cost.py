@@ -3,11 +3,12 @@
 Two models get fixed random gradients: a 9.4M-parameter MLP (few large
 tensors) and a transformer-shaped stack of 48 blocks of width 64 (576
 tensors, 2.4M parameters: the shape where per-tensor overhead shows). Only
-``optimizer.step`` is timed (median of repeated steps after warm-up; on CUDA
-between synchronisations). Held bytes are the bytes of tensors the optimizer
+``optimizer.step`` is timed (median of repeated steps after warm-up, the
+optimizers taking turns step by step, each on its own copy of the model; on
+CUDA between synchronisations). Held bytes are the bytes of tensors the optimizer
 keeps between steps that are not the parameters.
 
-    python benchmarks/step_cost.py [--model mlp transformer] [--device cpu|cuda] [--steps 30]
+    python benchmarks/step_cost.py [--model mlp transformer] [--device cpu|cuda] [--steps 30] [--keep-freed-memory]
 
 ``--device`` defaults to cuda when a GPU is present; CPU runs never touch CUDA.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import contextlib
+import ctypes
 import io
 import statistics
 import sys
@@ -66,35 +68,63 @@ def held_tensors(obj, params: set[int], seen: set[int] | None = None, depth: int
     return found
 
 
-def measure(name: str, factory, model: torch.nn.Module, steps: int, takes_loss: bool) -> dict:
-    params = list(model.parameters())
-    gen = torch.Generator().manual_seed(0)
-    grads = [(torch.randn(p.shape, generator=gen) * 1e-3).to(p) for p in params]
-    cuda = params[0].is_cuda
-    opt = factory(params)
-    times = []
-    for i in range(steps + 5):
-        for p, g in zip(params, grads):
+class Timed:
+    """One optimizer on its own copy of the model, stepping on fixed gradients."""
+
+    def __init__(self, name: str, factory, model: torch.nn.Module, takes_loss: bool) -> None:
+        self.name, self.takes_loss = name, takes_loss
+        self.params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        gen = torch.Generator().manual_seed(0)
+        self.grads = [(torch.randn(p.shape, generator=gen) * 1e-3).to(p) for p in self.params]
+        self.opt = factory(self.params)
+        self.times: list[float] = []
+
+    def step(self, i: int, timed: bool) -> None:
+        for p, g in zip(self.params, self.grads):
             p.grad = g.clone()
+        cuda = self.params[0].is_cuda
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        if takes_loss:
-            opt.step(1.0 / (1 + i))
+        if self.takes_loss:
+            self.opt.step(1.0 / (1 + i))
         else:
-            opt.step()
+            self.opt.step()
         if cuda:
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        if i >= 5:
-            times.append(elapsed)
-    for p in params:
-        p.grad = None
-    gc.collect()
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    held = sum(held_tensors(opt, param_ptrs).values())
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    return {"name": name, "step_ms": 1e3 * statistics.median(times), "held": held / param_bytes}
+        if timed:
+            self.times.append(time.perf_counter() - start)
+
+    def result(self) -> dict:
+        for p in self.params:
+            p.grad = None
+        gc.collect()
+        param_ptrs = {p.untyped_storage().data_ptr() for p in self.params}
+        held = sum(held_tensors(self.opt, param_ptrs).values())
+        param_bytes = sum(p.numel() * p.element_size() for p in self.params)
+        return {"name": self.name, "step_ms": 1e3 * statistics.median(self.times), "held": held / param_bytes}
+
+
+def measure(candidates: list[tuple[str, object, bool]], model: torch.nn.Module, steps: int) -> list[dict]:
+    """Median step time of every candidate, their steps interleaved (one step of each in turn, 5 untimed
+    rounds first): a drift in the machine's speed (another process, clock changes) then reaches every
+    optimizer alike instead of moving the ratios from run to run."""
+    timed = [Timed(name, factory, model, loss) for name, factory, loss in candidates]
+    for i in range(steps + 5):
+        for entry in timed:
+            entry.step(i, timed=i >= 5)
+    return [entry.result() for entry in timed]
+
+
+def keep_freed_memory() -> None:
+    """glibc only: keep freed memory in the heap (no mmap for large blocks, no trimming), so that no step
+    pays page faults for fresh temporaries. Adam(foreach) allocates parameter-sized temporaries every step;
+    under glibc's adaptive thresholds they come back as fresh pages or not depending on the allocation
+    history, and its step time moves between about 20 and 34 ms on the MLP from run to run."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31)):
+        raise SystemExit("--keep-freed-memory: mallopt failed (glibc only)")
 
 
 def published_factory(cache: Path):
@@ -151,7 +181,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-published", action="store_true", help="skip the published elra 0.0.5 (CPU only)")
     parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--keep-freed-memory", action="store_true", help="glibc: no page faults for temporaries")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     if args.threads:
@@ -165,7 +198,7 @@ def main() -> None:
         where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
         print(f"\n{kind}: {n / 1e6:.1f}M parameters in {tensors} tensors, {args.dtype}, {where}")
         with scratch_dir():  # the published package writes state_lgs.txt where it runs
-            rows = [measure(name, factory, model, args.steps, loss) for name, factory, loss in candidates(args)]
+            rows = measure(candidates(args), model, args.steps)
         base = {row["name"]: row["step_ms"] for row in rows}
         print(f"{'optimizer':<20}{'step ms':>10}{'vs Adam(foreach)':>18}{'vs AdamW(foreach)':>19}{'held / params':>15}")
         for row in rows:

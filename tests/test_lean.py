@@ -141,3 +141,22 @@ def test_a_16_bit_step_gives_every_multi_tensor_op_one_dtype(monkeypatch, precon
             opt.step(math.nan if step == 3 else 1.0 / (1 + step))  # a retrace too
     assert opt.stats["retraces"] == 1
     assert mixed.found == []
+
+
+def test_step_cost_benchmark_steps_each_optimizer_on_its_own_copy():
+    """benchmarks/step_cost.py interleaves the optimizers' steps: each needs its own parameters (else one
+    would step from where another left), and the held-bytes column must read the state as it is."""
+    from benchmarks.step_cost import measure
+
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    candidates = [
+        ("Adam", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True), False),
+        ("P2M", lambda ps: ElraOptimizer(ps, None, 16, 5, lr=1e-5), True),
+        ("adam", lambda ps: elra.ElraOptimizer(ps, None, 16, 5, lr=1e-5, preconditioner="adam"), True),
+    ]
+    rows = measure(candidates, model, steps=3)
+    assert [row["name"] for row in rows] == ["Adam", "P2M", "adam"]
+    assert [row["held"] for row in rows] == [2.0, 1.0, 2.0]
+    assert all(row["step_ms"] > 0 for row in rows)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
