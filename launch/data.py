@@ -28,6 +28,10 @@ class TensorSet:
     def __len__(self) -> int:
         return len(self.y)
 
+    def fewest_training_samples(self) -> int:
+        """Samples every epoch draws its training batches from (all of them)."""
+        return len(self)
+
     def loader(self, epoch: int | None, rank: int, world: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches of epoch ``epoch`` (equal on all ranks), or the held-out samples once (``None``):
         the first multiple of the number of ranks, so that sharded models run the same forwards on every rank
@@ -64,6 +68,10 @@ class TextWindows:
 
     def __len__(self) -> int:
         return len(self._starts(0))
+
+    def fewest_training_samples(self) -> int:
+        """Windows every epoch draws its training batches from: an epoch's offset can cost the last one."""
+        return len(self._starts(self.context - 1))
 
     def loader(self, epoch: int | None, rank: int, world: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches of epoch ``epoch`` (equal on all ranks), or the held-out windows once (``None``)."""

@@ -261,9 +261,29 @@ def preconditioner(args) -> str | None:
     return None if args.preconditioner == "none" else args.preconditioner
 
 
+def check_sizes(args, train_set, valid_set, world: int) -> None:
+    """Refuse data too small for one training step per epoch or one held-out sample per rank.
+
+    Every rank takes the same steps, so what does not fill a global batch is
+    left out of the epoch; with nothing left, each epoch would train nothing
+    and report (and feed ELRA) a loss of 0.
+    """
+    unit = "windows" if args.model == "gpt" else "samples"
+    ranks = f"{world} rank" + "s" * (world != 1)
+    available, per_step = train_set.fewest_training_samples(), args.batch_size * world
+    if available < per_step:
+        raise SystemExit(
+            f"--batch-size {args.batch_size} on {ranks} takes {per_step} training {unit} per step, but an epoch has "
+            f"{available}: not one step; lower --batch-size"
+        )
+    if len(valid_set) < world:
+        raise SystemExit(f"the held-out set has {len(valid_set)} {unit}, fewer than the {ranks}: nothing to evaluate")
+
+
 def train(args, rank: int, world: int, device: torch.device, distributed: bool) -> None:
     """Build, resume, train and save. The wrapped model lives only in this frame (see ``main``)."""
     train_set, valid_set, classes = build_data(args)
+    check_sizes(args, train_set, valid_set, world)
     model = wrap(build_model(args, classes), args.strategy, device)
     optimizer = ElraOptimizer(  # given the model: it reshards FSDP's gathered weights after its in-place changes
         model.parameters(), model, args.batch_size, classes, lr=args.lr, weight_decay=args.weight_decay,

@@ -139,6 +139,21 @@ def test_nonsense_numbers_are_refused_by_name(option, capsys):
     assert stop.value.code == 2 and option[0] in capsys.readouterr().err
 
 
+def test_a_batch_larger_than_the_training_set_is_refused(capsys):
+    """Every epoch would take no step and report (and feed ELRA) a train loss of 0."""
+    from launch.data import build_data
+
+    train_set, valid_set, _ = build_data(launcher.parse_args([]))  # 1437 training samples
+    for world in (1, 2):
+        launcher.check_sizes(launcher.parse_args(["--batch-size", str(1437 // world)]), train_set, valid_set, world)
+        too_large = launcher.parse_args(["--batch-size", str(1437 // world + 1)])
+        with pytest.raises(SystemExit, match=rf"--batch-size {1437 // world + 1} on {world} rank.*lower --batch-size"):
+            launcher.check_sizes(too_large, train_set, valid_set, world)
+    with pytest.raises(SystemExit, match="takes 2000 training samples per step, but an epoch has 1437"):
+        launcher.main(["--batch-size", "2000", "--epochs", "1", "--threads", "1"])
+    assert "epoch " not in capsys.readouterr().out
+
+
 def _fails_clearly(command: list[str], *words: str) -> str:
     """The job fails with a message and no traceback from the launcher (torchrun adds one of its own)."""
     done = _run(command, expect_ok=False)
