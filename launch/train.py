@@ -220,7 +220,10 @@ def evaluate(model, loader, device, distributed: bool) -> tuple[float, float]:
 
 
 def train_epoch(model, optimizer, loader, device, args, distributed: bool) -> float:
-    """One pass over this rank's part of the data; returns the mean micro-batch loss over ranks."""
+    """One pass over this rank's part of the data; returns the mean finite micro-batch loss over ranks.
+
+    A non-finite loss makes ELRA retrace; it stays out of the mean (NaN when no loss was finite).
+    """
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for index, (x, y) in enumerate(loader):
         if args.max_steps and index >= args.max_steps:
@@ -229,14 +232,15 @@ def train_epoch(model, optimizer, loader, device, args, distributed: bool) -> fl
         optimizer.zero_grad()
         with grad_sync(model, optimizer) if distributed else nullcontext():  # the forward too: DDP decides there
             loss = _loss(model(x), y)
-            totals += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+            finite = torch.isfinite(loss.detach())
+            totals += torch.stack([torch.where(finite, loss.detach(), 0.0), finite]).double()
             if optimizer.skip_backward(loss):
                 optimizer.step_retrace(loss)
                 continue
             loss.backward()
         optimizer.step(loss)
     loss_sum, count = reduce_sum(totals, distributed).tolist()
-    return loss_sum / max(count, 1.0)
+    return loss_sum / count if count else math.nan
 
 
 def _report(args, epoch: int, train_loss: float, valid: tuple[float, float], boosted, stats: dict) -> str:
@@ -308,8 +312,12 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
         with optimizer.boosted() as averaged:
             boosted = evaluate(model, valid_set.loader(None, rank, world, 256), device, distributed) if averaged else None
         optimizer.restart_boost()
-        optimizer.set_train_loss(train_loss)
-        optimizer.set_valid_loss(valid[0])
+        if math.isfinite(train_loss) and math.isfinite(valid[0]):  # equal on every rank: all or none report
+            optimizer.set_train_loss(train_loss)
+            optimizer.set_valid_loss(valid[0])
+        elif rank == 0:
+            log.warning("epoch %d: train loss %s, valid loss %s: not fed to ELRA's weight-decay control",
+                        epoch + 1, train_loss, valid[0])
         line = _report(args, epoch + 1, train_loss, valid, boosted, optimizer.stats)
         if checkpointer:
             checkpointer.save(model, optimizer, epoch + 1, summary=line)

@@ -154,6 +154,26 @@ def test_a_batch_larger_than_the_training_set_is_refused(capsys):
     assert "epoch " not in capsys.readouterr().out
 
 
+def test_a_non_finite_micro_batch_loss_stays_out_of_the_epochs_train_loss(monkeypatch, capsys):
+    """ELRA retraces it; the epoch's mean (and ELRA's decay control) takes the finite losses only."""
+    finite, fed = [], []
+    loss = launcher._loss
+
+    def one_nan(logits, targets, reduction="mean"):
+        value = loss(logits, targets, reduction)
+        if reduction == "mean":  # training
+            value = value * float("nan") if len(finite) == 3 else value
+            finite.append(value.item())
+        return value
+
+    monkeypatch.setattr(launcher, "_loss", one_nan)
+    monkeypatch.setattr(launcher.ElraOptimizer, "set_train_loss", lambda self, value: fed.append(value))
+    launcher.main(["--epochs", "1", "--max-steps", "8", "--threads", "1"])
+    finite = [v for v in finite if math.isfinite(v)]
+    assert len(finite) == 7 and fed == [pytest.approx(sum(finite) / 7, rel=1e-12)]
+    assert f"train {sum(finite) / 7:.4f}" in capsys.readouterr().out
+
+
 def _fails_clearly(command: list[str], *words: str) -> str:
     """The job fails with a message and no traceback from the launcher (torchrun adds one of its own)."""
     done = _run(command, expect_ok=False)
