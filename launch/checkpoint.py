@@ -7,9 +7,10 @@ torch.distributed.checkpoint (each rank writes its shards; it can be loaded
 on another number of ranks); none and DDP write one ``state.pt`` from rank 0.
 Gradient sums collected toward a real step are kept (averaged over ranks
 first). The newest ``keep`` complete checkpoints are kept. Each one records
-in ``meta.json`` the strategy and world size that wrote it and the epoch's
-summary line, so a job resumed with an incompatible strategy is told what
-differs, and a finished job says where it ended.
+in ``meta.json`` the strategy and world size that wrote it, the options its
+model and data depend on, and the epoch's summary line, so a job resumed
+with an incompatible strategy, model or data is told what differs, and a
+finished job says where it ended.
 """
 
 from __future__ import annotations
@@ -59,13 +60,18 @@ def full_model_state(model: torch.nn.Module, strategy: str) -> dict[str, torch.T
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, strategy: str, rank: int, keep: int = 2, world: int = 1) -> None:
+    def __init__(
+        self, directory: Path, strategy: str, rank: int, keep: int = 2, world: int = 1, job: dict | None = None
+    ) -> None:
+        """``job``: the options (name: value) the model and data depend on; a checkpoint written with other values
+        is refused (another --seed splits the data anew, another --heads reshapes nothing the load would notice)."""
         if directory.exists() and not directory.is_dir():
             raise CheckpointError(f"--checkpoint-dir {directory} is a file; name a directory (it is created if missing)")
         self.directory = directory
         self.keep = keep
         self.strategy = strategy
         self.world = world
+        self.job = dict(job or {})
         self.sharded = strategy in _SHARDED
         self.rank = rank
         if rank == 0:
@@ -95,7 +101,7 @@ class Checkpointer:
             torch.save(state, partial / "state.pt")
         _barrier()
         if self.rank == 0:
-            meta = {"strategy": self.strategy, "world_size": self.world, "epoch": epoch, "summary": summary}
+            meta = {"strategy": self.strategy, "world_size": self.world, "job": self.job, "epoch": epoch, "summary": summary}
             (partial / _META).write_text(json.dumps(meta))
             partial.rename(final)
             complete = sorted(p for p in self.directory.iterdir() if _NAME.match(p.name) and p.is_dir())
@@ -139,6 +145,14 @@ class Checkpointer:
                 + f"; --strategy {self.strategy} cannot resume it (its files are "
                 + ("torch.distributed.checkpoint shards" if (path / ".metadata").exists() else "one state.pt")
                 + f"): resume with --strategy {usable}, or start afresh in another --checkpoint-dir"
+            )
+        written_job = meta.get("job", {})
+        differ = [k for k in self.job if k in written_job and written_job[k] != self.job[k]]
+        if differ:
+            raise CheckpointError(
+                f"{path} was written with " + ", ".join(f"--{k.replace('_', '-')} {written_job[k]}" for k in differ)
+                + "; this job has " + ", ".join(f"--{k.replace('_', '-')} {self.job[k]}" for k in differ)
+                + ": resume with the options it was written with, or start afresh in another --checkpoint-dir"
             )
         if world is not None and world != self.world and self.rank == 0:
             log.warning("%s was written on %d ranks, resuming on %d: the global batch changes with it", path, world, self.world)

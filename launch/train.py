@@ -284,6 +284,16 @@ def check_sizes(args, train_set, valid_set, world: int) -> None:
         raise SystemExit(f"the held-out set has {len(valid_set)} {unit}, fewer than the {ranks}: nothing to evaluate")
 
 
+def job_options(args) -> dict[str, str | int]:
+    """The options the model and its data depend on: a resumed job must repeat them."""
+    names = {"mlp": ("seed",), "gpt": ("text", "context", "width", "heads", "layers"), "resnet18": ("fake_size",)}
+    job = {"model": args.model}
+    for name in names[args.model]:
+        value = getattr(args, name)
+        job[name] = str(value.resolve()) if isinstance(value, Path) else value
+    return job
+
+
 def train(args, rank: int, world: int, device: torch.device, distributed: bool) -> None:
     """Build, resume, train and save. The wrapped model lives only in this frame (see ``main``)."""
     train_set, valid_set, classes = build_data(args)
@@ -294,7 +304,10 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
         batch_multiplier=args.batch_multiplier, preconditioner=preconditioner(args),
     )
     optimizer.enable_boost()
-    checkpointer = Checkpointer(args.checkpoint_dir, args.strategy, rank, world=world) if args.checkpoint_dir else None
+    checkpointer = (
+        Checkpointer(args.checkpoint_dir, args.strategy, rank, world=world, job=job_options(args))
+        if args.checkpoint_dir else None
+    )
     start = checkpointer.resume(model, optimizer) if checkpointer else 0
     if start >= args.epochs and rank == 0:
         print(

@@ -208,6 +208,20 @@ def test_checkpoint_of_another_strategy_says_what_differs(tmp_path):
         Checkpointer(sharded.parent, "none", 0).resume(None, None)
 
 
+def test_checkpoint_of_other_data_or_model_options_says_what_differs(tmp_path, text_file):
+    """Another --seed splits the digits anew (the held-out set would be 78% former training samples); another
+    --heads loads into equal shapes: both resumed silently."""
+    checkpoints = tmp_path / "ckpt"
+    launcher.main(["--epochs", "1", "--max-steps", "2", "--threads", "1", "--checkpoint-dir", str(checkpoints)])
+    with pytest.raises(CheckpointError, match="written with --seed 0; this job has --seed 1"):
+        launcher.main(["--epochs", "2", "--max-steps", "2", "--threads", "1", "--checkpoint-dir", str(checkpoints), "--seed", "1"])
+    gpt = [*TINY_GPT, "--text", str(text_file), "--max-steps", "1", "--threads", "1", "--checkpoint-dir", str(tmp_path / "gpt")]
+    launcher.main([*gpt, "--epochs", "1"])
+    with pytest.raises(CheckpointError, match="written with --heads 2; this job has --heads 4"):
+        launcher.main([*gpt, "--epochs", "2", "--heads", "4"])
+    launcher.main([*gpt, "--epochs", "2"])  # the same options resume
+
+
 # ------------------------------------------------------------------- exit
 
 
