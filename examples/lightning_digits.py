@@ -5,6 +5,10 @@
 Lightning's automatic optimisation calls ``optimizer.step(closure)``; the
 closure runs forward and backward and returns the loss, which is all ELRA
 needs. ``set_train_loss``/``set_valid_loss`` go in the epoch-end hooks.
+Lightning's ``accumulate_grad_batches`` and gradient clipping are refused:
+the first hands ELRA every N-th loss divided by N beside the gradient of N
+batches, the second rescales the gradients ELRA measures; ELRA averages
+micro-batches itself (``batch_multiplier``) and handles bad steps (retrace).
 Exits with a message (status 0) when Lightning is not installed.
 """
 
@@ -61,6 +65,13 @@ def build_module(batch_size: int):
                 optimizer.set_train_loss(torch.stack(self.train_losses).mean().item())
                 optimizer.set_valid_loss(torch.stack(self.valid_losses).mean().item())
             self.train_losses, self.valid_losses = [], []
+
+        def on_fit_start(self) -> None:
+            if self.trainer.accumulate_grad_batches != 1 or self.trainer.gradient_clip_val:
+                raise ValueError(
+                    "ELRA needs every micro-batch's own loss and its unclipped gradient: drop accumulate_grad_batches "
+                    "and gradient_clip_val (ElraOptimizer(batch_multiplier=...) averages micro-batches)"
+                )
 
         def configure_optimizers(self):
             return ElraOptimizer(self.parameters(), None, batch_size, 10, lr=1e-5)

@@ -72,6 +72,17 @@ def test_lightning_example_drives_elra_through_closures():
     assert accuracy > 0.85 and stats["real_steps"] == 3 * 45
 
 
+@pytest.mark.parametrize("option", [{"accumulate_grad_batches": 2}, {"gradient_clip_val": 1.0}])
+def test_lightning_example_refuses_what_would_fight_elra(option):
+    """Accumulation handed ELRA every 2nd loss, halved, beside two batches' gradient; clipping rescales it."""
+    L = pytest.importorskip("lightning")
+    example = _example("lightning_digits")
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **option)
+    with pytest.raises(ValueError, match="accumulate_grad_batches and gradient_clip_val"):
+        trainer.fit(example.build_module(32), *example.digits_loaders(32))
+
+
 def test_hf_trainer_example_trains_gpt2_with_elra():
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
