@@ -63,6 +63,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _weight_decay(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1] (0.9999 means 1e-4)")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--strategy", choices=["none", "ddp", "fsdp2", "fsdp1"], default="none", help="data parallelism (all but none need torchrun)")
@@ -77,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "none is P2M, the published method",
     )
     parser.add_argument(
-        "--weight-decay", type=float, default=None,
+        "--weight-decay", type=_weight_decay, default=None,
         help="decoupled decay (0.9999 means 1e-4); none: 0.1 along a preconditioned direction, 0 for P2M",
     )
     parser.add_argument("--checkpoint-dir", type=Path, help="checkpoint every epoch here and resume from the newest")

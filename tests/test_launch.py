@@ -132,7 +132,11 @@ def test_resnet18_on_fake_cifar_runs_one_process(tmp_path):
 # ------------------------------------------------------------------ errors
 
 
-@pytest.mark.parametrize("option", [["--epochs", "0"], ["--epochs", "-1"], ["--batch-size", "0"], ["--timeout", "0"]])
+@pytest.mark.parametrize(
+    "option",
+    [["--epochs", "0"], ["--epochs", "-1"], ["--batch-size", "0"], ["--timeout", "0"], ["--weight-decay", "-1"],
+     ["--weight-decay", "1.5"]],
+)
 def test_nonsense_numbers_are_refused_by_name(option, capsys):
     with pytest.raises(SystemExit) as stop:
         launcher.parse_args(option)
