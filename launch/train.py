@@ -99,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=_positive_float, default=300.0, help="seconds a collective may wait for a rank")
     parser.add_argument("--seed", type=int, default=0, help="digits train/validation split")
     parser.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads per process (0: torch default)")
-    parser.add_argument("--save-final", type=Path, help="write the final full model state_dict here")
+    parser.add_argument("--save-final", type=Path, help="write the final full model state_dict here (directories created)")
     parser.add_argument("--crash-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # fault-injection tests
     parser.add_argument("--batch-multiplier", type=_at_least(1), default=1, help=argparse.SUPPRESS)  # mid-collection tests
     args = parser.parse_args(argv)
@@ -107,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--width {args.width} must be a multiple of --heads {args.heads}")
     if args.text is not None and not args.text.is_file():
         parser.error(f"--text {args.text} is not a file")
+    if args.save_final is not None and args.save_final.is_dir():
+        parser.error(f"--save-final {args.save_final} is a directory; name the file to write")
     return args
 
 
@@ -350,6 +352,7 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
 
         state = full_model_state(model, args.strategy)
         if rank == 0:
+            args.save_final.parent.mkdir(parents=True, exist_ok=True)  # as --checkpoint-dir: not at the end of a run
             torch.save(state, args.save_final)
 
 

@@ -192,6 +192,16 @@ def test_checkpoint_dir_that_is_a_file_is_refused(tmp_path):
     _fails_clearly([sys.executable, str(TRAIN), "--checkpoint-dir", str(file)], "is a file")
 
 
+def test_final_model_goes_to_a_directory_that_did_not_exist(tmp_path, capsys):
+    """A missing parent directory ended the finished run with a traceback and without the model."""
+    final = tmp_path / "new" / "model.pt"
+    launcher.main(["--epochs", "1", "--max-steps", "2", "--threads", "1", "--save-final", str(final)])
+    assert set(torch.load(final, weights_only=True)) == {"1.weight", "1.bias", "3.weight", "3.bias"}
+    with pytest.raises(SystemExit):
+        launcher.parse_args(["--save-final", str(tmp_path)])
+    assert "is a directory" in capsys.readouterr().err
+
+
 def test_distributed_strategy_without_torchrun_says_how_to_launch():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     done = subprocess.run([sys.executable, str(TRAIN), "--strategy", "ddp"], capture_output=True, text=True, timeout=120, env=env)
