@@ -146,7 +146,7 @@ class Checkpointing:
         self._check_saved_state(state_dict, booster.enabled, geometry, config["preconditioner"])
         super().load_state_dict(state_dict)
         self._own_loaded_state(state_dict)
-        self._restore_float32_moments(state_dict)
+        self._restore_float32_moments(state_dict, geometry)
         self.param_groups[0].pop(STATE_KEY, None)
         self.param_groups[0].pop(BOOST_KEY, None)
         self.param_groups[0].pop(CONFIG_KEY, None)
@@ -237,18 +237,24 @@ class Checkpointing:
                 if isinstance(value, torch.Tensor) and value.numel() and local(value).data_ptr() in saved:
                     entry[key] = value.clone()
 
-    def _restore_float32_moments(self, state_dict: dict[str, Any]) -> None:
+    def _restore_float32_moments(self, state_dict: dict[str, Any], geometry) -> None:
         """Undo torch's cast of loaded state to the parameter's dtype for the float32 moments of 16-bit parameters.
 
         In float16 ``(1-b2)*g^2`` would flush to 0 and the direction become inf (see :func:`moment_dtype`).
+        Only the moments (``geometry``'s state keys) stay float32: P2M's direction (``geometry`` ``None``) and
+        the boost mean follow the parameter's dtype, as they are made, also from a float32 checkpoint resumed
+        in 16 bits (a float32 boost mean beside a bfloat16 parameter failed the next accepted step).
         """
+        if geometry is None:
+            return
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             if p.dtype == moment_dtype(p):
                 continue
+            moments = geometry.state_shapes(p)
             for key, value in state_dict.get("state", {}).get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor) and value.dtype == moment_dtype(p) and key in self.state[p]:
+                if isinstance(value, torch.Tensor) and value.dtype == moment_dtype(p) and key in moments:
                     self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
 
     def _fill_empty_state(self) -> None:

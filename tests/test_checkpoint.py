@@ -375,6 +375,40 @@ def test_boost_state_loads_into_an_optimizer_without_boost():
     assert _same(_boosted(model, opt), _boosted(resumed, plain)) and plain.stats["boost_count"] > 1
 
 
+@pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
+def test_a_float32_checkpoint_resumed_in_bfloat16_takes_a_bfloat16_runs_state_dtypes(preconditioner):
+    """A float32 run's checkpoint resumed with the model cast to bfloat16: float32 moments, but P2M's
+    direction and the boost mean in bfloat16, as a bfloat16 run makes them (the float32 moments of 16-bit
+    parameters stay float32 through a load). Before, every float32 state tensor stayed float32: the
+    boost mean's update at the next accepted step raised a dtype error."""
+
+    def run(opt, net, start, stop, dtype):
+        for step in range(start, stop):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(8, 5, generator=g).to(dtype), torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(x).float(), y)
+            loss.backward()
+            opt.step(loss)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    make = lambda m: ElraOptimizer(m.parameters(), None, 8, 3, lr=1e-4, preconditioner=preconditioner)
+    opt = make(net)
+    opt.enable_boost(10)
+    run(opt, net, 0, 5, torch.float32)
+    half = copy.deepcopy(net).to(torch.bfloat16)
+    fresh = make(copy.deepcopy(half))
+    fresh.enable_boost(10)
+    resumed = make(half)
+    resumed.load_state_dict(opt.state_dict())
+    dtypes = lambda o: [{k: v.dtype for k, v in o.state[p].items()} for g in o.param_groups for p in g["params"]]
+    assert dtypes(resumed) == dtypes(fresh)
+    run(resumed, half, 5, 10, torch.bfloat16)
+    with resumed.boosted() as count:
+        assert count > 5 and all(torch.isfinite(p).all() for p in half.parameters())
+
+
 def test_a_checkpoint_without_hyperparameters_keeps_the_constructors(caplog):
     model = digits_model(torch.float32)
     opt = _digits_optimizer(model)
