@@ -5,7 +5,10 @@ over a cycle (240 accepted steps by default, or up to the epoch boundary)
 often evaluates better long before the path itself settles (Polyak-Ruppert
 averaging, SWA). The mean lives in the optimizer state as one tensor per
 parameter (a local shard under FSDP), updated in place on accepted steps; it
-never changes the optimizer's path.
+never changes the optimizer's path. The mean of a 16-bit parameter is kept in
+float32: in bfloat16 a running mean's update ``(x - mean)/count`` mostly
+rounds away once ``count`` is a few dozen, and the mean stays near the early
+points.
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ from typing import Sequence
 
 import torch
 
+from .chunks import in_dtype_of
+from .geometry import moment_dtype
+
 DEFAULT_CYCLE = 240
+
+
+def new_mean(p: torch.Tensor) -> torch.Tensor:
+    """A boost mean for parameter ``p``, holding its values: in ``p``'s dtype, float32 for 16-bit parameters."""
+    return p.detach().to(dtype=moment_dtype(p), copy=True)
 
 
 class Booster:
@@ -60,16 +71,40 @@ class Booster:
         if self.count == 1:
             torch._foreach_copy_(list(means), list(params))
         else:
-            torch._foreach_lerp_(list(means), list(params), 1.0 / self.count)
+            for held, points in in_dtype_of(means, params):  # 16-bit points into float32 means
+                torch._foreach_lerp_(held, points, 1.0 / self.count)
 
     @staticmethod
     @torch.no_grad()
-    def swap(params: Sequence[torch.Tensor], means: Sequence[torch.Tensor]) -> None:
-        """Exchange parameters and means in place, one tensor at a time (exact both ways)."""
+    def swap_in(params: Sequence[torch.Tensor], means: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Put the means into the parameters; returns what :meth:`swap_out` needs to restore them exactly.
+
+        A mean of the parameter's dtype changes places with it (one tensor at a
+        time: no copy of the model is held). A float32 mean of a 16-bit
+        parameter stays as it is (the parameter holds it rounded; an exchange
+        would leave the mean rounded too) and the parameter's values are kept aside.
+        """
+        kept: list[torch.Tensor | None] = []
         for param, mean in zip(params, means):
-            kept = param.clone()
+            saved = param.clone()
             param.copy_(mean)
-            mean.copy_(kept)
+            if mean.dtype == param.dtype:
+                mean.copy_(saved)
+                saved = None
+            kept.append(saved)
+        return kept
+
+    @staticmethod
+    @torch.no_grad()
+    def swap_out(params: Sequence[torch.Tensor], means: Sequence[torch.Tensor], kept: Sequence[torch.Tensor | None]) -> None:
+        """Undo :meth:`swap_in`: the parameters and the means bit-identical to before it."""
+        for param, mean, saved in zip(params, means, kept):
+            if saved is None:
+                saved = param.clone()
+                param.copy_(mean)
+                mean.copy_(saved)
+            else:
+                param.copy_(saved)
 
     def state_dict(self) -> dict:
         return {"enabled": self.enabled, "cycle": self.cycle, "count": self.count, "loss_sum": self.loss_sum}

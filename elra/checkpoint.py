@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .boost import Booster
+from .boost import Booster, new_mean
 from .config import checked_config, make_controller
 from .geometry import direction_state, make_direction, moment_dtype
 from .reduce import local
@@ -238,24 +238,26 @@ class Checkpointing:
                     entry[key] = value.clone()
 
     def _restore_float32_moments(self, state_dict: dict[str, Any], geometry) -> None:
-        """Undo torch's cast of loaded state to the parameter's dtype for the float32 moments of 16-bit parameters.
+        """Undo torch's cast of loaded state to the parameter's dtype for the float32 state of 16-bit parameters.
 
-        In float16 ``(1-b2)*g^2`` would flush to 0 and the direction become inf (see :func:`moment_dtype`).
-        Only the moments (``geometry``'s state keys) stay float32: P2M's direction (``geometry`` ``None``) and
-        the boost mean follow the parameter's dtype, as they are made, also from a float32 checkpoint resumed
-        in 16 bits (a float32 boost mean beside a bfloat16 parameter failed the next accepted step).
+        The moments (``geometry``'s state keys) and the boost mean are float32 there: in float16
+        ``(1-b2)*g^2`` would flush to 0 and the direction become inf (see :func:`moment_dtype`), and a
+        16-bit running mean stops moving (:mod:`elra.boost`); a boost mean saved in 16 bits is widened.
+        P2M's direction (``geometry`` ``None``) follows the parameter's dtype, as it is made, also from a
+        float32 checkpoint resumed in 16 bits.
         """
-        if geometry is None:
-            return
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
-            if p.dtype == moment_dtype(p):
+            wide = moment_dtype(p)
+            if p.dtype == wide:
                 continue
-            moments = geometry.state_shapes(p)
+            moments = geometry.state_shapes(p) if geometry is not None else {}
             for key, value in state_dict.get("state", {}).get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor) and value.dtype == moment_dtype(p) and key in moments:
-                    self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
+                if not isinstance(value, torch.Tensor) or key not in self.state[p]:
+                    continue
+                if key == "boost" or (key in moments and value.dtype == wide):
+                    self.state[p][key] = value.to(device=self.state[p][key].device, dtype=wide, copy=True)
 
     def _fill_empty_state(self) -> None:
         """Recreate the state of parameters with no local elements.
@@ -271,7 +273,7 @@ class Checkpointing:
                     for key, value in direction_state(self.geometry, p).items():
                         state.setdefault(key, value)
                     if self.booster.enabled:
-                        state.setdefault("boost", p.detach().clone())
+                        state.setdefault("boost", new_mean(p))
 
     def _loaded_as_moved(self, p: torch.Tensor) -> bool:
         """Whether the checkpoint's last accepted step moved ``p`` (taken off its state).

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.optim import Optimizer
 
-from .boost import DEFAULT_CYCLE, Booster
+from .boost import DEFAULT_CYCLE, Booster, new_mean
 from .checkpoint import Checkpointing
 from .chunks import runs
 from .config import check_int, checked_config, decay_rate, make_controller, normalized_momentum
@@ -265,19 +265,19 @@ class ElraOptimizer(Checkpointing, Optimizer):
         for p in tensors:
             self.state[p].update(direction_state(self.geometry, p))
             if self.booster.enabled:
-                self.state[p]["boost"] = p.detach().clone()
+                self.state[p]["boost"] = new_mean(p)
 
     def _follow_parameter_casts(self) -> None:
         """Before the first real step: the state made at construction follows a ``model.to(dtype or device)``
         since (torch's optimizers make their state at the first step, so that order works with them). It holds
-        zeros and the boost's copy of the parameters: the conversion changes no value."""
+        zeros and the boost's copy of the parameters (float32 for 16-bit ones, :func:`elra.boost.new_mean`)."""
         moment = moment_dtype if self.geometry is not None else (lambda p: p.dtype)
         devices = set()
         for group in self.param_groups:
             for p in group["params"]:
                 devices.add(p.device)
                 for key, value in self.state[p].items():
-                    dtype = p.dtype if key == "boost" else moment(p)
+                    dtype = moment_dtype(p) if key == "boost" else moment(p)
                     if local(value) is value and (value.dtype != dtype or value.device != p.device):
                         self.state[p][key] = value.to(dtype=dtype, device=p.device)
         if len(devices) > 1:
@@ -456,7 +456,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self.booster.enable(cycle)
         for group in self.param_groups:
             for p in group["params"]:
-                self.state[p].setdefault("boost", p.detach().clone())
+                self.state[p].setdefault("boost", new_mean(p))
 
     def disable_boost(self) -> None:
         self.booster.disable()
@@ -484,14 +484,14 @@ class ElraOptimizer(Checkpointing, Optimizer):
         params, means = self._boost_pairs() if count else ([], [])
         if count:
             self._check_models_known("boosted()")
-        Booster.swap(params, means)
+        kept = Booster.swap_in(params, means)
         reshard(self.models if count else ())
         self._boost_swapped = bool(count)
         try:
             yield count
         finally:
             self._boost_swapped = False
-            Booster.swap(params, means)
+            Booster.swap_out(params, means, kept)
             reshard(self.models if count else ())
 
     def _refuse_inside_boosted(self, what: str) -> None:

@@ -377,10 +377,10 @@ def test_boost_state_loads_into_an_optimizer_without_boost():
 
 @pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
 def test_a_float32_checkpoint_resumed_in_bfloat16_takes_a_bfloat16_runs_state_dtypes(preconditioner):
-    """A float32 run's checkpoint resumed with the model cast to bfloat16: float32 moments, but P2M's
-    direction and the boost mean in bfloat16, as a bfloat16 run makes them (the float32 moments of 16-bit
-    parameters stay float32 through a load). Before, every float32 state tensor stayed float32: the
-    boost mean's update at the next accepted step raised a dtype error."""
+    """A float32 run's checkpoint resumed with the model cast to bfloat16: the state takes the dtypes a
+    bfloat16 run makes (float32 moments and boost mean, P2M's direction in bfloat16). Before, every float32
+    state tensor stayed float32, the 16-bit boost mean of then too: its update at the next accepted step
+    raised a dtype error."""
 
     def run(opt, net, start, stop, dtype):
         for step in range(start, stop):
