@@ -8,7 +8,10 @@ diabetes data (these three also full-batch: deterministic losses), a
 character-level MLP language model on the project's LICENSE text, and two language models on the installed Python standard library's
 source: an MLP over 16 characters and a 2-layer causal transformer
 (``launch.models.CharGPT``, context 64). Optimizers: ELRA (defaults: the
-muon direction and automatic weight decay), ELRA P2M (the published method,
+muon direction and automatic weight decay), ELRA as the README's training
+loop uses it (``set_train_loss``/``set_valid_loss`` every REPORT_EVERY steps,
+the validation loss on about VALID_SHARE of the training split held out, so
+it trains on less; mini-batch tasks only), ELRA P2M (the published method,
 ``preconditioner=None``), ELRA over Adam's and the factored direction, Adam
 (1e-3), AdamW (1e-3, weight decay 0.01), SGD with momentum (0.01, 0.9),
 Prodigy (1.0), Schedule-Free AdamW (defaults) and the published elra 0.0.5
@@ -56,6 +59,37 @@ class Task:
     metric: str
     make: Callable  # seed -> (model, batches(step) -> (inputs, targets), loss_fn, evaluate(model) -> float)
     one_seed: bool = False  # a toy problem: its seed only moves the start a little
+    # make(seed, hold_out=True) adds valid_loss(model): the training split loses VALID_SHARE to a validation split
+    validates: bool = False
+
+
+VALID_SHARE = 0.15  # of the training split, held out by the rows that report losses (never the test split)
+REPORT_EVERY = 100  # steps between the losses such a row reports (set_train_loss / set_valid_loss)
+REPORTING = "ELRA, losses reported"
+
+
+def _split_off(count: int) -> int:
+    """How many of ``count`` training items stay for training when VALID_SHARE is held out."""
+    return count - int(VALID_SHARE * count)
+
+
+VALID_BLOCK = 2048  # characters: a text's training split is cut into blocks, every VALID_EVERY-th held out
+VALID_EVERY = 7  # (about VALID_SHARE; blocks all along the text, since its tail is not like its head)
+VALID_WINDOWS = 512  # at most this many windows in a language model's validation loss
+
+
+def _text_starts(length: int, context: int, hold_out: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Starts of the windows ``[s, s + context]`` of a text of ``length`` characters to train on, and with
+    ``hold_out`` the starts of at most VALID_WINDOWS validation windows, each inside a held-out block (no
+    character of them is trained on). Without ``hold_out`` every start trains, as in the other rows."""
+    starts = torch.arange(length - context - 1)
+    if not hold_out:
+        return starts, None
+    first, last = starts // VALID_BLOCK % VALID_EVERY, (starts + context) // VALID_BLOCK % VALID_EVERY
+    held = VALID_EVERY - 1
+    valid = starts[(first == held) & (last == held)]
+    picked = torch.linspace(0, len(valid) - 1, min(VALID_WINDOWS, len(valid))).long()
+    return starts[(first != held) & (last != held)], valid[picked]
 
 
 def _cubic(seed):
@@ -95,8 +129,11 @@ def _digits_split(seed, images: bool):
     return x[order[:split]], y[order[:split]], x[order[split:]], y[order[split:]]
 
 
-def _classifier(seed, model_fn, images, full=False):
+def _classifier(seed, model_fn, images, full=False, hold_out=False):
     x, y, x_test, y_test = _digits_split(seed, images)
+    if hold_out:  # the split's order is random: its tail is a random validation set
+        keep = _split_off(len(y))
+        x, y, x_valid, y_valid = x[:keep], y[:keep], x[keep:], y[keep:]
     torch.manual_seed(seed)
     model = model_fn()
     gen = torch.Generator().manual_seed(seed)
@@ -111,34 +148,47 @@ def _classifier(seed, model_fn, images, full=False):
         with torch.no_grad():
             return (m(x_test).argmax(1) == y_test).float().mean().item()
 
-    return model, batches, torch.nn.functional.cross_entropy, accuracy
+    task = model, batches, torch.nn.functional.cross_entropy, accuracy
+    return (*task, _loss_on(torch.nn.functional.cross_entropy, x_valid, y_valid)) if hold_out else task
 
 
-def _mlp(seed, full=False):
+def _loss_on(loss_fn, inputs, targets):
+    """``valid_loss(model)``: ``loss_fn`` on a fixed validation set."""
+
+    def valid_loss(m):
+        with torch.no_grad():
+            return loss_fn(m(inputs), targets).item()
+
+    return valid_loss
+
+
+def _mlp(seed, full=False, hold_out=False):
     return _classifier(
-        seed, lambda: torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)), False, full
+        seed, lambda: torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)), False, full,
+        hold_out,
     )
 
 
-def _cnn(seed, full=False):
+def _cnn(seed, full=False, hold_out=False):
     def model():
         return torch.nn.Sequential(
             torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
             torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32 * 16, 10),
         )
 
-    return _classifier(seed, model, True, full)
+    return _classifier(seed, model, True, full, hold_out)
 
 
 CONTEXT = 16
 
 
-def _char_lm(seed):
+def _char_lm(seed, hold_out=False):
     text = (ROOT / "LICENSE").read_text()
     vocab = sorted(set(text))
     ids = torch.tensor([vocab.index(c) for c in text])
     split = int(0.9 * len(ids))
     train, test = ids[:split], ids[split:]
+    train_starts, valid_starts = _text_starts(len(train), CONTEXT, hold_out)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
         torch.nn.Embedding(len(vocab), 24), torch.nn.Flatten(), torch.nn.Linear(24 * CONTEXT, 256), torch.nn.ReLU(),
@@ -150,7 +200,7 @@ def _char_lm(seed):
         return torch.stack([data[s : s + CONTEXT] for s in starts]), data[starts + CONTEXT]
 
     def batches(step):
-        return windows(train, torch.randint(0, len(train) - CONTEXT - 1, (64,), generator=gen))
+        return windows(train, train_starts[torch.randint(0, len(train_starts), (64,), generator=gen)])
 
     test_x, test_y = windows(test, torch.arange(0, len(test) - CONTEXT - 1, 7))
 
@@ -158,10 +208,13 @@ def _char_lm(seed):
         with torch.no_grad():
             return torch.nn.functional.cross_entropy(m(test_x), test_y).item() / math.log(2)
 
-    return model, batches, torch.nn.functional.cross_entropy, bits_per_char
+    task = model, batches, torch.nn.functional.cross_entropy, bits_per_char
+    if not hold_out:
+        return task
+    return (*task, _loss_on(torch.nn.functional.cross_entropy, *windows(train, valid_starts)))
 
 
-def _diabetes(seed, full=False):
+def _diabetes(seed, full=False, hold_out=False):
     """An MLP regression on scikit-learn's diabetes data (standardised); test mean squared error."""
     from sklearn.datasets import load_diabetes
 
@@ -174,6 +227,8 @@ def _diabetes(seed, full=False):
     mean, std = x[train].mean(0), x[train].std(0)
     x = (x - mean) / std
     y = (y - y[train].mean()) / y[train].std()
+    if hold_out:  # standardised as the other rows are; the validation rows are left out of training only
+        train, valid = train[: _split_off(len(train))], train[_split_off(len(train)) :]
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(10, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1), torch.nn.Flatten(0, 1))
     gen = torch.Generator().manual_seed(seed)
@@ -186,7 +241,8 @@ def _diabetes(seed, full=False):
         with torch.no_grad():
             return torch.nn.functional.mse_loss(m(x[test]), y[test]).item()
 
-    return model, batches, torch.nn.functional.mse_loss, test_mse
+    task = model, batches, torch.nn.functional.mse_loss, test_mse
+    return (*task, _loss_on(torch.nn.functional.mse_loss, x[valid], y[valid])) if hold_out else task
 
 
 def _full_batch(make):
@@ -203,13 +259,14 @@ def _stdlib_corpus() -> CharCorpus:
     return _CORPUS[0]
 
 
-def _language_model(seed, model: torch.nn.Module, context: int, batch: int, sequence: bool):
+def _language_model(seed, model: torch.nn.Module, context: int, batch: int, sequence: bool, hold_out: bool = False):
     """Next-character prediction on the stdlib corpus; held-out bits per character.
 
     ``sequence``: the model predicts every position of its window (a
     transformer); otherwise only the character after the window (an MLP).
     """
     corpus = _stdlib_corpus()
+    train_starts, valid_starts = _text_starts(len(corpus.train), context, hold_out)
     gen = torch.Generator().manual_seed(seed)
 
     def windows(ids, starts):
@@ -217,7 +274,7 @@ def _language_model(seed, model: torch.nn.Module, context: int, batch: int, sequ
         return (inputs, targets) if sequence else (inputs, targets[:, -1])
 
     def batches(step):
-        return windows(corpus.train, torch.randint(0, len(corpus.train) - context - 1, (batch,), generator=gen))
+        return windows(corpus.train, train_starts[torch.randint(0, len(train_starts), (batch,), generator=gen)])
 
     def loss_fn(logits, targets):
         return torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten())
@@ -228,23 +285,24 @@ def _language_model(seed, model: torch.nn.Module, context: int, batch: int, sequ
         with torch.no_grad():
             return sum(loss_fn(m(x), y).item() * len(y) for x, y in zip(test_x.split(256), test_y.split(256))) / len(test_y) / math.log(2)
 
-    return model, batches, loss_fn, bits_per_char
+    task = model, batches, loss_fn, bits_per_char
+    return (*task, _loss_on(loss_fn, *windows(corpus.train, valid_starts))) if hold_out else task
 
 
-def _mlp_lm(seed):
+def _mlp_lm(seed, hold_out=False):
     vocab = len(_stdlib_corpus().vocab)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
         torch.nn.Embedding(vocab, 24), torch.nn.Flatten(), torch.nn.Linear(24 * CONTEXT, 256), torch.nn.ReLU(),
         torch.nn.Linear(256, vocab),
     )
-    return _language_model(seed, model, CONTEXT, 64, sequence=False)
+    return _language_model(seed, model, CONTEXT, 64, sequence=False, hold_out=hold_out)
 
 
-def _transformer(seed):
+def _transformer(seed, hold_out=False):
     torch.manual_seed(seed)
     model = CharGPT(len(_stdlib_corpus().vocab), context=64, width=128, heads=4, layers=2)
-    return _language_model(seed, model, 64, 32, sequence=True)
+    return _language_model(seed, model, 64, 32, sequence=True, hold_out=hold_out)
 
 
 VOCAB = 95  # characters of the stdlib corpus: the published package's `classes` for its language models
@@ -255,12 +313,12 @@ TASKS = [
     Task("digits MLP full-batch", 400, 0, 1437, "test accuracy", _full_batch(_mlp)),
     Task("digits CNN full-batch", 200, 0, 1437, "test accuracy", _full_batch(_cnn)),
     Task("diabetes full-batch", 600, 0, 353, "test mse (standardised)", _full_batch(_diabetes)),
-    Task("digits MLP", 1500, 10, 32, "test accuracy", _mlp),
-    Task("digits CNN", 1500, 10, 32, "test accuracy", _cnn),
-    Task("diabetes MLP", 1000, 2, 32, "test mse (standardised)", _diabetes),
-    Task("char LM", 3000, 60, 64, "test bits/char", _char_lm),
-    Task("MLP char-LM", 2000, VOCAB, 64, "held-out bits/char", _mlp_lm),
-    Task("transformer", 1000, VOCAB, 32, "held-out bits/char", _transformer),
+    Task("digits MLP", 1500, 10, 32, "test accuracy", _mlp, validates=True),
+    Task("digits CNN", 1500, 10, 32, "test accuracy", _cnn, validates=True),
+    Task("diabetes MLP", 1000, 2, 32, "test mse (standardised)", _diabetes, validates=True),
+    Task("char LM", 3000, 60, 64, "test bits/char", _char_lm, validates=True),
+    Task("MLP char-LM", 2000, VOCAB, 64, "held-out bits/char", _mlp_lm, validates=True),
+    Task("transformer", 1000, VOCAB, 32, "held-out bits/char", _transformer, validates=True),
 ]
 
 
@@ -288,6 +346,7 @@ def optimizers(published) -> dict[str, Callable]:
 
     return {
         "ELRA": lambda params, task: ElraOptimizer(params, None, task.batch_size),
+        REPORTING: lambda params, task: ElraOptimizer(params, None, task.batch_size),
         "ELRA P2M": lambda params, task: ElraOptimizer(params, None, task.batch_size, preconditioner=None),
         "ELRA adam": lambda params, task: ElraOptimizer(params, None, task.batch_size, preconditioner="adam"),
         "ELRA factored": lambda params, task: ElraOptimizer(params, None, task.batch_size, preconditioner="factored"),
@@ -304,7 +363,10 @@ TRACE_EVERY = 10
 
 
 def run(task: Task, name: str, factory, seed: int) -> dict:
-    model, batches, loss_fn, evaluate = task.make(seed)
+    if name == REPORTING:
+        model, batches, loss_fn, evaluate, valid_loss = task.make(seed, hold_out=True)
+    else:
+        (model, batches, loss_fn, evaluate), valid_loss = task.make(seed), None
     opt = factory(model.parameters(), task)
     takes_loss = isinstance(opt, (ElraOptimizer, _Quiet))
     schedule_free = hasattr(opt, "train") and hasattr(opt, "eval") and not takes_loss
@@ -313,7 +375,7 @@ def run(task: Task, name: str, factory, seed: int) -> dict:
     losses, trace, error = [], [], None
     start = time.perf_counter()
     try:
-        _train(task, model, batches, loss_fn, opt, takes_loss, losses, trace)
+        _train(task, model, batches, loss_fn, opt, takes_loss, losses, trace, valid_loss)
     except Exception as exc:  # the published package crashes on some problems: report it
         error = type(exc).__name__
     if schedule_free:
@@ -330,9 +392,16 @@ def run(task: Task, name: str, factory, seed: int) -> dict:
     }
 
 
-def _train(task, model, batches, loss_fn, opt, takes_loss, losses, trace) -> None:
-    """``task.steps`` gradient evaluations; ELRA's controller is sampled every TRACE_EVERY steps."""
+def _train(task, model, batches, loss_fn, opt, takes_loss, losses, trace, valid_loss=None) -> None:
+    """``task.steps`` gradient evaluations; ELRA's controller is sampled every TRACE_EVERY steps. With
+    ``valid_loss``, every REPORT_EVERY steps ELRA is told the mean training loss since the last report and
+    the validation loss (its weight-decay control), as the README's training loop does once an epoch."""
     for step in range(task.steps):
+        if valid_loss is not None and step and step % REPORT_EVERY == 0:
+            recent = [v for v in losses[-REPORT_EVERY:] if math.isfinite(v)]
+            if recent:
+                opt.set_train_loss(statistics.fmean(recent))
+                opt.set_valid_loss(valid_loss(model))
         inputs, targets = batches(step)
         loss = loss_fn(model(inputs), targets)
         value = loss.item()
@@ -377,7 +446,13 @@ def main() -> None:
     peers = [n for n in optimizers(load_published(args.cache)) if not args.optimizers or n in args.optimizers]
     tasks = [t for t in TASKS if t.name in args.tasks]
     args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(t.name, n, seed, args.cache) for t in tasks for n in peers for seed in range(1 if t.one_seed else args.seeds)]
+    jobs = [
+        (t.name, n, seed, args.cache)
+        for t in tasks
+        for n in peers
+        if t.validates or n != REPORTING  # a noise-free fit has no decay to control (and no validation split)
+        for seed in range(1 if t.one_seed else args.seeds)
+    ]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
         done = {(t, n, s): r for t, n, s, r in pool.map(_run_job, jobs)}
     lines = ["| task | metric | " + " | ".join(peers) + " |", "|---|---|" + "---:|" * len(peers)]
@@ -386,6 +461,10 @@ def main() -> None:
         cells_loss, cells_metric = [], []
         for name in peers:
             results = [r for (t, n, _), r in sorted(done.items(), key=lambda kv: kv[0][2]) if t == task.name and n == name]
+            if not results:
+                cells_loss.append("n/a")
+                cells_metric.append("n/a")
+                continue
             curves[(task.name, name)] = results[0]["curve"]
             if results[0]["trace"] and name == "ELRA":
                 traces[task.name] = results[0]["trace"]
