@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from .chunks import runs
+
 if TYPE_CHECKING:
     from .optimizer import ElraOptimizer
 
@@ -83,23 +85,36 @@ def holds_unsynced_grads(model: torch.nn.Module) -> bool:
     return False
 
 
+SYNC_BUCKET = 1 << 22  # elements per all-reduce of :func:`_sync_ddp` (16 MB of float32): no flat copy of all gradients
+
+
 def _sync_ddp(model: torch.nn.parallel.DistributedDataParallel) -> None:
-    """DDP's ``.grad`` averaged over ranks in one all-reduce, every parameter in it: ranks may differ in which
-    parameters got a gradient (data-dependent routing), so a zero stands in for a missing one and a count
-    per parameter, in the same vector, says whether any rank had one (else ``.grad`` stays ``None``)."""
+    """DDP's ``.grad`` averaged over ranks, every parameter's: ranks may differ in which parameters got a
+    gradient (data-dependent routing), so one small all-reduce first counts, per parameter, the ranks that
+    have one (none: ``.grad`` stays ``None``; some: a zero gradient stands in on the others). Then the
+    gradients are all-reduced in place, in buckets of one dtype and at most SYNC_BUCKET elements (a larger
+    tensor alone), in the same order on every rank."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    present = torch.tensor([float(p.grad is not None) for p in params], dtype=flat.dtype, device=flat.device)
-    flat = torch.cat([flat, present])
-    dist.all_reduce(flat, group=model.process_group)
-    sizes = [p.numel() for p in params]
-    sums, counts = flat[: sum(sizes)], flat[sum(sizes) :].tolist()
-    sums /= dist.get_world_size(model.process_group)
-    for p, mean, count in zip(params, sums.split(sizes), counts):
+    group = model.process_group
+    counts = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    dist.all_reduce(counts, group=group)
+    grads_by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p, count in zip(params, counts.tolist()):
         if count:
-            p.grad = torch.empty_like(p).copy_(mean.view(p.shape)) if p.grad is None else p.grad.copy_(mean.view(p.shape))
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads_by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    world = dist.get_world_size(group)
+    for grads in grads_by_dtype.values():
+        for (bucket,) in runs([grads], budget=SYNC_BUCKET):
+            single = len(bucket) == 1 and bucket[0].is_contiguous()
+            flat = bucket[0] if single else torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=group)
+            flat /= world
+            if not single:
+                torch._foreach_copy_(bucket, [part.view(g.shape) for part, g in zip(flat.split([g.numel() for g in bucket]), bucket)])
 
 
 def _fsdp2_params(model: torch.nn.Module) -> Iterator:
@@ -114,8 +129,8 @@ def _fsdp2_params(model: torch.nn.Module) -> Iterator:
 def sync_unsynced_grads(model: torch.nn.Module) -> None:
     """Average over ranks the gradients ``model``'s wrapper collected with sync off (a collective).
 
-    Leaves them where a synchronised backward would: DDP's ``.grad`` (one
-    all-reduce of all gradients, flattened), FSDP2's sharded ``.grad`` (each
+    Leaves them where a synchronised backward would: DDP's ``.grad`` (bucketed
+    all-reduces in place, see :func:`_sync_ddp`), FSDP2's sharded ``.grad`` (each
     unsharded sum all-reduced over the mesh, then this rank's shard kept; the
     next synchronised backward adds its reduce-scatter to it), FSDP1's sharded
     flat ``.grad`` (the same, for the flat parameter; FSDP1 adds the next

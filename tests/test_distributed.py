@@ -453,3 +453,33 @@ def test_sync_pending_grads_lines_up_parameters_that_only_some_ranks_have_gradie
         for rank in ranks:
             assert torch.allclose(rank["grads"][name], expected, rtol=0, atol=1e-12), name
     assert ranks[0]["collected"] == ranks[1]["collected"] == [1.0] * 4
+
+
+def test_ddp_pending_gradients_are_reduced_in_bounded_buckets_back_into_place(tmp_path, monkeypatch):
+    """DDP's sync reduces the gradients in buckets of one dtype (never one flat copy of all of them) and puts
+    every part back where it came from, through buckets of several tensors, a tensor alone, mixed dtypes, a
+    transposed gradient and a missing one. One rank, its all-reduce standing for three ranks with equal
+    gradients (a sum of 3 times each): the result must be 3 times each gradient, in its place."""
+    import torch.distributed as dist
+
+    import elra.sync
+
+    monkeypatch.setattr(elra.sync, "SYNC_BUCKET", 40)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3).double(), torch.nn.Linear(3, 2))
+        model = torch.nn.parallel.DistributedDataParallel(net)
+        for p in net.parameters():
+            p.grad = torch.randn_like(p)
+        net[0].weight.grad = torch.randn(6, 5).t()  # non-contiguous
+        net[2].bias.grad = None
+        before = {name: None if p.grad is None else p.grad.clone() for name, p in net.named_parameters()}
+        monkeypatch.setattr(elra.sync.dist, "all_reduce", lambda tensor, group=None: tensor.mul_(3))
+        elra.sync.sync_unsynced_grads(model)
+        for name, p in net.named_parameters():
+            assert (p.grad is None) == (before[name] is None), name
+            if p.grad is not None:
+                assert torch.equal(p.grad, 3 * before[name]), name
+    finally:
+        dist.destroy_process_group()
