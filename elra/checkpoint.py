@@ -242,9 +242,9 @@ class Checkpointing:
 
         The moments (``geometry``'s state keys) and the boost mean are float32 there: in float16
         ``(1-b2)*g^2`` would flush to 0 and the direction become inf (see :func:`moment_dtype`), and a
-        16-bit running mean stops moving (:mod:`elra.boost`); a boost mean saved in 16 bits is widened.
-        P2M's direction (``geometry`` ``None``) follows the parameter's dtype, as it is made, also from a
-        float32 checkpoint resumed in 16 bits.
+        16-bit running mean stops moving (:mod:`elra.boost`); they are made float32 from the saved values,
+        whatever their dtype (a float64 run's too). P2M's direction (``geometry`` ``None``) follows the parameter's
+        dtype, as it is made, also from a float32 checkpoint resumed in 16 bits.
         """
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -256,7 +256,7 @@ class Checkpointing:
             for key, value in state_dict.get("state", {}).get(saved_id, {}).items():
                 if not isinstance(value, torch.Tensor) or key not in self.state[p]:
                     continue
-                if key == "boost" or (key in moments and value.dtype == wide):
+                if key == "boost" or key in moments:
                     self.state[p][key] = value.to(device=self.state[p][key].device, dtype=wide, copy=True)
 
     def _fill_empty_state(self) -> None:

@@ -18,6 +18,7 @@ import numbers
 import zlib
 from contextlib import contextmanager
 from dataclasses import replace
+from operator import attrgetter
 from typing import Any, Callable, Iterator
 
 import torch
@@ -43,6 +44,7 @@ AUTO_DECAY = 0.1
 # other optimizers' per-group options that ELRA would otherwise keep in the group and ignore
 FOREIGN_GROUP_OPTIONS = frozenset({"betas", "eps", "nesterov", "dampening", "amsgrad", "maximize"})
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+_DTYPE = attrgetter("dtype")
 _HALF_MAX = torch.finfo(torch.float16).max
 _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
 # each real step's vector ends in the losses reported since the last one: train and validation, value and count
@@ -164,6 +166,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
     """
 
     _boost_swapped = False  # inside boosted(): the parameters hold the boost mean, the state the current point
+    _matched: tuple | None = None  # the parameters' dtypes and device when the state last matched them
 
     def __init__(
         self,
@@ -268,23 +271,38 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 self.state[p]["boost"] = new_mean(p)
 
     def _follow_parameter_casts(self) -> None:
-        """Before the first real step: the state made at construction follows a ``model.to(dtype or device)``
-        since (torch's optimizers make their state at the first step, so that order works with them). It holds
-        zeros and the boost's copy of the parameters (float32 for 16-bit ones, :func:`elra.boost.new_mean`)."""
+        """Convert the state to the parameters' dtype and device after a ``model.to(...)``, ``.double()``,
+        ``.half()`` since the last call (``nn.Module.to`` keeps the Parameter objects and replaces their data).
+
+        The state becomes what a fresh optimizer on the cast model holds after loading this one's
+        ``state_dict``: moments and boost mean in :func:`elra.geometry.moment_dtype` (float32 for 16-bit
+        parameters), P2M's direction in the parameter's dtype. Collected micro-batch sums are the ``.grad``,
+        which ``Module.to`` casts too. Left alone, old-dtype state would run on silently: float32 moments of a
+        float64 model, a bfloat16 P2M direction of a float32 one. One read of the parameters' dtypes per step
+        finds a cast (a device move is seen on the first parameter: ELRA holds one device).
+        """
+        params = [p for group in self.param_groups for p in group["params"]]
+        kinds = (list(map(_DTYPE, params)), params[0].device if params else None)
+        if kinds == self._matched:
+            return
         moment = moment_dtype if self.geometry is not None else (lambda p: p.dtype)
-        devices = set()
-        for group in self.param_groups:
-            for p in group["params"]:
-                devices.add(p.device)
-                for key, value in self.state[p].items():
-                    dtype = moment_dtype(p) if key == "boost" else moment(p)
-                    if local(value) is value and (value.dtype != dtype or value.device != p.device):
-                        self.state[p][key] = value.to(dtype=dtype, device=p.device)
+        devices, converted = set(), 0
+        for p in params:
+            devices.add(p.device)
+            state = self.state[p]
+            for key, value in state.items():
+                dtype = moment_dtype(p) if key == "boost" else moment(p)
+                if local(value) is value and (value.dtype != dtype or value.device != p.device):
+                    state[key] = value.to(dtype=dtype, device=p.device)
+                    converted += 1
         if len(devices) > 1:
             raise ValueError(
                 f"all parameters must be on one device: found {sorted(map(str, devices))}; use one optimizer per device"
             )
+        if converted:
+            logger.info("ELRA: the parameters were cast or moved; %d state tensors follow them", converted)
         self._device = devices.pop() if devices else self._device
+        self._matched = kinds
 
     def _check_group_options(self, group: dict[str, Any]) -> None:
         """Refuse per-group options ELRA cannot honour: it has one step length and one momentum, and no
@@ -397,8 +415,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         """
         self._refuse_inside_boosted("a step")
         self._check_kept_grads()
-        if not self.controller.state.steps:
-            self._follow_parameter_casts()
+        self._follow_parameter_casts()
         losses = [*self._pending, value]
         if len(losses) < self.controller.state.multiplier:
             self._pending = losses
@@ -415,6 +432,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             raise TypeError("step_retrace needs the loss value that made you skip backward()")
         self._refuse_inside_boosted("step_retrace")
         self._check_models_known("step_retrace")
+        self._follow_parameter_casts()
         self._real_step([*self._pending, _loss_value(loss)], with_gradient=False)
         reshard(self.models)  # the skipped backward left gathered weights behind
         for model in {*self.models, *self.unsynced_models}:  # the abandoned sums, wherever a wrapper keeps them
@@ -480,6 +498,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         recompute them for the boosted ones (``torch.optim.swa_utils.update_bn``).
         """
         self._refuse_inside_boosted("boosted()")
+        self._follow_parameter_casts()
         count = self.booster.count if self.booster.enabled else 0
         params, means = self._boost_pairs() if count else ([], [])
         if count:

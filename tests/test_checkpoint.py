@@ -376,11 +376,12 @@ def test_boost_state_loads_into_an_optimizer_without_boost():
 
 
 @pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
-def test_a_float32_checkpoint_resumed_in_bfloat16_takes_a_bfloat16_runs_state_dtypes(preconditioner):
-    """A float32 run's checkpoint resumed with the model cast to bfloat16: the state takes the dtypes a
-    bfloat16 run makes (float32 moments and boost mean, P2M's direction in bfloat16). Before, every float32
-    state tensor stayed float32, the 16-bit boost mean of then too: its update at the next accepted step
-    raised a dtype error."""
+@pytest.mark.parametrize("saved", [torch.float32, torch.float64])
+def test_a_float32_checkpoint_resumed_in_bfloat16_takes_a_bfloat16_runs_state_dtypes(preconditioner, saved):
+    """A float32 (or float64) run's checkpoint resumed with the model cast to bfloat16: the state takes the
+    dtypes a bfloat16 run makes (float32 moments and boost mean, P2M's direction in bfloat16). Before, every
+    float32 state tensor stayed float32, the 16-bit boost mean of then too: its update at the next accepted
+    step raised a dtype error; a float64 run's moments became bfloat16."""
 
     def run(opt, net, start, stop, dtype):
         for step in range(start, stop):
@@ -392,11 +393,11 @@ def test_a_float32_checkpoint_resumed_in_bfloat16_takes_a_bfloat16_runs_state_dt
             opt.step(loss)
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(saved)
     make = lambda m: ElraOptimizer(m.parameters(), None, 8, 3, lr=1e-4, preconditioner=preconditioner)
     opt = make(net)
     opt.enable_boost(10)
-    run(opt, net, 0, 5, torch.float32)
+    run(opt, net, 0, 5, saved)
     half = copy.deepcopy(net).to(torch.bfloat16)
     fresh = make(copy.deepcopy(half))
     fresh.enable_boost(10)

@@ -1,5 +1,6 @@
 """Bad numbers never raise and never reach the parameters."""
 
+import copy
 from functools import partial
 import logging
 import math
@@ -161,6 +162,45 @@ def test_a_model_cast_after_the_optimizer_was_built_trains_as_one_cast_before(pr
 
     (cast_later, stats), (cast_first, first_stats) = trained(False), trained(True)
     assert stats == first_stats and all(torch.equal(a, b) for a, b in zip(cast_later, cast_first))
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
+@pytest.mark.parametrize(
+    "before, after",
+    [(torch.float32, torch.float64), (torch.float64, torch.float32), (torch.float32, torch.bfloat16)],
+    ids=["float32-float64", "float64-float32", "float32-bfloat16"],
+)
+def test_a_cast_after_training_started_continues_as_a_fresh_optimizer_loading_the_state(preconditioner, before, after):
+    """``model.to(dtype)`` after real steps, in the middle of collecting micro-batches, with boost on: training
+    goes on bit-identical to a fresh optimizer on the cast model that loads the state saved before the cast
+    (torch's ``load_state_dict`` casts state), with the state dtypes it holds. Before, the state kept the old
+    dtype silently: float32 moments of a float64 model, a float32 P2M direction of a bfloat16 one."""
+
+    def train(model, opt, start, stop, dtype):
+        for step in range(start, stop):
+            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step)).to(dtype)
+            opt.zero_grad()
+            loss = model(x).float().square().mean()
+            loss.backward()
+            opt.step(loss)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).to(before)
+    make = lambda m: ElraOptimizer(m.parameters(), None, 8, 2, batch_multiplier=2, preconditioner=preconditioner)
+    opt = make(model)
+    opt.enable_boost(20)
+    train(model, opt, 0, 7, before)  # three real steps and one micro-batch collected
+    saved, twin = copy.deepcopy(opt.state_dict()), copy.deepcopy(model).to(after)
+    fresh = make(twin)
+    fresh.load_state_dict(saved)
+    model.to(after)
+    train(model, opt, 7, 30, after)
+    train(twin, fresh, 7, 30, after)
+    dtypes = lambda o: [{k: v.dtype for k, v in o.state[p].items()} for g in o.param_groups for p in g["params"]]
+    assert dtypes(opt) == dtypes(fresh) and opt.stats == fresh.stats
+    with opt.boosted(), fresh.boosted():
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
 
 
 def test_parameters_on_two_devices_are_rejected_at_construction():
