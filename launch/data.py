@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from launch.text import CharCorpus
+from launch.text import CharCorpus, TextTooShort
 
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
@@ -58,9 +58,14 @@ class TextWindows:
     same for every run and every strategy.
     """
 
-    def __init__(self, ids: torch.Tensor, context: int) -> None:
-        if len(ids) < 2 * context + 1:
-            raise ValueError(f"{len(ids)} characters are too few for windows of --context {context}")
+    def __init__(self, ids: torch.Tensor, context: int, part: str = "the text") -> None:
+        """``part`` names the characters in the error: at least ``2 * context`` are needed, so that
+        every epoch's offset leaves one whole window (and its next-character target)."""
+        if len(ids) < 2 * context:
+            raise TextTooShort(
+                f"{part} has {len(ids)} characters, too few for windows of --context {context}: it needs at least "
+                f"{2 * context}; give a longer --text or a smaller --context"
+            )
         self.ids, self.context = ids, context
 
     def _starts(self, shift: int) -> torch.Tensor:
@@ -92,7 +97,9 @@ class TextWindows:
 def _text(path: Path | None, context: int) -> tuple[TextWindows, TextWindows, int]:
     """The characters of ``path`` (the standard library's source when ``None``); classes = vocabulary size."""
     corpus = CharCorpus.load(path)
-    return TextWindows(corpus.train, context), TextWindows(corpus.valid, context), len(corpus.vocab)
+    train = TextWindows(corpus.train, context, "the training part of the text (its first 90%)")
+    valid = TextWindows(corpus.valid, context, "the held-out part of the text (its last 10%)")
+    return train, valid, len(corpus.vocab)
 
 
 def _digits(seed: int) -> tuple[TensorSet, TensorSet, int]:

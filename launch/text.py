@@ -17,6 +17,10 @@ import torch
 DEFAULT_SIZE = 300_000
 
 
+class TextTooShort(ValueError):
+    """A text too short for the language model or its windows; the message says how long it must be."""
+
+
 def stdlib_source(size: int = DEFAULT_SIZE) -> str:
     """About ``size`` characters of the standard library's Python source."""
     directory = Path(sysconfig.get_paths()["stdlib"])
@@ -43,7 +47,7 @@ class CharCorpus:
     @classmethod
     def from_text(cls, text: str, valid_fraction: float = 0.1) -> "CharCorpus":
         if len(text) < 1000:
-            raise ValueError(f"the text has {len(text)} characters; a language model needs at least 1000")
+            raise TextTooShort(f"the text has {len(text)} characters; a language model needs at least 1000")
         vocab = sorted(set(text))
         index = {c: i for i, c in enumerate(vocab)}
         ids = torch.tensor([index[c] for c in text], dtype=torch.long)

@@ -37,6 +37,7 @@ from elra import ElraOptimizer, grad_sync  # noqa: E402
 from launch.checkpoint import Checkpointer, CheckpointError  # noqa: E402
 from launch.data import build_data  # noqa: E402
 from launch.models import CharGPT, digits_mlp  # noqa: E402
+from launch.text import TextTooShort  # noqa: E402
 
 log = logging.getLogger("launch")
 
@@ -305,7 +306,10 @@ def job_options(args) -> dict[str, str | int]:
 
 def train(args, rank: int, world: int, device: torch.device, distributed: bool) -> None:
     """Build, resume, train and save. The wrapped model lives only in this frame (see ``main``)."""
-    train_set, valid_set, classes = build_data(args)
+    try:
+        train_set, valid_set, classes = build_data(args)
+    except TextTooShort as error:  # a one-line error, as check_sizes gives
+        raise SystemExit(str(error)) from None
     check_sizes(args, train_set, valid_set, world)
     model = wrap(build_model(args, classes), args.strategy, device)
     optimizer = ElraOptimizer(  # given the model: it reshards FSDP's gathered weights after its in-place changes

@@ -158,6 +158,27 @@ def test_a_batch_larger_than_the_training_set_is_refused(capsys):
     assert "epoch " not in capsys.readouterr().out
 
 
+def test_a_text_too_short_for_the_context_is_refused_saying_how_long_it_must_be(tmp_path, capsys):
+    """It ended in a traceback from TextWindows (and from CharCorpus under 1000 characters)."""
+    from launch.data import TextWindows
+
+    assert TextWindows(torch.arange(32), 16).fewest_training_samples() == 1  # 2 * context: every offset has a window
+    with pytest.raises(ValueError, match="the text has 31 characters, too few for windows of --context 16: it needs "
+                                         "at least 32; give a longer --text or a smaller --context"):
+        TextWindows(torch.arange(31), 16)
+    text = tmp_path / "short.txt"
+    text.write_text("abcdefghij" * 120, encoding="utf-8")  # 1200 characters: 120 held out
+    gpt = ["--model", "gpt", "--text", str(text), "--epochs", "1", "--max-steps", "1", "--threads", "1"]
+    with pytest.raises(SystemExit, match=r"the held-out part of the text \(its last 10%\) has 120 characters, too few "
+                                         "for windows of --context 64: it needs at least 128"):
+        launcher.main(gpt)
+    launcher.main([*gpt, "--context", "60", "--batch-size", "8"])
+    text.write_text("abcdefghij" * 50, encoding="utf-8")
+    with pytest.raises(SystemExit, match="the text has 500 characters; a language model needs at least 1000"):
+        launcher.main(gpt)
+    assert capsys.readouterr().out.count("epoch ") == 1
+
+
 def test_a_non_finite_micro_batch_loss_stays_out_of_the_epochs_train_loss(monkeypatch, capsys):
     """ELRA retraces it; the epoch's mean (and ELRA's decay control) takes the finite losses only."""
     finite, fed = [], []
