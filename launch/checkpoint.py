@@ -8,9 +8,9 @@ on another number of ranks); none and DDP write one ``state.pt`` from rank 0.
 Gradient sums collected toward a real step are kept (averaged over ranks
 first). The newest ``keep`` complete checkpoints are kept. Each one records
 in ``meta.json`` the strategy and world size that wrote it, the options its
-model and data depend on, and the epoch's summary line, so a job resumed
-with an incompatible strategy, model or data is told what differs, and a
-finished job says where it ended.
+model, data and batches depend on, and the epoch's summary line, so a job
+resumed with an incompatible strategy, model, data or batch size is told
+what differs, and a finished job says where it ended.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ class Checkpointer:
     def __init__(
         self, directory: Path, strategy: str, rank: int, keep: int = 2, world: int = 1, job: dict | None = None
     ) -> None:
-        """``job``: the options (name: value) the model and data depend on; a checkpoint written with other values
-        is refused (another --seed splits the data anew, another --heads reshapes nothing the load would notice)."""
+        """``job``: the options (name: value) the model, data and batches depend on; a checkpoint written with other
+        values is refused (another --seed splits the data anew, another --heads reshapes nothing the load would
+        notice, another --batch-size is not the one the optimizer's state resumes with)."""
         if directory.exists() and not directory.is_dir():
             raise CheckpointError(f"--checkpoint-dir {directory} is a file; name a directory (it is created if missing)")
         self.directory = directory

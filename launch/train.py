@@ -295,9 +295,13 @@ def check_sizes(args, train_set, valid_set, world: int) -> None:
 
 
 def job_options(args) -> dict[str, str | int]:
-    """The options the model and its data depend on: a resumed job must repeat them."""
+    """The options the model, its data and its batches depend on: a resumed job must repeat them.
+
+    ``--batch-size`` among them: ELRA resumes with the batch size of its checkpoint (its statistics
+    window), so another one would feed it micro-batches of a size it does not count with.
+    """
     names = {"mlp": ("seed",), "gpt": ("text", "context", "width", "heads", "layers"), "resnet18": ("fake_size",)}
-    job = {"model": args.model}
+    job = {"model": args.model, "batch_size": args.batch_size}
     for name in names[args.model]:
         value = getattr(args, name)
         job[name] = str(value.resolve()) if isinstance(value, Path) else value

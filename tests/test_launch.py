@@ -257,6 +257,24 @@ def test_checkpoint_of_other_data_or_model_options_says_what_differs(tmp_path, t
     launcher.main([*gpt, "--epochs", "2"])  # the same options resume
 
 
+def test_checkpoint_of_another_batch_size_says_what_it_was_trained_with(tmp_path):
+    """ELRA resumes with its checkpoint's batch size (logging it) while the micro-batches changed: resumed silently."""
+    import json
+
+    checkpoints = tmp_path / "ckpt"
+    run = ["--max-steps", "2", "--threads", "1", "--checkpoint-dir", str(checkpoints)]
+    launcher.main([*run, "--epochs", "1"])
+    with pytest.raises(CheckpointError, match="written with --batch-size 32; this job has --batch-size 16: resume"):
+        launcher.main([*run, "--epochs", "2", "--batch-size", "16"])
+    launcher.main([*run, "--epochs", "2"])
+    meta = checkpoints / "epoch-00002" / "meta.json"
+    written = json.loads(meta.read_text())
+    assert written["job"]["batch_size"] == 32
+    del written["job"]["batch_size"]  # as the launcher wrote it before
+    meta.write_text(json.dumps(written))
+    launcher.main([*run, "--epochs", "3"])
+
+
 # ------------------------------------------------------------------- exit
 
 
