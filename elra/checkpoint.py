@@ -34,6 +34,7 @@ _MOVED = "moved"  # 1.0 where the last accepted step moved the parameter: a retr
 _LATE = "late"  # 1.0 where a parameter's moments wait for their first gradient after the first update
 _COLLECTED = "collected"  # 1.0 where ``pending_grad`` holds collected sums (all NaN ones too: an overflow's)
 _FLAGS = (_MOVED, _LATE, _COLLECTED)  # 0-d per-parameter state
+_WRAPPER_PARTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 
 
 class Checkpointing:
@@ -200,6 +201,7 @@ class Checkpointing:
                 f"the state_dict has parameter groups of sizes {saved_sizes}, this optimizer {sizes}: "
                 "it is from another model or parameter grouping"
             )
+        self._check_saved_names(saved_groups)
         saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
@@ -217,6 +219,29 @@ class Checkpointing:
                     raise ValueError(
                         f"state '{key}' of shape {tuple(value.shape)} does not fit parameter {index} of shape "
                         f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
+                    )
+
+    def _check_saved_names(self, saved_groups: list[dict[str, Any]]) -> None:
+        """Refuse saved state that would land on a parameter of another name.
+
+        torch maps saved state to parameters by position, so same-shaped parameters in
+        another order (two ``Linear(16, 16)`` swapped) would swap their state silently.
+        Where both sides have ``param_names`` (the optimizer was given
+        ``model.named_parameters()``), they must agree, up to the parts wrappers add. A
+        group without names (``parameters()``, or saved by older elra) is mapped by position.
+        Ids that are names already (``torch.distributed.checkpoint`` matched the state by
+        them, and keeps the saved ``param_names`` in the saved order) need no check.
+        """
+        for g, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            names, saved_names = group.get("param_names"), saved.get("param_names")
+            if names is None or saved_names is None or not all(isinstance(i, int) for i in saved["params"]):
+                continue
+            for index, (name, saved_name) in enumerate(zip(names, saved_names)):
+                if _bare_name(name) != _bare_name(saved_name):
+                    raise ValueError(
+                        f"parameter {index} of group {g} is '{name}' here but '{saved_name}' in the state_dict: its "
+                        "state would land on another parameter (the parameters are in another order, or of another "
+                        "model)"
                     )
 
     def _own_loaded_state(self, state_dict: dict[str, Any]) -> None:
@@ -316,6 +341,12 @@ class Checkpointing:
         self._kept_grads = {}
         if collecting:
             self._keep_grads()
+
+
+def _bare_name(name: str) -> str:
+    """A parameter's name without the parts wrappers add (DDP's ``module``, ``torch.compile``'s ``_orig_mod``,
+    FSDP1's and activation checkpointing's): a run resumed under another wrapper keeps its names."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
 def _pending_reports(saved: Any, size: int) -> list[float]:

@@ -472,3 +472,73 @@ def test_a_checkpoint_without_moved_flags_counts_every_parameter_as_moved():
     resumed.load_state_dict(sd)
     assert resumed._moved == set(model.parameters())
     assert all("moved" not in state for state in resumed.state.values())
+
+
+class _TwoLayers(torch.nn.Module):
+    """Two same-shaped layers, registered (and so listed by ``named_parameters``) in the order ``names``."""
+
+    def __init__(self, names=("a", "b")):
+        super().__init__()
+        torch.manual_seed(0)
+        for name in names:
+            setattr(self, name, torch.nn.Linear(16, 16))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _train_two(model, opt, steps):
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (model(x) - x).square().mean()
+        loss.backward()
+        opt.step(loss)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam"])
+def test_named_parameters_in_another_order_are_refused_naming_the_first(preconditioner):
+    """Positional loading put the state of same-shaped parameters on each other's, silently."""
+    model = _TwoLayers()
+    opt = ElraOptimizer(model.named_parameters(), lr=1e-4, preconditioner=preconditioner)
+    _train_two(model, opt, 20)
+    saved = _saved(model, opt)[1]
+    swapped = _TwoLayers(("b", "a"))
+    _refuse(ElraOptimizer(swapped.named_parameters(), preconditioner=preconditioner), saved,
+            match="parameter 0 of group 0 is 'b.weight' here but 'a.weight' in the state_dict")
+
+    twin_model = _TwoLayers()
+    twin_model.load_state_dict(model.state_dict())
+    twin = ElraOptimizer(twin_model.named_parameters(), preconditioner=preconditioner)
+    twin.load_state_dict(saved)  # the same order: exact
+    assert _same(_train_two(model, opt, 20), _train_two(twin_model, twin, 20)) and opt.stats == twin.stats
+    wrapped = [(f"module._orig_mod.{name}", p) for name, p in _TwoLayers().named_parameters()]
+    ElraOptimizer(wrapped, preconditioner=preconditioner).load_state_dict(saved)  # another wrapper: the same names
+
+
+def test_state_saved_without_names_loads_by_position():
+    """Checkpoints of parameters() and of elra before the check carry no names: they load as they did."""
+    model = _TwoLayers()
+    opt = ElraOptimizer(model.parameters(), lr=1e-4)
+    _train_two(model, opt, 20)
+    saved = _saved(model, opt)[1]
+    assert "param_names" not in saved["param_groups"][0]
+    named = ElraOptimizer(_TwoLayers(("b", "a")).named_parameters())
+    named.load_state_dict(saved)
+    assert named.stats == opt.stats
+
+
+def test_dcp_state_dict_helpers_match_named_state_by_name_in_any_order():
+    """get_state_dict/set_state_dict key the state by name and reorder it (keeping the saved param_names): no refusal."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _TwoLayers()
+    opt = ElraOptimizer(model.named_parameters(), lr=1e-4)
+    _train_two(model, opt, 20)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    swapped = _TwoLayers(("b", "a"))
+    other = ElraOptimizer(swapped.named_parameters())
+    set_state_dict(swapped, other, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    for name in ("a", "b"):
+        assert _same(other.state[getattr(swapped, name).weight]["direction"], opt.state[getattr(model, name).weight]["direction"])
