@@ -3,7 +3,7 @@
 The torch layout, plus ELRA's own numbers: the controller's state, the boost
 counters and the hyperparameters in ``param_groups[0]``; per parameter,
 beside the direction state, the gradient sums collected toward the next real
-step (``pending_grad``, and ``collected`` where it holds sums) and whether
+step (``pending_grad``, and ``collected`` where the parameter holds a ``.grad``) and whether
 the last accepted step moved it (``moved``) or its moments still wait for a
 first gradient (``late``). A load validates everything before it changes
 anything.
@@ -32,7 +32,10 @@ CONFIG_KEY = "elra_config"
 _PENDING_GRAD = "pending_grad"
 _MOVED = "moved"  # 1.0 where the last accepted step moved the parameter: a retrace and the next sums need it
 _LATE = "late"  # 1.0 where a parameter's moments wait for their first gradient after the first update
-_COLLECTED = "collected"  # 1.0 where ``pending_grad`` holds collected sums (all NaN ones too: an overflow's)
+# 1.0 where the parameter holds a ``.grad``: while collecting, its sums are in ``pending_grad`` (all NaN ones too:
+# an overflow's); at a real-step boundary ``pending_grad`` is zeros, and the zero ``.grad`` that
+# ``zero_grad(set_to_none=False)`` leaves there counts as a gradient at the next step, None does not
+_COLLECTED = "collected"
 _FLAGS = (_MOVED, _LATE, _COLLECTED)  # 0-d per-parameter state
 _WRAPPER_PARTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 
@@ -47,7 +50,10 @@ class Checkpointing:
         run continues with the same micro-batches. Every parameter carries a
         ``pending_grad`` (zeros when nothing is pending), so that the state of a
         fresh optimizer, the template ``torch.distributed.checkpoint`` loads
-        into, has room for them. Sums a wrapper holds per rank (collected under
+        into, has room for them. ``collected`` says which parameters hold a
+        ``.grad``, also at a real-step boundary: a step counts a zero one (kept
+        by ``zero_grad(set_to_none=False)``) as a gradient, a missing one not.
+        Sums a wrapper holds per rank (collected under
         :func:`elra.grad_sync`) must be synchronised first: see
         :meth:`sync_pending_grads`.
         """
@@ -69,12 +75,14 @@ class Checkpointing:
         sd["param_groups"][0][CONFIG_KEY] = dict(self._config)
         index = 0
         started = self._moment_steps() > 0
+        collecting = bool(self._pending)
         for group in self.param_groups:
             for p in group["params"]:
-                pending = p.grad if self._pending else None
-                collected = torch.tensor(float(pending is not None))
-                if pending is None:  # NaN: no gradient collected, as elra before the flag read it
-                    pending = torch.full_like(p, math.nan if self._pending else 0.0, memory_format=torch.preserve_format)
+                collected = torch.tensor(float(p.grad is not None))
+                if collecting and p.grad is not None:
+                    pending = p.grad
+                else:  # NaN: no gradient collected, as elra before the flag read it
+                    pending = torch.full_like(p, math.nan if collecting else 0.0, memory_format=torch.preserve_format)
                 moved = torch.tensor(float(p in self._moved))
                 late = torch.tensor(float(started and p in self._waiting))
                 flags = {_MOVED: moved, _LATE: late, _COLLECTED: collected}
@@ -158,14 +166,14 @@ class Checkpointing:
         self.geometry = geometry
         self.booster = booster
         self._fill_empty_state()
-        was_collecting, self._pending, self._reports = bool(self._pending), pending, reports
+        self._pending, self._reports = pending, reports
         self._moved = {p for g in self.param_groups for p in g["params"] if self._loaded_as_moved(p)}
         self._waiting = {p for g in self.param_groups for p in g["params"] if self._loaded_as_waiting(p)}
         self._agreed = False
         for model in self.unsynced_models:  # loaded mid-run: what the wrappers collected belongs to the old run
             drop_unsynced_grads(model)
         self.unsynced_models.clear()
-        self._restore_pending_grads(bool(pending), was_collecting)
+        self._restore_grads(bool(pending))
 
     def _saved_config(self, saved: Any) -> dict[str, Any]:
         """The checkpoint's hyperparameters, validated; this optimizer's for checkpoints without them."""
@@ -324,20 +332,18 @@ class Checkpointing:
         """Moment updates so far (P2M keeps no moments: 0)."""
         return getattr(self.controller.state, "moment_steps", 0)
 
-    def _restore_pending_grads(self, collecting: bool, was_collecting: bool) -> None:
-        """Put the saved partial sums into ``.grad``; clear the others where the loaded or the live run was
-        collecting: sums of the run before the load (``zero_grad`` keeps them while collecting) must not
-        join the loaded run's next real step."""
+    def _restore_grads(self, collecting: bool) -> None:
+        """Give every parameter the ``.grad`` the checkpoint says it had: the saved partial sums while
+        collecting, zeros at a real-step boundary (a zero ``.grad`` counts as a gradient at the next step),
+        ``None`` where it had none. The live run's gradients go: sums it collected (``zero_grad`` keeps them
+        while collecting) must not join the loaded run's next real step."""
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p, {})
                 grad, flag = state.pop(_PENDING_GRAD, None), state.pop(_COLLECTED, None)
-                if flag is None:  # saved before the flag: all NaN (or an empty shard) said "no gradient"
-                    flag = grad is not None and not bool(local(grad).isnan().all())
-                if collecting and grad is not None and bool(flag):
-                    p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
-                elif collecting or was_collecting:
-                    p.grad = None
+                if flag is None:  # saved before the flag: all NaN (or an empty shard) said "no gradient" while collecting
+                    flag = collecting and grad is not None and not bool(local(grad).isnan().all())
+                p.grad = grad.to(device=p.device, dtype=p.dtype).clone() if grad is not None and bool(flag) else None
         self._kept_grads = {}
         if collecting:
             self._keep_grads()

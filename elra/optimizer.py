@@ -50,6 +50,7 @@ _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
 # each real step's vector ends in the losses reported since the last one: train and validation, value and count
 REPORT_SLOTS = 4
 _REPORTED_FIELDS = frozenset({"train_loss", "valid_loss"})  # controller fields that those set
+_GRADS = "_grads"  # a copy's (deepcopy, pickle) gradients of the parameters, by parameter
 
 
 def _loss_value(loss: Any) -> LossLike:
@@ -576,11 +577,14 @@ class ElraOptimizer(Checkpointing, Optimizer):
         }
         state["unsynced_models"] = set()
         state["_agreed"] = False
+        # deepcopy and pickle drop the .grad of parameters: a step counts a zero one (zero_grad(set_to_none=False)) too
+        state[_GRADS] = {p: p.grad for group in self.param_groups for p in group["params"] if p.grad is not None}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        grads = state.pop(_GRADS, state.get("_kept_grads", {}))  # copies by older elra kept only collected sums
         super().__setstate__(state)
-        for p, grad in self._kept_grads.items():  # deepcopy and pickle drop .grad of parameters
+        for p, grad in grads.items():
             p.grad = grad
 
     # ------------------------------------------------------- internals

@@ -542,3 +542,67 @@ def test_dcp_state_dict_helpers_match_named_state_by_name_in_any_order():
     set_state_dict(swapped, other, model_state_dict=model_sd, optim_state_dict=optim_sd)
     for name in ("a", "b"):
         assert _same(other.state[getattr(swapped, name).weight]["direction"], opt.state[getattr(model, name).weight]["direction"])
+
+
+def _heads():
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({k: torch.nn.Linear(4, 4 if k == "body" else 3) for k in ("body", "a", "b")}).double()
+
+
+def _heads_optimizer(net, preconditioner, batch_multiplier=1):
+    return ElraOptimizer(net.parameters(), None, 6, 3, lr=1e-4, preconditioner=preconditioner, batch_multiplier=batch_multiplier)
+
+
+def _heads_step(opt, net, step, zeroing):
+    """One micro-step; head ``b`` is in the loss of some micro-batches only (and, ``frozen``, also
+    ``requires_grad=False`` at times); ``zero_grad`` before the backward, ``set_to_none`` as ``zeroing`` says."""
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+    if "frozen" in zeroing:
+        net["b"].requires_grad_(step % 7 not in (3, 4))
+    opt.zero_grad(set_to_none=zeroing.startswith("none") or (zeroing == "mixed" and step % 2 == 0))
+    heads = ["a", "b"] if step % 5 in (1, 2) else ["a"]
+    loss = sum(net[h](torch.tanh(net["body"](x))).square().mean() for h in heads)
+    loss.backward()
+    opt.step(loss.item())
+    return torch.cat([p.detach().flatten() for p in net.parameters()]), opt.stats
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
+@pytest.mark.parametrize("batch_multiplier", [1, 3])
+@pytest.mark.parametrize("zeroing", ["zeros", "mixed", "zeros, b frozen at times", "none, b frozen at times"])
+def test_resume_keeps_the_zero_gradients_of_a_parameter_used_at_times(preconditioner, batch_multiplier, zeroing):
+    """``zero_grad(set_to_none=False)`` leaves a zero ``.grad`` on head ``b``, which the next micro-batches may not
+    reach: the next step counts it as a gradient (its moments take a zero, it decays and moves), a missing one not.
+    Saved after any micro-step (real-step boundaries too), resumed into a fresh model and optimizer, and rolled
+    back into the live ones, the run goes on step for step as the uninterrupted one."""
+    net = _heads()
+    opt = _heads_optimizer(net, preconditioner, batch_multiplier)
+    saved, trajectory = {}, []
+    for step in range(20):
+        if step in range(1, 12):
+            saved[step] = _saved(net, opt)
+        trajectory.append(_heads_step(opt, net, step, zeroing))
+    for start, checkpoint in saved.items():
+        fresh = _heads()
+        for model, optimizer in [(fresh, _heads_optimizer(fresh, preconditioner)), (net, opt)]:  # and a rollback
+            model.load_state_dict(checkpoint[0])
+            optimizer.load_state_dict(checkpoint[1])
+            for step in range(start, 20):
+                params, stats = _heads_step(optimizer, model, step, zeroing)
+                assert torch.equal(params, trajectory[step][0]) and stats == trajectory[step][1], (start, step)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("preconditioner", [None, "muon"])
+def test_a_copy_keeps_the_zero_gradients_of_a_parameter_used_at_times(how, preconditioner):
+    """A copy at a real-step boundary keeps the zero ``.grad`` that ``zero_grad(set_to_none=False)`` left on
+    head ``b`` (deepcopy and pickle drop a parameter's ``.grad``), and goes on as the original."""
+    net = _heads()
+    opt = _heads_optimizer(net, preconditioner)
+    for step in range(3):
+        _heads_step(opt, net, step, "zeros")
+    net2, opt2 = copy.deepcopy((net, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((net, opt)))
+    assert torch.equal(net2["b"].weight.grad, net["b"].weight.grad)
+    for step in range(3, 20):
+        (params, stats), (params2, stats2) = _heads_step(opt, net, step, "zeros"), _heads_step(opt2, net2, step, "zeros")
+        assert torch.equal(params, params2) and stats == stats2, step
