@@ -343,7 +343,7 @@ class Checkpointing:
                 grad, flag = state.pop(_PENDING_GRAD, None), state.pop(_COLLECTED, None)
                 if flag is None:  # saved before the flag: all NaN (or an empty shard) said "no gradient" while collecting
                     flag = collecting and grad is not None and not bool(local(grad).isnan().all())
-                p.grad = grad.to(device=p.device, dtype=p.dtype).clone() if grad is not None and bool(flag) else None
+                p.grad = grad.to(device=p.device, dtype=p.dtype, copy=True) if grad is not None and bool(flag) else None
         self._kept_grads = {}
         if collecting:
             self._keep_grads()
