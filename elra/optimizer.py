@@ -45,6 +45,7 @@ AUTO_DECAY = 0.1
 FOREIGN_GROUP_OPTIONS = frozenset({"betas", "eps", "nesterov", "dampening", "amsgrad", "maximize"})
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _DTYPE = attrgetter("dtype")
+_DEVICE = attrgetter("device")
 _HALF_MAX = torch.finfo(torch.float16).max
 _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
 # each real step's vector ends in the losses reported since the last one: train and validation, value and count
@@ -167,7 +168,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
     """
 
     _boost_swapped = False  # inside boosted(): the parameters hold the boost mean, the state the current point
-    _matched: tuple | None = None  # the parameters' dtypes and device when the state last matched them
+    _matched: tuple | None = None  # the parameters' dtypes and devices when the state last matched them
 
     def __init__(
         self,
@@ -279,11 +280,12 @@ class ElraOptimizer(Checkpointing, Optimizer):
         ``state_dict``: moments and boost mean in :func:`elra.geometry.moment_dtype` (float32 for 16-bit
         parameters), P2M's direction in the parameter's dtype. Collected micro-batch sums are the ``.grad``,
         which ``Module.to`` casts too. Left alone, old-dtype state would run on silently: float32 moments of a
-        float64 model, a bfloat16 P2M direction of a float32 one. One read of the parameters' dtypes per step
-        finds a cast (a device move is seen on the first parameter: ELRA holds one device).
+        float64 model, a bfloat16 P2M direction of a float32 one. Sharded (DTensor) state is converted as a
+        DTensor, keeping its mesh and placements (FSDP2 allows a cast before its first forward). One read of
+        the parameters' dtypes and devices per step finds a cast or a move, also of some parameters alone.
         """
         params = [p for group in self.param_groups for p in group["params"]]
-        kinds = (list(map(_DTYPE, params)), params[0].device if params else None)
+        kinds = (list(map(_DTYPE, params)), list(map(_DEVICE, params)))
         if kinds == self._matched:
             return
         moment = moment_dtype if self.geometry is not None else (lambda p: p.dtype)
@@ -293,7 +295,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             state = self.state[p]
             for key, value in state.items():
                 dtype = moment_dtype(p) if key == "boost" else moment(p)
-                if local(value) is value and (value.dtype != dtype or value.device != p.device):
+                if value.dtype != dtype or value.device != p.device:
                     state[key] = value.to(dtype=dtype, device=p.device)
                     converted += 1
         if len(devices) > 1:

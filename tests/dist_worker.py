@@ -55,6 +55,7 @@ class Scenario:
     reports_at: int | None = None  # micro-step where rank r reports train loss 1 and validation loss 2 + r ...
     rank0_reports: bool = False  # ... or only rank 0 does (the single process reports what the ranks agree on)
     lone_skip_at: int | None = None  # micro-step where the last rank calls skip_backward where the others step
+    cast_at: int | None = None  # micro-step before which the model, float32 until then, is cast to float64
 
 
 def _planned(plan: tuple, step: int, rank: int, sharded_world: int) -> bool:
@@ -77,7 +78,7 @@ class Net(torch.nn.Module):
         return out + self.late(hidden) if self.awake else out
 
 
-def make_net(late: bool = False) -> Net:
+def make_net(late: bool = False, dtype: torch.dtype = torch.float64) -> Net:
     """The scenarios' net; ``late``: with a zero layer that joins later (its first gradients come mid-run)."""
     torch.manual_seed(0)
     net = Net()
@@ -85,7 +86,12 @@ def make_net(late: bool = False) -> Net:
         net.late = torch.nn.Linear(HIDDEN, CLASSES)
         torch.nn.init.zeros_(net.late.weight)
         torch.nn.init.zeros_(net.late.bias)
-    return net.double()
+    return net.to(dtype)
+
+
+def scenario_net(scenario: Scenario) -> Net:
+    """The net a scenario starts from: float32 where it is cast later (``cast_at``)."""
+    return make_net(scenario.late_from is not None, torch.float64 if scenario.cast_at is None else torch.float32)
 
 
 def global_batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +120,10 @@ def train(
     if scenario.boost_cycle:
         optimizer.enable_boost(scenario.boost_cycle)
     for step in range(start, scenario.steps):
+        if step == scenario.cast_at:
+            model.double()
         x, y = global_batch(0 if scenario.full_batch else step, world)
+        x = x.to(next(model.parameters()).dtype)
         if step == scenario.reports_at:
             _report(scenario, optimizer, rank, world, sharded_world)
         if scenario.late_from is not None:
@@ -287,7 +296,7 @@ def probe_outputs(model, optimizer: ElraOptimizer, boost: bool) -> dict[str, tor
 
 def single_process(scenario: Scenario, world: int) -> dict:
     """The same computation in one process on the whole global batch."""
-    model = make_net(scenario.late_from is not None)
+    model = scenario_net(scenario)
     optimizer = make_optimizer(model, scenario, single=True)
     counts = train(scenario, model, optimizer, 0, world, 1)
     result = {"params": {k: v.detach().clone() for k, v in model.named_parameters()}, "stats": optimizer.stats}
@@ -305,7 +314,7 @@ def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[S
     def body() -> None:
         results = {}
         for scenario in scenarios:
-            model = wrap(make_net(scenario.late_from is not None), scenario.strategy, world)
+            model = wrap(scenario_net(scenario), scenario.strategy, world)
             reductions = [] if scenario.count_reductions else None
             if reductions is not None and scenario.strategy == "ddp":
                 count_ddp_buckets(model)

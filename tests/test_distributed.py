@@ -136,6 +136,14 @@ LATE = [
     Scenario("fsdp2-root-late-muon", "fsdp2-root", options=MUON, late_from=15, bad_loss_at=15),
 ]
 TWO_RANKS += LATE
+# model.double() after the optimizer was built, before FSDP2's first forward (which fixes its all-gather dtype):
+# the sharded (DTensor) state follows the cast as the plain state does in one process
+CAST = [
+    Scenario("fsdp2-cast-before-first-forward-adam", "fsdp2", batch_multiplier=2, options=ADAM, boost_cycle=15,
+             cast_at=0, nan_loss_at=9),
+    Scenario("fsdp2-root-cast-before-first-forward", "fsdp2-root", cast_at=0, bad_loss_at=5),
+]
+TWO_RANKS += CAST
 WRAPPINGS = ("ddp", "fsdp2", "fsdp2-root", "fsdp1", "fsdp1-orig")
 # A skipped backward (step_retrace) and boosted() evaluations change the shards outside backward -> step
 IN_PLACE = [Scenario(f"{w}-retrace-and-boost", w, bad_loss_at=17, boost_cycle=100) for w in WRAPPINGS]
@@ -150,6 +158,8 @@ REFUSED = {
     # FSDP1 flattened the matrices: a full v would silently differ from one process's factored v
     "fsdp1-factored": "cannot factor the flat parameters of FSDP1",
     "fsdp1-orig-factored": "cannot factor the flat parameters of FSDP1",
+    # FSDP2 itself, at the next forward: it keeps the all-gather dtype of its first forward (torch 2.14)
+    "fsdp2-cast-mid-run": "Expected out tensor to have dtype double, but got float",
 }
 TWO_RANKS += IN_PLACE + COUNTED + [
     Scenario("ddp-grad-sync-around-backward-only", batch_multiplier=4, sync_backward_only=True),
@@ -158,6 +168,7 @@ TWO_RANKS += IN_PLACE + COUNTED + [
     Scenario("fsdp1-muon", "fsdp1", options=MUON),
     Scenario("fsdp1-orig-muon", "fsdp1-orig", options=MUON),
 ]
+TWO_RANKS.append(Scenario("fsdp2-cast-mid-run", "fsdp2", batch_multiplier=2, cast_at=6))  # last: it stops in FSDP2
 THREE_RANKS = [
     Scenario("ddp-collect-grad-sync", batch_multiplier=2, nan_loss_at=7),
     Scenario("fsdp2-per-layer", "fsdp2", batch_multiplier=2, use_grad_sync=False, options={"weight_decay": 1e-3}),

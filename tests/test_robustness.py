@@ -208,6 +208,27 @@ def test_parameters_on_two_devices_are_rejected_at_construction():
         ElraOptimizer([torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1, device="meta"))])
 
 
+def test_a_later_move_of_some_parameters_to_another_device_is_rejected_at_the_next_step():
+    """Only the first parameter's device was read per step: moving a later layer alone (dtype unchanged) went
+    unseen, and the step failed inside torch's kernels ("Tensor on device cpu is not on the expected device
+    meta!"). ``meta`` stands for another device: ``Module.to`` keeps the Parameter objects there when it swaps
+    tensors, torch's coming default."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    opt = ElraOptimizer(model.parameters(), None, 8, 2)
+    loss = model(torch.randn(8, 4)).square().mean()
+    loss.backward()
+    opt.step(loss)
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model[1].to("meta")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    assert model[1].weight is opt.param_groups[0]["params"][2]
+    with pytest.raises(ValueError, match="one device"):
+        opt.step(loss)
+
+
 def test_integer_parameters_are_rejected():
     with pytest.raises(ValueError, match="floating point"):
         ElraOptimizer([torch.ones(2, dtype=torch.int64)])
