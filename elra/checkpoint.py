@@ -173,7 +173,7 @@ class Checkpointing:
         for model in self.unsynced_models:  # loaded mid-run: what the wrappers collected belongs to the old run
             drop_unsynced_grads(model)
         self.unsynced_models.clear()
-        self._restore_grads(bool(pending))
+        self._restore_grads(state_dict, bool(pending))
 
     def _saved_config(self, saved: Any) -> dict[str, Any]:
         """The checkpoint's hyperparameters, validated; this optimizer's for checkpoints without them."""
@@ -332,18 +332,25 @@ class Checkpointing:
         """Moment updates so far (P2M keeps no moments: 0)."""
         return getattr(self.controller.state, "moment_steps", 0)
 
-    def _restore_grads(self, collecting: bool) -> None:
+    def _restore_grads(self, state_dict: dict[str, Any], collecting: bool) -> None:
         """Give every parameter the ``.grad`` the checkpoint says it had: the saved partial sums while
         collecting, zeros at a real-step boundary (a zero ``.grad`` counts as a gradient at the next step),
         ``None`` where it had none. The live run's gradients go: sums it collected (``zero_grad`` keeps them
-        while collecting) must not join the loaded run's next real step."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p, {})
-                grad, flag = state.pop(_PENDING_GRAD, None), state.pop(_COLLECTED, None)
-                if flag is None:  # saved before the flag: all NaN (or an empty shard) said "no gradient" while collecting
-                    flag = collecting and grad is not None and not bool(local(grad).isnan().all())
-                p.grad = grad.to(device=p.device, dtype=p.dtype, copy=True) if grad is not None and bool(flag) else None
+        while collecting) must not join the loaded run's next real step.
+
+        The sums come from ``state_dict`` itself, in the dtype the parameter's gradients take (its
+        ``grad_dtype``, float32 sums of a bfloat16 parameter): torch's load cast them to the parameter's dtype.
+        """
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            state = self.state.get(p, {})
+            grad, flag = state.pop(_PENDING_GRAD, None), state.pop(_COLLECTED, None)
+            grad = state_dict.get("state", {}).get(saved_id, {}).get(_PENDING_GRAD, grad)
+            if flag is None:  # saved before the flag: all NaN (or an empty shard) said "no gradient" while collecting
+                flag = collecting and grad is not None and not bool(local(grad).isnan().all())
+            dtype = getattr(p, "grad_dtype", None) or p.dtype
+            p.grad = grad.to(device=p.device, dtype=dtype, copy=True) if grad is not None and bool(flag) else None
         self._kept_grads = {}
         if collecting:
             self._keep_grads()

@@ -606,3 +606,43 @@ def test_a_copy_keeps_the_zero_gradients_of_a_parameter_used_at_times(how, preco
     for step in range(3, 20):
         (params, stats), (params2, stats2) = _heads_step(opt, net, step, "zeros"), _heads_step(opt2, net2, step, "zeros")
         assert torch.equal(params, params2) and stats == stats2, step
+
+
+def _float32_grads_net() -> torch.nn.Module:
+    """A bfloat16 MLP whose gradients are float32 (torch's ``grad_dtype``)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(torch.bfloat16)
+    for p in net.parameters():
+        p.grad_dtype = torch.float32
+    return net
+
+
+def _float32_grads_step(opt, net, step):
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(step))
+    opt.zero_grad()
+    loss = (net(x.bfloat16()).float() - x[:, :1].sin()).square().mean()
+    loss.backward()
+    opt.step(loss)
+
+
+@pytest.mark.parametrize("preconditioner", [None, "muon"])
+def test_float32_sums_of_bfloat16_parameters_resume_unrounded_in_their_grad_dtype(preconditioner):
+    """Parameters may take gradients in another dtype (``grad_dtype``). Collected float32 sums of bfloat16
+    parameters come back float32 and unrounded: before, the load cast them to bfloat16 and then failed to assign
+    them (``RuntimeError``), leaving the optimizer half loaded."""
+    net = _float32_grads_net()
+    opt = ElraOptimizer(net.parameters(), batch_multiplier=3, lr=1e-4, preconditioner=preconditioner)
+    for step in range(5):
+        _float32_grads_step(opt, net, step)
+    assert opt.micro_batches == 2
+    checkpoint = copy.deepcopy((net.state_dict(), opt.state_dict()))
+    fresh = _float32_grads_net()
+    fresh.load_state_dict(checkpoint[0])
+    resumed = ElraOptimizer(fresh.parameters(), batch_multiplier=3, lr=1e-4, preconditioner=preconditioner)
+    resumed.load_state_dict(checkpoint[1])
+    assert all(torch.equal(p.grad, q.grad) and q.grad.dtype == torch.float32 for p, q in zip(net.parameters(), fresh.parameters()))
+    for step in range(5, 20):
+        _float32_grads_step(opt, net, step)
+        _float32_grads_step(resumed, fresh, step)
+        assert all(torch.equal(p, q) for p, q in zip(net.parameters(), fresh.parameters())), step
+
