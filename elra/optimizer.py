@@ -52,6 +52,7 @@ _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
 REPORT_SLOTS = 4
 _REPORTED_FIELDS = frozenset({"train_loss", "valid_loss"})  # controller fields that those set
 _GRADS = "_grads"  # a copy's (deepcopy, pickle) gradients of the parameters, by parameter
+_GRAD_DTYPES = "_grad_dtypes"  # a copy's parameters' grad_dtype where it is not their dtype (copies of a parameter drop it)
 
 
 def _loss_value(loss: Any) -> LossLike:
@@ -580,12 +581,17 @@ class ElraOptimizer(Checkpointing, Optimizer):
         state["unsynced_models"] = set()
         state["_agreed"] = False
         # deepcopy and pickle drop the .grad of parameters: a step counts a zero one (zero_grad(set_to_none=False)) too
-        state[_GRADS] = {p: p.grad for group in self.param_groups for p in group["params"] if p.grad is not None}
+        params = [p for group in self.param_groups for p in group["params"]]
+        state[_GRADS] = {p: p.grad for p in params if p.grad is not None}
+        state[_GRAD_DTYPES] = {p: p.grad_dtype for p in params if getattr(p, "grad_dtype", p.dtype) != p.dtype}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         grads = state.pop(_GRADS, state.get("_kept_grads", {}))  # copies by older elra kept only collected sums
+        grad_dtypes = state.pop(_GRAD_DTYPES, {})
         super().__setstate__(state)
+        for p, dtype in grad_dtypes.items():  # float32 gradients of a bfloat16 parameter stay float32
+            p.grad_dtype = dtype
         for p, grad in grads.items():
             p.grad = grad
 

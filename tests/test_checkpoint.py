@@ -646,3 +646,18 @@ def test_float32_sums_of_bfloat16_parameters_resume_unrounded_in_their_grad_dtyp
         _float32_grads_step(resumed, fresh, step)
         assert all(torch.equal(p, q) for p, q in zip(net.parameters(), fresh.parameters())), step
 
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_keeps_the_float32_gradients_of_bfloat16_parameters(how):
+    """Copies of a parameter drop its ``grad_dtype``: a copy of the model and the optimizer made while collecting
+    raised assigning the float32 sums. It now keeps the grad dtype and the sums, and goes on as the original."""
+    net = _float32_grads_net()
+    opt = ElraOptimizer(net.parameters(), batch_multiplier=3, lr=1e-4)
+    for step in range(4):
+        _float32_grads_step(opt, net, step)
+    net2, opt2 = copy.deepcopy((net, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((net, opt)))
+    assert all(q.grad_dtype == torch.float32 and torch.equal(p.grad, q.grad) for p, q in zip(net.parameters(), net2.parameters()))
+    for step in range(4, 20):
+        _float32_grads_step(opt, net, step)
+        _float32_grads_step(opt2, net2, step)
+        assert all(torch.equal(p, q) for p, q in zip(net.parameters(), net2.parameters())), step
