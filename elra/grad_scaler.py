@@ -131,6 +131,12 @@ class ElraGradScaler:
         missing = {"scale", "growth_factor", "backoff_factor", "growth_interval", "loss_limit", "enabled", "clean_steps"} - state.keys()
         if missing:
             raise ValueError(f"not an ElraGradScaler state_dict: missing {sorted(missing)}")
+        clean_steps = state["clean_steps"]
+        if isinstance(clean_steps, bool) or not isinstance(clean_steps, int) or clean_steps < 0:
+            raise ValueError(f"Invalid clean_steps: {clean_steps!r} (expected an integer >= 0)")
+        ElraGradScaler(  # the constructor's checks: a nan or zero scale would skip or break every step
+            state["scale"], state["growth_factor"], state["backoff_factor"], state["growth_interval"], state["loss_limit"]
+        )
         self._scale = float(state["scale"])
         self.growth_factor = float(state["growth_factor"])
         self.backoff_factor = float(state["backoff_factor"])

@@ -226,3 +226,16 @@ def test_scaler_retraces_on_a_loss_over_the_limit_and_round_trips_its_state():
 def test_scaler_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         ElraGradScaler(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("scale", math.nan), ("scale", 0.0), ("backoff_factor", 2.0), ("growth_interval", 0), ("clean_steps", -1)]
+)
+def test_scaler_state_with_bad_numbers_is_refused_before_anything_changes(field, value):
+    """A corrupted scaler state loaded as it was: a nan scale made every step an overflow for good, a zero one
+    raised ZeroDivisionError at the next step. It raises ``ValueError`` and keeps the scaler's state."""
+    scaler = ElraGradScaler(init_scale=8.0)
+    before = scaler.state_dict()
+    with pytest.raises(ValueError, match=field):
+        scaler.load_state_dict({**before, field: value})
+    assert scaler.state_dict() == before
