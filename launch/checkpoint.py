@@ -119,13 +119,23 @@ class Checkpointer:
         self._check_compatible(path)
         if self.sharded:
             model_state, optim_state = get_state_dict(model, optimizer)
+            # param_names stay out of the load: DCP matches the state by name itself (FSDP1's load would leave the
+            # saved order's names against this order's state), and checkpoints from before they were saved lack them
+            for group in optim_state["param_groups"]:
+                group.pop("param_names", None)
             state = {"model": model_state, "optim": optim_state}
             dcp.load(state, checkpoint_id=path)
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             state = torch.load(path / "state.pt", weights_only=True)
             _unwrapped(model).load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optim"])
+            try:
+                optimizer.load_state_dict(state["optim"])
+            except ValueError as error:  # mapped by position: a model whose parameters were renamed or reordered
+                raise CheckpointError(
+                    f"{path} does not fit this model: {error}; resume with the model it was written with, "
+                    "or start afresh in another --checkpoint-dir"
+                ) from None
         return epoch
 
     def summary(self) -> str:

@@ -317,7 +317,7 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
     check_sizes(args, train_set, valid_set, world)
     model = wrap(build_model(args, classes), args.strategy, device)
     optimizer = ElraOptimizer(  # given the model: it reshards FSDP's gathered weights after its in-place changes
-        model.parameters(), model, args.batch_size, classes, lr=args.lr, weight_decay=args.weight_decay,
+        model.named_parameters(), model, args.batch_size, classes, lr=args.lr, weight_decay=args.weight_decay,
         batch_multiplier=args.batch_multiplier, preconditioner=preconditioner(args),
     )
     optimizer.enable_boost()

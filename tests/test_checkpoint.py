@@ -544,6 +544,27 @@ def test_dcp_state_dict_helpers_match_named_state_by_name_in_any_order():
         assert _same(other.state[getattr(swapped, name).weight]["direction"], opt.state[getattr(model, name).weight]["direction"])
 
 
+def test_a_load_keeps_the_loading_optimizers_names():
+    """torch took the saved param_names: after a name-keyed load into another order they named the saved order, so
+    the next checkpoint refused the model it came from and passed one in the saved order, state swapped."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _TwoLayers()
+    opt = ElraOptimizer(model.named_parameters(), lr=1e-4)
+    _train_two(model, opt, 20)
+    swapped = _TwoLayers(("b", "a"))
+    other = ElraOptimizer(swapped.named_parameters())
+    model_sd, optim_sd = get_state_dict(model, opt)
+    set_state_dict(swapped, other, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    saved = _saved(swapped, other)[1]
+    assert saved["param_groups"][0]["param_names"] == ["b.weight", "b.bias", "a.weight", "a.bias"]
+    ElraOptimizer(_TwoLayers(("b", "a")).named_parameters()).load_state_dict(saved)
+    _refuse(ElraOptimizer(_TwoLayers().named_parameters()), saved, match="parameter 0 of group 0 is 'a.weight' here")
+    unnamed = ElraOptimizer(_TwoLayers().parameters())
+    unnamed.load_state_dict(_saved(model, opt)[1])
+    assert "param_names" not in unnamed.param_groups[0]  # it stays unnamed, as constructed
+
+
 def _heads():
     torch.manual_seed(0)
     return torch.nn.ModuleDict({k: torch.nn.Linear(4, 4 if k == "body" else 3) for k in ("body", "a", "b")}).double()
