@@ -153,8 +153,8 @@ class Checkpointing:
                 raise ValueError(f"the boost state of the state_dict is unusable: {error!r}") from error
         geometry = make_direction(config["preconditioner"], config["momentum"], self._compiled)
         self._check_saved_state(state_dict, booster.enabled, geometry, config["preconditioner"])
-        # torch replaces a group's param_names with the saved ones; they name this optimizer's parameters in its
-        # order, which a name-keyed load (torch.distributed.checkpoint's) does not share with the saved names
+        # Keep this optimizer's param_names, which name its parameters in its order: torch takes the saved ones,
+        # which after a name-keyed load into another order (torch.distributed.checkpoint's) name the saved order
         own_names = [g.get("param_names") for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, names in zip(self.param_groups, own_names):

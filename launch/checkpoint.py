@@ -131,7 +131,7 @@ class Checkpointer:
             _unwrapped(model).load_state_dict(state["model"])
             try:
                 optimizer.load_state_dict(state["optim"])
-            except ValueError as error:  # mapped by position: a model whose parameters were renamed or reordered
+            except ValueError as error:  # mapped by position: another model, or its parameters in another order
                 raise CheckpointError(
                     f"{path} does not fit this model: {error}; resume with the model it was written with, "
                     "or start afresh in another --checkpoint-dir"

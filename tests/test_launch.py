@@ -6,6 +6,7 @@ import gc
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from elra import ElraOptimizer
 from launch import train as launcher
 from launch.checkpoint import Checkpointer, CheckpointError
 from launch.text import stdlib_source
@@ -273,6 +275,75 @@ def test_checkpoint_of_another_batch_size_says_what_it_was_trained_with(tmp_path
     del written["job"]["batch_size"]  # as the launcher wrote it before
     meta.write_text(json.dumps(written))
     launcher.main([*run, "--epochs", "3"])
+
+
+def _blocks_reordered(monkeypatch) -> None:
+    """gpt with each block's attn_norm and mlp_norm registered in each other's place: an edit of the model's code that
+    keeps every name and shape but lists same-shaped parameters in another order (its state_dict loads by name)."""
+    build = launcher.build_model
+
+    def reordered(args, classes):
+        model = build(args, classes)
+        for block in model.blocks:
+            block._modules = {k: block._modules[k] for k in ("mlp_norm", "qkv", "proj", "attn_norm", "mlp")}
+        return model
+
+    monkeypatch.setattr(launcher, "build_model", reordered)
+
+
+def test_checkpoint_of_reordered_parameters_is_refused_and_one_without_names_resumes(tmp_path, text_file, monkeypatch, capsys):
+    """The optimizer's state is mapped by position: each block's attn_norm and mlp_norm took each other's, silently.
+    A checkpoint of the launcher from before it named the parameters resumes as it did, by position."""
+    gpt = [*TINY_GPT, "--text", str(text_file), "--max-steps", "2", "--threads", "1"]
+    checkpoints, unnamed = tmp_path / "ckpt", tmp_path / "unnamed"
+    launcher.main([*gpt, "--epochs", "1", "--checkpoint-dir", str(checkpoints)])
+    shutil.copytree(checkpoints, unnamed)
+    with monkeypatch.context() as patch:
+        _blocks_reordered(patch)
+        with pytest.raises(CheckpointError, match="epoch-00001 does not fit this model: parameter 2 of group 0 is "
+                                                  "'blocks.0.mlp_norm.weight' here but 'blocks.0.attn_norm.weight'"):
+            launcher.main([*gpt, "--epochs", "2", "--checkpoint-dir", str(checkpoints)])
+    capsys.readouterr()
+    launcher.main([*gpt, "--epochs", "2", "--checkpoint-dir", str(checkpoints)])
+    named = _epoch_lines(capsys.readouterr().out)
+    state = torch.load(unnamed / "epoch-00001" / "state.pt", weights_only=True)
+    del state["optim"]["param_groups"][0]["param_names"]  # as the launcher wrote it before
+    torch.save(state, unnamed / "epoch-00001" / "state.pt")
+    launcher.main([*gpt, "--epochs", "2", "--checkpoint-dir", str(unnamed)])
+    assert _epoch_lines(capsys.readouterr().out) == named and len(named) == 1
+
+
+@pytest.mark.filterwarnings("ignore:.*NO_SHARD")  # FSDP1 on one rank
+@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
+def test_sharded_checkpoints_record_names_and_resume_by_name_with_or_without_them(tmp_path, text_file, monkeypatch, capsys, strategy):
+    """DCP matches the state by name. With param_names in the load, a checkpoint written without them failed
+    ("Missing key"), and FSDP1's load compared the saved order's names with a reordered model's and refused it."""
+    import torch.distributed.checkpoint as dcp
+
+    gpt = [*TINY_GPT, "--text", str(text_file), "--max-steps", "2", "--threads", "1", "--strategy", strategy]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "TORCH_GLOO_LAZY_INIT": "1"}.items():
+        monkeypatch.setenv(key, value)
+
+    def run(epochs: int, checkpoints: Path) -> list[str]:
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+        try:
+            launcher.main([*gpt, "--epochs", str(epochs), "--checkpoint-dir", str(checkpoints)])
+        finally:  # a failed run leaves its process group: the next test could not start one
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        return _epoch_lines(capsys.readouterr().out)
+
+    checkpoints, same_order = tmp_path / "ckpt", tmp_path / "same-order"
+    with monkeypatch.context() as patch:  # the launcher before: parameters()
+        patch.setattr(launcher, "ElraOptimizer", lambda params, model, *a, **k: ElraOptimizer(model.parameters(), model, *a, **k))
+        run(1, checkpoints)
+    run(2, checkpoints)
+    written = dcp.FileSystemReader(checkpoints / "epoch-00002").read_metadata().state_dict_metadata
+    assert "optim.param_groups.0.param_names" in written
+    shutil.copytree(checkpoints, same_order)
+    expected = run(3, same_order)
+    _blocks_reordered(monkeypatch)
+    assert run(3, checkpoints) == expected and len(expected) == 1
 
 
 # ------------------------------------------------------------------- exit
