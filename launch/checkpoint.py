@@ -161,12 +161,17 @@ class Checkpointer:
         differ = [k for k in self.job if k in written_job and written_job[k] != self.job[k]]
         if differ:
             raise CheckpointError(
-                f"{path} was written with " + ", ".join(f"--{k.replace('_', '-')} {written_job[k]}" for k in differ)
-                + "; this job has " + ", ".join(f"--{k.replace('_', '-')} {self.job[k]}" for k in differ)
-                + ": resume with the options it was written with, or start afresh in another --checkpoint-dir"
+                f"{path} was written with " + ", ".join(_option(k, written_job[k]) for k in differ)
+                + "; this job has " + ", ".join(_option(k, self.job[k]) for k in differ)
+                + ": resume with the options (and data) it was written with, or start afresh in another --checkpoint-dir"
             )
         if world is not None and world != self.world and self.rank == 0:
             log.warning("%s was written on %d ranks, resuming on %d: the global batch changes with it", path, world, self.world)
+
+
+def _option(key: str, value) -> str:
+    """A job entry as the command line gives it (``data``: the data it found, see ``launch.train.job_options``)."""
+    return f"data {value}" if key == "data" else f"--{key.replace('_', '-')} {value}"
 
 
 def _meta(path: Path) -> dict:

@@ -8,8 +8,9 @@ of samples, each rank taking every world-th one.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -94,15 +95,27 @@ class TextWindows:
             yield CharCorpus.windows(self.ids, self.context, starts[first : first + per_step][rank::world])
 
 
-def _text(path: Path | None, context: int) -> tuple[TextWindows, TextWindows, int]:
-    """The characters of ``path`` (the standard library's source when ``None``); classes = vocabulary size."""
+class Data(NamedTuple):
+    """A job's training and held-out sets, its number of classes (the vocabulary size for ``gpt``), and
+    ``source``: what its inputs mean where the options do not say it (recorded with checkpoints)."""
+
+    train: TensorSet | TextWindows
+    valid: TensorSet | TextWindows
+    classes: int
+    source: str = ""
+
+
+def _text(path: Path | None, context: int) -> Data:
+    """The characters of ``path`` (the standard library's source when ``None``); its source names the
+    vocabulary: a text of another one gives the same ids to other characters."""
     corpus = CharCorpus.load(path)
     train = TextWindows(corpus.train, context, "the training part of the text (its first 90%)")
     valid = TextWindows(corpus.valid, context, "the held-out part of the text (its last 10%)")
-    return train, valid, len(corpus.vocab)
+    digest = hashlib.sha256("".join(corpus.vocab).encode("utf-8")).hexdigest()[:12]
+    return Data(train, valid, len(corpus.vocab), f"a vocabulary of {len(corpus.vocab)} characters (sha256 {digest})")
 
 
-def _digits(seed: int) -> tuple[TensorSet, TensorSet, int]:
+def _digits(seed: int) -> Data:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -111,7 +124,7 @@ def _digits(seed: int) -> tuple[TensorSet, TensorSet, int]:
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     split = int(0.8 * len(y))
     train, valid = order[:split], order[split:]
-    return TensorSet(x[train], y[train], _identity), TensorSet(x[valid], y[valid], _identity), 10
+    return Data(TensorSet(x[train], y[train], _identity), TensorSet(x[valid], y[valid], _identity), 10)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -122,25 +135,27 @@ def _images(x_uint8: torch.Tensor) -> torch.Tensor:
     return (x_uint8.float() / 255.0 - CIFAR_MEAN) / CIFAR_STD
 
 
-def _cifar(data_dir: Path, fake_size: int) -> tuple[TensorSet, TensorSet, int]:
+def _cifar(data_dir: Path, fake_size: int) -> Data:
     """CIFAR-10 from ``data_dir`` if its files are there, else torchvision's FakeData of the same shape."""
     import torchvision
 
     try:
         sets = [torchvision.datasets.CIFAR10(str(data_dir), train=train, download=False) for train in (True, False)]
         tensors = [(torch.tensor(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in sets]
+        source = "CIFAR-10"
     except RuntimeError:
+        source = f"FakeData of {fake_size} training images (no CIFAR-10 files)"
         tensors = []
         for size, offset in ((fake_size, 0), (max(fake_size // 4, 1), fake_size)):
             fake = torchvision.datasets.FakeData(size, (3, 32, 32), 10, random_offset=offset)
             images = [torch.tensor(list(img.tobytes()), dtype=torch.uint8).view(32, 32, 3) for img, _ in fake]
             tensors.append((torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor([int(t) for _, t in fake])))
     (x_train, y_train), (x_valid, y_valid) = tensors
-    return TensorSet(x_train, y_train, _images), TensorSet(x_valid, y_valid, _images), 10
+    return Data(TensorSet(x_train, y_train, _images), TensorSet(x_valid, y_valid, _images), 10, source)
 
 
-def build_data(args) -> tuple[TensorSet | TextWindows, TensorSet | TextWindows, int]:
-    """Training set, held-out set and the number of classes (the vocabulary size for ``gpt``)."""
+def build_data(args) -> Data:
+    """The data of ``--model`` and its options."""
     if args.model == "mlp":
         return _digits(args.seed)
     if args.model == "gpt":

@@ -294,24 +294,29 @@ def check_sizes(args, train_set, valid_set, world: int) -> None:
         raise SystemExit(f"the held-out set has {len(valid_set)} {unit}, fewer than the {ranks}: nothing to evaluate")
 
 
-def job_options(args) -> dict[str, str | int]:
-    """The options the model, its data and its batches depend on: a resumed job must repeat them.
+def job_options(args, source: str = "") -> dict[str, str | int]:
+    """The options the model, its data and its batches depend on, and the data's ``source`` where the options
+    do not fix it (:class:`launch.data.Data`): a resumed job must repeat them.
 
     ``--batch-size`` among them: ELRA resumes with the batch size of its checkpoint (its statistics
-    window), so another one would feed it micro-batches of a size it does not count with.
+    window), so another one would feed it micro-batches of a size it does not count with. The source: a text
+    of another vocabulary maps the same ids to other characters; CIFAR-10 appearing or vanishing in
+    ``--data-dir`` swaps FakeData for it.
     """
-    names = {"mlp": ("seed",), "gpt": ("text", "context", "width", "heads", "layers"), "resnet18": ("fake_size",)}
+    names = {"mlp": ("seed",), "gpt": ("text", "context", "width", "heads", "layers"), "resnet18": ()}
     job = {"model": args.model, "batch_size": args.batch_size}
     for name in names[args.model]:
         value = getattr(args, name)
         job[name] = str(value.resolve()) if isinstance(value, Path) else value
+    if source:
+        job["data"] = source
     return job
 
 
 def train(args, rank: int, world: int, device: torch.device, distributed: bool) -> None:
     """Build, resume, train and save. The wrapped model lives only in this frame (see ``main``)."""
     try:
-        train_set, valid_set, classes = build_data(args)
+        train_set, valid_set, classes, source = build_data(args)
     except TextTooShort as error:  # a one-line error, as check_sizes gives
         raise SystemExit(str(error)) from None
     check_sizes(args, train_set, valid_set, world)
@@ -322,7 +327,7 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
     )
     optimizer.enable_boost()
     checkpointer = (
-        Checkpointer(args.checkpoint_dir, args.strategy, rank, world=world, job=job_options(args))
+        Checkpointer(args.checkpoint_dir, args.strategy, rank, world=world, job=job_options(args, source))
         if args.checkpoint_dir else None
     )
     start = checkpointer.resume(model, optimizer) if checkpointer else 0

@@ -149,7 +149,7 @@ def test_a_batch_larger_than_the_training_set_is_refused(capsys):
     """Every epoch would take no step and report (and feed ELRA) a train loss of 0."""
     from launch.data import build_data
 
-    train_set, valid_set, _ = build_data(launcher.parse_args([]))  # 1437 training samples
+    train_set, valid_set, *_ = build_data(launcher.parse_args([]))  # 1437 training samples
     for world in (1, 2):
         launcher.check_sizes(launcher.parse_args(["--batch-size", str(1437 // world)]), train_set, valid_set, world)
         too_large = launcher.parse_args(["--batch-size", str(1437 // world + 1)])
@@ -257,6 +257,40 @@ def test_checkpoint_of_other_data_or_model_options_says_what_differs(tmp_path, t
     with pytest.raises(CheckpointError, match="written with --heads 2; this job has --heads 4"):
         launcher.main([*gpt, "--epochs", "2", "--heads", "4"])
     launcher.main([*gpt, "--epochs", "2"])  # the same options resume
+
+
+def test_checkpoint_of_a_text_with_another_vocabulary_says_so(tmp_path, text_file):
+    """Characters are numbered in sorted order: a text at the same path with one character swapped for another
+    has a vocabulary of the same size whose ids mean other characters; it resumed silently."""
+    text = tmp_path / "corpus.txt"
+    original = text_file.read_text(encoding="utf-8")
+    assert "Q" in original and "\u00a7" not in original
+    text.write_text(original, encoding="utf-8")
+    gpt = [*TINY_GPT, "--text", str(text), "--max-steps", "1", "--threads", "1", "--checkpoint-dir", str(tmp_path / "gpt")]
+    launcher.main([*gpt, "--epochs", "1"])
+    text.write_text(original.replace("Q", "\u00a7"), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"written with data a vocabulary of (\d+) characters \(sha256 \w+\); "
+                                              r"this job has data a vocabulary of \1 characters"):
+        launcher.main([*gpt, "--epochs", "2"])
+
+
+def test_checkpoint_on_fake_images_is_not_resumed_on_cifar(tmp_path, monkeypatch):
+    """Without CIFAR-10 files in --data-dir resnet18 trains on FakeData; files that appear there later swapped
+    the data under a resumed job silently. (Its --fake-size is recorded only as part of the FakeData it made.)"""
+    torchvision = pytest.importorskip("torchvision")
+    resnet = ["--model", "resnet18", "--fake-size", "16", "--max-steps", "1", "--batch-size", "4", "--threads", "1",
+              "--data-dir", str(tmp_path / "data"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    launcher.main([*resnet, "--epochs", "1"])
+
+    class FoundCifar:  # the files' contents as torchvision gives them
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            self.data = torch.zeros(16 if train else 4, 32, 32, 3, dtype=torch.uint8).numpy()
+            self.targets = [0] * len(self.data)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FoundCifar)
+    with pytest.raises(CheckpointError, match=r"written with data FakeData of 16 training images \(no CIFAR-10 files\); "
+                                              r"this job has data CIFAR-10"):
+        launcher.main([*resnet, "--epochs", "2"])
 
 
 def test_checkpoint_of_another_batch_size_says_what_it_was_trained_with(tmp_path):
