@@ -128,12 +128,13 @@ class Checkpointer:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             state = torch.load(path / "state.pt", weights_only=True)
-            _unwrapped(model).load_state_dict(state["model"])
-            try:
+            try:  # the model's state by name (RuntimeError), then the optimizer's by position (ValueError)
+                _unwrapped(model).load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optim"])
-            except ValueError as error:  # mapped by position: another model, or its parameters in another order
+            except (RuntimeError, ValueError) as error:  # another model, its parameters renamed or reordered
+                reason = " ".join(str(error).split()).rstrip(".")
                 raise CheckpointError(
-                    f"{path} does not fit this model: {error}; resume with the model it was written with, "
+                    f"{path} does not fit this model: {reason}; resume with the model it was written with, "
                     "or start afresh in another --checkpoint-dir"
                 ) from None
         return epoch

@@ -345,6 +345,17 @@ def test_checkpoint_of_reordered_parameters_is_refused_and_one_without_names_res
     torch.save(state, unnamed / "epoch-00001" / "state.pt")
     launcher.main([*gpt, "--epochs", "2", "--checkpoint-dir", str(unnamed)])
     assert _epoch_lines(capsys.readouterr().out) == named and len(named) == 1
+    build = launcher.build_model
+
+    def renamed(args, classes):  # the model's own load refuses it: said in one line as well (it was a traceback)
+        model = build(args, classes)
+        model.blocks[0]._modules = {("norm1" if k == "attn_norm" else k): m for k, m in model.blocks[0]._modules.items()}
+        return model
+
+    monkeypatch.setattr(launcher, "build_model", renamed)
+    with pytest.raises(CheckpointError, match=r"epoch-00002 does not fit this model: Error\(s\) in loading state_dict "
+                                              r"for CharGPT: Missing key\(s\) in state_dict: \"blocks.0.norm1.weight\""):
+        launcher.main([*gpt, "--epochs", "2", "--checkpoint-dir", str(unnamed)])
 
 
 @pytest.mark.filterwarnings("ignore:.*NO_SHARD")  # FSDP1 on one rank
