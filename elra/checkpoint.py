@@ -66,6 +66,13 @@ class Checkpointing:
                 "partial sums, which one checkpoint cannot keep. Call optimizer.sync_pending_grads() on every "
                 "rank first (one gradient reduction), or save when optimizer.collecting is False"
             )
+        if self._pending and self._grads_changed_since_step():
+            raise RuntimeError(
+                f"state_dict() between backward() and step() while collecting micro-batches ({len(self._pending)} "
+                f"of {self.controller.state.multiplier}): the gradients changed since the last step(loss), they hold "
+                "a micro-batch whose loss step() has not had, and a run resumed from this checkpoint would count it "
+                "twice when it repeats the iteration. Save after optimizer.step(loss), or before loss.backward()"
+            )
         sd = super().state_dict()
         controller = self.controller.state_dict()
         controller["pending_losses"] = [float(v) for v in self._pending]
@@ -107,10 +114,13 @@ class Checkpointing:
         if not self._pending or not self.unsynced_models:
             self.unsynced_models.clear()
             return
+        unstepped = self._grads_changed_since_step()
         for model in self.unsynced_models:
             sync_unsynced_grads(model)
         self.unsynced_models.clear()
         self._keep_grads()
+        if unstepped:  # a backward since the last step: its micro-batch is in the synchronised sums too
+            self._kept_versions.clear()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by ``state_dict``: everything, or nothing if it does not fit.

@@ -230,6 +230,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._pending: list[LossLike] = []
         self._reports = [0.0] * REPORT_SLOTS  # this rank's train and validation loss since the last real step
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
+        self._kept_versions: dict[torch.Tensor, int] = {}  # their version counters: a backward since bumps them
         self.unsynced_models: set[torch.nn.Module] = set()  # filled by elra.grad_sync
         self.models: list[torch.nn.Module] = [model] if model is not None else []  # to reshard after in-place changes
         self._moved: set[torch.Tensor] = set()  # parameters the last accepted step updated
@@ -594,6 +595,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             p.grad_dtype = dtype
         for p, grad in grads.items():
             p.grad = grad
+        self._note_kept_versions()  # the copied gradients count their versions afresh
 
     # ------------------------------------------------------- internals
     def _decay_rates(self, groups: list[dict[str, Any]]) -> list[float]:
@@ -637,6 +639,20 @@ class ElraOptimizer(Checkpointing, Optimizer):
             # FSDP1 replaces its flat gradients itself between backward passes, DDP with bucket views too
             if p.grad is not None and not getattr(p, "_fsdp_flattened", False) and p not in moving
         }
+        self._note_kept_versions()
+
+    def _note_kept_versions(self) -> None:
+        """Note the version counters of the collected gradients: a backward adds to them in place, which bumps
+        them, so :meth:`_grads_changed_since_step` can tell a checkpoint taken before the loss came."""
+        self._kept_versions = {p: local(grad)._version for p, grad in self._kept_grads.items()}
+
+    def _grads_changed_since_step(self) -> bool:
+        """Whether a collected gradient was replaced or changed in place since it was noted (a backward
+        whose micro-batch ``step`` has not counted yet)."""
+        return any(
+            p.grad is not grad or local(grad)._version != self._kept_versions.get(p)
+            for p, grad in self._kept_grads.items()
+        )
 
     def _check_kept_grads(self) -> None:
         for p, grad in self._kept_grads.items():

@@ -682,3 +682,75 @@ def test_a_copy_keeps_the_float32_gradients_of_bfloat16_parameters(how):
         _float32_grads_step(opt, net, step)
         _float32_grads_step(opt2, net2, step)
         assert all(torch.equal(p, q) for p, q in zip(net.parameters(), net2.parameters())), step
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam"])
+def test_a_checkpoint_between_backward_and_step_is_refused_while_collecting(preconditioner):
+    """Between ``backward()`` and ``step(loss)`` the gradients hold a micro-batch whose loss ELRA has not had: a
+    checkpoint taken there while collecting held its gradient in the sums, and the resumed run, repeating the
+    iteration, counted it twice (silently another trajectory). It raises; at a real-step boundary, where the
+    repeated iteration starts from cleared gradients, such a checkpoint resumes exactly."""
+    x, y = digits_data()
+    model = digits_model()
+    opt = ElraOptimizer(model.parameters(), None, 8, 10, lr=1e-4, batch_multiplier=3, preconditioner=preconditioner)
+    trajectory, boundary = [], None
+
+    def backward(net, optimizer, i):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x[8 * i : 8 * i + 8]), y[8 * i : 8 * i + 8])
+        loss.backward()
+        return loss
+
+    for i in range(12):
+        loss = backward(model, opt, i)
+        if opt.micro_batches:
+            with pytest.raises(RuntimeError, match="between backward"):
+                opt.state_dict()
+        elif i == 6:
+            boundary = copy.deepcopy((model.state_dict(), opt.state_dict()))
+        opt.step(loss)
+        trajectory.append([p.clone() for p in model.parameters()])
+        opt.state_dict()  # after step: fine
+    fresh = digits_model()
+    fresh.load_state_dict(boundary[0])
+    resumed = ElraOptimizer(fresh.parameters(), None, 8, 10, lr=1e-4, batch_multiplier=3, preconditioner=preconditioner)
+    resumed.load_state_dict(boundary[1])
+    for i in range(6, 12):
+        resumed.step(backward(fresh, resumed, i))
+        assert all(torch.equal(p, q) for p, q in zip(trajectory[i], fresh.parameters())), i
+    resumed.step(backward(fresh, resumed, 12))
+    copied = copy.deepcopy((fresh, resumed))  # copied, or loaded, mid-collection: a backward still counts
+    resumed.load_state_dict(resumed.state_dict())
+    for net, optimizer in [(fresh, resumed), copied]:
+        assert optimizer.micro_batches
+        backward(net, optimizer, 13)
+        with pytest.raises(RuntimeError, match="between backward"):
+            optimizer.state_dict()
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam"])
+@pytest.mark.parametrize("zeroing", ["none", "zeros"])
+def test_checkpoints_after_step_while_collecting_are_not_refused(preconditioner, zeroing):
+    """The refusal above misfired on none of the legitimate places to save while collecting: after ``step(loss)``
+    (with ``zero_grad`` before the next backward, ``set_to_none`` or not), right after ``load_state_dict`` restored
+    the sums and after the next step of that loaded run, and a deepcopy or pickle of the optimizer, which go on
+    exactly as the original."""
+    net = _heads()
+    opt = _heads_optimizer(net, preconditioner, batch_multiplier=3)
+    for step in range(8):
+        _heads_step(opt, net, step, zeroing)
+        opt.zero_grad(set_to_none=zeroing == "none")
+        saved = _saved(net, opt)
+    assert opt.micro_batches
+    fresh = _heads()
+    fresh.load_state_dict(saved[0])
+    loaded = _heads_optimizer(fresh, preconditioner)
+    loaded.load_state_dict(saved[1])
+    _saved(fresh, loaded)
+    net2, opt2 = copy.deepcopy((net, opt))
+    net3, opt3 = pickle.loads(pickle.dumps((net, opt)))
+    for step in range(8, 14):
+        expected = _heads_step(opt, net, step, zeroing)
+        for model, optimizer in [(fresh, loaded), (net2, opt2), (net3, opt3)]:
+            assert torch.equal(_heads_step(optimizer, model, step, zeroing)[0], expected[0]), step
+            _saved(model, optimizer)

@@ -494,3 +494,35 @@ def test_ddp_pending_gradients_are_reduced_in_bounded_buckets_back_into_place(tm
                 assert torch.equal(p.grad, 3 * before[name]), name
     finally:
         dist.destroy_process_group()
+
+
+def test_sync_pending_grads_between_backward_and_step_keeps_the_checkpoint_refused(tmp_path):
+    """Synchronising the sums collected under ``grad_sync`` makes them one checkpoint's; after a backward whose
+    step has not come yet they hold that micro-batch too, and ``state_dict()`` still refuses (one rank, DDP)."""
+    import torch.distributed as dist
+
+    from elra import ElraOptimizer, grad_sync
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 3))
+        optimizer = ElraOptimizer(model.parameters(), model, 8, 3, batch_multiplier=3, preconditioner=None)
+        x, y = torch.randn(8, 4), torch.arange(8) % 3
+
+        def backward():
+            optimizer.zero_grad()
+            with grad_sync(model, optimizer):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+            return loss
+
+        optimizer.step(backward())
+        optimizer.sync_pending_grads()
+        optimizer.state_dict()  # after step: allowed
+        backward()
+        optimizer.sync_pending_grads()
+        with pytest.raises(RuntimeError, match="between backward"):
+            optimizer.state_dict()
+    finally:
+        dist.destroy_process_group()

@@ -282,9 +282,15 @@ class ElraTrainer(Trainer):
         )
 
     def _restore_collected(self) -> None:
+        """Put the collected gradients back after Trainer's ``model.zero_grad()``.
+
+        Trainer logs the gradient norm with ``clip_grad_norm_(..., inf)`` after ELRA's step, which multiplies
+        them by 1 in place: ELRA notes their versions again, or ``state_dict()`` would take that for a backward.
+        """
         for p, grad in self._collected.items():
             if p.grad is None:
                 p.grad = grad
+        self.elra_optimizer._note_kept_versions()
 
     # ---------------------------------------------- losses and logs
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
