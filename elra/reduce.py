@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .chunks import stacked
-from .sync import fsdp1_shards
+from .sync import fsdp1_shards, wrapper_groups
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 AUTO = "auto"
@@ -222,9 +222,23 @@ class Reducer:
 
     def learn_shards(self, models: Sequence[torch.nn.Module]) -> None:
         """Read from the FSDP1 units of ``models`` how many distinct shards their parameters have (NO_SHARD
-        and HYBRID_SHARD repeat them on several ranks); again only when the models change."""
+        and HYBRID_SHARD repeat them on several ranks); again only when the models change.
+
+        A DDP model or FSDP1 unit whose group is not as large as the one ELRA sums over (DDP on a subgroup,
+        ``process_group`` left at ``"auto"``) raises: its replicas or shards would be weighted for the wrong
+        ranks and the sums mixed with other ranks' silently. ``replicas=`` takes over the counting (layouts
+        beyond these rules), and the check.
+        """
         key = tuple(map(id, models))
         if key != self._shards_of:
+            group = self.group
+            world = 1 if group is None else dist.get_world_size(group)
+            for wrapper, size in wrapper_groups(models) if group is not None and self._replicas is None else ():
+                if size != world:
+                    raise ValueError(
+                        f"the model's {wrapper} reduces over {size} ranks but ELRA sums over {world}: pass "
+                        "process_group= the group the wrapper was given (or replicas= for a layout of your own)"
+                    )
             self.flat_shards, self._shards_of = fsdp1_shards(models), key
 
     @property

@@ -237,6 +237,27 @@ def fsdp1_shards(models: Iterable[torch.nn.Module]) -> dict[torch.Tensor, int]:
     return shards
 
 
+def wrapper_groups(models: Iterable[torch.nn.Module]) -> Iterator[tuple[str, int]]:
+    """The data-parallel group size of each DDP model and FSDP1 unit in ``models``, with its name.
+
+    Their parameters are replicas or shards over that group (FSDP1's
+    HYBRID_SHARD: its shard group times its replicate group), not over
+    whatever group ELRA sums over.
+    """
+    if not dist.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for model in models:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            yield "DistributedDataParallel", model.process_group.size()
+            continue
+        for module in model.modules():
+            if isinstance(module, FullyShardedDataParallel):
+                groups = [module.process_group] + [g for g in [getattr(module, "_inter_node_pg", None)] if g is not None]
+                yield "FullyShardedDataParallel", math.prod(g.size() for g in groups)
+
+
 def reshard(models: Iterable[torch.nn.Module]) -> int:
     """Free the weights FSDP keeps gathered after a forward; returns the FSDP modules found.
 

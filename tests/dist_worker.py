@@ -32,6 +32,7 @@ class Scenario:
 
     name: str
     strategy: str = "ddp"  # ddp | ddp-bucket-view | fsdp2 | fsdp2-root | hsdp | hsdp-root | fsdp1 | fsdp1-orig | fsdp1-no-shard | fsdp1-hybrid
+    # | ddp-subgroup | fsdp1-subgroup (each rank's wrapper over a group of its own)
     steps: int = 40
     batch_multiplier: int = 1
     use_grad_sync: bool = True
@@ -239,6 +240,15 @@ def make_optimizer(model, scenario: Scenario, single: bool = False, odd_rank: bo
 
 
 def wrap(model: Net, strategy: str, world: int):
+    if strategy.endswith("-subgroup"):  # one job per rank: the wrapper reduces over this rank alone
+        import torch.distributed as dist
+
+        group = [dist.new_group([r]) for r in range(world)][dist.get_rank()]
+        if strategy == "ddp-subgroup":
+            return torch.nn.parallel.DistributedDataParallel(model, process_group=group, find_unused_parameters=True)
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP(model, device_id=torch.device("cpu"), process_group=group)
     if strategy in ("ddp", "ddp-bucket-view"):
         views = strategy == "ddp-bucket-view"  # .grad are views into DDP's buckets
         return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, gradient_as_bucket_view=views)

@@ -158,6 +158,9 @@ REFUSED = {
     # FSDP1 flattened the matrices: a full v would silently differ from one process's factored v
     "fsdp1-factored": "cannot factor the flat parameters of FSDP1",
     "fsdp1-orig-factored": "cannot factor the flat parameters of FSDP1",
+    # wrappers over a group of their own rank while ELRA sums over both ranks ("auto"): the two jobs' sums mixed
+    "ddp-subgroup": "DistributedDataParallel reduces over 1 ranks but ELRA sums over 2",
+    "fsdp1-subgroup": "FullyShardedDataParallel reduces over 1 ranks but ELRA sums over 2",
     # FSDP2 itself, at the next forward: it keeps the all-gather dtype of its first forward (torch 2.14)
     "fsdp2-cast-mid-run": "Expected out tensor to have dtype double, but got float",
 }
@@ -167,6 +170,8 @@ TWO_RANKS += IN_PLACE + COUNTED + [
     Scenario("fsdp1-without-model", "fsdp1", boost_cycle=100, use_grad_sync=False, pass_model=False),
     Scenario("fsdp1-muon", "fsdp1", options=MUON),
     Scenario("fsdp1-orig-muon", "fsdp1-orig", options=MUON),
+    Scenario("ddp-subgroup", "ddp-subgroup", steps=3),
+    Scenario("fsdp1-subgroup", "fsdp1-subgroup", steps=3),
 ]
 TWO_RANKS.append(Scenario("fsdp2-cast-mid-run", "fsdp2", batch_multiplier=2, cast_at=6))  # last: it stops in FSDP2
 THREE_RANKS = [
