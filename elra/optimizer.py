@@ -816,13 +816,16 @@ class ElraOptimizer(Checkpointing, Optimizer):
         """A 20-bit hash of everything that decides this collective's layout and the next decision.
 
         The call (``step`` with its inputs, or ``skip_backward``), the group
-        count, batch multiplier and collected micro-batches (the vector's
-        length), the hyperparameters and the controller state.
+        count, batch multiplier, collected micro-batches, 16-bit parameters and
+        the direction's vector blocks (the vector's length: a rank of bfloat16
+        parameters among float32 ones met the others' real step with a longer
+        vector, which gloo aborts on), the hyperparameters and the controller state.
         """
         decays = self._decay_rates(self.param_groups)
         # the reported losses are reconciled by this collective, before they decide anything
         state = sorted((k, v) for k, v in self.controller.state_dict().items() if k not in _REPORTED_FIELDS)
-        text = repr((call, len(self.param_groups), len(self._pending), decays, sorted(self._config.items()), state))
+        layout = (len(self.param_groups), len(self._pending), self._vector_layout())
+        text = repr((call, layout, decays, sorted(self._config.items()), state))
         return zlib.crc32(text.encode()) % (1 << 20) + 1
 
     def _agreed_fingerprint(self, call: tuple) -> int:
@@ -850,13 +853,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         """
         fingerprint = self._fingerprint(call)
         if self._agreed:
-            if self.geometry is None:
-                half = any(p.dtype in _SIXTEEN_BIT for group in self.param_groups for p in group["params"])
-                _, _, check = _layout(len(self.param_groups), half)
-            else:
-                check = SLOTS
-            params = [p for group in self.param_groups for p in group["params"]]
-            extra = 0 if self.geometry is None else self.geometry.vector_length(params)  # vector blocks after the losses
+            check, extra = self._vector_layout()
             length, at = check + 2 + REPORT_SLOTS + self.controller.state.multiplier + extra, check
         else:
             length, at = 3, 1
@@ -868,6 +865,15 @@ class ElraOptimizer(Checkpointing, Optimizer):
         values = self.reducer.sum(vector).tolist()
         self._verify_consistency(values[at], values[at + 1], fingerprint)
         return values
+
+    def _vector_layout(self) -> tuple[int, int]:
+        """A real step's vector beyond the groups and micro-batches: the fingerprint's slot (after the sums and,
+        with 16-bit parameters, P2M's range bounds) and the numbers of the direction's vector blocks."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        if self.geometry is None:
+            _, _, check = _layout(len(self.param_groups), any(p.dtype in _SIXTEEN_BIT for p in params))
+            return check, 0
+        return SLOTS, self.geometry.vector_length(params)  # vector blocks after the losses
 
     def _verify_consistency(self, total: float, total_sq: float, mine: int) -> None:
         ranks = self.reducer.world_size

@@ -32,7 +32,7 @@ class Scenario:
 
     name: str
     strategy: str = "ddp"  # ddp | ddp-bucket-view | fsdp2 | fsdp2-root | hsdp | hsdp-root | fsdp1 | fsdp1-orig | fsdp1-no-shard | fsdp1-hybrid
-    # | ddp-subgroup | fsdp1-subgroup (each rank's wrapper over a group of its own)
+    # | ddp-subgroup | fsdp1-subgroup (each rank's wrapper over a group of its own) | plain (no wrapper)
     steps: int = 40
     batch_multiplier: int = 1
     use_grad_sync: bool = True
@@ -44,7 +44,7 @@ class Scenario:
     count_reductions: bool = False  # count the gradient reductions of every backward
     pass_model: bool = True  # give the optimizer the model (else only grad_sync may tell it)
     diverge: bool = False  # the last rank builds its optimizer with another lr
-    odd_rank: dict = field(default_factory=dict)  # the last rank's own batch_multiplier or param "groups"
+    odd_rank: dict = field(default_factory=dict)  # the last rank's own batch_multiplier, param "groups" or model "dtype"
     boost_cycle: int | None = None  # enable boosting with this cycle
     scaler: bool = False  # train through ElraGradScaler
     inf_grad_at: int | None = None  # micro-step where the last rank's first gradient shard gets an inf
@@ -240,6 +240,8 @@ def make_optimizer(model, scenario: Scenario, single: bool = False, odd_rank: bo
 
 
 def wrap(model: Net, strategy: str, world: int):
+    if strategy == "plain":
+        return model
     if strategy.endswith("-subgroup"):  # one job per rank: the wrapper reduces over this rank alone
         import torch.distributed as dist
 
@@ -324,7 +326,10 @@ def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[S
     def body() -> None:
         results = {}
         for scenario in scenarios:
-            model = wrap(scenario_net(scenario), scenario.strategy, world)
+            net = scenario_net(scenario)
+            if rank == world - 1 and "dtype" in scenario.odd_rank:
+                net.to(scenario.odd_rank["dtype"])
+            model = wrap(net, scenario.strategy, world)
             reductions = [] if scenario.count_reductions else None
             if reductions is not None and scenario.strategy == "ddp":
                 count_ddp_buckets(model)
