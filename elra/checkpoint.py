@@ -236,10 +236,13 @@ class Checkpointing:
             entry = saved_state.get(saved_id, {})
             for key in needed if p.numel() else ():  # FSDP1 saves no state for a parameter with no local part
                 if key not in entry:
-                    raise ValueError(
-                        f"the state_dict lacks the '{key}' state of parameter {index} "
-                        f"(its preconditioner={preconditioner!r} needs it)"
+                    # a torch.distributed.checkpoint load reads only the keys the loading optimizer's state has
+                    why = (
+                        "its boost is on: from torch.distributed.checkpoint, call optimizer.enable_boost() before "
+                        "get_state_dict and dcp.load, so that the template has room for the boost means"
+                        if key == "boost" else f"its preconditioner={preconditioner!r} needs it"
                     )
+                    raise ValueError(f"the state_dict lacks the '{key}' state of parameter {index} ({why})")
             for key, value in entry.items():
                 if isinstance(value, torch.Tensor) and value.shape != shapes.get(key, () if key in _FLAGS else p.shape):
                     raise ValueError(

@@ -357,7 +357,7 @@ def test_a_refused_load_state_dict_changes_nothing():
     _refuse(opt, bad_config, match="momentum")
     no_boost = copy.deepcopy(good)
     no_boost["param_groups"][0]["elra_boost"]["enabled"] = True
-    _refuse(opt, no_boost, match="lacks the 'boost'")
+    _refuse(opt, no_boost, match=r"lacks the 'boost' state .*call optimizer.enable_boost\(\) before get_state_dict")
 
     assert _same(_run(model, opt, 61, 200), _run(twin_model, twin, 61, 200))
     assert opt.stats == twin.stats
