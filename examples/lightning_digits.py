@@ -9,7 +9,9 @@ Lightning's ``accumulate_grad_batches`` and gradient clipping are refused:
 the first hands ELRA every N-th loss divided by N beside the gradient of N
 batches, the second rescales the gradients ELRA measures; ELRA averages
 micro-batches itself (``batch_multiplier``) and handles bad steps (retrace).
-Exits with a message (status 0) when Lightning is not installed.
+A ``ckpt_path`` taken while ELRA collects micro-batches resumes with them
+(``zero_grad`` goes to ELRA, which keeps them) and with the train losses not
+yet fed. Exits with a message (status 0) when Lightning is not installed.
 """
 
 import argparse
@@ -40,7 +42,7 @@ def digits_loaders(batch_size: int):
     )
 
 
-def build_module(batch_size: int):
+def build_module(batch_size: int, batch_multiplier: int = 1):
     class DigitsClassifier(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -73,8 +75,23 @@ def build_module(batch_size: int):
                     "and gradient_clip_val (ElraOptimizer(batch_multiplier=...) averages micro-batches)"
                 )
 
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            """Lightning clears the gradients before fitting: ELRA's ``zero_grad`` keeps those it is still
+            collecting, restored from a ``ckpt_path`` taken mid-collection."""
+            optimizers = self.trainer.optimizers if self._trainer is not None else []
+            if not optimizers:
+                super().zero_grad(set_to_none)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=set_to_none)
+
+        def on_save_checkpoint(self, checkpoint: dict) -> None:
+            checkpoint["train_losses"] = self.train_losses  # not yet fed to set_train_loss
+
+        def on_load_checkpoint(self, checkpoint: dict) -> None:
+            self.train_losses = checkpoint.get("train_losses", [])
+
         def configure_optimizers(self):
-            return ElraOptimizer(self.parameters(), None, batch_size, 10, lr=1e-5)
+            return ElraOptimizer(self.parameters(), None, batch_size, 10, lr=1e-5, batch_multiplier=batch_multiplier)
 
     return DigitsClassifier()
 

@@ -72,6 +72,38 @@ def test_lightning_example_drives_elra_through_closures():
     assert accuracy > 0.85 and stats["real_steps"] == 3 * 45
 
 
+
+def test_lightning_example_resumes_from_a_checkpoint_taken_mid_collection(tmp_path):
+    """Lightning's ``zero_grad()`` before fitting dropped the restored micro-batch gradients (ELRA then raised).
+
+    Lightning replays a mid-epoch plain DataLoader from a fresh shuffle, so the trajectories differ; the
+    collected micro-batch counts, and the train losses not yet fed to ``set_train_loss`` travel along.
+    """
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    example = _example("lightning_digits")
+
+    def fit(out, ckpt_path=None):
+        torch.manual_seed(0)
+        module = example.build_module(32, batch_multiplier=3)
+        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0,
+                            callbacks=[ModelCheckpoint(dirpath=out, every_n_train_steps=7, save_top_k=-1)])
+        trainer.fit(module, *example.digits_loaders(32), ckpt_path=ckpt_path)
+        return module, trainer.optimizers[0]
+
+    whole, whole_optimizer = fit(tmp_path / "whole")
+    checkpoint = tmp_path / "whole" / "epoch=0-step=7.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["optimizer_states"][0]["param_groups"][0]["elra_controller"][
+        "pending_losses"
+    ]  # saved mid-collection
+    resumed, resumed_optimizer = fit(tmp_path / "resumed", checkpoint)
+    assert resumed_optimizer.stats["real_steps"] == whole_optimizer.stats["real_steps"] == 2 * 45 // 3
+    assert torch.load(tmp_path / "resumed" / "epoch=0-step=14.ckpt", weights_only=False)["train_losses"][:7] == (
+        torch.load(checkpoint, weights_only=False)["train_losses"]
+    )
+
 @pytest.mark.parametrize("option", [{"accumulate_grad_batches": 2}, {"gradient_clip_val": 1.0}])
 def test_lightning_example_refuses_what_would_fight_elra(option):
     """Accumulation handed ELRA every 2nd loss, halved, beside two batches' gradient; clipping rescales it."""
