@@ -381,9 +381,10 @@ def run(task: Task, name: str, factory, seed: int) -> dict:
     if schedule_free:
         opt.eval()
     tail = [v for v in losses[-max(1, len(losses) // 10) :] if math.isfinite(v)]
+    finished = error is None and len(losses) == task.steps  # a peer that broke off on a non-finite loss diverged
     return {
-        "loss": statistics.fmean(tail) if tail and error is None else math.nan,
-        "metric": evaluate(model) if error is None else math.nan,
+        "loss": statistics.fmean(tail) if tail and finished else math.nan,
+        "metric": evaluate(model) if finished else math.nan,
         "error": error,
         "grads": len(losses),
         "seconds": time.perf_counter() - start,
@@ -476,7 +477,7 @@ def main() -> None:
         lines.append(f"| {task.name} | train loss (last 10%) | " + " | ".join(cells_loss) + " |")
         lines.append(f"| {task.name} | {task.metric} | " + " | ".join(cells_metric) + " |")
     grads = ", ".join(f"{t.name} {t.steps}" for t in tasks)
-    table = "\n".join(lines) + f"\n\nGradient evaluations per run (every optimizer): {grads}. Mean ± std over seeds.\n"
+    table = "\n".join(lines) + f"\n\nGradient evaluations per run (every optimizer): {grads}. Mean ± population standard deviation (ddof 0) over seeds.\n"
     table += "\n" + _controller_table(traces)
     (args.out / "quality.md").write_text(table)
     print(table)

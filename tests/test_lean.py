@@ -160,3 +160,33 @@ def test_step_cost_benchmark_steps_each_optimizer_on_its_own_copy():
     assert [row["held"] for row in rows] == [2.0, 1.0, 2.0]
     assert all(row["step_ms"] > 0 for row in rows)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_quality_benchmark_reports_a_peer_that_broke_off_as_diverged():
+    """benchmarks/quality.py stops a peer at its first non-finite loss (it has no retrace): the run must read
+    as diverged, not as the mean of its last finite losses and the metric of the weights it stopped at.
+    ELRA retraces the same loss and runs all its gradient evaluations."""
+    from benchmarks.quality import Task, _cell, run
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=gen), torch.randn(64, generator=gen)
+
+    def make(seed):
+        calls = []
+
+        def loss_fn(out, target):
+            calls.append(None)
+            loss = torch.nn.functional.mse_loss(out, target)
+            return loss * math.inf if len(calls) == 31 else loss
+
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 1), torch.nn.Flatten(0, 1))
+        return model, lambda step: (x, y), loss_fn, lambda m: torch.nn.functional.mse_loss(m(x), y).item()
+
+    task = Task("breaks at step 30", 100, 0, 64, "mse", make)
+    adam = run(task, "Adam", lambda params, task: torch.optim.Adam(params, lr=1e-3), 0)
+    assert adam["grads"] == 31 and adam["error"] is None
+    assert math.isnan(adam["loss"]) and math.isnan(adam["metric"])
+    assert _cell([adam["metric"]], []) == "diverged"
+    elra_run = run(task, "ELRA", lambda params, task: elra.ElraOptimizer(params, None, task.batch_size), 0)
+    assert elra_run["grads"] == 100 and math.isfinite(elra_run["loss"]) and math.isfinite(elra_run["metric"])
