@@ -71,6 +71,19 @@ def _weight_decay(text: str) -> float:
     return value
 
 
+def _unwritable(path: Path) -> str:
+    """Why ``path`` cannot be created or written ("" when it can), checked before training: a path under a
+    file or in a read-only directory failed only when the first checkpoint or, for --save-final, the end
+    of the run came, losing the run."""
+    path = path.absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing != path and not existing.is_dir():
+        return f"{existing} is a file, so nothing can be created under it; name a path outside it"
+    if not os.access(existing, os.W_OK):
+        return f"{existing} is not writable; name a path you can write"
+    return ""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--strategy", choices=["none", "ddp", "fsdp2", "fsdp1"], default="none", help="data parallelism (all but none need torchrun)")
@@ -110,6 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--text {args.text} is not a file")
     if args.save_final is not None and args.save_final.is_dir():
         parser.error(f"--save-final {args.save_final} is a directory; name the file to write")
+    for option, path in (("--checkpoint-dir", args.checkpoint_dir), ("--save-final", args.save_final)):
+        if path is not None and (problem := _unwritable(path)):
+            parser.error(f"{option} {path}: {problem}")
     return args
 
 

@@ -225,6 +225,18 @@ def test_final_model_goes_to_a_directory_that_did_not_exist(tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--save-final", "--checkpoint-dir"])
+def test_an_output_path_under_a_file_is_refused_before_training(tmp_path, option, capsys):
+    """--save-final ended the finished run with a traceback and without the model; --checkpoint-dir with one."""
+    file = tmp_path / "file"
+    file.write_text("")
+    with pytest.raises(SystemExit):
+        launcher.main(["--epochs", "1", "--max-steps", "2", "--threads", "1", option, str(file / "sub" / "out")])
+    captured = capsys.readouterr()
+    assert "epoch " not in captured.out
+    assert f"{option} {file}/sub/out: {file} is a file, so nothing can be created under it" in captured.err
+
+
 def test_distributed_strategy_without_torchrun_says_how_to_launch():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     done = subprocess.run([sys.executable, str(TRAIN), "--strategy", "ddp"], capture_output=True, text=True, timeout=120, env=env)
