@@ -335,6 +335,10 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
         train_set, valid_set, classes, source = build_data(args)
     except TextTooShort as error:  # a one-line error, as check_sizes gives
         raise SystemExit(str(error)) from None
+    except UnicodeDecodeError as error:  # only --text is decoded
+        raise SystemExit(
+            f"--text {args.text} is not UTF-8 text ({error.reason} at byte {error.start}); convert it to UTF-8"
+        ) from None
     check_sizes(args, train_set, valid_set, world)
     model = wrap(build_model(args, classes), args.strategy, device)
     optimizer = ElraOptimizer(  # given the model: it reshards FSDP's gathered weights after its in-place changes

@@ -181,6 +181,15 @@ def test_a_text_too_short_for_the_context_is_refused_saying_how_long_it_must_be(
     assert capsys.readouterr().out.count("epoch ") == 1
 
 
+def test_a_text_that_is_not_utf8_is_refused_naming_it(tmp_path):
+    """It ended in a traceback from the decoder."""
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("caf\xe9 ".encode("latin-1") * 400)
+    with pytest.raises(SystemExit, match=rf"--text {text} is not UTF-8 text \(invalid continuation byte at byte 3\); "
+                                         "convert it to UTF-8"):
+        launcher.main(["--model", "gpt", "--text", str(text), "--epochs", "1", "--max-steps", "1", "--threads", "1"])
+
+
 def test_a_non_finite_micro_batch_loss_stays_out_of_the_epochs_train_loss(monkeypatch, capsys):
     """ELRA retraces it; the epoch's mean (and ELRA's decay control) takes the finite losses only."""
     finite, fed = [], []
