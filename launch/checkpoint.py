@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -124,10 +125,16 @@ class Checkpointer:
             for group in optim_state["param_groups"]:
                 group.pop("param_names", None)
             state = {"model": model_state, "optim": optim_state}
-            dcp.load(state, checkpoint_id=path)
+            try:
+                dcp.load(state, checkpoint_id=path)
+            except dcp.CheckpointException as error:  # on every rank, with each failing rank's exception
+                raise _damaged(path, min(error.failures.items())[1][0]) from None
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
-            state = torch.load(path / "state.pt", weights_only=True)
+            try:
+                state = torch.load(path / "state.pt", weights_only=True)
+            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:  # missing, truncated, not torch's
+                raise _damaged(path, error) from None
             try:  # the model's state by name (RuntimeError), then the optimizer's by position (ValueError)
                 _unwrapped(model).load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optim"])
@@ -178,4 +185,20 @@ def _option(key: str, value) -> str:
 def _meta(path: Path) -> dict:
     """The checkpoint's meta.json (empty for checkpoints written before it existed)."""
     file = path / _META
-    return json.loads(file.read_text()) if file.exists() else {}
+    try:
+        meta = json.loads(file.read_text()) if file.exists() else {}
+    except ValueError as error:  # not JSON, not UTF-8
+        raise _damaged(path, error) from None
+    if not isinstance(meta, dict):
+        raise _damaged(path, ValueError(f"{_META} holds a {type(meta).__name__}, not an object"))
+    return meta
+
+
+def _damaged(path: Path, error: Exception) -> CheckpointError:
+    """A complete checkpoint whose files cannot be read (a disk that lost them, a copy cut short): the error
+    names it rather than ending in a traceback; it is not skipped silently, for the epochs it holds."""
+    reason = " ".join(str(error).split()).split(". ")[0]  # torch.load's first sentence says it; the rest is advice
+    return CheckpointError(
+        f"{path} cannot be read ({type(error).__name__}" + f": {reason}" * bool(reason)
+        + "); remove it to resume from the checkpoint before it, or start afresh in another --checkpoint-dir"
+    )

@@ -253,6 +253,40 @@ def test_distributed_strategy_without_torchrun_says_how_to_launch():
     assert "torchrun" in done.stderr and "--strategy none" in done.stderr
 
 
+@pytest.mark.parametrize("damage", ["truncated state.pt", "no state.pt", "meta.json not JSON", "meta.json a list"])
+def test_a_checkpoint_that_cannot_be_read_is_named_with_what_to_do(tmp_path, damage, capsys):
+    """A damaged newest checkpoint ended the restarted job in a traceback (torch.load's or json's)."""
+    job = ["--epochs", "2", "--max-steps", "2", "--threads", "1", "--checkpoint-dir", str(tmp_path)]
+    launcher.main(job)
+    newest = tmp_path / "epoch-00002"
+    state, meta = newest / "state.pt", newest / "meta.json"
+    if damage == "truncated state.pt":
+        state.write_bytes(state.read_bytes()[:1000])
+    elif damage == "no state.pt":
+        state.unlink()
+    else:
+        meta.write_text('{"strat' if damage == "meta.json not JSON" else "[]")
+    capsys.readouterr()
+    with pytest.raises(CheckpointError, match=rf"{newest} cannot be read \(.*\); remove it to resume from the "
+                                              "checkpoint before it, or start afresh in another --checkpoint-dir"):
+        launcher.main([*job[:1], "3", *job[2:]])
+    assert "epoch " not in capsys.readouterr().out
+    shutil.rmtree(newest)
+    launcher.main([*job[:1], "3", *job[2:]])
+    assert [line[:9] for line in capsys.readouterr().out.splitlines()] == ["epoch   2", "epoch   3"]
+
+
+def test_a_sharded_checkpoint_that_cannot_be_read_is_named_on_every_rank(tmp_path):
+    """A truncated shard ended both ranks in DCP's CheckpointException and its tracebacks."""
+    job = _command("fsdp2", "--max-steps", "2", "--checkpoint-dir", str(tmp_path))
+    _run([*job, "--epochs", "1"])
+    shard = tmp_path / "epoch-00001" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    stderr = _fails_clearly(job, f"{tmp_path / 'epoch-00001'} cannot be read (EOFError); remove it to resume from the "
+                                 "checkpoint before it")
+    assert stderr.count("cannot be read") == 2 and "CheckpointException" not in stderr
+
+
 def test_checkpoint_of_another_strategy_says_what_differs(tmp_path):
     checkpoints = tmp_path / "ckpt"
     _run(_command("none", "--epochs", "1", "--max-steps", "2", "--checkpoint-dir", str(checkpoints)))
