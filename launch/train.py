@@ -59,8 +59,24 @@ def _at_least(low: int):
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is not above 0")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number above 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A positive ``--timeout`` that a process group's timedelta holds (1e15 overflowed it in a traceback)."""
+    value = _positive_float(text)
+    if value > 1e9:
+        raise argparse.ArgumentTypeError(f"{value} is above 1e9 seconds (31 years)")
+    return value
+
+
+def _seed(text: str) -> int:
+    """An integer torch's generators take: one beyond 64 bits ended the job in a traceback from manual_seed."""
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{value} is outside torch's seeds, [-2**63, 2**64)")
     return value
 
 
@@ -110,8 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads", type=_at_least(1), default=4, help="gpt attention heads (divide --width)")
     parser.add_argument("--layers", type=_at_least(1), default=2, help="gpt transformer blocks")
     parser.add_argument("--max-steps", type=_at_least(0), default=0, help="micro-batches per epoch (0: all)")
-    parser.add_argument("--timeout", type=_positive_float, default=300.0, help="seconds a collective may wait for a rank")
-    parser.add_argument("--seed", type=int, default=0, help="digits train/validation split")
+    parser.add_argument("--timeout", type=_seconds, default=300.0, help="seconds a collective may wait for a rank")
+    parser.add_argument("--seed", type=_seed, default=0, help="digits train/validation split")
     parser.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads per process (0: torch default)")
     parser.add_argument("--save-final", type=Path, help="write the final full model state_dict here (directories created)")
     parser.add_argument("--crash-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # fault-injection tests

@@ -137,7 +137,7 @@ def test_resnet18_on_fake_cifar_runs_one_process(tmp_path):
 @pytest.mark.parametrize(
     "option",
     [["--epochs", "0"], ["--epochs", "-1"], ["--batch-size", "0"], ["--timeout", "0"], ["--weight-decay", "-1"],
-     ["--weight-decay", "1.5"]],
+     ["--weight-decay", "1.5"], ["--lr", "inf"], ["--timeout", "inf"], ["--timeout", "1e15"], ["--seed", str(2**64)]],
 )
 def test_nonsense_numbers_are_refused_by_name(option, capsys):
     with pytest.raises(SystemExit) as stop:
