@@ -355,6 +355,9 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
         raise SystemExit(
             f"--text {args.text} is not UTF-8 text ({error.reason} at byte {error.start}); convert it to UTF-8"
         ) from None
+    if source.startswith("FakeData") and rank == 0:  # a --data-dir without them trained on noise saying nothing
+        log.warning("no CIFAR-10 files (cifar-10-batches-py, intact) under --data-dir %s: training on %s, random "
+                    "images whose accuracy means nothing", args.data_dir, source)
     check_sizes(args, train_set, valid_set, world)
     model = wrap(build_model(args, classes), args.strategy, device)
     optimizer = ElraOptimizer(  # given the model: it reshards FSDP's gathered weights after its in-place changes

@@ -122,13 +122,16 @@ def test_crashed_gpt_job_resumes_per_block_sharded(tmp_path, text_file):
     _resume_and_compare(tmp_path, "fsdp2", *TINY_GPT, "--max-steps", "4", "--text", str(text_file))
 
 
-def test_resnet18_on_fake_cifar_runs_one_process(tmp_path):
+def test_resnet18_on_fake_cifar_runs_one_process_and_says_it_found_no_cifar(tmp_path):
+    """A --data-dir without CIFAR-10 (a typo) trained on FakeData without a word."""
     pytest.importorskip("torchvision")
-    output = _run(
+    done = _run(
         [sys.executable, str(TRAIN), "--model", "resnet18", "--fake-size", "64", "--max-steps", "2", "--epochs", "1",
          "--batch-size", "8", "--threads", "1", "--data-dir", str(tmp_path / "no-cifar-here")]
-    ).stdout
-    assert len(_accuracies(output)) == 1
+    )
+    assert len(_accuracies(done.stdout)) == 1
+    assert f"no CIFAR-10 files (cifar-10-batches-py, intact) under --data-dir {tmp_path / 'no-cifar-here'}: training " \
+           "on FakeData of 64 training images" in done.stderr
 
 
 # ------------------------------------------------------------------ errors
