@@ -178,7 +178,10 @@ class Checkpointer:
 
 
 def _option(key: str, value) -> str:
-    """A job entry as the command line gives it (``data``: the data it found, see ``launch.train.job_options``)."""
+    """A job entry as the command line gives it (``data``: the data it found, ``text_sha256``: the text read, see
+    ``launch.train.job_options``)."""
+    if key == "text_sha256":
+        return f"a --text of sha256 {value}"
     return f"data {value}" if key == "data" else f"--{key.replace('_', '-')} {value}"
 
 

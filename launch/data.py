@@ -96,13 +96,15 @@ class TextWindows:
 
 
 class Data(NamedTuple):
-    """A job's training and held-out sets, its number of classes (the vocabulary size for ``gpt``), and
-    ``source``: what its inputs mean where the options do not say it (recorded with checkpoints)."""
+    """A job's training and held-out sets, its number of classes (the vocabulary size for ``gpt``),
+    ``source``: what its inputs mean where the options do not say it, and ``text_sha256`` (``gpt``): which
+    text, since one edited at the same path splits anew (both recorded with checkpoints)."""
 
     train: TensorSet | TextWindows
     valid: TensorSet | TextWindows
     classes: int
     source: str = ""
+    text_sha256: str = ""
 
 
 def _text(path: Path | None, context: int) -> Data:
@@ -111,8 +113,11 @@ def _text(path: Path | None, context: int) -> Data:
     corpus = CharCorpus.load(path)
     train = TextWindows(corpus.train, context, "the training part of the text (its first 90%)")
     valid = TextWindows(corpus.valid, context, "the held-out part of the text (its last 10%)")
-    digest = hashlib.sha256("".join(corpus.vocab).encode("utf-8")).hexdigest()[:12]
-    return Data(train, valid, len(corpus.vocab), f"a vocabulary of {len(corpus.vocab)} characters (sha256 {digest})")
+    vocab = "".join(corpus.vocab).encode("utf-8")
+    digest = hashlib.sha256(vocab).hexdigest()[:12]
+    ids = torch.cat([corpus.train, corpus.valid]).numpy().tobytes()  # with the vocabulary: the text itself
+    text = hashlib.sha256(vocab + ids).hexdigest()[:12]
+    return Data(train, valid, len(corpus.vocab), f"a vocabulary of {len(corpus.vocab)} characters (sha256 {digest})", text)
 
 
 def _digits(seed: int) -> Data:

@@ -326,7 +326,7 @@ def check_sizes(args, train_set, valid_set, world: int) -> None:
         raise SystemExit(f"the held-out set has {len(valid_set)} {unit}, fewer than the {ranks}: nothing to evaluate")
 
 
-def job_options(args, source: str = "") -> dict[str, str | int]:
+def job_options(args, source: str = "", text_sha256: str = "") -> dict[str, str | int]:
     """The options the model, its data and its batches depend on, and the data's ``source`` where the options
     do not fix it (:class:`launch.data.Data`): a resumed job must repeat them.
 
@@ -342,13 +342,15 @@ def job_options(args, source: str = "") -> dict[str, str | int]:
         job[name] = str(value.resolve()) if isinstance(value, Path) else value
     if source:
         job["data"] = source
+    if text_sha256:  # a text edited (or a Python upgraded) at the same path: the held-out part holds trained-on text
+        job["text_sha256"] = text_sha256
     return job
 
 
 def train(args, rank: int, world: int, device: torch.device, distributed: bool) -> None:
     """Build, resume, train and save. The wrapped model lives only in this frame (see ``main``)."""
     try:
-        train_set, valid_set, classes, source = build_data(args)
+        train_set, valid_set, classes, source, text_sha256 = build_data(args)
     except TextTooShort as error:  # a one-line error, as check_sizes gives
         raise SystemExit(str(error)) from None
     except UnicodeDecodeError as error:  # only --text is decoded
@@ -366,7 +368,7 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
     )
     optimizer.enable_boost()
     checkpointer = (
-        Checkpointer(args.checkpoint_dir, args.strategy, rank, world=world, job=job_options(args, source))
+        Checkpointer(args.checkpoint_dir, args.strategy, rank, world=world, job=job_options(args, source, text_sha256))
         if args.checkpoint_dir else None
     )
     start = checkpointer.resume(model, optimizer) if checkpointer else 0

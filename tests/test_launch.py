@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import re
@@ -327,9 +328,28 @@ def test_checkpoint_of_a_text_with_another_vocabulary_says_so(tmp_path, text_fil
     gpt = [*TINY_GPT, "--text", str(text), "--max-steps", "1", "--threads", "1", "--checkpoint-dir", str(tmp_path / "gpt")]
     launcher.main([*gpt, "--epochs", "1"])
     text.write_text(original.replace("Q", "\u00a7"), encoding="utf-8")
-    with pytest.raises(CheckpointError, match=r"written with data a vocabulary of (\d+) characters \(sha256 \w+\); "
-                                              r"this job has data a vocabulary of \1 characters"):
+    with pytest.raises(CheckpointError, match=r"written with data a vocabulary of (\d+) characters \(sha256 \w+\), a --text "
+                                              r"of sha256 \w+; this job has data a vocabulary of \1 characters"):
         launcher.main([*gpt, "--epochs", "2"])
+
+
+def test_checkpoint_of_a_text_edited_at_the_same_path_says_so(tmp_path, text_file):
+    """A text grown or edited with the same characters splits anew, so the held-out part held text trained on;
+    it resumed silently. Checkpoints written before the text's hash was recorded resume."""
+    text = tmp_path / "corpus.txt"
+    original = text_file.read_text(encoding="utf-8")
+    text.write_text(original, encoding="utf-8")
+    gpt = [*TINY_GPT, "--text", str(text), "--max-steps", "1", "--threads", "1", "--checkpoint-dir", str(tmp_path / "gpt")]
+    launcher.main([*gpt, "--epochs", "1"])
+    text.write_text(original + original[:4000], encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"written with a --text of sha256 (\w+); this job has a --text of sha256 "
+                                              r"(?!\1)\w+: resume with the options"):
+        launcher.main([*gpt, "--epochs", "2"])
+    meta = tmp_path / "gpt" / "epoch-00001" / "meta.json"
+    older = json.loads(meta.read_text())
+    del older["job"]["text_sha256"]
+    meta.write_text(json.dumps(older))
+    launcher.main([*gpt, "--epochs", "2"])
 
 
 def test_checkpoint_on_fake_images_is_not_resumed_on_cifar(tmp_path, monkeypatch):
