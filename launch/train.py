@@ -133,6 +133,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--crash-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # fault-injection tests
     parser.add_argument("--batch-multiplier", type=_at_least(1), default=1, help=argparse.SUPPRESS)  # mid-collection tests
     args = parser.parse_args(argv)
+    if args.strategy == "fsdp1" and args.preconditioner in ("muon", "factored"):  # ELRA raised on every rank
+        parser.error(
+            f"--preconditioner {args.preconditioner} needs each matrix whole, but --strategy fsdp1 flattens them: "
+            "use --preconditioner auto or adam (or none), or --strategy fsdp2"
+        )
     if args.model == "gpt" and args.width % args.heads:
         parser.error(f"--width {args.width} must be a multiple of --heads {args.heads}")
     if args.text is not None and not args.text.is_file():

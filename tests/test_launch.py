@@ -149,6 +149,16 @@ def test_nonsense_numbers_are_refused_by_name(option, capsys):
     assert stop.value.code == 2 and option[0] in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("preconditioner", ["muon", "factored"])
+def test_a_preconditioner_that_needs_whole_matrices_under_fsdp1_is_refused_before_launch(preconditioner, capsys):
+    """ELRA refused FSDP1's flat parameters with a traceback on every rank, after torchrun had started them."""
+    with pytest.raises(SystemExit):
+        launcher.parse_args(["--strategy", "fsdp1", "--preconditioner", preconditioner])
+    assert f"--preconditioner {preconditioner} needs each matrix whole, but --strategy fsdp1 flattens them: use " \
+           "--preconditioner auto or adam" in capsys.readouterr().err
+    launcher.parse_args(["--strategy", "fsdp2", "--preconditioner", preconditioner])
+
+
 def test_a_batch_larger_than_the_training_set_is_refused(capsys):
     """Every epoch would take no step and report (and feed ELRA) a train loss of 0."""
     from launch.data import build_data
