@@ -162,7 +162,13 @@ def setup(args) -> tuple[int, int, torch.device]:
             "for one process without torchrun use --strategy none"
         )
     if args.device == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:  # torch.cuda.set_device's traceback otherwise
+            raise SystemExit(
+                f"--device cuda: this process is local rank {local_rank}, but the machine has {gpus} CUDA device"
+                + "s" * (gpus != 1) + (": start at most one process per device" if gpus else ": use --device cpu")
+            )
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

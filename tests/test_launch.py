@@ -260,6 +260,19 @@ def test_an_output_path_under_a_file_is_refused_before_training(tmp_path, option
     assert f"{option} {file}/sub/out: {file} is a file, so nothing can be created under it" in captured.err
 
 
+def test_cuda_without_a_device_for_the_rank_says_what_to_do(monkeypatch):
+    """torch.cuda.set_device ended the job in a traceback (no driver, or more ranks than devices)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit, match="--device cuda: this process is local rank 0, but the machine has 0 CUDA "
+                                         "devices: use --device cpu"):
+        launcher.main(["--device", "cuda", "--epochs", "1"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(SystemExit, match="local rank 2, but the machine has 2 CUDA devices: start at most one process "
+                                         "per device"):
+        launcher.main(["--device", "cuda", "--epochs", "1"])
+
+
 def test_distributed_strategy_without_torchrun_says_how_to_launch():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     done = subprocess.run([sys.executable, str(TRAIN), "--strategy", "ddp"], capture_output=True, text=True, timeout=120, env=env)
