@@ -81,6 +81,8 @@ class Checkpointer:
         _barrier()
 
     def newest(self) -> tuple[int, Path] | None:
+        if not self.directory.is_dir():  # on a rank whose node does not share rank 0's (see _check_ranks_agree)
+            return None
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
         return max(found) if found else None
 
@@ -114,6 +116,7 @@ class Checkpointer:
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
         """Load the newest complete checkpoint; returns the number of epochs it holds (0: none)."""
         newest = self.newest()
+        self._check_ranks_agree(newest)
         if newest is None:
             return 0
         epoch, path = newest
@@ -150,6 +153,21 @@ class Checkpointer:
         """The report line of the newest complete checkpoint's epoch ("" when none or not recorded)."""
         newest = self.newest()
         return _meta(newest[1]).get("summary", "") if newest else ""
+
+    def _check_ranks_agree(self, newest: tuple[int, Path] | None) -> None:
+        """Refuse, on every rank, ranks that see other newest checkpoints: a --checkpoint-dir on disks the nodes
+        do not share. Rank 0 alone creates it, renames and (none, ddp) writes, so the other nodes' ranks found
+        no directory (a traceback) or a stale one, and trained from another epoch mixed with rank 0's."""
+        if not dist.is_initialized():
+            return
+        seen = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, (newest[0] if newest else 0) if self.directory.is_dir() else None)
+        if len(set(seen)) > 1:
+            views = ", ".join(f"rank {r}: " + ("no directory" if e is None else f"epoch {e}") for r, e in enumerate(seen))
+            raise CheckpointError(
+                f"--checkpoint-dir {self.directory} holds other checkpoints on other ranks (the newest, {views}): it "
+                "must be one directory every rank reads, on a filesystem all nodes share"
+            )
 
     def _check_compatible(self, path: Path) -> None:
         """Refuse a checkpoint of another strategy, naming both; note a change of world size."""

@@ -501,6 +501,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _resume_on_rank(rank: int, world: int, init_file: str, directories: list[str], errors) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        Checkpointer(Path(directories[rank]), "ddp", rank, world=world).resume(None, None)
+        errors.put((rank, ""))
+    except CheckpointError as error:
+        errors.put((rank, str(error)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_see_other_checkpoints_are_refused_on_every_rank(tmp_path):
+    """A --checkpoint-dir on disks the nodes do not share: rank 0 resumed from epoch 2 while another rank
+    started from the stale epoch 1 its disk held, or one without the directory ended in a traceback."""
+    import torch.multiprocessing as mp
+
+    directories = [tmp_path / "node0", tmp_path / "node1", tmp_path / "node2"]
+    for directory, epoch in zip(directories[:2], (2, 1)):
+        (directory / f"epoch-{epoch:05d}").mkdir(parents=True)
+    context = mp.get_context("spawn")
+    errors = context.Queue()
+    ranks = [context.Process(target=_resume_on_rank, args=(r, 3, str(tmp_path / "init"), [str(d) for d in directories], errors))
+             for r in range(3)]
+    for process in ranks:
+        process.start()
+    reported = dict(errors.get(timeout=60) for _ in ranks)
+    for process in ranks:
+        process.join(timeout=60)
+    assert sorted(reported) == [0, 1, 2]
+    for rank in range(3):
+        assert reported[rank] == (
+            f"--checkpoint-dir {directories[rank]} holds other checkpoints on other ranks (the newest, rank 0: epoch 2, "
+            "rank 1: epoch 1, rank 2: no directory): it must be one directory every rank reads, on a filesystem all "
+            "nodes share"
+        )
+
+
 @pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_op` is deprecated")  # met while scanning gc's objects
 def test_ddp_wrapper_is_freed_before_the_process_group(tmp_path, monkeypatch):
     """Freeing DDP's reducer after destroy_process_group deadlocks gloo at exit (torch 2.13): never do it."""
