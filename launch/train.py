@@ -95,8 +95,9 @@ def _unwritable(path: Path) -> str:
     existing = next(p for p in (path, *path.parents) if p.exists())
     if existing != path and not existing.is_dir():
         return f"{existing} is a file, so nothing can be created under it; name a path outside it"
-    if not os.access(existing, os.W_OK):
-        return f"{existing} is not writable; name a path you can write"
+    writes_in = existing if existing.is_dir() else existing.parent  # an existing --save-final is replaced in it
+    if not os.access(writes_in, os.W_OK):
+        return f"{writes_in} is not writable; name a path you can write"
     return ""
 
 
@@ -418,7 +419,9 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
         state = full_model_state(model, args.strategy)
         if rank == 0:
             args.save_final.parent.mkdir(parents=True, exist_ok=True)  # as --checkpoint-dir: not at the end of a run
-            torch.save(state, args.save_final)
+            partial = args.save_final.with_name(args.save_final.name + ".tmp")
+            torch.save(state, partial)
+            partial.replace(args.save_final)  # whole or not at all: a killed write left a truncated model there
 
 
 def main(argv=None) -> None:

@@ -273,6 +273,20 @@ def test_cuda_without_a_device_for_the_rank_says_what_to_do(monkeypatch):
         launcher.main(["--device", "cuda", "--epochs", "1"])
 
 
+def test_the_final_model_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A job killed while writing --save-final left a truncated file at its path, which looks like a finished run."""
+    final = tmp_path / "model.pt"
+
+    def killed_while_writing(obj, file) -> None:
+        Path(file).write_bytes(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        launcher.main(["--epochs", "1", "--max-steps", "2", "--threads", "1", "--save-final", str(final)])
+    assert not final.exists()
+
+
 def test_distributed_strategy_without_torchrun_says_how_to_launch():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     done = subprocess.run([sys.executable, str(TRAIN), "--strategy", "ddp"], capture_output=True, text=True, timeout=120, env=env)
