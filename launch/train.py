@@ -257,7 +257,25 @@ def reduce_sum(values: torch.Tensor, distributed: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, loader, device, distributed: bool) -> tuple[float, float]:
-    """Mean loss and accuracy per target (per character for gpt) over the held-out set of all ranks."""
+    """Mean loss and accuracy per target (per character for gpt) over the held-out set of all ranks.
+
+    In eval mode: in training mode resnet18's BatchNorm normalised by each held-out batch's statistics and
+    folded the held-out images into its running statistics, those the trained model uses. Those statistics
+    (buffers) are rank 0's on every rank, as DDP broadcasts them: FSDP leaves each rank its own, which made its
+    held-out lines differ from DDP's, and a resumed job's (DCP restores rank 0's) from the uninterrupted one's.
+    """
+    if distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+    training = model.training
+    model.eval()
+    try:
+        return _evaluate(model, loader, device, distributed)
+    finally:
+        model.train(training)
+
+
+def _evaluate(model, loader, device, distributed: bool) -> tuple[float, float]:
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
