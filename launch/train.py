@@ -46,17 +46,28 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """The description as written, and every option's default."""
 
 
+def _expects(name: str):
+    """Name an option's parser after what it expects: argparse says "invalid <name> value: 'abc'"."""
+
+    def named(parse):
+        parse.__name__ = name
+        return parse
+
+    return named
+
+
 def _at_least(low: int):
+    @_expects(f"integer >= {low}")
     def parse(text: str) -> int:
         value = int(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is below {low}")
         return value
 
-    parse.__name__ = f"integer >= {low}"  # argparse names the expected type after it
     return parse
 
 
+@_expects("positive number")
 def _positive_float(text: str) -> float:
     value = float(text)
     if not 0 < value < math.inf:
@@ -64,6 +75,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
+@_expects("number of seconds")
 def _seconds(text: str) -> float:
     """A positive ``--timeout`` that a process group's timedelta holds (1e15 overflowed it in a traceback)."""
     value = _positive_float(text)
@@ -72,6 +84,7 @@ def _seconds(text: str) -> float:
     return value
 
 
+@_expects("integer")
 def _seed(text: str) -> int:
     """An integer torch's generators take: one beyond 64 bits ended the job in a traceback from manual_seed."""
     value = int(text)
@@ -80,6 +93,7 @@ def _seed(text: str) -> int:
     return value
 
 
+@_expects("number in [0, 1]")
 def _weight_decay(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:

@@ -159,6 +159,16 @@ def test_a_preconditioner_that_needs_whole_matrices_under_fsdp1_is_refused_befor
     launcher.parse_args(["--strategy", "fsdp2", "--preconditioner", preconditioner])
 
 
+@pytest.mark.parametrize("option", ["--epochs", "--lr", "--weight-decay", "--timeout", "--seed", "--max-steps"])
+def test_a_value_that_is_not_a_number_is_refused_saying_what_the_option_takes(option, capsys):
+    """argparse names the expected type after the parser function: "invalid _positive_float value"."""
+    with pytest.raises(SystemExit) as stop:
+        launcher.parse_args([option, "abc"])
+    error = capsys.readouterr().err
+    expected = re.search(rf"argument {option}: invalid (.+) value: 'abc'", error)
+    assert stop.value.code == 2 and expected and "_" not in expected.group(1) and ("integer" in expected.group(1) or "number" in expected.group(1)), error
+
+
 def test_a_batch_larger_than_the_training_set_is_refused(capsys):
     """Every epoch would take no step and report (and feed ELRA) a train loss of 0."""
     from launch.data import build_data
