@@ -364,10 +364,11 @@ class Checkpointing:
         """
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        saved_state = state_dict.get("state", {})
         for saved_id, p in zip(saved_ids, params):
             state = self.state.get(p, {})
             grad, flag = state.pop(_PENDING_GRAD, None), state.pop(_COLLECTED, None)
-            grad = state_dict.get("state", {}).get(saved_id, {}).get(_PENDING_GRAD, grad)
+            grad = saved_state.get(saved_id, {}).get(_PENDING_GRAD, grad)
             if flag is None:  # saved before the flag: all NaN (or an empty shard) said "no gradient" while collecting
                 flag = collecting and grad is not None and not bool(local(grad).isnan().all())
             dtype = getattr(p, "grad_dtype", None) or p.dtype

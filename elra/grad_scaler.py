@@ -47,16 +47,7 @@ class ElraGradScaler:
         loss_limit: float = 65000.0,
         enabled: bool = True,
     ) -> None:
-        if not 0.0 < init_scale < math.inf:
-            raise ValueError(f"Invalid init_scale: {init_scale!r} (expected a positive number)")
-        if not growth_factor > 1.0:
-            raise ValueError(f"Invalid growth_factor: {growth_factor!r} (expected > 1)")
-        if not 0.0 < backoff_factor < 1.0:
-            raise ValueError(f"Invalid backoff_factor: {backoff_factor!r} (expected in (0, 1))")
-        if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
-            raise ValueError(f"Invalid growth_interval: {growth_interval!r} (expected an integer >= 1)")
-        if not loss_limit > 0.0:
-            raise ValueError(f"Invalid loss_limit: {loss_limit!r} (expected a positive number)")
+        _check_settings(init_scale, growth_factor, backoff_factor, growth_interval, loss_limit)
         self.enabled = bool(enabled)
         self.growth_factor = float(growth_factor)
         self.backoff_factor = float(backoff_factor)
@@ -134,9 +125,8 @@ class ElraGradScaler:
         clean_steps = state["clean_steps"]
         if isinstance(clean_steps, bool) or not isinstance(clean_steps, int) or clean_steps < 0:
             raise ValueError(f"Invalid clean_steps: {clean_steps!r} (expected an integer >= 0)")
-        ElraGradScaler(  # the constructor's checks: a nan or zero scale would skip or break every step
-            state["scale"], state["growth_factor"], state["backoff_factor"], state["growth_interval"], state["loss_limit"]
-        )
+        # a nan or zero scale would skip or break every step
+        _check_settings(state["scale"], state["growth_factor"], state["backoff_factor"], state["growth_interval"], state["loss_limit"])
         self._scale = float(state["scale"])
         self.growth_factor = float(state["growth_factor"])
         self.backoff_factor = float(state["backoff_factor"])
@@ -144,3 +134,17 @@ class ElraGradScaler:
         self.loss_limit = float(state["loss_limit"])
         self.enabled = bool(state["enabled"])
         self._clean_steps = int(state["clean_steps"])
+
+
+def _check_settings(scale: float, growth_factor: float, backoff_factor: float, growth_interval: int, loss_limit: float) -> None:
+    """Refuse settings (given, or loaded from a state_dict) under which the scaler cannot work."""
+    if not 0.0 < scale < math.inf:
+        raise ValueError(f"Invalid init_scale: {scale!r} (expected a positive number)")
+    if not growth_factor > 1.0:
+        raise ValueError(f"Invalid growth_factor: {growth_factor!r} (expected > 1)")
+    if not 0.0 < backoff_factor < 1.0:
+        raise ValueError(f"Invalid backoff_factor: {backoff_factor!r} (expected in (0, 1))")
+    if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
+        raise ValueError(f"Invalid growth_interval: {growth_interval!r} (expected an integer >= 1)")
+    if not loss_limit > 0.0:
+        raise ValueError(f"Invalid loss_limit: {loss_limit!r} (expected a positive number)")

@@ -812,7 +812,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             self.controller.set_valid_loss(valid / valids)
         self._reports = [0.0] * REPORT_SLOTS
 
-    def _fingerprint(self, call: tuple) -> int:
+    def _fingerprint(self, call: tuple, vector_layout: tuple[int, int] | None = None) -> int:
         """A 20-bit hash of everything that decides this collective's layout and the next decision.
 
         The call (``step`` with its inputs, or ``skip_backward``), the group
@@ -824,7 +824,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         decays = self._decay_rates(self.param_groups)
         # the reported losses are reconciled by this collective, before they decide anything
         state = sorted((k, v) for k, v in self.controller.state_dict().items() if k not in _REPORTED_FIELDS)
-        layout = (len(self.param_groups), len(self._pending), self._vector_layout())
+        layout = (len(self.param_groups), len(self._pending), vector_layout or self._vector_layout())
         text = repr((call, layout, decays, sorted(self._config.items()), state))
         return zlib.crc32(text.encode()) % (1 << 20) + 1
 
@@ -851,9 +851,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
         rank's step meeting another rank's ``skip_backward`` is a disagreement
         too, not a size mismatch.
         """
-        fingerprint = self._fingerprint(call)
+        check, extra = vector_layout = self._vector_layout()
+        fingerprint = self._fingerprint(call, vector_layout)
         if self._agreed:
-            check, extra = self._vector_layout()
             length, at = check + 2 + REPORT_SLOTS + self.controller.state.multiplier + extra, check
         else:
             length, at = 3, 1
