@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,8 +21,12 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.published import load_published  # noqa: E402
 
-# hypothesis keeps caches in ./.hypothesis unless told otherwise: never in the checkout
-os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", tempfile.mkdtemp(prefix="elra-hypothesis-"))
+# hypothesis keeps caches in ./.hypothesis unless told otherwise: never in the
+# checkout, and not left behind in the temporary directory either.
+if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
+    _hypothesis_dir = tempfile.mkdtemp(prefix="elra-hypothesis-")
+    atexit.register(shutil.rmtree, _hypothesis_dir, ignore_errors=True)
+    os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = _hypothesis_dir
 
 # The test problems are tiny: one thread per process avoids oversubscribing the
 # cores when pytest-xdist runs workers side by side.
