@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import getpass
 import io
 import math
 import os
@@ -50,6 +51,25 @@ def checkout_stays_clean():
     after = _checkout_status()
     if before is not None and after is not None and after != before:
         pytest.fail(f"the tests changed the checkout {ROOT}: {sorted(after ^ before)}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_tmpdir(tmp_path_factory):
+    """Processes the tests start keep their temporary files under pytest's base temp, which pytest prunes.
+
+    torchrun makes a ``torchelastic_*`` log directory in the temporary directory
+    at every launch and never removes it. torch.compile's cache stays where it
+    was, so spawned workers that compile keep finding it warm.
+    """
+    inductor_cache = Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("subprocess-tmp"))
+    yield
+    if before is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = before
 
 
 @pytest.fixture(scope="session")
