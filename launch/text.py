@@ -63,6 +63,6 @@ class CharCorpus:
     @staticmethod
     def windows(ids: torch.Tensor, context: int, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs ``ids[s:s+context]`` and next-character targets ``ids[s+1:s+context+1]``."""
-        offsets = starts.unsqueeze(1) + torch.arange(context + 1)
+        offsets = starts.unsqueeze(1) + torch.arange(context + 1, device=starts.device)
         chunk = ids[offsets]
         return chunk[:, :-1], chunk[:, 1:]

@@ -205,6 +205,17 @@ def test_a_text_too_short_for_the_context_is_refused_saying_how_long_it_must_be(
     assert capsys.readouterr().out.count("epoch ") == 1
 
 
+def test_text_windows_are_cut_on_the_device_of_the_text():
+    """The offsets were made on the CPU: a text already on a GPU raised a device mismatch (meta stands in for it)."""
+    from launch.text import CharCorpus
+
+    ids, starts = torch.arange(100) * 3, torch.tensor([0, 5, 90])
+    inputs, targets = CharCorpus.windows(ids, 8, starts)
+    assert inputs[1].tolist() == [3 * i for i in range(5, 13)] and targets[1].tolist() == [3 * i for i in range(6, 14)]
+    on_device = CharCorpus.windows(ids.to("meta"), 8, starts.to("meta"))
+    assert [t.device.type for t in on_device] == ["meta", "meta"] and [t.shape for t in on_device] == [(3, 8), (3, 8)]
+
+
 def test_a_text_that_is_not_utf8_is_refused_naming_it(tmp_path):
     """It ended in a traceback from the decoder."""
     text = tmp_path / "latin1.txt"
