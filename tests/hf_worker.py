@@ -78,34 +78,39 @@ def trainer_train(out: Path) -> None:
     """ElraTrainer on the float64 tiny GPT-2; real steps (multiplier 3) straddle Trainer's chunks of 2.
 
     ``split_batches``: each process trains on its slice of the same global batch.
+    The run saves checkpoints at Trainer steps 4 and 8 (micro-batches 8 and 16: ELRA is collecting);
+    a second run resumes from the first one (``trainer_resumed``).
     """
     from transformers import TrainingArguments
 
     from elra.integrations.transformers import ElraTrainer
 
-    model = tiny_gpt2(dtype=torch.float64)
-    optimizer = ElraOptimizer(model.parameters(), None, 8, VOCAB, lr=1e-4, weight_decay=0.01, batch_multiplier=3)
-    args = TrainingArguments(
-        output_dir=str(out / "trainer"), per_device_train_batch_size=8, per_device_eval_batch_size=16,
-        gradient_accumulation_steps=2, max_steps=9, eval_strategy="steps", eval_steps=4, logging_steps=4,
-        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-        accelerator_config={"split_batches": True},
-    )
-    trainer = ElraTrainer(
-        model=model, args=args, train_dataset=CountingSequences(64, 0), eval_dataset=CountingSequences(32, 1),
-        optimizers=(optimizer, None),
-    )
-    trainer.train()
-    state = optimizer.controller.state
-    torch.save(
-        {
+    def run(output_dir: Path, resume: Path | None = None):
+        model = tiny_gpt2(dtype=torch.float64)
+        optimizer = ElraOptimizer(model.parameters(), None, 8, VOCAB, lr=1e-4, weight_decay=0.01, batch_multiplier=3)
+        args = TrainingArguments(
+            output_dir=str(output_dir), per_device_train_batch_size=8, per_device_eval_batch_size=16,
+            gradient_accumulation_steps=2, max_steps=9, eval_strategy="steps", eval_steps=4, logging_steps=4,
+            save_strategy="steps", save_steps=4, report_to=[], use_cpu=True,
+            disable_tqdm=True, seed=0, accelerator_config={"split_batches": True},
+        )
+        trainer = ElraTrainer(
+            model=model, args=args, train_dataset=CountingSequences(64, 0), eval_dataset=CountingSequences(32, 1),
+            optimizers=(optimizer, None),
+        )
+        trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+        state = optimizer.controller.state
+        return {
             "params": {name: p.detach().clone() for name, p in model.named_parameters()},
             "stats": optimizer.stats,
             "losses": (state.train_loss, state.valid_loss),
             "ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
-        },
-        out / f"trainer{trainer.args.process_index}.pt",
-    )
+        }, trainer.args.process_index
+
+    whole, index = run(out / "trainer")
+    torch.save(whole, out / f"trainer{index}.pt")
+    resumed, index = run(out / "trainer_resumed", out / "trainer" / "checkpoint-4")
+    torch.save(resumed, out / f"trainer_resumed{index}.pt")
 
 
 def _both(out: Path, steps: int, multiplier: int, global_batch: int) -> None:

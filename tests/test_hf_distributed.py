@@ -87,3 +87,18 @@ def test_accelerate_settings_that_act_behind_elras_back_are_refused(setting, mat
     with pytest.raises(ValueError, match=match):
         with accumulate(accelerator, model, optimizer):
             pass
+
+
+def test_trainer_resumed_on_two_processes_mid_collection_equals_the_uninterrupted_run(runs):
+    """Each DDP process collects its own partial sums (sync off): the checkpoint (written by process 0)
+    held process 0's alone, and the resumed run went another way. ElraTrainer averages them over the
+    processes before saving, as ``sync_pending_grads`` does."""
+    for ranks in (_load(runs, "trainer")[0], _load(runs, "trainer_resumed")[0]):
+        assert ranks[0]["ddp"] and ranks[1]["ddp"]
+    for directory in ("two", "one"):
+        whole = torch.load(runs / directory / "trainer0.pt", weights_only=True)
+        resumed = torch.load(runs / directory / "trainer_resumed0.pt", weights_only=True)
+        assert resumed["stats"] == whole["stats"] and whole["stats"]["real_steps"] == 18 // 3
+        assert resumed["losses"] == whole["losses"]
+        for name, value in whole["params"].items():
+            assert torch.equal(resumed["params"][name], value), (directory, name)

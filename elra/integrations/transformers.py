@@ -111,11 +111,17 @@ def _sync_when_elra_steps(model: torch.nn.Module, optimizer: ElraOptimizer) -> I
     Trainer switches DDP's sync off for all but the last micro-batch of its
     chunk; ELRA's real steps need not fall there (its multiplier grows, and
     the last chunk of an epoch may be short), so ELRA's ``collecting`` decides.
-    DDP reads the flag at forward time.
+    DDP reads the flag at forward time. While collecting, ELRA learns that each
+    process holds its own partial sums (as under ``elra.grad_sync``), which a
+    checkpoint must average first (``ElraTrainer._save_checkpoint``).
     """
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         yield
         return
+    if not any(known is model for known in optimizer.models):
+        optimizer.models.append(model)
+    if optimizer.collecting:
+        optimizer.unsynced_models.add(model)
     before = model.require_backward_grad_sync
     model.require_backward_grad_sync = not optimizer.collecting
     try:
@@ -291,6 +297,18 @@ class ElraTrainer(Trainer):
             if p.grad is None:
                 p.grad = grad
         self.elra_optimizer._note_kept_versions()
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial) -> None:
+        """Trainer's checkpoint, after averaging the partial sums each DDP process collected with sync off.
+
+        Every process gets here, process 0 writes ``optimizer.pt``: without the average it held process 0's
+        sums alone, and a run resumed mid-collection went another way. The average is what the real step
+        would have reduced (it is linear), so the run goes on as it would have.
+        """
+        if self.elra_optimizer is not None:
+            self.elra_optimizer.sync_pending_grads()
+            self._keep_collected()
+        super()._save_checkpoint(model, trial)
 
     # ---------------------------------------------- losses and logs
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
