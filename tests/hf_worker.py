@@ -78,7 +78,7 @@ def trainer_train(out: Path) -> None:
     """ElraTrainer on the float64 tiny GPT-2; real steps (multiplier 3) straddle Trainer's chunks of 2.
 
     ``split_batches``: each process trains on its slice of the same global batch.
-    The run saves checkpoints at Trainer steps 4 and 8 (micro-batches 8 and 16: ELRA is collecting);
+    The run saves a checkpoint at Trainer step 5 (micro-batch 10: ELRA is collecting, train losses not yet fed);
     a second run resumes from the first one (``trainer_resumed``).
     """
     from transformers import TrainingArguments
@@ -91,25 +91,28 @@ def trainer_train(out: Path) -> None:
         args = TrainingArguments(
             output_dir=str(output_dir), per_device_train_batch_size=8, per_device_eval_batch_size=16,
             gradient_accumulation_steps=2, max_steps=9, eval_strategy="steps", eval_steps=4, logging_steps=4,
-            save_strategy="steps", save_steps=4, report_to=[], use_cpu=True,
+            save_strategy="steps", save_steps=5, report_to=[], use_cpu=True,
             disable_tqdm=True, seed=0, accelerator_config={"split_batches": True},
         )
         trainer = ElraTrainer(
             model=model, args=args, train_dataset=CountingSequences(64, 0), eval_dataset=CountingSequences(32, 1),
             optimizers=(optimizer, None),
         )
+        fed, set_train_loss = [], optimizer.set_train_loss
+        optimizer.set_train_loss = lambda loss: (fed.append(loss), set_train_loss(loss))[1]
         trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
         state = optimizer.controller.state
         return {
             "params": {name: p.detach().clone() for name, p in model.named_parameters()},
             "stats": optimizer.stats,
             "losses": (state.train_loss, state.valid_loss),
+            "fed": fed,  # the train losses of the evaluations, one per evaluation
             "ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
         }, trainer.args.process_index
 
     whole, index = run(out / "trainer")
     torch.save(whole, out / f"trainer{index}.pt")
-    resumed, index = run(out / "trainer_resumed", out / "trainer" / "checkpoint-4")
+    resumed, index = run(out / "trainer_resumed", out / "trainer" / "checkpoint-5")
     torch.save(resumed, out / f"trainer_resumed{index}.pt")
 
 

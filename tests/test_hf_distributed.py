@@ -90,9 +90,10 @@ def test_accelerate_settings_that_act_behind_elras_back_are_refused(setting, mat
 
 
 def test_trainer_resumed_on_two_processes_mid_collection_equals_the_uninterrupted_run(runs):
-    """Each DDP process collects its own partial sums (sync off): the checkpoint (written by process 0)
-    held process 0's alone, and the resumed run went another way. ElraTrainer averages them over the
-    processes before saving, as ``sync_pending_grads`` does."""
+    """Each DDP process collects its own partial sums (sync off) and train losses: the checkpoint (written
+    by process 0) held process 0's alone, the resumed run went another way and fed ELRA process 0's losses
+    twice. ElraTrainer averages the sums over the processes before saving, as ``sync_pending_grads`` does,
+    and saves every process's losses."""
     for ranks in (_load(runs, "trainer")[0], _load(runs, "trainer_resumed")[0]):
         assert ranks[0]["ddp"] and ranks[1]["ddp"]
     for directory in ("two", "one"):
@@ -100,5 +101,6 @@ def test_trainer_resumed_on_two_processes_mid_collection_equals_the_uninterrupte
         resumed = torch.load(runs / directory / "trainer_resumed0.pt", weights_only=True)
         assert resumed["stats"] == whole["stats"] and whole["stats"]["real_steps"] == 18 // 3
         assert resumed["losses"] == whole["losses"]
+        assert resumed["fed"] == whole["fed"][1:] and len(whole["fed"]) == 3  # evaluations at steps 4, 8, 9
         for name, value in whole["params"].items():
             assert torch.equal(resumed["params"][name], value), (directory, name)

@@ -186,6 +186,7 @@ class ElraTrainer(Trainer):
             self.args.max_grad_norm = 0.0
         # finite micro-batch losses since the last evaluation: [sum, count], on the device (no host sync)
         self._train_losses = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        self._saved_train_losses: list[float] | None = None  # every process's [sum, count], while checkpointing
         self._collected: dict[torch.Tensor, torch.Tensor] = {}
         if self.optimizer is not None:
             self._adopt(self.optimizer)
@@ -303,12 +304,17 @@ class ElraTrainer(Trainer):
 
         Every process gets here, process 0 writes ``optimizer.pt``: without the average it held process 0's
         sums alone, and a run resumed mid-collection went another way. The average is what the real step
-        would have reduced (it is linear), so the run goes on as it would have.
+        would have reduced (it is linear), so the run goes on as it would have. The train losses not yet fed
+        go in per process too (process 0's alone counted twice on 2 processes at the next evaluation).
         """
         if self.elra_optimizer is not None:
             self.elra_optimizer.sync_pending_grads()
             self._keep_collected()
-        super()._save_checkpoint(model, trial)
+        self._saved_train_losses = self.accelerator.gather(self._train_losses).tolist()
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saved_train_losses = None
 
     # ---------------------------------------------- losses and logs
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -338,7 +344,14 @@ class ElraTrainer(Trainer):
         super().log(logs, start_time)
 
     def _train_loss_state(self) -> list[float]:
-        return self._train_losses.tolist()
+        """``[sum, count]`` of every process in turn (saved by a checkpoint), else this process's."""
+        return self._train_losses.tolist() if self._saved_train_losses is None else self._saved_train_losses
 
     def _load_train_loss_state(self, state: list[float]) -> None:
-        self._train_losses.copy_(torch.tensor(state, dtype=torch.float64))
+        """Each process its own ``[sum, count]``; on another number of processes, process 0 takes the totals."""
+        pairs = torch.tensor(state, dtype=torch.float64).reshape(-1, 2)
+        index, processes = self.args.process_index, self.args.world_size
+        if len(pairs) == processes:
+            self._train_losses.copy_(pairs[index])
+        else:
+            self._train_losses.copy_(pairs.sum(0) if index == 0 else torch.zeros(2, dtype=torch.float64))
