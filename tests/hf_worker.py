@@ -35,43 +35,55 @@ def accelerate_train(steps: int, multiplier: int, global_batch: int, out: Path) 
 
     ``split_batches``: each process gets its slice of the same global batch, so
     1 and 2 processes train on the same data. A DDP comm hook records in which
-    micro-steps gradients were all-reduced.
+    micro-steps gradients were all-reduced. The run saves its state after
+    micro-step 5 (ELRA is collecting); a second run resumes from there (``resumed``).
     """
     from accelerate import Accelerator, DataLoaderConfiguration
 
-    from elra.integrations.accelerate import accumulate
+    from elra.integrations.accelerate import accumulate, elra_optimizer
 
-    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True))
-    model = tiny_gpt2(dtype=torch.float64)
-    optimizer = ElraOptimizer(model.parameters(), None, global_batch, VOCAB, lr=1e-4, batch_multiplier=multiplier)
-    loader = torch.utils.data.DataLoader(CountingSequences(steps * global_batch, seed=1), batch_size=global_batch)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    def run(resume: bool):
+        accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True))
+        model = tiny_gpt2(dtype=torch.float64)
+        optimizer = ElraOptimizer(model.parameters(), None, global_batch, VOCAB, lr=1e-4, batch_multiplier=multiplier)
+        loader = torch.utils.data.DataLoader(CountingSequences(steps * global_batch, seed=1), batch_size=global_batch)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        if resume:
+            accelerator.load_state(str(out / "accelerate_state"))
+            loader = accelerator.skip_first_batches(loader, 5)
 
-    reduced = []
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        reduced = []
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
 
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-        def count_allreduce(state, bucket):
-            reduced.append(True)
-            return allreduce_hook(state, bucket)
+            def count_allreduce(state, bucket):
+                reduced.append(True)
+                return allreduce_hook(state, bucket)
 
-        model.register_comm_hook(torch.distributed.group.WORLD, count_allreduce)
-    synced, real_steps = [], []
-    for batch in loader:
-        optimizer.zero_grad()
-        before = len(reduced)
-        with accumulate(accelerator, model, optimizer):
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-        optimizer.step(loss)
-        synced.append(len(reduced) > before)
-        real_steps.append(optimizer.optimizer.stats["real_steps"])
-    params = {name: p.detach().clone() for name, p in accelerator.unwrap_model(model).named_parameters()}
-    torch.save(
-        {"params": params, "stats": optimizer.optimizer.stats, "synced": synced, "real_steps": real_steps},
-        out / f"rank{accelerator.process_index}.pt",
-    )
+            model.register_comm_hook(torch.distributed.group.WORLD, count_allreduce)
+        synced, real_steps = [], []
+        for i, batch in enumerate(loader, 5 if resume else 0):
+            optimizer.zero_grad()
+            before = len(reduced)
+            with accumulate(accelerator, model, optimizer):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+            optimizer.step(loss)
+            synced.append(len(reduced) > before)
+            real_steps.append(optimizer.optimizer.stats["real_steps"])
+            if i == 4 and not resume:
+                elra_optimizer(optimizer).sync_pending_grads()  # each process collected its own sums
+                accelerator.save_state(str(out / "accelerate_state"))
+        params = {name: p.detach().clone() for name, p in accelerator.unwrap_model(model).named_parameters()}
+        name = "resumed" if resume else "rank"
+        torch.save(
+            {"params": params, "stats": optimizer.optimizer.stats, "synced": synced, "real_steps": real_steps},
+            out / f"{name}{accelerator.process_index}.pt",
+        )
+
+    run(resume=False)
+    run(resume=True)
 
 
 def trainer_train(out: Path) -> None:

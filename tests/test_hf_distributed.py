@@ -55,6 +55,19 @@ def test_accelerate_loop_all_reduces_gradients_only_for_real_steps(runs):
         assert rank["synced"] == real
 
 
+def test_accelerate_state_saved_mid_collection_resumes_into_the_uninterrupted_run(runs):
+    """``accelerator.save_state`` after ``elra_optimizer(optimizer).sync_pending_grads()`` (the README's
+    recipe; the optimizer Accelerate hands out has no ``sync_pending_grads``), then ``load_state``."""
+    for directory in ("two", "one"):
+        for rank in (0, 1) if directory == "two" else (0,):
+            whole = torch.load(runs / directory / f"rank{rank}.pt", weights_only=True)
+            resumed = torch.load(runs / directory / f"resumed{rank}.pt", weights_only=True)
+            assert resumed["stats"] == whole["stats"] and resumed["real_steps"] == whole["real_steps"][5:]
+            assert resumed["synced"] == whole["synced"][5:]
+            for name, value in whole["params"].items():
+                assert torch.equal(resumed["params"][name], value), (directory, rank, name)
+
+
 def test_trainer_on_two_processes_follows_the_single_process_trajectory(runs):
     """ELRA's real steps (every 3 micro-batches) fall inside Trainer's no_sync chunks of 2: ELRA decides the sync."""
     ranks, single = _load(runs, "trainer")

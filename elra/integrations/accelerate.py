@@ -15,6 +15,11 @@ grows), so accumulate with ELRA instead::
             loss = model(**batch).loss
             accelerator.backward(loss)
         optimizer.step(loss)                          # this process's loss; ELRA averages over processes
+
+Before ``accelerator.save_state`` while ELRA collects under DDP, average the
+partial sums on every process: ``elra_optimizer(optimizer).sync_pending_grads()``
+(``state_dict()`` refuses otherwise; Accelerate's optimizer does not pass the
+call on).
 """
 
 from __future__ import annotations
