@@ -119,11 +119,16 @@ def test_trainer_learns_logs_elra_stats_and_feeds_the_weight_decay_control(tmp_p
 
 
 def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path):
-    """Dropout on (RNG), shuffled data across epochs, a checkpoint between evaluations and mid-collection."""
+    """Dropout on (RNG), shuffled data across epochs, a checkpoint between evaluations and mid-collection.
+
+    Boost on: its mean travels in optimizer.pt (the resumed optimizer did not call enable_boost).
+    """
 
     def run(out, resume=None):
         model = tiny_gpt2(dropout=0.1)
         optimizer = ElraOptimizer(model.parameters(), None, 8, VOCAB, lr=1e-4, weight_decay=0.01, batch_multiplier=3)
+        if resume is None:
+            optimizer.enable_boost()
         args = _args(
             out, max_steps=14, save_strategy="steps", save_steps=5, eval_strategy="steps", eval_steps=4,
             per_device_eval_batch_size=16,
@@ -145,6 +150,7 @@ def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path)
     assert resumed_opt.controller.state == whole_opt.controller.state
     for (name, p), q in zip(whole.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
+        assert torch.equal(whole_opt.state[p]["boost"], resumed_opt.state[q]["boost"]), name
 
 
 def test_a_nan_micro_batch_loss_retraces_and_stays_out_of_the_fed_train_loss(tmp_path):
