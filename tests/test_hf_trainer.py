@@ -213,3 +213,34 @@ def test_an_integration_without_its_framework_names_the_extra(monkeypatch, modul
 def test_import_elra_does_not_import_the_frameworks():
     code = "import sys, elra; assert not {'transformers', 'accelerate'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_with_several_evaluation_sets_only_the_first_ones_loss_is_fed(tmp_path):
+    """Trainer evaluates each set through ``evaluate``: when the first set's loss was not finite (not fed), the
+    second set's loss was fed to ELRA as the validation loss, beside the train losses it did not belong to."""
+
+    class NanFirstSet(ElraTrainer):
+        def get_eval_dataloader(self, eval_dataset=None):
+            self.current_set = eval_dataset
+            return super().get_eval_dataloader(eval_dataset)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if return_outputs and self.current_set == "first":
+                return result[0] * float("nan"), result[1]
+            return result
+
+    def run(sets):
+        model = tiny_gpt2()
+        args = _args(tmp_path, gradient_accumulation_steps=1, max_steps=4, eval_strategy="steps", eval_steps=2)
+        trainer = NanFirstSet(model=model, args=args, train_dataset=CountingSequences(64, 0), eval_dataset=sets)
+        fed = []
+        set_valid_loss = trainer.create_optimizer().set_valid_loss
+        trainer.elra_optimizer.set_valid_loss = lambda loss: (fed.append(loss), set_valid_loss(loss))[1]
+        trainer.train()
+        return fed, trainer.state.log_history
+
+    fed, _ = run({"first": CountingSequences(32, 1), "second": CountingSequences(32, 2)})
+    assert fed == []
+    fed, history = run({"second": CountingSequences(32, 2), "first": CountingSequences(32, 1)})
+    assert fed == [h["eval_second_loss"] for h in history if "eval_second_loss" in h] and len(fed) == 2

@@ -175,6 +175,8 @@ class ElraTrainer(Trainer):
     (use ``bf16``, or DDP).
     """
 
+    _feed_elra = True  # off while Trainer evaluates the sets of a dict one by one: the outer call feeds the first
+
     def __init__(self, *args: Any, elra_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.elra_options = dict(elra_options or {})
@@ -322,11 +324,18 @@ class ElraTrainer(Trainer):
 
         The train loss is the mean finite micro-batch loss since the previous
         evaluation (over all processes), the validation loss Trainer's
-        ``eval_loss``. With several evaluation sets the first one counts.
+        ``eval_loss``. With several evaluation sets the first one counts (not
+        finite: nothing is fed, as with one set).
         """
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        valid = metrics.get(f"{metric_key_prefix}_loss")
-        if self.is_in_train and valid is not None and self.elra_optimizer is not None:
+        sets = self.eval_dataset if eval_dataset is None else eval_dataset
+        several = isinstance(sets, dict) and bool(sets)
+        feed, self._feed_elra = self._feed_elra, self._feed_elra and not several  # each set comes back through here
+        try:
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._feed_elra = feed
+        valid = metrics.get(f"{metric_key_prefix}_{next(iter(sets))}_loss" if several else f"{metric_key_prefix}_loss")
+        if feed and self.is_in_train and valid is not None and self.elra_optimizer is not None:
             total, count = self.accelerator.reduce(self._train_losses, reduction="sum").tolist()
             if count and math.isfinite(valid):
                 self.elra_optimizer.set_train_loss(total / count)
