@@ -62,10 +62,13 @@ def build_module(batch_size: int, batch_multiplier: int = 1):
             self.accuracy = (logits.argmax(1) == y).float().mean().item()
 
         def on_validation_epoch_end(self) -> None:
-            if self.train_losses:
+            # a non-finite micro-batch loss made ELRA retrace; it stays out of the mean (set_train_loss refuses it)
+            train = torch.stack(self.train_losses) if self.train_losses else torch.zeros(0)
+            train, valid = train[torch.isfinite(train)], torch.stack(self.valid_losses).mean()
+            if len(train) and torch.isfinite(valid):
                 optimizer = self.optimizers().optimizer
-                optimizer.set_train_loss(torch.stack(self.train_losses).mean().item())
-                optimizer.set_valid_loss(torch.stack(self.valid_losses).mean().item())
+                optimizer.set_train_loss(train.mean().item())
+                optimizer.set_valid_loss(valid.item())
             self.train_losses, self.valid_losses = [], []
 
         def on_fit_start(self) -> None:

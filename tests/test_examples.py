@@ -121,3 +121,28 @@ def test_hf_trainer_example_trains_gpt2_with_elra():
     losses, stats = _example("hf_trainer").train(steps=90, accumulation=2)
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
     assert stats["real_steps"] + stats["retraces"] == 90 and stats["batch_multiplier"] == 2
+
+
+def test_lightning_example_keeps_a_non_finite_loss_out_of_the_fed_train_loss():
+    """ELRA retraces a NaN micro-batch loss; the epoch's mean train loss then was NaN, and set_train_loss raised."""
+    L = pytest.importorskip("lightning")
+    example = _example("lightning_digits")
+    seen = []
+
+    class NanOnce(type(example.build_module(32))):
+        def training_step(self, batch, index):
+            x, y = batch
+            loss = super().training_step((x * float("nan") if index == 3 else x, y), index)
+            seen.append(loss.item())
+            return loss
+
+    module = NanOnce()
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=8, limit_val_batches=1, num_sanity_val_steps=0,
+                        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, *example.digits_loaders(32))
+    optimizer = trainer.optimizers[0]
+    finite = [v for v in seen if v == v]
+    assert len(finite) == 7 and optimizer.stats["retraces"] >= 1
+    assert optimizer.controller.state.train_loss == pytest.approx(sum(finite) / 7, rel=1e-6)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
