@@ -244,3 +244,14 @@ def test_with_several_evaluation_sets_only_the_first_ones_loss_is_fed(tmp_path):
     assert fed == []
     fed, history = run({"second": CountingSequences(32, 2), "first": CountingSequences(32, 1)})
     assert fed == [h["eval_second_loss"] for h in history if "eval_second_loss" in h] and len(fed) == 2
+
+
+def test_train_losses_saved_by_two_processes_resume_into_one_as_their_totals(tmp_path):
+    """A checkpoint holds every process's [sum, count] of the train losses not yet fed; one process takes both."""
+    trainer = ElraTrainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=CountingSequences(16, 0))
+    state = trainer.create_optimizer().state_dict()
+    assert state["elra_trainer_train_loss"] == [0.0, 0.0]
+    trainer.optimizer.load_state_dict({**state, "elra_trainer_train_loss": [8.25, 2.0, 4.5, 1.0]})
+    assert trainer.optimizer.state_dict()["elra_trainer_train_loss"] == [12.75, 3.0]
+    trainer.optimizer.load_state_dict({**state, "elra_trainer_train_loss": [8.25, 2.0]})  # one process's
+    assert trainer.optimizer.state_dict()["elra_trainer_train_loss"] == [8.25, 2.0]
