@@ -569,10 +569,12 @@ class ElraOptimizer(Checkpointing, Optimizer):
 
         torch's optimizers keep only ``defaults``, ``state`` and ``param_groups``;
         ELRA also needs its controller, collected micro-batches and boost
-        counters. Hooks are not copied (as in torch), nor the models that
-        ``grad_sync`` saw (they belong to the original's training loop), nor
-        methods patched onto this object (an LR scheduler wraps ``step`` with
-        a reference to this optimizer: a copy would step the original).
+        counters. The models it knows (``model``, ``grad_sync``) come along, so
+        that a copy reshards its own; not copied: hooks (as in torch), which
+        models hold sums not yet synced (that belongs to the original's
+        training loop), and methods patched onto this object (an LR scheduler
+        wraps ``step`` with a reference to this optimizer: a copy would step
+        the original).
         """
         self._refuse_inside_boosted("a copy of the optimizer")
         patched = {k for k, v in self.__dict__.items() if callable(v) and callable(getattr(type(self), k, None))}
