@@ -170,6 +170,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
 
     _boost_swapped = False  # inside boosted(): the parameters hold the boost mean, the state the current point
     _matched: tuple | None = None  # the parameters' dtypes and devices when the state last matched them
+    _boost_source: torch.nn.Module | None = None  # the model get_boost_model copies (the published API needs it once)
 
     def __init__(
         self,
@@ -483,7 +484,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
 
     def disable_boost(self) -> None:
         self.booster.disable()
-        self._boost_model = None
+        self._boost_model = self._boost_source = None
         for state in self.state.values():
             state.pop("boost", None)
 
@@ -534,12 +535,15 @@ class ElraOptimizer(Checkpointing, Optimizer):
         ``get_boost_model(True, model)`` turns boosting on; later calls return a
         copy of ``model`` (kept and refreshed, on ``device``) holding the mean of
         the points accepted since the previous call (or of the first full
-        cycle), and start a new cycle. ``enable=False`` turns boosting off. For
-        sharded models, which cannot be copied, use :meth:`boosted`.
+        cycle), and start a new cycle. As in the published package, the model
+        is needed once: later calls may leave it out. ``enable=False`` turns
+        boosting off. For sharded models, which cannot be copied, use :meth:`boosted`.
         """
         if not enable:
             self.disable_boost()
             return 0, 0.0, None
+        if model is not None:
+            self._boost_source = model
         if not self.booster.enabled:
             self.enable_boost()
             return 0, 0.0, None
@@ -547,13 +551,13 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if count < 2:
             self.booster.restart()
             return 0, loss, None
-        if model is None and self._boost_model is None:
+        model = self._boost_source
+        if model is None:
             raise TypeError("get_boost_model needs the model the first time it returns a boosted copy")
-        if model is not None:
-            if self._boost_model is None:
-                self._boost_model = copy.deepcopy(model)
-            with self.boosted():
-                self._boost_model.load_state_dict(model.state_dict())
+        if self._boost_model is None:
+            self._boost_model = copy.deepcopy(model)
+        with self.boosted():
+            self._boost_model.load_state_dict(model.state_dict())
         if device is not None:
             self._boost_model.to(device)
         self.booster.restart()

@@ -108,6 +108,33 @@ def test_get_boost_model_returns_a_boosted_copy_per_epoch_and_never_changes_the_
     assert not all(torch.equal(a, b) for a, b in zip(copy.parameters(), boosted.parameters()))
 
 
+def test_get_boost_model_needs_the_model_only_once_as_in_the_published_package():
+    """The published package copies the model at the first activation and later refreshes that copy from
+    the mean: ``get_boost_model(True, model)`` once, then ``get_boost_model(True)``. Here the second call
+    raised TypeError, and after a call with the model a call without it returned the stale copy."""
+    x, y = digits_data()
+    model = digits_model()
+    opt = ElraOptimizer(model.parameters(), None, 16, 10, lr=1e-5)
+    assert opt.get_boost_model(True, model) == (0, 0.0, None)
+    batches = _batches(x, y, 80)
+    for epoch in range(2):
+        accepted = []
+        for _ in range(40):
+            xb, yb = next(batches)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            point = [p.detach().clone() for p in model.parameters()]
+            before = opt.stats["retraces"]
+            opt.step(loss)
+            if opt.stats["retraces"] == before:
+                accepted.append(point)
+        count, _, boosted = opt.get_boost_model(True)
+        assert count == len(accepted) >= 2
+        expected = [torch.stack(ps).mean(0) for ps in zip(*accepted)]
+        assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(boosted.parameters(), expected))
+
+
 def _boosted_linear(steps: int = 4):
     """A small linear model trained a few steps with boosting on (cycle 10), and the last loss."""
     model = torch.nn.Linear(3, 2)
