@@ -122,7 +122,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
             ``None`` (default): 0 for P2M and in the deterministic regime,
             ``AUTO_DECAY`` (0.1) along a preconditioned direction in the
             stochastic regime.
-        warmup: real steps over which the rate may ramp up.
+        warmup: P2M (``preconditioner=None``) only: real steps over which the
+            rate may ramp up (a preconditioned direction ignores it and logs a warning).
         momentum: momentum factor in [0, 1). P2M: ``None`` or 0 for none. Along
             a preconditioned direction it is beta1: ``None`` for 0.9 (0.95 in
             the deterministic regime, where uphill steps restart it), 0 for
@@ -144,7 +145,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
             (default) allows the loss to exceed the first loss by 10% plus three
             units of the observed mini-batch loss noise, and keeps the loss
             statistics robust to an outlier; ``"published"`` is the published
-            package's rule (``1.1 * max(first loss, log(classes))``).
+            package's rule (``1.1 * max(first loss, log(classes))``). P2M
+            (``preconditioner=None``) only: a preconditioned direction has its own
+            rule (see :mod:`elra.line_control`) and ignores it, logging a warning.
         preconditioner: ``"muon"`` (default): ELRA's step-length control over
             orthogonalised momentum for matrices and Adam's direction for the
             rest (see :mod:`elra.orthogonal`; not under FSDP1); ``"adam"``: over
@@ -220,6 +223,13 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self.reducer = Reducer(process_group, replicas)
         if lr >= 1e-3:
             logger.warning("ELRA starts best from a tiny lr (1e-6..1e-4), got %g", lr)
+        p2m_only = [f"warmup={warmup!r}"] if config["warmup"] > 1 else []  # the line controller has neither
+        p2m_only += [f"acceptance={acceptance!r}"] if acceptance != "noise" else []
+        if preconditioner is not None and p2m_only:
+            logger.warning(
+                "ELRA: %s apply to P2M (preconditioner=None) only: preconditioner=%r ignores them",
+                " and ".join(p2m_only), preconditioner,
+            )
         self._device: torch.device | None = None
         self._config = config
         self._agreed = False  # whether the ranks verified that they share this state (check_consistency)

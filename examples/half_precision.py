@@ -21,7 +21,7 @@ def train(dtype: torch.dtype, epochs: int, batch_size: int = 32, device: str = "
     y = torch.tensor(digits.target, device=device)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).to(device=device, dtype=dtype)
-    optimizer = ElraOptimizer(model.parameters(), None, batch_size, 10, lr=1e-4, warmup=10)
+    optimizer = ElraOptimizer(model.parameters(), None, batch_size, 10, lr=1e-4)
     scaler = ElraGradScaler(init_scale=2.0**16)
     overflows = 0
     for epoch in range(epochs):

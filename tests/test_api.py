@@ -245,6 +245,36 @@ def test_stats_hold_the_documented_keys():
     assert {"real_steps", "retraces", "batch_multiplier", "lr", "alpha", "weight_decay"} <= opt.stats.keys()
 
 
+def test_p2m_only_options_set_with_a_preconditioner_are_reported_not_silently_dropped(caplog):
+    """``warmup`` and ``acceptance`` act on P2M's controller only: along a preconditioned direction
+    they changed nothing, silently (the seed's half-precision example asks for ``warmup=10``)."""
+
+    def train(**options):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        opt = ElraOptimizer(model.parameters(), None, 8, 2, **options)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(30):
+            x, y = torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step(loss)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    caplog.set_level(logging.WARNING, logger="elra")
+    assert torch.equal(train(), train(warmup=10, acceptance="published"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "ELRA: warmup=10 and acceptance='published' apply to P2M (preconditioner=None) only: "
+        "preconditioner='muon' ignores them"
+    ]
+    caplog.clear()
+    assert not torch.equal(train(preconditioner=None), train(preconditioner=None, warmup=10))
+    assert not torch.equal(train(preconditioner=None), train(preconditioner=None, acceptance="published"))
+    ElraOptimizer([_param(1.0)], preconditioner="adam", warmup=1)
+    assert caplog.records == []
+
+
 def test_library_logs_through_elra_logger_and_prints_nothing(capsys, caplog):
     caplog.set_level(logging.DEBUG, logger="elra")
     xy = torch.nn.Parameter(torch.tensor([-1.5, 2.0]))

@@ -166,7 +166,7 @@ class ElraTrainer(Trainer):
     ``batch_multiplier`` the ``gradient_accumulation_steps``, ``classes`` the
     model's vocabulary (language models) or number of labels.
     ``elra_options`` (a dict) overrides or adds ``ElraOptimizer`` arguments
-    (e.g. ``momentum``, ``warmup``, ``classes``). Or pass your own:
+    (e.g. ``momentum``, ``preconditioner``, ``classes``). Or pass your own:
     ``optimizers=(ElraOptimizer(...), None)``.
 
     ELRA owns its rate: a scheduler is refused, ``lr_scheduler_type`` and the
