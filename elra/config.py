@@ -36,7 +36,7 @@ def checked_config(config: dict[str, Any]) -> dict[str, Any]:
     """The optimizer's hyperparameters, validated (constructor arguments or a checkpoint's)."""
     lr, momentum = config["lr"], config["momentum"]
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0.0 < lr < math.inf:
-        raise ValueError(f"Invalid learning rate: {lr!r} (expected a positive number, e.g. 1e-5)")
+        raise ValueError(f"Invalid lr (learning rate): {lr!r} (expected a positive number, e.g. 1e-5)")
     decay_rate(config["weight_decay"])
     if momentum is not None and (
         isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0

@@ -16,10 +16,10 @@ def _param(*values):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"lr": 0.0}, "learning rate"),
-        ({"lr": -1e-5}, "learning rate"),
-        ({"lr": float("nan")}, "learning rate"),
-        ({"lr": "1e-5"}, "learning rate"),
+        ({"lr": 0.0}, "Invalid lr "),
+        ({"lr": -1e-5}, "Invalid lr "),
+        ({"lr": float("nan")}, "Invalid lr "),
+        ({"lr": "1e-5"}, "Invalid lr "),
         ({"batch_size": 0}, "batch_size"),
         ({"batch_size": 2.5}, "batch_size"),
         ({"classes": -1}, "classes"),
@@ -37,9 +37,14 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, match):
         ElraOptimizer([_param(1.0)], **kwargs)
 
 
-def test_model_argument_must_be_a_module():
-    with pytest.raises(TypeError, match="model"):
-        ElraOptimizer([_param(1.0)], model="net")
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"model": "net"}, "model"), ({"process_group": "world"}, "process_group"), ({"replicas": 2}, "replicas"),
+     ({"compiled": 1}, "compiled")],
+)
+def test_arguments_of_the_wrong_type_raise_type_error_naming_them(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        ElraOptimizer([_param(1.0)], **kwargs)
 
 
 def test_seed_constructor_forms():
