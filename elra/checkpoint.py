@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .boost import Booster, new_mean
-from .config import checked_config, make_controller
+from .config import checked_config, decay_rate, make_controller
 from .geometry import direction_state, make_direction, moment_dtype
 from .reduce import local
 from .sync import drop_unsynced_grads, sync_unsynced_grads
@@ -144,6 +144,11 @@ class Checkpointing:
                 "save and load with flatten_optimizer_state_dict=False"
             )
         config = self._saved_config(groups[0].get(CONFIG_KEY))
+        for index, group in enumerate(groups):  # every later step and stats would raise on it
+            try:
+                decay_rate(group.get("weight_decay", config["weight_decay"]))
+            except ValueError as error:
+                raise ValueError(f"parameter group {index} of the state_dict: {error}") from error
         controller_state = dict(groups[0][STATE_KEY])
         pending = [float(v) for v in controller_state.pop("pending_losses", [])]
         reports = _pending_reports(controller_state.pop("pending_reports", [0.0] * len(self._reports)), len(self._reports))

@@ -358,6 +358,9 @@ def test_a_refused_load_state_dict_changes_nothing():
     no_boost = copy.deepcopy(good)
     no_boost["param_groups"][0]["elra_boost"]["enabled"] = True
     _refuse(opt, no_boost, match=r"lacks the 'boost' state .*call optimizer.enable_boost\(\) before get_state_dict")
+    bad_decay = copy.deepcopy(good)  # loaded, it made every later step and stats raise
+    bad_decay["param_groups"][0]["weight_decay"] = 5.0
+    _refuse(opt, bad_decay, match="weight_decay")
 
     assert _same(_run(model, opt, 61, 200), _run(twin_model, twin, 61, 200))
     assert opt.stats == twin.stats
