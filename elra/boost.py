@@ -47,8 +47,7 @@ class Booster:
         return self.loss_sum / self.count if self.count else 0.0
 
     def enable(self, cycle: int) -> None:
-        if isinstance(cycle, bool) or not isinstance(cycle, int) or cycle < 2:
-            raise ValueError(f"Invalid boost cycle: {cycle!r} (expected an integer >= 2)")
+        _check_cycle(cycle)
         self.enabled = True
         self.cycle = cycle
         self.restart()
@@ -110,7 +109,16 @@ class Booster:
         return {"enabled": self.enabled, "cycle": self.cycle, "count": self.count, "loss_sum": self.loss_sum}
 
     def load_state_dict(self, state: dict) -> None:
+        _check_cycle(state["cycle"])
+        count = state["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= state["cycle"]:
+            raise ValueError(f"Invalid boost count: {count!r} (expected an integer in [0, cycle])")
         self.enabled = bool(state["enabled"])
         self.cycle = int(state["cycle"])
         self.count = int(state["count"])
         self.loss_sum = float(state["loss_sum"])
+
+
+def _check_cycle(cycle: int) -> None:
+    if isinstance(cycle, bool) or not isinstance(cycle, int) or cycle < 2:
+        raise ValueError(f"Invalid boost cycle: {cycle!r} (expected an integer >= 2)")

@@ -361,6 +361,10 @@ def test_a_refused_load_state_dict_changes_nothing():
     bad_decay = copy.deepcopy(good)  # loaded, it made every later step and stats raise
     bad_decay["param_groups"][0]["weight_decay"] = 5.0
     _refuse(opt, bad_decay, match="weight_decay")
+    for key, value in (("cycle", 0), ("count", -1), ("count", 10**6)):  # cycle 0: a mean frozen from the start
+        bad_boost = copy.deepcopy(good)
+        bad_boost["param_groups"][0]["elra_boost"][key] = value
+        _refuse(opt, bad_boost, match=f"boost state .*Invalid boost {key}")
 
     assert _same(_run(model, opt, 61, 200), _run(twin_model, twin, 61, 200))
     assert opt.stats == twin.stats
