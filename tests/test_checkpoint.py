@@ -330,6 +330,24 @@ def test_checkpoint_hyperparameters_win_over_the_constructor(caplog):
     assert other.state_dict()["param_groups"][0]["elra_config"] == opt.state_dict()["param_groups"][0]["elra_config"]
 
 
+@pytest.mark.parametrize("saved, built", [("muon", None), (None, "adam"), ("factored", "muon")])
+def test_a_checkpoint_of_another_preconditioner_continues_its_own_run(caplog, saved, built):
+    """The README: the checkpoint's ``preconditioner`` (and ``line_target``) win over the constructor's."""
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model, preconditioner=saved, line_target=-0.2)
+    _run(model, opt, 0, 40)
+    saved_model, saved_opt = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    expected = _run(model, opt, 40, 90)
+    resumed = digits_model(torch.float32)
+    resumed.load_state_dict(saved_model)
+    other = _digits_optimizer(resumed, preconditioner=built)
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        other.load_state_dict(saved_opt)
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert f"preconditioner {built!r} -> {saved!r}" in message and "line_target -0.1 -> -0.2" in message
+    assert _same(_run(resumed, other, 40, 90), expected) and other.stats == opt.stats
+
+
 def _refuse(opt, sd, error=ValueError, match=None):
     with pytest.raises(error, match=match):
         opt.load_state_dict(sd)
