@@ -376,7 +376,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
 
     def set_train_loss(self, loss: float, boost: float | None = None) -> None:
         """Report the training loss (e.g. per epoch); drives the weight-decay control. Under data parallelism the
-        next real step sets every rank's to the mean of the values the ranks reported since the last one."""
+        next real step sets every rank's to the mean of the values the ranks reported since the last one.
+        A non-finite value raises ``ValueError``."""
         value = self._reported(loss, "train")
         self.controller.set_train_loss(value)
         self._reports[0:2] = [value, 1.0]

@@ -1,7 +1,9 @@
 """The optimizer API: arguments, step forms, collection, groups, stats, logging."""
 
+import copy
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -278,6 +280,18 @@ def test_p2m_only_options_set_with_a_preconditioner_are_reported_not_silently_dr
     assert not torch.equal(train(preconditioner=None), train(preconditioner=None, acceptance="published"))
     ElraOptimizer([_param(1.0)], preconditioner="adam", warmup=1)
     assert caplog.records == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), torch.tensor(-float("inf")), np.float32("nan")])
+def test_a_non_finite_reported_loss_is_refused_and_changes_nothing(value):
+    opt = ElraOptimizer([_param(1.0)])
+    opt.set_train_loss(2.0)
+    opt.set_valid_loss(3.0)
+    before = copy.deepcopy(opt.state_dict())
+    for report in (opt.set_train_loss, opt.set_valid_loss):
+        with pytest.raises(ValueError, match="must be finite"):
+            report(value)
+    assert opt.state_dict()["param_groups"][0]["elra_controller"] == before["param_groups"][0]["elra_controller"]
 
 
 def test_library_logs_through_elra_logger_and_prints_nothing(capsys, caplog):
