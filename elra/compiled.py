@@ -8,7 +8,8 @@ over the chunk; one kernel made by ``torch.compile`` reads x, g, m and v once.
 On the 9.4M-parameter MLP of ``benchmarks/step_cost.py`` the sums take about
 13 ms instead of 20 at one CPU thread.
 
-The kernel is compiled at the first step (seconds; it needs a C++ compiler).
+The kernel is compiled at the second step, the first whose sums it computes
+(seconds; it needs a C++ compiler).
 It runs on CPU tensors of at least :data:`MIN_ELEMENTS` elements, one call
 each: below that a call's overhead (about 25 us) outweighs what it saves, and
 on a GPU the eager sums are a few large kernels already (on an H100 the

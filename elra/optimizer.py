@@ -103,7 +103,11 @@ def _layout(n_groups: int, sixteen_bit: bool) -> tuple[int, int, int]:
 
 
 class ElraOptimizer(Checkpointing, Optimizer):
-    """ELRA (P2M): gradient descent that adapts its own step size and batch size.
+    """ELRA: gradient descent that adapts its own step length, batch size and weight decay.
+
+    By default it steps along orthogonalised momentum for matrices and Adam's
+    direction for the rest (``preconditioner="muon"``); ``preconditioner=None``
+    is the published method, P2M.
 
     Args:
         params: parameters or parameter groups (a group may set ``weight_decay``).
@@ -164,7 +168,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         compiled: with Adam's direction (``"adam"``, and muon's non-matrix
             parameters) on the CPU, compute the inner products of large tensors
             before each decision in one kernel made by ``torch.compile`` (it
-            compiles at the first step and needs a C++ compiler; on failure ELRA
+            compiles at the second step, the first whose sums it computes, and needs a C++ compiler; on failure ELRA
             logs why and stays eager). See :mod:`elra.compiled`.
 
     Call ``step(loss)`` after every ``backward()``; ELRA needs the loss value.
