@@ -168,8 +168,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
         compiled: with Adam's direction (``"adam"``, and muon's non-matrix
             parameters) on the CPU, compute the inner products of large tensors
             before each decision in one kernel made by ``torch.compile`` (it
-            compiles at the second step, the first whose sums it computes, and needs a C++ compiler; on failure ELRA
-            logs why and stays eager). See :mod:`elra.compiled`.
+            compiles at the second step, the first whose sums it computes, and
+            needs a C++ compiler; on failure ELRA logs why and stays eager).
+            See :mod:`elra.compiled`.
 
     Call ``step(loss)`` after every ``backward()``; ELRA needs the loss value.
     Under data parallelism each rank passes its own local loss.
