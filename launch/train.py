@@ -375,12 +375,13 @@ def job_options(args, source: str = "", text_sha256: str = "") -> dict[str, str 
     do not fix it (:class:`launch.data.Data`): a resumed job must repeat them.
 
     ``--batch-size`` among them: ELRA resumes with the batch size of its checkpoint (its statistics
-    window), so another one would feed it micro-batches of a size it does not count with. The source: a text
+    window), so another one would feed it micro-batches of a size it does not count with. ``--max-steps`` picks
+    each epoch's micro-batches (its first N): another one trains another schedule than the job started. The source: a text
     of another vocabulary maps the same ids to other characters; CIFAR-10 appearing or vanishing in
     ``--data-dir`` swaps FakeData for it.
     """
     names = {"mlp": ("seed",), "gpt": ("text", "context", "width", "heads", "layers"), "resnet18": ()}
-    job = {"model": args.model, "batch_size": args.batch_size}
+    job = {"model": args.model, "batch_size": args.batch_size, "max_steps": args.max_steps}
     for name in names[args.model]:
         value = getattr(args, name)
         job[name] = str(value.resolve()) if isinstance(value, Path) else value

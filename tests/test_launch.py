@@ -447,6 +447,18 @@ def test_checkpoint_of_another_batch_size_says_what_it_was_trained_with(tmp_path
     launcher.main([*run, "--epochs", "3"])
 
 
+def test_checkpoint_of_another_max_steps_says_what_it_was_trained_with(tmp_path):
+    """--max-steps picks an epoch's micro-batches (its first N): a job resumed with another one, or none, trained
+    another schedule than the one it was started as, silently."""
+    checkpoints = tmp_path / "ckpt"
+    run = ["--threads", "1", "--checkpoint-dir", str(checkpoints)]
+    launcher.main([*run, "--epochs", "1", "--max-steps", "2"])
+    with pytest.raises(CheckpointError, match="written with --max-steps 2; this job has --max-steps 0: resume"):
+        launcher.main([*run, "--epochs", "2"])
+    launcher.main([*run, "--epochs", "2", "--max-steps", "2"])
+    assert json.loads((checkpoints / "epoch-00002" / "meta.json").read_text())["job"]["max_steps"] == 2
+
+
 def _blocks_reordered(monkeypatch) -> None:
     """gpt with each block's attn_norm and mlp_norm registered in each other's place: an edit of the model's code that
     keeps every name and shape but lists same-shaped parameters in another order (its state_dict loads by name)."""
