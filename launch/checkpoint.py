@@ -1,8 +1,9 @@
 """Per-epoch checkpoints that a restarted job resumes from, never half-written.
 
 Each checkpoint is written to ``epoch-NNNNN.tmp`` and renamed to
-``epoch-NNNNN`` by rank 0 only after every rank has finished writing, so an
-interrupted write is never taken for a checkpoint. Sharded strategies use
+``epoch-NNNNN`` by rank 0 only after every rank has finished writing and its
+files are on the disk (fsynced), so an interrupted write, or one a power loss
+cut short, is never taken for a checkpoint. Sharded strategies use
 torch.distributed.checkpoint (each rank writes its shards; it can be loaded
 on another number of ranks); none and DDP write one ``state.pt`` from rank 0.
 Gradient sums collected toward a real step are kept (averaged over ranks
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -45,6 +47,16 @@ def _barrier() -> None:
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def durable(path: Path) -> None:
+    """Force ``path``'s contents, a file's or a directory's entries, onto the disk: a rename publishes a file only
+    as far as the disk holds it, and after a power loss a name renamed before could hold nothing or a part."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def full_model_state(model: torch.nn.Module, strategy: str) -> dict[str, torch.Tensor]:
@@ -103,11 +115,15 @@ class Checkpointer:
             partial.mkdir(parents=True)
             state = {"model": _unwrapped(model).state_dict(), "optim": optimizer.state_dict(), "epoch": epoch}
             torch.save(state, partial / "state.pt")
+            durable(partial / "state.pt")
         _barrier()
-        if self.rank == 0:
+        if self.rank == 0:  # DCP syncs its files itself
             meta = {"strategy": self.strategy, "world_size": self.world, "job": self.job, "epoch": epoch, "summary": summary}
             (partial / _META).write_text(json.dumps(meta))
+            durable(partial / _META)
+            durable(partial)
             partial.rename(final)
+            durable(self.directory)
             complete = sorted(p for p in self.directory.iterdir() if _NAME.match(p.name) and p.is_dir())
             for old in complete[: -self.keep]:
                 shutil.rmtree(old)

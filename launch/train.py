@@ -447,14 +447,16 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
         if rank == 0:
             print(line, flush=True)
     if args.save_final:
-        from launch.checkpoint import full_model_state
+        from launch.checkpoint import durable, full_model_state
 
         state = full_model_state(model, args.strategy)
         if rank == 0:
             args.save_final.parent.mkdir(parents=True, exist_ok=True)  # as --checkpoint-dir: not at the end of a run
             partial = args.save_final.with_name(args.save_final.name + ".tmp")
             torch.save(state, partial)
+            durable(partial)  # on the disk before its name is: a power loss left the name on a truncated file
             partial.replace(args.save_final)  # whole or not at all: a killed write left a truncated model there
+            durable(args.save_final.parent)
 
 
 def main(argv=None) -> None:

@@ -308,6 +308,26 @@ def test_the_final_model_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert not final.exists()
 
 
+def test_checkpoints_and_the_final_model_are_on_disk_before_they_are_published(tmp_path, monkeypatch):
+    """The rename that publishes a checkpoint or the final model came without an fsync of the files or of the
+    directories: after a power loss the name could be there with its contents empty or cut short."""
+    events = []
+    real_fsync, real_rename, real_replace = os.fsync, Path.rename, Path.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(Path, "rename", lambda self, to: (events.append(("rename", str(self))), real_rename(self, to))[1])
+    monkeypatch.setattr(Path, "replace", lambda self, to: (events.append(("rename", str(self))), real_replace(self, to))[1])
+    checkpoints, final = (tmp_path / "ckpt").resolve(), (tmp_path / "final.pt").resolve()
+    launcher.main(["--epochs", "1", "--max-steps", "2", "--threads", "1", "--checkpoint-dir", str(checkpoints),
+                   "--save-final", str(final)])
+    partial = checkpoints / "epoch-00001.tmp"
+    published = events.index(("rename", str(partial)))
+    synced = {path for kind, path in events[:published] if kind == "fsync"}
+    assert {str(partial / "state.pt"), str(partial / "meta.json"), str(partial)} <= synced, events
+    assert ("fsync", str(checkpoints)) in events[published:], events  # the rename itself
+    written = events.index(("rename", str(final) + ".tmp"))
+    assert ("fsync", str(final) + ".tmp") in events[:written] and ("fsync", str(tmp_path.resolve())) in events[written:], events
+
+
 def test_distributed_strategy_without_torchrun_says_how_to_launch():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     done = subprocess.run([sys.executable, str(TRAIN), "--strategy", "ddp"], capture_output=True, text=True, timeout=120, env=env)
