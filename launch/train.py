@@ -93,6 +93,17 @@ def _seed(text: str) -> int:
     return value
 
 
+@_expects("number of threads")
+def _threads(text: str) -> int:
+    """Up to the machine's CPUs: 100000 threads crashed the job in its first matrix product (a segmentation
+    fault), 2**31 ended it in a traceback from set_num_threads."""
+    value = _at_least(0)(text)
+    cpus = os.cpu_count() or 1
+    if value > cpus:
+        raise argparse.ArgumentTypeError(f"{value} is above the {cpus} CPUs of this machine")
+    return value
+
+
 @_expects("number in [0, 1]")
 def _weight_decay(text: str) -> float:
     value = float(text)
@@ -143,7 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=_at_least(0), default=0, help="micro-batches per epoch (0: all)")
     parser.add_argument("--timeout", type=_seconds, default=300.0, help="seconds a collective may wait for a rank")
     parser.add_argument("--seed", type=_seed, default=0, help="digits train/validation split")
-    parser.add_argument("--threads", type=_at_least(0), default=0, help="CPU threads per process (0: torch default)")
+    parser.add_argument("--threads", type=_threads, default=0, help="CPU threads per process (0: torch default)")
     parser.add_argument("--save-final", type=Path, help="write the final full model state_dict here (directories created)")
     parser.add_argument("--crash-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # fault-injection tests
     parser.add_argument("--batch-multiplier", type=_at_least(1), default=1, help=argparse.SUPPRESS)  # mid-collection tests
