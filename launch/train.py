@@ -126,6 +126,20 @@ def _unwritable(path: Path) -> str:
     return ""
 
 
+# The options only one --model reads (by their dest); the others ignored them silently.
+_MODEL_OPTIONS = {
+    "seed": "mlp", "text": "gpt", "context": "gpt", "width": "gpt", "heads": "gpt", "layers": "gpt",
+    "data_dir": "resnet18", "fake_size": "resnet18",
+}
+
+
+def _given(parser: argparse.ArgumentParser, argv, names) -> list[str]:
+    """Which of ``names`` (dests) the command line gives: argparse sets no default where one is set already."""
+    unset = object()
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**{name: unset for name in names}))
+    return [name for name in names if getattr(probe, name) is not unset]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--strategy", choices=["none", "ddp", "fsdp2", "fsdp1"], default="none", help="data parallelism (all but none need torchrun)")
@@ -159,6 +173,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--crash-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # fault-injection tests
     parser.add_argument("--batch-multiplier", type=_at_least(1), default=1, help=argparse.SUPPRESS)  # mid-collection tests
     args = parser.parse_args(argv)
+    for name in _given(parser, argv, _MODEL_OPTIONS):
+        if _MODEL_OPTIONS[name] != args.model:
+            option = "--" + name.replace("_", "-")
+            parser.error(f"{option} applies to --model {_MODEL_OPTIONS[name]} only, not --model {args.model}: leave it out")
     if args.strategy == "fsdp1" and args.preconditioner in ("muon", "factored"):  # ELRA raised on every rank
         parser.error(
             f"--preconditioner {args.preconditioner} needs each matrix whole, but --strategy fsdp1 flattens them: "

@@ -150,6 +150,21 @@ def test_nonsense_numbers_are_refused_by_name(option, capsys):
     assert stop.value.code == 2 and option[0] in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "model, option",
+    [("mlp", ["--width", "64"]), ("resnet18", ["--heads", "8"]), ("mlp", ["--layers", "4"]), ("mlp", ["--context", "32"]),
+     ("resnet18", ["--text", __file__]), ("gpt", ["--seed", "1"]), ("mlp", ["--fake-size", "64"]), ("gpt", ["--data-dir", "."])],
+)
+def test_an_option_of_another_model_is_refused_naming_the_model_it_applies_to(model, option, capsys):
+    """--width, --heads, --layers, --context, --text (gpt), --seed (mlp), --data-dir, --fake-size (resnet18) were
+    ignored silently by the other models: --model mlp --width 512 trained the same 128-wide MLP."""
+    with pytest.raises(SystemExit) as stop:
+        launcher.parse_args(["--model", model, *option])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and re.search(rf"{option[0]} applies to --model \w+ only, not --model {model}", error), error
+    launcher.parse_args(["--model", model])  # the defaults of the others apply to none
+
+
 @pytest.mark.parametrize("preconditioner", ["muon", "factored"])
 def test_a_preconditioner_that_needs_whole_matrices_under_fsdp1_is_refused_before_launch(preconditioner, capsys):
     """ELRA refused FSDP1's flat parameters with a traceback on every rank, after torchrun had started them."""
