@@ -151,7 +151,8 @@ class Checkpointer:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             try:
-                state = torch.load(path / "state.pt", weights_only=True)
+                # onto the CPU, whatever device wrote it: the loads below put each tensor on its parameter's device
+                state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
             except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:  # missing, truncated, not torch's
                 raise _damaged(path, error) from None
             try:  # the model's state by name (RuntimeError), then the optimizer's by position (ValueError)

@@ -495,6 +495,27 @@ def test_checkpoint_of_another_max_steps_says_what_it_was_trained_with(tmp_path)
     assert json.loads((checkpoints / "epoch-00002" / "meta.json").read_text())["job"]["max_steps"] == 2
 
 
+def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path, monkeypatch):
+    """state.pt holds its tensors' devices: one written by --device cuda, resumed with --device cpu on a machine
+    without CUDA, was called unreadable ("remove it"), and on a machine with GPUs every rank loaded it onto cuda:0.
+    Written here as a GPU's, its tensors tagged cuda:0; the resumed run ends with the uninterrupted one's weights."""
+    run = ["--max-steps", "3", "--threads", "1", "--batch-multiplier", "2"]
+    launcher.main([*run, "--epochs", "2", "--save-final", str(tmp_path / "reference.pt")])
+    checkpoints = tmp_path / "ckpt"
+    launcher.main([*run, "--epochs", "1", "--checkpoint-dir", str(checkpoints)])
+    state_file = checkpoints / "epoch-00001" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    torch.save(state, state_file)
+    monkeypatch.undo()
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(state_file, weights_only=True)
+    launcher.main([*run, "--epochs", "2", "--checkpoint-dir", str(checkpoints), "--save-final", str(tmp_path / "final.pt")])
+    expected, got = (torch.load(tmp_path / name, weights_only=True) for name in ("reference.pt", "final.pt"))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def _blocks_reordered(monkeypatch) -> None:
     """gpt with each block's attn_norm and mlp_norm registered in each other's place: an edit of the model's code that
     keeps every name and shape but lists same-shaped parameters in another order (its state_dict loads by name)."""
