@@ -95,8 +95,12 @@ class Checkpointer:
     def newest(self) -> tuple[int, Path] | None:
         if not self.directory.is_dir():  # on a rank whose node does not share rank 0's (see _check_ranks_agree)
             return None
-        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
-        return max(found) if found else None
+        found = self._complete()
+        return found[-1] if found else None
+
+    def _complete(self) -> list[tuple[int, Path]]:
+        """The complete checkpoints, oldest first: by epoch, not by name (epoch-100000 sorts before epoch-99999)."""
+        return sorted((int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name)) and p.is_dir())
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int, summary: str = "") -> None:
         """Checkpoint ``epoch`` (complete epochs); ``summary`` is the epoch's report line, kept in meta.json."""
@@ -124,8 +128,8 @@ class Checkpointer:
             durable(partial)
             partial.rename(final)
             durable(self.directory)
-            complete = sorted(p for p in self.directory.iterdir() if _NAME.match(p.name) and p.is_dir())
-            for old in complete[: -self.keep]:
+            complete = self._complete()
+            for _, old in complete[: -self.keep]:
                 shutil.rmtree(old)
         _barrier()
 

@@ -344,6 +344,16 @@ def test_checkpoints_and_the_final_model_are_on_disk_before_they_are_published(t
     assert ("fsync", str(final) + ".tmp") in events[:written] and ("fsync", str(tmp_path.resolve())) in events[written:], events
 
 
+def test_the_newest_checkpoints_are_kept_past_epoch_99999(tmp_path):
+    """Old checkpoints were pruned in name order, in which epoch-100000 comes before epoch-99999: from epoch 100001
+    on, the one before the newest was removed and epoch-99999 kept for good."""
+    job = ["--max-steps", "1", "--threads", "1", "--checkpoint-dir", str(tmp_path)]
+    launcher.main([*job, "--epochs", "1"])
+    (tmp_path / "epoch-00001").rename(tmp_path / "epoch-99999")
+    launcher.main([*job, "--epochs", "100001"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-100000", "epoch-100001"]
+
+
 def test_distributed_strategy_without_torchrun_says_how_to_launch():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     done = subprocess.run([sys.executable, str(TRAIN), "--strategy", "ddp"], capture_output=True, text=True, timeout=120, env=env)
