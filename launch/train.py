@@ -77,10 +77,13 @@ def _positive_float(text: str) -> float:
 
 @_expects("number of seconds")
 def _seconds(text: str) -> float:
-    """A positive ``--timeout`` that a process group's timedelta holds (1e15 overflowed it in a traceback)."""
+    """A ``--timeout`` that a process group's timedelta holds (1e15 overflowed it in a traceback) and its ranks
+    can connect within (0.001 timed out in the rendezvous, "after 0ms", in a traceback on every rank)."""
     value = _positive_float(text)
     if value > 1e9:
         raise argparse.ArgumentTypeError(f"{value} is above 1e9 seconds (31 years)")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1 second, too short for the ranks to connect")
     return value
 
 

@@ -141,7 +141,7 @@ def test_resnet18_on_fake_cifar_runs_one_process_and_says_it_found_no_cifar(tmp_
 @pytest.mark.parametrize(
     "option",
     [["--epochs", "0"], ["--epochs", "-1"], ["--batch-size", "0"], ["--timeout", "0"], ["--weight-decay", "-1"],
-     ["--weight-decay", "1.5"], ["--lr", "inf"], ["--timeout", "inf"], ["--timeout", "1e15"], ["--seed", str(2**64)],
+     ["--weight-decay", "1.5"], ["--lr", "inf"], ["--timeout", "inf"], ["--timeout", "1e15"], ["--timeout", "0.001"], ["--seed", str(2**64)],
      ["--threads", str(10**6)], ["--threads", str(2**31)]],
 )
 def test_nonsense_numbers_are_refused_by_name(option, capsys):
