@@ -16,6 +16,7 @@ what differs, and a finished job says where it ended.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -55,6 +56,10 @@ def durable(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
+    except OSError as error:  # a filesystem without fsync (of directories, on some): what it holds is what it has
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+        log.debug("fsync of %s: %s; relying on the filesystem", path, error)
     finally:
         os.close(descriptor)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import math
@@ -342,6 +343,20 @@ def test_checkpoints_and_the_final_model_are_on_disk_before_they_are_published(t
     assert ("fsync", str(checkpoints)) in events[published:], events  # the rename itself
     written = events.index(("rename", str(final) + ".tmp"))
     assert ("fsync", str(final) + ".tmp") in events[:written] and ("fsync", str(tmp_path.resolve())) in events[written:], events
+
+
+def test_a_filesystem_without_fsync_still_takes_checkpoints(tmp_path, monkeypatch):
+    """Some filesystems refuse fsync (EINVAL), of directories above all: it ended the job at its first checkpoint."""
+    def refused(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    job = ["--max-steps", "2", "--threads", "1", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    launcher.main([*job, "--epochs", "1", "--save-final", str(tmp_path / "reference.pt")])
+    monkeypatch.setattr(os, "fsync", refused)
+    launcher.main([*job, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "unsynced"), "--save-final", str(tmp_path / "final.pt")])
+    expected, got = (torch.load(tmp_path / name, weights_only=True) for name in ("reference.pt", "final.pt"))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert (tmp_path / "unsynced" / "epoch-00001" / "state.pt").exists()
 
 
 def test_the_newest_checkpoints_are_kept_past_epoch_99999(tmp_path):
