@@ -408,12 +408,17 @@ def job_options(args, source: str = "", text_sha256: str = "") -> dict[str, str 
 
     ``--batch-size`` among them: ELRA resumes with the batch size of its checkpoint (its statistics
     window), so another one would feed it micro-batches of a size it does not count with. ``--max-steps`` picks
-    each epoch's micro-batches (its first N): another one trains another schedule than the job started. The source: a text
+    each epoch's micro-batches (its first N): another one trains another schedule than the job started.
+    ``--preconditioner`` (as resolved from auto): ELRA resumes with its checkpoint's, ignoring another one, whose state
+    a sharded load expected in the checkpoint (and called it unreadable without). The source: a text
     of another vocabulary maps the same ids to other characters; CIFAR-10 appearing or vanishing in
     ``--data-dir`` swaps FakeData for it.
     """
     names = {"mlp": ("seed",), "gpt": ("text", "context", "width", "heads", "layers"), "resnet18": ()}
-    job = {"model": args.model, "batch_size": args.batch_size, "max_steps": args.max_steps}
+    job = {
+        "model": args.model, "batch_size": args.batch_size, "max_steps": args.max_steps,
+        "preconditioner": preconditioner(args) or "none",
+    }
     for name in names[args.model]:
         value = getattr(args, name)
         job[name] = str(value.resolve()) if isinstance(value, Path) else value

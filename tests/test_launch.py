@@ -541,6 +541,29 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path, monkeypatch)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+@pytest.mark.parametrize("strategy", ["none", "fsdp2"])
+def test_checkpoint_of_another_preconditioner_says_what_it_was_trained_with(tmp_path, monkeypatch, strategy):
+    """ELRA resumes with its checkpoint's preconditioner: under none it ignored --preconditioner muon with a warning,
+    under fsdp2 DCP loaded into muon's state and called the checkpoint unreadable, advising its removal."""
+    job = ["--max-steps", "2", "--threads", "1", "--strategy", strategy, "--checkpoint-dir", str(tmp_path / "ckpt")]
+    if strategy != "none":
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "TORCH_GLOO_LAZY_INIT": "1"}.items():
+            monkeypatch.setenv(key, value)
+
+    def run(*options: str) -> None:
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+        try:
+            launcher.main([*job, *options])
+        finally:  # a failed run leaves its process group: the next one could not start one
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    run("--epochs", "1", "--preconditioner", "adam")
+    with pytest.raises(CheckpointError, match="written with --preconditioner adam; this job has --preconditioner muon: resume"):
+        run("--epochs", "2")  # auto: muon
+    run("--epochs", "2", "--preconditioner", "adam")
+
+
 def _blocks_reordered(monkeypatch) -> None:
     """gpt with each block's attn_norm and mlp_norm registered in each other's place: an edit of the model's code that
     keeps every name and shape but lists same-shaped parameters in another order (its state_dict loads by name)."""
