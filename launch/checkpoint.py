@@ -156,7 +156,10 @@ class Checkpointer:
             try:
                 dcp.load(state, checkpoint_id=path)
             except dcp.CheckpointException as error:  # on every rank, with each failing rank's exception
-                raise _damaged(path, min(error.failures.items())[1][0]) from None
+                failure = min(error.failures.items())[1][0]
+                if any(words in str(failure) for words in ("Missing key", "Size mismatch")):  # readable, another model's
+                    raise _does_not_fit(path, failure) from None
+                raise _damaged(path, failure) from None
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             try:
@@ -168,11 +171,7 @@ class Checkpointer:
                 _unwrapped(model).load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optim"])
             except (RuntimeError, ValueError) as error:  # another model, its parameters renamed or reordered
-                reason = " ".join(str(error).split()).rstrip(".")
-                raise CheckpointError(
-                    f"{path} does not fit this model: {reason}; resume with the model it was written with, "
-                    "or start afresh in another --checkpoint-dir"
-                ) from None
+                raise _does_not_fit(path, error) from None
         return epoch
 
     def summary(self) -> str:
@@ -239,6 +238,16 @@ def _meta(path: Path) -> dict:
     if not isinstance(meta, dict):
         raise _damaged(path, ValueError(f"{_META} holds a {type(meta).__name__}, not an object"))
     return meta
+
+
+def _does_not_fit(path: Path, error: Exception) -> CheckpointError:
+    """A checkpoint that was read but whose state is another model's: one edited since, or its parameters renamed,
+    reordered or reshaped (not a damaged checkpoint: the model it was written with resumes it)."""
+    reason = " ".join(str(error).split()).rstrip(".")
+    return CheckpointError(
+        f"{path} does not fit this model: {reason}; resume with the model it was written with, "
+        "or start afresh in another --checkpoint-dir"
+    )
 
 
 def _damaged(path: Path, error: Exception) -> CheckpointError:

@@ -564,6 +564,37 @@ def test_checkpoint_of_another_preconditioner_says_what_it_was_trained_with(tmp_
     run("--epochs", "2", "--preconditioner", "adam")
 
 
+@pytest.mark.parametrize("edit", ["a layer more", "a layer wider"])
+def test_a_sharded_checkpoint_of_another_model_says_it_does_not_fit(tmp_path, monkeypatch, edit):
+    """DCP's load into an edited model (a parameter the checkpoint lacks, or another shape) was called unreadable,
+    advising the removal of a checkpoint that a job with the model it was written with resumes."""
+    job = ["--max-steps", "2", "--threads", "1", "--strategy", "fsdp2", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "TORCH_GLOO_LAZY_INIT": "1"}.items():
+        monkeypatch.setenv(key, value)
+
+    def run(epochs: int) -> None:
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+        try:
+            launcher.main([*job, "--epochs", str(epochs)])
+        finally:  # a failed run leaves its process group: the next one could not start one
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    run(1)
+    with monkeypatch.context() as patch:
+        def edited(args, classes: int) -> torch.nn.Module:
+            torch.manual_seed(0)
+            if edit == "a layer more":
+                return torch.nn.Sequential(*launcher.digits_mlp(classes), torch.nn.Linear(classes, classes))
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, classes))
+
+        patch.setattr(launcher, "build_model", edited)
+        with pytest.raises(CheckpointError, match=r"epoch-00001 does not fit this model: .*; resume with the model it was "
+                                                  "written with, or start afresh in another --checkpoint-dir"):
+            run(2)
+    run(2)
+
+
 def _blocks_reordered(monkeypatch) -> None:
     """gpt with each block's attn_norm and mlp_norm registered in each other's place: an edit of the model's code that
     keeps every name and shape but lists same-shaped parameters in another order (its state_dict loads by name)."""
