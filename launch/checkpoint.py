@@ -160,6 +160,11 @@ class Checkpointer:
                 if any(words in str(failure) for words in ("Missing key", "Size mismatch")):  # readable, another model's
                     raise _does_not_fit(path, failure) from None
                 raise _damaged(path, failure) from None
+            # DCP loads what this model asks for: a parameter or buffer of the checkpoint's that it lacks went unnoticed
+            saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+            unexpected = sorted(k for k in saved if k.startswith("model.") and k[len("model."):] not in model_state)
+            if unexpected:
+                raise _does_not_fit(path, RuntimeError(f"Unexpected key in checkpoint state_dict: {unexpected[0]}"))
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             try:
