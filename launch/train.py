@@ -162,7 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--checkpoint-dir", type=Path, help="checkpoint every epoch here and resume from the newest")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="CIFAR-10 files (resnet18)")
-    parser.add_argument("--fake-size", type=_at_least(1), default=2048, help="FakeData images when CIFAR-10 is absent")
+    parser.add_argument("--fake-size", type=_at_least(1), default=2048, help="FakeData images when CIFAR-10 is absent (resnet18)")
     parser.add_argument("--text", type=Path, help="UTF-8 text for gpt (none: the Python standard library's source)")
     parser.add_argument("--context", type=_at_least(1), default=64, help="characters per gpt window")
     parser.add_argument("--width", type=_at_least(1), default=128, help="gpt embedding width")
@@ -170,7 +170,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layers", type=_at_least(1), default=2, help="gpt transformer blocks")
     parser.add_argument("--max-steps", type=_at_least(0), default=0, help="micro-batches per epoch (0: all)")
     parser.add_argument("--timeout", type=_seconds, default=300.0, help="seconds a collective may wait for a rank")
-    parser.add_argument("--seed", type=_seed, default=0, help="digits train/validation split")
+    parser.add_argument("--seed", type=_seed, default=0, help="digits train/validation split (mlp)")
     parser.add_argument("--threads", type=_threads, default=0, help="CPU threads per process (0: torch default)")
     parser.add_argument("--save-final", type=Path, help="write the final full model state_dict here (directories created)")
     parser.add_argument("--crash-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # fault-injection tests
