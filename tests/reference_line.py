@@ -190,7 +190,11 @@ class ReferenceLine:
                 self.eta = min(self.eta, 0.1 * math.sqrt(scale / usq))
         self.eta = min(max(self.eta, 1e-12), 1e6)
         self.failed, self.accepted_eta = 0, self.eta
-        self.stat = [0.98 * self.stat[0] + 0.02 * loss, 0.98 * self.stat[1] + 0.02 * loss * loss, 0.98 * self.stat[2] + 0.02]
+        value = loss
+        if not self.deterministic and len(self.losses_seen) >= 10:  # a wild low loss enters at most 10 sd below
+            mean = self.stat[0] / self.stat[2]
+            value = max(loss, mean - 10.0 * math.sqrt(max(self.stat[1] / self.stat[2] - mean * mean, 0.0)))
+        self.stat = [0.98 * self.stat[0] + 0.02 * value, 0.98 * self.stat[1] + 0.02 * value * value, 0.98 * self.stat[2] + 0.02]
         self.losses_seen.append(loss)
         self.last_good = loss
         self.t += 1

@@ -245,3 +245,31 @@ def test_mini_batch_noise_never_restarts_and_keeps_beta1_09():
 @pytest.mark.parametrize("classes, beta, beta1", [(0, None, 0.95), (10, None, 0.9), (None, None, 0.9), (0, 0.5, 0.5)])
 def test_beta1_is_the_given_one_else_the_regimes(classes, beta, beta1):
     assert LineController(1e-3, classes, 1, 1, beta=beta).beta1 == beta1
+
+
+def _loss_mean_and_spread(controller: LineController) -> tuple[float, float]:
+    s = controller.state
+    mean = s.loss_mean / s.loss_weight
+    return mean, math.sqrt(max(s.loss_sq / s.loss_weight - mean * mean, 0.0))
+
+
+def _refusal_cap(controller: LineController) -> float:
+    mean, spread = _loss_mean_and_spread(controller)
+    return mean + 5.0 * spread
+
+
+def test_one_wild_low_loss_leaves_the_mini_batch_refusal_in_place():
+    """One loss of -1e6 entered the statistics as it came: the deviation grew to ~1e5 and no step was refused for
+    thousands of steps (on the digits MLP the cap went from 1.18 to 6.7e5, and was 3.9 1700 steps later)."""
+    undisturbed, disturbed = _controller(), _controller()
+    losses = _flat(300)
+    _feed(undisturbed, losses)
+    _feed(disturbed, losses[:150])
+    assert disturbed.real_step([-1e6], SUMS, [0.0]).action != "retrace"  # a low loss is no reason to refuse
+    _feed(disturbed, losses[151:])
+    cap, normal = _refusal_cap(disturbed), _refusal_cap(undisturbed)
+    assert normal < cap < normal + 0.1  # 150 steps on; a step well above the noise is refused again
+    assert disturbed.real_step([cap + 0.01], SUMS, [0.0]).action == "retrace"
+    noise_free = LineController(1e-3, 1, 768, 1)  # a noise-free loss is the function's value: it enters as it is
+    _feed(noise_free, [1.0] * 20 + [-1e6])
+    assert _loss_mean_and_spread(noise_free)[0] < -1e4
