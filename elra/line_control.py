@@ -88,7 +88,7 @@ LOSS_DEVIATIONS = 5.0  # mini-batch retrace above mean + this many standard devi
 LOSS_WARMUP = 10  # accepted steps before the statistics can reject a step
 # an accepted mini-batch loss enters them at most this many deviations below their mean: one wild loss (-1e6
 # from a buggy batch) would otherwise inflate the deviation and switch the refusal off for thousands of steps;
-# the benchmark's mini-batch runs never went below 5.8 (seeds 0-2), so they are unchanged
+# the default's benchmark mini-batch runs never went below 5.8 (seeds 0-2), so they are unchanged
 LOSS_FLOOR_DEVIATIONS = 2 * LOSS_DEVIATIONS
 ETA_BOUNDS = (1e-12, 1e6)
 BETA1 = 0.9  # the direction's momentum where none is given; noise-free problems get NOISE_FREE_BETA1
