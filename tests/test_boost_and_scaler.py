@@ -17,6 +17,17 @@ def _batches(x, y, steps, size=16):
         yield x[idx], y[idx]
 
 
+def _step_noting_the_point(opt, model, xb, yb):
+    """One step on a batch; the parameters it started from if it was accepted (not retraced), else None."""
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(xb), yb)
+    loss.backward()
+    point = [p.detach().clone() for p in model.parameters()]
+    before = opt.stats["retraces"]
+    opt.step(loss)
+    return point if opt.stats["retraces"] == before else None
+
+
 def test_boost_is_the_mean_of_the_accepted_points():
     x, y = digits_data()
     model = digits_model()
@@ -24,13 +35,8 @@ def test_boost_is_the_mean_of_the_accepted_points():
     opt.enable_boost(cycle=50)
     accepted = []
     for xb, yb in _batches(x, y, 80):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(xb), yb)
-        loss.backward()
-        point = [p.detach().clone() for p in model.parameters()]
-        before = opt.stats["retraces"]
-        opt.step(loss)
-        if opt.stats["retraces"] == before and len(accepted) < 50:
+        point = _step_noting_the_point(opt, model, xb, yb)
+        if point is not None and len(accepted) < 50:
             accepted.append(point)
     assert opt.stats["boost_count"] == 50  # the cycle is full: the mean is frozen
     expected = [torch.stack(ps).mean(0) for ps in zip(*accepted)]
@@ -120,14 +126,8 @@ def test_get_boost_model_needs_the_model_only_once_as_in_the_published_package()
     for epoch in range(2):
         accepted = []
         for _ in range(40):
-            xb, yb = next(batches)
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(xb), yb)
-            loss.backward()
-            point = [p.detach().clone() for p in model.parameters()]
-            before = opt.stats["retraces"]
-            opt.step(loss)
-            if opt.stats["retraces"] == before:
+            point = _step_noting_the_point(opt, model, *next(batches))
+            if point is not None:
                 accepted.append(point)
         count, _, boosted = opt.get_boost_model(True)
         assert count == len(accepted) >= 2
