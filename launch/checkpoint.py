@@ -23,11 +23,13 @@ import os
 import pickle
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.state_dict_loader as _dcp_loader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 
 _NAME = re.compile(r"^epoch-(\d+)$")
@@ -48,6 +50,25 @@ def _barrier() -> None:
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _from_dcp_loader(record: logging.LogRecord) -> bool:
+    """False for the records DCP's loader logs on the root logger itself: the warnings, each with a traceback, that
+    the checkpoint's global metadata and then the rank-local one could not be read (the load's exception says both)."""
+    return os.path.normcase(record.pathname) != os.path.normcase(_dcp_loader.__file__)
+
+
+@contextmanager
+def _quiet_dcp_loader():
+    """Keep DCP's loader from logging while it loads: a damaged checkpoint's failure is then the launcher's one line
+    per rank. A filter on the root logger drops only what is logged on it directly (not what other loggers
+    propagate to its handlers), and of that only the loader's own records; it is removed after the load."""
+    root = logging.getLogger()
+    root.addFilter(_from_dcp_loader)
+    try:
+        yield
+    finally:
+        root.removeFilter(_from_dcp_loader)
 
 
 def durable(path: Path) -> None:
@@ -154,7 +175,8 @@ class Checkpointer:
                 group.pop("param_names", None)
             state = {"model": model_state, "optim": optim_state}
             try:
-                dcp.load(state, checkpoint_id=path)
+                with _quiet_dcp_loader():
+                    dcp.load(state, checkpoint_id=path)
             except dcp.CheckpointException as error:  # on every rank, with each failing rank's exception
                 failure = min(error.failures.items())[1][0]
                 if any(words in str(failure) for words in ("Missing key", "Size mismatch")):  # readable, another model's

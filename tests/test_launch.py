@@ -399,15 +399,25 @@ def test_a_checkpoint_that_cannot_be_read_is_named_with_what_to_do(tmp_path, dam
     assert [line[:9] for line in capsys.readouterr().out.splitlines()] == ["epoch   2", "epoch   3"]
 
 
-def test_a_sharded_checkpoint_that_cannot_be_read_is_named_on_every_rank(tmp_path):
-    """A truncated shard ended both ranks in DCP's CheckpointException and its tracebacks."""
+@pytest.mark.parametrize("damage", ["truncated shard", "empty .metadata"])
+def test_a_sharded_checkpoint_that_cannot_be_read_is_named_on_every_rank(tmp_path, damage):
+    """A truncated shard ended both ranks in DCP's CheckpointException and its tracebacks; an empty .metadata was
+    named, but after DCP's loader had logged, on each rank, two warnings with a traceback each."""
     job = _command("fsdp2", "--max-steps", "2", "--checkpoint-dir", str(tmp_path))
     _run([*job, "--epochs", "1"])
-    shard = tmp_path / "epoch-00001" / "__1_0.distcp"
-    shard.write_bytes(shard.read_bytes()[:1000])
-    stderr = _fails_clearly(job, f"{tmp_path / 'epoch-00001'} cannot be read (EOFError); remove it to resume from the "
-                                 "checkpoint before it")
+    if damage == "truncated shard":
+        shard = tmp_path / "epoch-00001" / "__1_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:1000])
+        reason = "(EOFError)"
+    else:
+        (tmp_path / "epoch-00001" / ".metadata").write_bytes(b"")
+        reason = "(AssertionError: metadata is None; global metadata read failed: Ran out of input;"
+    stderr = _fails_clearly(job, f"{tmp_path / 'epoch-00001'} cannot be read {reason}", "; remove it to resume from "
+                                 "the checkpoint before it")
     assert stderr.count("cannot be read") == 2 and "CheckpointException" not in stderr
+    lines = stderr.splitlines()
+    ranks = lines[: next(i for i, line in enumerate(lines) if "torch/distributed/elastic" in line)]  # before torchrun's
+    assert len(ranks) == 2 and all("cannot be read" in line for line in ranks), "\n".join(ranks)
 
 
 def test_checkpoint_of_another_strategy_says_what_differs(tmp_path):
