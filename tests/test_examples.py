@@ -115,6 +115,27 @@ def test_lightning_example_refuses_what_would_fight_elra(option):
         trainer.fit(example.build_module(32), *example.digits_loaders(32))
 
 
+def test_lightning_example_refuses_a_grad_scaler_and_trains_in_bf16_mixed():
+    """precision="16-mixed" on a GPU (its plugin built here for the CPU) ran the closure, unscaled the gradients and
+    called ELRA's step() without the loss: a TypeError telling the user to call optimizer.step(loss). "bf16-mixed",
+    without a scaler, passes the closure and trains."""
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    example = _example("lightning_digits")
+    quiet = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                 enable_model_summary=False, num_sanity_val_steps=0)
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, plugins=[fp16], **quiet)
+    with pytest.raises(ValueError, match="precision='16-mixed' steps through a GradScaler.*use precision='bf16-mixed'"):
+        trainer.fit(example.build_module(32), *example.digits_loaders(32))
+    torch.manual_seed(0)
+    module = example.build_module(32)
+    trainer = L.Trainer(max_epochs=2, precision="bf16-mixed", **quiet)
+    trainer.fit(module, *example.digits_loaders(32))
+    assert trainer.optimizers[0].stats["real_steps"] == 2 * 45 and module.accuracy > 0.8
+
+
 def test_hf_trainer_example_trains_gpt2_with_elra():
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
