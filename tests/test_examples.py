@@ -66,6 +66,17 @@ def test_half_precision_example_trains_with_the_scaler(dtype):
     assert accuracy > 0.95 and scale >= 1.0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_half_precision_example_on_cuda_without_a_gpu_says_so():
+    """It ended in torch's 'Found no NVIDIA driver' traceback."""
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "half_precision.py"), "--device", "cuda", "--epochs", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--device cuda: torch sees no CUDA device here" in done.stderr
+
+
 def test_lightning_example_drives_elra_through_closures():
     pytest.importorskip("lightning")
     accuracy, stats = _example("lightning_digits").train(epochs=3)
