@@ -76,13 +76,25 @@ def drop_unsynced_grads(model: torch.nn.Module) -> None:
 
 
 def holds_unsynced_grads(model: torch.nn.Module) -> bool:
-    """Whether an FSDP2 unit of ``model`` holds gradient sums its backward did not reduce: gradient sync
-    turned off by the caller (``set_requires_gradient_sync(False)``) rather than by :func:`grad_sync`."""
+    """Whether an FSDP unit of ``model`` holds gradient sums its backward did not reduce: gradient sync
+    turned off by the caller (FSDP2's ``set_requires_gradient_sync(False)``, FSDP1's ``no_sync()``) rather
+    than by :func:`grad_sync`. FSDP1's sharded strategies leave an unsharded flat gradient then (NO_SHARD
+    leaves no trace: its gradients are whole either way)."""
     for fsdp_param in _fsdp2_params(model):
         unsharded = getattr(fsdp_param, "_unsharded_param", None)
         if fsdp_param.unsharded_accumulated_grad is not None or getattr(unsharded, "grad", None) is not None:
             return True
-    return False
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(
+        isinstance(module, FullyShardedDataParallel)
+        and module._handle is not None
+        and module._handle.uses_sharded_strategy
+        and _unsharded_flat_grad(module._handle) is not None
+        for module in model.modules()
+    )
 
 
 SYNC_BUCKET = 1 << 22  # elements per all-reduce of :func:`_sync_ddp` (16 MB of float32): no flat copy of all gradients
@@ -194,10 +206,10 @@ def _unsharded_sums(fsdp_params: list) -> list[torch.Tensor | None]:
 def _sync_fsdp1(module: torch.nn.Module) -> None:
     """FSDP1: average the unsharded flat gradient of ``no_sync`` over ranks, keep this rank's shard."""
     handle = module._handle
-    flat = getattr(handle, "flat_param", None)
-    if flat is None or flat.grad is None or flat.grad.size() != flat._unpadded_unsharded_size:
+    full = _unsharded_flat_grad(handle)
+    if full is None:
         return  # nothing collected unsharded
-    full = flat.grad
+    flat = handle.flat_param
     groups = [module.process_group] + [g for g in [getattr(module, "_inter_node_pg", None)] if g is not None]
     for group in groups:
         dist.all_reduce(full, group=group)
@@ -211,6 +223,14 @@ def _sync_fsdp1(module: torch.nn.Module) -> None:
         flat.grad = shard
     if handle._use_orig_params:
         handle._use_sharded_grad_views()
+
+
+def _unsharded_flat_grad(handle) -> torch.Tensor | None:
+    """The unsharded gradient of an FSDP1 unit's flat parameter (what its backward leaves under ``no_sync``)."""
+    flat = getattr(handle, "flat_param", None)
+    if flat is None or flat.grad is None or flat.grad.size() != flat._unpadded_unsharded_size:
+        return None
+    return flat.grad
 
 
 def fsdp1_shards(models: Iterable[torch.nn.Module]) -> dict[torch.Tensor, int]:

@@ -52,7 +52,7 @@ class Scenario:
     inf_plan: tuple = ()  # (micro-step, rank) pairs: that rank's first gradient shard gets an inf then
     full_batch: bool = False  # the same global batch at every step: a noise-free loss
     late_from: int | None = None  # micro-step from which the net's ``late`` layer joins the forward
-    user_sync: bool = False  # FSDP2's own set_requires_gradient_sync(not collecting) instead of grad_sync
+    user_sync: bool = False  # the wrapper's own sync switch (FSDP2's, FSDP1's no_sync()) instead of grad_sync
     reports_at: int | None = None  # micro-step where rank r reports train loss 1 and validation loss 2 + r ...
     rank0_reports: bool = False  # ... or only rank 0 does (the single process reports what the ranks agree on)
     lone_skip_at: int | None = None  # micro-step where the last rank calls skip_backward where the others step
@@ -133,11 +133,14 @@ def train(
             x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
         optimizer.zero_grad()
         collecting = optimizer.collecting
-        if scenario.user_sync and sharded_world > 1:
+        own_no_sync = nullcontext()
+        if scenario.user_sync and sharded_world > 1 and hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(not collecting)
+        elif scenario.user_sync and sharded_world > 1 and collecting:  # FSDP1's
+            own_no_sync = model.no_sync()
         around_forward = scenario.use_grad_sync and not scenario.sync_backward_only
         around_backward = scenario.use_grad_sync and scenario.sync_backward_only
-        with grad_sync(model, optimizer) if around_forward else nullcontext():
+        with own_no_sync, grad_sync(model, optimizer) if around_forward else nullcontext():
             loss = torch.nn.functional.cross_entropy(model(x), y)
             if step == scenario.bad_loss_at and rank == 0:
                 loss = loss + float("inf")

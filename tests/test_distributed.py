@@ -215,6 +215,10 @@ CHECKPOINTED = [
     # sync turned off by the caller: state_dict() sees FSDP2's unsharded sums, refuses, and sync_pending_grads keeps them
     (Scenario("fsdp2-dcp-mid-collection-user-sync", "fsdp2", steps=40, batch_multiplier=3, use_grad_sync=False,
               user_sync=True, nan_loss_at=30), 22),
+    # FSDP1's no_sync() by the caller: the unsharded flat sums are seen too (state_dict() saved them whole, unreduced,
+    # and torch's FSDP1 optimizer state dict failed on their size)
+    (Scenario("fsdp1-dcp-mid-collection-user-sync", "fsdp1", steps=40, batch_multiplier=3, use_grad_sync=False,
+              user_sync=True, nan_loss_at=30), 22),
 ]
 
 
@@ -429,7 +433,7 @@ def test_mid_collection_checkpoints_keep_the_pending_sums(checkpointed):
         assert all(r["loaded_micro_batches"] == 1 for r in resumed)
     for name in (
         "fsdp2-dcp-mid-collection", "fsdp1-dcp-mid-collection", "fsdp1-orig-dcp-mid-collection",
-        "fsdp2-dcp-mid-collection-user-sync",
+        "fsdp2-dcp-mid-collection-user-sync", "fsdp1-dcp-mid-collection-user-sync",
     ):
         assert all("sync_pending_grads()" in r["refused"] for r in checkpointed[name][0])
     assert not any("refused" in r for r in checkpointed["fsdp2-root-dcp-mid-collection"][0])  # sync was on
