@@ -118,7 +118,7 @@ def train(
     """
     counts = []
     scaler = ElraGradScaler(init_scale=2.0**8, growth_interval=5) if scenario.scaler else None
-    if scenario.boost_cycle:
+    if scenario.boost_cycle and not start:  # a resumed run's boost comes from its checkpoint
         optimizer.enable_boost(scenario.boost_cycle)
     for step in range(start, scenario.steps):
         if step == scenario.cast_at:
@@ -398,9 +398,12 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tu
     def resumed_twin(load) -> dict:
         single_model = make_net(scenario.late_from is not None)
         single_opt = make_optimizer(single_model, scenario, single=True)
+        if scenario.boost_cycle:  # before the load: the template needs room for the boost means
+            single_opt.enable_boost(scenario.boost_cycle)
         load(single_model, single_opt)
         train(scenario, single_model, single_opt, 0, world, 1, start=save_at)
-        return {"params": {k: v.detach().clone() for k, v in single_model.named_parameters()}, "stats": single_opt.stats}
+        params = {k: v.detach().clone() for k, v in single_model.named_parameters()}
+        return {"params": params, "stats": single_opt.stats, "outputs": probe_outputs(single_model, single_opt, boost)}
 
     def from_dcp(model, optimizer) -> None:
         state = _dcp_state(model, optimizer)
@@ -408,8 +411,9 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tu
         _dcp_load(model, optimizer, state)
 
     def body() -> None:
-        nonlocal scenario, save_at, checkpoint
+        nonlocal scenario, save_at, checkpoint, boost
         for scenario, save_at in runs:
+            boost = bool(scenario.boost_cycle)  # outputs under boosted() too
             checkpoint = Path(out) / scenario.name
             results = {}
             if phase == "save":
@@ -430,25 +434,27 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tu
                 results["uninterrupted"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
                 # load the checkpoint into this model mid-run: FSDP's root holds gathered weights (and,
                 # collecting under grad_sync, unsynchronised sums) from the run that goes on
-                probe_outputs(model, optimizer, False)
+                results["uninterrupted"]["outputs"] = probe_outputs(model, optimizer, boost)
                 _reload(model, optimizer, checkpoint)
                 train(scenario, model, optimizer, rank, world, world, start=save_at)
                 results["reloaded"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
-                results["reloaded"]["outputs"] = probe_outputs(model, optimizer, False)
+                results["reloaded"]["outputs"] = probe_outputs(model, optimizer, boost)
             model = wrap(make_net(scenario.late_from is not None), scenario.strategy, world)
             optimizer = make_optimizer(model, scenario)
+            if boost:
+                optimizer.enable_boost(scenario.boost_cycle)
             _reload(model, optimizer, checkpoint)
             results["loaded_micro_batches"] = optimizer.micro_batches
             train(scenario, model, optimizer, rank, world, world, start=save_at)
             results["resumed"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
-            results["resumed"]["outputs"] = probe_outputs(model, optimizer, False)
+            results["resumed"]["outputs"] = probe_outputs(model, optimizer, boost)
             if rank == 0 and phase == "resume":
                 full = torch.load(checkpoint.with_suffix(".full.pt"), weights_only=False)
                 results["single"] = resumed_twin(lambda m, o: _dcp_load(m, o, full))
                 results["single_dcp"] = resumed_twin(from_dcp)
             torch.save(results, Path(out) / f"{scenario.name}-{phase}{rank}.pt")
 
-    scenario, save_at, checkpoint = None, 0, None
+    scenario, save_at, checkpoint, boost = None, 0, None, False
     as_gloo_rank(rank, world, store, body)
 
 

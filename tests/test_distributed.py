@@ -215,6 +215,9 @@ CHECKPOINTED = [
     # sync turned off by the caller: state_dict() sees FSDP2's unsharded sums, refuses, and sync_pending_grads keeps them
     (Scenario("fsdp2-dcp-mid-collection-user-sync", "fsdp2", steps=40, batch_multiplier=3, use_grad_sync=False,
               user_sync=True, nan_loss_at=30), 22),
+    # with boost on: the means (and the counts) resume too, also on 3 ranks
+    (Scenario("fsdp2-dcp-mid-collection-muon-boost", "fsdp2", steps=40, batch_multiplier=3, boost_cycle=100,
+              options={**MUON, "weight_decay": 1e-3}, nan_loss_at=30), 22),
     # FSDP1's no_sync() by the caller: the unsharded flat sums are seen too (state_dict() saved them whole, unreduced,
     # and torch's FSDP1 optimizer state dict failed on their size)
     (Scenario("fsdp1-dcp-mid-collection-user-sync", "fsdp1", steps=40, batch_multiplier=3, use_grad_sync=False,
@@ -403,6 +406,7 @@ def test_dcp_resume_on_the_same_world_size_is_bit_identical(checkpointed, name):
         uninterrupted, resumed = rank["uninterrupted"], rank["resumed"]
         assert resumed["stats"] == uninterrupted["stats"]
         assert all(torch.equal(resumed["params"][k], v) for k, v in uninterrupted["params"].items())
+        assert all(torch.equal(resumed["outputs"][k], v) for k, v in uninterrupted["outputs"].items())
         assert rank["loaded_micro_batches"] == rank["micro_batches"]
         # loaded into the model that trained on (mid-run), the same as into a fresh one
         reloaded = rank["reloaded"]
@@ -423,6 +427,8 @@ def test_dcp_resume_on_another_world_size_matches_a_single_process_resume(checkp
             assert math.isclose(stats[key], value, rel_tol=1e-9) if isinstance(value, float) else stats[key] == value, key
         for key, value in single["params"].items():
             assert torch.allclose(resumed[0]["resumed"]["params"][key], value, rtol=0, atol=1e-10), key
+        for key, value in single["outputs"].items():  # under boosted() too, where boost is on
+            assert torch.allclose(resumed[0]["resumed"]["outputs"][key], value, rtol=0, atol=1e-10), key
 
 
 def test_mid_collection_checkpoints_keep_the_pending_sums(checkpointed):
