@@ -22,7 +22,7 @@ from .boost import Booster, new_mean
 from .config import checked_config, decay_rate, make_controller
 from .geometry import direction_state, make_direction, moment_dtype
 from .reduce import local
-from .sync import drop_unsynced_grads, sync_unsynced_grads
+from .sync import drop_unsynced_grads, fsdp_wrapping, sync_unsynced_grads
 
 logger = logging.getLogger("elra")
 
@@ -55,7 +55,8 @@ class Checkpointing:
         by ``zero_grad(set_to_none=False)``) as a gradient, a missing one not.
         Sums a wrapper holds per rank (collected under
         :func:`elra.grad_sync`) must be synchronised first: see
-        :meth:`sync_pending_grads`.
+        :meth:`sync_pending_grads`. Under FSDP, mid-collection, the optimizer
+        must know the model (``model``, or ``grad_sync``) to see such sums.
         """
         self._refuse_inside_boosted("state_dict()")
         self._note_unsynced_models()
@@ -65,6 +66,16 @@ class Checkpointing:
                 f"{self.controller.state.multiplier}) with gradient sync off (grad_sync): each rank holds its own "
                 "partial sums, which one checkpoint cannot keep. Call optimizer.sync_pending_grads() on every "
                 "rank first (one gradient reduction), or save when optimizer.collecting is False"
+            )
+        wrapping = fsdp_wrapping(p for g in self.param_groups for p in g["params"]) if self._pending else None
+        if wrapping is not None and not self.models:
+            raise RuntimeError(
+                f"state_dict() in the middle of collecting micro-batches ({len(self._pending)} of "
+                f"{self.controller.state.multiplier}) under {wrapping}, but the optimizer does not know the model: "
+                "with gradient sync off (set_requires_gradient_sync(False), no_sync()) the wrapper holds the partial "
+                "sums itself, which the checkpoint would lose. Give the optimizer the wrapped model, "
+                "ElraOptimizer(model.parameters(), model, ...), or use `with elra.grad_sync(model, optimizer):`, "
+                "or save when optimizer.collecting is False"
             )
         if self._pending and self._grads_changed_since_step():
             raise RuntimeError(

@@ -57,6 +57,7 @@ class Scenario:
     rank0_reports: bool = False  # ... or only rank 0 does (the single process reports what the ranks agree on)
     lone_skip_at: int | None = None  # micro-step where the last rank calls skip_backward where the others step
     cast_at: int | None = None  # micro-step before which the model, float32 until then, is cast to float64
+    state_dict_at: int | None = None  # micro-step before which every rank takes optimizer.state_dict()
 
 
 def _planned(plan: tuple, step: int, rank: int, sharded_world: int) -> bool:
@@ -127,6 +128,8 @@ def train(
         x = x.to(next(model.parameters()).dtype)
         if step == scenario.reports_at:
             _report(scenario, optimizer, rank, world, sharded_world)
+        if step == scenario.state_dict_at:
+            optimizer.state_dict()
         if scenario.late_from is not None:
             getattr(model, "module", model).awake = step >= scenario.late_from  # DDP wraps the net, FSDP2 is it
         if sharded_world > 1:

@@ -163,6 +163,10 @@ REFUSED = {
     # wrappers over a group of their own rank while ELRA sums over both ranks ("auto"): the two jobs' sums mixed
     "ddp-subgroup": "DistributedDataParallel reduces over 1 ranks but ELRA sums over 2",
     "fsdp1-subgroup": "FullyShardedDataParallel reduces over 1 ranks but ELRA sums over 2",
+    # the caller's own sync switch, the optimizer not told the model: the wrapper's unreduced sums, which it cannot
+    # see, were silently left out of the checkpoint (FSDP2), or made it unloadable (FSDP1)
+    "fsdp2-user-sync-state-dict-without-model": "the optimizer does not know the model",
+    "fsdp1-user-sync-state-dict-without-model": "the optimizer does not know the model",
     # FSDP2 itself, at the next forward: it keeps the all-gather dtype of its first forward (torch 2.14)
     "fsdp2-cast-mid-run": "Expected out tensor to have dtype double, but got float",
 }
@@ -174,6 +178,10 @@ TWO_RANKS += IN_PLACE + COUNTED + [
     Scenario("fsdp1-orig-muon", "fsdp1-orig", options=MUON),
     Scenario("ddp-subgroup", "ddp-subgroup", steps=3),
     Scenario("fsdp1-subgroup", "fsdp1-subgroup", steps=3),
+    Scenario("fsdp2-user-sync-state-dict-without-model", "fsdp2", steps=6, batch_multiplier=3, use_grad_sync=False,
+             user_sync=True, pass_model=False, state_dict_at=4),
+    Scenario("fsdp1-user-sync-state-dict-without-model", "fsdp1", steps=6, batch_multiplier=3, use_grad_sync=False,
+             user_sync=True, pass_model=False, state_dict_at=4),
 ]
 TWO_RANKS.append(Scenario("fsdp2-cast-mid-run", "fsdp2", batch_multiplier=2, cast_at=6))  # last: it stops in FSDP2
 THREE_RANKS = [
