@@ -12,7 +12,11 @@ from pathlib import Path
 import torch
 
 TRAIN = Path(__file__).resolve().parents[1] / "launch" / "train.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _env() -> dict[str, str]:
+    """The environment at call time (conftest points TMPDIR at pytest's base temp once the session starts)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _torchrun(*args: str, restarts: int = 0) -> list[str]:
@@ -46,12 +50,12 @@ def _wait_for(path: Path, job: subprocess.Popen, seconds: float = 120) -> None:
 def test_killed_rank_restarts_elastically_and_ends_where_an_undisturbed_run_ends(tmp_path):
     settings = ["--epochs", "12", "--save-final"]
     reference = tmp_path / "reference.pt"
-    subprocess.run(_torchrun(*settings, str(reference)), check=True, capture_output=True, env=ENV, timeout=300)
+    subprocess.run(_torchrun(*settings, str(reference)), check=True, capture_output=True, env=_env(), timeout=300)
 
     final, checkpoints = tmp_path / "final.pt", tmp_path / "ckpt"
     job = subprocess.Popen(
         _torchrun(*settings, str(final), "--checkpoint-dir", str(checkpoints), "--timeout", "20", restarts=3),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
     )
     _wait_for(checkpoints / "epoch-00002", job)
     os.kill(_workers(job.pid)[-1], signal.SIGKILL)
@@ -69,7 +73,7 @@ def test_stalled_rank_fails_the_job_within_the_timeout(tmp_path):
     checkpoints = tmp_path / "ckpt"
     job = subprocess.Popen(
         _torchrun("--epochs", "200", "--timeout", "5", "--checkpoint-dir", str(checkpoints)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
     )
     _wait_for(checkpoints / "epoch-00001", job)
     victim = _workers(job.pid)[-1]
