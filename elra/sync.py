@@ -32,15 +32,12 @@ def grad_sync(model: torch.nn.Module, optimizer: "ElraOptimizer") -> Iterator[No
     It also tells the optimizer the model (see ``ElraOptimizer``'s ``model``).
     """
     sync = not optimizer.collecting
-    if not any(known is model for known in optimizer.models):
-        optimizer.models.append(model)
+    wrapper = hasattr(model, "set_requires_gradient_sync") or hasattr(model, "no_sync")
+    tell_optimizer(model, optimizer, unsynced=wrapper and not sync)
     if hasattr(model, "set_requires_gradient_sync"):
-        if not sync:
-            optimizer.unsynced_models.add(model)
         model.set_requires_gradient_sync(sync)
         yield
     elif hasattr(model, "no_sync") and not sync:
-        optimizer.unsynced_models.add(model)
         with model.no_sync():
             yield
         if getattr(model, "require_forward_param_sync", False):
@@ -51,6 +48,15 @@ def grad_sync(model: torch.nn.Module, optimizer: "ElraOptimizer") -> Iterator[No
             )
     else:
         yield
+
+
+def tell_optimizer(model: torch.nn.Module, optimizer: "ElraOptimizer", unsynced: bool) -> None:
+    """The optimizer learns ``model`` (once), and with ``unsynced`` that the model's wrapper holds this rank's
+    partial sums, collected with gradient sync off (a checkpoint must average them first)."""
+    if not any(known is model for known in optimizer.models):
+        optimizer.models.append(model)
+    if unsynced:
+        optimizer.unsynced_models.add(model)
 
 
 def drop_unsynced_grads(model: torch.nn.Module) -> None:

@@ -42,6 +42,7 @@ except ImportError as error:
     ) from error
 
 from ..optimizer import ElraOptimizer
+from ..sync import tell_optimizer
 
 logger = logging.getLogger("elra")
 
@@ -118,10 +119,7 @@ def _sync_when_elra_steps(model: torch.nn.Module, optimizer: ElraOptimizer) -> I
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         yield
         return
-    if not any(known is model for known in optimizer.models):
-        optimizer.models.append(model)
-    if optimizer.collecting:
-        optimizer.unsynced_models.add(model)
+    tell_optimizer(model, optimizer, unsynced=optimizer.collecting)
     before = model.require_backward_grad_sync
     model.require_backward_grad_sync = not optimizer.collecting
     try:
