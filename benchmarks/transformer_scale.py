@@ -10,7 +10,7 @@ batches. Prints held-out bits per character (the last 10% of the text) and
 the wall time per training step (forward, backward and the optimizer's step)
 per run, as each run ends.
 
-    python benchmarks/transformer_scale.py [--steps 1500] [--seeds 2] [--optimizers ...]
+    python benchmarks/transformer_scale.py [--steps 1500] [--seeds 2] [--first-seed 0] [--optimizers ...]
 
 Needs prodigyopt and schedulefree for those peers (``pip install -e '.[bench]'``).
 """
@@ -98,6 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--layers", type=int, default=6)
@@ -121,7 +122,7 @@ def main() -> None:
     for name in args.optimizers:  # untimed: the device's and each optimizer's first-use costs
         train(name, corpus, argparse.Namespace(**{**vars(args), "steps": 5}), 0, device)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in args.optimizers}
-    for seed in range(args.seeds):  # seed by seed: an interrupted run still compares every optimizer
+    for seed in range(args.first_seed, args.first_seed + args.seeds):  # seed by seed: an interrupted run still compares every optimizer
         for name in args.optimizers:
             bits, step_ms = train(name, corpus, args, seed, device)
             results[name].append((bits, step_ms))
