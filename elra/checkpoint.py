@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .boost import Booster, new_mean
-from .config import checked_config, decay_rate, make_controller
+from .config import FOREIGN_GROUP_OPTIONS, checked_config, decay_rate, make_controller
 from .geometry import direction_state, make_direction, moment_dtype
 from .reduce import local
 from .sync import drop_unsynced_grads, fsdp_wrapping, sync_unsynced_grads
@@ -147,6 +147,13 @@ class Checkpointing:
         self._refuse_inside_boosted("load_state_dict()")
         self._note_unsynced_models()
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        foreign = sorted({key for g in groups or () if isinstance(g, dict) for key in FOREIGN_GROUP_OPTIONS & g.keys()})
+        if foreign and STATE_KEY not in groups[0]:
+            raise ValueError(
+                f"another optimizer's state_dict (its parameter groups set {', '.join(map(repr, foreign))}, as "
+                "torch.optim's Adam, AdamW or SGD do): ELRA cannot continue from another optimizer's state. Load the "
+                "model's weights alone and start ElraOptimizer afresh"
+            )
         if not groups or not isinstance(groups[0], dict) or STATE_KEY not in groups[0]:
             raise ValueError(
                 "not an ElraOptimizer state_dict (no controller state in param_groups[0]). From "

@@ -15,6 +15,10 @@ from .control import ACCEPTANCE_RULES, MAX_MULTIPLIER, Controller
 from .geometry import make_direction
 from .line_control import LineController
 
+# other optimizers' per-group options: ELRA refuses them in a group (it would keep and ignore them), and a state_dict
+# whose groups hold them is another optimizer's
+FOREIGN_GROUP_OPTIONS = frozenset({"betas", "eps", "nesterov", "dampening", "amsgrad", "maximize"})
+
 
 def decay_rate(value: Any) -> float | None:
     """The seed's convention: a weight decay above 0.5 means ``1 - value``; ``None``: automatic."""

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from .boost import DEFAULT_CYCLE, Booster, new_mean
 from .checkpoint import Checkpointing
 from .chunks import runs
-from .config import check_int, checked_config, decay_rate, make_controller, normalized_momentum
+from .config import FOREIGN_GROUP_OPTIONS, check_int, checked_config, decay_rate, make_controller, normalized_momentum
 from .control import Decision, RangeBounds, StepSums
 from .fused import sgd_accept, split_fusable
 from .geometry import PRESENT, SLOTS, direction_state, make_direction, moment_dtype
@@ -41,8 +41,6 @@ LossLike = float | torch.Tensor
 # weight_decay=None along a preconditioned direction in the stochastic regime: decoupled, as AdamW's
 # (x <- (1 - step*wd)*x); chosen by benchmarks/quality.py over all its tasks (see the README)
 AUTO_DECAY = 0.1
-# other optimizers' per-group options that ELRA would otherwise keep in the group and ignore
-FOREIGN_GROUP_OPTIONS = frozenset({"betas", "eps", "nesterov", "dampening", "amsgrad", "maximize"})
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _DTYPE = attrgetter("dtype")
 _DEVICE = attrgetter("device")

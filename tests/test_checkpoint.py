@@ -97,11 +97,18 @@ def test_loading_state_of_another_model_raises():
         ElraOptimizer(large.parameters()).load_state_dict(opt.state_dict())
 
 
-def test_loading_a_foreign_state_dict_raises():
+@pytest.mark.parametrize("other", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
+def test_loading_another_optimizers_state_dict_raises_saying_so(other):
+    """An AdamW checkpoint (a Trainer run switched to ELRA) is named as such, not taken for a flattened DCP load."""
     model = torch.nn.Linear(3, 2)
-    adam = torch.optim.Adam(model.parameters())
-    with pytest.raises(ValueError, match="not an ElraOptimizer state_dict"):
-        ElraOptimizer(model.parameters()).load_state_dict(adam.state_dict())
+    foreign = other(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 3)).sum().backward()
+    foreign.step()
+    opt = ElraOptimizer(model.parameters())
+    with pytest.raises(ValueError, match="another optimizer's state_dict") as error:
+        opt.load_state_dict(foreign.state_dict())
+    assert "flatten_optimizer_state_dict" not in str(error.value)
+    assert opt.stats["real_steps"] == 0 and all("exp_avg" in opt.state[p] for p in model.parameters())
 
 
 def test_controller_state_from_another_version_raises():
