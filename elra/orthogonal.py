@@ -4,7 +4,7 @@ Muon's direction: a 2-D parameter steps along the semi-orthogonal matrix
 nearest to its momentum (a Newton-Schulz iteration: the singular values
 become about 1, the singular vectors stay), scaled to an RMS of 0.2 per
 entry, about that of Adam's direction; every other parameter (vectors,
-scalars, convolution kernels) keeps Adam's direction
+scalars, convolution kernels, matrices of one row or column) keeps Adam's direction
 (:class:`elra.geometry.AdamDirection`). ELRA's line controller sets the one
 step length along the combined direction, so Muon's learning rate is gone.
 

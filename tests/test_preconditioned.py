@@ -423,6 +423,24 @@ def test_orthogonalized_momentum_keeps_the_singular_vectors_and_flattens_the_spe
         assert cosine > 0.95
 
 
+def test_muon_gives_a_single_row_or_column_matrix_adams_direction():
+    """A (1, n) or (n, 1) weight (a regression head, Linear(n, 1)) is a vector: orthogonalising it would only
+    normalise it, so it keeps Adam's moments and direction, as the README says."""
+    head, column = torch.nn.Linear(5, 1, bias=False).double(), torch.nn.Linear(1, 5, bias=False).double()
+    weights = [head.weight, column.weight]
+    opt = ElraOptimizer(weights, lr=1e-4, weight_decay=0, preconditioner="muon")
+    grads = [torch.tensor([[3.0, -2.0, 0.5, -1.0, 4.0]]), torch.tensor([[1.0], [-1.0], [2.0], [-3.0], [0.25]])]
+    grads = [g.double() for g in grads]
+    before = [w.detach().clone() for w in weights]
+    for w, g in zip(weights, grads):
+        w.grad = g.clone()
+    opt.step(1.0)
+    for w, g, start in zip(weights, grads, before):
+        assert set(opt.state[w]) == {"exp_avg", "exp_avg_sq"}
+        step = w.detach() - start  # Adam's first direction: -lr * g/(|g| + eps), not g normalised
+        assert torch.allclose(step, -1e-4 * torch.sign(g), rtol=1e-6, atol=0)
+
+
 def test_orthogonalisation_in_bfloat16_stays_near_the_float64_iteration():
     """Newton-Schulz in bfloat16 (what benchmarks/orthogonalize.py measures) adds ~1e-2 to an iteration
     that is itself ~0.2 from U V^T."""
