@@ -102,6 +102,10 @@ _TINY = 1e-300
 # the cubic fit's optimum; retracing it cut the step length 10x a time and stopped the fit 4e-4 short)
 ROUNDING = 1e-6
 MAX_RETRACES = 3  # noise-free: after this many retraces in a row, accept (the moments must turn)
+# the decoupled decay 1 - eta*wd of a step takes at most this share of a weight: eta grows past 1/wd where the
+# weights are large against the direction (a fit's coefficients, ~1e3), and the factor turned negative there: the
+# weights flipped sign and grew each step (a scalar fit at 1e5 with weight_decay=0.1 ended at 7.8e6)
+MAX_DECAY = 0.5
 
 
 # fields added with batch growth and regime detection: a state saved before lacks them
@@ -454,7 +458,7 @@ class LineController:
         s.moment_steps += 1
         # the probe step stays a pure step along u_0 (see _choose_regime)
         in_force = [0.0] * len(decays) if s.noise_free is None else self.weight_decays(decays)
-        return LineDecision("accept", step=s.eta, decay=tuple(1.0 - s.eta * a for a in in_force), restart=restart)
+        return LineDecision("accept", step=s.eta, decay=tuple(1.0 - min(s.eta * a, MAX_DECAY) for a in in_force), restart=restart)
 
     def signal_share(self, sums: LineSums) -> float:
         """The share of the gradient that is signal, from the smoothed ``|m|^2 / |g|^2``.

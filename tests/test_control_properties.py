@@ -134,6 +134,11 @@ line_configs = st.fixed_dictionaries(
     steps=[([4.0 - k], LineSums(1.0, 1.0, 1.0, param_sq)) for k, param_sq in enumerate((1.0, 100.0, 1.0, 1.0))],
     decay=0.0,
 )
+@example(  # eta * weight_decay > 1 (large weights): the decay factor 1 - eta*wd was negative
+    config={"lr": 100.0, "classes": 0, "batch_size": 1, "min_multiplier": 1, "target": 0.0, "beta": 0.9},
+    steps=[([1.0], LineSums(1.0, 1.0, 1.0, 1e6))],
+    decay=0.1,
+)
 def test_line_decisions_are_finite_bounded_and_restorable_at_any_point(config, steps, decay):
     """The line controller (the preconditioned directions) under any inputs, like the P2M one above."""
     for _, decision, controller in _decided_with_a_restored_twin(lambda: LineController(**config), steps, decay):

@@ -109,6 +109,29 @@ def test_exact_minimum_with_zero_gradient_is_stable():
     assert opt.stats["real_steps"] == 300
 
 
+@pytest.mark.parametrize("classes", [0, 10])
+def test_weight_decay_never_flips_or_inflates_large_weights(classes):
+    """Along a preconditioned direction eta grows past 1/weight_decay where the weights are large against the
+    direction; the decay factor 1 - eta*wd was then negative: the weights flipped sign and grew each step."""
+
+    def fit(weight_decay):
+        x = torch.nn.Parameter(torch.full((4,), 1e5))
+        opt = elra.ElraOptimizer([x], None, 8, classes, weight_decay=weight_decay, preconditioner="adam")
+        path = []
+        for _ in range(300):
+            opt.zero_grad()
+            loss = ((x - 2e5) ** 2).sum() * 1e-6
+            loss.backward()
+            opt.step(loss)
+            path.append(x.detach().clone())
+        return torch.stack(path)
+
+    decayed, free = fit(0.1), fit(0.0)
+    # the decay pulls toward 0 and the loss toward 2e5: no weight may cross 0 or pass the undecayed run's
+    assert (decayed > 0).all() and (decayed <= free.max()).all()
+    assert decayed[-1].max() < free[-1].min()
+
+
 @pytest.mark.parametrize("shift", [-100.0, -8.8171668, 1e4])
 def test_cubic_fit_with_shifted_loss_reaches_the_same_optimum(shift):
     losses, model = run_cubic(lambda m: ElraOptimizer(m.parameters(), lr=1e-6), 2000, torch.float64, shift=shift)
