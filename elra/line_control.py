@@ -299,6 +299,7 @@ class LineController:
         if not s.started:
             if not usable:
                 s.retraces += 1
+                logger.warning("first ELRA step skipped: loss %.4g or its gradient is not finite", loss)
                 return LineDecision("skip")
             s.started = True
             self._count_step()

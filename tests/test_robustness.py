@@ -97,6 +97,22 @@ def test_first_step_with_nan_loss_is_skipped_without_moving():
     assert opt.stats["real_steps"] == 1
 
 
+@pytest.mark.parametrize("preconditioner", [None, "muon"])
+def test_a_skipped_first_step_is_reported_by_every_direction(preconditioner, caplog):
+    """A model whose loss or gradient is not finite from the start never takes a step: P2M said so at WARNING on
+    every skipped first step, the preconditioned directions (the default) said nothing."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = elra.ElraOptimizer([p], preconditioner=preconditioner)
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        for bad in (math.nan, math.inf):
+            opt.zero_grad()
+            (p**2).sum().backward()
+            opt.step(bad)
+    assert torch.equal(p.detach(), torch.tensor([1.0, 2.0])) and opt.stats["real_steps"] == 0
+    skipped = [r for r in caplog.records if r.levelno == logging.WARNING and "first ELRA step skipped" in r.message]
+    assert len(skipped) == 2 == opt.stats["retraces"]
+
+
 def test_exact_minimum_with_zero_gradient_is_stable():
     p = torch.nn.Parameter(torch.zeros(3))
     opt = ElraOptimizer([p], lr=1e-3, weight_decay=0.1)
