@@ -675,14 +675,19 @@ class ElraOptimizer(Checkpointing, Optimizer):
         )
 
     def _check_kept_grads(self) -> None:
+        """Raise if the collected gradients were reset; the collection is then dropped (its sums are gone), so
+        that the next micro-batch starts a new real step instead of meeting the same error for ever."""
         for p, grad in self._kept_grads.items():
             if p.grad is not grad:
+                collected = len(self._pending)
+                self._pending, self._kept_grads = [], {}
                 raise RuntimeError(
-                    f"gradients were reset while ELRA was collecting micro-batch {len(self._pending) + 1} of "
+                    f"gradients were reset while ELRA was collecting micro-batch {collected + 1} of "
                     f"{self.controller.state.multiplier}: use optimizer.zero_grad() (it keeps them while "
                     "collecting), not model.zero_grad(); see `collecting` in the README. (Under "
                     "DDP(gradient_as_bucket_view=True), which moves gradients into its buckets, give the "
-                    "optimizer the model.)"
+                    f"optimizer the model.) The {collected} micro-batch(es) collected so far are dropped: "
+                    "after optimizer.zero_grad() the next step starts a new collection"
                 )
 
     def _real_step(

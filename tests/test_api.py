@@ -186,6 +186,33 @@ def test_model_zero_grad_while_collecting_fails_loudly():
         opt.step(1.0)
 
 
+def test_after_a_reset_while_collecting_the_optimizer_recovers_with_a_new_collection():
+    """The reset raised at every later step too (the collected gradients could never come back), even once the
+    loop used optimizer.zero_grad(): the collection is dropped, and training goes on as from that point."""
+
+    def collect(model, opt, inputs):
+        for x in inputs:
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step(loss)
+
+    torch.manual_seed(0)
+    model, inputs = torch.nn.Linear(3, 1), torch.randn(6, 4, 3)
+    reference = copy.deepcopy(model)
+    opt = ElraOptimizer(model.parameters(), classes=10, batch_multiplier=2)
+    collect(model, opt, inputs[:1])
+    model.zero_grad()
+    model(inputs[1]).sum().backward()
+    with pytest.raises(RuntimeError, match="model.zero_grad"):
+        opt.step(1.0)
+    assert opt.micro_batches == 0 and opt.stats["real_steps"] == 0
+    collect(model, opt, inputs[2:])
+    collect(reference, ElraOptimizer(reference.parameters(), classes=10, batch_multiplier=2), inputs[2:])
+    assert opt.stats["real_steps"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
 def test_optimizer_zero_grad_keeps_gradients_while_collecting():
     p = _param(1.0)
     opt = ElraOptimizer([p], classes=10, batch_multiplier=2)
