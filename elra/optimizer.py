@@ -411,6 +411,11 @@ class ElraOptimizer(Checkpointing, Optimizer):
         (the torch convention frameworks use).
         """
         if closure is not None:
+            if not callable(closure):  # the published package's step(loss, scale)
+                raise TypeError(
+                    f"step()'s second argument is a closure (torch's convention), got {type(closure).__name__}: "
+                    "for loss scaling, the published package's step(loss, scale), use elra.ElraGradScaler"
+                )
             if loss is not None:
                 raise TypeError("pass the loss or a closure to step(), not both")
             loss = closure

@@ -108,6 +108,22 @@ def _cubic_run(step_form, steps=60):
     return torch.cat([p.detach().flatten() for p in model.parameters()]), opt
 
 
+@pytest.mark.parametrize("scale", [2.0**16, torch.tensor(2.0**16)])
+def test_the_published_step_with_a_scale_names_the_scaler_and_changes_nothing(scale):
+    """Code ported from the published package calls step(loss, scale): the error said a closure was passed."""
+    p = _param(1.0)
+    opt = ElraOptimizer([p])
+    loss = (p**2).sum()
+    loss.backward()
+    with pytest.raises(TypeError, match="ElraGradScaler"):
+        opt.step(loss, scale)
+    with pytest.raises(TypeError, match="ElraGradScaler"):
+        opt.step(loss, closure=scale)
+    assert p.item() == 1.0 and opt.stats["real_steps"] == opt.micro_batches == 0
+    opt.step(loss)
+    assert opt.stats["real_steps"] == 1
+
+
 def test_float_tensor_and_closure_losses_give_identical_trajectories():
     by_float, _ = _cubic_run("float")
     by_tensor, _ = _cubic_run("tensor")
