@@ -407,7 +407,8 @@ class LineController:
         if s.accepted < LOSS_WARMUP:
             return True
         mean, spread = self._loss_statistics()
-        return loss <= mean + LOSS_DEVIATIONS * spread
+        # within ROUNDING of the mean: identical losses (spread 0) have an EMA mean a rounding below them
+        return loss <= mean + LOSS_DEVIATIONS * spread + ROUNDING * abs(mean)
 
     def _loss_statistics(self) -> tuple[float, float]:
         """Mean and standard deviation of the accepted losses (EMAs)."""

@@ -162,7 +162,7 @@ class ReferenceLine:
             return True
         mean = self.stat[0] / self.stat[2]
         sd = math.sqrt(max(self.stat[1] / self.stat[2] - mean * mean, 0.0))
-        return loss <= mean + 5.0 * sd
+        return loss <= mean + 5.0 * sd + 1e-6 * abs(mean)
 
     def _accept(self, loss, numbers, sums, n):
         restart, self.restart = self.restart, False

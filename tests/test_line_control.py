@@ -273,3 +273,13 @@ def test_one_wild_low_loss_leaves_the_mini_batch_refusal_in_place():
     noise_free = LineController(1e-3, 1, 768, 1)  # a noise-free loss is the function's value: it enters as it is
     _feed(noise_free, [1.0] * 20 + [-1e6])
     assert _loss_mean_and_spread(noise_free)[0] < -1e4
+
+
+@pytest.mark.parametrize("loss", [0.1, 0.2, 2.5, 5.0])
+def test_a_loss_equal_to_every_accepted_one_is_never_refused(loss):
+    """With identical mini-batch losses (a flat or clamped loss) the spread is 0 and the EMA mean rounds a little
+    below the loss itself (0.1: 45 of 60 steps refused, and the micro-batches doubled)."""
+    controller = _controller()
+    actions = [controller.real_step([loss], SUMS, [0.0]).action for _ in range(60)]
+    assert actions == ["accept"] * 60 and controller.state.multiplier == 1
+    assert controller.real_step([loss * 1.01], SUMS, [0.0]).action == "retrace"  # above it is still refused
