@@ -515,8 +515,11 @@ class Controller:
 
     def _acceptable(self, loss: float, best: float) -> bool:
         s = self.state
-        cap = s.loss_limit + 0.1 * abs(s.loss_limit) + (NOISE_CAP * s.noise if self._noise_aware else 0.0)
-        if not self.deterministic and not loss < cap:
+        noise_aware = self._noise_aware
+        cap = s.loss_limit + 0.1 * abs(s.loss_limit) + (NOISE_CAP * s.noise if noise_aware else 0.0)
+        # the noise rule refuses a loss above its cap: at a first loss of 0 without noise the cap is 0, and the
+        # published strict bound refused a loss that stays at 0; the published rule keeps its own
+        if not self.deterministic and not (loss <= cap if noise_aware else loss < cap):
             return False
         return best <= s.stat_mean + 5.0 * s.stat_dev * s.dev_correction
 

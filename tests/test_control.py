@@ -58,6 +58,16 @@ def test_zero_gradient_does_not_divide_by_zero():
     assert controller.state.retraces == 0
 
 
+def test_a_mini_batch_loss_that_stays_at_zero_is_accepted_under_both_rules():
+    """A loss at exactly 0 on every batch (hinge constraints all met): the noise rule's cap, 1.1 * |first loss| +
+    3 * noise, is 0 too, and a loss had to lie strictly below it: every step was refused and the batch grew."""
+    one = StepSums(*([1.0] for _ in range(6)))
+    for acceptance in ("published", "noise"):
+        controller = _controller(acceptance=acceptance)
+        actions = [controller.real_step([0.0], one, [0.0]).action for _ in range(60)]
+        assert actions == ["accept"] * 60 and controller.state.multiplier == 1, acceptance
+
+
 def test_step_without_gradient_before_the_first_step_is_skipped():
     controller = _controller()
     assert controller.real_step([math.nan], None, [0.0]).action == "skip"
