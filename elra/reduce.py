@@ -226,14 +226,15 @@ class Reducer:
 
         A DDP model or FSDP1 unit whose group is not as large as the one ELRA sums over (DDP on a subgroup,
         ``process_group`` left at ``"auto"``) raises: its replicas or shards would be weighted for the wrong
-        ranks and the sums mixed with other ranks' silently. ``replicas=`` takes over the counting (layouts
-        beyond these rules), and the check.
+        ranks and the sums mixed with other ranks' silently. So does one over several ranks with
+        ``process_group=None``: each rank would decide from its own loss (and FSDP1 from its own shards), and
+        the replicas drift apart. ``replicas=`` takes over the counting (layouts beyond these rules), and the
+        check.
         """
         key = tuple(map(id, models))
         if key != self._shards_of:
-            group = self.group
-            world = 1 if group is None else dist.get_world_size(group)
-            for wrapper, size in wrapper_groups(models) if group is not None and self._replicas is None else ():
+            world = self.world_size
+            for wrapper, size in wrapper_groups(models) if self._replicas is None else ():
                 if size != world:
                     raise ValueError(
                         f"the model's {wrapper} reduces over {size} ranks but ELRA sums over {world}: pass "

@@ -552,3 +552,18 @@ def test_sync_pending_grads_between_backward_and_step_keeps_the_checkpoint_refus
             optimizer.state_dict()
     finally:
         dist.destroy_process_group()
+
+
+# process_group=None (this process alone) with a wrapper over both ranks: each rank decided from its own loss (and FSDP1
+# from its own shards), so the DDP replicas drifted apart silently (0.28 after 30 steps of P2M)
+ALONE = {
+    "ddp-process-group-none": "DistributedDataParallel reduces over 2 ranks but ELRA sums over 1",
+    "fsdp1-process-group-none": "FullyShardedDataParallel reduces over 2 ranks but ELRA sums over 1",
+}
+
+
+def test_a_wrapper_over_several_ranks_with_process_group_none_is_refused(tmp_path):
+    scenarios = [Scenario(name, name.split("-process")[0], steps=3, options={"process_group": None}) for name in ALONE]
+    for rank in _spawn(tmp_path, 2, scenarios):
+        for name, message in ALONE.items():
+            assert message in rank[name].get("error", ""), (name, rank[name].get("params"))
