@@ -177,6 +177,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
     _boost_swapped = False  # inside boosted(): the parameters hold the boost mean, the state the current point
     _matched: tuple | None = None  # the parameters' dtypes and devices when the state last matched them
     _boost_source: torch.nn.Module | None = None  # the model get_boost_model copies (the published API needs it once)
+    # torch's GradScaler then hands step() its scale and inf flag (found_inf) instead of unscaling .grad in place,
+    # which would mix scales in collected micro-batch sums: step() refuses it (ElraGradScaler does this right)
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -410,6 +413,14 @@ class ElraOptimizer(Checkpointing, Optimizer):
         returns the loss works too, as ``step(closure)`` or ``step(closure=...)``
         (the torch convention frameworks use).
         """
+        if "found_inf" in self.__dict__:  # set by torch.amp.GradScaler.step for the call it makes
+            self.__dict__.pop("found_inf")
+            self.__dict__.pop("grad_scale", None)
+            raise TypeError(
+                "torch.amp.GradScaler cannot drive ELRA: it would unscale .grad at every step(), also the "
+                "micro-batches ELRA is still summing, and change the scale between them; use elra.ElraGradScaler "
+                "(the same calls: scale(loss).backward(), step(optimizer), update())"
+            )
         if closure is not None:
             if not callable(closure):  # the published package's step(loss, scale)
                 raise TypeError(

@@ -266,3 +266,23 @@ def test_scaler_state_with_bad_numbers_is_refused_before_anything_changes(field,
     with pytest.raises(ValueError, match=field):
         scaler.load_state_dict({**before, field: value})
     assert scaler.state_dict() == before
+
+
+def test_torch_grad_scaler_is_refused_before_it_mixes_scales_in_collected_micro_batches():
+    """``torch.amp.GradScaler`` unscaled ``.grad`` in place at each ``scaler.step(optimizer, loss)``: while ELRA
+    collected micro-batches, the first one's sum was divided again after the second's scaled gradient joined it,
+    and training went on silently with wrong gradients (exact only while the batch multiplier stayed at 1).
+    It now raises at the first step, naming ElraGradScaler, before anything changed."""
+    model = torch.nn.Linear(4, 1)
+    opt = ElraOptimizer(model.parameters(), None, 8, 1, lr=1e-4, batch_multiplier=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(8, 4)
+    loss = model(x).pow(2).mean()
+    scaler.scale(loss).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="ElraGradScaler"):
+        scaler.step(opt, loss)
+    assert opt.micro_batches == 0 and not hasattr(opt, "found_inf")
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
