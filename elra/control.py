@@ -274,7 +274,9 @@ class Controller:
         return s.alpha if self.deterministic or not s.started else s.rate
 
     def weight_decays(self, decays: Sequence[float]) -> list[float]:
-        """The decay factor in force for each group (0 for groups without decay)."""
+        """The decay factor in force for each group (0 for groups without decay): ``weight_decay`` until the
+        validation lag is known (:meth:`_update_weight_decay`, at a cycle's end), then the lag itself for every
+        group with decay (the published package's ``self.WD = min(cap, b)``; the line controller multiplies)."""
         factor = self.state.wd_factor
         return [0.0 if wd <= 0.0 else (wd if factor is None else factor) for wd in decays]
 

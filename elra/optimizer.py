@@ -362,7 +362,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
     @property
     def stats(self) -> dict[str, float | int | str]:
         """Numbers for logs and dashboards; ``regime`` is ``"auto"`` until detected; ``weight_decay``: the first
-        group's in force (as edited in ``param_groups``, times the validation lag)."""
+        group's in force (as edited in ``param_groups``, times the validation lag; under P2M the lag replaces it,
+        as in the published package)."""
         s = self.controller.state
         decays = self.controller.weight_decays(self._decay_rates(self.param_groups[:1]))
         return {

@@ -102,3 +102,16 @@ def test_a_step_out_of_the_16_bit_range_is_refused_and_its_retrace_stays_in_rang
         assert decision.action == "retrace" and controller.state.alpha == 0.5
         assert decision.shift == 0.25 and controller.state.offset == 0.0  # back to the good point exactly
         assert controller.state.retraces == 1 and controller.state.steps == before["steps"] + 1
+
+
+def test_p2m_weight_decay_control_replaces_the_groups_decay_at_a_cycle_end_as_published():
+    """The README said every controller multiplies ``weight_decay`` by the validation lag; P2M (as the published
+    package, ``self.WD = min(cap, b)``) replaces it at the cycle's end, for every group with decay."""
+    controller = _controller(momentum=None)
+    sums = StepSums(*([1.0] * 3 for _ in range(6)))
+    controller.set_train_loss(1.0)
+    controller.set_valid_loss(2.0)
+    assert controller.weight_decays([0.01, 0.05, 0.0]) == [0.01, 0.05, 0.0]  # until a cycle ends
+    for _ in range(100):
+        controller.real_step([2.0], sums, [0.01, 0.05, 0.0])
+    assert controller.weight_decays([0.01, 0.05, 0.0]) == [math.sqrt(3.0), math.sqrt(3.0), 0.0]
