@@ -286,3 +286,31 @@ def test_torch_grad_scaler_is_refused_before_it_mixes_scales_in_collected_micro_
     assert opt.micro_batches == 0 and not hasattr(opt, "found_inf")
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+def test_scaler_steps_run_the_optimizers_step_hooks_as_plain_steps_do():
+    """``scaler.step(optimizer)`` called ELRA's step past torch's wrapper: hooks registered with
+    ``register_step_pre_hook``/``register_step_post_hook`` (an EMA of the weights, a logger) silently never ran,
+    where ``optimizer.step(loss)`` and torch's GradScaler run them. They run at every step now, with the loss."""
+
+    def run(scaler):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        opt = ElraOptimizer(model.parameters(), None, 8, 1, lr=1e-4, batch_multiplier=2)
+        seen = []
+        opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", float(args[1].detach()))))
+        opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", o.stats["real_steps"])))
+        for step in range(4):
+            opt.zero_grad()
+            loss = model(torch.full((2, 3), float(step))).pow(2).mean()
+            if scaler is None:
+                loss.backward()
+                opt.step(loss)
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+        return seen
+
+    plain = run(None)
+    assert len(plain) == 8 and run(ElraGradScaler(init_scale=8.0)) == plain
