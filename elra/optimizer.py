@@ -532,7 +532,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         model). The parameters are bit-identical afterwards. Yields the number
         of averaged points (0: boosting off or nothing averaged yet, weights
         unchanged). BatchNorm running statistics belong to the current weights:
-        recompute them for the boosted ones (``torch.optim.swa_utils.update_bn``).
+        recompute them for the boosted ones (``torch.optim.swa_utils.update_bn``),
+        keeping the model's aside: the block swaps back the parameters, not the buffers.
         """
         self._refuse_inside_boosted("boosted()")
         self._follow_parameter_casts()

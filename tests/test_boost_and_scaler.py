@@ -314,3 +314,34 @@ def test_scaler_steps_run_the_optimizers_step_hooks_as_plain_steps_do():
 
     plain = run(None)
     assert len(plain) == 8 and run(ElraGradScaler(init_scale=8.0)) == plain
+
+
+def test_update_bn_inside_boosted_with_buffers_kept_aside_matches_the_copy_and_leaves_the_model_as_it_was():
+    """The README advised ``update_bn`` inside ``boosted()``: the block swaps back the parameters, not the buffers,
+    so the training model kept the boosted weights' running statistics (and the next checkpoint saved them). Its
+    recipe now keeps the buffers aside; it evaluates as ``update_bn`` on the ``get_boost_model`` copy does."""
+    from torch.optim.swa_utils import update_bn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    opt = ElraOptimizer(model.parameters(), model, 8, 1, lr=1e-3)
+    opt.get_boost_model(True, model)
+    for _ in range(20):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        opt.step(loss)
+    loader, probe = [torch.randn(8, 4) * 3 for _ in range(5)], torch.randn(16, 4)
+    weights = [p.detach().clone() for p in model.parameters()]
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    with opt.boosted():
+        update_bn(loader, model)
+        boosted = model.eval()(probe)
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])
+    _, _, copy_model = opt.get_boost_model(True)
+    update_bn(loader, copy_model)
+    assert torch.equal(copy_model.eval()(probe), boosted)
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
