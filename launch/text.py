@@ -2,8 +2,9 @@
 
 By default the corpus is the installed Python standard library's own source
 (``*.py`` directly under ``sysconfig``'s stdlib directory, sorted by name,
-read until ``size`` characters): present on every machine that runs Python,
-no download. ``--text FILE`` (UTF-8) replaces it.
+then those of its packages, read until ``size`` characters; installed
+packages are left out): present on every machine that runs Python, no
+download. ``--text FILE`` (UTF-8) replaces it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_SIZE = 300_000
+_INSTALLED = frozenset({"site-packages", "dist-packages"})  # other packages' source: it differs from machine to machine
 
 
 class TextTooShort(ValueError):
@@ -24,8 +26,9 @@ class TextTooShort(ValueError):
 def stdlib_source(size: int = DEFAULT_SIZE) -> str:
     """About ``size`` characters of the standard library's Python source."""
     directory = Path(sysconfig.get_paths()["stdlib"])
+    nested = (p for p in directory.rglob("*.py") if p.parent != directory and not _INSTALLED.intersection(p.parts))
     parts, total = [], 0
-    for path in sorted(directory.glob("*.py")):
+    for path in [*sorted(directory.glob("*.py")), *sorted(nested)]:
         text = path.read_text(encoding="utf-8", errors="replace")
         parts.append(text)
         total += len(text)

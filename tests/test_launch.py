@@ -233,6 +233,19 @@ def test_text_windows_are_cut_on_the_device_of_the_text():
     assert [t.device.type for t in on_device] == ["meta", "meta"] and [t.shape for t in on_device] == [(3, 8), (3, 8)]
 
 
+def test_the_default_text_reads_the_standard_librarys_packages_after_its_modules_and_no_installed_ones(tmp_path, monkeypatch):
+    """Only the modules directly under the stdlib directory were read: 4.7M characters, a few epochs of a GPU run."""
+    import sysconfig
+
+    for name, text in {"b.py": "bee", "a.py": "aye", "pkg/c.py": "sea", "pkg/sub/d.py": "dee", "site-packages/x/e.py": "nope",
+                       "dist-packages/f.py": "nope"}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    assert stdlib_source(100) == "ayebeeseadee"
+    assert stdlib_source(7) == "ayebees"
+
+
 def test_a_text_that_is_not_utf8_is_refused_naming_it(tmp_path):
     """It ended in a traceback from the decoder."""
     text = tmp_path / "latin1.txt"
