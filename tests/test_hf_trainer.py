@@ -190,6 +190,21 @@ def test_trainer_refuses_what_would_fight_elra(tmp_path):
                     elra_options={"momentum": 0.9})
 
 
+
+def test_trainer_refuses_fp16_also_when_accelerate_sets_it(tmp_path, monkeypatch):
+    """``accelerate launch --mixed_precision fp16`` (or ``accelerate config``) sets ACCELERATE_MIXED_PRECISION, which
+    TrainingArguments turns into fp16 with ``fp16=False``: only ``fp16=True`` was refused, and on a GPU Trainer's
+    GradScaler scaled the gradients ELRA measured (x65536) and unscaled its collected sums in place."""
+    data = CountingSequences(16, 0)
+    with pytest.raises(ValueError, match="fp16"):
+        ElraTrainer(model=tiny_gpt2(), args=_args(tmp_path, fp16=True), train_dataset=data)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="ACCELERATE_MIXED_PRECISION"):
+        ElraTrainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    ElraTrainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=data)
+
+
 @pytest.mark.parametrize(
     "weight_decay, elra_options, expected", [(0.0, {}, None), (0.0, {"weight_decay": 0.0}, 0.0), (0.05, {}, 0.05)]
 )

@@ -206,10 +206,11 @@ class ElraTrainer(Trainer):
             raise ValueError(
                 "ELRA sets its own rate, a scheduler would only mislabel it: pass optimizers=(elra_optimizer, None)"
             )
-        if self.args.fp16:
+        # fp16 also comes from the environment (``accelerate launch --mixed_precision fp16``, ``accelerate config``)
+        if self.args.fp16 or self.accelerator.mixed_precision == "fp16" or self.accelerator.scaler is not None:
             raise ValueError(
-                "ElraTrainer does not support fp16=True: Trainer's GradScaler would hand ELRA scaled gradients "
-                "and skip steps behind its back; use bf16=True or float32"
+                "ElraTrainer does not support fp16 (fp16=True or ACCELERATE_MIXED_PRECISION=fp16): Trainer's "
+                "GradScaler would hand ELRA scaled gradients and skip steps behind its back; use bf16=True or float32"
             )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
