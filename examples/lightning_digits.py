@@ -5,7 +5,8 @@
 Lightning's automatic optimisation calls ``optimizer.step(closure)``; the
 closure runs forward and backward and returns the loss, which is all ELRA
 needs. ``set_train_loss``/``set_valid_loss`` go in the epoch-end hooks.
-Lightning's ``accumulate_grad_batches`` and gradient clipping are refused:
+Lightning's ``accumulate_grad_batches`` (also from a
+``GradientAccumulationScheduler``) and gradient clipping are refused:
 the first hands ELRA every N-th loss divided by N beside the gradient of N
 batches, the second rescales the gradients ELRA measures; ELRA averages
 micro-batches itself (``batch_multiplier``) and handles bad steps (retrace).
@@ -75,16 +76,21 @@ def build_module(batch_size: int, batch_multiplier: int = 1):
             self.train_losses, self.valid_losses = [], []
 
         def on_fit_start(self) -> None:
-            if self.trainer.accumulate_grad_batches != 1 or self.trainer.gradient_clip_val:
-                raise ValueError(
-                    "ELRA needs every micro-batch's own loss and its unclipped gradient: drop accumulate_grad_batches "
-                    "and gradient_clip_val (ElraOptimizer(batch_multiplier=...) averages micro-batches)"
-                )
+            self.on_train_epoch_start()
             if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
                 raise ValueError(
                     f"precision={self.trainer.precision!r} steps through a GradScaler, which calls ELRA's step() "
                     "without the loss and unscales the gradients ELRA may still be summing: use precision="
                     "'bf16-mixed' or '32' (or a loop of your own with elra.ElraGradScaler)"
+                )
+
+        def on_train_epoch_start(self) -> None:
+            # also here: a GradientAccumulationScheduler sets accumulate_grad_batches at each epoch's start
+            if self.trainer.accumulate_grad_batches != 1 or self.trainer.gradient_clip_val:
+                raise ValueError(
+                    "ELRA needs every micro-batch's own loss and its unclipped gradient: drop accumulate_grad_batches "
+                    "and gradient_clip_val, also a GradientAccumulationScheduler (ElraOptimizer(batch_multiplier=...) "
+                    "averages micro-batches)"
                 )
 
         def zero_grad(self, set_to_none: bool = True) -> None:

@@ -126,6 +126,23 @@ def test_lightning_example_refuses_what_would_fight_elra(option):
         trainer.fit(example.build_module(32), *example.digits_loaders(32))
 
 
+
+def test_lightning_example_refuses_accumulation_a_callback_schedules():
+    """GradientAccumulationScheduler sets trainer.accumulate_grad_batches at each epoch's start, after on_fit_start
+    had checked it: ELRA trained silently on every 2nd loss, halved, beside two batches' gradient."""
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    example = _example("lightning_digits")
+    module = example.build_module(32)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=4, num_sanity_val_steps=0, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[GradientAccumulationScheduler({0: 2})])
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        trainer.fit(module, *example.digits_loaders(32))
+    assert trainer.optimizers[0].stats["micro_batches"] == trainer.optimizers[0].stats["real_steps"] == 0
+
+
 def test_lightning_example_refuses_a_grad_scaler_and_trains_in_bf16_mixed():
     """precision="16-mixed" on a GPU (its plugin built here for the CPU) ran the closure, unscaled the gradients and
     called ELRA's step() without the loss: a TypeError telling the user to call optimizer.step(loss). "bf16-mixed",
