@@ -11,8 +11,10 @@ the first hands ELRA every N-th loss divided by N beside the gradient of N
 batches, the second rescales the gradients ELRA measures; ELRA averages
 micro-batches itself (``batch_multiplier``) and handles bad steps (retrace).
 So is a precision with a GradScaler (``precision="16-mixed"`` on a GPU): it
-runs the closure itself, unscales the gradients ELRA may still be summing
-and calls ``step()`` without the loss; ``"bf16-mixed"`` (no scaler) works.
+runs the closure itself and calls ``step()`` through torch's GradScaler,
+without the loss, which ELRA refuses (``TypeError``: that scaler would
+unscale the gradients ELRA may still be summing); ``"bf16-mixed"`` (no
+scaler) works.
 A ``ckpt_path`` taken while ELRA collects micro-batches resumes with them
 (``zero_grad`` goes to ELRA, which keeps them) and with the train losses not
 yet fed. Exits with a message (status 0) when Lightning is not installed.
@@ -80,7 +82,8 @@ def build_module(batch_size: int, batch_multiplier: int = 1):
             if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
                 raise ValueError(
                     f"precision={self.trainer.precision!r} steps through a GradScaler, which calls ELRA's step() "
-                    "without the loss and unscales the gradients ELRA may still be summing: use precision="
+                    "without the loss, and ELRA refuses torch's GradScaler (it would unscale the gradients ELRA may "
+                    "still be summing): use precision="
                     "'bf16-mixed' or '32' (or a loop of your own with elra.ElraGradScaler)"
                 )
 

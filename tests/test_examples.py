@@ -144,8 +144,8 @@ def test_lightning_example_refuses_accumulation_a_callback_schedules():
 
 
 def test_lightning_example_refuses_a_grad_scaler_and_trains_in_bf16_mixed():
-    """precision="16-mixed" on a GPU (its plugin built here for the CPU) ran the closure, unscaled the gradients and
-    called ELRA's step() without the loss: a TypeError telling the user to call optimizer.step(loss). "bf16-mixed",
+    """precision="16-mixed" on a GPU (its plugin built here for the CPU) runs the closure and calls ELRA's step()
+    through torch's GradScaler without the loss: a TypeError deep in Lightning, refused up front here. "bf16-mixed",
     without a scaler, passes the closure and trains."""
     L = pytest.importorskip("lightning")
     from lightning.pytorch.plugins.precision import MixedPrecision
@@ -157,6 +157,11 @@ def test_lightning_example_refuses_a_grad_scaler_and_trains_in_bf16_mixed():
     trainer = L.Trainer(max_epochs=1, limit_train_batches=2, plugins=[fp16], **quiet)
     with pytest.raises(ValueError, match="precision='16-mixed' steps through a GradScaler.*use precision='bf16-mixed'"):
         trainer.fit(example.build_module(32), *example.digits_loaders(32))
+    unchecked = example.build_module(32)
+    unchecked.on_fit_start = lambda: None  # past the example's check, ELRA itself refuses torch's scaler
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, plugins=[fp16], **quiet)
+    with pytest.raises(TypeError, match="torch.amp.GradScaler cannot drive ELRA"):
+        trainer.fit(unchecked, *example.digits_loaders(32))
     torch.manual_seed(0)
     module = example.build_module(32)
     trainer = L.Trainer(max_epochs=2, precision="bf16-mixed", **quiet)
