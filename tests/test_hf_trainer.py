@@ -175,6 +175,20 @@ def test_a_nan_micro_batch_loss_retraces_and_stays_out_of_the_fed_train_loss(tmp
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_the_logged_grad_norm_is_the_norm_of_the_collected_sum(tmp_path):
+    """Trainer logs the norm of .grad at the end of its chunk: ELRA's sum of the micro-batch gradients, not their
+    mean (Trainer's own accumulation divides each loss by the chunk length), so it grows with the multiplier."""
+    trainer, batches = _recording_trainer(
+        model=tiny_gpt2(), args=_args(tmp_path, max_steps=1, logging_steps=1), train_dataset=CountingSequences(64, 0)
+    )
+    trainer.train()
+    model = tiny_gpt2()
+    for batch in batches:
+        model(**batch).loss.backward()  # sums the two micro-batch gradients
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    assert len(batches) == 2 and trainer.state.log_history[0]["grad_norm"] == pytest.approx(total.item(), rel=1e-5)
+
+
 def test_trainer_refuses_what_would_fight_elra(tmp_path):
     model = tiny_gpt2()
     data = CountingSequences(16, 0)
