@@ -35,19 +35,25 @@ class Limits(NamedTuple):
     ``stacked``: up to this size a tensor's products come from a copy
     stacked with others. ``batch``: elements per vector in one stacked copy
     (bounds the temporary memory). ``gram``: a stack gives all its products
-    in one matrix product, else in a ``torch.dot`` each.
+    in one matrix product, else in a ``torch.dot`` each. ``piece``: a larger
+    tensor's products are the float64 sums of the ``torch.dot`` of pieces of
+    this many elements (``None``: one ``torch.dot`` per product).
     """
 
     stacked: int
     batch: int
     gram: bool
+    piece: int | None
 
 
-CPU_LIMITS = Limits(stacked=1 << 12, batch=1 << 18, gram=True)  # CPU float32 matrix products are IEEE
+# CPU float32 matrix products are IEEE. A CPU torch.dot accumulates in a few float32 lanes, its error growing with
+# the length (|g|^2 of 2^25 elements: 5e-4 off), so large tensors are dotted in pieces of 2^17 (1e-7).
+CPU_LIMITS = Limits(stacked=1 << 12, batch=1 << 18, gram=True, piece=1 << 17)
 # On an accelerator each op is a kernel launch and memory is fast: copying a
 # tensor of up to 16 MB of float32 into a stack costs less than its own launches.
 # Its matrix products may be rounded (TF32): each product is a torch.dot there.
-DEVICE_LIMITS = Limits(stacked=1 << 22, batch=1 << 23, gram=False)
+# Its reductions are trees: one torch.dot per product of a large tensor.
+DEVICE_LIMITS = Limits(stacked=1 << 22, batch=1 << 23, gram=False, piece=None)
 
 
 def limits(device: torch.device) -> Limits:
@@ -93,7 +99,7 @@ class Products:
     stack of mixed dtypes converts tensor by tensor: on CUDA a kernel each).
     Larger tensors are read in place, all products of one tensor before the
     next, so that its vectors are read from memory once and from cache after
-    that.
+    that (on CPU piece by piece, see :class:`Limits`).
     """
 
     def __init__(self, batch: "ScalarBatch", pairs: Sequence[tuple[int, int, int]]) -> None:
@@ -115,8 +121,11 @@ class Products:
         for i, t in enumerate(first):
             if t.numel() <= limit.stacked:
                 classes.setdefault((t.shape, t.dtype, weights[i]), []).append(i)
-            else:  # every product of one tensor before the next: its vectors stay in cache
-                self._add_rows([flat(vectors[v][i]) for v in used], weights[i])
+            else:  # every product of one piece before the next: its vectors stay in cache
+                rows = [vectors[v][i].reshape(-1) for v in used]
+                pieces = zip(*(row.split(limit.piece) for row in rows)) if limit.piece else [rows]
+                for piece in pieces:
+                    self._add_rows([flat(row) for row in piece], weights[i])
         for (shape, _, weight), members in classes.items():
             per_stack = max(1, limit.batch // max(1, shape.numel()))
             for start in range(0, len(members), per_stack):

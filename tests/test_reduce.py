@@ -1,5 +1,7 @@
 """The step's inner products: the batched computation against a plain one, tensor by tensor."""
 
+import math
+
 import pytest
 import torch
 
@@ -41,3 +43,24 @@ def test_products_equal_the_plain_sums_for_small_stacked_and_large_tensors(dtype
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     for got, want in zip(values, expected):
         assert got == pytest.approx(want, rel=tolerance, abs=tolerance * 1e3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_products_of_a_tensor_of_2_25_elements_are_accurate_on_cpu(dtype):
+    """|g|^2, <g, u>, |u|^2 of one 2^25-element tensor against float64: a float32 torch.dot over the whole
+    tensor accumulated in a few lanes and was 5e-4 off |g|^2 (the error grows with the length; 2e-3 in
+    bfloat16). The tolerance is the smaller tensors' (above)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 1 << 25
+    g = (torch.randn(n, generator=gen) + 0.5).to(dtype)
+    u = torch.randn(n, generator=gen).to(dtype)
+    batch = ScalarBatch(3, torch.device("cpu"), Reducer(None))
+    products(batch, ([g], [u]), [(0, 0, 0), (0, 1, 1), (1, 1, 2)], [1.0])
+    values, _ = batch.read([0.0])
+    expected = [0.0] * 3
+    for gs, us in zip(g.split(1 << 20), u.split(1 << 20)):  # float64 sums, a piece at a time
+        gs, us = gs.double(), us.double()
+        for slot, (a, b) in enumerate([(gs, gs), (gs, us), (us, us)]):
+            expected[slot] += float(torch.dot(a, b))
+    scale = math.sqrt(expected[0] * expected[2])  # the size of <g, u>'s rounding, whatever its sign
+    assert [abs(got - want) / scale for got, want in zip(values, expected)] == pytest.approx([0.0] * 3, abs=1e-5)
