@@ -45,6 +45,7 @@ _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _DTYPE = attrgetter("dtype")
 _DEVICE = attrgetter("device")
 _HALF_MAX = torch.finfo(torch.float16).max
+_HALF_TINY = torch.finfo(torch.float16).tiny  # float16's smallest normal number
 _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
 # each real step's vector ends in the losses reported since the last one: train and validation, value and count
 REPORT_SLOTS = 4
@@ -80,10 +81,12 @@ def _add_scaled(targets: list[torch.Tensor], sources: list[torch.Tensor], alpha:
     """``targets += alpha * sources``, also for an ``alpha`` beyond float16's range.
 
     torch converts ``alpha`` to the tensors' dtype and raises if it does not fit;
-    a product with a Python scalar is computed in float32 instead. The
+    below float16's smallest normal number it rounds ``alpha`` to a few bits
+    (1e-7 became 1.19e-7, 2e-8 became 0: a step or a gradient share silently
+    lost). A product with a Python scalar is computed in float32 instead. The
     controller's range bounds keep the result itself finite.
     """
-    if abs(alpha) <= _HALF_MAX or all(t.dtype != torch.float16 for t in targets):
+    if _HALF_TINY <= abs(alpha) <= _HALF_MAX or alpha == 0.0 or all(t.dtype != torch.float16 for t in targets):
         torch._foreach_add_(targets, sources, alpha=alpha)
     else:
         torch._foreach_add_(targets, torch._foreach_mul(sources, alpha))

@@ -207,6 +207,32 @@ def test_scaler_backs_off_on_overflow_grows_when_clean_and_trains(dtype, precond
     assert opt.stats["real_steps"] == 300 - 3 and accuracy > 0.8
 
 
+def test_p2m_momentum_takes_the_unscaled_float16_gradient_at_its_share():
+    """P2M with momentum: ``d <- 0.9*d + (0.1/3)*g/2^16`` (3 micro-batches, loss scale 2^16), against float64.
+
+    torch rounded the factor, 5.1e-7, to float16's subnormals (9 units of 6e-8: 5% more gradient; at 64
+    micro-batches it became 0 and the gradient was lost); the product is now formed in float32.
+    """
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 8).half(), torch.randn(24, 4)
+    model = torch.nn.Linear(8, 4).half()
+    opt = ElraOptimizer(model.parameters(), lr=1e-4, preconditioner=None, classes=0, momentum=0.9, batch_multiplier=3)
+    scaler = ElraGradScaler(init_scale=2.0**16)
+    outcomes = []
+    for i in range(6):
+        opt.zero_grad()
+        loss = ((model(x[4 * i : 4 * i + 4]).float() - y[4 * i : 4 * i + 4]) ** 2).mean() * 1e-3
+        scaler.scale(loss).backward()
+        if i == 5:
+            before, summed = opt.state[model.weight]["direction"].double(), model.weight.grad.double()
+        outcomes.append(scaler.step(opt))
+        scaler.update()
+    assert outcomes == ["collect", "collect", "accept"] * 2
+    expected = 0.9 * before + (0.1 / 3) * summed / 2.0**16
+    error = (opt.state[model.weight]["direction"].double() - expected).norm() / expected.norm()
+    assert error < 1e-3  # float16's rounding (4.8e-3 before)
+
+
 @pytest.mark.parametrize("preconditioner", [None, "adam", "muon"])
 def test_scaler_matches_unscaled_training_in_float32(preconditioner):
     """Full-precision parameters: the fused kernels take the scaler's gradient scale."""
