@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+_SIXTEEN_BIT = {torch.float16, torch.bfloat16}
 CHUNK = 1 << 17  # elements per tensor list in one run on CPU (512 KB of float32: a few lists fit in L2 or a near L3)
 DEVICE_CHUNK = 1 << 24  # on an accelerator: few launches, temporaries of at most 64 MB of float32
 
@@ -115,7 +116,12 @@ def in_dtype_of(like: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], *
 
 def add_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], alpha: float) -> None:
     """``targets += alpha * sources``, computed in the sources' dtype and rounded once into the
-    targets' (16-bit parameters, float32 directions) with single-dtype multi-tensor ops."""
+    targets' (16-bit parameters, float32 directions) with single-dtype multi-tensor ops.
+
+    A 16-bit result beyond its dtype's range saturates at its largest value:
+    rounded to inf it would stay inf through every retrace (``inf - s*u``), and
+    the run would retrace for ever.
+    """
     if _same_dtypes(targets, sources):
         torch._foreach_add_(list(targets), list(sources), alpha=alpha)
         return
@@ -123,7 +129,17 @@ def add_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], alpha
         wide = converted(xs, ds)
         torch._foreach_add_(wide, ds, alpha=alpha)
         if wide[0] is not xs[0]:  # a run whose dtypes all match was added in place
+            _saturate(wide, xs)
             torch._foreach_copy_(xs, wide)
+
+
+def _saturate(wide: list[torch.Tensor], like: Sequence[torch.Tensor]) -> None:
+    """Clamps each of ``wide`` to the finite range of the aligned ``like``'s dtype, where that is 16-bit."""
+    for dtype in {x.dtype for x in like} & _SIXTEEN_BIT:
+        part = [w for w, x in zip(wide, like) if x.dtype == dtype]
+        largest = torch.finfo(dtype).max
+        torch._foreach_clamp_min_(part, -largest)
+        torch._foreach_clamp_max_(part, largest)
 
 
 def _same_dtypes(tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> bool:

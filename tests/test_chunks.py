@@ -45,3 +45,22 @@ def test_converted_copies_hold_the_values_in_the_dtypes_asked_for():
         assert all(c.shape == s.shape and torch.equal(c, s.to(c.dtype)) for c, s in zip(copies, sources))
     wide = converted(sources, [torch.zeros(1)] * 3)
     assert all(a is b for a, b in zip(converted(wide, [torch.zeros(1)] * 3), wide))
+
+
+def test_a_16_bit_sum_beyond_its_range_saturates_at_the_largest_value():
+    """x += alpha*d for float16/bfloat16 x and float32 d (beside a float32 x), against float64 clamped to the
+    dtype's range: rounded to inf the parameter stayed inf through every retrace."""
+    from elra.chunks import add_
+
+    xs = [torch.tensor([60000.0, -60000.0, 1.0]).half(), torch.tensor([3e38, -3e38, 1.0]).bfloat16(), torch.tensor([3e38, 1.0, 2.0])]
+    ds = [torch.tensor([1.0, -1.0, 0.5]), torch.tensor([1.0, -1.0, 0.5]), torch.tensor([1.0, 1.0, 1.0])]
+    expected = [
+        (x.double() + alpha * d.double()).clamp(-torch.finfo(x.dtype).max, torch.finfo(x.dtype).max).to(x.dtype)
+        for x, d, alpha in zip(xs, ds, [1e4, 1e38, 1e4])
+    ]
+    for x, d, alpha in zip(xs, ds, [1e4, 1e38, 1e4]):
+        add_([x], [d], alpha)
+    mixed = [torch.tensor([60000.0]).half(), torch.tensor([1.0]), torch.tensor([3e38]).bfloat16()]
+    add_(mixed, [torch.tensor([1.0])] * 3, 1e38)  # one run, three dtypes
+    assert all(torch.equal(x, want) for x, want in zip(xs, expected))
+    assert [m.item() for m in mixed] == [65504.0, torch.tensor(1e38).item(), torch.finfo(torch.bfloat16).max]

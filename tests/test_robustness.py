@@ -334,3 +334,25 @@ def test_full_batch_float16_mlp_trains_through_steps_beyond_the_float16_range():
     assert longest > 65504
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert min(losses[-20:]) < losses[0] / 50
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", "muon", "factored"])
+def test_a_float16_parameter_pushed_past_its_range_saturates_and_the_run_goes_on(preconditioner):
+    """A loss falling without bound as a float16 parameter grows: along a preconditioned direction the step
+    rounded it to inf, and every retrace (inf - s*u) left it there (244 of 300 steps retraced); it now stops at
+    float16's largest value, as a float32 run passes it, and its steps are accepted."""
+
+    def run(dtype):
+        p = torch.nn.Parameter(torch.tensor([60000.0, 100.0], dtype=dtype))
+        opt = elra.ElraOptimizer([p], lr=1e-4, preconditioner=preconditioner, classes=0)
+        for _ in range(300):
+            opt.zero_grad()
+            loss = -p.float().sum()
+            loss.backward()
+            opt.step(loss)
+        return p.detach(), opt.stats["retraces"]
+
+    half, retraces = run(torch.float16)
+    full, _ = run(torch.float32)
+    assert full[0] > 65504.0 and half[0] == 65504.0 and torch.isfinite(half).all()
+    assert retraces == 0
