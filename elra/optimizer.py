@@ -523,7 +523,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             state.pop("boost", None)
 
     def restart_boost(self) -> None:
-        """Start a new averaging cycle (the epoch boundary of the published package)."""
+        """Start a new averaging cycle (the epoch boundary of the published package); on every rank together."""
         self.booster.restart()
 
     @contextmanager
@@ -865,13 +865,16 @@ class ElraOptimizer(Checkpointing, Optimizer):
         count, batch multiplier, collected micro-batches, 16-bit parameters and
         the direction's vector blocks (the vector's length: a rank of bfloat16
         parameters among float32 ones met the others' real step with a longer
-        vector, which gloo aborts on), the hyperparameters and the controller state.
+        vector, which gloo aborts on), the hyperparameters, the controller state
+        and the boost counters (a rank that restarted its cycle alone averaged
+        other points: its shards of the mean did not fit the others').
         """
         decays = self._decay_rates(self.param_groups)
         # the reported losses are reconciled by this collective, before they decide anything
         state = sorted((k, v) for k, v in self.controller.state_dict().items() if k not in _REPORTED_FIELDS)
         layout = (len(self.param_groups), len(self._pending), vector_layout or self._vector_layout())
-        text = repr((call, layout, decays, sorted(self._config.items()), state))
+        boost = (self.booster.enabled, self.booster.cycle, self.booster.count)
+        text = repr((call, layout, decays, sorted(self._config.items()), state, boost))
         return zlib.crc32(text.encode()) % (1 << 20) + 1
 
     def _agreed_fingerprint(self, call: tuple) -> int:

@@ -58,6 +58,7 @@ class Scenario:
     lone_skip_at: int | None = None  # micro-step where the last rank calls skip_backward where the others step
     cast_at: int | None = None  # micro-step before which the model, float32 until then, is cast to float64
     state_dict_at: int | None = None  # micro-step before which every rank takes optimizer.state_dict()
+    lone_boost_restart_at: int | None = None  # micro-step before which the last rank alone calls restart_boost()
 
 
 def _planned(plan: tuple, step: int, rank: int, sharded_world: int) -> bool:
@@ -130,6 +131,8 @@ def train(
             _report(scenario, optimizer, rank, world, sharded_world)
         if step == scenario.state_dict_at:
             optimizer.state_dict()
+        if step == scenario.lone_boost_restart_at and rank == world - 1 and sharded_world > 1:
+            optimizer.restart_boost()
         if scenario.late_from is not None:
             getattr(model, "module", model).awake = step >= scenario.late_from  # DDP wraps the net, FSDP2 is it
         if sharded_world > 1:

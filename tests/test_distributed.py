@@ -567,3 +567,19 @@ def test_a_wrapper_over_several_ranks_with_process_group_none_is_refused(tmp_pat
     for rank in _spawn(tmp_path, 2, scenarios):
         for name, message in ALONE.items():
             assert message in rank[name].get("error", ""), (name, rank[name].get("params"))
+
+
+def test_one_rank_restarting_its_boost_alone_is_caught_by_check_consistency(tmp_path):
+    """restart_boost() (or enable/disable_boost) on one rank left its mean averaging other points than the others':
+    under FSDP2 boosted() then gathered a full tensor of shards from cycles of different lengths (5 points on one
+    rank, 30 on the other), with no error even under check_consistency; the boost counters are in its hash now."""
+    scenarios = [
+        Scenario(f"{strategy}-lone-boost-restart", strategy, steps=8, boost_cycle=100, lone_boost_restart_at=5,
+                 options={"check_consistency": 1})
+        for strategy in ("ddp", "fsdp2")
+    ]
+    ranks = _spawn(tmp_path, 2, scenarios)
+    for scenario in scenarios:
+        errors = [rank[scenario.name].get("error") for rank in ranks]
+        assert errors[0] is not None and "ranks disagree" in errors[0], scenario.name
+        assert all(error == errors[0] for error in errors)
