@@ -551,8 +551,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
             yield count
         finally:
             self._boost_swapped = False
-            Booster.swap_out(params, means, kept)
+            # first: a forward that raised midway left FSDP1's unit gathered, its parameters the full flat tensor
             reshard(self.models if count else ())
+            Booster.swap_out(params, means, kept)
 
     def _refuse_inside_boosted(self, what: str) -> None:
         if self._boost_swapped:

@@ -59,6 +59,7 @@ class Scenario:
     cast_at: int | None = None  # micro-step before which the model, float32 until then, is cast to float64
     state_dict_at: int | None = None  # micro-step before which every rank takes optimizer.state_dict()
     lone_boost_restart_at: int | None = None  # micro-step before which the last rank alone calls restart_boost()
+    failed_boost_eval_at: int | None = None  # micro-step before which the ranks evaluate in boosted(), the forward raising
 
 
 def _planned(plan: tuple, step: int, rank: int, sharded_world: int) -> bool:
@@ -137,6 +138,8 @@ def train(
             getattr(model, "module", model).awake = step >= scenario.late_from  # DDP wraps the net, FSDP2 is it
         if sharded_world > 1:
             x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+        if step == scenario.failed_boost_eval_at and sharded_world > 1:  # the single process: the run without it
+            _interrupted_boost_eval(model, optimizer, x)
         optimizer.zero_grad()
         collecting = optimizer.collecting
         own_no_sync = nullcontext()
@@ -182,6 +185,22 @@ def train(
         else:
             optimizer.step(value)
     return counts
+
+
+def _interrupted_boost_eval(model, optimizer: ElraOptimizer, x: torch.Tensor) -> None:
+    """An evaluation in ``boosted()`` whose forward raises before the last layer (FSDP's root gathered); caught."""
+
+    def fail(module, args):
+        raise LookupError("the evaluation failed")
+
+    hook = getattr(model, "module", model).out.register_forward_pre_hook(fail)
+    try:
+        with optimizer.boosted(), torch.no_grad():
+            model(x)
+    except LookupError:
+        pass
+    finally:
+        hook.remove()
 
 
 def _report(scenario: Scenario, optimizer: ElraOptimizer, rank: int, world: int, sharded_world: int) -> None:

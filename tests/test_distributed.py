@@ -583,3 +583,19 @@ def test_one_rank_restarting_its_boost_alone_is_caught_by_check_consistency(tmp_
         errors = [rank[scenario.name].get("error") for rank in ranks]
         assert errors[0] is not None and "ranks disagree" in errors[0], scenario.name
         assert all(error == errors[0] for error in errors)
+
+
+def test_a_boosted_evaluation_that_raises_in_the_forward_leaves_the_run_as_it_was(tmp_path):
+    """A forward that raised inside boosted() left FSDP1's root unit gathered: the swap back met the full flat
+    parameter instead of the shard and failed on its size, replacing the caller's error, and the shards kept the
+    boost mean (a run that caught it trained on from there). Now the units are resharded first; the run goes on
+    as one process that never evaluated, mid-collection too."""
+    names = ["fsdp1-failed-boost-eval", "fsdp2-failed-boost-eval"]
+    scenarios = [Scenario(name, name.split("-")[0], steps=30, batch_multiplier=2, boost_cycle=100,
+                          failed_boost_eval_at=21) for name in names]
+    ranks = _spawn(tmp_path, 2, scenarios)
+    for name in names:
+        _assert_matches_single_process(ranks, name)
+        assert ranks[0][name]["stats"]["boost_count"] >= 5
+        for key, value in ranks[0][name]["single"]["boosted"].items():
+            assert all(torch.allclose(r[name]["boosted"][key], value, rtol=0, atol=1e-10) for r in ranks), key
