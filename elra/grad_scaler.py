@@ -77,7 +77,10 @@ class ElraGradScaler:
         ``skip`` or ``overflow``.
         """
         if not isinstance(optimizer, ElraOptimizer):
-            raise TypeError("ElraGradScaler drives an ElraOptimizer")
+            raise TypeError(
+                f"ElraGradScaler drives an ElraOptimizer, got {type(optimizer).__name__} (one prepared by Accelerate: "
+                "pass elra.integrations.accelerate.elra_optimizer(optimizer))"
+            )
         if self._loss is None:
             raise RuntimeError("call scaler.scale(loss).backward() before scaler.step(optimizer)")
         loss, self._loss = self._limited(self._loss), None

@@ -371,3 +371,14 @@ def test_update_bn_inside_boosted_with_buffers_kept_aside_matches_the_copy_and_l
     assert torch.equal(copy_model.eval()(probe), boosted)
     assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+def test_the_scaler_refuses_another_optimizer_naming_it_and_changes_nothing():
+    """It said only "ElraGradScaler drives an ElraOptimizer", also for an ElraOptimizer wrapped by Accelerate."""
+    model = torch.nn.Linear(3, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer, scaler = torch.optim.SGD(model.parameters(), lr=0.1), ElraGradScaler()
+    scaler.scale(model(torch.ones(2, 3)).sum()).backward()
+    with pytest.raises(TypeError, match=r"an ElraOptimizer, got SGD \(one prepared by Accelerate: pass .*elra_optimizer"):
+        scaler.step(optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
