@@ -46,9 +46,11 @@ class Limits(NamedTuple):
     piece: int | None
 
 
-# CPU float32 matrix products are IEEE. A CPU torch.dot accumulates in a few float32 lanes, its error growing with
-# the length (|g|^2 of 2^25 elements: 5e-4 off), so large tensors are dotted in pieces of 2^17 (1e-7).
-CPU_LIMITS = Limits(stacked=1 << 12, batch=1 << 18, gram=True, piece=1 << 17)
+# CPU float32 matrix products are IEEE. A CPU torch.dot accumulates in a few float32 lanes, its relative error
+# growing with the length (2^25 elements: 6e-4 at 2 threads, 2e-3 at 1), so a tensor beyond 2^22 elements is dotted
+# in pieces of 2^22 (at most 8e-5, bfloat16 1.3e-4, however long; smaller pieces cost calls: 2^17 made P2M's step on
+# the 9.4M MLP 29% slower).
+CPU_LIMITS = Limits(stacked=1 << 12, batch=1 << 18, gram=True, piece=1 << 22)
 # On an accelerator each op is a kernel launch and memory is fast: copying a
 # tensor of up to 16 MB of float32 into a stack costs less than its own launches.
 # Its matrix products may be rounded (TF32): each product is a torch.dot there.
@@ -121,10 +123,11 @@ class Products:
         for i, t in enumerate(first):
             if t.numel() <= limit.stacked:
                 classes.setdefault((t.shape, t.dtype, weights[i]), []).append(i)
-            else:  # every product of one piece before the next: its vectors stay in cache
+            elif limit.piece is None or t.numel() <= limit.piece:  # every product of one tensor before the next:
+                self._add_rows([flat(vectors[v][i]) for v in used], weights[i])  # its vectors stay in cache
+            else:  # the same, a piece at a time
                 rows = [vectors[v][i].reshape(-1) for v in used]
-                pieces = zip(*(row.split(limit.piece) for row in rows)) if limit.piece else [rows]
-                for piece in pieces:
+                for piece in zip(*(row.split(limit.piece) for row in rows)):
                     self._add_rows([flat(row) for row in piece], weights[i])
         for (shape, _, weight), members in classes.items():
             per_stack = max(1, limit.batch // max(1, shape.numel()))
