@@ -91,7 +91,8 @@ def train(name: str, corpus: CharCorpus, args, seed: int, device: torch.device) 
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             _wait(device)
             evaluating -= time.perf_counter()
-            print(f"  {name} seed {seed} step {step}: held-out bits/char {evaluate(model, opt, corpus, args.context, device):.4f}", flush=True)
+            bits = evaluate(model, opt, corpus, args.context, device)
+            print(f"  {name} seed {seed} step {step}: held-out bits/char {bits:.4f}", flush=True)
             evaluating += time.perf_counter()
     _wait(device)
     step_ms = (time.perf_counter() - start - evaluating) * 1e3 / args.steps

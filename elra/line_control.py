@@ -460,7 +460,8 @@ class LineController:
         s.moment_steps += 1
         # the probe step stays a pure step along u_0 (see _choose_regime)
         in_force = [0.0] * len(decays) if s.noise_free is None else self.weight_decays(decays)
-        return LineDecision("accept", step=s.eta, decay=tuple(1.0 - min(s.eta * a, MAX_DECAY) for a in in_force), restart=restart)
+        decay = tuple(1.0 - min(s.eta * a, MAX_DECAY) for a in in_force)
+        return LineDecision("accept", step=s.eta, decay=decay, restart=restart)
 
     def signal_share(self, sums: LineSums) -> float:
         """The share of the gradient that is signal, from the smoothed ``|m|^2 / |g|^2``.

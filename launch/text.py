@@ -26,7 +26,9 @@ class TextTooShort(ValueError):
 def stdlib_source(size: int = DEFAULT_SIZE) -> str:
     """About ``size`` characters of the standard library's Python source."""
     directory = Path(sysconfig.get_paths()["stdlib"])
-    nested = (p for p in directory.rglob("*.py") if p.parent != directory and not _INSTALLED.intersection(p.parts))
+    nested = (
+        p for p in directory.rglob("*.py") if p.parent != directory and not _INSTALLED.intersection(p.relative_to(directory).parts)
+    )
     parts, total = [], 0
     for path in [*sorted(directory.glob("*.py")), *sorted(nested)]:
         text = path.read_text(encoding="utf-8", errors="replace")
