@@ -14,7 +14,6 @@ import math
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
 from .optimizer import ElraOptimizer, _loss_value
 
@@ -86,9 +85,8 @@ class ElraGradScaler:
         loss, self._loss = self._limited(self._loss), None
         self._optimizer = optimizer
         inv_scale = 1.0 / self._scale if self.enabled else 1.0
-        # through the optimizer's step hooks and profiler label, as optimizer.step(loss) (torch's GradScaler too)
-        step = Optimizer.profile_hook_step(type(optimizer)._step)
-        outcome = step(optimizer, loss, inv_scale=inv_scale, skip_overflow=self.enabled)
+        # through the optimizer's step hooks, as optimizer.step(loss) (torch's GradScaler too)
+        outcome = optimizer._hooked_step(loss, inv_scale=inv_scale, skip_overflow=self.enabled)
         self._overflowed = self._overflowed or outcome == "overflow"
         return outcome
 

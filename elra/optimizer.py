@@ -465,6 +465,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self.unsynced_models.clear()  # the last backward was synchronised: wrappers hold nothing back
         return outcome
 
+    # ``_step`` through the step pre/post hooks and the profiler label, as ``step`` runs: ElraGradScaler's entry
+    _hooked_step = Optimizer.profile_hook_step(_step)
+
     @torch.no_grad()
     def step_retrace(self, loss: LossLike) -> None:
         """Revert the last step without a gradient (the caller skipped ``backward``)."""

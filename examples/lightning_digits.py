@@ -78,7 +78,6 @@ def build_module(batch_size: int, batch_multiplier: int = 1):
             self.train_losses, self.valid_losses = [], []
 
         def on_fit_start(self) -> None:
-            self.on_train_epoch_start()
             if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
                 raise ValueError(
                     f"precision={self.trainer.precision!r} steps through a GradScaler, which calls ELRA's step() "
@@ -88,7 +87,8 @@ def build_module(batch_size: int, batch_multiplier: int = 1):
                 )
 
         def on_train_epoch_start(self) -> None:
-            # also here: a GradientAccumulationScheduler sets accumulate_grad_batches at each epoch's start
+            # at each epoch's start, before its first step: a GradientAccumulationScheduler sets
+            # accumulate_grad_batches there
             if self.trainer.accumulate_grad_batches != 1 or self.trainer.gradient_clip_val:
                 raise ValueError(
                     "ELRA needs every micro-batch's own loss and its unclipped gradient: drop accumulate_grad_batches "
