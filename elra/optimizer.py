@@ -310,6 +310,12 @@ class ElraOptimizer(Checkpointing, Optimizer):
         kinds = (list(map(_DTYPE, params)), list(map(_DEVICE, params)))
         if kinds == self._matched:
             return
+        unfit = sorted({str(p.dtype) for p in params if not p.is_floating_point()})
+        if unfit:  # Module.to(torch.complex64) casts floating point parameters: real steps on them would be wrong
+            raise ValueError(
+                f"ELRA optimizes floating point parameters only, but parameters were cast to {', '.join(unfit)} "
+                "after the optimizer was built; cast them back (the state is unchanged)"
+            )
         moment = moment_dtype if self.geometry is not None else (lambda p: p.dtype)
         devices, converted = set(), 0
         for p in params:

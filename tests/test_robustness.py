@@ -4,6 +4,7 @@ import copy
 from functools import partial
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -271,6 +272,43 @@ def test_a_later_move_of_some_parameters_to_another_device_is_rejected_at_the_ne
 def test_integer_parameters_are_rejected():
     with pytest.raises(ValueError, match="floating point"):
         ElraOptimizer([torch.ones(2, dtype=torch.int64)])
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
+def test_a_model_cast_to_complex_after_construction_is_rejected_and_left_unchanged(preconditioner):
+    """The constructor refuses complex parameters, but ``model.to(torch.complex64)`` after it went through: the
+    state followed the cast and real steps ran on complex tensors, their sums' imaginary parts dropped (a torch
+    warning the only sign). Now the next step refuses, and casting back continues as if nothing happened."""
+    def train(model, opt, steps):
+        for step in range(steps):
+            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step(loss)
+
+    def run(detour: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+        opt = ElraOptimizer(model.parameters(), None, 8, 2, preconditioner=preconditioner)
+        train(model, opt, 3)
+        if detour:
+            with warnings.catch_warnings():  # torch's, once per process: complex modules are experimental
+                warnings.simplefilter("ignore")
+                model.to(torch.complex64)
+            loss = model(torch.ones(8, 4, dtype=torch.complex64)).abs().square().mean()
+            loss.backward()
+            with pytest.raises(ValueError, match="floating point"):
+                opt.step(loss)
+            opt.zero_grad()
+            with warnings.catch_warnings():  # torch's: the imaginary parts go (zero, as the cast made them)
+                warnings.simplefilter("ignore")
+                model.to(torch.float32)
+        train(model, opt, 5)
+        return [p.detach().clone() for p in model.parameters()], opt.stats
+
+    (plain, stats), (detoured, detoured_stats) = run(False), run(True)
+    assert detoured_stats == stats and all(torch.equal(a, b) for a, b in zip(plain, detoured))
 
 
 def test_a_parameter_given_twice_is_rejected():
