@@ -178,7 +178,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
     """
 
     _boost_swapped = False  # inside boosted(): the parameters hold the boost mean, the state the current point
-    _matched: tuple | None = None  # the parameters' dtypes and devices when the state last matched them
+    _matched: tuple | None = None  # the parameters' ids, dtypes and devices when the state last matched them
     _boost_source: torch.nn.Module | None = None  # the model get_boost_model copies (the published API needs it once)
     # torch's GradScaler then hands step() its scale and inf flag (found_inf) instead of unscaling .grad in place,
     # which would mix scales in collected micro-batch sums: step() refuses it (ElraGradScaler does this right)
@@ -305,11 +305,17 @@ class ElraOptimizer(Checkpointing, Optimizer):
         float64 model, a bfloat16 P2M direction of a float32 one. Sharded (DTensor) state is converted as a
         DTensor, keeping its mesh and placements (FSDP2 allows a cast before its first forward). One read of
         the parameters' dtypes and devices per step finds a cast or a move, also of some parameters alone.
+        A parameter put into ``param_groups`` directly, not by ``add_param_group``, has no state: refused.
         """
         params = [p for group in self.param_groups for p in group["params"]]
-        kinds = (list(map(_DTYPE, params)), list(map(_DEVICE, params)))
+        kinds = (list(map(id, params)), list(map(_DTYPE, params)), list(map(_DEVICE, params)))
         if kinds == self._matched:
             return
+        if not all(map(self.state.get, params)) or len(set(kinds[0])) != len(params):
+            raise ValueError(
+                "a parameter was put into optimizer.param_groups directly (a list's append or an assignment): "
+                "ELRA has no state for it, or would count it twice; add parameters with add_param_group"
+            )
         unfit = sorted({str(p.dtype) for p in params if not p.is_floating_point()})
         if unfit:  # Module.to(torch.complex64) casts floating point parameters: real steps on them would be wrong
             raise ValueError(

@@ -278,6 +278,39 @@ def test_add_param_group_after_steps_trains_the_new_group():
     assert abs(b.item()) < 1e-2 and a.abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("preconditioner", [None, "adam", "muon"])
+@pytest.mark.parametrize("added", ["new", "again"])
+def test_a_parameter_put_into_param_groups_directly_is_refused_before_the_step_changes_anything(preconditioner, added):
+    """torch's optimizers make state lazily, so appending to ``param_groups[i]["params"]`` trains there; ELRA
+    made its state in ``add_param_group`` and failed inside the step with ``KeyError: 'exp_avg'`` (a parameter
+    appended twice went unseen and counted twice in every sum). Now ``ValueError`` names ``add_param_group``,
+    and the run then goes on as one that used it."""
+    def run(detour: bool):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2, 2))
+        opt = ElraOptimizer([a], None, 8, 1, lr=1e-3, preconditioner=preconditioner)
+        for step in range(8):
+            if step == 3 and detour:
+                params = opt.param_groups[0]["params"]
+                params.append(b if added == "new" else a)
+                loss = (a**2).sum() + (b**2).sum()
+                loss.backward()
+                with pytest.raises(ValueError, match="add_param_group"):
+                    opt.step(loss)
+                params.pop()
+                opt.zero_grad()
+            if step == 3:
+                opt.add_param_group({"params": [b]})
+            opt.zero_grad()
+            loss = (a**2).sum() + (b**2).sum() * (step >= 3)
+            loss.backward()
+            opt.step(loss)
+        return [a.detach(), b.detach()], opt.stats
+
+    (plain, stats), (detoured, detoured_stats) = run(False), run(True)
+    assert detoured_stats == stats and all(torch.equal(x, y) for x, y in zip(plain, detoured))
+
+
 def test_group_weight_decay_applies_only_to_its_group():
     decayed, plain = _param(1.0, 1.0), _param(1.0, 1.0)
     opt = ElraOptimizer([{"params": [decayed], "weight_decay": 0.1}, {"params": [plain], "weight_decay": 0.0}], lr=1e-3)
