@@ -881,14 +881,18 @@ class ElraOptimizer(Checkpointing, Optimizer):
         count, batch multiplier, collected micro-batches, 16-bit parameters and
         the direction's vector blocks (the vector's length: a rank of bfloat16
         parameters among float32 ones met the others' real step with a longer
-        vector, which gloo aborts on), the hyperparameters, the controller state
-        and the boost counters (a rank that restarted its cycle alone averaged
-        other points: its shards of the mean did not fit the others').
+        vector, which gloo aborts on), the parameters' dtypes (along a
+        preconditioned direction the vector is as long either way, and such a
+        rank trained on silently in another precision), the hyperparameters,
+        the controller state and the boost counters (a rank that restarted its
+        cycle alone averaged other points: its shards of the mean did not fit
+        the others').
         """
         decays = self._decay_rates(self.param_groups)
         # the reported losses are reconciled by this collective, before they decide anything
         state = sorted((k, v) for k, v in self.controller.state_dict().items() if k not in _REPORTED_FIELDS)
-        layout = (len(self.param_groups), len(self._pending), vector_layout or self._vector_layout())
+        dtypes = sorted({str(p.dtype) for group in self.param_groups for p in group["params"]})
+        layout = (len(self.param_groups), len(self._pending), vector_layout or self._vector_layout(), dtypes)
         boost = (self.booster.enabled, self.booster.cycle, self.booster.count)
         text = repr((call, layout, decays, sorted(self._config.items()), state, boost))
         return zlib.crc32(text.encode()) % (1 << 20) + 1
@@ -945,8 +949,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if total != ranks * mine or total_sq != ranks * mine * mine:
             raise RuntimeError(
                 f"ranks disagree on the ELRA controller state at real step {self.controller.state.steps}: "
-                "each rank must build the optimizer with the same arguments, load the same checkpoint "
-                "and call step()/step_retrace()/skip_backward() at the same points"
+                "each rank must build the optimizer with the same arguments over parameters of the same dtypes, load "
+                "the same checkpoint and call step()/step_retrace()/skip_backward() at the same points"
             )
         self._agreed = True
 

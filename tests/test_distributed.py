@@ -45,6 +45,9 @@ TWO_RANKS = [
     Scenario("ranks-differ-in-groups", "fsdp2", options={"check_consistency": 1}, steps=6, odd_rank={"groups": 2}),
     # bfloat16 on one rank: P2M's vector holds three more numbers there (range bounds), gloo aborted on the size
     Scenario("ranks-differ-in-dtype", "plain", options={"check_consistency": 1}, steps=6, odd_rank={"dtype": torch.bfloat16}),
+    # along a preconditioned direction the vector is as long either way: the rank trained on in bfloat16, unnoticed
+    Scenario("ranks-differ-in-dtype-muon", "plain", options={**MUON, "check_consistency": 1}, steps=6,
+             odd_rank={"dtype": torch.bfloat16}),
     Scenario("one-rank-skips-backward-alone", options={"check_consistency": 1}, steps=6, lone_skip_at=4),
     Scenario("one-rank-skips-backward-alone-adam", options={**ADAM, "check_consistency": 1}, steps=6, lone_skip_at=4),
     Scenario("fsdp2-boost", "fsdp2", boost_cycle=15, options={"momentum": 0.5}, nan_loss_at=4),
@@ -386,6 +389,7 @@ def test_step_issues_at_most_one_collective_and_none_while_collecting(two):
     "name",
     [
         "diverged-ranks", "ranks-differ-in-multiplier", "ranks-differ-in-groups", "ranks-differ-in-dtype",
+        "ranks-differ-in-dtype-muon",
         "one-rank-skips-backward-alone",
         "one-rank-skips-backward-alone-adam",
     ],
