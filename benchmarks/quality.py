@@ -332,6 +332,10 @@ class _Quiet:
         with contextlib.redirect_stdout(io.StringIO()):
             self.optimizer.step(loss)
 
+    def step_retrace(self, loss):
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.optimizer.step_retrace(loss)
+
     def zero_grad(self):
         self.optimizer.zero_grad()
 
@@ -409,7 +413,7 @@ def _train(task, model, batches, loss_fn, opt, takes_loss, losses, trace, valid_
         losses.append(value)
         opt.zero_grad()
         if not math.isfinite(value):
-            if isinstance(opt, ElraOptimizer):
+            if takes_loss:  # ELRA and the published package retrace a step that skipped backward
                 opt.step_retrace(value)
                 continue
             break  # the other optimizers have no way back

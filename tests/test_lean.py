@@ -162,12 +162,8 @@ def test_step_cost_benchmark_steps_each_optimizer_on_its_own_copy():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
-def test_quality_benchmark_reports_a_peer_that_broke_off_as_diverged():
-    """benchmarks/quality.py stops a peer at its first non-finite loss (it has no retrace): the run must read
-    as diverged, not as the mean of its last finite losses and the metric of the weights it stopped at.
-    ELRA retraces the same loss and runs all its gradient evaluations."""
-    from benchmarks.quality import Task, _cell, run
-
+def _breaks_at(step):
+    """A quality-benchmark task's ``make``: a linear regression whose loss is infinite at gradient evaluation ``step``."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 4, generator=gen), torch.randn(64, generator=gen)
 
@@ -177,16 +173,37 @@ def test_quality_benchmark_reports_a_peer_that_broke_off_as_diverged():
         def loss_fn(out, target):
             calls.append(None)
             loss = torch.nn.functional.mse_loss(out, target)
-            return loss * math.inf if len(calls) == 31 else loss
+            return loss * math.inf if len(calls) == step + 1 else loss
 
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(4, 1), torch.nn.Flatten(0, 1))
         return model, lambda step: (x, y), loss_fn, lambda m: torch.nn.functional.mse_loss(m(x), y).item()
 
-    task = Task("breaks at step 30", 100, 0, 64, "mse", make)
+    return make
+
+
+def test_quality_benchmark_reports_a_peer_that_broke_off_as_diverged():
+    """benchmarks/quality.py stops a peer at its first non-finite loss (it has no retrace): the run must read
+    as diverged, not as the mean of its last finite losses and the metric of the weights it stopped at.
+    ELRA retraces the same loss and runs all its gradient evaluations."""
+    from benchmarks.quality import Task, _cell, run
+
+    task = Task("breaks at step 30", 100, 0, 64, "mse", _breaks_at(30))
     adam = run(task, "Adam", lambda params, task: torch.optim.Adam(params, lr=1e-3), 0)
     assert adam["grads"] == 31 and adam["error"] is None
     assert math.isnan(adam["loss"]) and math.isnan(adam["metric"])
     assert _cell([adam["metric"]], []) == "diverged"
     elra_run = run(task, "ELRA", lambda params, task: elra.ElraOptimizer(params, None, task.batch_size), 0)
     assert elra_run["grads"] == 100 and math.isfinite(elra_run["loss"]) and math.isfinite(elra_run["metric"])
+
+
+def test_quality_benchmark_lets_the_published_package_retrace_a_non_finite_loss(published, quiet):
+    """The published elra 0.0.5 has ``step_retrace`` as ELRA has: the benchmark broke its run off at the first
+    non-finite loss as if it were a peer without one, and the run read as diverged. It now retraces and runs
+    all its gradient evaluations."""
+    from benchmarks.quality import Task, optimizers, run
+
+    task = Task("breaks at step 30", 100, 2, 64, "mse", _breaks_at(30))
+    result = run(task, "elra 0.0.5", optimizers(published)["elra 0.0.5"], 0)
+    assert result["error"] is None and result["grads"] == 100
+    assert math.isfinite(result["loss"]) and math.isfinite(result["metric"])
