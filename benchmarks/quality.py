@@ -378,14 +378,14 @@ def run(task: Task, name: str, factory, seed: int) -> dict:
         opt.train()
     losses, trace, error = [], [], None
     start = time.perf_counter()
+    finished = False  # a peer that broke off on a non-finite loss (its last included) diverged
     try:
-        _train(task, model, batches, loss_fn, opt, takes_loss, losses, trace, valid_loss)
+        finished = _train(task, model, batches, loss_fn, opt, takes_loss, losses, trace, valid_loss)
     except Exception as exc:  # the published package crashes on some problems: report it
         error = type(exc).__name__
     if schedule_free:
         opt.eval()
     tail = [v for v in losses[-max(1, len(losses) // 10) :] if math.isfinite(v)]
-    finished = error is None and len(losses) == task.steps  # a peer that broke off on a non-finite loss diverged
     return {
         "loss": statistics.fmean(tail) if tail and finished else math.nan,
         "metric": evaluate(model) if finished else math.nan,
@@ -397,8 +397,9 @@ def run(task: Task, name: str, factory, seed: int) -> dict:
     }
 
 
-def _train(task, model, batches, loss_fn, opt, takes_loss, losses, trace, valid_loss=None) -> None:
-    """``task.steps`` gradient evaluations; ELRA's controller is sampled every TRACE_EVERY steps. With
+def _train(task, model, batches, loss_fn, opt, takes_loss, losses, trace, valid_loss=None) -> bool:
+    """``task.steps`` gradient evaluations, False where a peer broke off on a non-finite loss (the last
+    one too); ELRA's controller is sampled every TRACE_EVERY steps. With
     ``valid_loss``, every REPORT_EVERY steps ELRA is told the mean training loss since the last report and
     the validation loss (its weight-decay control), as the README's training loop does once an epoch."""
     for step in range(task.steps):
@@ -416,12 +417,13 @@ def _train(task, model, batches, loss_fn, opt, takes_loss, losses, trace, valid_
             if takes_loss:  # ELRA and the published package retrace a step that skipped backward
                 opt.step_retrace(value)
                 continue
-            break  # the other optimizers have no way back
+            return False  # the other optimizers have no way back
         loss.backward()
         opt.step(value) if takes_loss else opt.step()
         if isinstance(opt, ElraOptimizer) and step % TRACE_EVERY == 0:
             stats = opt.stats
             trace.append((step, stats["lr"], stats["batch_multiplier"], stats["retraces"]))
+    return True
 
 
 def _run_job(job: tuple[str, str, int, Path]) -> tuple[str, str, int, dict]:

@@ -197,6 +197,18 @@ def test_quality_benchmark_reports_a_peer_that_broke_off_as_diverged():
     assert elra_run["grads"] == 100 and math.isfinite(elra_run["loss"]) and math.isfinite(elra_run["metric"])
 
 
+def test_quality_benchmark_reports_a_peer_that_broke_off_at_its_last_gradient_as_diverged():
+    """A peer's non-finite loss at the last of its gradient evaluations left as many losses as the task has
+    steps, and the run read as finished: the mean of its finite losses and the metric of its weights."""
+    from benchmarks.quality import Task, _cell, run
+
+    task = Task("breaks at its last step", 31, 0, 64, "mse", _breaks_at(30))
+    adam = run(task, "Adam", lambda params, task: torch.optim.Adam(params, lr=1e-3), 0)
+    assert adam["grads"] == 31 and adam["error"] is None
+    assert math.isnan(adam["loss"]) and math.isnan(adam["metric"])
+    assert _cell([adam["loss"]], []) == "diverged"
+
+
 def test_quality_benchmark_lets_the_published_package_retrace_a_non_finite_loss(published, quiet):
     """The published elra 0.0.5 has ``step_retrace`` as ELRA has: the benchmark broke its run off at the first
     non-finite loss as if it were a peer without one, and the run read as diverged. It now retraces and runs
