@@ -399,7 +399,7 @@ def run(task: Task, name: str, factory, seed: int) -> dict:
 
 def _train(task, model, batches, loss_fn, opt, takes_loss, losses, trace, valid_loss=None) -> bool:
     """``task.steps`` gradient evaluations, False where a peer broke off on a non-finite loss (the last
-    one too); ELRA's controller is sampled every TRACE_EVERY steps. With
+    one too); ELRA's controller is sampled every TRACE_EVERY steps and after the last. With
     ``valid_loss``, every REPORT_EVERY steps ELRA is told the mean training loss since the last report and
     the validation loss (its weight-decay control), as the README's training loop does once an epoch."""
     for step in range(task.steps):
@@ -413,14 +413,14 @@ def _train(task, model, batches, loss_fn, opt, takes_loss, losses, trace, valid_
         value = loss.item()
         losses.append(value)
         opt.zero_grad()
-        if not math.isfinite(value):
-            if takes_loss:  # ELRA and the published package retrace a step that skipped backward
-                opt.step_retrace(value)
-                continue
+        if math.isfinite(value):
+            loss.backward()
+            opt.step(value) if takes_loss else opt.step()
+        elif takes_loss:  # ELRA and the published package retrace a step that skipped backward
+            opt.step_retrace(value)
+        else:
             return False  # the other optimizers have no way back
-        loss.backward()
-        opt.step(value) if takes_loss else opt.step()
-        if isinstance(opt, ElraOptimizer) and step % TRACE_EVERY == 0:
+        if isinstance(opt, ElraOptimizer) and (step % TRACE_EVERY == 0 or step == task.steps - 1):  # and where it ended
             stats = opt.stats
             trace.append((step, stats["lr"], stats["batch_multiplier"], stats["retraces"]))
     return True

@@ -209,6 +209,23 @@ def test_quality_benchmark_reports_a_peer_that_broke_off_at_its_last_gradient_as
     assert _cell([adam["loss"]], []) == "diverged"
 
 
+def test_quality_benchmark_traces_elras_controller_to_the_end_of_the_run():
+    """The controller table's last step length and its retraces are ELRA's at the end of the run: the trace
+    was sampled every TRACE_EVERY accepted or collected steps only, so it ended up to TRACE_EVERY - 1
+    gradient evaluations early and left out a retraced sample step (Rosenbrock, seed 0: 85 retraces
+    where the run made 87)."""
+    from benchmarks.quality import TRACE_EVERY, Task, _train
+
+    task = Task("breaks at its last step", 3 * TRACE_EVERY + 1, 0, 64, "mse", _breaks_at(3 * TRACE_EVERY))
+    model, batches, loss_fn, _ = task.make(0)
+    opt = elra.ElraOptimizer(model.parameters(), None, task.batch_size)
+    losses, trace = [], []
+    assert _train(task, model, batches, loss_fn, opt, True, losses, trace)
+    assert [step for step, *_ in trace] == [0, TRACE_EVERY, 2 * TRACE_EVERY, 3 * TRACE_EVERY]
+    assert trace[-1][1:] == (opt.stats["lr"], opt.stats["batch_multiplier"], opt.stats["retraces"])
+    assert trace[-1][3] > trace[-2][3]  # the last evaluation's retrace is counted
+
+
 def test_quality_benchmark_lets_the_published_package_retrace_a_non_finite_loss(published, quiet):
     """The published elra 0.0.5 has ``step_retrace`` as ELRA has: the benchmark broke its run off at the first
     non-finite loss as if it were a peer without one, and the run read as diverged. It now retraces and runs
