@@ -226,6 +226,20 @@ def test_quality_benchmark_traces_elras_controller_to_the_end_of_the_run():
     assert trace[-1][3] > trace[-2][3]  # the last evaluation's retrace is counted
 
 
+def test_quality_benchmark_times_the_training_not_the_held_out_evaluation():
+    """A run's seconds (its "s/run") included the final held-out evaluation."""
+    import time
+
+    from benchmarks.quality import Task, run
+
+    def make(seed):
+        model, batches, loss_fn, _ = _breaks_at(-1)(seed)
+        return model, batches, loss_fn, lambda m: time.sleep(1.0) or 0.0
+
+    result = run(Task("slow evaluation", 5, 0, 64, "mse", make), "Adam", lambda params, task: torch.optim.Adam(params), 0)
+    assert result["metric"] == 0.0 and result["seconds"] < 0.5
+
+
 def test_quality_benchmark_lets_the_published_package_retrace_a_non_finite_loss(published, quiet):
     """The published elra 0.0.5 has ``step_retrace`` as ELRA has: the benchmark broke its run off at the first
     non-finite loss as if it were a peer without one, and the run read as diverged. It now retraces and runs
