@@ -240,6 +240,17 @@ def test_quality_benchmark_times_the_training_not_the_held_out_evaluation():
     assert result["metric"] == 0.0 and result["seconds"] < 0.5
 
 
+def test_quality_benchmark_tells_the_published_package_its_language_models_vocabulary():
+    """The published package's ``classes`` is the length of the output layer (its floor ``log(classes)`` on
+    the first loss): the char LM told it 60 for a vocabulary of 76 characters."""
+    from benchmarks.quality import TASKS
+
+    for task in (t for t in TASKS if "LM" in t.name or t.name == "transformer"):
+        model = task.make(0)[0]
+        outputs = model.head.out_features if hasattr(model, "head") else model[-1].out_features
+        assert task.classes == outputs, task.name
+
+
 def test_quality_benchmark_lets_the_published_package_retrace_a_non_finite_loss(published, quiet):
     """The published elra 0.0.5 has ``step_retrace`` as ELRA has: the benchmark broke its run off at the first
     non-finite loss as if it were a peer without one, and the run read as diverged. It now retraces and runs
