@@ -54,13 +54,19 @@ from launch.text import CharCorpus  # noqa: E402
 class Task:
     name: str
     steps: int
-    classes: int  # the published package's regime (0 deterministic, >= 2 stochastic); ELRA detects its own
+    # the published package's regime (0 deterministic, >= 2 stochastic; a function where the data decide it);
+    # ELRA detects its own
+    classes: int | Callable[[], int]
     batch_size: int
     metric: str
     make: Callable  # seed -> (model, batches(step) -> (inputs, targets), loss_fn, evaluate(model) -> float)
     one_seed: bool = False  # a toy problem: its seed only moves the start a little
     # make(seed, hold_out=True) adds valid_loss(model): the training split loses VALID_SHARE to a validation split
     validates: bool = False
+
+    def regime(self) -> int:
+        """``classes``, for the published package."""
+        return self.classes() if callable(self.classes) else self.classes
 
 
 VALID_SHARE = 0.15  # of the training split, held out by the rows that report losses (never the test split)
@@ -305,7 +311,12 @@ def _transformer(seed, hold_out=False):
     return _language_model(seed, model, 64, 32, sequence=True, hold_out=hold_out)
 
 
-VOCAB = 95  # characters of the stdlib corpus: the published package's `classes` for its language models
+def _stdlib_vocab() -> int:
+    """The stdlib corpus's characters: the published package's ``classes`` for its language models (the corpus,
+    and so its vocabulary, depends on the Python installed)."""
+    return len(_stdlib_corpus().vocab)
+
+
 LICENSE_VOCAB = len(set((ROOT / "LICENSE").read_text()))  # the char LM's (76)
 
 TASKS = [
@@ -318,8 +329,8 @@ TASKS = [
     Task("digits CNN", 1500, 10, 32, "test accuracy", _cnn, validates=True),
     Task("diabetes MLP", 1000, 2, 32, "test mse (standardised)", _diabetes, validates=True),
     Task("char LM", 3000, LICENSE_VOCAB, 64, "test bits/char", _char_lm, validates=True),
-    Task("MLP char-LM", 2000, VOCAB, 64, "held-out bits/char", _mlp_lm, validates=True),
-    Task("transformer", 1000, VOCAB, 32, "held-out bits/char", _transformer, validates=True),
+    Task("MLP char-LM", 2000, _stdlib_vocab, 64, "held-out bits/char", _mlp_lm, validates=True),
+    Task("transformer", 1000, _stdlib_vocab, 32, "held-out bits/char", _transformer, validates=True),
 ]
 
 
@@ -347,7 +358,7 @@ def optimizers(published) -> dict[str, Callable]:
 
     def published_elra(params, task):
         with contextlib.redirect_stdout(io.StringIO()):
-            return _Quiet(published.ElraOptimizer(list(params), None, task.batch_size, task.classes, lr=1e-5))
+            return _Quiet(published.ElraOptimizer(list(params), None, task.batch_size, task.regime(), lr=1e-5))
 
     return {
         "ELRA": lambda params, task: ElraOptimizer(params, None, task.batch_size),
