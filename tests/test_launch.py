@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
+import io
 import json
 import math
 import os
@@ -40,6 +42,20 @@ def _run(command: list[str], expect_ok: bool = True) -> subprocess.CompletedProc
     return done
 
 
+def _in_process(*options: str) -> str:
+    """What ``--strategy none`` prints, run by the launcher's main() in this process: the same job as
+    ``python launch/train.py`` without the seconds a fresh interpreter takes to import torch."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        launcher.main(["--strategy", "none", *SMALL, *options])
+    return out.getvalue()
+
+
+def _train(strategy: str, *options: str) -> str:
+    """The stdout of a job that must succeed: under torchrun, or in this process for ``none``."""
+    return _in_process(*options) if strategy == "none" else _run(_command(strategy, *options)).stdout
+
+
 def _epoch_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("epoch ")]
 
@@ -49,7 +65,8 @@ def _accuracies(output: str) -> list[float]:
 
 
 def test_every_strategy_runs_and_the_distributed_ones_agree():
-    results = {s: _run(_command(s, "--preconditioner", "adam", "--lr", "1e-4")).stdout for s in ("none", "ddp", "fsdp2", "fsdp1")}
+    options = ("--preconditioner", "adam", "--lr", "1e-4")
+    results = {s: _run(_command(s, *options)).stdout for s in ("ddp", "fsdp2", "fsdp1")} | {"none": _in_process(*options)}
     assert all(len(_epoch_lines(v)) == 3 for v in results.values())
     # the whole line: losses, accuracy, the boosted model's accuracy, ELRA's state
     assert _epoch_lines(results["ddp"]) == _epoch_lines(results["fsdp2"]) == _epoch_lines(results["fsdp1"])
@@ -67,7 +84,7 @@ def text_file(tmp_path_factory) -> Path:
 
 def test_gpt_under_every_strategy_reports_bits_per_char_and_the_distributed_ones_agree(text_file):
     gpt = [*TINY_GPT, "--epochs", "2", "--max-steps", "6"]
-    default_corpus = _run(_command("none", *gpt)).stdout  # the standard library's source, offline
+    default_corpus = _in_process(*gpt)  # the standard library's source, offline
     command = lambda s: _command(s, *gpt, "--text", str(text_file), "--preconditioner", "adam")
     results = {s: _run(command(s)).stdout for s in ("ddp", "fsdp2", "fsdp1")}
     lines = _epoch_lines(results["ddp"])
@@ -86,9 +103,9 @@ def _resume_and_compare(tmp_path: Path, strategy: str, *options: str) -> tuple[l
     averages the ranks' pending sums, which rounds like the resumed run does.
     """
     reference = tmp_path / "reference.pt"
-    uninterrupted = _run(
-        _command(strategy, *options, "--save-final", str(reference), "--epochs", "6", "--checkpoint-dir", str(tmp_path / "uninterrupted"))
-    ).stdout
+    uninterrupted = _train(
+        strategy, *options, "--save-final", str(reference), "--epochs", "6", "--checkpoint-dir", str(tmp_path / "uninterrupted")
+    )
 
     checkpoints, final = tmp_path / "ckpt", tmp_path / "final.pt"
     resumable = [*options, "--checkpoint-dir", str(checkpoints), "--save-final", str(final), "--epochs", "6"]
@@ -115,25 +132,23 @@ def test_crashed_job_resumes_from_its_newest_complete_checkpoint(tmp_path, strat
         assert saved["param_groups"][0]["elra_controller"]["pending_losses"]
     assert "Warning" not in resumed.stderr, resumed.stderr[-3000:]  # FSDP1's deprecation warnings stay out
     if strategy in ("none", "fsdp1"):
-        again = _run(_command(strategy, *resumable))
-        assert "the run is complete" in again.stdout
-        assert again.stdout.strip().endswith(_epoch_lines(resumed.stdout)[-1])  # where it ended
+        again = _train(strategy, *resumable)
+        assert "the run is complete" in again
+        assert again.strip().endswith(_epoch_lines(resumed.stdout)[-1])  # where it ended
 
 
 def test_crashed_gpt_job_resumes_per_block_sharded(tmp_path, text_file):
     _resume_and_compare(tmp_path, "fsdp2", *TINY_GPT, "--max-steps", "4", "--text", str(text_file))
 
 
-def test_resnet18_on_fake_cifar_runs_one_process_and_says_it_found_no_cifar(tmp_path):
+def test_resnet18_on_fake_cifar_runs_one_process_and_says_it_found_no_cifar(tmp_path, caplog):
     """A --data-dir without CIFAR-10 (a typo) trained on FakeData without a word."""
     pytest.importorskip("torchvision")
-    done = _run(
-        [sys.executable, str(TRAIN), "--model", "resnet18", "--fake-size", "64", "--max-steps", "2", "--epochs", "1",
-         "--batch-size", "8", "--threads", "1", "--data-dir", str(tmp_path / "no-cifar-here")]
-    )
-    assert len(_accuracies(done.stdout)) == 1
+    out = _in_process("--model", "resnet18", "--fake-size", "64", "--max-steps", "2", "--epochs", "1", "--batch-size", "8",
+                      "--data-dir", str(tmp_path / "no-cifar-here"))
+    assert len(_accuracies(out)) == 1
     assert f"no CIFAR-10 files (cifar-10-batches-py, intact) under --data-dir {tmp_path / 'no-cifar-here'}: training " \
-           "on FakeData of 64 training images" in done.stderr
+           "on FakeData of 64 training images" in caplog.text
 
 
 # ------------------------------------------------------------------ errors
@@ -438,7 +453,7 @@ def test_a_sharded_checkpoint_that_cannot_be_read_is_named_on_every_rank(tmp_pat
 
 def test_checkpoint_of_another_strategy_says_what_differs(tmp_path):
     checkpoints = tmp_path / "ckpt"
-    _run(_command("none", "--epochs", "1", "--max-steps", "2", "--checkpoint-dir", str(checkpoints)))
+    _in_process("--epochs", "1", "--max-steps", "2", "--checkpoint-dir", str(checkpoints))
     error = _fails_clearly(_command("fsdp2", "--checkpoint-dir", str(checkpoints)), "--strategy none on 1 rank;", "--strategy fsdp2 cannot resume")
     assert "metadata is None" not in error
     _run(_command("ddp", "--epochs", "2", "--max-steps", "2", "--checkpoint-dir", str(checkpoints)))  # ddp can: one state.pt
