@@ -427,12 +427,21 @@ def test_a_checkpoint_that_cannot_be_read_is_named_with_what_to_do(tmp_path, dam
     assert [line[:9] for line in capsys.readouterr().out.splitlines()] == ["epoch   2", "epoch   3"]
 
 
+@pytest.fixture(scope="module")
+def fsdp2_checkpoints(tmp_path_factory) -> Path:
+    """An fsdp2 job's checkpoint of epoch 1 on 2 ranks, written once for the tests that damage copies of it."""
+    checkpoints = tmp_path_factory.mktemp("fsdp2-ckpt")
+    _run(_command("fsdp2", "--max-steps", "2", "--checkpoint-dir", str(checkpoints), "--epochs", "1"))
+    return checkpoints
+
+
 @pytest.mark.parametrize("damage", ["truncated shard", "empty .metadata"])
-def test_a_sharded_checkpoint_that_cannot_be_read_is_named_on_every_rank(tmp_path, damage):
+def test_a_sharded_checkpoint_that_cannot_be_read_is_named_on_every_rank(tmp_path, fsdp2_checkpoints, damage):
     """A truncated shard ended both ranks in DCP's CheckpointException and its tracebacks; an empty .metadata was
     named, but after DCP's loader had logged, on each rank, two warnings with a traceback each."""
+    tmp_path = tmp_path / "ckpt"
+    shutil.copytree(fsdp2_checkpoints, tmp_path)
     job = _command("fsdp2", "--max-steps", "2", "--checkpoint-dir", str(tmp_path))
-    _run([*job, "--epochs", "1"])
     if damage == "truncated shard":
         shard = tmp_path / "epoch-00001" / "__1_0.distcp"
         shard.write_bytes(shard.read_bytes()[:1000])
