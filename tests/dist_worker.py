@@ -504,28 +504,29 @@ def routed_grads(rank: int, world: int) -> dict[str, torch.Tensor | None]:
     return {name: p.grad for name, p in model.named_parameters()}
 
 
-def run_routed_sync(rank: int, world: int, store: str, out: str, strategy: str) -> None:
-    """DDP or FSDP2, collecting under grad_sync with each rank's batch routed to its own expert, then
-    sync_pending_grads."""
+def run_routed_sync(rank: int, world: int, store: str, out: str, strategies: list[str]) -> None:
+    """For each of ``strategies`` (DDP or FSDP2), collecting under grad_sync with each rank's batch routed to its
+    own expert, then sync_pending_grads; one spawn for all of them."""
 
     def body() -> None:
-        if strategy == "ddp":
-            model = torch.nn.parallel.DistributedDataParallel(Routed(world).double(), find_unused_parameters=True)
-        else:
-            from torch.distributed.fsdp import fully_shard
+        for strategy in strategies:
+            if strategy == "ddp":
+                model = torch.nn.parallel.DistributedDataParallel(Routed(world).double(), find_unused_parameters=True)
+            else:
+                from torch.distributed.fsdp import fully_shard
 
-            model = fully_shard(Routed(world).double())
-        optimizer = ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, batch_multiplier=2, preconditioner=None)
-        x, y = global_batch(0, world)
-        part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        with grad_sync(model, optimizer):
-            loss = torch.nn.functional.cross_entropy(model(x[part], rank), y[part])
-            loss.backward()
-        optimizer.step(loss)
-        optimizer.sync_pending_grads()
-        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
-        grads = {name.replace("module.", "", 1): full(p.grad) for name, p in model.named_parameters()}
-        collected = [float(entry["collected"]) for entry in optimizer.state_dict()["state"].values()]
-        torch.save({"grads": grads, "collected": collected}, Path(out) / f"routed{rank}.pt")
+                model = fully_shard(Routed(world).double())
+            optimizer = ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, batch_multiplier=2, preconditioner=None)
+            x, y = global_batch(0, world)
+            part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+            with grad_sync(model, optimizer):
+                loss = torch.nn.functional.cross_entropy(model(x[part], rank), y[part])
+                loss.backward()
+            optimizer.step(loss)
+            optimizer.sync_pending_grads()
+            full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+            grads = {name.replace("module.", "", 1): full(p.grad) for name, p in model.named_parameters()}
+            collected = [float(entry["collected"]) for entry in optimizer.state_dict()["state"].values()]
+            torch.save({"grads": grads, "collected": collected}, Path(out) / f"routed-{strategy}{rank}.pt")
 
     as_gloo_rank(rank, world, store, body)

@@ -241,9 +241,30 @@ def _spawn(tmp_path, world: int, scenarios: list[Scenario]) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
+# process_group=None (this process alone) with a wrapper over both ranks: each rank decided from its own loss (and FSDP1
+# from its own shards), so the DDP replicas drifted apart silently (0.28 after 30 steps of P2M)
+ALONE = {
+    "ddp-process-group-none": "DistributedDataParallel reduces over 2 ranks but ELRA sums over 1",
+    "fsdp1-process-group-none": "FullyShardedDataParallel reduces over 2 ranks but ELRA sums over 1",
+}
+ALONE_SCENARIOS = [Scenario(name, name.split("-process")[0], steps=3, options={"process_group": None}) for name in ALONE]
+LONE_BOOST_RESTART = [
+    Scenario(f"{strategy}-lone-boost-restart", strategy, steps=8, boost_cycle=100, lone_boost_restart_at=5,
+             options={"check_consistency": 1})
+    for strategy in ("ddp", "fsdp2")
+]
+FAILED_BOOST_EVAL = [
+    Scenario(name, name.split("-")[0], steps=30, batch_multiplier=2, boost_cycle=100, failed_boost_eval_at=21)
+    for name in ("fsdp1-failed-boost-eval", "fsdp2-failed-boost-eval")
+]
+# run in the same spawn as TWO_RANKS (a spawn of 2 ranks costs tens of seconds of imports on 2 cores), before its last
+# scenario, which stops in FSDP2; checked by the tests at the end of this file
+TWO_RANKS_TOO = ALONE_SCENARIOS + LONE_BOOST_RESTART + FAILED_BOOST_EVAL
+
+
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return _spawn(tmp_path_factory.mktemp("two"), 2, TWO_RANKS)
+    return _spawn(tmp_path_factory.mktemp("two"), 2, TWO_RANKS[:-1] + TWO_RANKS_TOO + TWO_RANKS[-1:])
 
 
 @pytest.fixture(scope="module")
@@ -480,14 +501,21 @@ def test_scaler_overflow_on_one_rank_skips_the_step_and_backs_off_everywhere(two
     assert max(s for _, s in runs[0]) > backed_off  # and the scale grows again
 
 
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory):
+    """The routed-experts runs of both strategies, in one spawn of 2 ranks."""
+    out = tmp_path_factory.mktemp("routed")
+    mp.spawn(run_routed_sync, args=(2, f"file://{out}/store", str(out), ["ddp", "fsdp2"]), nprocs=2, join=True)
+    return out
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_sync_pending_grads_lines_up_parameters_that_only_some_ranks_have_gradients_for(tmp_path, strategy):
+def test_sync_pending_grads_lines_up_parameters_that_only_some_ranks_have_gradients_for(routed, strategy):
     """Routed experts: each rank's collected sums hold only its expert's gradient. Averaged over ranks, every
     expert's mean is its own gradient over the world size, on every rank (the sums once lined up by position
     among the gradients present, adding one expert's sums to the other's), and the checkpoint's flags agree."""
     world = 2
-    mp.spawn(run_routed_sync, args=(world, f"file://{tmp_path}/store", str(tmp_path), strategy), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"routed{r}.pt", weights_only=False) for r in range(world)]
+    ranks = [torch.load(routed / f"routed-{strategy}{r}.pt", weights_only=False) for r in range(world)]
     own = [routed_grads(r, world) for r in range(world)]
     for name in own[0]:
         expected = sum(grads[name] for grads in own if grads[name] is not None) / world
@@ -558,47 +586,30 @@ def test_sync_pending_grads_between_backward_and_step_keeps_the_checkpoint_refus
         dist.destroy_process_group()
 
 
-# process_group=None (this process alone) with a wrapper over both ranks: each rank decided from its own loss (and FSDP1
-# from its own shards), so the DDP replicas drifted apart silently (0.28 after 30 steps of P2M)
-ALONE = {
-    "ddp-process-group-none": "DistributedDataParallel reduces over 2 ranks but ELRA sums over 1",
-    "fsdp1-process-group-none": "FullyShardedDataParallel reduces over 2 ranks but ELRA sums over 1",
-}
-
-
-def test_a_wrapper_over_several_ranks_with_process_group_none_is_refused(tmp_path):
-    scenarios = [Scenario(name, name.split("-process")[0], steps=3, options={"process_group": None}) for name in ALONE]
-    for rank in _spawn(tmp_path, 2, scenarios):
+def test_a_wrapper_over_several_ranks_with_process_group_none_is_refused(two):
+    for rank in two:
         for name, message in ALONE.items():
             assert message in rank[name].get("error", ""), (name, rank[name].get("params"))
 
 
-def test_one_rank_restarting_its_boost_alone_is_caught_by_check_consistency(tmp_path):
+def test_one_rank_restarting_its_boost_alone_is_caught_by_check_consistency(two):
     """restart_boost() (or enable/disable_boost) on one rank left its mean averaging other points than the others':
     under FSDP2 boosted() then gathered a full tensor of shards from cycles of different lengths (5 points on one
     rank, 30 on the other), with no error even under check_consistency; the boost counters are in its hash now."""
-    scenarios = [
-        Scenario(f"{strategy}-lone-boost-restart", strategy, steps=8, boost_cycle=100, lone_boost_restart_at=5,
-                 options={"check_consistency": 1})
-        for strategy in ("ddp", "fsdp2")
-    ]
-    ranks = _spawn(tmp_path, 2, scenarios)
-    for scenario in scenarios:
+    ranks = two
+    for scenario in LONE_BOOST_RESTART:
         errors = [rank[scenario.name].get("error") for rank in ranks]
         assert errors[0] is not None and "ranks disagree" in errors[0], scenario.name
         assert all(error == errors[0] for error in errors)
 
 
-def test_a_boosted_evaluation_that_raises_in_the_forward_leaves_the_run_as_it_was(tmp_path):
+def test_a_boosted_evaluation_that_raises_in_the_forward_leaves_the_run_as_it_was(two):
     """A forward that raised inside boosted() left FSDP1's root unit gathered: the swap back met the full flat
     parameter instead of the shard and failed on its size, replacing the caller's error, and the shards kept the
     boost mean (a run that caught it trained on from there). Now the units are resharded first; the run goes on
     as one process that never evaluated, mid-collection too."""
-    names = ["fsdp1-failed-boost-eval", "fsdp2-failed-boost-eval"]
-    scenarios = [Scenario(name, name.split("-")[0], steps=30, batch_multiplier=2, boost_cycle=100,
-                          failed_boost_eval_at=21) for name in names]
-    ranks = _spawn(tmp_path, 2, scenarios)
-    for name in names:
+    ranks = two
+    for name in (s.name for s in FAILED_BOOST_EVAL):
         _assert_matches_single_process(ranks, name)
         assert ranks[0][name]["stats"]["boost_count"] >= 5
         for key, value in ranks[0][name]["single"]["boosted"].items():
