@@ -460,10 +460,23 @@ def test_a_sharded_checkpoint_that_cannot_be_read_is_named_on_every_rank(tmp_pat
     assert all("cannot be read" in m and m.endswith("another --checkpoint-dir") for m in messages[1:]), ranks
 
 
-def test_checkpoint_of_another_strategy_says_what_differs(tmp_path):
+def test_checkpoint_of_another_strategy_says_what_differs(tmp_path, monkeypatch):
+    """The refusal is the checkpoint's (its strategy), on any number of ranks: fsdp2 refuses on one rank in this
+    process (the sharded-damage tests show a refusal written cleanly by every rank under torchrun)."""
     checkpoints = tmp_path / "ckpt"
     _in_process("--epochs", "1", "--max-steps", "2", "--checkpoint-dir", str(checkpoints))
-    error = _fails_clearly(_command("fsdp2", "--checkpoint-dir", str(checkpoints)), "--strategy none on 1 rank;", "--strategy fsdp2 cannot resume")
+    with monkeypatch.context() as patch:
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                           "TORCH_GLOO_LAZY_INIT": "1"}.items():
+            patch.setenv(key, value)
+        try:
+            with pytest.raises(CheckpointError) as refused:
+                launcher.main(["--strategy", "fsdp2", *SMALL, "--checkpoint-dir", str(checkpoints)])
+        finally:  # the refused run leaves its process group: the next one could not start one
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    error = str(refused.value)
+    assert "--strategy none on 1 rank;" in error and "--strategy fsdp2 cannot resume" in error
     assert "metadata is None" not in error
     _run(_command("ddp", "--epochs", "2", "--max-steps", "2", "--checkpoint-dir", str(checkpoints)))  # ddp can: one state.pt
     sharded = tmp_path / "sharded" / "epoch-00001"
