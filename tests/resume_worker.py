@@ -2,6 +2,9 @@
 
 Run as a script so that a resumed run starts in a fresh process:
     python resume_worker.py OUT --steps N [--save-at K --save PATH] [--resume PATH]
+    python resume_worker.py --jobs '[{"out": OUT, "steps": N, "resume": PATH, "preconditioner": P}, ...]'
+(--jobs: several resumes, one after the other, each into its own model and
+optimizer, in one process that saved none of them: one interpreter start.)
 Each micro-step's batch depends only on its index, so a resumed run sees the
 same data as the uninterrupted one.
 """
@@ -9,6 +12,7 @@ same data as the uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -68,15 +72,25 @@ def train(
 def main() -> None:
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser()
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("out", type=Path, nargs="?")
+    parser.add_argument("--steps", type=int)
     parser.add_argument("--save-at", type=int)
     parser.add_argument("--save", type=Path)
     parser.add_argument("--resume", type=Path)
     parser.add_argument("--preconditioner")
+    parser.add_argument("--jobs", type=json.loads, help="resumes to run in turn (JSON list), instead of OUT --steps")
     args = parser.parse_args()
-    model, opt = train(args.steps, args.save_at, args.save, args.resume, preconditioner=args.preconditioner)
-    torch.save({"model": model.state_dict(), "stats": opt.stats}, args.out)
+    if args.jobs is None and (args.out is None or args.steps is None):
+        parser.error("give OUT and --steps, or --jobs")
+    jobs = args.jobs if args.jobs is not None else [
+        {"out": args.out, "steps": args.steps, "save_at": args.save_at, "save": args.save, "resume": args.resume,
+         "preconditioner": args.preconditioner}
+    ]
+    for job in jobs:
+        resume = job.get("resume")
+        model, opt = train(job["steps"], job.get("save_at"), job.get("save"), resume and Path(resume),
+                           preconditioner=job.get("preconditioner"))
+        torch.save({"model": model.state_dict(), "stats": opt.stats}, job["out"])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import json
 import logging
 import math
 import pickle
@@ -27,15 +28,32 @@ def uninterrupted():
     return model.state_dict(), opt.stats
 
 
+# name: (steps, save at, mid-collection, preconditioner)
+FRESH = {
+    "mid-collection": (STEPS, 700, True, None), "real-step-boundary": (STEPS, 700, False, None),
+    "adam": (500, 250, True, "adam"), "factored": (500, 250, True, "factored"),
+}
+
+
+@pytest.fixture(scope="module")
+def fresh_resumes(tmp_path_factory) -> Path:
+    """Each checkpoint of FRESH saved in this process, then all resumed in one fresh process (one interpreter start
+    instead of four), which saved none of them; each resume builds its own model and optimizer."""
+    out = tmp_path_factory.mktemp("fresh")
+    jobs = []
+    for name, (steps, save_at, mid_collection, preconditioner) in FRESH.items():
+        checkpoint = out / f"{name}.ckpt"
+        train(steps, save_at=save_at, save=checkpoint, mid_collection=mid_collection, preconditioner=preconditioner)
+        jobs.append({"out": str(out / f"{name}.pt"), "steps": steps, "resume": str(checkpoint), "preconditioner": preconditioner})
+    subprocess.run([sys.executable, str(WORKER), "--jobs", json.dumps(jobs)], check=True)
+    return out
+
+
 @pytest.mark.parametrize("mid_collection", [True, False], ids=["mid-collection", "real-step-boundary"])
-def test_resume_in_fresh_process_is_bit_identical(tmp_path, uninterrupted, mid_collection):
-    checkpoint, out = tmp_path / "ckpt.pt", tmp_path / "final.pt"
-    train(STEPS, save_at=700, save=checkpoint, mid_collection=mid_collection)
-    subprocess.run(
-        [sys.executable, str(WORKER), str(out), "--steps", str(STEPS), "--resume", str(checkpoint)], check=True
-    )
-    saved = torch.load(checkpoint, weights_only=True)
-    resumed = torch.load(out, weights_only=True)
+def test_resume_in_fresh_process_is_bit_identical(fresh_resumes, uninterrupted, mid_collection):
+    name = "mid-collection" if mid_collection else "real-step-boundary"
+    saved = torch.load(fresh_resumes / f"{name}.ckpt", weights_only=True)
+    resumed = torch.load(fresh_resumes / f"{name}.pt", weights_only=True)
     expected_model, expected_stats = uninterrupted
     assert all(torch.equal(resumed["model"][k], v) for k, v in expected_model.items())
     assert resumed["stats"] == expected_stats
@@ -45,14 +63,9 @@ def test_resume_in_fresh_process_is_bit_identical(tmp_path, uninterrupted, mid_c
 
 
 @pytest.mark.parametrize("preconditioner", ["adam", "factored"])
-def test_preconditioned_resume_in_fresh_process_is_bit_identical(tmp_path, preconditioner):
-    checkpoint, out = tmp_path / "ckpt.pt", tmp_path / "final.pt"
-    steps = 500
-    model, expected = train(steps, preconditioner=preconditioner)
-    train(steps, save_at=250, save=checkpoint, mid_collection=True, preconditioner=preconditioner)
-    command = [sys.executable, str(WORKER), str(out), "--steps", str(steps), "--resume", str(checkpoint)]
-    subprocess.run([*command, "--preconditioner", preconditioner], check=True)
-    resumed = torch.load(out, weights_only=True)
+def test_preconditioned_resume_in_fresh_process_is_bit_identical(fresh_resumes, preconditioner):
+    model, expected = train(FRESH[preconditioner][0], preconditioner=preconditioner)
+    resumed = torch.load(fresh_resumes / f"{preconditioner}.pt", weights_only=True)
     assert all(torch.equal(resumed["model"][k], v) for k, v in model.state_dict().items())
     assert resumed["stats"] == expected.stats and expected.stats["retraces"] > 0
 
