@@ -21,7 +21,7 @@ import torch
 from .boost import Booster, new_mean
 from .config import FOREIGN_GROUP_OPTIONS, checked_config, decay_rate, make_controller
 from .geometry import direction_state, make_direction, moment_dtype
-from .reduce import local
+from .reduce import _accumulation_dtype, _loss_vector, local
 from .sync import drop_unsynced_grads, fsdp_wrapping, sync_unsynced_grads
 
 logger = logging.getLogger("elra")
@@ -119,9 +119,17 @@ class Checkpointing:
         averaged sums are what one checkpoint can hold, at any world size.
         Costs one gradient reduction (DDP: an all-reduce of all gradients;
         FSDP2: an all-reduce per parameter; FSDP1: per wrapped module) at
-        checkpoint time; nothing when nothing is pending or sync was on.
+        checkpoint time; no gradient reduction when nothing is pending or sync was on.
+
+        On more than one rank it also averages this rank's losses of the
+        collected micro-batches and the losses reported since the last real
+        step (one all-reduce of a few numbers, also with sync on): one
+        checkpoint holds one rank's (``torch.distributed.checkpoint`` keeps one
+        rank's param group, a single file rank 0's), and every rank resumed
+        with them; the real step takes their mean over ranks, so the means give it the same.
         """
         self._note_unsynced_models()
+        self._average_pending_losses()
         if not self._pending or not self.unsynced_models:
             self.unsynced_models.clear()
             return
@@ -132,6 +140,24 @@ class Checkpointing:
         self._keep_grads()
         if unstepped:  # a backward since the last step: its micro-batch is in the synchronised sums too
             self._kept_versions.clear()
+
+    @torch.no_grad()
+    def _average_pending_losses(self) -> None:
+        """Replace this rank's collected micro-batch losses and reported losses by their means over ranks.
+
+        The real step sums each micro-batch's loss over ranks divided by the world size, and the reported
+        losses and their counts over ranks: the means (counts become fractions) give it the same values, up
+        to rounding, on any number of ranks that each hold them.
+        """
+        world = self.reducer.world_size
+        if world == 1:
+            return
+        params = (p for g in self.param_groups for p in g["params"])
+        device = self._device or next(params, torch.zeros(())).device
+        losses = _loss_vector([*self._pending, *self._reports], _accumulation_dtype(device), device)
+        means = (self.reducer.sum(losses) / world).tolist()
+        split = len(self._pending)
+        self._pending, self._reports = means[:split], means[split:]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by ``state_dict``: everything, or nothing if it does not fit.
@@ -413,8 +439,8 @@ def _pending_reports(saved: Any, size: int) -> list[float]:
         isinstance(saved, (list, tuple))
         and len(saved) == size
         and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in saved)
-        and all(saved[i] in (0, 1) for i in range(1, size, 2))
+        and all(0 <= saved[i] <= 1 for i in range(1, size, 2))  # a fraction: averaged over ranks
     )
     if not valid:
-        raise ValueError(f"the state_dict's pending_reports {saved!r} are not {size // 2} (loss, count 0 or 1) pairs")
+        raise ValueError(f"the state_dict's pending_reports {saved!r} are not {size // 2} (loss, count in [0, 1]) pairs")
     return [float(v) for v in saved]

@@ -457,12 +457,14 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tu
                     torch.save(full, checkpoint.with_suffix(".full.pt"))
                 train(scenario, model, optimizer, rank, world, world, start=save_at)
                 results["uninterrupted"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
+                results["uninterrupted"]["controller"] = optimizer.controller.state_dict()  # the loss statistics too
                 # load the checkpoint into this model mid-run: FSDP's root holds gathered weights (and,
                 # collecting under grad_sync, unsynchronised sums) from the run that goes on
                 results["uninterrupted"]["outputs"] = probe_outputs(model, optimizer, boost)
                 _reload(model, optimizer, checkpoint)
                 train(scenario, model, optimizer, rank, world, world, start=save_at)
                 results["reloaded"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
+                results["reloaded"]["controller"] = optimizer.controller.state_dict()
                 results["reloaded"]["outputs"] = probe_outputs(model, optimizer, boost)
             model = wrap(make_net(scenario.late_from is not None), scenario.strategy, world)
             optimizer = make_optimizer(model, scenario)
@@ -472,6 +474,7 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tu
             results["loaded_micro_batches"] = optimizer.micro_batches
             train(scenario, model, optimizer, rank, world, world, start=save_at)
             results["resumed"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
+            results["resumed"]["controller"] = optimizer.controller.state_dict()
             results["resumed"]["outputs"] = probe_outputs(model, optimizer, boost)
             if rank == 0 and phase == "resume":
                 full = torch.load(checkpoint.with_suffix(".full.pt"), weights_only=False)

@@ -438,12 +438,13 @@ def test_dcp_resume_on_the_same_world_size_is_bit_identical(checkpointed, name):
     for rank in saved:
         uninterrupted, resumed = rank["uninterrupted"], rank["resumed"]
         assert resumed["stats"] == uninterrupted["stats"]
+        assert resumed["controller"] == uninterrupted["controller"]  # the loss statistics: every rank's losses
         assert all(torch.equal(resumed["params"][k], v) for k, v in uninterrupted["params"].items())
         assert all(torch.equal(resumed["outputs"][k], v) for k, v in uninterrupted["outputs"].items())
         assert rank["loaded_micro_batches"] == rank["micro_batches"]
         # loaded into the model that trained on (mid-run), the same as into a fresh one
         reloaded = rank["reloaded"]
-        assert reloaded["stats"] == resumed["stats"]
+        assert reloaded["stats"] == resumed["stats"] and reloaded["controller"] == resumed["controller"]
         assert all(torch.equal(reloaded["params"][k], v) for k, v in resumed["params"].items())
         assert all(torch.equal(reloaded["outputs"][k], v) for k, v in resumed["outputs"].items())
     assert saved[0]["uninterrupted"]["stats"]["retraces"] >= 1
