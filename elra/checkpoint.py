@@ -21,7 +21,7 @@ import torch
 from .boost import Booster, new_mean
 from .config import FOREIGN_GROUP_OPTIONS, checked_config, decay_rate, make_controller
 from .geometry import direction_state, make_direction, moment_dtype
-from .reduce import _accumulation_dtype, _loss_vector, local
+from .reduce import accumulation_dtype, loss_vector, local
 from .sync import drop_unsynced_grads, fsdp_wrapping, sync_unsynced_grads
 
 logger = logging.getLogger("elra")
@@ -154,7 +154,7 @@ class Checkpointing:
             return
         params = (p for g in self.param_groups for p in g["params"])
         device = self._device or next(params, torch.zeros(())).device
-        losses = _loss_vector([*self._pending, *self._reports], _accumulation_dtype(device), device)
+        losses = loss_vector([*self._pending, *self._reports], accumulation_dtype(device), device)
         means = (self.reducer.sum(losses) / world).tolist()
         split = len(self._pending)
         self._pending, self._reports = means[:split], means[split:]

@@ -185,7 +185,8 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else tensor
 
 
-def _accumulation_dtype(device: torch.device) -> torch.dtype:
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of a step's sums on ``device``: float64, float32 on MPS (which has no float64)."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -330,7 +331,7 @@ class ScalarBatch:
     def __init__(self, slots: int, device: torch.device, reducer: Reducer) -> None:
         self.slots = slots
         self.device = device
-        self.dtype = _accumulation_dtype(device)
+        self.dtype = accumulation_dtype(device)
         self.reducer = reducer
         self._summed: list[tuple[list[int], torch.Tensor]] = []
         self._constants = [0.0] * slots
@@ -368,9 +369,9 @@ class ScalarBatch:
         if self._summed:
             slots = [slot for slots, _ in self._summed for slot in slots]
             vector.index_add_(0, torch.tensor(slots, device=self.device), torch.cat([values for _, values in self._summed]))
-        loss_vector = _loss_vector(losses, self.dtype, self.device) / self.reducer.world_size
+        mean_losses = loss_vector(losses, self.dtype, self.device) / self.reducer.world_size
         padding = torch.zeros(max(0, (loss_slots or 0) - len(losses)), dtype=self.dtype, device=self.device)
-        head = [vector, loss_vector, padding]
+        head = [vector, mean_losses, padding]
         reduced = self.reducer.sum(torch.cat(head + self._weighted_vectors()))
         start = sum(t.numel() for t in head)
         self._hand_out(reduced[start:])
@@ -399,7 +400,8 @@ class ScalarBatch:
             block.value, offset = sums[offset : offset + size].to(block.terms.dtype), offset + size
 
 
-def _loss_vector(losses: Sequence[float | torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def loss_vector(losses: Sequence[float | torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``losses`` (numbers or scalar tensors on any device) as one vector, read back from no device."""
     if all(not isinstance(v, torch.Tensor) for v in losses):
         return torch.tensor([float(v) for v in losses], dtype=dtype, device=device)
     return torch.stack(
