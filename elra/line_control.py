@@ -35,7 +35,8 @@ the gradient there (:meth:`LineController._went_uphill`). With these
 restarts noise-free problems carry more momentum (``NOISE_FREE_BETA1``
 0.95 instead of ``BETA1`` 0.9 where none is given). Mini-batch problems
 retrace when the loss is not finite or far above the running statistics of
-accepted losses.
+accepted losses (after MAX_REFUSALS such refusals in a row the step is
+accepted: the statistics are stale, not the step).
 
 Batch growth and the weight-decay control are P2M's (:mod:`elra.control`),
 on the same clock: every ``CYCLE`` real steps (retraces included) a cycle
@@ -102,6 +103,10 @@ _TINY = 1e-300
 # the cubic fit's optimum; retracing it cut the step length 10x a time and stopped the fit 4e-4 short)
 ROUNDING = 1e-6
 MAX_RETRACES = 3  # noise-free: after this many retraces in a row, accept (the moments must turn)
+# mini-batch: after this many refusals in a row, accept. The retraces have brought x within eta/1000 of the last
+# accepted point, so the statistics, not the step, are wrong: after 20 losses of exactly 0 (spread 0, cap 0) every
+# positive loss was refused for ever and the model never trained. The benchmark's digits runs refused at most 3 in a row
+MAX_REFUSALS = 10
 # the decoupled decay 1 - eta*wd of a step takes at most this share of a weight: eta grows past 1/wd where the
 # weights are large against the direction (a fit's coefficients, ~1e3), and the factor turned negative there: the
 # weights flipped sign and grew each step (a scalar fit at 1e5 with weight_decay=0.1 ended at 7.8e6)
@@ -404,7 +409,7 @@ class LineController:
             # MAX_RETRACES shrinking retraces the rise is accepted: a new gradient must turn the direction
             rounding = loss - s.last_good_loss <= ROUNDING * abs(s.last_good_loss)
             return rounding or s.failed >= MAX_RETRACES or s.restart
-        if s.accepted < LOSS_WARMUP:
+        if s.accepted < LOSS_WARMUP or s.failed >= MAX_REFUSALS:
             return True
         mean, spread = self._loss_statistics()
         # within ROUNDING of the mean: identical losses (spread 0) have an EMA mean a rounding below them

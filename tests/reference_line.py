@@ -158,7 +158,7 @@ class ReferenceLine:
     def _acceptable(self, loss):
         if self.deterministic:
             return loss - self.last_good <= 1e-6 * abs(self.last_good) or self.failed >= 3 or self.restart
-        if len(self.losses_seen) < 10:
+        if len(self.losses_seen) < 10 or self.failed >= 10:  # after 10 refusals in a row the statistics are stale
             return True
         mean = self.stat[0] / self.stat[2]
         sd = math.sqrt(max(self.stat[1] / self.stat[2] - mean * mean, 0.0))

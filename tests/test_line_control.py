@@ -283,3 +283,17 @@ def test_a_loss_equal_to_every_accepted_one_is_never_refused(loss):
     actions = [controller.real_step([loss], SUMS, [0.0]).action for _ in range(60)]
     assert actions == ["accept"] * 60 and controller.state.multiplier == 1
     assert controller.real_step([loss * 1.01], SUMS, [0.0]).action == "retrace"  # above it is still refused
+
+
+@pytest.mark.parametrize("level, rise", [(0.0, 0.01), (2.0, 2.01)])
+def test_refusals_by_stale_statistics_end_after_ten_in_a_row(level, rise):
+    """Identical mini-batch losses (20 of exactly 0: a loss weight ramped from 0) leave the statistics no deviation;
+    every higher loss was then refused for ever, eta fell to its floor and the micro-batches doubled."""
+    controller = _controller()
+    _feed(controller, [level] * 20)
+    actions = [controller.real_step([rise], SUMS, [0.0]).action for _ in range(30)]
+    assert actions[:10] == ["retrace"] * 10 and actions[10] == "accept"
+    assert actions.count("retrace") < 15 and controller.state.multiplier == 1
+    reference = _controller()  # what the statistics would be without the first losses: the rise is their level
+    _feed(reference, [rise] * 30)
+    assert controller.step_length == pytest.approx(reference.step_length, rel=0.5)
