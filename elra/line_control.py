@@ -457,7 +457,7 @@ class LineController:
         s.loss_weight = LOSS_SMOOTHING * s.loss_weight + (1.0 - LOSS_SMOOTHING)
         s.accepted += 1
         s.window_accepted += 1
-        s.window_loss += loss
+        s.window_loss += value  # floored as in the statistics: one wild low loss set a best mean no window beat
         s.failed = 0
         s.accepted_eta = s.eta
         s.last_good_loss = loss

@@ -297,3 +297,15 @@ def test_refusals_by_stale_statistics_end_after_ten_in_a_row(level, rise):
     reference = _controller()  # what the statistics would be without the first losses: the rise is their level
     _feed(reference, [rise] * 30)
     assert controller.step_length == pytest.approx(reference.step_length, rel=0.5)
+
+
+def test_one_wild_low_loss_does_not_double_the_micro_batches():
+    """The window mean took the loss as it came: -1e6 at step 151 made its window's mean -1e4, no later window beat
+    it, and the sixth stalled window (step 800) doubled the micro-batches of a run whose loss was still falling."""
+    losses = [1.0 / (1.0 + 0.01 * k) - 0.01 * (-1) ** k for k in range(1500)]
+    undisturbed, disturbed = _controller(), _controller()
+    assert set(_feed(undisturbed, losses)) == {1}
+    _feed(disturbed, losses[:150])
+    assert disturbed.real_step([-1e6], SUMS, [0.0]).action == "accept"
+    assert set(_feed(disturbed, losses[151:])) == {1}
+    assert disturbed.state.best_mean == pytest.approx(undisturbed.state.best_mean, rel=1e-3)
