@@ -523,7 +523,11 @@ class Controller:
         # published strict bound refused a loss that stays at 0; the published rule keeps its own
         if not self.deterministic and not (loss <= cap if noise_aware else loss < cap):
             return False
-        return best <= s.stat_mean + 5.0 * s.stat_dev * s.dev_correction
+        deviation = s.stat_dev * s.dev_correction
+        if noise_aware and s.stat_dev == 0.0:
+            # none measured yet (a first loss of 0 gives 0): the noise, else every higher loss is refused for ever
+            deviation = s.noise
+        return best <= s.stat_mean + 5.0 * deviation
 
     def _decay_coefficients(self, n: int, sums: StepSums, decays: Sequence[float]) -> list[float]:
         """Per-group coefficient ``a`` of the decoupled decay ``g_avg + a*x``."""

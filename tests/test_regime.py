@@ -241,3 +241,27 @@ def test_detected_regime_survives_a_checkpoint():
     restored.load_state_dict(controller.state_dict())
     assert restored.regime == controller.regime == "stochastic"
     assert _drive_parabola(restored, 0.5, seed=1) == _drive_parabola(controller, 0.5, seed=1)
+
+
+def test_a_first_loss_of_zero_does_not_refuse_every_later_step():
+    """A loss weight ramped from 0 (first loss exactly 0): the bound "best <= window mean + 5 deviations" started at
+    mean 0 and deviation 0 (both measured by the first loss), refused every positive loss for ever, and the fit stayed
+    at its start (mse 15.7 against 0.012); with no deviation measured the bound uses the observed noise."""
+
+    def run(zero_steps: int) -> float:
+        torch.manual_seed(0)
+        x = torch.randn(256, 5)
+        y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0]) + 0.1 * torch.randn(256)
+        model = torch.nn.Linear(5, 1)
+        optimizer = ElraOptimizer(model.parameters(), None, 16, 10)
+        rows = torch.Generator().manual_seed(0)
+        for step in range(zero_steps + 300):
+            batch = torch.randint(0, 256, (16,), generator=rows)
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x[batch]).squeeze(1), y[batch]) * float(step >= zero_steps)
+            loss.backward()
+            optimizer.step(loss)
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(model(x).squeeze(1), y).item()
+
+    assert run(1) < 2.0 * run(0) < 0.1
