@@ -231,7 +231,8 @@ class Controller:
         min_multiplier: initial and smallest number of micro-batches per step.
         acceptance: ``"noise"`` measures the stochastic regime's loss cap in
             units of the observed mini-batch loss noise and keeps the loss
-            statistics robust to outliers; ``"published"`` is the published
+            statistics robust to outliers, and undoes a refused first step
+            (halving it at each retrace); ``"published"`` is the published
             package's rule (cap ``1.1 * max(first loss, log(classes))``).
     """
 
@@ -669,6 +670,8 @@ class Controller:
         s.rate = max(RATE_FLOOR, s.rate * 0.5)
         if self.deterministic:
             self._refit_alpha(loss)
+        elif not s.accepted_any and self.acceptance == "noise":
+            s.alpha *= 0.5  # back along the refused first step; the published rule keeps its length (stays there)
         s.alpha = min(max(s.alpha, RETRACE_ALPHA_BOUNDS[0]), RETRACE_ALPHA_BOUNDS[1])
         length = s.rate if s.accepted_any and not self.deterministic else s.alpha
         new_offset = length * s.dir_coef

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import digits_data, digits_model, run_cubic, run_rosenbrock
+from conftest import digits_data, digits_model, rosenbrock, run_cubic, run_rosenbrock
 import elra
 
 ElraOptimizer = partial(elra.ElraOptimizer, preconditioner=None)  # P2M, the published method, not the default
@@ -71,3 +71,23 @@ def test_stochastic_regime_follows_published(published, quiet, options):
     assert "NoGrad:" in printed  # step_retrace was exercised
     assert opt.stats["retraces"] == printed.count("Retrace(") > 0
     assert opt.stats["batch_multiplier"] > 1
+
+
+def test_a_refused_first_step_is_undone_where_the_published_package_stays_there(published, quiet):
+    """Stochastic regime, first step refused: the published retrace keeps the step length, so it never moves back.
+
+    Rosenbrock at ``lr=1e-2`` (``classes=None`` takes it as stochastic: the overshoot misses the trapezoid's
+    prediction): the first step goes from f 12.5 to 625. With ``acceptance="published"`` ELRA stays there with the
+    package; by default each retrace halves the first step, back along it towards the start, and the run goes on.
+    """
+    with quiet():
+        theirs, _ = run_rosenbrock(lambda ps: published.ElraOptimizer(ps, None, 8, 10, lr=1e-2), 30)
+    same, _ = run_rosenbrock(lambda ps: ElraOptimizer(ps, None, 8, 10, lr=1e-2, acceptance="published"), 30)
+    assert same == theirs and theirs[-1] == theirs[1] > 40 * theirs[0]  # the package never leaves the failed step
+
+    losses, _ = run_rosenbrock(lambda ps: ElraOptimizer(ps, lr=1e-2), 300)
+    start = torch.tensor([-1.5, 2.0], dtype=torch.float64, requires_grad=True)
+    rosenbrock(start).backward()
+    along = [rosenbrock(start.detach() - 1e-2 * 0.5**k * start.grad).item() for k in range(3)]
+    assert losses[1:4] == pytest.approx(along, rel=1e-12)  # back along the first step, half the length each time
+    assert min(losses) < losses[0]  # and below the start
