@@ -91,3 +91,41 @@ def test_a_refused_first_step_is_undone_where_the_published_package_stays_there(
     along = [rosenbrock(start.detach() - 1e-2 * 0.5**k * start.grad).item() for k in range(3)]
     assert losses[1:4] == pytest.approx(along, rel=1e-12)  # back along the first step, half the length each time
     assert min(losses) < losses[0]  # and below the start
+
+
+def test_boost_means_the_points_before_the_accepted_steps_where_the_package_holds_those_after(published, quiet):
+    """One epoch of 150 steps (below the 240-point cycle) through ``get_boost_model``, as the README compares."""
+
+    def run(make_opt, steps=150):
+        x, y = digits_data()
+        model = digits_model()
+        opt = make_opt(model.parameters())
+        gen = torch.Generator().manual_seed(1)
+        flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+        assert opt.get_boost_model(True, model)[2] is None
+        before, after, losses, refused = [], [], [], []
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (4,), generator=gen)
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            losses.append(loss.item())
+            before.append(flat(model))
+            opt.zero_grad()
+            loss.backward()
+            retraces = getattr(opt, "stats", {}).get("retraces")
+            opt.step(loss.item())
+            after.append(flat(model))
+            refused.append(retraces is not None and opt.stats["retraces"] > retraces)
+        count, mean_loss, boost = opt.get_boost_model(True)
+        return losses, before, after, count, mean_loss, flat(boost), refused
+
+    with quiet():
+        theirs = run(lambda ps: published.ElraOptimizer(ps, None, 768, 10, lr=1e-5))
+    ours = run(lambda ps: ElraOptimizer(ps, None, 768, 10, lr=1e-5, acceptance="published"))
+    losses, before, after, count, mean_loss, boost, refused = ours
+    assert _rel(theirs[0], losses).max() < 1e-12
+    accepted = [i for i in range(len(losses)) if not refused[i]]
+    assert 100 < len(accepted) < len(losses) - 2
+    assert count == len(accepted) and theirs[3] == len(losses)  # the package counts every real step
+    assert mean_loss == pytest.approx(np.mean([losses[i] for i in accepted]), rel=1e-12) and theirs[4] == 0.0
+    assert torch.allclose(boost, torch.stack([before[i] for i in accepted]).mean(0), rtol=0, atol=1e-12)
+    assert torch.allclose(theirs[5], torch.stack([after[i] for i in accepted]).mean(0), rtol=0, atol=1e-12)
