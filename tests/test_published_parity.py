@@ -129,3 +129,19 @@ def test_boost_means_the_points_before_the_accepted_steps_where_the_package_hold
     assert mean_loss == pytest.approx(np.mean([losses[i] for i in accepted]), rel=1e-12) and theirs[4] == 0.0
     assert torch.allclose(boost, torch.stack([before[i] for i in accepted]).mean(0), rtol=0, atol=1e-12)
     assert torch.allclose(theirs[5], torch.stack([after[i] for i in accepted]).mean(0), rtol=0, atol=1e-12)
+
+
+def test_the_comparisons_skip_where_the_published_package_cannot_be_installed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from conftest import published_or_skip
+
+    monkeypatch.delitem(sys.modules, "elra_published", raising=False)
+
+    def offline(command, **kwargs):
+        raise subprocess.CalledProcessError(1, command)
+
+    monkeypatch.setattr(subprocess, "run", offline)
+    with pytest.raises(pytest.skip.Exception, match="cannot be installed"):
+        published_or_skip(tmp_path)
