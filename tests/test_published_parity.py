@@ -145,3 +145,34 @@ def test_the_comparisons_skip_where_the_published_package_cannot_be_installed(tm
     monkeypatch.setattr(subprocess, "run", offline)
     with pytest.raises(pytest.skip.Exception, match="cannot be installed"):
         published_or_skip(tmp_path)
+
+
+def test_weight_decay_steered_by_reported_losses_follows_published(published, quiet):
+    """A run that trains (few retraces), with train/validation losses reported every 150 steps: the decay
+    factor becomes ``sqrt(2*valid/train - 1)`` at each cycle's end, as in the package."""
+    x, y = digits_data()
+
+    def run(make_opt, steps=1000):
+        model = digits_model()
+        opt = make_opt(model.parameters())
+        gen = torch.Generator().manual_seed(1)
+        losses = []
+        for step in range(steps):
+            if step % 150 == 149:
+                with torch.no_grad():
+                    opt.set_train_loss(torch.nn.functional.cross_entropy(model(x[:1200]), y[:1200]).item())
+                    opt.set_valid_loss(1.5 * torch.nn.functional.cross_entropy(model(x[1200:]), y[1200:]).item())
+            idx = torch.randint(0, len(x), (4,), generator=gen)
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            losses.append(loss.item())
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss.item())
+        return losses, opt
+
+    options = {"weight_decay": 1e-4, "momentum": 0.5}
+    with quiet():
+        theirs, _ = run(lambda ps: published.ElraOptimizer(ps, None, 768, 10, lr=1e-5, **options))
+    ours, opt = run(lambda ps: ElraOptimizer(ps, None, 768, 10, lr=1e-5, acceptance="published", **options))
+    assert _rel(theirs, ours).max() < 1e-9
+    assert opt.stats["weight_decay"] > 1.0 and np.mean(ours[-100:]) < 0.5 * np.mean(ours[:100])
