@@ -352,13 +352,19 @@ class _Quiet:
         self.optimizer.zero_grad()
 
 
+def published_elra(published) -> Callable:
+    """The factory of the published package's optimizer (``published``: the imported package)."""
+
+    def make(params, task):
+        with contextlib.redirect_stdout(io.StringIO()):
+            return _Quiet(published.ElraOptimizer(list(params), None, task.batch_size, task.regime(), lr=1e-5))
+
+    return make
+
+
 def optimizers(published) -> dict[str, Callable]:
     from prodigyopt import Prodigy
     from schedulefree import AdamWScheduleFree
-
-    def published_elra(params, task):
-        with contextlib.redirect_stdout(io.StringIO()):
-            return _Quiet(published.ElraOptimizer(list(params), None, task.batch_size, task.regime(), lr=1e-5))
 
     return {
         "ELRA": lambda params, task: ElraOptimizer(params, None, task.batch_size),
@@ -371,7 +377,7 @@ def optimizers(published) -> dict[str, Callable]:
         "SGD 0.01 m0.9": lambda params, task: torch.optim.SGD(params, lr=0.01, momentum=0.9),
         "Prodigy": lambda params, task: Prodigy(params, lr=1.0),
         "Schedule-Free AdamW": lambda params, task: AdamWScheduleFree(params),
-        "elra 0.0.5": published_elra,
+        "elra 0.0.5": published_elra(published),
     }
 
 

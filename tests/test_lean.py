@@ -255,9 +255,9 @@ def test_quality_benchmark_lets_the_published_package_retrace_a_non_finite_loss(
     """The published elra 0.0.5 has ``step_retrace`` as ELRA has: the benchmark broke its run off at the first
     non-finite loss as if it were a peer without one, and the run read as diverged. It now retraces and runs
     all its gradient evaluations."""
-    from benchmarks.quality import Task, optimizers, run
+    from benchmarks.quality import Task, published_elra, run
 
     task = Task("breaks at step 30", 100, 2, 64, "mse", _breaks_at(30))
-    result = run(task, "elra 0.0.5", optimizers(published)["elra 0.0.5"], 0)
+    result = run(task, "elra 0.0.5", published_elra(published), 0)
     assert result["error"] is None and result["grads"] == 100
     assert math.isfinite(result["loss"]) and math.isfinite(result["metric"])
