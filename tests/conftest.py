@@ -134,6 +134,25 @@ def rosenbrock(xy: torch.Tensor) -> torch.Tensor:
     return (1 - xy[0]) ** 2 + 100 * (xy[1] - xy[0] ** 2) ** 2
 
 
+def regression_after_zero_losses(make_optimizer, zero_steps: int) -> float:
+    """The final mse of a linear regression (300 mini-batches of 16) trained after ``zero_steps`` steps of its loss
+    weighted 0 (zero losses and gradients): a run of identical losses must not stop the training after it."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 5)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0]) + 0.1 * torch.randn(256)
+    model = torch.nn.Linear(5, 1)
+    optimizer = make_optimizer(model.parameters())
+    rows = torch.Generator().manual_seed(0)
+    for step in range(zero_steps + 300):
+        batch = torch.randint(0, 256, (16,), generator=rows)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x[batch]).squeeze(1), y[batch]) * float(step >= zero_steps)
+        loss.backward()
+        optimizer.step(loss)
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(model(x).squeeze(1), y).item()
+
+
 def run_rosenbrock(make_opt, steps, dtype=torch.float64, start=(-1.5, 2.0), shift=0.0):
     xy = torch.nn.Parameter(torch.tensor(start, dtype=dtype))
     opt = make_opt([xy])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 import io
 import math
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import elra.chunks
+from conftest import regression_after_zero_losses
 from elra import ElraOptimizer
 from elra.chunks import stacks
 from reference_line import ReferenceLine
@@ -571,20 +573,6 @@ def test_training_after_a_run_of_zero_losses_reaches_the_loss_of_a_run_without_t
     """20 steps of a loss weighted 0 (zero loss, zero gradient), then a regression: every positive loss was refused
     (the statistics of 20 zeros have no deviation), the fit stayed at its start (mse 15.7 against 0.30)."""
 
-    def run(zero_steps: int) -> float:
-        torch.manual_seed(0)
-        x = torch.randn(256, 5)
-        y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0]) + 0.1 * torch.randn(256)
-        model = torch.nn.Linear(5, 1)
-        optimizer = ElraOptimizer(model.parameters(), None, 16, 10, preconditioner=preconditioner)
-        rows = torch.Generator().manual_seed(0)
-        for step in range(zero_steps + 300):
-            batch = torch.randint(0, 256, (16,), generator=rows)
-            optimizer.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x[batch]).squeeze(1), y[batch]) * float(step >= zero_steps)
-            loss.backward()
-            optimizer.step(loss)
-        with torch.no_grad():
-            return torch.nn.functional.mse_loss(model(x).squeeze(1), y).item()
-
+    make = lambda params: ElraOptimizer(params, None, 16, 10, preconditioner=preconditioner)  # noqa: E731
+    run = partial(regression_after_zero_losses, make)
     assert run(20) < 2.0 * run(0) < 1.0

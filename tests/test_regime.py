@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from conftest import digits_data, digits_model, run_cubic, run_rosenbrock
+from conftest import digits_data, digits_model, regression_after_zero_losses, run_cubic, run_rosenbrock
 import elra
 
 ElraOptimizer = partial(elra.ElraOptimizer, preconditioner=None)  # P2M, the published method, not the default
@@ -248,20 +248,5 @@ def test_a_first_loss_of_zero_does_not_refuse_every_later_step():
     mean 0 and deviation 0 (both measured by the first loss), refused every positive loss for ever, and the fit stayed
     at its start (mse 15.7 against 0.012); with no deviation measured the bound uses the observed noise."""
 
-    def run(zero_steps: int) -> float:
-        torch.manual_seed(0)
-        x = torch.randn(256, 5)
-        y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0]) + 0.1 * torch.randn(256)
-        model = torch.nn.Linear(5, 1)
-        optimizer = ElraOptimizer(model.parameters(), None, 16, 10)
-        rows = torch.Generator().manual_seed(0)
-        for step in range(zero_steps + 300):
-            batch = torch.randint(0, 256, (16,), generator=rows)
-            optimizer.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x[batch]).squeeze(1), y[batch]) * float(step >= zero_steps)
-            loss.backward()
-            optimizer.step(loss)
-        with torch.no_grad():
-            return torch.nn.functional.mse_loss(model(x).squeeze(1), y).item()
-
+    run = partial(regression_after_zero_losses, lambda params: ElraOptimizer(params, None, 16, 10))
     assert run(1) < 2.0 * run(0) < 0.1
