@@ -152,8 +152,7 @@ class Checkpointing:
         world = self.reducer.world_size
         if world == 1:
             return
-        params = (p for g in self.param_groups for p in g["params"])
-        device = self._device or next(params, torch.zeros(())).device
+        device = self._device or torch.device("cpu")  # where the real step's vector lives (_scalar_batch)
         losses = loss_vector([*self._pending, *self._reports], accumulation_dtype(device), device)
         means = (self.reducer.sum(losses) / world).tolist()
         split = len(self._pending)
