@@ -16,7 +16,7 @@ import logging
 import math
 import numbers
 import zlib
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from operator import attrgetter
 from typing import Any, Callable, Iterator
@@ -90,6 +90,20 @@ def _add_scaled(targets: list[torch.Tensor], sources: list[torch.Tensor], alpha:
         torch._foreach_add_(targets, sources, alpha=alpha)
     else:
         torch._foreach_add_(targets, torch._foreach_mul(sources, alpha))
+
+
+def _without_autocast(device: torch.device | None) -> AbstractContextManager:
+    """Autocast off for ELRA's own arithmetic on ``device``'s kind.
+
+    Inside a caller's ``torch.autocast`` region the inner products (the CPU's
+    Gram matrices) and muon's Newton-Schulz products would run in bfloat16 or
+    float16: other steps than the same run's outside it, and a retrace that
+    recomputes the direction would not reach the last good point exactly.
+    """
+    kind = (device or torch.device("cpu")).type
+    if not torch.amp.is_autocast_available(kind):
+        return nullcontext()
+    return torch.autocast(kind, enabled=False)
 
 
 def _layout(n_groups: int, sixteen_bit: bool) -> tuple[int, int, int]:
@@ -730,6 +744,10 @@ class ElraOptimizer(Checkpointing, Optimizer):
     def _real_step(
         self, losses: list[LossLike], with_gradient: bool, inv_scale: float = 1.0, skip_overflow: bool = False
     ) -> str:
+        with _without_autocast(self._device):  # a step called inside the caller's autocast region
+            return self._decided_step(losses, with_gradient, inv_scale, skip_overflow)
+
+    def _decided_step(self, losses: list[LossLike], with_gradient: bool, inv_scale: float, skip_overflow: bool) -> str:
         self.reducer.learn_shards(self.models)
         if self.geometry is not None:
             return self._preconditioned_step(losses, with_gradient, inv_scale, skip_overflow)
