@@ -29,7 +29,8 @@ class ElraGradScaler:
         backoff_factor: factor applied when the gradients overflow.
         growth_interval: clean ``update()`` calls between growths.
         loss_limit: a loss at or above this (or non-finite) retraces.
-        enabled: ``False`` passes everything through unscaled.
+        enabled: ``False`` passes everything through unscaled: ``step`` is ``optimizer.step(loss)``
+            (no loss limit), ``update`` does nothing.
 
     A step whose gradients hold inf/nan on any rank is skipped (the optimizer
     does not move and its controller does not change; micro-batches collected
@@ -106,7 +107,10 @@ class ElraGradScaler:
             self._clean_steps = 0
 
     def _limited(self, loss: float | torch.Tensor) -> float | torch.Tensor:
-        """The loss, or nan (a retrace) when it reaches the limit; no host sync for tensors."""
+        """The loss, or nan (a retrace) when it reaches the limit; no host sync for tensors. Disabled, the loss
+        as it is: the limit is the scaled loss's (float16's range), and a float32 loss may well pass it."""
+        if not self.enabled:
+            return loss
         if isinstance(loss, torch.Tensor):
             return torch.where(loss < self.loss_limit, loss, torch.full_like(loss, math.nan))
         return loss if loss < self.loss_limit else math.nan

@@ -275,6 +275,37 @@ def test_scaler_retraces_on_a_loss_over_the_limit_and_round_trips_its_state():
     assert other.state_dict() == scaler.state_dict() and other.get_scale() == 4.0
 
 
+@pytest.mark.parametrize("preconditioner", [None, "muon"])
+def test_a_disabled_scaler_steps_as_the_optimizer_alone_also_with_losses_above_the_limit(preconditioner):
+    """``ElraGradScaler(enabled=use_amp)`` with AMP off (float32): a disabled scaler still turned every loss at or
+    above ``loss_limit`` (65000, float16's range, which a sum-reduced float32 loss passes) into nan, so ELRA
+    retraced every step and the model never moved, silently. Disabled, it now passes the loss through as
+    ``enabled`` says: the run is ``optimizer.step(loss)``'s, step for step."""
+
+    def run(scaler):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        x, y = torch.randn(32, 6), torch.randn(32, 3)
+        opt = ElraOptimizer(model.parameters(), None, 32, 0, lr=1e-4, preconditioner=preconditioner)
+        outcomes = []
+        for _ in range(20):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).sum() * 1e4  # about 1e6
+            if scaler is None:
+                loss.backward()
+                opt.step(loss)
+            else:
+                scaler.scale(loss).backward()
+                outcomes.append(scaler.step(opt))
+                scaler.update()
+        return [p.detach() for p in model.parameters()], opt.stats, outcomes
+
+    plain, stats, _ = run(None)
+    disabled, disabled_stats, outcomes = run(ElraGradScaler(enabled=False))
+    assert stats["retraces"] < 10 and disabled_stats == stats and outcomes.count("accept") == 20 - stats["retraces"]
+    assert all(torch.equal(a, b) for a, b in zip(plain, disabled))
+
+
 @pytest.mark.parametrize("kwargs", [{"init_scale": 0}, {"growth_factor": 1.0}, {"backoff_factor": 1.0}, {"growth_interval": 0}])
 def test_scaler_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
