@@ -64,10 +64,15 @@ class ElraGradScaler:
         return self._scale if self.enabled else 1.0
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        """Remember ``loss`` for ``step`` and return it multiplied by the scale."""
+        """Remember ``loss`` for ``step`` and return it multiplied by the scale.
+
+        Several losses scaled (and back-propagated) before one ``step``, torch's pattern for several losses, add
+        up in ``.grad``: ``step`` hands ELRA their sum, the loss of that gradient.
+        """
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"scale() needs the loss tensor, got {type(loss).__name__}")
-        self._loss = _loss_value(loss)
+        value = _loss_value(loss)
+        self._loss = value if self._loss is None else self._loss + value
         return loss * self._scale if self.enabled else loss
 
     def step(self, optimizer: ElraOptimizer) -> str:

@@ -306,6 +306,40 @@ def test_a_disabled_scaler_steps_as_the_optimizer_alone_also_with_losses_above_t
     assert all(torch.equal(a, b) for a, b in zip(plain, disabled))
 
 
+@pytest.mark.parametrize("preconditioner", [None, "muon"])
+def test_two_losses_scaled_and_back_propagated_before_one_step_are_their_sum(preconditioner):
+    """torch's pattern for several losses, ``scaler.scale(loss0).backward(); scaler.scale(loss1).backward();
+    scaler.step(optimizer)``: the gradients add up, but the scaler remembered only the last loss, so ELRA judged
+    the sum's gradient by ``loss1`` alone and took other steps, silently. It now hands ELRA the sum of the losses
+    scaled since the last step: the run is that of ``(loss0 + loss1).backward(); optimizer.step(loss0 + loss1)``
+    (to rounding)."""
+
+    def run(scaler):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+        x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+        opt = ElraOptimizer(model.parameters(), None, 32, 0, lr=1e-4, preconditioner=preconditioner)
+        for _ in range(25):
+            opt.zero_grad()
+            out = model(x)
+            losses = [((out - y) ** 2).mean(), 0.1 * out.abs().mean()]  # a fit and a penalty
+            if scaler is None:
+                total = losses[0] + losses[1]
+                total.backward()
+                opt.step(total)
+            else:
+                scaler.scale(losses[0]).backward(retain_graph=True)
+                scaler.scale(losses[1]).backward()
+                scaler.step(opt)
+                scaler.update()
+        return [p.detach() for p in model.parameters()], opt.stats
+
+    (summed, stats), (scaled, scaled_stats) = run(None), run(ElraGradScaler(init_scale=2.0**8))
+    # two backward passes add the parameters' gradients in another order than one of the sum: rounding apart
+    assert scaled_stats["retraces"] == stats["retraces"] and math.isclose(scaled_stats["lr"], stats["lr"], rel_tol=1e-9)
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(summed, scaled))
+
+
 @pytest.mark.parametrize("kwargs", [{"init_scale": 0}, {"growth_factor": 1.0}, {"backoff_factor": 1.0}, {"growth_interval": 0}])
 def test_scaler_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
