@@ -25,7 +25,8 @@ class ElraGradScaler:
 
     Args:
         init_scale: initial scale factor.
-        growth_factor: factor of a growth (after ``growth_interval`` clean steps).
+        growth_factor: factor of a growth (after ``growth_interval`` clean steps); growths stop at 2^16, and a
+            larger ``init_scale`` is kept until an overflow backs it off.
         backoff_factor: factor applied when the gradients overflow.
         growth_interval: clean ``update()`` calls between growths.
         loss_limit: a loss at or above this (or non-finite) retraces.
@@ -108,7 +109,7 @@ class ElraGradScaler:
             return
         self._clean_steps += 1
         if self._clean_steps >= self.growth_interval and not collecting:
-            self._scale = min(self._scale * self.growth_factor, MAX_SCALE)
+            self._scale = max(self._scale, min(self._scale * self.growth_factor, MAX_SCALE))  # a growth never cuts
             self._clean_steps = 0
 
     def _limited(self, loss: float | torch.Tensor) -> float | torch.Tensor:

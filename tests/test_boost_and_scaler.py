@@ -207,6 +207,18 @@ def test_scaler_backs_off_on_overflow_grows_when_clean_and_trains(dtype, precond
     assert opt.stats["real_steps"] == 300 - 3 and accuracy > 0.8
 
 
+def test_a_growth_never_cuts_an_initial_scale_above_the_cap():
+    """Growths stop at 2^16; an ``init_scale`` above it stays until an overflow (a growth set it to 2^16)."""
+    scaler = ElraGradScaler(init_scale=2.0**20, growth_interval=1)
+    for _ in range(3):
+        scaler.update()
+    assert scaler.get_scale() == 2.0**20
+    below = ElraGradScaler(init_scale=2.0**15, growth_interval=1)
+    for _ in range(3):
+        below.update()
+    assert below.get_scale() == 2.0**16
+
+
 def test_p2m_momentum_takes_the_unscaled_float16_gradient_at_its_share():
     """P2M with momentum: ``d <- 0.9*d + (0.1/3)*g/2^16`` (3 micro-batches, loss scale 2^16), against float64.
 
