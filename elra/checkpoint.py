@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from typing import Any
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -38,6 +40,13 @@ _LATE = "late"  # 1.0 where a parameter's moments wait for their first gradient 
 _COLLECTED = "collected"
 _FLAGS = (_MOVED, _LATE, _COLLECTED)  # 0-d per-parameter state
 _WRAPPER_PARTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+# torch's state_dict and load_state_dict hooks (register_state_dict_pre_hook...): ELRA runs them around its whole state
+_HOOKS = (
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
 
 
 class Checkpointing:
@@ -59,6 +68,8 @@ class Checkpointing:
         must know the model (``model``, or ``grad_sync``) to see such sums.
         """
         self._refuse_inside_boosted("state_dict()")
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         self._note_unsynced_models()
         if self._pending and self.unsynced_models:
             raise RuntimeError(
@@ -84,7 +95,8 @@ class Checkpointing:
                 "a micro-batch whose loss step() has not had, and a run resumed from this checkpoint would count it "
                 "twice when it repeats the iteration. Save after optimizer.step(loss), or before loss.backward()"
             )
-        sd = super().state_dict()
+        with self._torch_hooks_held():
+            sd = super().state_dict()
         controller = self.controller.state_dict()
         controller["pending_losses"] = [float(v) for v in self._pending]
         controller["pending_reports"] = [float(v) for v in self._reports]
@@ -106,7 +118,24 @@ class Checkpointing:
                 flags = {_MOVED: moved, _LATE: late, _COLLECTED: collected}
                 sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending, **flags}
                 index += 1
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            sd = sd if result is None else result
         return sd
+
+    @contextmanager
+    def _torch_hooks_held(self) -> Iterator[None]:
+        """torch's ``state_dict``/``load_state_dict`` without its hooks: ELRA runs them itself, around its whole
+        state (inside torch's part a post hook saw no controller and no collected sums, a load pre hook's dict was
+        not the one ELRA checked and read, a load post hook saw the controller before the load)."""
+        held = {name: getattr(self, name) for name in _HOOKS}
+        for name in _HOOKS:
+            setattr(self, name, OrderedDict())
+        try:
+            yield
+        finally:
+            for name, hooks in held.items():
+                setattr(self, name, hooks)
 
     @torch.no_grad()
     def sync_pending_grads(self) -> None:
@@ -170,6 +199,10 @@ class Checkpointing:
         fit raises ``ValueError`` before anything changes.
         """
         self._refuse_inside_boosted("load_state_dict()")
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict  # shallow, as torch's
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            state_dict = state_dict if result is None else result
         self._note_unsynced_models()
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         foreign = sorted({key for g in groups or () if isinstance(g, dict) for key in FOREIGN_GROUP_OPTIONS & g.keys()})
@@ -214,7 +247,8 @@ class Checkpointing:
         # Keep this optimizer's param_names, which name its parameters in its order: torch takes the saved ones,
         # which after a name-keyed load into another order (torch.distributed.checkpoint's) name the saved order
         own_names = [g.get("param_names") for g in self.param_groups]
-        super().load_state_dict(state_dict)
+        with self._torch_hooks_held():
+            super().load_state_dict(state_dict)
         for group, names in zip(self.param_groups, own_names):
             if names is None:
                 group.pop("param_names", None)
@@ -240,6 +274,8 @@ class Checkpointing:
             drop_unsynced_grads(model)
         self.unsynced_models.clear()
         self._restore_grads(state_dict, bool(pending))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _saved_config(self, saved: Any) -> dict[str, Any]:
         """The checkpoint's hyperparameters, validated; this optimizer's for checkpoints without them."""

@@ -799,3 +799,38 @@ def test_checkpoints_after_step_while_collecting_are_not_refused(preconditioner,
         for model, optimizer in [(fresh, loaded), (net2, opt2), (net3, opt3)]:
             assert torch.equal(_heads_step(optimizer, model, step, zeroing)[0], expected[0]), step
             _saved(model, optimizer)
+
+
+def test_state_dict_hooks_see_and_shape_elras_whole_state():
+    """torch's state_dict and load_state_dict hooks ran inside torch's part: a post hook saw the state without
+    ELRA's (the controller, the collected sums), a load pre hook's dict was not the one ELRA checked and read, and a
+    load post hook saw the optimizer before ELRA restored its controller. A pair of hooks that keys the state by
+    parameter name (torch's suggestion for reordered models) must resume the run as a plain checkpoint does."""
+    names = [name for name, _ in digits_model(torch.float32).named_parameters()]
+
+    def by_name(opt, sd):
+        assert "elra_controller" in sd["param_groups"][0] and all("pending_grad" in s for s in sd["state"].values())
+        return {**sd, "state": {names[k]: v for k, v in sd["state"].items()}}
+
+    def by_index(opt, sd):
+        return {**sd, "state": {names.index(k): v for k, v in sd["state"].items()}}
+
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model)
+    _collect(model, opt, 0, 31)
+    assert opt.micro_batches
+    plain = _saved(model, opt)
+    opt.register_state_dict_post_hook(by_name)
+    hooked = _saved(model, opt)
+    assert set(hooked[1]["state"]) == set(names)
+    seen = []
+    fresh, fresh_opt = _resumed(plain)
+    model2 = digits_model(torch.float32)
+    model2.load_state_dict(hooked[0])
+    opt2 = _digits_optimizer(model2)
+    opt2.register_load_state_dict_pre_hook(by_index)
+    opt2.register_load_state_dict_post_hook(lambda o: seen.append(o.stats))
+    opt2.load_state_dict(hooked[1])
+    assert seen == [opt.stats] and "elra_controller" not in opt2.param_groups[0]
+    end = _collect(fresh, fresh_opt, 31, 90)
+    assert _same(_collect(model2, opt2, 31, 90), end) and opt2.stats == fresh_opt.stats
