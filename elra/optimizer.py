@@ -370,6 +370,11 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 f"a parameter group sets lr={group['lr']!r}: ELRA adapts one step length for all groups, "
                 "so per-group learning rates are not supported (leave 'lr' out of the group)"
             )
+        if group.get("lr_scale", 1.0) != 1.0:  # timm's layer-wise decay: its schedulers multiply lr by it
+            raise ValueError(
+                f"a parameter group sets lr_scale={group['lr_scale']!r} (timm's layer-wise lr decay): ELRA adapts one "
+                "step length for all groups and no scheduler steers it, so the scale would be ignored (leave it out)"
+            )
         preconditioner = self._config["preconditioner"]
         if "momentum" in group and normalized_momentum(group["momentum"], preconditioner) != self._config["momentum"]:
             raise ValueError(

@@ -445,12 +445,13 @@ def test_named_parameters_train_like_parameters_and_keep_their_names():
         ({"momentum": 0.9}, "one momentum"),
         ({"betas": (0.5, 0.5)}, "'betas'"),
         ({"eps": 1.0, "nesterov": True}, "'eps', 'nesterov'"),
+        ({"lr_scale": 0.65}, "lr_scale=0.65"),
     ],
 )
 def test_per_group_lr_and_momentum_are_refused(group, match):
     with pytest.raises(ValueError, match=match):
         ElraOptimizer([{"params": [_param(1.0)], **group}, {"params": [_param(2.0)]}], lr=1e-5, momentum=0.5)
-    ElraOptimizer([{"params": [_param(1.0)], "lr": 1e-5, "momentum": 0.5}], lr=1e-5, momentum=0.5)
+    ElraOptimizer([{"params": [_param(1.0)], "lr": 1e-5, "momentum": 0.5, "lr_scale": 1.0}], lr=1e-5, momentum=0.5)
 
 
 def test_foreign_group_options_and_sets_are_refused_by_add_param_group_too():
