@@ -94,6 +94,9 @@ class ElraGradScaler:
         inv_scale = 1.0 / self._scale if self.enabled else 1.0
         # through the optimizer's step hooks, as optimizer.step(loss) (torch's GradScaler too)
         outcome = optimizer._hooked_step(loss, inv_scale=inv_scale, skip_overflow=self.enabled)
+        # the mark torch's LR schedulers put through their wrapper of optimizer.step: without it the first
+        # scheduler.step() warned that it came before optimizer.step()
+        optimizer._opt_called = True
         self._overflowed = self._overflowed or outcome == "overflow"
         return outcome
 

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -417,6 +418,34 @@ def test_scaler_steps_run_the_optimizers_step_hooks_as_plain_steps_do():
 
     plain = run(None)
     assert len(plain) == 8 and run(ElraGradScaler(init_scale=8.0)) == plain
+
+
+def test_an_lr_scheduler_after_scaler_steps_warns_as_after_plain_steps():
+    """torch's schedulers mark the optimizer's ``step`` to warn when the scheduler steps first; ``scaler.step``
+    went past that mark, so the first ``scheduler.step()`` after it warned that it came before
+    ``optimizer.step()``, in a loop in the right order."""
+
+    def warnings_of(scaler):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        opt = ElraOptimizer(model.parameters(), None, 8, 1, lr=1e-4)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, 1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(3):
+                opt.zero_grad()
+                loss = model(torch.full((2, 3), float(step))).pow(2).mean()
+                if scaler is None:
+                    loss.backward()
+                    opt.step(loss)
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                scheduler.step()
+        return [str(w.message) for w in caught]
+
+    assert warnings_of(ElraGradScaler()) == warnings_of(None) == []
 
 
 def test_update_bn_inside_boosted_with_buffers_kept_aside_matches_the_copy_and_leaves_the_model_as_it_was():
