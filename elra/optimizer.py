@@ -219,7 +219,10 @@ class ElraOptimizer(Checkpointing, Optimizer):
         compiled: bool = False,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+            # torch's optimizers take lr second: ElraOptimizer(params, 1e-4) meant the lr
+            number = isinstance(model, numbers.Real)
+            hint = ": ELRA's second argument is the model, pass lr=... by name" if number else ""
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}{hint}")
         config = checked_config(
             dict(
                 lr=lr,

@@ -49,6 +49,13 @@ def test_arguments_of_the_wrong_type_raise_type_error_naming_them(kwargs, match)
         ElraOptimizer([_param(1.0)], **kwargs)
 
 
+def test_an_lr_passed_second_as_torchs_optimizers_take_it_is_named_as_such():
+    """``Adam(params, 1e-3)``'s habit: ELRA's second argument is the model, and the error only said it was no
+    module."""
+    with pytest.raises(TypeError, match=r"got float: ELRA's second argument is the model, pass lr=\.\.\. by name"):
+        ElraOptimizer([_param(1.0)], 1e-4)
+
+
 def test_seed_constructor_forms():
     model = cubic_model()
     ElraOptimizer(model.parameters(), model=model, lr=1e-6)
