@@ -533,3 +533,36 @@ def run_routed_sync(rank: int, world: int, store: str, out: str, strategies: lis
             torch.save({"grads": grads, "collected": collected}, Path(out) / f"routed-{strategy}{rank}.pt")
 
     as_gloo_rank(rank, world, store, body)
+
+
+def zero_fit(optimizer_for, steps: int = 20) -> torch.Tensor:
+    """A noise-free P2M fit of a small tanh MLP, the same on every rank; the parameters at the end."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    wrapped, step = optimizer_for(model)
+    for _ in range(steps):
+        wrapped.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        step(loss)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def run_zero(rank: int, world: int, store: str, out: str) -> None:
+    """ELRA under torch's ZeroRedundancyOptimizer: each rank holds its partition of the parameters alone."""
+
+    def body() -> None:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        def zero(model):
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            optimizer = ZeroRedundancyOptimizer(
+                ddp.parameters(), optimizer_class=ElraOptimizer, lr=1e-5, classes=0, preconditioner=None,
+                replicas=lambda p: 1,
+            )
+            return optimizer, lambda loss: optimizer.step(loss=loss)
+
+        torch.save(zero_fit(zero), Path(out) / f"zero{rank}.pt")
+
+    as_gloo_rank(rank, world, store, body)

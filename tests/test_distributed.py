@@ -8,7 +8,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dist_worker import Scenario, make_net, routed_grads, run_checkpointing, run_routed_sync, run_scenarios
+from dist_worker import (
+    Scenario, make_net, routed_grads, run_checkpointing, run_routed_sync, run_scenarios, run_zero, zero_fit,
+)
+from elra import ElraOptimizer
 
 
 def _random_plan(seed: int, world: int, events: int, steps: int = 40) -> tuple:
@@ -615,3 +618,16 @@ def test_a_boosted_evaluation_that_raises_in_the_forward_leaves_the_run_as_it_wa
         assert ranks[0][name]["stats"]["boost_count"] >= 5
         for key, value in ranks[0][name]["single"]["boosted"].items():
             assert all(torch.allclose(r[name]["boosted"][key], value, rtol=0, atol=1e-10) for r in ranks), key
+
+
+def test_zero_redundancy_optimizer_with_one_replica_per_parameter_follows_one_process(tmp_path):
+    """torch's ZeroRedundancyOptimizer gives each rank's ELRA its partition of the parameters: with
+    ``replicas=lambda p: 1`` (each part is on one rank, not a DDP replica) the run is one process's."""
+    mp.spawn(run_zero, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+
+    def single(model):
+        optimizer = ElraOptimizer(model.parameters(), lr=1e-5, classes=0, preconditioner=None, process_group=None)
+        return optimizer, optimizer.step
+
+    alone = zero_fit(single)
+    assert all(torch.equal(torch.load(tmp_path / f"zero{r}.pt"), alone) for r in range(2))
