@@ -460,6 +460,12 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 "(the same calls: scale(loss).backward(), step(optimizer), update())"
             )
         if closure is not None:
+            if not callable(closure) and loss is None:  # a wrapper's step(loss) handing it on as closure=loss
+                raise TypeError(
+                    f"step(closure=...) needs a callable, got {type(closure).__name__}: pass the loss as step(loss); "
+                    "a wrapper that hands its step's argument on as the closure (ZeroRedundancyOptimizer) takes "
+                    "step(loss=loss)"
+                )
             if not callable(closure):  # the published package's step(loss, scale)
                 raise TypeError(
                     f"step()'s second argument is a closure (torch's convention), got {type(closure).__name__}: "

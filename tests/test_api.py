@@ -131,6 +131,19 @@ def test_the_published_step_with_a_scale_names_the_scaler_and_changes_nothing(sc
     assert opt.stats["real_steps"] == 1
 
 
+def test_a_loss_handed_on_as_the_closure_is_named_as_such_and_changes_nothing():
+    """A wrapper's ``step(loss)`` that hands the loss on as ``closure=`` (ZeroRedundancyOptimizer) was told to
+    use ElraGradScaler, the advice for the published ``step(loss, scale)``."""
+    p = _param(1.0)
+    opt = ElraOptimizer([p])
+    loss = (p**2).sum()
+    loss.backward()
+    named = r"needs a callable, got Tensor: pass the loss as step\(loss\).*step\(loss=loss\)"
+    with pytest.raises(TypeError, match=named):
+        opt.step(closure=loss)
+    assert p.item() == 1.0 and opt.stats["real_steps"] == opt.micro_batches == 0
+
+
 def test_float_tensor_and_closure_losses_give_identical_trajectories():
     by_float, _ = _cubic_run("float")
     by_tensor, _ = _cubic_run("tensor")
