@@ -621,6 +621,12 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if not enable:
             self.disable_boost()
             return 0, 0.0, None
+        wrapping = fsdp_wrapping(p for g in self.param_groups for p in g["params"])
+        if wrapping is not None:  # refused now, not an epoch later at the first copy (in torch's words)
+            raise TypeError(
+                f"get_boost_model copies the model, which {wrapping} cannot (each rank holds shards): evaluate "
+                "the boost mean in place, `with optimizer.boosted():` on every rank, after optimizer.enable_boost()"
+            )
         if model is not None:
             self._boost_source = model
         if not self.booster.enabled:

@@ -631,3 +631,51 @@ def test_zero_redundancy_optimizer_with_one_replica_per_parameter_follows_one_pr
 
     alone = zero_fit(single)
     assert all(torch.equal(torch.load(tmp_path / f"zero{r}.pt"), alone) for r in range(2))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
+def test_get_boost_model_of_a_sharded_model_is_refused_at_once_and_changes_nothing(tmp_path, strategy):
+    """``get_boost_model(True, model)`` of an FSDP model turned boosting on, and the next call, an epoch later, met
+    torch's refusal to copy the model: FSDP2 "does not support deepcopy", FSDP1 "Only Tensors created explicitly
+    by the user ... weight_norm" or "cannot pickle 'module' object". It is refused at the first call now, naming
+    ``boosted()``, and the run goes on as one that never called it (one rank, in this process)."""
+    import torch.distributed as dist
+
+    from elra import ElraOptimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        def run(call: bool):
+            net = make_net()
+            if strategy == "fsdp2":
+                from torch.distributed.fsdp import fully_shard
+
+                model = fully_shard(net)
+            else:
+                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+                model = FSDP(net, device_id=torch.device("cpu"))
+            optimizer = ElraOptimizer(model.parameters(), model, 4, 3, lr=1e-3, preconditioner="adam")
+            gen = torch.Generator().manual_seed(0)
+            for step in range(6):
+                if call and step == 3:
+                    with pytest.raises(TypeError, match=r"optimizer\.boosted\(\)"):
+                        optimizer.get_boost_model(True, model)
+                x = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+                y = torch.randint(0, 3, (4,), generator=gen)
+                optimizer.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                optimizer.step(loss)
+            return [p.detach().clone() for p in optimizer.param_groups[0]["params"]], optimizer.stats
+
+        params, stats = run(True)
+        reference, reference_stats = run(False)
+        assert all(torch.equal(_local_part(a), _local_part(b)) for a, b in zip(params, reference))
+        assert stats == reference_stats and stats["boost_count"] == 0
+    finally:
+        dist.destroy_process_group()
+
+
+def _local_part(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
