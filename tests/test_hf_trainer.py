@@ -284,3 +284,42 @@ def test_train_losses_saved_by_two_processes_resume_into_one_as_their_totals(tmp
     assert trainer.optimizer.state_dict()["elra_trainer_train_loss"] == [12.75, 3.0]
     trainer.optimizer.load_state_dict({**state, "elra_trainer_train_loss": [8.25, 2.0]})  # one process's
     assert trainer.optimizer.state_dict()["elra_trainer_train_loss"] == [8.25, 2.0]
+
+
+def test_an_evaluation_inside_boosted_is_not_fed_to_the_weight_decay_control(tmp_path):
+    """The README's advice, evaluating inside ``trainer.elra_optimizer.boosted()`` to see the mean, fed the boost
+    mean's loss during training to the weight-decay control as the validation loss of the current weights, with the
+    train losses gathered for the next regular evaluation, which then had only the few left. Such an evaluation
+    feeds nothing now: the control gets what the run without it gets."""
+    from transformers import TrainerCallback
+
+    def run(boosted_evaluation):
+        model = tiny_gpt2()
+        args = _args(tmp_path, gradient_accumulation_steps=1, weight_decay=0.01, max_steps=8, eval_strategy="steps",
+                     eval_steps=4)
+        trainer = ElraTrainer(model=model, args=args, train_dataset=CountingSequences(64, 0),
+                              eval_dataset=CountingSequences(32, 1))
+        trainer.create_optimizer()
+        elra = trainer.elra_optimizer
+        elra.enable_boost()
+        fed, boosted_losses = [], []
+        set_train_loss, set_valid_loss = elra.set_train_loss, elra.set_valid_loss
+        elra.set_train_loss = lambda loss: (fed.append(("train", loss)), set_train_loss(loss))[1]
+        elra.set_valid_loss = lambda loss: (fed.append(("valid", loss)), set_valid_loss(loss))[1]
+
+        class BoostedEvaluation(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if boosted_evaluation and state.global_step in (3, 6):
+                    with elra.boosted() as count:
+                        assert count > 0
+                        boosted_losses.append(trainer.evaluate(metric_key_prefix="boosted")["boosted_loss"])
+
+        trainer.add_callback(BoostedEvaluation())
+        trainer.train()
+        return fed, [p.detach().clone() for p in model.parameters()], boosted_losses
+
+    fed, params, boosted_losses = run(True)
+    reference_fed, reference_params, _ = run(False)
+    assert len(boosted_losses) == 2 and len(reference_fed) == 4
+    assert fed == reference_fed
+    assert all(torch.equal(a, b) for a, b in zip(params, reference_params))

@@ -324,7 +324,8 @@ class ElraTrainer(Trainer):
         The train loss is the mean finite micro-batch loss since the previous
         evaluation (over all processes), the validation loss Trainer's
         ``eval_loss``. With several evaluation sets the first one counts (not
-        finite: nothing is fed, as with one set).
+        finite: nothing is fed, as with one set). An evaluation inside
+        ``elra_optimizer.boosted()`` (of the boost mean) feeds nothing.
         """
         sets = self.eval_dataset if eval_dataset is None else eval_dataset
         several = isinstance(sets, dict) and bool(sets)
@@ -334,7 +335,8 @@ class ElraTrainer(Trainer):
         finally:
             self._feed_elra = feed
         valid = metrics.get(f"{metric_key_prefix}_{next(iter(sets))}_loss" if several else f"{metric_key_prefix}_loss")
-        if feed and self.is_in_train and valid is not None and self.elra_optimizer is not None:
+        elra = self.elra_optimizer
+        if feed and self.is_in_train and valid is not None and elra is not None and not elra._boost_swapped:
             total, count = self.accelerator.reduce(self._train_losses, reduction="sum").tolist()
             if count and math.isfinite(valid):
                 self.elra_optimizer.set_train_loss(total / count)
