@@ -13,6 +13,7 @@ points.
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -47,7 +48,7 @@ class Booster:
         return self.loss_sum / self.count if self.count else 0.0
 
     def enable(self, cycle: int) -> None:
-        _check_cycle(cycle)
+        cycle = _check_cycle(cycle)
         self.enabled = True
         self.cycle = cycle
         self.restart()
@@ -119,6 +120,8 @@ class Booster:
         self.loss_sum = float(state["loss_sum"])
 
 
-def _check_cycle(cycle: int) -> None:
-    if isinstance(cycle, bool) or not isinstance(cycle, int) or cycle < 2:
+def _check_cycle(cycle: int) -> int:
+    """``cycle`` as a Python int (numpy integers too, as the constructor takes them), or ``ValueError``."""
+    if isinstance(cycle, bool) or not isinstance(cycle, numbers.Integral) or cycle < 2:
         raise ValueError(f"Invalid boost cycle: {cycle!r} (expected an integer >= 2)")
+    return int(cycle)

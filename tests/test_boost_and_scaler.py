@@ -488,3 +488,27 @@ def test_the_scaler_refuses_another_optimizer_naming_it_and_changes_nothing():
     with pytest.raises(TypeError, match=r"an ElraOptimizer, got SGD \(one prepared by Accelerate: pass .*elra_optimizer"):
         scaler.step(optimizer)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_numpy_integer_boost_cycle_is_taken_as_the_constructor_takes_numpy_integers(tmp_path):
+    """``enable_boost(np.int64(10))`` raised "Invalid boost cycle: np.int64(10) (expected an integer >= 2)", where
+    the constructor takes numpy integers (``batch_size``, ``batch_multiplier``). It is the cycle of 10 now, a Python
+    int in ``state_dict()`` (which ``torch.load``'s default ``weights_only=True`` reads back)."""
+    np = pytest.importorskip("numpy")
+    runs = []
+    for cycle in (10, np.int64(10)):
+        torch.manual_seed(0)
+        model, opt, _ = _boosted_linear(steps=12)
+        opt.enable_boost(cycle)
+        for _ in range(14):
+            opt.zero_grad()
+            loss = model(torch.ones(1, 3)).pow(2).sum()
+            loss.backward()
+            opt.step(loss)
+        torch.save(opt.state_dict(), tmp_path / "opt.pt")
+        saved = torch.load(tmp_path / "opt.pt")["param_groups"][0]["elra_boost"]
+        with opt.boosted() as count:
+            runs.append((count, saved, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0] == 10 and runs[0][1] == runs[1][1]
+    assert type(runs[1][1]["cycle"]) is int
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2]))
