@@ -172,20 +172,22 @@ class Checkpointing:
 
     @torch.no_grad()
     def _average_pending_losses(self) -> None:
-        """Replace this rank's collected micro-batch losses and reported losses by their means over ranks.
+        """Replace this rank's collected micro-batch losses by their means over ranks, and apply the losses
+        reported on any rank since the last real step, as that step would.
 
-        The real step sums each micro-batch's loss over ranks divided by the world size, and the reported
-        losses and their counts over ranks: the means (counts become fractions) give it the same values, up
-        to rounding, on any number of ranks that each hold them.
+        The real step sums each micro-batch's loss over ranks divided by the world size: the means give it
+        the same values on any number of ranks that each hold them. Reports applied here leave none pending,
+        so a later report replaces them, as it does without this call (kept pending as means, such a report
+        on one rank was averaged with the others' share of the earlier one).
         """
         world = self.reducer.world_size
         if world == 1:
             return
         device = self._device or torch.device("cpu")  # where the real step's vector lives (_scalar_batch)
         losses = loss_vector([*self._pending, *self._reports], accumulation_dtype(device), device)
-        means = (self.reducer.sum(losses) / world).tolist()
-        split = len(self._pending)
-        self._pending, self._reports = means[:split], means[split:]
+        sums, split = self.reducer.sum(losses), len(self._pending)
+        self._pending = (sums[:split] / world).tolist()
+        self._apply_reports(sums[split:].tolist())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by ``state_dict``: everything, or nothing if it does not fit.

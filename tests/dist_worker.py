@@ -55,6 +55,7 @@ class Scenario:
     user_sync: bool = False  # the wrapper's own sync switch (FSDP2's, FSDP1's no_sync()) instead of grad_sync
     reports_at: int | None = None  # micro-step where rank r reports train loss 1 and validation loss 2 + r ...
     rank0_reports: bool = False  # ... or only rank 0 does (the single process reports what the ranks agree on)
+    report_sync_report_at: int | None = None  # micro-step where rank 0 reports, all sync_pending_grads, rank 0 reports
     lone_skip_at: int | None = None  # micro-step where the last rank calls skip_backward where the others step
     cast_at: int | None = None  # micro-step before which the model, float32 until then, is cast to float64
     state_dict_at: int | None = None  # micro-step before which every rank takes optimizer.state_dict()
@@ -130,6 +131,8 @@ def train(
         x = x.to(next(model.parameters()).dtype)
         if step == scenario.reports_at:
             _report(scenario, optimizer, rank, world, sharded_world)
+        if step == scenario.report_sync_report_at:
+            _report_around_a_sync(optimizer, rank)
         if step == scenario.state_dict_at:
             optimizer.state_dict()
         if step == scenario.lone_boost_restart_at and rank == world - 1 and sharded_world > 1:
@@ -209,6 +212,17 @@ def _report(scenario: Scenario, optimizer: ElraOptimizer, rank: int, world: int,
     if sharded_world == 1 or rank in reporting:
         optimizer.set_train_loss(1.0)
         optimizer.set_valid_loss(2.0 + rank if sharded_world > 1 else sum(2.0 + r for r in reporting) / len(reporting))
+
+
+def _report_around_a_sync(optimizer: ElraOptimizer, rank: int) -> None:
+    """Rank 0 reports validation loss 5, every rank synchronises (as before a checkpoint), rank 0 reports 3:
+    the last report counts, as in the single process, where the synchronisation does nothing."""
+    if rank == 0:
+        optimizer.set_train_loss(1.0)
+        optimizer.set_valid_loss(5.0)
+    optimizer.sync_pending_grads()
+    if rank == 0:
+        optimizer.set_valid_loss(3.0)
 
 
 @contextmanager

@@ -260,9 +260,13 @@ FAILED_BOOST_EVAL = [
     Scenario(name, name.split("-")[0], steps=30, batch_multiplier=2, boost_cycle=100, failed_boost_eval_at=21)
     for name in ("fsdp1-failed-boost-eval", "fsdp2-failed-boost-eval")
 ]
+REPORT_AROUND_SYNC = [
+    Scenario("ddp-report-sync-report", steps=14, batch_multiplier=2, options={**ADAM, "weight_decay": 1e-2},
+             report_sync_report_at=9)
+]
 # run in the same spawn as TWO_RANKS (a spawn of 2 ranks costs tens of seconds of imports on 2 cores), before its last
 # scenario, which stops in FSDP2; checked by the tests at the end of this file
-TWO_RANKS_TOO = ALONE_SCENARIOS + LONE_BOOST_RESTART + FAILED_BOOST_EVAL
+TWO_RANKS_TOO = ALONE_SCENARIOS + LONE_BOOST_RESTART + FAILED_BOOST_EVAL + REPORT_AROUND_SYNC
 
 
 @pytest.fixture(scope="module")
@@ -342,6 +346,13 @@ def test_losses_reported_on_some_ranks_set_one_decay_on_every_rank(two, name, va
     """Per-rank reports once gave each rank its own decay: DDP replicas drifted apart, with equal stats."""
     stats = _assert_matches_single_process(two, name)
     assert stats["weight_decay"] == pytest.approx(1e-2 * math.sqrt(2.0 * valid - 1.0), rel=1e-12)
+
+
+def test_a_report_after_sync_pending_grads_replaces_the_one_before_as_without_it(two):
+    """``sync_pending_grads()`` (before a checkpoint) between two reports on rank 0: the step takes the last,
+    as one process does (the synchronised first report was kept pending as a mean and averaged in, 3.67)."""
+    stats = _assert_matches_single_process(two, "ddp-report-sync-report")
+    assert stats["weight_decay"] == pytest.approx(1e-2 * math.sqrt(2.0 * 3.0 - 1.0), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ["ddp-adam-compiled", "fsdp2-adam-compiled"])
