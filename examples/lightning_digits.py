@@ -64,13 +64,15 @@ def build_module(batch_size: int, batch_multiplier: int = 1):
         def validation_step(self, batch, _):
             x, y = batch
             logits = self.net(x)
-            self.valid_losses.append(torch.nn.functional.cross_entropy(logits, y))
-            self.accuracy = (logits.argmax(1) == y).float().mean().item()
+            # per sample: the set's mean loss and accuracy, not the mean of the batch means (the last batch is short)
+            loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            self.valid_losses.append(torch.stack([loss, (logits.argmax(1) == y).sum(), loss.new_tensor(len(y))]))
 
         def on_validation_epoch_end(self) -> None:
             # a non-finite micro-batch loss made ELRA retrace; it stays out of the mean (set_train_loss refuses it)
             train = torch.stack(self.train_losses) if self.train_losses else torch.zeros(0)
-            train, valid = train[torch.isfinite(train)], torch.stack(self.valid_losses).mean()
+            loss, correct, count = torch.stack(self.valid_losses).sum(0)
+            train, valid, self.accuracy = train[torch.isfinite(train)], loss / count, (correct / count).item()
             if len(train) and torch.isfinite(valid):
                 optimizer = self.optimizers().optimizer
                 optimizer.set_train_loss(train.mean().item())

@@ -122,6 +122,26 @@ def test_lightning_example_resumes_from_a_checkpoint_taken_mid_collection(tmp_pa
         torch.load(checkpoint, weights_only=False)["train_losses"]
     )
 
+def test_lightning_example_reports_and_feeds_the_whole_validation_sets_loss_and_accuracy():
+    """The 360 validation digits come in batches of 256 and 104: the accuracy was the last batch's alone and the
+    loss fed to set_valid_loss the unweighted mean of the two batch means."""
+    L = pytest.importorskip("lightning")
+    example = _example("lightning_digits")
+    torch.manual_seed(0)
+    module = example.build_module(32)
+    train_loader, valid_loader = example.digits_loaders(32)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=6, num_sanity_val_steps=0, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_loader, valid_loader)
+    x, y = (torch.cat(parts) for parts in zip(*valid_loader))
+    with torch.no_grad():
+        logits = module.net(x)
+    assert [len(batch[1]) for batch in valid_loader] == [256, 104]
+    assert module.accuracy == pytest.approx((logits.argmax(1) == y).float().mean().item(), abs=1e-6)
+    valid_loss = torch.nn.functional.cross_entropy(logits, y).item()
+    assert trainer.optimizers[0].controller.state.valid_loss == pytest.approx(valid_loss, rel=1e-6)
+
+
 @pytest.mark.parametrize("option", [{"accumulate_grad_batches": 2}, {"gradient_clip_val": 1.0}])
 def test_lightning_example_refuses_what_would_fight_elra(option):
     """Accumulation handed ELRA every 2nd loss, halved, beside two batches' gradient; clipping rescales it."""
