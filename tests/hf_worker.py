@@ -128,9 +128,41 @@ def trainer_train(out: Path) -> None:
     torch.save(resumed, out / f"trainer_resumed{index}.pt")
 
 
+def trainer_compiled(out: Path) -> None:
+    """ElraTrainer with ``torch_compile=True``: Trainer's model is torch.compile's wrapper (around DDP on 2 processes).
+
+    Compilation itself is switched off (its wrapper stays): the run only needs whom ELRA's sync decision reaches.
+    Real steps of 3 micro-batches straddle Trainer's no_sync chunks of 2.
+    """
+    from transformers import TrainingArguments
+
+    from elra.integrations.transformers import ElraTrainer
+
+    model = tiny_gpt2(dtype=torch.float64)
+    optimizer = ElraOptimizer(model.parameters(), None, 8, VOCAB, lr=1e-4, batch_multiplier=3)
+    args = TrainingArguments(
+        output_dir=str(out / "compiled"), per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=6,
+        logging_steps=6, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        accelerator_config={"split_batches": True}, torch_compile=True, torch_compile_backend="eager",
+    )
+    trainer = ElraTrainer(model=model, args=args, train_dataset=CountingSequences(64, 0), optimizers=(optimizer, None))
+    with torch._dynamo.config.patch(disable=True):
+        trainer.train()
+    wrapped = trainer.model_wrapped
+    torch.save(
+        {
+            "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+            "stats": optimizer.stats,
+            "ddp": isinstance(getattr(wrapped, "_orig_mod", None), torch.nn.parallel.DistributedDataParallel),
+        },
+        out / f"compiled{trainer.args.process_index}.pt",
+    )
+
+
 def _both(out: Path, steps: int, multiplier: int, global_batch: int) -> None:
     accelerate_train(steps, multiplier, global_batch, out)
     trainer_train(out)
+    trainer_compiled(out)
 
 
 def spawned_process(index: int, store: str, steps: int, multiplier: int, global_batch: int, out: str) -> None:

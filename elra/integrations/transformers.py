@@ -115,7 +115,9 @@ def _sync_when_elra_steps(model: torch.nn.Module, optimizer: ElraOptimizer) -> I
     DDP reads the flag at forward time. While collecting, ELRA learns that each
     process holds its own partial sums (as under ``elra.grad_sync``), which a
     checkpoint must average first (``ElraTrainer._save_checkpoint``).
+    With ``torch_compile=True`` Trainer hands over torch.compile's wrapper around DDP: the flag is DDP's.
     """
+    model = getattr(model, "_orig_mod", model)
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         yield
         return
