@@ -52,7 +52,9 @@ def grad_sync(model: torch.nn.Module, optimizer: "ElraOptimizer") -> Iterator[No
 
 def tell_optimizer(model: torch.nn.Module, optimizer: "ElraOptimizer", unsynced: bool) -> None:
     """The optimizer learns ``model`` (once), and with ``unsynced`` that the model's wrapper holds this rank's
-    partial sums, collected with gradient sync off (a checkpoint must average them first)."""
+    partial sums, collected with gradient sync off (a checkpoint must average them first).
+    ``torch.compile``'s wrapper counts as the model it wraps (the DDP or FSDP module the sums belong to)."""
+    model = getattr(model, "_orig_mod", model)
     if not any(known is model for known in optimizer.models):
         optimizer.models.append(model)
     if unsynced:

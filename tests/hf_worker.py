@@ -159,8 +159,34 @@ def trainer_compiled(out: Path) -> None:
     )
 
 
+def accelerate_compiled_sums(global_batch: int, out: Path) -> None:
+    """The README's Accelerate loop with the prepared model compiled (as ``dynamo_backend`` does: around DDP),
+    compilation switched off: two micro-batches of three collected, then ``sync_pending_grads``; saves ``.grad``."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    from elra.integrations.accelerate import accumulate, elra_optimizer
+
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    model = tiny_gpt2(dtype=torch.float64)
+    optimizer = ElraOptimizer(model.parameters(), None, global_batch, VOCAB, lr=1e-4, batch_multiplier=3)
+    loader = torch.utils.data.DataLoader(CountingSequences(2 * global_batch, seed=1), batch_size=global_batch)
+    wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    wrapped = torch.compile(wrapped, backend="eager")
+    with torch._dynamo.config.patch(disable=True):
+        for batch in loader:
+            optimizer.zero_grad()
+            with accumulate(accelerator, wrapped, optimizer):
+                loss = wrapped(**batch).loss
+                accelerator.backward(loss)
+            optimizer.step(loss)
+    elra_optimizer(optimizer).sync_pending_grads()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    torch.save(grads, out / f"compiled_sums{accelerator.process_index}.pt")
+
+
 def _both(out: Path, steps: int, multiplier: int, global_batch: int) -> None:
     accelerate_train(steps, multiplier, global_batch, out)
+    accelerate_compiled_sums(global_batch, out)
     trainer_train(out)
     trainer_compiled(out)
 

@@ -78,6 +78,16 @@ def test_trainer_on_two_processes_follows_the_single_process_trajectory(runs):
     assert ranks[0]["losses"] == ranks[1]["losses"] == pytest.approx(single["losses"], rel=1e-6)
 
 
+def test_accelerate_sums_of_a_compiled_model_are_averaged_before_a_checkpoint(runs):
+    """torch.compile's wrapper around DDP: ``sync_pending_grads`` did not see the DDP inside and averaged nothing
+    (each process kept its own sums, and ``state_dict()`` saved process 0's without a word)."""
+    ranks = [torch.load(runs / "two" / f"compiled_sums{r}.pt", weights_only=True) for r in range(2)]
+    single = torch.load(runs / "one" / "compiled_sums0.pt", weights_only=True)
+    for name, value in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], value, rtol=0, atol=1e-10)
+
+
 def test_trainer_compiled_on_two_processes_follows_the_single_process_trajectory(runs):
     """``torch_compile=True`` puts torch.compile's wrapper around DDP: ElraTrainer looked for DDP itself, left the
     sync to Trainer's chunks, and a real step inside a chunk took each process's own gradients (the processes
