@@ -204,6 +204,16 @@ def test_trainer_refuses_what_would_fight_elra(tmp_path):
                     elra_options={"momentum": 0.9})
 
 
+def test_trainer_refuses_a_model_sharded_at_load_time(tmp_path):
+    """``from_pretrained(distributed_config=...)`` shards the model with FSDP2 itself; Trainer defers its gradient
+    reduction to the end of each accumulation chunk, which ElraTrainer does not steer: a real step inside a chunk
+    would take the sharded gradients without the micro-batches whose reduction Trainer deferred. FSDP through
+    TrainingArguments was refused, this was let through."""
+    model = tiny_gpt2()
+    model._is_distributed_loading_by_transformers = True  # what from_pretrained(distributed_config=...) sets
+    with pytest.raises(ValueError, match="sharded at load time"):
+        ElraTrainer(model=model, args=_args(tmp_path), train_dataset=CountingSequences(16, 0))
+
 
 def test_trainer_refuses_fp16_also_when_accelerate_sets_it(tmp_path, monkeypatch):
     """``accelerate launch --mixed_precision fp16`` (or ``accelerate config``) sets ACCELERATE_MIXED_PRECISION, which

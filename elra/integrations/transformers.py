@@ -171,8 +171,8 @@ class ElraTrainer(Trainer):
 
     ELRA owns its rate: a scheduler is refused, ``lr_scheduler_type`` and the
     warmup arguments are ignored. Gradients are never clipped
-    (``max_grad_norm`` is ignored). ``fp16``, DeepSpeed and FSDP are refused
-    (use ``bf16``, or DDP).
+    (``max_grad_norm`` is ignored). ``fp16``, DeepSpeed, FSDP and models sharded
+    at load time (``from_pretrained(distributed_config=...)``) are refused (use ``bf16``, or DDP).
     """
 
     _feed_elra = True  # off while Trainer evaluates the sets of a dict one by one: the outer call feeds the first
@@ -218,6 +218,12 @@ class ElraTrainer(Trainer):
             raise ValueError(
                 "ElraTrainer supports one process and DDP; DeepSpeed and FSDP run their own optimizer step. "
                 "For FSDP2, write the loop with ElraOptimizer and elra.grad_sync (see the README)"
+            )
+        if getattr(self, "is_distributed_loading_by_transformers", False):
+            raise ValueError(
+                "ElraTrainer supports one process and DDP; a model sharded at load time "
+                "(from_pretrained(distributed_config=...)) reduces its gradients at Trainer's accumulation "
+                "boundaries, not at ELRA's real steps. Write the loop with ElraOptimizer and elra.grad_sync instead"
             )
 
     # ------------------------------------------------------- optimizer
