@@ -33,7 +33,7 @@ from .fused import sgd_accept, split_fusable
 from .geometry import PRESENT, SLOTS, direction_state, make_direction, moment_dtype
 from .line_control import LINE_TARGET
 from .reduce import AUTO, Reducer, ScalarBatch, local, products
-from .sync import drop_unsynced_grads, fsdp_wrapping, holds_unsynced_grads, reshard
+from .sync import drop_unsynced_grads, fsdp_wrapping, holds_unsynced_grads, reshard, uncompiled
 
 logger = logging.getLogger("elra")
 
@@ -269,7 +269,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
         self._kept_versions: dict[torch.Tensor, int] = {}  # their version counters: a backward since bumps them
         self.unsynced_models: set[torch.nn.Module] = set()  # filled by elra.grad_sync
-        self.models: list[torch.nn.Module] = [model] if model is not None else []  # to reshard after in-place changes
+        self.models: list[torch.nn.Module] = [uncompiled(model)] if model is not None else []  # to reshard after in-place changes
         self._moved: set[torch.Tensor] = set()  # parameters the last accepted step updated
         self._boost_model: torch.nn.Module | None = None
 

@@ -50,11 +50,16 @@ def grad_sync(model: torch.nn.Module, optimizer: "ElraOptimizer") -> Iterator[No
         yield
 
 
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module ``torch.compile``'s wrapper holds (``model`` itself if it is none): the DDP or FSDP module whose
+    type the optimizer reads for the gradient sync, the sums, the replicas and the resharding."""
+    return getattr(model, "_orig_mod", model)
+
+
 def tell_optimizer(model: torch.nn.Module, optimizer: "ElraOptimizer", unsynced: bool) -> None:
-    """The optimizer learns ``model`` (once), and with ``unsynced`` that the model's wrapper holds this rank's
-    partial sums, collected with gradient sync off (a checkpoint must average them first).
-    ``torch.compile``'s wrapper counts as the model it wraps (the DDP or FSDP module the sums belong to)."""
-    model = getattr(model, "_orig_mod", model)
+    """The optimizer learns ``model`` (once; :func:`uncompiled`), and with ``unsynced`` that the model's wrapper
+    holds this rank's partial sums, collected with gradient sync off (a checkpoint must average them first)."""
+    model = uncompiled(model)
     if not any(known is model for known in optimizer.models):
         optimizer.models.append(model)
     if unsynced:

@@ -43,6 +43,7 @@ class Scenario:
     count_collectives: bool = False
     count_reductions: bool = False  # count the gradient reductions of every backward
     pass_model: bool = True  # give the optimizer the model (else only grad_sync may tell it)
+    compiled_model: bool = False  # give it torch.compile's wrapper around the model (not used for the forward)
     diverge: bool = False  # the last rank builds its optimizer with another lr
     odd_rank: dict = field(default_factory=dict)  # the last rank's own batch_multiplier, param "groups" or model "dtype"
     boost_cycle: int | None = None  # enable boosting with this cycle
@@ -267,7 +268,7 @@ def _poison_first_gradient(model) -> None:
 
 def make_optimizer(model, scenario: Scenario, single: bool = False, odd_rank: bool = False) -> ElraOptimizer:
     options = {"preconditioner": None, **scenario.options}  # P2M unless the scenario names a direction
-    known = model if scenario.pass_model else None
+    known = (torch.compile(model) if scenario.compiled_model else model) if scenario.pass_model else None
     if single:
         options.pop("check_consistency", None)
         options["process_group"] = None

@@ -42,7 +42,7 @@ except ImportError as error:
     ) from error
 
 from ..optimizer import ElraOptimizer
-from ..sync import tell_optimizer
+from ..sync import tell_optimizer, uncompiled
 
 logger = logging.getLogger("elra")
 
@@ -117,7 +117,7 @@ def _sync_when_elra_steps(model: torch.nn.Module, optimizer: ElraOptimizer) -> I
     checkpoint must average first (``ElraTrainer._save_checkpoint``).
     With ``torch_compile=True`` Trainer hands over torch.compile's wrapper around DDP: the flag is DDP's.
     """
-    model = getattr(model, "_orig_mod", model)
+    model = uncompiled(model)
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         yield
         return
