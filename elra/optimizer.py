@@ -477,6 +477,12 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if callable(loss):
             with torch.enable_grad():
                 loss = loss()
+            if loss is None:
+                raise TypeError(
+                    "the closure given to ElraOptimizer.step returned None: it must return the loss, which ELRA "
+                    "needs at every step (a Lightning training_step that returns None to skip a batch cannot be "
+                    "followed: ELRA would not know whether a gradient was added)"
+                )
         if loss is None:
             raise TypeError(
                 "ElraOptimizer.step needs the loss: call optimizer.step(loss) after loss.backward(), "

@@ -83,6 +83,9 @@ def test_step_without_loss_raises_type_error_asking_for_it():
     (p**2).sum().backward()
     with pytest.raises(TypeError, match="needs the loss"):
         opt.step()
+    with pytest.raises(TypeError, match="closure given to ElraOptimizer.step returned None"):
+        opt.step(lambda: None)  # Lightning's training_step skipping a batch
+    assert opt.stats["micro_batches"] == 0 and opt.stats["real_steps"] == 0
 
 
 @pytest.mark.parametrize("bad, error", [(torch.ones(2), ValueError), ("1.0", TypeError), (True, TypeError)])
