@@ -17,13 +17,14 @@ parameters; the others take the foreach chains.
 
 from __future__ import annotations
 
+import math
 from itertools import chain
 from operator import attrgetter
 from typing import Callable
 
 import torch
 
-from .chunks import partitioned
+from .chunks import partitioned, runs
 
 _DTYPES = (torch.float32, torch.float64)
 _DTYPE, _IS_CPU, _IS_CUDA = attrgetter("dtype"), attrgetter("is_cpu"), attrgetter("is_cuda")
@@ -124,7 +125,11 @@ def _by_device(
     with the kernels' gradient scale (they divide by it).
 
     The kernels leave the divided gradients in place: they are restored, so
-    the caller's ``.grad`` is what it was (to rounding).
+    the caller's ``.grad`` is what it was, bit for bit. Dividing by a power of
+    two is undone exactly by dividing by its inverse (but for a scaled value
+    below float's normal range); any other scale (three micro-batches: 1/3)
+    left an ulp of rounding in ``.grad``: there the gradients of each run
+    (:func:`elra.chunks.runs`, cache-sized pieces) are kept in a copy and copied back.
     """
     params = columns[0]
     if _one_kind(params):
@@ -138,5 +143,13 @@ def _by_device(
         if grad_scale == 1.0:
             launch(device, part, None)
             continue
-        launch(device, part, torch.tensor(1.0 / grad_scale, dtype=torch.float32, device=device))
-        torch._foreach_div_(part[1], grad_scale)
+        scale = torch.tensor(1.0 / grad_scale, dtype=torch.float32, device=device)
+        if abs(math.frexp(grad_scale)[0]) == 0.5:  # a power of two
+            launch(device, part, scale)
+            torch._foreach_div_(part[1], grad_scale)
+            continue
+        for run in runs(part, split=True):  # flat pieces of large tensors: the copy stays cache-sized
+            kept = [torch.empty_like(g) for g in run[1]]
+            torch._foreach_copy_(kept, run[1])
+            launch(device, run, scale)
+            torch._foreach_copy_(run[1], kept)
