@@ -145,6 +145,8 @@ class Products:
 
     def _add_rows(self, rows: Sequence[torch.Tensor], weight: float) -> None:
         """The products of ``rows`` (one flat vector per used list) as the terms of one weight."""
+        if any(row.dtype != rows[0].dtype for row in rows):  # a gradient of another dtype (``grad_dtype``)
+            rows = _common(rows)
         self.terms += [torch.dot(rows[a], rows[b]) for a, b in self.at]
         self.weights.append(weight)
 
