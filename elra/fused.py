@@ -18,6 +18,7 @@ parameters; the others take the foreach chains.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from itertools import chain
 from operator import attrgetter
 from typing import Callable
@@ -49,12 +50,27 @@ def split_fusable(columns: list[list]) -> tuple[list[list], list[list]]:
     """Aligned lists (parameters, then their tensors) cut into the parameters :func:`fusable` takes and the rest.
 
     The common case, every tensor contiguous and of one float dtype on one device, is checked on the whole lists.
+    A gradient (``columns[1]``) that several parameters hold (``q.grad = p.grad``) stays out: the kernels
+    unscale it in place once per parameter, so the second would step with a gradient divided twice.
     """
     everything = list(chain.from_iterable(columns))
-    if everything and everything[0].dtype in _DTYPES and _one_kind(everything):
+    grads = columns[1] if len(columns) > 1 else []
+    shared = _shared(grads)
+    if not shared and everything and everything[0].dtype in _DTYPES and _one_kind(everything):
         if all(map(torch.Tensor.is_contiguous, everything)):
             return columns, [[] for _ in columns]
-    return partitioned(columns, list(map(fusable, *columns)))
+    chosen = list(map(fusable, *columns))
+    if shared:
+        chosen = [c and not (g.numel() and g.data_ptr() in shared) for c, g in zip(chosen, grads)]
+    return partitioned(columns, chosen)
+
+
+def _shared(grads: list[torch.Tensor]) -> set[int]:
+    """The addresses of the gradients (not empty) that several parameters hold; a C-level pass when there is none."""
+    if len(set(map(torch.Tensor.data_ptr, grads))) == len(grads):
+        return set()
+    held = Counter(g.data_ptr() for g in grads if g.numel())  # empty ones (FSDP shards) may share an address
+    return {address for address, count in held.items() if count > 1}
 
 
 def _one_kind(tensors: list[torch.Tensor]) -> bool:

@@ -167,3 +167,35 @@ def test_gradients_averaged_over_three_micro_batches_stay_bit_identical(monkeypa
             opt.step(1.0 / (1 + step) + 0.01 * micro)
         assert all(torch.equal(p.grad, total) for p, total in zip(params, collected)), step
     assert opt.stats["real_steps"] == 4 and launches
+
+
+@pytest.mark.parametrize("preconditioner, options", [("adam", {}), (None, {"momentum": 0.5})], ids=["adam", "p2m-momentum"])
+def test_a_gradient_two_parameters_hold_is_unscaled_once_for_each(monkeypatch, preconditioner, options):
+    """``q.grad = p.grad``: the kernels unscale a gradient in place, once per parameter that holds it, so the
+    second parameter stepped with the gradient divided twice (P2M with momentum: -0.35 where -3.6 was right)."""
+
+    def run(shares: bool):
+        params = [torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(4, 3))]
+        opt = ElraOptimizer(params, None, 8, 3, lr=1e-4, batch_multiplier=2, preconditioner=preconditioner, **options)
+        for step in range(4):
+            opt.zero_grad()
+            for micro in range(2):
+                g = torch.full((4, 3), float(step + micro + 1))
+                if params[0].grad is None:
+                    params[0].grad = g.clone()
+                    params[1].grad = params[0].grad if shares else g.clone()
+                else:
+                    params[0].grad.add_(g)
+                    if not shares:
+                        params[1].grad.add_(g)
+                opt.step(1.0 / (1 + step))
+        return params, opt
+
+    shared, opt = run(True)
+    apart, twin = run(False)  # the reference: each parameter with its own copy of the same gradient
+    assert opt.stats["real_steps"] == twin.stats["real_steps"] == 4
+    for p, q in zip(shared, apart):
+        assert torch.equal(p, q) and not torch.equal(p, torch.ones(4, 3))
+    for p, q in zip(shared, apart):
+        assert all(torch.equal(a, b) for a, b in zip(opt.state[p].values(), twin.state[q].values()))
+    assert shared[0].grad is shared[1].grad and torch.equal(shared[0].grad, torch.full((4, 3), 9.0))
