@@ -18,6 +18,7 @@ parameters; the others take the foreach chains.
 from __future__ import annotations
 
 import math
+import struct
 from collections import Counter
 from itertools import chain
 from operator import attrgetter
@@ -146,6 +147,11 @@ def _by_device(
     below float's normal range); any other scale (three micro-batches: 1/3)
     left an ulp of rounding in ``.grad``: there the gradients of each run
     (:func:`elra.chunks.runs`, cache-sized pieces) are kept in a copy and copied back.
+
+    The kernels take their scale in float32. Where float32 cannot hold it
+    (P2M's ``(1-momentum)/k``, momentum 0.37: 1/0.21), float64 parameters got
+    a float32-rounded gradient term (1e-8 off the chains): there the run's
+    gradients are scaled in float64 instead, the kernel given none.
     """
     params = columns[0]
     if _one_kind(params):
@@ -164,8 +170,19 @@ def _by_device(
             launch(device, part, scale)
             torch._foreach_div_(part[1], grad_scale)
             continue
+        wide = part[0][0].dtype == torch.float64 and not _in_float32(1.0 / grad_scale)
         for run in runs(part, split=True):  # flat pieces of large tensors: the copy stays cache-sized
             kept = [torch.empty_like(g) for g in run[1]]
             torch._foreach_copy_(kept, run[1])
-            launch(device, run, scale)
+            if wide:
+                torch._foreach_mul_(run[1], grad_scale)
+            launch(device, run, None if wide else scale)
             torch._foreach_copy_(run[1], kept)
+
+
+def _in_float32(value: float) -> bool:
+    """Whether float32 holds ``value`` exactly."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0] == value
+    except OverflowError:
+        return False
