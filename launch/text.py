@@ -61,8 +61,9 @@ class CharCorpus:
 
     @classmethod
     def load(cls, path: Path | None = None, size: int = DEFAULT_SIZE) -> "CharCorpus":
-        """``path`` (UTF-8) or, when ``None``, the standard library's source."""
-        text = path.read_text(encoding="utf-8") if path is not None else stdlib_source(size)
+        """``path`` (UTF-8, its characters as the file holds them) or, when ``None``, the standard library's source."""
+        # the bytes decoded as they are: read_text's universal newlines turned each "\r\n" and lone "\r" into "\n"
+        text = path.read_bytes().decode("utf-8") if path is not None else stdlib_source(size)
         return cls.from_text(text)
 
     @staticmethod

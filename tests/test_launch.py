@@ -270,6 +270,19 @@ def test_a_text_that_is_not_utf8_is_refused_naming_it(tmp_path):
         launcher.main(["--model", "gpt", "--text", str(text), "--epochs", "1", "--max-steps", "1", "--threads", "1"])
 
 
+def test_a_text_is_learned_as_its_file_holds_it_carriage_returns_included(tmp_path):
+    """It was read with universal newlines: each CR LF became an LF and each lone CR an LF, so gpt learned, and
+    reported bits per character of, another text than the file (fewer characters, another vocabulary)."""
+    from launch.text import CharCorpus
+
+    raw = "line one\r\nline two\rprogress 50%\rprogress 99%\n" * 40
+    text = tmp_path / "crlf.txt"
+    text.write_bytes(raw.encode("utf-8"))
+    corpus = CharCorpus.load(text)
+    assert "".join(corpus.vocab[i] for i in torch.cat([corpus.train, corpus.valid]).tolist()) == raw
+    assert corpus.vocab == sorted(set(raw))
+
+
 def test_a_non_finite_micro_batch_loss_stays_out_of_the_epochs_train_loss(monkeypatch, capsys):
     """ELRA retraces it; the epoch's mean (and ELRA's decay control) takes the finite losses only."""
     finite, fed = [], []
