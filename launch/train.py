@@ -191,6 +191,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--text {args.text} is not a file")
     if args.save_final is not None and args.save_final.is_dir():
         parser.error(f"--save-final {args.save_final} is a directory; name the file to write")
+    if args.save_final is not None and args.checkpoint_dir is not None:
+        # not yet created, it passed as a file: the run ended in a traceback renaming onto the checkpoints' directory
+        checkpoints = args.checkpoint_dir.resolve()
+        if args.save_final.resolve() in (checkpoints, *checkpoints.parents):
+            parser.error(
+                f"--save-final {args.save_final} is a directory --checkpoint-dir {args.checkpoint_dir} creates for its "
+                f"checkpoints; name a file, such as {args.checkpoint_dir / 'model.pt'}"
+            )
     for option, path in (("--checkpoint-dir", args.checkpoint_dir), ("--save-final", args.save_final)):
         if path is not None and (problem := _unwritable(path)):
             parser.error(f"{option} {path}: {problem}")

@@ -339,6 +339,23 @@ def test_an_output_path_under_a_file_is_refused_before_training(tmp_path, option
     assert f"{option} {file}/sub/out: {file} is a file, so nothing can be created under it" in captured.err
 
 
+@pytest.mark.parametrize("checkpoints", ["out", "out/ckpt"])
+def test_a_final_model_named_as_the_checkpoint_directory_or_one_above_it_is_refused_before_training(tmp_path, checkpoints, capsys):
+    """The directory did not exist yet, so it passed as a file name: the run trained to its end, then failed in a
+    traceback renaming out.tmp onto the directory the checkpoints had created (and so did every resume)."""
+    job = ["--epochs", "1", "--max-steps", "2", "--threads", "1", "--checkpoint-dir", str(tmp_path / checkpoints)]
+    with pytest.raises(SystemExit):
+        launcher.main([*job, "--save-final", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert "epoch " not in captured.out and not (tmp_path / "out.tmp").exists()
+    assert (f"--save-final {tmp_path / 'out'} is a directory --checkpoint-dir {tmp_path / checkpoints} creates for its "
+            "checkpoints; name a file") in captured.err
+    launcher.main([*job, "--save-final", str(tmp_path / "out" / "model.pt")])  # a file in it is one
+    saved = torch.load(tmp_path / checkpoints / "epoch-00001" / "state.pt", weights_only=True)["model"]
+    final = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert saved.keys() == final.keys() and all(torch.equal(saved[k], final[k]) for k in saved)
+
+
 def test_cuda_without_a_device_for_the_rank_says_what_to_do(monkeypatch):
     """torch.cuda.set_device ended the job in a traceback (no driver, or more ranks than devices)."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
