@@ -356,6 +356,31 @@ def test_a_final_model_named_as_the_checkpoint_directory_or_one_above_it_is_refu
     assert saved.keys() == final.keys() and all(torch.equal(saved[k], final[k]) for k in saved)
 
 
+def _slurm(tmp_path: Path, scontrol: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """launch/slurm.sbatch run by bash with stubs of scontrol (``scontrol``: its script), srun and torchrun;
+    returns the run and the arguments torchrun was given."""
+    stubs, args = tmp_path / "bin", tmp_path / "args"
+    stubs.mkdir(exist_ok=True)
+    for name, body in {"scontrol": scontrol, "srun": 'exec "$@"', "torchrun": 'printf "%s\\n" "$@" > "$ARGS"'}.items():
+        (stubs / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    args.unlink(missing_ok=True)
+    environment = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "ARGS": str(args), "SLURM_JOB_NODELIST": "node[7-9]",
+                   "SLURM_NNODES": "3", "SLURM_JOB_ID": "42", "SLURM_GPUS_PER_NODE": "8", **env}
+    done = subprocess.run(["bash", "launch/slurm.sbatch", "--strategy", "fsdp2", "--checkpoint-dir", "a b"],
+                          cwd=TRAIN.parents[1], env=environment, capture_output=True, text=True, timeout=30)
+    return done, args.read_text().splitlines() if args.exists() else []
+
+
+def test_the_slurm_script_takes_the_first_node_of_a_long_list_and_passes_the_arguments_whole(tmp_path):
+    """``scontrol show hostnames | head -n 1`` under pipefail: head leaves after the first line, and a list that
+    scontrol wrote in more than one piece (a long one) died of SIGPIPE, which ended the script (141) saying nothing."""
+    done, given = _slurm(tmp_path, "echo node7; sleep 0.3; echo node8; echo node9")  # the rest after head has left
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert "--rdzv_endpoint=node7:29500" in given and "--nnodes=3" in given and "--nproc_per_node=8" in given
+    assert given[-5:] == ["launch/train.py", "--strategy", "fsdp2", "--checkpoint-dir", "a b"]
+
+
 def test_cuda_without_a_device_for_the_rank_says_what_to_do(monkeypatch):
     """torch.cuda.set_device ended the job in a traceback (no driver, or more ranks than devices)."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
