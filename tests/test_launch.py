@@ -381,6 +381,14 @@ def test_the_slurm_script_takes_the_first_node_of_a_long_list_and_passes_the_arg
     assert given[-5:] == ["launch/train.py", "--strategy", "fsdp2", "--checkpoint-dir", "a b"]
 
 
+def test_the_slurm_script_starts_a_rank_per_gpu_of_a_request_that_names_their_type(tmp_path):
+    """``--gpus-per-node`` is ``[type:]count``: ``sbatch --gpus-per-node=a100:4`` sets SLURM_GPUS_PER_NODE to "a100:4",
+    which went to torchrun's --nproc_per_node as it was, ending the job before training."""
+    for request, ranks in (("a100:4", "4"), ("2", "2")):
+        done, given = _slurm(tmp_path, "echo node7", SLURM_GPUS_PER_NODE=request)
+        assert done.returncode == 0 and f"--nproc_per_node={ranks}" in given, (done.stderr, given)
+
+
 def test_cuda_without_a_device_for_the_rank_says_what_to_do(monkeypatch):
     """torch.cuda.set_device ended the job in a traceback (no driver, or more ranks than devices)."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
