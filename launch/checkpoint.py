@@ -107,6 +107,13 @@ class Checkpointer:
         notice, another --batch-size is not the one the optimizer's state resumes with)."""
         if directory.exists() and not directory.is_dir():
             raise CheckpointError(f"--checkpoint-dir {directory} is a file; name a directory (it is created if missing)")
+        if any((directory / name).is_file() for name in ("state.pt", ".metadata")):  # one checkpoint's files
+            # it holds no epoch-N: the job trained afresh from epoch 1, saying nothing, into the old checkpoint
+            named = _NAME.match(directory.name)
+            raise CheckpointError(
+                f"--checkpoint-dir {directory} is a checkpoint" + f" (epoch {int(named.group(1))})" * bool(named)
+                + f", not a directory of them: give the one that holds it, {directory.parent}, to resume from its newest"
+            )
         self.directory = directory
         self.keep = keep
         self.strategy = strategy

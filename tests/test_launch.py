@@ -317,6 +317,20 @@ def test_checkpoint_dir_that_is_a_file_is_refused(tmp_path):
     _fails_clearly([sys.executable, str(TRAIN), "--checkpoint-dir", str(file)], "is a file")
 
 
+def test_a_checkpoint_dir_that_is_one_checkpoint_is_refused_naming_the_directory_that_holds_it(tmp_path, capsys):
+    """--checkpoint-dir ckpt/epoch-00002 (one checkpoint, not the directory of them) held no epoch-N: the job trained
+    afresh from epoch 1 without a word, writing its checkpoints into the old one."""
+    checkpoints = tmp_path / "ckpt"
+    launcher.main(["--epochs", "2", "--max-steps", "2", "--threads", "1", "--checkpoint-dir", str(checkpoints)])
+    one = checkpoints / "epoch-00002"
+    held = sorted(p.name for p in one.iterdir())
+    capsys.readouterr()
+    with pytest.raises(CheckpointError, match=rf"--checkpoint-dir {one} is a checkpoint \(epoch 2\), not a directory of "
+                                              rf"them: give the one that holds it, {checkpoints}, to resume from its newest"):
+        launcher.main(["--epochs", "3", "--max-steps", "2", "--threads", "1", "--checkpoint-dir", str(one)])
+    assert "epoch " not in capsys.readouterr().out and sorted(p.name for p in one.iterdir()) == held
+
+
 def test_final_model_goes_to_a_directory_that_did_not_exist(tmp_path, capsys):
     """A missing parent directory ended the finished run with a traceback and without the model."""
     final = tmp_path / "new" / "model.pt"
