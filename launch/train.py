@@ -191,6 +191,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--text {args.text} is not a file")
     if args.save_final is not None and args.save_final.is_dir():
         parser.error(f"--save-final {args.save_final} is a directory; name the file to write")
+    if args.save_final is not None and args.text is not None and args.save_final.resolve() == args.text.resolve():
+        parser.error(f"--save-final {args.save_final} is the --text file: the model would replace it; name another file")
     if args.save_final is not None and args.checkpoint_dir is not None:
         # not yet created, it passed as a file: the run ended in a traceback renaming onto the checkpoints' directory
         checkpoints = args.checkpoint_dir.resolve()

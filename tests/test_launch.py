@@ -403,6 +403,19 @@ def test_the_slurm_script_starts_a_rank_per_gpu_of_a_request_that_names_their_ty
         assert done.returncode == 0 and f"--nproc_per_node={ranks}" in given, (done.stderr, given)
 
 
+def test_a_final_model_named_as_the_text_it_learns_is_refused_before_training(tmp_path, text_file, capsys):
+    """--save-final replaced the --text file with the model at the end of the run: the text was gone, and a resume
+    then called the model's pickle a text that is not UTF-8."""
+    text = tmp_path / "corpus.txt"
+    shutil.copyfile(text_file, text)
+    with pytest.raises(SystemExit):
+        launcher.main([*TINY_GPT, "--epochs", "1", "--max-steps", "1", "--threads", "1", "--text", str(text),
+                       "--save-final", str(tmp_path / "." / "corpus.txt")])
+    captured = capsys.readouterr()
+    assert text.read_bytes() == text_file.read_bytes() and "epoch " not in captured.out
+    assert f"--save-final {tmp_path}/corpus.txt is the --text file: the model would replace it" in captured.err
+
+
 def test_cuda_without_a_device_for_the_rank_says_what_to_do(monkeypatch):
     """torch.cuda.set_device ended the job in a traceback (no driver, or more ranks than devices)."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
