@@ -40,6 +40,8 @@ optimizer = ElraOptimizer(model.parameters(), model, args.batch_size, 10, lr=1e-
 for epoch in range(args.epochs):
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
     for batch in order.split(args.batch_size * world):
+        if len(batch) < world:
+            break  # a last global batch too small to give every rank a sample (an empty one's loss is nan: a retrace)
         mine = batch[rank::world]  # this rank's part of the global batch
         optimizer.zero_grad()
         with grad_sync(model, optimizer):  # forward and backward: no gradient all-reduce while only collecting

@@ -227,3 +227,36 @@ def test_lightning_example_keeps_a_non_finite_loss_out_of_the_fed_train_loss():
     assert len(finite) == 7 and optimizer.stats["retraces"] >= 1
     assert optimizer.controller.state.train_loss == pytest.approx(sum(finite) / 7, rel=1e-6)
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_distributed_example_follows_one_process_when_the_last_batch_leaves_a_rank_empty():
+    """1797 digits in global batches of 2 x 449: the last one has a single sample, so rank 1 got none, its loss was
+    nan, and every epoch ended in a retrace on both ranks (the step length halved). A batch too small for every rank
+    to get a sample is dropped; the run then follows one process on the same global batches."""
+    output = _run(
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(EXAMPLES / "distributed_digits.py"), "--strategy", "ddp", "--epochs", "2", "--batch-size", "449",
+    )
+    from sklearn.datasets import load_digits
+
+    from elra import ElraOptimizer
+
+    digits = load_digits()
+    x, y = torch.tensor(digits.data, dtype=torch.float32) / 16.0, torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    optimizer = ElraOptimizer(model.parameters(), model, 449, 10, lr=1e-5, batch_multiplier=2)
+    expected = []
+    for epoch in range(2):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        for batch in order[: len(order) // 898 * 898].split(898):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()
+            optimizer.step(loss)
+        with torch.no_grad():
+            accuracy = (model(x).argmax(1) == y).float().mean().item()
+        s = optimizer.stats
+        expected.append(f"epoch {epoch + 1}  accuracy {accuracy:.3f}  lr {s['lr']:.3g}  batch x{s['batch_multiplier']}"
+                        f"  retraces {s['retraces']}")
+    assert [line for line in output.splitlines() if line.startswith("epoch")] == expected
