@@ -523,3 +523,23 @@ def test_boolean_losses_are_refused_in_every_form(make):
     with pytest.raises(TypeError):
         opt.set_train_loss(make(np))
     assert opt.stats["real_steps"] == 0
+
+
+def test_the_published_packages_other_api_is_refused_as_the_readme_says():
+    """README, How it compares: mode and dummy raise TypeError; positionally the sixth argument is weight_decay
+    (the package's mode); step(loss, scale) names ElraGradScaler; the package's other methods do not exist."""
+    p = _param(1.0, 2.0)
+    for option in ("mode", "dummy"):
+        with pytest.raises(TypeError, match=option):
+            ElraOptimizer([p], None, 32, 10, 1e-5, **{option: 1})
+    assert ElraOptimizer([p], None, 32, 10, 1e-5, 0.9999).state_dict()["param_groups"][0]["weight_decay"] == 0.9999
+    with pytest.raises(ValueError, match="weight_decay"):
+        ElraOptimizer([p], None, 32, 10, 1e-5, "P2M")
+    optimizer = ElraOptimizer([p], None, 32, 10)
+    p.pow(2).sum().backward()
+    with pytest.raises(TypeError, match="ElraGradScaler"):
+        optimizer.step(1.0, 2.0)
+    for name in ("step_noscale", "step_allinone", "check_next_step", "get_param", "set_param", "get_gradient",
+                 "get_boost_model_prev", "get_boost_future", "set_classes", "set_lgs_device", "copy_model",
+                 "vec_stat", "print_model_stat"):
+        assert not hasattr(optimizer, name), name
