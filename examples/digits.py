@@ -39,6 +39,8 @@ def main() -> float:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
     torch.manual_seed(args.seed)

@@ -38,6 +38,13 @@ def test_digits_example_learns_the_digits(monkeypatch, capsys):
     assert len(accuracies) == 8 and accuracies[-1] > 0.93
 
 
+def test_digits_example_refuses_zero_epochs_in_one_line(monkeypatch, capsys):
+    """--epochs 0 ended in an UnboundLocalError traceback (the accuracy of an epoch that never ran)."""
+    with pytest.raises(SystemExit) as stop:
+        _run_script(monkeypatch, "digits", "--epochs", "0")
+    assert stop.value.code == 2 and "--epochs must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_distributed_example_trains_the_same_under_ddp_and_fsdp2():
     outputs = {
         strategy: _run(
