@@ -2,7 +2,8 @@
 
     python examples/cubic_fit.py [--steps 2000]
 
-Noise-free (full batch), so ELRA runs its deterministic regime (classes=0):
+Noise-free (full batch), so ELRA detects its deterministic regime (classes=None, the default, finds what
+classes=0 would set):
 the step length is its own alpha, grown from the tiny lr by the gradient-pair
 rule. The least-squares optimum has a loss of 8.8172.
 """

@@ -3,7 +3,7 @@
     python examples/rosenbrock.py [--steps 500]
 
 A non-convex valley with a long curved floor. ELRA's deterministic regime
-(classes=0) reaches it from a tiny first step, retracing the steps that
+(detected: classes=None, the default) reaches it from a tiny first step, retracing the steps that
 overshoot. Computed in float64: near the minimum float32 rounding is the noise.
 """
 

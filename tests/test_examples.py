@@ -1,6 +1,7 @@
 """The examples run and reach what they promise."""
 
 import importlib.util
+import logging
 import os
 import re
 import runpy
@@ -65,15 +66,17 @@ def _example(name: str):
     return module
 
 
-def test_cubic_fit_example_reaches_the_least_squares_loss():
-    best, _ = _example("cubic_fit").fit(2000)
+def test_cubic_fit_example_reaches_the_least_squares_loss(caplog):
+    with caplog.at_level(logging.INFO, logger="elra"):
+        best, _ = _example("cubic_fit").fit(2000)
     assert best < 8.8172 + 1e-4
+    assert "ELRA chose the deterministic regime at real step 2" in caplog.text  # detected, as its docstring says
 
 
 def test_rosenbrock_example_reaches_the_minimum():
     xy, final, stats = _example("rosenbrock").minimise(500)
     assert final < 1e-12 and torch.allclose(xy, torch.ones(2, dtype=torch.float64), atol=1e-6)
-    assert stats["retraces"] > 0
+    assert stats["retraces"] > 0 and stats["regime"] == "deterministic"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
