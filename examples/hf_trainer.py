@@ -94,5 +94,8 @@ if __name__ == "__main__":
     parser.add_argument("--accumulation", type=int, default=2, help="gradient_accumulation_steps")
     parser.add_argument("--output-dir", default=None, help="Trainer's output_dir (default: a temporary directory)")
     options = parser.parse_args()
+    for name in ("steps", "accumulation"):
+        if getattr(options, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(options, name)}")
     losses, stats = train(options.steps, options.accumulation, options.output_dir)
     print(f"eval loss {losses[0]:.3f} -> {losses[-1]:.3f} (uniform guess 4.159); ELRA real steps {stats['real_steps']}")

@@ -214,6 +214,16 @@ def test_hf_trainer_example_trains_gpt2_with_elra():
     assert stats["real_steps"] + stats["retraces"] == 90 and stats["batch_multiplier"] == 2
 
 
+@pytest.mark.parametrize("option", ["--steps", "--accumulation"])
+def test_hf_trainer_example_refuses_zero_in_one_line(monkeypatch, capsys, option):
+    """--accumulation 0 ended in a ZeroDivisionError traceback inside Trainer; --steps 0 (Trainer's max_steps=0,
+    "not set") trained one step, where it promises --steps Trainer steps."""
+    pytest.importorskip("transformers")
+    with pytest.raises(SystemExit) as stop:
+        _run_script(monkeypatch, "hf_trainer", option, "0")
+    assert stop.value.code == 2 and f"{option} must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_lightning_example_keeps_a_non_finite_loss_out_of_the_fed_train_loss():
     """ELRA retraces a NaN micro-batch loss; the epoch's mean train loss then was NaN, and set_train_loss raised."""
     L = pytest.importorskip("lightning")
