@@ -392,6 +392,17 @@ def test_torch_grad_scaler_is_refused_before_it_mixes_scales_in_collected_micro_
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
 
 
+def _backward_and_step(opt: ElraOptimizer, loss: torch.Tensor, scaler: ElraGradScaler | None) -> None:
+    """``loss.backward(); opt.step(loss)``, or the same through ``scaler``."""
+    if scaler is None:
+        loss.backward()
+        opt.step(loss)
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
 def test_scaler_steps_run_the_optimizers_step_hooks_as_plain_steps_do():
     """``scaler.step(optimizer)`` called ELRA's step past torch's wrapper: hooks registered with
     ``register_step_pre_hook``/``register_step_post_hook`` (an EMA of the weights, a logger) silently never ran,
@@ -406,14 +417,7 @@ def test_scaler_steps_run_the_optimizers_step_hooks_as_plain_steps_do():
         opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", o.stats["real_steps"])))
         for step in range(4):
             opt.zero_grad()
-            loss = model(torch.full((2, 3), float(step))).pow(2).mean()
-            if scaler is None:
-                loss.backward()
-                opt.step(loss)
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+            _backward_and_step(opt, model(torch.full((2, 3), float(step))).pow(2).mean(), scaler)
         return seen
 
     plain = run(None)
@@ -434,14 +438,7 @@ def test_an_lr_scheduler_after_scaler_steps_warns_as_after_plain_steps():
             warnings.simplefilter("always")
             for step in range(3):
                 opt.zero_grad()
-                loss = model(torch.full((2, 3), float(step))).pow(2).mean()
-                if scaler is None:
-                    loss.backward()
-                    opt.step(loss)
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
+                _backward_and_step(opt, model(torch.full((2, 3), float(step))).pow(2).mean(), scaler)
                 scheduler.step()
         return [str(w.message) for w in caught]
 
