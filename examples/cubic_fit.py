@@ -37,7 +37,10 @@ def fit(steps: int) -> tuple[float, torch.nn.Module]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=2000)
-    best, model = fit(parser.parse_args().steps)
+    steps = parser.parse_args().steps
+    if steps < 1:
+        parser.error(f"--steps must be at least 1, got {steps}")
+    best, model = fit(steps)
     linear = model[0]
     w = linear.weight[0].tolist()
     print(f"best loss {best:.4f} (least squares: 8.8172)")

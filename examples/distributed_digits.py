@@ -20,6 +20,9 @@ parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp")
 parser.add_argument("--epochs", type=int, default=10)
 parser.add_argument("--batch-size", type=int, default=16, help="per rank")
 args = parser.parse_args()
+for option, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+    if value < 1:
+        parser.error(f"{option} must be at least 1, got {value}")
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

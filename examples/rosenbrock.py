@@ -30,5 +30,8 @@ def minimise(steps: int, start=(-1.5, 2.0)) -> tuple[torch.Tensor, float, dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=500)
-    xy, final, stats = minimise(parser.parse_args().steps)
+    steps = parser.parse_args().steps
+    if steps < 1:
+        parser.error(f"--steps must be at least 1, got {steps}")
+    xy, final, stats = minimise(steps)
     print(f"x = {xy.tolist()}, f = {final:.3e}, retraces {stats['retraces']}")
