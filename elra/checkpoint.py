@@ -151,8 +151,8 @@ class Checkpointing:
         checkpoint time; no gradient reduction when nothing is pending or sync was on.
 
         On more than one rank it also averages this rank's losses of the
-        collected micro-batches and the losses reported since the last real
-        step (one all-reduce of a few numbers, also with sync on): one
+        collected micro-batches and applies the losses reported since the last
+        real step (one all-reduce of a few numbers, also with sync on): one
         checkpoint holds one rank's (``torch.distributed.checkpoint`` keeps one
         rank's param group, a single file rank 0's), and every rank resumed
         with them; the real step takes their mean over ranks, so the means give it the same.
@@ -476,7 +476,7 @@ def _pending_reports(saved: Any, size: int) -> list[float]:
         isinstance(saved, (list, tuple))
         and len(saved) == size
         and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in saved)
-        and all(0 <= saved[i] <= 1 for i in range(1, size, 2))  # a fraction: averaged over ranks
+        and all(0 <= saved[i] <= 1 for i in range(1, size, 2))  # a fraction: session 17's sync averaged them over ranks
     )
     if not valid:
         raise ValueError(f"the state_dict's pending_reports {saved!r} are not {size // 2} (loss, count in [0, 1]) pairs")

@@ -110,9 +110,10 @@ class Checkpointer:
         if any((directory / name).is_file() for name in ("state.pt", ".metadata")):  # one checkpoint's files
             # it holds no epoch-N: the job trained afresh from epoch 1, saying nothing, into the old checkpoint
             named = _NAME.match(directory.name)
+            epoch = f" (epoch {int(named.group(1))})" if named else ""
             raise CheckpointError(
-                f"--checkpoint-dir {directory} is a checkpoint" + f" (epoch {int(named.group(1))})" * bool(named)
-                + f", not a directory of them: give the one that holds it, {directory.parent}, to resume from its newest"
+                f"--checkpoint-dir {directory} is a checkpoint{epoch}, not a directory of them: give the one that "
+                f"holds it, {directory.parent}, to resume from its newest"
             )
         self.directory = directory
         self.keep = keep
