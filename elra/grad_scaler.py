@@ -11,6 +11,7 @@ no host sync of its own.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
@@ -18,6 +19,9 @@ import torch
 from .optimizer import ElraOptimizer, _loss_value
 
 MAX_SCALE = 2.0**16
+# the smallest positive normal float: backoffs stop there, where 1/scale is still finite (below it a long run of
+# overflows took the scale to 0 and the next step divided by it; load_state_dict refused such a state)
+MIN_SCALE = sys.float_info.min
 
 
 class ElraGradScaler:
@@ -27,7 +31,7 @@ class ElraGradScaler:
         init_scale: initial scale factor.
         growth_factor: factor of a growth (after ``growth_interval`` clean steps); growths stop at 2^16, and a
             larger ``init_scale`` is kept until an overflow backs it off.
-        backoff_factor: factor applied when the gradients overflow.
+        backoff_factor: factor applied when the gradients overflow (down to :data:`MIN_SCALE` at most).
         growth_interval: clean ``update()`` calls between growths.
         loss_limit: a loss at or above this (or non-finite) retraces.
         enabled: ``False`` passes everything through unscaled: ``step`` is ``optimizer.step(loss)``
@@ -106,7 +110,7 @@ class ElraGradScaler:
             return
         collecting = self._optimizer is not None and self._optimizer.micro_batches > 0
         if self._overflowed:
-            self._scale *= self.backoff_factor
+            self._scale = max(self._scale * self.backoff_factor, MIN_SCALE)
             self._clean_steps = 0
             self._overflowed = False
             return
@@ -155,8 +159,8 @@ class ElraGradScaler:
 
 def _check_settings(scale: float, growth_factor: float, backoff_factor: float, growth_interval: int, loss_limit: float) -> None:
     """Refuse settings (given, or loaded from a state_dict) under which the scaler cannot work."""
-    if not 0.0 < scale < math.inf:
-        raise ValueError(f"Invalid init_scale: {scale!r} (expected a positive number)")
+    if not MIN_SCALE <= scale < math.inf:
+        raise ValueError(f"Invalid init_scale: {scale!r} (expected a positive number, at least {MIN_SCALE!r})")
     if not growth_factor > 1.0:
         raise ValueError(f"Invalid growth_factor: {growth_factor!r} (expected > 1)")
     if not 0.0 < backoff_factor < 1.0:

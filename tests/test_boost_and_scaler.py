@@ -2,6 +2,7 @@
 
 import copy
 import math
+import sys
 import warnings
 
 import pytest
@@ -353,7 +354,37 @@ def test_two_losses_scaled_and_back_propagated_before_one_step_are_their_sum(pre
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(summed, scaled))
 
 
-@pytest.mark.parametrize("kwargs", [{"init_scale": 0}, {"growth_factor": 1.0}, {"backoff_factor": 1.0}, {"growth_interval": 0}])
+def test_a_long_run_of_overflows_backs_the_scale_off_to_a_floor_and_its_state_still_loads():
+    """Gradients inf at every step (a sqrt at 0) with a finite loss: each step backs the scale off. After about
+    1090 such steps (here 56 from a tiny ``init_scale``) it reached 0.0, the next ``scaler.step`` raised
+    ZeroDivisionError and the scaler's own ``load_state_dict`` refused its ``state_dict``. It stops at
+    the smallest positive normal float, the steps are skipped as overflows, and a scaler loaded from its state
+    goes on the same."""
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    opt = ElraOptimizer([p], None, 4, 0)
+    scaler = ElraGradScaler(init_scale=2.0**-1019)
+
+    def overflowing_step(scaler):
+        opt.zero_grad()
+        loss = ((p - 0.5) ** 2).sum() + torch.sqrt(p[0] - p[0].detach())  # value finite, gradient inf
+        scaler.scale(loss).backward()
+        outcome = scaler.step(opt)
+        scaler.update()
+        return outcome
+
+    assert [overflowing_step(scaler) for _ in range(60)] == ["overflow"] * 60
+    assert scaler.get_scale() == sys.float_info.min and math.isfinite(1.0 / scaler.get_scale())
+    resumed = ElraGradScaler()
+    resumed.load_state_dict(scaler.state_dict())
+    assert overflowing_step(resumed) == overflowing_step(scaler) == "overflow"
+    assert resumed.state_dict() == scaler.state_dict()
+    assert torch.equal(p.detach(), torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"init_scale": 0}, {"init_scale": 5e-324}, {"growth_factor": 1.0}, {"backoff_factor": 1.0}, {"growth_interval": 0}],
+)
 def test_scaler_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         ElraGradScaler(**kwargs)
