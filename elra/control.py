@@ -58,6 +58,16 @@ def doubled(multiplier: int) -> int:
     return min(max(2 * multiplier, 2), MAX_MULTIPLIER)
 
 
+def mean_loss(losses: Sequence[float]) -> float:
+    """The mean of finite ``losses``, exactly rounded; also where their sum passes float's range (``math.fsum``
+    raises OverflowError there: two micro-batch losses above 9e307 crashed the real step instead of refusing it)."""
+    n = len(losses)
+    try:
+        return math.fsum(losses) / n
+    except OverflowError:
+        return math.fsum(v / n for v in losses)
+
+
 def check_progress(means: list[float], stalled: int, mean: float) -> tuple[int, float | None, bool]:
     """The stall rule at the end of a window whose mean loss is ``mean``.
 
@@ -384,7 +394,7 @@ class Controller:
         y_sq, _ = self._direction_sums(n, sums, decay)
         s.dir_norm = math.sqrt(y_sq)
         s.grad_norm_avg = s.dir_norm
-        s.probe_loss = math.fsum(losses) / n
+        s.probe_loss = mean_loss(losses)
         s.probe_slope = sum(sums.grad_sq) / (n * n) + sum(a * v / n for a, v in zip(decay, sums.grad_param))
         return self._move(n, decay, s.alpha, y_sq, y_sq, y_sq, beta=0.0)
 
@@ -406,7 +416,7 @@ class Controller:
         decides alike.
         """
         s = self.state
-        mean = math.fsum(losses) / n
+        mean = mean_loss(losses)
         length = s.offset / s.dir_coef if s.dir_coef else 0.0
         slope = sum(sums.grad_dir) / n * s.dir_coef
         predicted = s.probe_loss - 0.5 * length * (s.probe_slope + slope)

@@ -67,6 +67,7 @@ from .control import (
     RETRACES_PER_DOUBLING,
     check_progress,
     doubled,
+    mean_loss,
     validation_lag,
     window_length,
 )
@@ -298,7 +299,7 @@ class LineController:
         """Decide one real step; ``sums`` is ``None`` without a usable gradient."""
         losses = [float(v) for v in losses]
         bad = [v for v in losses if not math.isfinite(v)]
-        loss = bad[0] if bad else math.fsum(losses) / len(losses)
+        loss = bad[0] if bad else mean_loss(losses)
         usable = sums is not None and not bad and sums.is_finite()
         s = self.state
         if not s.started:

@@ -86,6 +86,34 @@ def test_retrace_returns_to_the_last_good_point_along_the_old_direction():
     assert new_offset < offset
 
 
+
+@pytest.mark.parametrize("preconditioner", ["muon", "adam", None])
+def test_micro_batch_losses_whose_sum_overflows_are_refused_as_an_infinite_loss_is(preconditioner):
+    """Two finite float64 micro-batch losses of 1.5e308 (their sum beyond float's range) made ``math.fsum``
+    raise OverflowError in the real step (along a preconditioned direction; P2M at its regime choice). Their
+    mean is finite and far above the others: the step is refused. Along a preconditioned direction it goes
+    where the same step with an infinite loss goes."""
+
+    steps = 2 if preconditioner is None else 24
+
+    def run(huge):
+        p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+        opt = elra.ElraOptimizer([p], None, 4, None if preconditioner is None else 10, preconditioner=preconditioner,
+                                 batch_multiplier=2)
+        for i in range(steps + 2):  # past the refusal's warm-up (P2M: its regime choice at the second step)
+            opt.zero_grad()
+            loss = (p**2).sum()
+            loss.backward()
+            opt.step(loss if i < steps else torch.tensor(huge, dtype=torch.float64))
+        return p.detach(), opt.stats
+
+    (point, stats), (reference, reference_stats) = run(1.5e308), run(math.inf)
+    assert stats["retraces"] == reference_stats["retraces"] >= 1 and torch.isfinite(point).all()
+    if preconditioner is not None:
+        assert torch.equal(point, reference)
+    else:
+        assert stats["regime"] == "stochastic"
+
 def test_first_step_with_nan_loss_is_skipped_without_moving():
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     opt = ElraOptimizer([p])
