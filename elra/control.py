@@ -31,6 +31,9 @@ DAMPER_RETRACE_FACTOR = 16.0
 STEP_CLIP = 10.0
 SCHEDULE_BASE = 2.0 / 3.0
 SCHEDULE_MAX = 28.3943679363  # keeps (2/3)**schedule above 1e-5
+# keeps (2/3)**schedule below 1.3e176: with a gradient norm of 0 (an exact minimum, a loss constant) the schedule's
+# floor below is -inf, and falling 0.33 per cycle it made (2/3)**schedule raise OverflowError after ~530000 steps
+SCHEDULE_MIN = -1000.0
 RATE_FLOOR = 1e-5
 ALPHA_BOUNDS = (1e-8, 1e6)
 RETRACE_ALPHA_BOUNDS = (1e-12, 1e6)
@@ -514,11 +517,11 @@ class Controller:
         g = s.grad_norm_avg
         limit = math.log(g / STEP_CLIP) / math.log(1.5) if g > 0.0 else -math.inf
         if s.angle_sum > -1.0 and s.cycle_retraces > 0:
-            s.schedule = max(limit, s.schedule - 1.0)
+            s.schedule = max(limit, s.schedule - 1.0, SCHEDULE_MIN)
         if s.angle_min < -0.2:
             s.schedule += 1.0
         else:
-            s.schedule = max(limit, s.schedule - 0.33)
+            s.schedule = max(limit, s.schedule - 0.33, SCHEDULE_MIN)
 
     def _set_multiplier(self, value: int) -> None:
         s = self.state

@@ -114,6 +114,35 @@ def test_micro_batch_losses_whose_sum_overflows_are_refused_as_an_infinite_loss_
     else:
         assert stats["regime"] == "stochastic"
 
+
+def test_a_long_run_at_a_zero_gradient_keeps_p2ms_schedule_in_range():
+    """At an exact minimum (every gradient 0, the loss constant) P2M's schedule fell by 0.33 per cycle without
+    bound (its floor, from the gradient norm, is -inf there), and after about 530000 real steps
+    ``(2/3)**schedule`` raised OverflowError. Resumed from a checkpoint of such a run (schedule -1750, where it
+    is after about 530000 steps), the run goes on as the uninterrupted one: at the minimum, its step length in
+    float range."""
+
+    def steps(opt, p, count):
+        for _ in range(count):
+            opt.zero_grad()
+            loss = (p**2).sum() + 1.0
+            loss.backward()
+            opt.step(loss)
+
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = ElraOptimizer([p], None, 8, 0)
+    steps(opt, p, 400)
+    state = opt.state_dict()
+    assert state["param_groups"][0]["elra_controller"]["schedule"] < 0.0  # falling: -0.32 per cycle here
+    state["param_groups"][0]["elra_controller"]["schedule"] = -1750.0
+    resumed = torch.nn.Parameter(p.detach().clone())
+    opt2 = ElraOptimizer([resumed], None, 8, 0)
+    opt2.load_state_dict(state)
+    steps(opt2, resumed, 300)
+    steps(opt, p, 300)
+    assert torch.equal(resumed.detach(), p.detach()) and torch.equal(p.detach(), torch.zeros(3, dtype=torch.float64))
+    assert math.isfinite(opt2.stats["rate"]) and opt2.stats["retraces"] == opt.stats["retraces"] == 0
+
 def test_first_step_with_nan_loss_is_skipped_without_moving():
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     opt = ElraOptimizer([p])
