@@ -52,6 +52,7 @@ REPORT_SLOTS = 4
 _REPORTED_FIELDS = frozenset({"train_loss", "valid_loss"})  # controller fields that those set
 _GRADS = "_grads"  # a copy's (deepcopy, pickle) gradients of the parameters, by parameter
 _GRAD_DTYPES = "_grad_dtypes"  # a copy's parameters' grad_dtype where it is not their dtype (copies of a parameter drop it)
+_UNSTEPPED = "_unstepped"  # whether a copy's collected gradients hold a backward whose step(loss) has not come yet
 
 
 def _loss_value(loss: Any) -> LossLike:
@@ -682,17 +683,22 @@ class ElraOptimizer(Checkpointing, Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         state[_GRADS] = {p: p.grad for p in params if p.grad is not None}
         state[_GRAD_DTYPES] = {p: p.grad_dtype for p in params if getattr(p, "grad_dtype", p.dtype) != p.dtype}
+        # the copy's gradients count their versions afresh: it must still tell a backward not yet stepped (state_dict)
+        state[_UNSTEPPED] = bool(self._pending) and self._grads_changed_since_step()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         grads = state.pop(_GRADS, state.get("_kept_grads", {}))  # copies by older elra kept only collected sums
         grad_dtypes = state.pop(_GRAD_DTYPES, {})
+        unstepped = state.pop(_UNSTEPPED, False)
         super().__setstate__(state)
         for p, dtype in grad_dtypes.items():  # float32 gradients of a bfloat16 parameter stay float32
             p.grad_dtype = dtype
         for p, grad in grads.items():
             p.grad = grad
         self._note_kept_versions()  # the copied gradients count their versions afresh
+        if unstepped:  # a backward since the original's last step: its micro-batch is in the copied sums too
+            self._kept_versions.clear()
 
     # ------------------------------------------------------- internals
     def _decay_rates(self, groups: list[dict[str, Any]]) -> list[float]:

@@ -773,6 +773,29 @@ def test_a_checkpoint_between_backward_and_step_is_refused_while_collecting(prec
             optimizer.state_dict()
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_made_between_backward_and_step_still_refuses_a_checkpoint_until_its_step(how):
+    """A copy made while collecting, after ``backward()`` and before ``step(loss)``, holds that micro-batch's
+    gradient in its sums without its loss, as the original does. The copy noted its gradients' versions afresh and
+    took them for stepped: its ``state_dict()`` passed, and a run resumed from it counted the micro-batch twice.
+    It refuses as the original does until its ``step(loss)``, and then goes on as the original."""
+    net = _heads()
+    opt = _heads_optimizer(net, None, batch_multiplier=3)
+    _heads_step(opt, net, 0, "none")
+    assert opt.micro_batches
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    loss = net["a"](torch.tanh(net["body"](x))).square().mean()
+    loss.backward()
+    net2, opt2 = copy.deepcopy((net, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((net, opt)))
+    for optimizer in (opt, opt2):
+        with pytest.raises(RuntimeError, match="between backward"):
+            optimizer.state_dict()
+        optimizer.step(loss.item())
+        optimizer.state_dict()
+    for step in range(2, 10):
+        assert torch.equal(_heads_step(opt, net, step, "none")[0], _heads_step(opt2, net2, step, "none")[0]), step
+
+
 @pytest.mark.parametrize("preconditioner", [None, "adam"])
 @pytest.mark.parametrize("zeroing", ["none", "zeros"])
 def test_checkpoints_after_step_while_collecting_are_not_refused(preconditioner, zeroing):
