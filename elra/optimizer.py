@@ -304,6 +304,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
                     f"all parameters must be on one device: found {p.device} and {device}; use one optimizer per device"
                 )
         super().add_param_group({**param_group, "params": params})
+        if hasattr(self, "controller"):  # added mid-run: it shows the step length in force, as the others do
+            self.param_groups[-1]["lr"] = self.controller.step_length
         self._device = device
         self._agreed = False
         self._waiting.update(tensors)

@@ -288,6 +288,23 @@ def test_param_group_lr_shows_the_current_rate_and_schedulers_do_not_steer():
     assert opt.param_groups[0]["lr"] == opt.stats["lr"] != 1e-5
 
 
+@pytest.mark.parametrize("preconditioner", [None, "muon"])
+def test_a_group_added_mid_run_shows_the_current_step_length_at_once(preconditioner):
+    """``param_groups[i]["lr"]`` shows the current step length (learning-rate monitors read it): a group added
+    after steps showed the constructor's lr instead, until the next real step (with a batch multiplier, all the
+    micro-batches until then), while ``stats["lr"]`` and the other groups showed the step length in force."""
+    a, b = _param(1.0, 2.0), _param(3.0)
+    opt = ElraOptimizer([a], lr=1e-5, batch_multiplier=3, preconditioner=preconditioner)
+    for step in range(31):
+        opt.zero_grad()
+        loss = (a**2).sum()
+        loss.backward()
+        opt.step(loss)
+    assert opt.collecting and opt.stats["lr"] != 1e-5
+    opt.add_param_group({"params": [b], "weight_decay": 0.0})
+    assert [g["lr"] for g in opt.param_groups] == [opt.stats["lr"]] * 2
+
+
 def test_add_param_group_after_steps_trains_the_new_group():
     a, b = _param(1.0, 2.0), _param(3.0)
     opt = ElraOptimizer([a], lr=1e-3)
