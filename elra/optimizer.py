@@ -195,6 +195,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
     _boost_swapped = False  # inside boosted(): the parameters hold the boost mean, the state the current point
     _matched: tuple | None = None  # the parameters' ids, dtypes and devices when the state last matched them
     _boost_source: torch.nn.Module | None = None  # the model get_boost_model copies (the published API needs it once)
+    # while collecting: the parameters that held no gradient at the last step(loss) (a backward may give them one)
+    _gradless: frozenset[torch.Tensor] | set[torch.Tensor] = frozenset()
     # torch's GradScaler then hands step() its scale and inf flag (found_inf) instead of unscaling .grad in place,
     # which would mix scales in collected micro-batch sums: step() refuses it (ElraGradScaler does this right)
     _step_supports_amp_scaling = True
@@ -737,13 +739,15 @@ class ElraOptimizer(Checkpointing, Optimizer):
     def _keep_grads(self) -> None:
         """Remember the collected gradients, to catch a reset (``model.zero_grad()``) while collecting."""
         moving = {p for model in self.models if getattr(model, "gradient_as_bucket_view", False) for p in model.parameters()}
-        self._kept_grads = {
-            p: p.grad
+        kept = [
+            p
             for group in self.param_groups
             for p in group["params"]
             # FSDP1 replaces its flat gradients itself between backward passes, DDP with bucket views too
-            if p.grad is not None and not getattr(p, "_fsdp_flattened", False) and p not in moving
-        }
+            if not getattr(p, "_fsdp_flattened", False) and p not in moving
+        ]
+        self._kept_grads = {p: p.grad for p in kept if p.grad is not None}
+        self._gradless = {p for p in kept if p.grad is None}
         self._note_kept_versions()
 
     def _note_kept_versions(self) -> None:
@@ -752,12 +756,12 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._kept_versions = {p: local(grad)._version for p, grad in self._kept_grads.items()}
 
     def _grads_changed_since_step(self) -> bool:
-        """Whether a collected gradient was replaced or changed in place since it was noted (a backward
-        whose micro-batch ``step`` has not counted yet)."""
+        """Whether a collected gradient was replaced or changed in place since it was noted, or a parameter
+        that had none got one (a backward whose micro-batch ``step`` has not counted yet)."""
         return any(
             p.grad is not grad or local(grad)._version != self._kept_versions.get(p)
             for p, grad in self._kept_grads.items()
-        )
+        ) or any(p.grad is not None for p in self._gradless)  # routed elsewhere before (an expert), or unfrozen
 
     def _check_kept_grads(self) -> None:
         """Raise if the collected gradients were reset; the collection is then dropped (its sums are gone), so

@@ -797,6 +797,38 @@ def test_a_copy_made_between_backward_and_step_still_refuses_a_checkpoint_until_
 
 
 @pytest.mark.parametrize("preconditioner", [None, "adam"])
+def test_a_backward_that_reaches_only_parameters_without_a_gradient_is_seen_before_a_checkpoint(preconditioner):
+    """Experts trained over a frozen trunk: a micro-batch routed to expert ``b`` alone, after one routed to ``a``,
+    changes no gradient ELRA kept, and a checkpoint taken between its backward and ``step(loss)`` passed, holding
+    its gradient without its loss (a run resumed there counted it twice). It is refused too; after the step the
+    checkpoint resumes into the uninterrupted run."""
+    net = _heads()
+    net["body"].requires_grad_(False)
+    opt = _heads_optimizer(net, preconditioner, batch_multiplier=3)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def routed(model, optimizer, head):
+        loss = model[head](torch.tanh(model["body"](x))).square().mean()
+        loss.backward()
+        return loss.item()
+
+    opt.step(routed(net, opt, "a"))
+    loss = routed(net, opt, "b")
+    with pytest.raises(RuntimeError, match="between backward"):
+        opt.state_dict()
+    opt.step(loss)
+    saved = _saved(net, opt)
+    fresh = _heads()
+    fresh.load_state_dict(saved[0])
+    fresh["body"].requires_grad_(False)
+    resumed = _heads_optimizer(fresh, preconditioner)
+    resumed.load_state_dict(saved[1])
+    for model, optimizer in [(net, opt), (fresh, resumed)]:
+        optimizer.step(routed(model, optimizer, "a"))
+    assert opt.stats["real_steps"] == 1 and all(torch.equal(p, q) for p, q in zip(net.parameters(), fresh.parameters()))
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam"])
 @pytest.mark.parametrize("zeroing", ["none", "zeros"])
 def test_checkpoints_after_step_while_collecting_are_not_refused(preconditioner, zeroing):
     """The refusal above misfired on none of the legitimate places to save while collecting: after ``step(loss)``
