@@ -265,9 +265,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self.booster = Booster()
         self.geometry = make_direction(config["preconditioner"], config["momentum"], compiled)
         self._waiting: set[torch.Tensor] = set()  # parameters whose moments have not taken a gradient yet
+        self._pending: list[LossLike] = []
         super().__init__(params, dict(lr=config["lr"], weight_decay=config["weight_decay"]))
         self.controller = make_controller(config)
-        self._pending: list[LossLike] = []
         self._reports = [0.0] * REPORT_SLOTS  # this rank's train and validation loss since the last real step
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
         self._kept_versions: dict[torch.Tensor, int] = {}  # their version counters: a backward since bumps them
@@ -311,6 +311,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._device = device
         self._agreed = False
         self._waiting.update(tensors)
+        if self._pending:  # added while collecting: a backward that reaches them alone is seen too (state_dict)
+            fresh = (p for p in tensors if p.grad is None and not getattr(p, "_fsdp_flattened", False))
+            self._gradless = {*self._gradless, *fresh}
         for p in tensors:
             self.state[p].update(direction_state(self.geometry, p))
             if self.booster.enabled:

@@ -828,6 +828,27 @@ def test_a_backward_that_reaches_only_parameters_without_a_gradient_is_seen_befo
     assert opt.stats["real_steps"] == 1 and all(torch.equal(p, q) for p, q in zip(net.parameters(), fresh.parameters()))
 
 
+def test_a_backward_that_reaches_only_a_group_added_while_collecting_is_seen_before_a_checkpoint():
+    """The same for a parameter added by ``add_param_group`` while collecting: the checkpoint passed."""
+    net = _heads()
+    net["body"].requires_grad_(False)
+    opt = ElraOptimizer(net["a"].parameters(), None, 6, 3, lr=1e-4, batch_multiplier=3)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for _ in range(2):
+        loss = net["a"](x).square().mean()
+        loss.backward()
+        opt.step(loss.item())
+    assert opt.micro_batches == 2
+    opt.add_param_group({"params": net["b"].parameters()})
+    opt.state_dict()  # after the step: fine
+    loss = net["b"](x).square().mean()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="between backward"):
+        opt.state_dict()
+    opt.step(loss.item())
+    opt.state_dict()
+
+
 @pytest.mark.parametrize("preconditioner", [None, "adam"])
 @pytest.mark.parametrize("zeroing", ["none", "zeros"])
 def test_checkpoints_after_step_while_collecting_are_not_refused(preconditioner, zeroing):
