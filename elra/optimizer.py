@@ -778,7 +778,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
                     f"{self.controller.state.multiplier}: use optimizer.zero_grad() (it keeps them while "
                     "collecting), not model.zero_grad(); see `collecting` in the README. (Under "
                     "DDP(gradient_as_bucket_view=True), which moves gradients into its buckets, give the "
-                    f"optimizer the model.) The {collected} micro-batch(es) collected so far are dropped: "
+                    "optimizer the model. torch's ZeroRedundancyOptimizer.zero_grad() is torch's and clears "
+                    "every gradient: call it only when zero.optim.micro_batches is 0.) The "
+                    f"{collected} micro-batch(es) collected so far are dropped: "
                     "after optimizer.zero_grad() the next step starts a new collection"
                 )
 

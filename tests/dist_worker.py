@@ -551,33 +551,45 @@ def run_routed_sync(rank: int, world: int, store: str, out: str, strategies: lis
 
 
 def zero_fit(optimizer_for, steps: int = 20) -> torch.Tensor:
-    """A noise-free P2M fit of a small tanh MLP, the same on every rank; the parameters at the end."""
+    """A noise-free P2M fit of a small tanh MLP, the same on every rank; the parameters at the end.
+
+    ``optimizer_for(model)`` returns the loop's ``(zero_grad, step)``."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     x, y = torch.randn(32, 4), torch.randn(32, 1)
-    wrapped, step = optimizer_for(model)
+    zero_grad, step = optimizer_for(model)
     for _ in range(steps):
-        wrapped.zero_grad()
+        zero_grad()
         loss = (model(x) - y).pow(2).mean()
         loss.backward()
         step(loss)
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def zero_redundancy(model, batch_multiplier: int = 1, guarded: bool = True):
+    """ELRA under torch's ZeroRedundancyOptimizer over DDP; the loop's ``(zero_grad, step)``: ZeRO's
+    ``zero_grad`` is torch's (it clears every gradient), ``guarded``: called only when ELRA collected nothing."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = ZeroRedundancyOptimizer(
+        ddp.parameters(), optimizer_class=ElraOptimizer, lr=1e-5, classes=0, preconditioner=None,
+        batch_multiplier=batch_multiplier, replicas=lambda p: 1,
+    )
+
+    def zero_grad() -> None:
+        if not (guarded and optimizer.optim.micro_batches):
+            optimizer.zero_grad()
+
+    return zero_grad, lambda loss: optimizer.step(loss=loss)
+
+
 def run_zero(rank: int, world: int, store: str, out: str) -> None:
     """ELRA under torch's ZeroRedundancyOptimizer: each rank holds its partition of the parameters alone."""
 
     def body() -> None:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        def zero(model):
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            optimizer = ZeroRedundancyOptimizer(
-                ddp.parameters(), optimizer_class=ElraOptimizer, lr=1e-5, classes=0, preconditioner=None,
-                replicas=lambda p: 1,
-            )
-            return optimizer, lambda loss: optimizer.step(loss=loss)
-
-        torch.save(zero_fit(zero), Path(out) / f"zero{rank}.pt")
+        for multiplier in (1, 2):
+            fit = zero_fit(lambda model: zero_redundancy(model, multiplier))
+            torch.save(fit, Path(out) / f"zero{multiplier}-{rank}.pt")
 
     as_gloo_rank(rank, world, store, body)

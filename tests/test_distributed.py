@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 from dist_worker import (
     Scenario, make_net, routed_grads, run_checkpointing, run_routed_sync, run_scenarios, run_zero, zero_fit,
+    zero_redundancy,
 )
 from elra import ElraOptimizer
 
@@ -636,15 +637,33 @@ def test_a_boosted_evaluation_that_raises_in_the_forward_leaves_the_run_as_it_wa
 
 def test_zero_redundancy_optimizer_with_one_replica_per_parameter_follows_one_process(tmp_path):
     """torch's ZeroRedundancyOptimizer gives each rank's ELRA its partition of the parameters: with
-    ``replicas=lambda p: 1`` (each part is on one rank, not a DDP replica) the run is one process's."""
+    ``replicas=lambda p: 1`` (each part is on one rank, not a DDP replica) the run is one process's, also
+    collecting two micro-batches per step (ZeRO's ``zero_grad`` skipped while ELRA holds some)."""
     mp.spawn(run_zero, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    for multiplier in (1, 2):
 
-    def single(model):
-        optimizer = ElraOptimizer(model.parameters(), lr=1e-5, classes=0, preconditioner=None, process_group=None)
-        return optimizer, optimizer.step
+        def single(model):
+            optimizer = ElraOptimizer(
+                model.parameters(), lr=1e-5, classes=0, preconditioner=None, batch_multiplier=multiplier,
+                process_group=None,
+            )
+            return optimizer.zero_grad, optimizer.step
 
-    alone = zero_fit(single)
-    assert all(torch.equal(torch.load(tmp_path / f"zero{r}.pt"), alone) for r in range(2))
+        alone = zero_fit(single)
+        assert all(torch.equal(torch.load(tmp_path / f"zero{multiplier}-{r}.pt"), alone) for r in range(2)), multiplier
+
+
+def test_zero_redundancy_optimizers_zero_grad_while_collecting_is_named_in_the_error(tmp_path):
+    """ZeroRedundancyOptimizer's ``zero_grad()`` is torch's: it cleared the sums ELRA was collecting, and the error
+    told the caller to use ``optimizer.zero_grad()``, the call just made. It names ZeRO's now (one rank, here)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match=r"ZeroRedundancyOptimizer\.zero_grad\(\) .* zero\.optim\.micro_batches"):
+            zero_fit(lambda model: zero_redundancy(model, batch_multiplier=2, guarded=False), steps=2)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
