@@ -593,3 +593,48 @@ def run_zero(rank: int, world: int, store: str, out: str) -> None:
             torch.save(fit, Path(out) / f"zero{multiplier}-{rank}.pt")
 
     as_gloo_rank(rank, world, store, body)
+
+
+def uneven_inputs(model, optimizer: ElraOptimizer, rank: int, world: int, sharded_world: int) -> None:
+    """Micro-steps 0-9 with one fewer on the last rank, under torch's ``Join(throw_on_early_termination=True)``
+    (every rank stops at the same micro-batch: 0-8), then micro-steps 10-15 on every rank; one process takes the
+    global batches of 0-8 and 10-15."""
+    from torch.distributed.algorithms.join import Join
+
+    def micro_step(step: int) -> None:
+        x, y = global_batch(step, world)
+        if sharded_world > 1:
+            x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+        optimizer.zero_grad()
+        with grad_sync(model, optimizer) if sharded_world > 1 else nullcontext():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+        optimizer.step(loss.detach())
+
+    if sharded_world == 1:
+        steps = range(9)
+    else:
+        steps = range(9 if rank == world - 1 else 10)
+    try:
+        with Join([model], throw_on_early_termination=True) if sharded_world > 1 else nullcontext():
+            for step in steps:
+                micro_step(step)
+    except RuntimeError as error:
+        if "exhausted" not in str(error):
+            raise
+    for step in range(10, 16):
+        micro_step(step)
+
+
+def run_uneven(rank: int, world: int, store: str, out: str) -> None:
+    """``uneven_inputs`` under DDP (batch multiplier 2, P2M)."""
+
+    def body() -> None:
+        net = make_net()
+        model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+        optimizer = ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, lr=1e-4, batch_multiplier=2, preconditioner=None)
+        uneven_inputs(model, optimizer, rank, world, world)
+        params = {name: p.detach().clone() for name, p in net.named_parameters()}
+        torch.save({"params": params, "stats": optimizer.stats}, Path(out) / f"uneven{rank}.pt")
+
+    as_gloo_rank(rank, world, store, body)

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from dist_worker import (
     Scenario, make_net, routed_grads, run_checkpointing, run_routed_sync, run_scenarios, run_zero, zero_fit,
-    zero_redundancy,
+    run_uneven, uneven_inputs, zero_redundancy,
 )
 from elra import ElraOptimizer
 
@@ -664,6 +664,22 @@ def test_zero_redundancy_optimizers_zero_grad_while_collecting_is_named_in_the_e
             zero_fit(lambda model: zero_redundancy(model, batch_multiplier=2, guarded=False), steps=2)
     finally:
         dist.destroy_process_group()
+
+
+def test_uneven_inputs_under_join_that_throws_stop_every_rank_at_one_micro_batch_like_one_process(tmp_path):
+    """torch's Join shadows DDP's collectives on a rank out of inputs, not ELRA's all-reduce: with
+    ``throw_on_early_termination=True`` every rank stops at the same micro-batch, the collected one kept, and the
+    run goes on as one process on the global batches both ranks had (the README's advice for uneven inputs)."""
+    mp.spawn(run_uneven, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    net = make_net()
+    optimizer = ElraOptimizer(net.parameters(), None, 4, 3, lr=1e-4, batch_multiplier=2, preconditioner=None, process_group=None)
+    uneven_inputs(net, optimizer, 0, 2, 1)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"uneven{rank}.pt")
+        for key, value in optimizer.stats.items():
+            assert result["stats"][key] == value or math.isclose(result["stats"][key], value, rel_tol=1e-12), key
+        for name, p in net.named_parameters():
+            assert torch.allclose(result["params"][name], p, rtol=0, atol=1e-12), name
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
