@@ -74,8 +74,9 @@ class Checkpointing:
         if self._pending and self.unsynced_models:
             raise RuntimeError(
                 f"state_dict() in the middle of collecting micro-batches ({len(self._pending)} of "
-                f"{self.controller.state.multiplier}) with gradient sync off (grad_sync): each rank holds its own "
-                "partial sums, which one checkpoint cannot keep. Call optimizer.sync_pending_grads() on every "
+                f"{self.controller.state.multiplier}) with gradient sync off (grad_sync, or the wrapper's no_sync()): "
+                "each rank holds its own partial sums, which one checkpoint cannot keep. Call "
+                "optimizer.sync_pending_grads() on every "
                 "rank first (one gradient reduction), or save when optimizer.collecting is False"
             )
         wrapping = fsdp_wrapping(p for g in self.param_groups for p in g["params"]) if self._pending else None

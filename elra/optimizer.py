@@ -514,6 +514,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if len(losses) < self.controller.state.multiplier:
             self._pending = losses
             self._keep_grads()
+            self._note_ddp_sync_off()
             return "collect"
         outcome = self._real_step(losses, True, inv_scale, skip_overflow)
         self.unsynced_models.clear()  # the last backward was synchronised: wrappers hold nothing back
@@ -738,6 +739,16 @@ class ElraOptimizer(Checkpointing, Optimizer):
         did not turn their sync off (the caller did, ``set_requires_gradient_sync``) to ``unsynced_models``."""
         if self._pending:
             self.unsynced_models.update(model for model in self.models if holds_unsynced_grads(model))
+
+    def _note_ddp_sync_off(self) -> None:
+        """After a collected micro-batch: add the known DDP models whose forward ran with gradient sync off though
+        :func:`grad_sync` did not turn it off (the caller's ``no_sync()``; DDP's forward then leaves
+        ``require_forward_param_sync`` False) to ``unsynced_models``: their ``.grad`` hold this rank's sums."""
+        self.unsynced_models.update(
+            model
+            for model in self.models
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not model.require_forward_param_sync
+        )
 
     def _keep_grads(self) -> None:
         """Remember the collected gradients, to catch a reset (``model.zero_grad()``) while collecting."""

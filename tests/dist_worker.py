@@ -638,3 +638,41 @@ def run_uneven(rank: int, world: int, store: str, out: str) -> None:
         torch.save({"params": params, "stats": optimizer.stats}, Path(out) / f"uneven{rank}.pt")
 
     as_gloo_rank(rank, world, store, body)
+
+
+OWN_NO_SYNC_SAVE, OWN_NO_SYNC_STEPS = 10, 20  # micro-step 10: one micro-batch of three collected
+
+
+def own_no_sync_steps(
+    model, optimizer: ElraOptimizer, rank: int, world: int, sharded_world: int, start: int, out: str = ""
+) -> None:
+    """Micro-steps ``start`` to OWN_NO_SYNC_STEPS, with DDP's own ``no_sync()`` (not grad_sync) while collecting;
+    at OWN_NO_SYNC_SAVE ``sync_pending_grads()`` on every rank, and rank 0 saves a checkpoint into ``out``."""
+    for step in range(start, OWN_NO_SYNC_STEPS):
+        if step == OWN_NO_SYNC_SAVE and start < step:
+            optimizer.sync_pending_grads()
+            checkpoint = {"model": getattr(model, "module", model).state_dict(), "optim": optimizer.state_dict()}
+            if rank == 0:
+                torch.save(checkpoint, Path(out) / "own-no-sync-checkpoint.pt")
+        x, y = global_batch(step, world)
+        if sharded_world > 1:
+            x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+        optimizer.zero_grad()
+        with model.no_sync() if sharded_world > 1 and optimizer.collecting else nullcontext():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+        optimizer.step(loss.detach())
+
+
+def run_own_no_sync(rank: int, world: int, store: str, out: str) -> None:
+    """``own_no_sync_steps`` under DDP (batch multiplier 3, adam); rank 0 saves the checkpoint."""
+
+    def body() -> None:
+        net = make_net()
+        model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+        optimizer = ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, lr=1e-4, batch_multiplier=3, preconditioner="adam")
+        own_no_sync_steps(model, optimizer, rank, world, world, 0, out)
+        params = {name: p.detach().clone() for name, p in net.named_parameters()}
+        torch.save({"params": params, "stats": optimizer.stats}, Path(out) / f"own-no-sync{rank}.pt")
+
+    as_gloo_rank(rank, world, store, body)

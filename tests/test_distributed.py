@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from dist_worker import (
     Scenario, make_net, routed_grads, run_checkpointing, run_routed_sync, run_scenarios, run_zero, zero_fit,
-    run_uneven, uneven_inputs, zero_redundancy,
+    OWN_NO_SYNC_SAVE, own_no_sync_steps, run_own_no_sync, run_uneven, uneven_inputs, zero_redundancy,
 )
 from elra import ElraOptimizer
 
@@ -676,6 +676,27 @@ def test_uneven_inputs_under_join_that_throws_stop_every_rank_at_one_micro_batch
     uneven_inputs(net, optimizer, 0, 2, 1)
     for rank in range(2):
         result = torch.load(tmp_path / f"uneven{rank}.pt")
+        for key, value in optimizer.stats.items():
+            assert result["stats"][key] == value or math.isclose(result["stats"][key], value, rel_tol=1e-12), key
+        for name, p in net.named_parameters():
+            assert torch.allclose(result["params"][name], p, rtol=0, atol=1e-12), name
+
+
+def test_ddp_own_no_sync_mid_collection_checkpoint_keeps_the_mean_of_the_ranks_sums(tmp_path):
+    """Collecting under DDP's own ``no_sync()`` (not grad_sync), each rank's ``.grad`` holds its own sums: DDP's
+    forward says so (``require_forward_param_sync`` False), so ``sync_pending_grads()`` averages them now. Before,
+    it left them, and a checkpoint saved by rank 0 (one micro-batch of three collected) resumed in one process with
+    rank 0's sums alone: off the run that went on uninterrupted on 2 ranks."""
+    mp.spawn(run_own_no_sync, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    checkpoint = torch.load(tmp_path / "own-no-sync-checkpoint.pt", weights_only=False)
+    net = make_net()
+    optimizer = ElraOptimizer(net.parameters(), None, 4, 3, lr=1e-4, batch_multiplier=3, preconditioner="adam", process_group=None)
+    net.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optim"])
+    assert optimizer.micro_batches == 1
+    own_no_sync_steps(net, optimizer, 0, 2, 1, OWN_NO_SYNC_SAVE)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"own-no-sync{rank}.pt")
         for key, value in optimizer.stats.items():
             assert result["stats"][key] == value or math.isclose(result["stats"][key], value, rel_tol=1e-12), key
         for name, p in net.named_parameters():
