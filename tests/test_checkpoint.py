@@ -910,3 +910,31 @@ def test_state_dict_hooks_see_and_shape_elras_whole_state():
     assert seen == [opt.stats] and "elra_controller" not in opt2.param_groups[0]
     end = _collect(fresh, fresh_opt, 31, 90)
     assert _same(_collect(model2, opt2, 31, 90), end) and opt2.stats == fresh_opt.stats
+
+
+def test_sync_pending_grads_reduces_the_models_in_the_order_the_optimizer_learned_them(monkeypatch):
+    """Each model's reduction is a collective, so every rank must take the models in one order. They were taken in
+    a set's order, which follows the models' hashes (their addresses, which differ between processes): one rank
+    could average model A's gradient sums with another rank's sums of model B. Hashes stand in for the addresses."""
+    import elra.checkpoint
+    from elra.sync import tell_optimizer
+
+    class Hashed(torch.nn.Linear):
+        def __init__(self, key: int) -> None:
+            super().__init__(2, 2)
+            self.key = key
+
+        def __hash__(self) -> int:
+            return self.key
+
+    models = [Hashed(key) for key in (7, 6, 5, 4, 3, 2, 1, 0)]  # a set of them iterates in the reverse order
+    opt = ElraOptimizer([p for m in models for p in m.parameters()], batch_multiplier=2)
+    loss = sum(m(torch.ones(1, 2)).sum() for m in models)
+    loss.backward()
+    opt.step(loss)
+    for m in models:
+        tell_optimizer(m, opt, unsynced=True)
+    reduced = []
+    monkeypatch.setattr(elra.checkpoint, "sync_unsynced_grads", reduced.append)
+    opt.sync_pending_grads()
+    assert reduced == models
