@@ -164,10 +164,9 @@ class Checkpointing:
             self.unsynced_models.clear()
             return
         unstepped = self._grads_changed_since_step()
-        # a collective per model: in the order the optimizer learned them, the same on every rank (a set's order
-        # follows the models' addresses, which differ between processes)
-        unsynced = self.unsynced_models
-        for model in [m for m in self.models if m in unsynced] + [m for m in unsynced if m not in self.models]:
+        # a collective per model, in the order the optimizer learned them (tell_optimizer): the same on every rank,
+        # where a set's order follows the models' addresses, which differ between processes
+        for model in [m for m in self.models if m in self.unsynced_models]:
             sync_unsynced_grads(model)
         self.unsynced_models.clear()
         self._keep_grads()
