@@ -283,9 +283,10 @@ class Controller:
 
     @property
     def step_length(self) -> float:
-        """The length of the next step: the rate, or ``alpha`` if deterministic."""
+        """The current step length: the rate, or ``alpha`` if deterministic or before the first accepted step
+        after the first (the first step, and a retrace before any accepted step, move by ``alpha``)."""
         s = self.state
-        return s.alpha if self.deterministic or not s.started else s.rate
+        return s.alpha if self.deterministic or not s.accepted_any else s.rate
 
     def weight_decays(self, decays: Sequence[float]) -> list[float]:
         """The decay factor in force for each group (0 for groups without decay): ``weight_decay`` until the

@@ -288,6 +288,26 @@ def test_param_group_lr_shows_the_current_rate_and_schedulers_do_not_steer():
     assert opt.param_groups[0]["lr"] == opt.stats["lr"] != 1e-5
 
 
+def test_p2m_reports_the_length_its_first_steps_take_with_classes_given():
+    """P2M with ``classes`` given (the published call): after the first step ``stats["lr"]`` and
+    ``param_groups[0]["lr"]`` showed the rate's initial 0.1, a length no step had taken (the first step, and a
+    retrace before any accepted step, move by ``alpha``). They show the length the point is at, measured from
+    the parameters: ``x = x0 - lr * g0`` (no momentum, no decay)."""
+    x = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    opt = ElraOptimizer([x], None, 8, 10, lr=1e-4, preconditioner=None)
+    x0 = x.detach().clone()
+    for scale in (1.0, 1e9):  # the second loss is far above the cap: refused, retraced along the first step
+        opt.zero_grad()
+        loss = ((x - 3.0) ** 2).sum() * scale
+        loss.backward()
+        g0 = x.grad.clone() if scale == 1.0 else g0
+        opt.step(loss)
+        lengths = (x0 - x.detach()) / g0
+        assert torch.allclose(lengths, lengths[0], rtol=1e-9)
+        assert opt.stats["lr"] == opt.param_groups[0]["lr"] == pytest.approx(lengths[0].item(), rel=1e-9)
+    assert opt.stats["regime"] == "stochastic" and opt.stats["retraces"] == 1
+
+
 @pytest.mark.parametrize("preconditioner", [None, "muon"])
 def test_a_group_added_mid_run_shows_the_current_step_length_at_once(preconditioner):
     """``param_groups[i]["lr"]`` shows the current step length (learning-rate monitors read it): a group added
