@@ -331,7 +331,7 @@ class Controller:
         if not s.started:
             decision = None if sums is None else self._in_range(lambda: self._first_step(losses, n, sums, decays), bounds)
             if decision is None:
-                s.retraces += 1
+                self.state.retraces += 1  # not s: a refusal for range put the state before the step back
                 logger.warning("first ELRA step skipped: loss %.4g or its gradient is not finite or too large", loss)
                 return Decision("skip")
             return decision

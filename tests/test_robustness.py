@@ -443,6 +443,23 @@ def test_a_step_that_would_overflow_float16_parameters_is_a_retrace_and_training
     assert (p.float() ** 2).sum() < 1e-6
 
 
+def test_a_first_step_refused_for_float16_range_counts_as_a_skipped_first_step(caplog):
+    """P2M: a first step refused because it could overflow float16 parameters is skipped and warned about as a
+    non-finite first loss is, but ``stats["retraces"]`` stayed 0: the count went to the controller state the
+    refusal had just discarded. Every skipped first step counts, as the warnings do."""
+    p = torch.nn.Parameter(torch.tensor([60000.0, 1.0], dtype=torch.float16))
+    opt = ElraOptimizer([p], None, 8, 0, lr=1.0, preconditioner=None)
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        for loss_scale in (1e-5, 1e-5, math.nan):
+            opt.zero_grad()
+            loss = (p.float() ** 2).sum() * loss_scale
+            loss.backward()
+            assert opt._step(loss.detach()) == "skip"
+    skipped = [r for r in caplog.records if "first ELRA step skipped" in r.getMessage()]
+    assert torch.equal(p.detach(), torch.tensor([60000.0, 1.0], dtype=torch.float16))
+    assert opt.stats["real_steps"] == 0 and opt.stats["retraces"] == len(skipped) == 3
+
+
 def test_full_batch_float16_mlp_trains_through_steps_beyond_the_float16_range():
     x = torch.linspace(-math.pi, math.pi, 256).unsqueeze(1)
     torch.manual_seed(2)
