@@ -371,9 +371,9 @@ class Controller:
         decision = decide()
         if bounds.allows(decision):
             return decision
-        self.state = saved
+        refused, self.state = self.state, saved  # the refused state has counted this step (also the first)
         logger.warning(
-            "ELRA step %d refused: a step of %.4g could overflow the 16-bit parameters", saved.steps, decision.step
+            "ELRA step %d refused: a step of %.4g could overflow the 16-bit parameters", refused.steps, decision.step
         )
         return None
 

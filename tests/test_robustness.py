@@ -460,6 +460,20 @@ def test_a_first_step_refused_for_float16_range_counts_as_a_skipped_first_step(c
     assert opt.stats["real_steps"] == 0 and opt.stats["retraces"] == len(skipped) == 3
 
 
+def test_the_warning_of_a_step_refused_for_float16_range_names_the_real_step(caplog):
+    """P2M's warning "ELRA step N refused: ... could overflow" named step 0 for the first real step (it read the
+    step count from before the step had been counted; later steps are counted before the decision)."""
+    p = torch.nn.Parameter(torch.tensor([60000.0, 1.0], dtype=torch.float16))
+    opt = ElraOptimizer([p], None, 8, 0, lr=1.0, preconditioner=None)
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        opt.zero_grad()
+        loss = (p.float() ** 2).sum() * 1e-5
+        loss.backward()
+        opt.step(loss)
+    refused = [r.getMessage() for r in caplog.records if "could overflow" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].startswith("ELRA step 1 refused")
+
+
 def test_full_batch_float16_mlp_trains_through_steps_beyond_the_float16_range():
     x = torch.linspace(-math.pi, math.pi, 256).unsqueeze(1)
     torch.manual_seed(2)
