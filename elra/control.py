@@ -329,11 +329,14 @@ class Controller:
                 sums = None
         s = self.state
         if not s.started:
+            undecided = s.noise_free is None
             decision = None if sums is None else self._in_range(lambda: self._first_step(losses, n, sums, decays), bounds)
             if decision is None:
                 self.state.retraces += 1  # not s: a refusal for range put the state before the step back
                 logger.warning("first ELRA step skipped: loss %.4g or its gradient is not finite or too large", loss)
                 return Decision("skip")
+            if undecided and self.state.noise_free is False:  # logged once taken: a refusal puts back "auto"
+                logger.info("ELRA chose the stochastic regime at real step 1")
             return decision
         if s.noise_free is None and sums is not None:
             self._choose_regime(losses, n, sums)
@@ -381,8 +384,7 @@ class Controller:
         s = self.state
         loss = losses[-1]
         if s.noise_free is None and self._differ(losses):
-            s.noise_free = False  # micro-batch losses at one point differ: mini-batch noise
-            logger.info("ELRA chose the stochastic regime at real step 1")
+            s.noise_free = False  # micro-batch losses at one point differ: mini-batch noise (logged by real_step)
         self._count_step()
         floor = math.log(self.classes) if self.classes is not None and self.classes >= 2 else math.log(2.0)
         scale = abs(loss)

@@ -474,6 +474,25 @@ def test_the_warning_of_a_step_refused_for_float16_range_names_the_real_step(cap
     assert len(refused) == 1 and refused[0].startswith("ELRA step 1 refused")
 
 
+def test_a_first_step_refused_for_float16_range_does_not_log_a_regime_it_did_not_choose(caplog):
+    """P2M: micro-batch losses that differ at the first point make it stochastic. When that first step was refused
+    (it could overflow float16 parameters), the INFO "ELRA chose the stochastic regime at real step 1" was logged
+    all the same, though the refusal put back the undecided state (``stats["regime"]`` stayed "auto"), and
+    again at every refused first step. It is logged once, by the first step taken."""
+    p = torch.nn.Parameter(torch.tensor([30000.0, 1.0], dtype=torch.float16))
+    opt = ElraOptimizer([p], None, 8, None, lr=1.0, batch_multiplier=2, preconditioner=None)
+    chosen = []
+    with caplog.at_level(logging.INFO, logger="elra"):
+        for scale in (0.3, 0.3, 1e-5):  # a step of lr * 2.25e4 could overflow; one of lr * 0.75 cannot
+            for offset in (0.0, 1.0):
+                opt.zero_grad()
+                loss = (p.float() ** 2).sum() * scale * (1.0 + offset)
+                loss.backward()
+                outcome = opt._step(loss.detach())
+            chosen.append((outcome, opt.stats["regime"], sum("chose" in r.getMessage() for r in caplog.records)))
+    assert chosen == [("skip", "auto", 0), ("skip", "auto", 0), ("accept", "stochastic", 1)]
+
+
 def test_full_batch_float16_mlp_trains_through_steps_beyond_the_float16_range():
     x = torch.linspace(-math.pi, math.pi, 256).unsqueeze(1)
     torch.manual_seed(2)
