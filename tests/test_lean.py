@@ -162,6 +162,19 @@ def test_step_cost_benchmark_steps_each_optimizer_on_its_own_copy():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+
+def test_distributed_benchmark_reports_the_collectives_it_measured_on_collecting_micro_steps():
+    """benchmarks/distributed.py ended its table with "Collecting micro-steps issue no collective" without
+    measuring them: the sentence must say what the collecting steps issued."""
+    from benchmarks.distributed import _table
+
+    row = {"collectives": 1, "bytes": 72, "step_ms": 1.0, "train_ms": 2.0, "params": 1000}
+    quiet = _table([("ddp", 2, {**row, "collecting_collectives": 0})], 64)
+    assert "Collecting micro-steps issued no collective from the optimizer." in quiet
+    loud = _table([("ddp", 2, {**row, "collecting_collectives": 0}), ("fsdp2", 2, {**row, "collecting_collectives": 3})], 64)
+    assert "no collective" not in loud and "up to 3 collectives" in loud
+    assert "No collecting micro-step was measured." in _table([("none", 1, {**row, "collecting_collectives": None})], 64)
+
 def _breaks_at(step):
     """A quality-benchmark task's ``make``: a linear regression whose loss is infinite at gradient evaluation ``step``."""
     gen = torch.Generator().manual_seed(0)
