@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     modes = [("float32", torch.float32, False), ("bfloat16", torch.bfloat16, False)]  # (label, compute dtype, TF32)
     if args.device == "cuda":
         modes.insert(1, ("float32, TF32", torch.float32, True))

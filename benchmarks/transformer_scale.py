@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
     corpus = CharCorpus.load(size=args.text_size)
     probe = CharGPT(len(corpus.vocab), args.context, args.width, args.heads, args.layers)
     print(

@@ -1,7 +1,10 @@
 """Lean by construction: state size, in-place updates, one host transfer per real step."""
 
 import math
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,6 +177,18 @@ def test_distributed_benchmark_reports_the_collectives_it_measured_on_collecting
     loud = _table([("ddp", 2, {**row, "collecting_collectives": 0}), ("fsdp2", 2, {**row, "collecting_collectives": 3})], 64)
     assert "no collective" not in loud and "up to 3 collectives" in loud
     assert "No collecting micro-step was measured." in _table([("none", 1, {**row, "collecting_collectives": None})], 64)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+@pytest.mark.parametrize("script", ["orthogonalize", "transformer_scale"])
+def test_gpu_benchmarks_on_cuda_without_a_gpu_say_so_at_once(script, tmp_path):
+    """orthogonalize.py spent its SVDs (a minute and a half here) and transformer_scale.py loaded its text
+    before torch's 'Found no NVIDIA driver' traceback: both refuse before any work, as step_cost.py does."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "benchmarks" / f"{script}.py"), "--device", "cuda"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--device cuda: torch sees no CUDA device here" in done.stderr and "Traceback" not in done.stderr
 
 def _breaks_at(step):
     """A quality-benchmark task's ``make``: a linear regression whose loss is infinite at gradient evaluation ``step``."""
