@@ -44,8 +44,9 @@ ends, and a window of ``window_length`` real steps (about ``STAT_LENGTH``
 samples per cycle) closes at the first cycle end that completes it. A window
 whose mean accepted loss does not beat the best window mean counts as
 stalled; after six in a row (forgiven at five by a falling trend) the number
-of micro-batches per real step doubles, as it does at every 25th retrace of a
-cycle. Mini-batch problems only: a noise-free loss gains nothing from more
+of micro-batches per real step doubles, as it does at every 25th refused loss
+of a cycle (a fault, a non-finite loss or gradient, is retraced but not
+counted there). Mini-batch problems only: a noise-free loss gains nothing from more
 micro-batches. Unlike P2M the multiplier keeps no separate re-baselining
 phase: a grown batch is judged against the best mean so far, which the
 window that grew it set. The decoupled decay of each group is its configured
@@ -319,7 +320,7 @@ class LineController:
         self._count_step()
         if usable and self._acceptable(loss):
             return self._accept(loss, sums, decays)
-        return self._retrace(loss, sums if sums is not None and sums.is_finite() else None)
+        return self._retrace(loss, sums if sums is not None and sums.is_finite() else None, refused=usable)
 
     def state_dict(self) -> dict:
         return asdict(self.state)
@@ -485,14 +486,21 @@ class LineController:
         ratio = s.ema_mom_sq / max(s.ema_grad_sq, _TINY)
         return min(max((ratio - floor) / (1.0 - floor), 0.0), 1.0)
 
-    def _retrace(self, loss: float, sums: LineSums | None) -> LineDecision:
-        """Go back along the old direction: ``x_old - eta_new*u_old`` (all the way where it went uphill)."""
+    def _retrace(self, loss: float, sums: LineSums | None, refused: bool) -> LineDecision:
+        """Go back along the old direction: ``x_old - eta_new*u_old`` (all the way where it went uphill).
+
+        ``refused``: the loss and gradient were usable and the loss too high. Only such retraces make a storm
+        that doubles the micro-batches: a fault (a non-finite loss or gradient, a skipped backward) says nothing
+        of the mini-batch noise, and counted it grew the batch without end, since a real step of more
+        micro-batches meets more of them (1% faulty micro-batches: a multiplier of 512 in 20000 steps).
+        """
         s = self.state
         s.retraces += 1
         s.failed += 1
-        s.cycle_retraces += 1
-        if s.cycle_retraces % RETRACES_PER_DOUBLING == RETRACES_PER_DOUBLING - 1:
-            self._grow()  # a retrace storm: the mini-batch noise swamps the step
+        if refused:
+            s.cycle_retraces += 1
+            if s.cycle_retraces % RETRACES_PER_DOUBLING == RETRACES_PER_DOUBLING - 1:
+                self._grow()  # a retrace storm: the mini-batch noise swamps the step
         old = s.eta
         if s.restart:  # back at x_old, which gave no usable gradient this time: stay there
             return LineDecision("retrace")

@@ -50,6 +50,7 @@ class Scenario:
     scaler: bool = False  # train through ElraGradScaler
     inf_grad_at: int | None = None  # micro-step where the last rank's first gradient shard gets an inf
     nan_plan: tuple = ()  # (micro-step, rank) pairs: that rank reports a nan loss then
+    spike_plan: tuple = ()  # micro-steps where every rank reports its loss times 1000 (refused; one process the same)
     inf_plan: tuple = ()  # (micro-step, rank) pairs: that rank's first gradient shard gets an inf then
     full_batch: bool = False  # the same global batch at every step: a noise-free loss
     late_from: int | None = None  # micro-step from which the net's ``late`` layer joins the forward
@@ -177,6 +178,8 @@ def train(
             scenario.nan_plan, step, rank, sharded_world
         ):
             value = torch.tensor(float("nan"), dtype=torch.float64)
+        if step in scenario.spike_plan:
+            value = value * 1000.0
         if scenario.count_collectives:
             from torch.distributed.tensor.debug import CommDebugMode
 

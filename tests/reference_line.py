@@ -6,8 +6,8 @@ moment of a matrix is :class:`FactoredSecondMoment` (see :mod:`elra.factored`).
 It restates the rule of :mod:`elra.line_control` and :mod:`elra.geometry`
 from their docstrings in the most direct form, so that the optimised
 implementation can be checked against it number for number. Of the batch
-growth it has only the retrace storm (every 25th retrace of a 100-step cycle
-doubles the micro-batches per real step): its runs are far shorter than a
+growth it has only the retrace storm (every 25th refused loss of a 100-step
+cycle doubles the micro-batches per real step): its runs are far shorter than a
 statistics window. The validation-driven decay is the caller's: ``decay`` is
 the decay in force.
 """
@@ -148,7 +148,7 @@ class ReferenceLine:
         self._count_step()
         if not bad and finite and self._acceptable(loss):
             return self._accept(loss, numbers, sums, n)
-        self._retrace(loss, numbers if finite else None, old)
+        self._retrace(loss, numbers if finite else None, old, refused=not bad and finite)
 
     def _count_step(self):
         self.steps += 1
@@ -212,12 +212,13 @@ class ReferenceLine:
             k, w = self._u(i, self.t)
             p.add_(w, alpha=-self.eta * k)
 
-    def _retrace(self, loss, numbers, old_u):
+    def _retrace(self, loss, numbers, old_u, refused):
         self.retraces += 1
         self.failed += 1
-        self.cycle_retraces += 1
-        if self.cycle_retraces % 26 == 25 and not self.deterministic:
-            self.multiplier = min(2 * self.multiplier, 6250)
+        if refused:  # a refused loss; a fault (non-finite loss or gradient, no backward) is not counted
+            self.cycle_retraces += 1
+            if self.cycle_retraces % 26 == 25 and not self.deterministic:
+                self.multiplier = min(2 * self.multiplier, 6250)
         if self.restart:  # back at x_old, which gave no usable gradient this time: stay
             return
         old = self.eta
