@@ -300,7 +300,8 @@ def test_p2m_reports_the_length_its_first_steps_take_with_classes_given():
         opt.zero_grad()
         loss = ((x - 3.0) ** 2).sum() * scale
         loss.backward()
-        g0 = x.grad.clone() if scale == 1.0 else g0
+        if scale == 1.0:
+            g0 = x.grad.clone()
         opt.step(loss)
         lengths = (x0 - x.detach()) / g0
         assert torch.allclose(lengths, lengths[0], rtol=1e-9)

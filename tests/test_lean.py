@@ -165,7 +165,6 @@ def test_step_cost_benchmark_steps_each_optimizer_on_its_own_copy():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
-
 def test_distributed_benchmark_reports_the_collectives_it_measured_on_collecting_micro_steps():
     """benchmarks/distributed.py ended its table with "Collecting micro-steps issue no collective" without
     measuring them: the sentence must say what the collecting steps issued."""
@@ -189,6 +188,7 @@ def test_gpu_benchmarks_on_cuda_without_a_gpu_say_so_at_once(script, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "--device cuda: torch sees no CUDA device here" in done.stderr and "Traceback" not in done.stderr
+
 
 def _breaks_at(step):
     """A quality-benchmark task's ``make``: a linear regression whose loss is infinite at gradient evaluation ``step``."""
