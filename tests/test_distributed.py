@@ -672,6 +672,16 @@ def test_zero_redundancy_optimizers_zero_grad_while_collecting_is_named_in_the_e
         dist.destroy_process_group()
 
 
+def _assert_ranks_saved(tmp_path, prefix: str, net: torch.nn.Module, optimizer: ElraOptimizer) -> None:
+    """Each of 2 ranks saved (``{prefix}{rank}.pt``) the stats and parameters of this one-process run."""
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{prefix}{rank}.pt")
+        for key, value in optimizer.stats.items():
+            assert result["stats"][key] == value or math.isclose(result["stats"][key], value, rel_tol=1e-12), key
+        for name, p in net.named_parameters():
+            assert torch.allclose(result["params"][name], p, rtol=0, atol=1e-12), name
+
+
 def test_uneven_inputs_under_join_that_throws_stop_every_rank_at_one_micro_batch_like_one_process(tmp_path):
     """torch's Join shadows DDP's collectives on a rank out of inputs, not ELRA's all-reduce: with
     ``throw_on_early_termination=True`` every rank stops at the same micro-batch, the collected one kept, and the
@@ -680,12 +690,7 @@ def test_uneven_inputs_under_join_that_throws_stop_every_rank_at_one_micro_batch
     net = make_net()
     optimizer = ElraOptimizer(net.parameters(), None, 4, 3, lr=1e-4, batch_multiplier=2, preconditioner=None, process_group=None)
     uneven_inputs(net, optimizer, 0, 2, 1)
-    for rank in range(2):
-        result = torch.load(tmp_path / f"uneven{rank}.pt")
-        for key, value in optimizer.stats.items():
-            assert result["stats"][key] == value or math.isclose(result["stats"][key], value, rel_tol=1e-12), key
-        for name, p in net.named_parameters():
-            assert torch.allclose(result["params"][name], p, rtol=0, atol=1e-12), name
+    _assert_ranks_saved(tmp_path, "uneven", net, optimizer)
 
 
 def test_ddp_own_no_sync_mid_collection_checkpoint_keeps_the_mean_of_the_ranks_sums(tmp_path):
@@ -701,12 +706,7 @@ def test_ddp_own_no_sync_mid_collection_checkpoint_keeps_the_mean_of_the_ranks_s
     optimizer.load_state_dict(checkpoint["optim"])
     assert optimizer.micro_batches == 1
     own_no_sync_steps(net, optimizer, 0, 2, 1, OWN_NO_SYNC_SAVE)
-    for rank in range(2):
-        result = torch.load(tmp_path / f"own-no-sync{rank}.pt")
-        for key, value in optimizer.stats.items():
-            assert result["stats"][key] == value or math.isclose(result["stats"][key], value, rel_tol=1e-12), key
-        for name, p in net.named_parameters():
-            assert torch.allclose(result["params"][name], p, rtol=0, atol=1e-12), name
+    _assert_ranks_saved(tmp_path, "own-no-sync", net, optimizer)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
