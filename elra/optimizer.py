@@ -743,7 +743,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
     def _note_ddp_sync_off(self) -> None:
         """After a collected micro-batch: add the known DDP models whose forward ran with gradient sync off though
         :func:`grad_sync` did not turn it off (the caller's ``no_sync()``; DDP's forward then leaves
-        ``require_forward_param_sync`` False) to ``unsynced_models``: their ``.grad`` hold this rank's sums."""
+        ``require_forward_param_sync`` False) to ``unsynced_models``: their ``.grad`` hold this rank's sums. Read
+        here, not at ``state_dict()`` as :func:`holds_unsynced_grads` is: any later forward rewrites the flag (an
+        evaluation under ``no_grad`` sets it False with the sums synchronised)."""
         self.unsynced_models.update(
             model
             for model in self.models
