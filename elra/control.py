@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
@@ -673,7 +674,9 @@ class Controller:
 
     def _retrace(self, loss: float, bounds: RangeBounds | None = None) -> Decision:
         s = self.state
-        s.dev_correction *= 1.05
+        # saturates: past about 14,550 retraces in one window the product overflowed to inf, and a measured
+        # deviation of 0 times inf (nan) refused every later step until the window closed
+        s.dev_correction = min(s.dev_correction * 1.05, sys.float_info.max)
         s.window_retraces += 1
         s.cycle_retraces += 1
         s.retraces += 1

@@ -115,3 +115,17 @@ def test_p2m_weight_decay_control_replaces_the_groups_decay_at_a_cycle_end_as_pu
     for _ in range(100):
         controller.real_step([2.0], sums, [0.01, 0.05, 0.0])
     assert controller.weight_decays([0.01, 0.05, 0.0]) == [math.sqrt(3.0), math.sqrt(3.0), 0.0]
+
+
+def test_the_deviation_correction_saturates_through_a_long_run_of_retraces_in_one_window():
+    """Each retrace multiplies the loss deviation's correction by 1.05: after about 14,550 in one window (a
+    noise-free run of batch_size 1 has windows of 76,800 steps) it overflowed to inf. A measured deviation of 0
+    (a loss of 0 at the start) times inf is nan, and every later step was refused until the window closed, also
+    a loss of 0 again. It now saturates at the largest float: the deviation stays 0 and that loss is accepted."""
+    controller = _controller(classes=0, momentum=None, batch_size=1)
+    sums = StepSums(*([1.0] for _ in range(6)))
+    assert controller.real_step([0.0], sums, [0.0]).action == "accept"
+    for _ in range(14600):  # faults: non-finite losses
+        assert controller.real_step([math.nan], sums, [0.0]).action == "retrace"
+    assert controller.state.window_steps < 76800 and math.isfinite(controller.state.dev_correction)
+    assert controller.real_step([0.0], sums, [0.0]).action == "accept"
