@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from typing import Any
 
 import torch
 
-from .optimizer import ElraOptimizer, _loss_value
+from .optimizer import LOSS_KEEPERS, ElraOptimizer, _loss_value
 
 MAX_SCALE = 2.0**16
 # the smallest positive normal float: backoffs stop there, where 1/scale is still finite (below it a long run of
@@ -63,6 +64,7 @@ class ElraGradScaler:
         self._clean_steps = 0
         self._overflowed = False
         self._loss: float | torch.Tensor | None = None
+        self._scaled: list[weakref.ref] = []  # the loss tensors that make up _loss
         self._optimizer: ElraOptimizer | None = None
 
     def get_scale(self) -> float:
@@ -72,12 +74,16 @@ class ElraGradScaler:
         """Remember ``loss`` for ``step`` and return it multiplied by the scale.
 
         Several losses scaled (and back-propagated) before one ``step``, torch's pattern for several losses, add
-        up in ``.grad``: ``step`` hands ELRA their sum, the loss of that gradient.
+        up in ``.grad``: ``step`` hands ELRA their sum, the loss of that gradient. ``optimizer.step_retrace(loss)``
+        in place of ``step`` (a skipped backward) ends the step without them: they are dropped when it names
+        this loss or the optimizer this scaler steps.
         """
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"scale() needs the loss tensor, got {type(loss).__name__}")
         value = _loss_value(loss)
         self._loss = value if self._loss is None else self._loss + value
+        self._scaled.append(weakref.ref(loss))
+        LOSS_KEEPERS.add(self)
         return loss * self._scale if self.enabled else loss
 
     def step(self, optimizer: ElraOptimizer) -> str:
@@ -93,7 +99,7 @@ class ElraGradScaler:
             )
         if self._loss is None:
             raise RuntimeError("call scaler.scale(loss).backward() before scaler.step(optimizer)")
-        loss, self._loss = self._limited(self._loss), None
+        loss, self._loss, self._scaled = self._limited(self._loss), None, []
         self._optimizer = optimizer
         inv_scale = 1.0 / self._scale if self.enabled else 1.0
         # through the optimizer's step hooks, as optimizer.step(loss) (torch's GradScaler too)
@@ -118,6 +124,20 @@ class ElraGradScaler:
         if self._clean_steps >= self.growth_interval and not collecting:
             self._scale = max(self._scale, min(self._scale * self.growth_factor, MAX_SCALE))  # a growth never cuts
             self._clean_steps = 0
+
+    def _retraced(self, optimizer: ElraOptimizer, loss: Any) -> None:
+        """``optimizer.step_retrace(loss)`` ended a step: the losses scaled for it are dropped (they summed into
+        the next step's loss, a bad one made that step a retrace too). Theirs when the retrace names one of them,
+        or when it is the optimizer this scaler steps."""
+        if optimizer is self._optimizer or any(ref() is loss for ref in self._scaled):
+            self._loss, self._scaled = None, []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_scaled": []}  # weak references do not pickle
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        LOSS_KEEPERS.add(self)  # a copy's remembered loss goes with a retrace of its optimizer too
 
     def _limited(self, loss: float | torch.Tensor) -> float | torch.Tensor:
         """The loss, or nan (a retrace) when it reaches the limit; no host sync for tensors. Disabled, the loss

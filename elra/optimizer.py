@@ -15,6 +15,7 @@ import copy
 import logging
 import math
 import numbers
+import weakref
 import zlib
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
@@ -53,6 +54,8 @@ _REPORTED_FIELDS = frozenset({"train_loss", "valid_loss"})  # controller fields 
 _GRADS = "_grads"  # a copy's (deepcopy, pickle) gradients of the parameters, by parameter
 _GRAD_DTYPES = "_grad_dtypes"  # a copy's parameters' grad_dtype where it is not their dtype (copies of a parameter drop it)
 _UNSTEPPED = "_unstepped"  # whether a copy's collected gradients hold a backward whose step(loss) has not come yet
+# what remembers losses for a step (ElraGradScaler's scale): step_retrace tells them that a step ended without them
+LOSS_KEEPERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def _loss_value(loss: Any) -> LossLike:
@@ -536,6 +539,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         for model in {*self.models, *self.unsynced_models}:  # the abandoned sums, wherever a wrapper keeps them
             drop_unsynced_grads(model)
         self.unsynced_models.clear()
+        for keeper in list(LOSS_KEEPERS):  # a loss scaled for the abandoned step is no loss of the next one
+            keeper._retraced(self, loss)
 
     @torch.no_grad()
     def skip_backward(self, loss: LossLike, limit: float | None = None) -> bool:
