@@ -113,6 +113,9 @@ MAX_REFUSALS = 10
 # weights are large against the direction (a fit's coefficients, ~1e3), and the factor turned negative there: the
 # weights flipped sign and grew each step (a scalar fit at 1e5 with weight_decay=0.1 ended at 7.8e6)
 MAX_DECAY = 0.5
+# the accepted losses' squares are summed of losses scaled by a power of two to at most 2**SQUARE_RANGE: a loss
+# above 1.3e154 squared to inf, and every step after it was refused (mean^2 inf too: inf - inf is nan)
+SQUARE_RANGE = 500
 
 
 # fields added with batch growth and regime detection: a state saved before lacks them
@@ -123,6 +126,7 @@ _LATER_FIELDS = frozenset(
     | {"param_peak"}
     | {"restart", "restarts"}
     | {"from_restart"}
+    | {"loss_exponent"}
 )
 
 
@@ -197,8 +201,9 @@ class LineState:
     restarts: int = 0
     from_restart: bool = False  # the step under way was a restart's: along the gradient, it cannot restart again
     loss_mean: float = 0.0
-    loss_sq: float = 0.0
+    loss_sq: float = 0.0  # of the losses times 2**-loss_exponent: 0 unless they pass SQUARE_RANGE
     loss_weight: float = 0.0
+    loss_exponent: int = 0
     accepted: int = 0
     last_good_loss: float = 0.0
     train_loss: float | None = None
@@ -421,7 +426,8 @@ class LineController:
         """Mean and standard deviation of the accepted losses (EMAs)."""
         s = self.state
         mean = s.loss_mean / s.loss_weight
-        return mean, math.sqrt(max(s.loss_sq / s.loss_weight - mean * mean, 0.0))
+        scaled = math.ldexp(mean, -s.loss_exponent)  # exact: the scale is a power of two (1 for most runs)
+        return mean, math.ldexp(math.sqrt(max(s.loss_sq / s.loss_weight - scaled * scaled, 0.0)), s.loss_exponent)
 
     def _statistics_value(self, loss: float) -> float:
         """``loss`` as it enters the accepted-loss statistics: a mini-batch loss floored ``LOSS_FLOOR_DEVIATIONS``
@@ -455,7 +461,9 @@ class LineController:
         s.eta = min(max(s.eta, ETA_BOUNDS[0]), ETA_BOUNDS[1])
         value = self._statistics_value(loss)
         s.loss_mean = LOSS_SMOOTHING * s.loss_mean + (1.0 - LOSS_SMOOTHING) * value
-        s.loss_sq = LOSS_SMOOTHING * s.loss_sq + (1.0 - LOSS_SMOOTHING) * value * value
+        self._rescale_squares(value)
+        scaled = math.ldexp(value, -s.loss_exponent)
+        s.loss_sq = LOSS_SMOOTHING * s.loss_sq + (1.0 - LOSS_SMOOTHING) * scaled * scaled
         s.loss_weight = LOSS_SMOOTHING * s.loss_weight + (1.0 - LOSS_SMOOTHING)
         s.accepted += 1
         s.window_accepted += 1
@@ -469,6 +477,19 @@ class LineController:
         in_force = [0.0] * len(decays) if s.noise_free is None else self.weight_decays(decays)
         decay = tuple(1.0 - min(s.eta * a, MAX_DECAY) for a in in_force)
         return LineDecision("accept", step=s.eta, decay=decay, restart=restart)
+
+    def _rescale_squares(self, value: float) -> None:
+        """Choose the power of two the accepted losses are scaled by before they are squared: none while they
+        and the losses behind the statistics stay below 2**SQUARE_RANGE (their squares, and the mean's, are finite),
+        else just enough to bring them there; ``loss_sq`` follows (exactly, up to underflow of what it outweighs)."""
+        s = self.state
+        top = math.frexp(value)[1]
+        if s.loss_sq > 0.0 and s.loss_weight > 0.0:
+            top = max(top, math.frexp(math.sqrt(s.loss_sq / s.loss_weight))[1] + s.loss_exponent)
+        exponent = max(0, top - SQUARE_RANGE)
+        if exponent != s.loss_exponent:
+            s.loss_sq = math.ldexp(s.loss_sq, 2 * (s.loss_exponent - exponent))
+            s.loss_exponent = exponent
 
     def signal_share(self, sums: LineSums) -> float:
         """The share of the gradient that is signal, from the smoothed ``|m|^2 / |g|^2``.

@@ -325,3 +325,24 @@ def test_one_wild_low_loss_does_not_double_the_micro_batches():
     assert disturbed.real_step([-1e6], SUMS, [0.0]).action == "accept"
     assert set(_feed(disturbed, losses[151:])) == {1}
     assert disturbed.state.best_mean == pytest.approx(undisturbed.state.best_mean, rel=1e-3)
+
+
+def test_losses_beyond_the_square_range_are_judged_as_the_same_losses_scaled_down():
+    """The accepted-loss statistics summed the squares of the losses: above 1.3e154 they were inf, the spread
+    sqrt(inf - inf) nan, and every step after the warmup was refused (ten in a row, then one forced accept) while
+    the micro-batches doubled. The squares are now of the losses scaled by a power of two: losses 2^520 and
+    2^1000 times those of a run near 1 take its decisions exactly, with its statistics times that power."""
+
+    def run(exponent):
+        controller = _controller()
+        losses = [math.ldexp(loss + (3.0 if k % 37 == 36 else 0.0), exponent) for k, loss in enumerate(_flat(300))]
+        decisions = [controller.real_step([loss], SUMS, [0.0]) for loss in losses]
+        return decisions, controller
+
+    decisions, plain = run(0)
+    assert 5 <= [d.action for d in decisions].count("retrace") <= 10  # the spikes after the warmup, no more
+    mean, spread = plain._loss_statistics()
+    for exponent in (520, 1000):
+        scaled_decisions, scaled = run(exponent)
+        assert scaled_decisions == decisions and scaled.state.multiplier == plain.state.multiplier == 1
+        assert scaled._loss_statistics() == (math.ldexp(mean, exponent), math.ldexp(spread, exponent))
