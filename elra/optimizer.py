@@ -272,6 +272,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         super().__init__(params, dict(lr=config["lr"], weight_decay=config["weight_decay"]))
         self.controller = make_controller(config)
         self._reports = [0.0] * REPORT_SLOTS  # this rank's train and validation loss since the last real step
+        self._unusable_gradient = False  # whether the last real step's gradient sums were not finite (its loss was)
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
         self._kept_versions: dict[torch.Tensor, int] = {}  # their version counters: a backward since bumps them
         self.unsynced_models: set[torch.nn.Module] = set()  # filled by elra.grad_sync
@@ -823,12 +824,31 @@ class ElraOptimizer(Checkpointing, Optimizer):
             bounds = replace(bounds, grads=bounds.grads * inv_scale) if bounds is not None else None
         if skip_overflow and sums is not None and not sums.is_finite() and all(map(math.isfinite, values)):
             return "overflow"
+        self._note_unusable_gradient(sums, values)
         decision = self.controller.real_step(values, sums, decays, half_precision=half, bounds=bounds)
         self._apply(decision, groups, inv_scale, sum(values) / len(values))
         length = self.controller.step_length
         for group in self.param_groups:
             group["lr"] = length
         return decision.action
+
+    def _note_unusable_gradient(self, sums: Any, losses: list[float]) -> None:
+        """Warn at the first of a run of real steps whose gradient sums are not finite though their losses are.
+
+        The controller retraces each as a fault, logged at debug only (before the first step it warns itself): a
+        gradient that stayed so (float32 elements above about 1.8e19, whose squares pass float32's range, or an
+        inf/nan in it) stalled the run with every step retraced and no word why.
+        """
+        unusable = sums is not None and not sums.is_finite() and all(map(math.isfinite, losses))
+        if unusable and not getattr(self, "_unusable_gradient", False) and self.controller.state.started:
+            logger.warning(
+                "ELRA real step %d retraced: its loss is finite but the sums of its gradient (|g|^2 and inner "
+                "products) are not: an inf/nan in a gradient, or float32 gradients or parameters with elements above "
+                "about 1.8e19, whose squares pass float32's range. Each such step is retraced; a run of them is "
+                "logged once",
+                self.controller.state.steps + 1,
+            )
+        self._unusable_gradient = unusable
 
     def _group_tensors(self, group: dict[str, Any], with_gradient: bool) -> dict[str, Any]:
         """Local parts of one group's tensors: those with gradients, and those the last step moved.
@@ -1097,6 +1117,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             sums = geometry.sums(values, t, grad_scale)
             if skip_overflow and not sums.is_finite() and all(map(math.isfinite, loss_values)):
                 return "overflow"
+        self._note_unusable_gradient(sums, loss_values)
         decision = self.controller.real_step(loss_values, sums, decays)
         if self.controller.beta1 != geometry.beta1:  # the regime, detected now, chose it: the moments took one gradient
             geometry.switch_beta1(self.state.values(), self.controller.beta1, groups)

@@ -531,3 +531,26 @@ def test_a_float16_parameter_pushed_past_its_range_saturates_and_the_run_goes_on
     full, _ = run(torch.float32)
     assert full[0] > 65504.0 and half[0] == 65504.0 and torch.isfinite(half).all()
     assert retraces == 0
+
+
+@pytest.mark.parametrize("preconditioner", [None, "muon"])
+def test_a_run_of_steps_whose_gradient_overflows_float32_sums_is_reported(preconditioner, caplog):
+    """Finite float32 gradients above about 1.8e19 (a finite loss): their squares pass float32's range, the sums
+    are inf and each step is retraced as a fault, which was logged at debug only, so the run stalled without a
+    word. The first step of each such run now warns, once per run, naming the step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    opt = ElraOptimizer(model.parameters(), None, 64, 0, lr=1e-4, preconditioner=preconditioner)
+    huge = {*range(10, 20), *range(25, 30)}  # two runs of steps with such gradients
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        for i in range(35):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean() + ((model(x) * 1e20).mean() if i in huge else 0.0)
+            loss.backward()
+            before = opt.stats["retraces"]
+            opt.step(loss)
+            if i in huge:  # a finite loss, a fault retrace
+                assert math.isfinite(loss.item()) and opt.stats["retraces"] == before + 1
+    warned = [r.getMessage() for r in caplog.records if "sums of its gradient" in r.getMessage()]
+    assert len(warned) == 2 and "real step 11 " in warned[0] and "real step 26 " in warned[1]
