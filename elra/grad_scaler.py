@@ -75,8 +75,8 @@ class ElraGradScaler:
 
         Several losses scaled (and back-propagated) before one ``step``, torch's pattern for several losses, add
         up in ``.grad``: ``step`` hands ELRA their sum, the loss of that gradient. ``optimizer.step_retrace(loss)``
-        in place of ``step`` (a skipped backward) ends the step without them: they are dropped when it names
-        this loss or the optimizer this scaler steps.
+        in place of ``step`` (a skipped backward) ends the step without them, as ``optimizer.zero_grad()`` does where it
+        clears the gradients: they are dropped when it names this loss or is the optimizer this scaler steps.
         """
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"scale() needs the loss tensor, got {type(loss).__name__}")
@@ -125,11 +125,11 @@ class ElraGradScaler:
             self._scale = max(self._scale, min(self._scale * self.growth_factor, MAX_SCALE))  # a growth never cuts
             self._clean_steps = 0
 
-    def _retraced(self, optimizer: ElraOptimizer, loss: Any) -> None:
-        """``optimizer.step_retrace(loss)`` ended a step: the losses scaled for it are dropped (they summed into
-        the next step's loss, a bad one made that step a retrace too). Theirs when the retrace names one of them,
-        or when it is the optimizer this scaler steps."""
-        if optimizer is self._optimizer or any(ref() is loss for ref in self._scaled):
+    def _step_dropped(self, optimizer: ElraOptimizer, loss: Any = None) -> None:
+        """``optimizer.step_retrace(loss)`` or a ``zero_grad()`` that cleared the gradients ended a step: the
+        losses scaled for it are dropped (they summed into the next step's loss, a bad one made that step a
+        retrace too). Theirs when the retrace names one of them, or when it is the optimizer this scaler steps."""
+        if optimizer is self._optimizer or (loss is not None and any(ref() is loss for ref in self._scaled)):
             self._loss, self._scaled = None, []
 
     def __getstate__(self) -> dict[str, Any]:

@@ -54,7 +54,8 @@ _REPORTED_FIELDS = frozenset({"train_loss", "valid_loss"})  # controller fields 
 _GRADS = "_grads"  # a copy's (deepcopy, pickle) gradients of the parameters, by parameter
 _GRAD_DTYPES = "_grad_dtypes"  # a copy's parameters' grad_dtype where it is not their dtype (copies of a parameter drop it)
 _UNSTEPPED = "_unstepped"  # whether a copy's collected gradients hold a backward whose step(loss) has not come yet
-# what remembers losses for a step (ElraGradScaler's scale): step_retrace tells them that a step ended without them
+# what remembers losses for a step (ElraGradScaler's scale): step_retrace and a zero_grad that clears the gradients
+# tell them that the step they were for ended without them
 LOSS_KEEPERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
@@ -449,6 +450,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if self._pending:
             return
         super().zero_grad(set_to_none)
+        for keeper in list(LOSS_KEEPERS):  # a loss scaled before is the loss of gradients no longer there
+            keeper._step_dropped(self)
 
     @torch.no_grad()
     def step(
@@ -541,7 +544,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             drop_unsynced_grads(model)
         self.unsynced_models.clear()
         for keeper in list(LOSS_KEEPERS):  # a loss scaled for the abandoned step is no loss of the next one
-            keeper._retraced(self, loss)
+            keeper._step_dropped(self, loss)
 
     @torch.no_grad()
     def skip_backward(self, loss: LossLike, limit: float | None = None) -> bool:

@@ -386,6 +386,36 @@ def test_a_loss_scaled_for_a_step_ended_by_step_retrace_does_not_reach_the_next_
     assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
 
 
+def test_a_loss_scaled_for_gradients_that_zero_grad_cleared_does_not_reach_the_next_step():
+    """A micro-batch skipped after ``scaler.scale(loss)`` (its backward failed, or the loop moved on): the next
+    ``optimizer.zero_grad()`` clears whatever it left, but the scaler kept the loss and added it to the next step's,
+    which retraced a good step. A zero_grad that clears the gradients now drops it: the run is that of a loop that
+    never scaled it."""
+
+    def run(scale_the_skipped_loss):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+        x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+        opt = ElraOptimizer(model.parameters(), None, 32, 0, lr=1e-4)
+        scaler = ElraGradScaler(init_scale=2.0**8)
+        outcomes = []
+        for i in range(12):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            if i in (3, 7):
+                if scale_the_skipped_loss:
+                    scaler.scale(loss * 1e6)
+                continue
+            scaler.scale(loss).backward()
+            outcomes.append(scaler.step(opt))
+            scaler.update()
+        return [p.detach() for p in model.parameters()], opt.stats, outcomes
+
+    (plain, stats, outcomes), (scaled, scaled_stats, scaled_outcomes) = run(False), run(True)
+    assert scaled_outcomes == outcomes and scaled_stats == stats and "retrace" not in outcomes
+    assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
+
+
 def test_a_long_run_of_overflows_backs_the_scale_off_to_a_floor_and_its_state_still_loads():
     """Gradients inf at every step (a sqrt at 0) with a finite loss: each step backs the scale off. After about
     1090 such steps (here 56 from a tiny ``init_scale``) it reached 0.0, the next ``scaler.step`` raised
