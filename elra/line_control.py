@@ -25,7 +25,8 @@ training, about 0 once noise dominates, so the default target -0.1 acts
 where r responds to eta (transformer 1.293 -> 1.262 held-out bits/char over
 the muon direction with N and D smoothed over 0.9, the other benchmark tasks
 within noise). The regime is detected at the second real step (see
-:meth:`LineController._choose_regime`). A failed step is retraced along the unchanged old
+:meth:`LineController._choose_regime`); a detected noise-free regime turns
+stochastic where the steps after restarts show noise. A failed step is retraced along the unchanged old
 direction (recomputed from the unchanged moments): noise-free problems
 retrace when the loss rises and refit ``eta`` on the parabola through the
 two losses (after MAX_RETRACES in a row the step is accepted with the last
@@ -116,6 +117,9 @@ MAX_DECAY = 0.5
 # the accepted losses' squares are summed of losses scaled by a power of two to at most 2**SQUARE_RANGE: a loss
 # above 1.3e154 squared to inf, and every step after it was refused (mean^2 inf too: inf - inf is nan)
 SQUARE_RANGE = 500
+# detected noise-free regime: a restart's step (along m_hat = g, so D is the true slope) must meet the probe's
+# trapezoid test; this many misses in a row (beyond rounding of the first loss too) switch to the stochastic regime
+REDETECT_MISSES = 3
 
 
 # fields added with batch growth and regime detection: a state saved before lacks them
@@ -127,6 +131,7 @@ _LATER_FIELDS = frozenset(
     | {"restart", "restarts"}
     | {"from_restart"}
     | {"loss_exponent"}
+    | {"noise_misses"}
 )
 
 
@@ -216,6 +221,7 @@ class LineState:
     stalled_windows: int = 0
     window_means: list[float] = field(default_factory=lambda: [0.0] * 6)
     cycle_retraces: int = 0
+    noise_misses: int = 0  # detected noise-free regime: restart steps in a row that missed the trapezoid
 
     # the names the P2M state shows in ``ElraOptimizer.stats``
     @property
@@ -264,6 +270,8 @@ class LineController:
         self.beta = beta
         self.momentum = None  # the momentum lives in the direction's moments
         noise_free = None if classes is None else classes <= 1
+        self.lr = lr
+        self.revisable = classes is None  # a detected noise-free regime may turn out noisy (_recheck_regime)
         self.state = LineState(eta=lr, multiplier=min_multiplier, noise_free=noise_free)
 
     @property
@@ -322,6 +330,8 @@ class LineController:
             self._choose_regime(losses, loss, sums)
             if self.beta1 != before:  # the optimizer rescales m (one gradient so far) to this regime's beta1
                 sums = replace(sums, mom_sq=sums.mom_sq * first_moment_factor(before, self.beta1) ** 2)
+        elif self.revisable and self.deterministic and usable and s.from_restart:
+            self._recheck_regime(losses, loss, sums)
         self._count_step()
         if usable and self._acceptable(loss):
             return self._accept(loss, sums, decays)
@@ -385,29 +395,47 @@ class LineController:
         s.stalled_windows = 0
 
     def _choose_regime(self, losses: list[float], loss: float, sums: LineSums) -> None:
-        """Detect the regime at the first usable point after the first (tiny) step.
+        """Detect the regime at the first usable point after the first (tiny) step, along ``u_0``: :meth:`_noisy`.
 
-        That step moved ``x`` by ``probe_length`` along ``u_0`` (without decay):
-        without noise the loss changed by the trapezoid ``-length*(D + N)/2``
-        (``D = <g_0, u_0>``, ``N = <g_1, u_0>``) up to third-order terms; with
-        mini-batches, losses of different batches differ by far more than the
-        tiny step explains. The trapezoid's error is of third order, so it is
-        measured against the second-order (curvature) part of the change,
-        ``length*(D - N)/2``, not against the whole change: along Adam-like
-        directions the probe moves every coordinate by ``lr``, and the first
-        order decrease of a transformer at initialisation (whose batches all
-        cost about log(vocabulary)) hid the loss noise under a tolerance of half
-        the change.
+        Its tolerance is a share of the curvature part of the change, not of the whole change: along Adam-like
+        directions the probe moves every coordinate by ``lr``, and the first-order decrease of a transformer at
+        initialisation (whose batches all cost about log(vocabulary)) hid the loss noise under half the change.
         Global sums only, so every rank decides alike.
         """
         s = self.state
-        predicted = s.probe_loss - 0.5 * s.probe_length * (sums.mom_dir + sums.next_dir)
-        curvature_term = 0.5 * s.probe_length * (sums.mom_dir - sums.next_dir)
-        values = [*losses, predicted]
-        allowed = PROBE_TOLERANCE * abs(curvature_term) + LOSS_PRECISION * max(abs(v) for v in values)
-        spread = max(losses) - min(losses) > LOSS_PRECISION * max(abs(v) for v in losses)
-        s.noise_free = not (spread or abs(loss - predicted) > allowed)
+        s.noise_free = not self._noisy(s.probe_loss, losses, loss, sums)
         logger.info("ELRA chose the %s regime at real step %d", self.regime, s.steps + 1)
+
+    def _recheck_regime(self, losses: list[float], loss: float, sums: LineSums) -> None:
+        """A detected noise-free regime that meets mini-batch noise: switch to the stochastic one.
+
+        A restart's step goes along ``m_hat = g`` from the last accepted point, as the probe went along ``g_0``
+        from the first, so the probe's test applies (:meth:`_noisy`). Mini-batches whose first batch came twice
+        (or that followed a few full-batch steps) were taken for noise-free for good: every rise cut the step
+        length until it sat at its floor (digits MLP, first batch served twice: test accuracy 0.13 against 0.99).
+        REDETECT_MISSES misses in a row switch; the first loss bounds the rounding too (a float32 loss fitted
+        to 1e-9 moves by the ulps of its larger terms).
+        """
+        s = self.state
+        s.noise_misses = s.noise_misses + 1 if self._noisy(s.last_good_loss, losses, loss, sums, s.probe_loss) else 0
+        if s.noise_misses >= REDETECT_MISSES:
+            s.noise_free, s.eta = False, max(s.eta, self.lr)
+            logger.info("ELRA switched to the stochastic regime at real step %d: the losses are noisy", s.steps + 1)
+
+    def _noisy(self, start: float, losses: list[float], loss: float, sums: LineSums, *scales: float) -> bool:
+        """Whether a step of ``probe_length`` along ``u`` from a point of loss ``start`` shows mini-batch noise.
+
+        Without noise the loss changed by the trapezoid ``-length*(D + N)/2`` up to third-order terms; with
+        mini-batches, losses of different batches differ by far more than a short step explains. The trapezoid's
+        error is measured against the second-order (curvature) part of the change, ``length*(D - N)/2``, plus the
+        rounding of the losses (and of ``scales``); micro-batch losses that differ at one point are noise too.
+        """
+        s = self.state
+        predicted = start - 0.5 * s.probe_length * (sums.mom_dir + sums.next_dir)
+        curvature_term = 0.5 * s.probe_length * (sums.mom_dir - sums.next_dir)
+        allowed = PROBE_TOLERANCE * abs(curvature_term) + LOSS_PRECISION * max(abs(v) for v in (*losses, predicted, *scales))
+        spread = max(losses) - min(losses) > LOSS_PRECISION * max(abs(v) for v in losses)
+        return spread or abs(loss - predicted) > allowed
 
     def _acceptable(self, loss: float) -> bool:
         s = self.state

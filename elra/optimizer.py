@@ -1122,8 +1122,10 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 return "overflow"
         self._note_unusable_gradient(sums, loss_values)
         decision = self.controller.real_step(loss_values, sums, decays)
-        if self.controller.beta1 != geometry.beta1:  # the regime, detected now, chose it: the moments took one gradient
+        if self.controller.beta1 != geometry.beta1 and t == 1:  # the regime, detected now, chose it: m holds one gradient
             geometry.switch_beta1(self.state.values(), self.controller.beta1, groups)
+        elif self.controller.beta1 != geometry.beta1:  # a detected regime revised later: the moments keep their past
+            geometry.set_beta1(self.controller.beta1)
         if decision.action == "accept":
             if self.booster.enabled and not decision.restart:  # a restart is back at a point already recorded
                 self.booster.record(*self._boost_pairs(), sum(loss_values) / len(loss_values))

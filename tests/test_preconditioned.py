@@ -192,6 +192,39 @@ def _full_batch(net, opt, steps: int, start: int = 0) -> None:
         opt.step(loss.item())
 
 
+def _held_out_loss(net) -> float:
+    x = torch.cat([_batch(step)[0] for step in range(1000, 1010)])
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(net(x), x[:, :3].argmax(1)).item()
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", "factored", "muon"])
+def test_mini_batches_taken_for_noise_free_switch_to_the_stochastic_regime_and_train(preconditioner):
+    """The first batch served twice looks noise-free at the second step. The regime was decided for good: every
+    rise of a mini-batch loss cut the step length, it sat at its floor and the held-out loss stayed near its start
+    (1.12 against 0.15). The steps after restarts go along the gradient as the probe did and show the noise."""
+    runs = {}
+    for classes in (None, 3, 0):
+        net = _net()
+        opt = ElraOptimizer(net.parameters(), None, 8, classes, lr=1e-4, preconditioner=preconditioner)
+        regimes, rescaled, rescale = [], [], opt.geometry.switch_beta1
+        opt.geometry.switch_beta1 = lambda *args: rescaled.append(opt.controller.state.steps) or rescale(*args)
+        for step in range(300):
+            x, y = _batch(0 if step < 2 else step)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step(loss.item())
+            regimes.append(opt.stats["regime"])
+        runs[classes] = _held_out_loss(net), opt, regimes, rescaled
+    (detected, opt, regimes, rescaled), (told, *_) = runs[None], runs[3]
+    assert set(runs[0][2]) == {"deterministic"}  # a told regime stays
+    assert regimes[1] == "deterministic" and regimes[-1] == "stochastic" and 1 <= opt.stats["restarts"] <= 5
+    # m (one gradient) took the detected regime's beta1 at step 2; later it keeps its past, beta1 going back to 0.9
+    assert rescaled == [2] and opt.controller.beta1 == opt.geometry.beta1 == 0.9 and opt.stats["lr"] > 1e-3
+    assert detected < 1.5 * told < 0.5
+
+
 @pytest.mark.parametrize("preconditioner", ["adam", "factored", "muon"])
 def test_a_detected_noise_free_regime_moves_as_if_its_momentum_had_been_there_from_the_start(preconditioner):
     """The regime is known at the second real step, after the moments took one gradient with beta1 0.9: they
