@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.quality import digits_split  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
 
 F = torch.nn.functional
@@ -58,19 +59,6 @@ class Task:
     batch_size: int  # what ELRA is told
     metrics: list[str]  # names of what evaluate(model) returns, in order
     make: Callable  # seed -> (model, batches(step) -> (inputs, targets), loss_fn(output, targets), evaluate(model) -> tuple)
-
-
-def _digits(images=False):
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    if images:
-        x = x.view(-1, 1, 8, 8)
-    y = torch.tensor(digits.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    split = int(0.8 * len(y))
-    return x[order[:split]], y[order[:split]], x[order[split:]], y[order[split:]]
 
 
 def _mlp():
@@ -86,27 +74,31 @@ def _accuracy(x_test, y_test):
     return evaluate
 
 
+def _random_batches(inputs, targets, seed: int, size: int = 32) -> Callable:
+    """``batches(step)``: ``size`` rows drawn with replacement by a generator seeded with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches(step):
+        idx = torch.randint(0, len(inputs), (size,), generator=gen)
+        return inputs[idx], targets[idx]
+
+    return batches
+
+
 def _label_noise(seed, noise=0.3):
-    x, y, x_test, y_test = _digits()
+    x, y, x_test, y_test = digits_split()
     y = y.clone()
     g = torch.Generator().manual_seed(100 + seed)
     flip = torch.rand(len(y), generator=g) < noise
     y[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=g)
     torch.manual_seed(seed)
-    model = _mlp()
-    gen = torch.Generator().manual_seed(seed)
-
-    def batches(step):
-        idx = torch.randint(0, len(y), (32,), generator=gen)
-        return x[idx], y[idx]
-
-    return model, batches, F.cross_entropy, _accuracy(x_test, y_test)
+    return _mlp(), _random_batches(x, y, seed), F.cross_entropy, _accuracy(x_test, y_test)
 
 
 def _odd_start(seed, full_steps=0, repeats=0):
     """Digits MLP on batches of 32 whose start is odd: the first batch served ``repeats`` times, or the first
     ``full_steps`` evaluations on the whole training set."""
-    x, y, x_test, y_test = _digits()
+    x, y, x_test, y_test = digits_split()
     torch.manual_seed(seed)
     model = _mlp()
     gen = torch.Generator().manual_seed(seed)
@@ -124,7 +116,7 @@ def _odd_start(seed, full_steps=0, repeats=0):
 
 
 def _finetune(seed, rows=50):
-    x, y, x_test, y_test = _digits()
+    x, y, x_test, y_test = digits_split()
     xa, ya = x[y < 5], y[y < 5]
     xb, yb = x[y >= 5][:rows], y[y >= 5][:rows] - 5
     xtb, ytb = x_test[y_test >= 5], y_test[y_test >= 5] - 5
@@ -140,11 +132,7 @@ def _finetune(seed, rows=50):
         adam.step()
     torch.manual_seed(seed + 100)
     model = torch.nn.Sequential(copy.deepcopy(body), torch.nn.Linear(256, 5))
-    gen = torch.Generator().manual_seed(seed)
-
-    def batches(step):
-        i = torch.randint(0, len(yb), (32,), generator=gen)
-        return xb[i], yb[i]
+    batches = _random_batches(xb, yb, seed)
 
     def evaluate(m):
         with torch.no_grad():
@@ -284,14 +272,10 @@ class _ResNet(torch.nn.Module):
 
 
 def _resnet(seed):
-    x, y, x_test, y_test = _digits(images=True)
+    x, y, x_test, y_test = digits_split(images=True)
     torch.manual_seed(seed)
     model = _ResNet()
-    gen = torch.Generator().manual_seed(seed)
-
-    def batches(step):
-        idx = torch.randint(0, len(y), (32,), generator=gen)
-        return x[idx], y[idx]
+    batches = _random_batches(x, y, seed)
 
     def evaluate(m):
         m.eval()  # BatchNorm's running statistics
@@ -320,14 +304,10 @@ def _vae_loss(out, targets):
 
 
 def _vae(seed):
-    x, _, x_test, _ = _digits()
+    x, _, x_test, _ = digits_split()
     torch.manual_seed(seed)
     model = _VAE()
-    gen = torch.Generator().manual_seed(seed)
-
-    def batches(step):
-        idx = torch.randint(0, len(x), (32,), generator=gen)
-        return x[idx], x[idx]
+    batches = _random_batches(x, x, seed)
 
     def evaluate(m):
         torch.manual_seed(123)  # the test ELBO with sampling, the same noise for every run

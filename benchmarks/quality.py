@@ -122,7 +122,8 @@ def _rosenbrock(seed):
     return model, lambda step: (None, None), lambda out, _: out, lambda m: m(None).item()
 
 
-def _digits_split(seed, images: bool):
+def digits_split(images: bool = False):
+    """The digits, scaled to [0, 1], in one fixed random 80/20 train/test split (``images``: 1x8x8)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -136,7 +137,7 @@ def _digits_split(seed, images: bool):
 
 
 def _classifier(seed, model_fn, images, full=False, hold_out=False):
-    x, y, x_test, y_test = _digits_split(seed, images)
+    x, y, x_test, y_test = digits_split(images)
     if hold_out:  # the split's order is random: its tail is a random validation set
         keep = _split_off(len(y))
         x, y, x_valid, y_valid = x[:keep], y[:keep], x[keep:], y[keep:]

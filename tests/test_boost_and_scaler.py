@@ -354,64 +354,42 @@ def test_two_losses_scaled_and_back_propagated_before_one_step_are_their_sum(pre
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(summed, scaled))
 
 
-def test_a_loss_scaled_for_a_step_ended_by_step_retrace_does_not_reach_the_next_step():
-    """``scaled = scaler.scale(loss)``, then ``optimizer.step_retrace(loss)`` on a bad loss (its backward skipped):
-    the scaler kept that loss and handed ``bad + next`` to the next ``scaler.step``, which retraced a good step
-    (here both steps after a bad loss). The retrace now drops it, whether it names the scaled tensor (before the
-    scaler's first step) or its value (the scaler's optimizer): the run is that of a loop that never scaled it."""
-
-    def run(scale_the_bad_loss):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
-        x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
-        opt = ElraOptimizer(model.parameters(), None, 32, 0, lr=1e-4)
-        scaler = ElraGradScaler(init_scale=2.0**8)
-        outcomes = []
-        for i in range(12):
-            opt.zero_grad()
-            loss = ((model(x) - y) ** 2).mean()
-            if i in (0, 3, 7):
-                loss = loss * 1e6  # a bad batch
-                if scale_the_bad_loss:
-                    scaler.scale(loss)
+def _skipping_scaled_losses(skip: str, scale_the_skipped_loss: bool):
+    """A noise-free fit through ``ElraGradScaler`` whose micro-batches 3 and 7 are skipped after ``scaler.scale``:
+    ended by ``optimizer.step_retrace`` (``skip="retrace"``; also micro-batch 0, naming the scaled tensor before the
+    scaler's first step, later its value) or left behind by a ``continue`` (``skip="continue"``). Parameters, stats
+    and ``scaler.step``'s outcomes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+    opt = ElraOptimizer(model.parameters(), None, 32, 0, lr=1e-4)
+    scaler = ElraGradScaler(init_scale=2.0**8)
+    outcomes = []
+    for i in range(12):
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        if i in ((0, 3, 7) if skip == "retrace" else (3, 7)):
+            loss = loss * 1e6  # a bad batch
+            if scale_the_skipped_loss:
+                scaler.scale(loss)
+            if skip == "retrace":
                 opt.step_retrace(loss if i == 0 else loss.item())
-                continue
-            scaler.scale(loss).backward()
-            outcomes.append(scaler.step(opt))
-            scaler.update()
-        return [p.detach() for p in model.parameters()], opt.stats, outcomes
-
-    (plain, stats, outcomes), (scaled, scaled_stats, scaled_outcomes) = run(False), run(True)
-    assert scaled_outcomes == outcomes and scaled_stats == stats and "retrace" not in outcomes
-    assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
+            continue
+        scaler.scale(loss).backward()
+        outcomes.append(scaler.step(opt))
+        scaler.update()
+    return [p.detach() for p in model.parameters()], opt.stats, outcomes
 
 
-def test_a_loss_scaled_for_gradients_that_zero_grad_cleared_does_not_reach_the_next_step():
-    """A micro-batch skipped after ``scaler.scale(loss)`` (its backward failed, or the loop moved on): the next
-    ``optimizer.zero_grad()`` clears whatever it left, but the scaler kept the loss and added it to the next step's,
-    which retraced a good step. A zero_grad that clears the gradients now drops it: the run is that of a loop that
-    never scaled it."""
-
-    def run(scale_the_skipped_loss):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
-        x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
-        opt = ElraOptimizer(model.parameters(), None, 32, 0, lr=1e-4)
-        scaler = ElraGradScaler(init_scale=2.0**8)
-        outcomes = []
-        for i in range(12):
-            opt.zero_grad()
-            loss = ((model(x) - y) ** 2).mean()
-            if i in (3, 7):
-                if scale_the_skipped_loss:
-                    scaler.scale(loss * 1e6)
-                continue
-            scaler.scale(loss).backward()
-            outcomes.append(scaler.step(opt))
-            scaler.update()
-        return [p.detach() for p in model.parameters()], opt.stats, outcomes
-
-    (plain, stats, outcomes), (scaled, scaled_stats, scaled_outcomes) = run(False), run(True)
+@pytest.mark.parametrize("skip", ["retrace", "continue"])
+def test_a_loss_scaled_for_a_skipped_micro_batch_does_not_reach_the_next_step(skip):
+    """``scaler.scale(loss)``, then the micro-batch skipped: by ``optimizer.step_retrace(loss)`` (its backward
+    not run), or by a ``continue`` before the next ``optimizer.zero_grad()`` clears what it left. The scaler kept
+    that loss and handed ``bad + next`` to the next ``scaler.step``, which retraced a good step. The retrace (naming
+    the scaled tensor, or the scaler's optimizer) and a zero_grad that clears the gradients now drop it: the run is
+    that of a loop that never scaled it."""
+    plain, stats, outcomes = _skipping_scaled_losses(skip, False)
+    scaled, scaled_stats, scaled_outcomes = _skipping_scaled_losses(skip, True)
     assert scaled_outcomes == outcomes and scaled_stats == stats and "retrace" not in outcomes
     assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
 
