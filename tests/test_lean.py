@@ -289,3 +289,19 @@ def test_quality_benchmark_lets_the_published_package_retrace_a_non_finite_loss(
     result = run(task, "elra 0.0.5", published_elra(published), 0)
     assert result["error"] is None and result["grads"] == 100
     assert math.isfinite(result["loss"]) and math.isfinite(result["metric"])
+
+
+def test_beyond_benchmark_runs_every_task_to_finite_metrics():
+    """``benchmarks/beyond.py``: each task, three gradient evaluations with ELRA and with a peer, gives one finite
+    value per declared metric (and ELRA's controller columns), so the README's table can be rerun."""
+    import dataclasses
+
+    from benchmarks.beyond import TASKS, run
+
+    for task in TASKS:
+        short = dataclasses.replace(task, steps=3)
+        for name in ("ELRA", "Adam 1e-3"):
+            result = run(short, name, 0)
+            assert len(result["metrics"]) == len(task.metrics), (task.name, name)
+            assert all(map(math.isfinite, result["metrics"])), (task.name, name)
+            assert ("regime" in result) == (name == "ELRA")
