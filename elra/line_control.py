@@ -244,8 +244,9 @@ class LineController:
         lr: initial step length along the direction (a probe; Adam's direction
             has entries of size about 1, so this is a per-coordinate step).
         classes: ``None`` detects the regime at the second real step (see
-            :meth:`_choose_regime`); ``<= 1`` selects the noise-free regime,
-            ``>= 2`` the mini-batch one.
+            :meth:`_choose_regime`; a detected noise-free one may turn out noisy
+            later, :meth:`_recheck_regime`); ``<= 1`` selects the noise-free
+            regime, ``>= 2`` the mini-batch one.
         batch_size: samples per micro-batch, sets the statistics window.
         min_multiplier: initial and smallest number of micro-batches per real step.
         target: the gradient-pair ratio r that eta settles at where the

@@ -138,7 +138,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
         batch_size: samples per micro-batch (sets the statistics window).
         classes: ``None`` (default) detects the regime at the second real
             step (mini-batch noise: stochastic, else deterministic; see
-            ``stats["regime"]``); ``0`` or ``1`` forces the deterministic regime
+            ``stats["regime"]``; along a preconditioned direction a detected
+            deterministic regime turns stochastic where the steps after
+            momentum restarts show noise); ``0`` or ``1`` forces the deterministic regime
             for noise-free problems, ``>= 2`` (the number of classes) the
             stochastic one.
         lr: initial step length, a tiny probe (1e-6..1e-4); ELRA grows it.
