@@ -225,6 +225,39 @@ def test_mini_batches_taken_for_noise_free_switch_to_the_stochastic_regime_and_t
     assert detected < 1.5 * told < 0.5
 
 
+def test_a_run_saved_between_the_misses_that_switch_its_regime_resumes_exactly():
+    """The misses of the regime's recheck are counted in the controller's state: a run saved after the first one
+    switches at the same step and ends with the same parameters as the run that went on."""
+
+    def train(net, opt, start, stop=60, save_at_first_miss=False):
+        """Steps ``start`` to ``stop`` (the first batch twice); with ``save_at_first_miss``, the state after the
+        first miss of the recheck, and the step to go on from, instead of going on."""
+        for step in range(start, stop):
+            x, y = _batch(0 if step < 2 else step)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step(loss.item())
+            if save_at_first_miss and opt.controller.state.noise_misses == 1:
+                return copy.deepcopy({"net": net.state_dict(), "opt": opt.state_dict()}), step + 1
+        assert not save_at_first_miss, "the recheck never missed"
+        return None
+
+    make = lambda net: ElraOptimizer(net.parameters(), None, 8, lr=1e-4, preconditioner="muon")  # noqa: E731
+    net = _net()
+    opt = make(net)
+    saved, start = train(net, opt, 0, save_at_first_miss=True)
+    assert opt.stats["regime"] == "deterministic"
+    train(net, opt, start)
+    resumed = _net()
+    resumed.load_state_dict(saved["net"])
+    resumed_opt = make(resumed)
+    resumed_opt.load_state_dict(saved["opt"])
+    train(resumed, resumed_opt, start)
+    assert resumed_opt.stats == opt.stats and opt.stats["regime"] == "stochastic"
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), resumed.parameters()))
+
+
 @pytest.mark.parametrize("preconditioner", ["adam", "factored", "muon"])
 def test_a_detected_noise_free_regime_moves_as_if_its_momentum_had_been_there_from_the_start(preconditioner):
     """The regime is known at the second real step, after the moments took one gradient with beta1 0.9: they
