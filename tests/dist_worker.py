@@ -53,6 +53,7 @@ class Scenario:
     spike_plan: tuple = ()  # micro-steps where every rank reports its loss times 1000 (refused; one process the same)
     inf_plan: tuple = ()  # (micro-step, rank) pairs: that rank's first gradient shard gets an inf then
     full_batch: bool = False  # the same global batch at every step: a noise-free loss
+    first_batch_twice: bool = False  # the first global batch at steps 0 and 1: mini-batches taken for noise-free
     late_from: int | None = None  # micro-step from which the net's ``late`` layer joins the forward
     user_sync: bool = False  # the wrapper's own sync switch (FSDP2's, FSDP1's no_sync()) instead of grad_sync
     reports_at: int | None = None  # micro-step where rank r reports train loss 1 and validation loss 2 + r ...
@@ -129,7 +130,7 @@ def train(
     for step in range(start, scenario.steps):
         if step == scenario.cast_at:
             model.double()
-        x, y = global_batch(0 if scenario.full_batch else step, world)
+        x, y = global_batch(0 if scenario.full_batch or (scenario.first_batch_twice and step < 2) else step, world)
         x = x.to(next(model.parameters()).dtype)
         if step == scenario.reports_at:
             _report(scenario, optimizer, rank, world, sharded_world)

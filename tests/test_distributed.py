@@ -116,6 +116,13 @@ NOISE_FREE = [
     Scenario("ddp-factored-full-batch", steps=100, options={**FACTORED, "classes": None}, full_batch=True),
 ]
 TWO_RANKS += NOISE_FREE
+# mini-batches whose first batch comes twice look noise-free at the second real step; the steps after the momentum
+# restarts show the noise and switch every rank to the stochastic regime at the step one process switches
+MISLED = [
+    Scenario("fsdp2-muon-first-batch-twice", "fsdp2", options={**MUON, "classes": None}, first_batch_twice=True),
+    Scenario("ddp-factored-first-batch-twice", options={**FACTORED, "classes": None}, first_batch_twice=True),
+]
+TWO_RANKS += MISLED
 # FSDP1 strategies that repeat a flat parameter on several ranks: each copy counts once in the sums (their absolute
 # size decides the regime and P2M's noise-free step); ``nan_loss_at``: a retrace
 REPEATED_FLAT = [
@@ -330,6 +337,12 @@ def test_two_ranks_follow_the_single_process_trajectory(two, name):
 def test_noise_free_momentum_and_its_restarts_follow_the_single_process_trajectory(two, name):
     stats = _assert_matches_single_process(two, name)
     assert stats["regime"] == "deterministic" and stats["restarts"] >= 1
+
+
+@pytest.mark.parametrize("name", [s.name for s in MISLED])
+def test_mini_batches_taken_for_noise_free_switch_regime_on_every_rank_as_one_process(two, name):
+    stats = _assert_matches_single_process(two, name)
+    assert stats["regime"] == "stochastic" and stats["restarts"] == 3  # three misses after restarts switched it
 
 
 @pytest.mark.parametrize("ranks, name", [(2, s.name) for s in LATE] + [(3, "fsdp2-late-factored")])
