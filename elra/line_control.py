@@ -434,7 +434,8 @@ class LineController:
         s = self.state
         predicted = start - 0.5 * s.probe_length * (sums.mom_dir + sums.next_dir)
         curvature_term = 0.5 * s.probe_length * (sums.mom_dir - sums.next_dir)
-        allowed = PROBE_TOLERANCE * abs(curvature_term) + LOSS_PRECISION * max(abs(v) for v in (*losses, predicted, *scales))
+        rounding = LOSS_PRECISION * max(abs(v) for v in (*losses, predicted, *scales))
+        allowed = PROBE_TOLERANCE * abs(curvature_term) + rounding
         spread = max(losses) - min(losses) > LOSS_PRECISION * max(abs(v) for v in losses)
         return spread or abs(loss - predicted) > allowed
 

@@ -1124,10 +1124,11 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 return "overflow"
         self._note_unusable_gradient(sums, loss_values)
         decision = self.controller.real_step(loss_values, sums, decays)
-        if self.controller.beta1 != geometry.beta1 and t == 1:  # the regime, detected now, chose it: m holds one gradient
-            geometry.switch_beta1(self.state.values(), self.controller.beta1, groups)
-        elif self.controller.beta1 != geometry.beta1:  # a detected regime revised later: the moments keep their past
-            geometry.set_beta1(self.controller.beta1)
+        if self.controller.beta1 != geometry.beta1:  # the regime's momentum, detected now or revised later
+            if t == 1:  # m holds one gradient: as if this beta1 had made it
+                geometry.switch_beta1(self.state.values(), self.controller.beta1, groups)
+            else:  # the moments keep their past
+                geometry.set_beta1(self.controller.beta1)
         if decision.action == "accept":
             if self.booster.enabled and not decision.restart:  # a restart is back at a point already recorded
                 self.booster.record(*self._boost_pairs(), sum(loss_values) / len(loss_values))
