@@ -23,6 +23,7 @@ import torch
 from .boost import Booster, new_mean
 from .config import FOREIGN_GROUP_OPTIONS, checked_config, decay_rate, make_controller
 from .geometry import direction_state, make_direction, moment_dtype
+from .orthogonal import MEAN_SQUARE_KEY
 from .reduce import accumulation_dtype, loss_vector, local
 from .sync import drop_unsynced_grads, fsdp_wrapping, sync_unsynced_grads
 
@@ -39,6 +40,8 @@ _LATE = "late"  # 1.0 where a parameter's moments wait for their first gradient 
 # ``zero_grad(set_to_none=False)`` leaves there counts as a gradient at the next step, None does not
 _COLLECTED = "collected"
 _FLAGS = (_MOVED, _LATE, _COLLECTED)  # 0-d per-parameter state
+# direction state that older checkpoints lack (elra before session 21: muon's mean squares); it starts afresh
+_ADDED_LATER = frozenset({MEAN_SQUARE_KEY})
 _WRAPPER_PARTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 # torch's state_dict and load_state_dict hooks (register_state_dict_pre_hook...): ELRA runs them around its whole state
 _HOOKS = (
@@ -270,7 +273,7 @@ class Checkpointing:
         self.controller = controller
         self.geometry = geometry
         self.booster = booster
-        self._fill_empty_state()
+        self._fill_missing_state()
         self._pending, self._reports = pending, reports
         self._moved = {p for g in self.param_groups for p in g["params"] if self._loaded_as_moved(p)}
         self._waiting = {p for g in self.param_groups for p in g["params"] if self._loaded_as_waiting(p)}
@@ -324,7 +327,7 @@ class Checkpointing:
             needed = [*shapes, "boost"] if boost_enabled else list(shapes)
             entry = saved_state.get(saved_id, {})
             for key in needed if p.numel() else ():  # FSDP1 saves no state for a parameter with no local part
-                if key not in entry:
+                if key not in entry and key not in _ADDED_LATER:
                     # a torch.distributed.checkpoint load reads only the keys the loading optimizer's state has
                     why = (
                         "its boost is on: from torch.distributed.checkpoint, call optimizer.enable_boost() before "
@@ -402,21 +405,28 @@ class Checkpointing:
                 if key == "boost" or key in moments:
                     self.state[p][key] = value.to(device=self.state[p][key].device, dtype=wide, copy=True)
 
-    def _fill_empty_state(self) -> None:
-        """Recreate the state of parameters with no local elements.
+    def _fill_missing_state(self) -> None:
+        """Recreate the state a checkpoint did not hold.
 
         FSDP1 (``use_orig_params=True``) hands ``load_state_dict`` no state at all
         for a parameter that lies wholly in another rank's shard; its state here
-        is empty tensors, so nothing is lost by creating them again.
+        is empty tensors, so nothing is lost by creating them again. A checkpoint
+        of an older elra lacks the keys of ``_ADDED_LATER``: they start afresh.
         """
+        started_afresh = set()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.numel() == 0:
-                    state = self.state[p]
-                    for key, value in direction_state(self.geometry, p).items():
-                        state.setdefault(key, value)
-                    if self.booster.enabled:
-                        state.setdefault("boost", new_mean(p))
+                state = self.state[p]
+                keys = {"direction"} if self.geometry is None else self.geometry.state_shapes(p).keys()
+                if p.numel() and keys <= state.keys():
+                    continue
+                started_afresh.update(keys - state.keys() if p.numel() else ())
+                for key, value in direction_state(self.geometry, p).items():
+                    state.setdefault(key, value)
+                if self.booster.enabled:
+                    state.setdefault("boost", new_mean(p))
+        if started_afresh:
+            logger.info("ELRA state_dict of an older elra: %s start afresh", ", ".join(sorted(started_afresh)))
 
     def _loaded_as_moved(self, p: torch.Tensor) -> bool:
         """Whether the checkpoint's last accepted step moved ``p`` (taken off its state).

@@ -180,6 +180,9 @@ class AdamDirection:
         """The momentum of the coming moment updates (the controller's, by the regime)."""
         self.beta1 = beta1
 
+    def set_regime(self, stochastic: bool) -> None:
+        """Whether the loss is known to be noisy (the controller's regime): Adam's direction does not depend on it."""
+
     def switch_beta1(self, states: Iterable[dict[str, torch.Tensor]], beta1: float, groups: Iterable = ()) -> None:
         """After the first moment update only: ``m`` (and what is derived from it: the old directions this
         step's ``groups`` hold for a retrace) as if ``beta1`` had made it.

@@ -1124,6 +1124,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 return "overflow"
         self._note_unusable_gradient(sums, loss_values)
         decision = self.controller.real_step(loss_values, sums, decays)
+        geometry.set_regime(self.controller.regime == "stochastic")
         if self.controller.beta1 != geometry.beta1:  # the regime's momentum, detected now or revised later
             if t == 1:  # m holds one gradient: as if this beta1 had made it
                 geometry.switch_beta1(self.state.values(), self.controller.beta1, groups)

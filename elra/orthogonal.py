@@ -14,21 +14,33 @@ rank orthogonalises the same matrix and keeps its own rows. The result is
 kept in a ``direction`` tensor beside the momentum (state 2x the matrix, as
 Adam's), so the next step's sums and a retrace need no second iteration.
 FSDP1 flattens parameters and loses their shapes: refused.
+
+Orthogonalisation drops the momentum's size: a matrix whose gradients have
+faded (a fine-tune near its optimum, a layer that has settled) would keep
+stepping as far as one still learning. So each matrix keeps an EMA of its
+momentum's mean square (``m_hat``'s, one number per matrix, the same on every
+rank: it is taken of the whole matrix), and in the stochastic regime, where
+``m_hat``'s RMS falls below ``SHRINK_BELOW`` times the EMA's root, its
+direction shrinks in proportion. Without noise the line controller's exact
+pairs set the step, and the shrink only slowed the full-batch runs (README).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .chunks import stacked, stacks
-from .geometry import MOMENT_KEYS, AdamDirection, GroupTensors
+from .geometry import AdamDirection, GroupTensors, moment_dtype, moment_zeros
 from .reduce import ScalarBatch, local
 
 MATRIX_KEYS = ("exp_avg", "direction")
+MEAN_SQUARE_KEY = "momentum_mean_square"  # a matrix's EMA of mean(m_hat^2): one number, replicated
+MEAN_SQUARE_KEEP = 0.99
+SHRINK_BELOW = 0.3  # a direction shrinks where RMS(m_hat) < SHRINK_BELOW * sqrt(EMA): the benchmark's choice (README)
 NEWTON_SCHULZ_STEPS = 5
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # a quintic that pushes singular values toward 1 fast
 RMS = 0.2  # per-entry size of a matrix's direction
@@ -81,16 +93,37 @@ def _part_like(whole: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(whole, held.device_mesh, held.placements, src_data_rank=None).to_local()
 
 
+@dataclass
+class MatrixTensors(GroupTensors):
+    """A group's matrices, and the mean-square EMA of each one with a gradient (aligned with ``owners``)."""
+
+    mean_squares: list[torch.Tensor] = field(default_factory=list)
+
+
 class _MatrixDirection(AdamDirection):
     """The matrices' part: momentum, and the orthogonalised direction in the state's second tensor."""
 
+    shrinking = False  # whether faded momenta shrink their directions: in the stochastic regime only (README)
+
+    def set_regime(self, stochastic: bool) -> None:
+        self.shrinking = stochastic
+
+    def new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        mean_square = torch.zeros((), dtype=moment_dtype(p), device=local(p).device)
+        return {**{key: moment_zeros(p) for key in MATRIX_KEYS}, MEAN_SQUARE_KEY: mean_square}
+
     def state_shapes(self, p: torch.Tensor) -> dict[str, torch.Size]:
-        return {key: p.shape for key in MATRIX_KEYS}
+        return {**{key: p.shape for key in MATRIX_KEYS}, MEAN_SQUARE_KEY: torch.Size()}
 
     @staticmethod
     def moments(state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The momentum, and the cached direction in place of a second moment."""
         return local(state["exp_avg"]), local(state["direction"])
+
+    def gather(self, group: dict[str, Any], state, moved: set, with_gradient: bool, replicas) -> MatrixTensors:
+        tensors = MatrixTensors(**vars(super().gather(group, state, moved, with_gradient, replicas)))
+        tensors.mean_squares = [state[p][MEAN_SQUARE_KEY] for p in tensors.owners]
+        return tensors
 
     def update_moments(self, tensors: GroupTensors, grad_scale: float) -> None:
         self.update_momentum(tensors, grad_scale)
@@ -104,17 +137,30 @@ class _MatrixDirection(AdamDirection):
     def old_directions(self, tensors: GroupTensors, t: int) -> list[torch.Tensor]:
         return list(tensors.moved_vs)
 
-    def new_directions(self, tensors: GroupTensors, t: int) -> list[torch.Tensor]:
+    def new_directions(self, tensors: MatrixTensors, t: int) -> list[torch.Tensor]:
         """Orthogonalises the momenta in stacks of same-shaped matrices: one matrix product per
         Newton-Schulz term and stack, where one per matrix would cost a dispatch (a launch) each."""
         inverse_scale = 1.0 / self.scale(t)
         for members in stacks(tensors.held_ms, STACK_ELEMENTS):
             helds = [tensors.held_ms[i] for i in members]
-            wholes = orthogonalize(stacked([_whole(held) for held in helds]))
-            wholes.mul_(RMS * math.sqrt(max(wholes.shape[-2:])) * inverse_scale)
+            momenta = stacked([_whole(held) for held in helds])
+            wholes = orthogonalize(momenta)
+            lengths = self._lengths(momenta, [tensors.mean_squares[i] for i in members], t)
+            wholes.mul_(lengths.mul_(RMS * math.sqrt(max(wholes.shape[-2:])) * inverse_scale).view(-1, 1, 1))
             parts = [_part_like(whole, held) for whole, held in zip(wholes.unbind(), helds)]
             torch._foreach_copy_([tensors.vs[i] for i in members], parts)
         return tensors.vs
+
+    def _lengths(self, momenta: torch.Tensor, mean_squares: list[torch.Tensor], t: int) -> torch.Tensor:
+        """Each stacked matrix's direction length (1 unless its momentum faded), after its EMA takes this step's
+        ``mean(m_hat^2)`` (the first nonzero one starts it). On the device: no wait for the host."""
+        rms = torch.linalg.vector_norm(momenta, dim=(-2, -1)) / (math.sqrt(momenta[0].numel()) * (1.0 - self.beta1**t))
+        square, old = rms.square(), torch.stack(mean_squares)
+        new = torch.where(old == 0, square, torch.lerp(old, square, 1.0 - MEAN_SQUARE_KEEP))
+        torch._foreach_copy_(mean_squares, list(new.unbind()))
+        if not self.shrinking:
+            return torch.ones_like(rms)
+        return torch.where(new > 0, rms / (SHRINK_BELOW * new.sqrt()), 1.0).clamp_(max=1.0)
 
 
 @dataclass
@@ -138,7 +184,10 @@ class OrthogonalDirection(AdamDirection):
                 'preconditioner="muon" needs each matrix whole, but FSDP1 (FullyShardedDataParallel) flattens '
                 'parameters: use FSDP2 (fully_shard), DDP, or preconditioner="adam"'
             )
-        return {key: p.shape for key in (MATRIX_KEYS if is_matrix(p) else MOMENT_KEYS)}
+        return self.matrices.state_shapes(p) if is_matrix(p) else super().state_shapes(p)
+
+    def new_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.matrices.new_state(p) if is_matrix(p) else super().new_state(p)
 
     def gather(self, group: dict[str, Any], state, moved: set, with_gradient: bool, replicas) -> SplitTensors:
         params = group["params"]
@@ -161,6 +210,9 @@ class OrthogonalDirection(AdamDirection):
     def set_beta1(self, beta1: float) -> None:
         super().set_beta1(beta1)
         self.matrices.set_beta1(beta1)
+
+    def set_regime(self, stochastic: bool) -> None:
+        self.matrices.set_regime(stochastic)
 
     def rescale_old_directions(self, tensors: SplitTensors, factor: float) -> None:
         super().rescale_old_directions(tensors.others, factor)

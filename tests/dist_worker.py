@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.ranks import as_gloo_rank  # noqa: E402
-from elra import ElraGradScaler, ElraOptimizer, compiled, grad_sync  # noqa: E402
+from elra import ElraGradScaler, ElraOptimizer, compiled, grad_sync, orthogonal  # noqa: E402
 
 compiled.MIN_ELEMENTS = 20  # scenarios with compiled=True: the small nets' weights through the kernel, their biases eager
 
@@ -54,6 +54,7 @@ class Scenario:
     inf_plan: tuple = ()  # (micro-step, rank) pairs: that rank's first gradient shard gets an inf then
     full_batch: bool = False  # the same global batch at every step: a noise-free loss
     first_batch_twice: bool = False  # the first global batch at steps 0 and 1: mini-batches taken for noise-free
+    fade_from: int | None = None  # micro-step from which the loss is multiplied by 1e-3: muon's directions shrink
     late_from: int | None = None  # micro-step from which the net's ``late`` layer joins the forward
     user_sync: bool = False  # the wrapper's own sync switch (FSDP2's, FSDP1's no_sync()) instead of grad_sync
     reports_at: int | None = None  # micro-step where rank r reports train loss 1 and validation loss 2 + r ...
@@ -157,6 +158,8 @@ def train(
         around_backward = scenario.use_grad_sync and scenario.sync_backward_only
         with own_no_sync, grad_sync(model, optimizer) if around_forward else nullcontext():
             loss = torch.nn.functional.cross_entropy(model(x), y)
+            if scenario.fade_from is not None and step >= scenario.fade_from:
+                loss = loss * 1e-3
             if step == scenario.bad_loss_at and rank == 0:
                 loss = loss + float("inf")
             if optimizer.skip_backward(loss):
@@ -364,7 +367,21 @@ def single_process(scenario: Scenario, world: int) -> dict:
         with optimizer.boosted():
             result["boosted"] = {k: v.detach().clone() for k, v in model.named_parameters()}
     result["outputs"] = probe_outputs(model, optimizer, bool(scenario.boost_cycle))
+    if scenario.fade_from is not None:  # the same run with muon's directions never shrunk: it must differ
+        with _never_shrinking():
+            unshrunk = scenario_net(scenario)
+            train(scenario, unshrunk, make_optimizer(unshrunk, scenario, single=True), 0, world, 1)
+        result["unshrunk"] = {k: v.detach().clone() for k, v in unshrunk.named_parameters()}
     return result
+
+
+@contextmanager
+def _never_shrinking() -> Iterator[None]:
+    saved, orthogonal.SHRINK_BELOW = orthogonal.SHRINK_BELOW, 1e-30
+    try:
+        yield
+    finally:
+        orthogonal.SHRINK_BELOW = saved
 
 
 def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list[Scenario]) -> None:
@@ -612,6 +629,8 @@ def uneven_inputs(model, optimizer: ElraOptimizer, rank: int, world: int, sharde
         optimizer.zero_grad()
         with grad_sync(model, optimizer) if sharded_world > 1 else nullcontext():
             loss = torch.nn.functional.cross_entropy(model(x), y)
+            if scenario.fade_from is not None and step >= scenario.fade_from:
+                loss = loss * 1e-3
             loss.backward()
         optimizer.step(loss.detach())
 
@@ -664,6 +683,8 @@ def own_no_sync_steps(
         optimizer.zero_grad()
         with model.no_sync() if sharded_world > 1 and optimizer.collecting else nullcontext():
             loss = torch.nn.functional.cross_entropy(model(x), y)
+            if scenario.fade_from is not None and step >= scenario.fade_from:
+                loss = loss * 1e-3
             loss.backward()
         optimizer.step(loss.detach())
 

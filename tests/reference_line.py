@@ -85,6 +85,8 @@ class ReferenceLine:
         self.v = [FactoredSecondMoment(p) if factored and _factors(p) else torch.zeros_like(p) for p in self.params]
         self.t = 0
         self.moved = [False] * len(self.params)
+        self.mean_sq = [0.0] * len(self.params)  # muon: each matrix's EMA of mean(m_hat^2) ...
+        self.length = [1.0] * len(self.params)  # ... and its direction's length, set at the accept
         self.started = False
         self.ema_n = self.ema_d = 0.0
         self.peak_xsq = 0.0
@@ -102,13 +104,25 @@ class ReferenceLine:
     def _u(self, i, t):
         """m_hat / (sqrt(v_hat) + eps) = k * w, in the optimizer's order of operations (rounding).
 
-        With ``muon``, a matrix's u is 0.2 * sqrt(max(rows, cols)) * orthogonalize(m).
+        With ``muon``, a matrix's u is 0.2 * sqrt(max(rows, cols)) * orthogonalize(m), shrunk by its length.
         """
         k = math.sqrt(1 - self.b2**t) / (1 - self.b1**t)
         m = self.m[i]
-        if self.muon and m.ndim == 2 and min(m.shape) > 1:
-            return k, orthogonalize(m) * (0.2 * math.sqrt(max(m.shape)) * (1.0 / k))
+        if self._matrix(m):
+            return k, orthogonalize(m) * (self.length[i] * 0.2 * math.sqrt(max(m.shape)) * (1.0 / k))
         return k, m / (self.v[i].sqrt() + self.eps * math.sqrt(1 - self.b2**t))
+
+    def _matrix(self, m) -> bool:
+        return self.muon and m.ndim == 2 and min(m.shape) > 1
+
+    def _shrink(self, i):
+        """A muon matrix's direction length, with noise: below 0.3 of its history's RMS, the momentum's RMS sets it."""
+        m = self.m[i]
+        rms = float(m.norm()) / (math.sqrt(m.numel()) * (1 - self.b1**self.t))
+        old = self.mean_sq[i]
+        self.mean_sq[i] = rms * rms if old == 0 else old + 0.01 * (rms * rms - old)
+        if not self.deterministic:  # without noise the matrices keep their length
+            self.length[i] = min(rms / (0.3 * math.sqrt(self.mean_sq[i])), 1.0) if self.mean_sq[i] > 0 else 1.0
 
     @torch.no_grad()
     def step(self, loss: float, grads):
@@ -209,6 +223,8 @@ class ReferenceLine:
             self.v[i].mul_(self.b2).addcmul_(g, g, value=(1 - self.b2) / n**2)
             if self.decay:
                 p.mul_(1 - self.eta * self.decay)
+            if self._matrix(self.m[i]):
+                self._shrink(i)
             k, w = self._u(i, self.t)
             p.add_(w, alpha=-self.eta * k)
 

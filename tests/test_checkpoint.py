@@ -72,7 +72,7 @@ def test_preconditioned_resume_in_fresh_process_is_bit_identical(fresh_resumes, 
 
 @pytest.mark.parametrize(
     "preconditioner, weight_keys, bias_keys",
-    [(None, {"direction"}, {"direction"}), ("muon", {"exp_avg", "direction"}, {"exp_avg", "exp_avg_sq"})],
+    [(None, {"direction"}, {"direction"}), ("muon", {"exp_avg", "direction", "momentum_mean_square"}, {"exp_avg", "exp_avg_sq"})],
 )
 def test_state_dict_uses_the_torch_layout(preconditioner, weight_keys, bias_keys):
     model = torch.nn.Linear(3, 2)
@@ -87,7 +87,8 @@ def test_state_dict_uses_the_torch_layout(preconditioner, weight_keys, bias_keys
     assert all(not s["pending_grad"].any() for s in sd["state"].values())  # nothing pending: zeros
     assert all(s["moved"].item() == 1.0 for s in sd["state"].values())  # the step moved both
     assert all(s["late"].item() == 0.0 for s in sd["state"].values())  # both took their first gradient
-    assert all(t.shape == model.weight.shape for k, t in sd["state"][0].items() if k not in ("moved", "late", "collected"))
+    zero_d = {"moved", "late", "collected", "momentum_mean_square"}
+    assert all(t.shape == (() if k in zero_d else model.weight.shape) for k, t in sd["state"][0].items())
     controller = sd["param_groups"][0]["elra_controller"]
     assert all(isinstance(v, (int, float, bool, list, type(None))) for v in controller.values())
     assert "elra_controller" not in opt.param_groups[0]
@@ -469,6 +470,27 @@ def test_a_checkpoint_without_hyperparameters_keeps_the_constructors(caplog):
     new = _digits_optimizer(twin)
     new.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert _same(_run(resumed, old, 40, 120), _run(twin, new, 40, 120))
+
+
+def test_a_muon_checkpoint_of_an_older_elra_starts_the_momentum_mean_squares_afresh(caplog):
+    """Saved before the matrices kept the EMA of their momentum's mean square: it loads, the EMAs start from the
+    next step's mean square, as a fresh run's first step starts them, and the run trains on."""
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model, preconditioner="muon")
+    _run(model, opt, 0, 40)
+    sd = copy.deepcopy(opt.state_dict())
+    matrices = [i for i, p in enumerate(model.parameters()) if p.dim() == 2]
+    assert matrices and all(sd["state"][i].pop("momentum_mean_square") > 0 for i in matrices)
+    resumed = copy.deepcopy(model)
+    old = _digits_optimizer(resumed, preconditioner="muon")
+    with caplog.at_level(logging.INFO, logger="elra"):
+        old.load_state_dict(sd)
+    assert any("momentum_mean_square start afresh" in r.getMessage() for r in caplog.records)
+    params = list(resumed.parameters())
+    assert all(old.state[params[i]]["momentum_mean_square"] == 0 for i in matrices)
+    _run(resumed, old, 40, 80)
+    assert all(old.state[params[i]]["momentum_mean_square"] > 0 for i in matrices)
+    assert old.stats["real_steps"] > opt.stats["real_steps"] and math.isfinite(old.stats["lr"])
 
 
 @pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])

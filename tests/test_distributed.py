@@ -123,6 +123,13 @@ MISLED = [
     Scenario("ddp-factored-first-batch-twice", options={**FACTORED, "classes": None}, first_batch_twice=True),
 ]
 TWO_RANKS += MISLED
+# gradients that fade 1000x mid-run: each matrix's direction shrinks by its momentum's RMS against its own history,
+# taken of the whole matrix (FSDP2 gathers it), so every rank shrinks it alike
+FADING = [
+    Scenario("fsdp2-muon-fading", "fsdp2", options={**MUON, "weight_decay": 1e-3}, fade_from=12),
+    Scenario("ddp-muon-fading", batch_multiplier=2, options=MUON, fade_from=12),
+]
+TWO_RANKS += FADING
 # FSDP1 strategies that repeat a flat parameter on several ranks: each copy counts once in the sums (their absolute
 # size decides the regime and P2M's noise-free step); ``nan_loss_at``: a retrace
 REPEATED_FLAT = [
@@ -230,7 +237,8 @@ FOUR_RANKS = [
 CHECKPOINTED = [
     (Scenario("fsdp2-dcp", "fsdp2", steps=40, options={"momentum": 0.5, "weight_decay": 1e-3}, nan_loss_at=30), 21),
     (Scenario("fsdp2-dcp-adam", "fsdp2", steps=40, options={**ADAM, "weight_decay": 1e-3}, nan_loss_at=30), 21),
-    (Scenario("fsdp2-dcp-muon", "fsdp2", steps=40, options={**MUON, "weight_decay": 1e-3}, nan_loss_at=30), 21),
+    # gradients faded from micro-step 15: the resumed run shrinks its directions by the saved mean squares
+    (Scenario("fsdp2-dcp-muon", "fsdp2", steps=40, options={**MUON, "weight_decay": 1e-3}, nan_loss_at=30, fade_from=15), 21),
     # the row factor is a DTensor sharded like the rows (resharded on 3 ranks), the column factor a plain tensor
     (Scenario("fsdp2-dcp-factored", "fsdp2", steps=40, options={**FACTORED, "weight_decay": 1e-3}, nan_loss_at=30), 21),
     # saved while the late layer waits for its first gradient (the ``late`` flag, resharded on 3 ranks)
@@ -343,6 +351,14 @@ def test_noise_free_momentum_and_its_restarts_follow_the_single_process_trajecto
 def test_mini_batches_taken_for_noise_free_switch_regime_on_every_rank_as_one_process(two, name):
     stats = _assert_matches_single_process(two, name)
     assert stats["regime"] == "stochastic" and stats["restarts"] == 3  # three misses after restarts switched it
+
+
+@pytest.mark.parametrize("name", [s.name for s in FADING])
+def test_faded_gradients_shrink_muons_directions_on_every_rank_as_one_process(two, name):
+    _assert_matches_single_process(two, name)
+    single = two[0][name]["single"]
+    moved = max((single["params"][k] - v).abs().max().item() for k, v in single["unshrunk"].items())
+    assert moved > 1e-5  # the shrink took part: never shrunk, the run ends elsewhere (ranks match to 1e-10)
 
 
 @pytest.mark.parametrize("ranks, name", [(2, s.name) for s in LATE] + [(3, "fsdp2-late-factored")])

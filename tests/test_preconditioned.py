@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import elra.chunks
+import elra.orthogonal
 from conftest import regression_after_zero_losses
 from elra import ElraOptimizer
 from elra.chunks import stacks
@@ -32,8 +33,11 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 NAN_AT, SKIP_AT, SPIKE_AT = (7, 30), (12, 41), 55
 
 
-def _train(net, step_fn, steps: int, start: int = 0, nan_at: tuple = NAN_AT, spikes: tuple = (SPIKE_AT,)) -> None:
-    """Mini-batch training with nan losses, a skipped backward and loss spikes injected.
+def _train(
+    net, step_fn, steps: int, start: int = 0, nan_at: tuple = NAN_AT, spikes: tuple = (SPIKE_AT,), fade_from: int | None = None
+) -> None:
+    """Mini-batch training with nan losses, a skipped backward and loss spikes injected; from ``fade_from`` on
+    the loss is 1000x smaller (faded gradients).
 
     The reference gets each micro-batch's own gradient; the optimizer's add up in ``.grad``.
     """
@@ -43,6 +47,8 @@ def _train(net, step_fn, steps: int, start: int = 0, nan_at: tuple = NAN_AT, spi
         loss = torch.nn.functional.cross_entropy(net(x), y)
         if step in spikes:
             loss = loss * 50.0
+        if fade_from is not None and step >= fade_from:
+            loss = loss * 1e-3
         if step in SKIP_AT:
             step_fn(loss.item(), None)
             continue
@@ -87,6 +93,30 @@ def test_stochastic_steps_match_the_plain_reference(preconditioner, multiplier, 
         assert torch.allclose(p, q, rtol=0, atol=1e-10)
     assert torch.equal(net.dead, torch.ones(2, dtype=torch.float64))
     assert opt.stats["lr"] > 3 * 1e-4  # the step length responded to the problem
+
+
+def test_muons_directions_shrink_where_the_gradients_faded_as_the_reference(monkeypatch):
+    """Gradients 1000x smaller from step 60: each matrix's momentum falls below 0.3 of its history's RMS and its
+    direction shrinks in proportion, as the reference's; never shrunk, the run ends elsewhere."""
+
+    def run(net):
+        opt = ElraOptimizer(net.parameters(), None, 8, 3, lr=1e-4, weight_decay=1e-2, preconditioner="muon")
+        _train(net, _elra_step(opt), 120, fade_from=60)
+        return opt
+
+    net, twin, unshrunk = _net(), _net(), _net()
+    opt = run(net)
+    reference = ReferenceLine(twin.parameters(), 1e-4, 3, decay=1e-2, muon=True)
+    _train(twin, reference.step, 120, fade_from=60)
+    assert opt.stats["retraces"] == reference.retraces >= 3
+    assert math.isclose(opt.stats["lr"], reference.eta, rel_tol=1e-9)
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-10)
+    matrices = [length for p, length in zip(twin.parameters(), reference.length) if p.dim() == 2]
+    assert len(matrices) == 2 and max(matrices) < 0.05  # both shrunk at the last step: the test covers the shrink
+    monkeypatch.setattr(elra.orthogonal, "SHRINK_BELOW", 1e-30)
+    run(unshrunk)
+    assert max((p - q).abs().max().item() for p, q in zip(net.parameters(), unshrunk.parameters())) > 1e-3
 
 
 @pytest.mark.parametrize("chunk", [4, 16])
@@ -390,7 +420,7 @@ def test_a_noise_free_run_resumes_exactly_with_its_regimes_momentum(precondition
 FULL, FACTORED = {"exp_avg", "exp_avg_sq"}, {"exp_avg", "exp_avg_sq_row", "exp_avg_sq_col"}
 
 
-@pytest.mark.parametrize("preconditioner, matrix_keys", [("adam", FULL), ("factored", FACTORED), ("muon", {"exp_avg", "direction"})])
+@pytest.mark.parametrize("preconditioner, matrix_keys", [("adam", FULL), ("factored", FACTORED), ("muon", {"exp_avg", "direction", "momentum_mean_square"})])
 def test_state_is_the_moments_of_each_parameter_and_resumes_exactly(preconditioner, matrix_keys):
     net, resumed_net = _net(), _net()
     make = lambda params: ElraOptimizer(
