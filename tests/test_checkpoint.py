@@ -493,6 +493,35 @@ def test_a_muon_checkpoint_of_an_older_elra_starts_the_momentum_mean_squares_afr
     assert old.stats["real_steps"] > opt.stats["real_steps"] and math.isfinite(old.stats["lr"])
 
 
+def test_a_dcp_muon_checkpoint_of_an_older_elra_loads_with_a_partial_load(tmp_path):
+    """``dcp.load`` refuses the template's mean squares missing from the files unless the planner allows a partial
+    load (README); then they start afresh and the run trains on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model, preconditioner="muon")
+    _run(model, opt, 0, 40)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    for entry in optim_sd["state"].values():
+        entry.pop("momentum_mean_square", None)  # as an older elra saved it
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp_path / "dcp")
+    fresh = digits_model(torch.float32)
+    fresh_opt = _digits_optimizer(fresh, preconditioner="muon")
+    template = lambda: dict(zip(("model", "optim"), get_state_dict(fresh, fresh_opt)))
+    with pytest.raises(BaseException, match="momentum_mean_square"):  # torch's CheckpointException
+        dcp.load(template(), checkpoint_id=tmp_path / "dcp")
+    state = template()
+    dcp.load(state, checkpoint_id=tmp_path / "dcp", planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    matrices = [p for p in fresh.parameters() if p.dim() == 2]
+    assert matrices and all(fresh_opt.state[p]["momentum_mean_square"] == 0 for p in matrices)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+    _run(fresh, fresh_opt, 40, 60)
+    assert all(fresh_opt.state[p]["momentum_mean_square"] > 0 for p in matrices)
+
+
 @pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
 def test_resume_remembers_which_parameters_the_last_step_moved(preconditioner):
     """A head without a gradient in the last accepted step did not move: after a resume, the next
