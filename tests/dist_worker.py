@@ -629,8 +629,6 @@ def uneven_inputs(model, optimizer: ElraOptimizer, rank: int, world: int, sharde
         optimizer.zero_grad()
         with grad_sync(model, optimizer) if sharded_world > 1 else nullcontext():
             loss = torch.nn.functional.cross_entropy(model(x), y)
-            if scenario.fade_from is not None and step >= scenario.fade_from:
-                loss = loss * 1e-3
             loss.backward()
         optimizer.step(loss.detach())
 
@@ -683,8 +681,6 @@ def own_no_sync_steps(
         optimizer.zero_grad()
         with model.no_sync() if sharded_world > 1 and optimizer.collecting else nullcontext():
             loss = torch.nn.functional.cross_entropy(model(x), y)
-            if scenario.fade_from is not None and step >= scenario.fade_from:
-                loss = loss * 1e-3
             loss.backward()
         optimizer.step(loss.detach())
 
