@@ -38,7 +38,8 @@ def _command(strategy: str, *extra: str) -> list[str]:
 def _run(command: list[str], expect_ok: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if expect_ok:
-        assert done.returncode == 0, done.stderr[-3000:]
+        stderr = done.stderr  # its start names the rank that failed first, its end what the others saw
+        assert done.returncode == 0, stderr if len(stderr) <= 6000 else f"{stderr[:3000]}\n...\n{stderr[-3000:]}"
     return done
 
 
