@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.published import CACHE, RESULTS, load_published, scratch_dir  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
+from elra.line_control import COOLDOWN_FLOOR, COOLDOWN_SHARE  # noqa: E402
 from launch.models import CharGPT  # noqa: E402
 from launch.text import CharCorpus  # noqa: E402
 
@@ -72,6 +73,7 @@ class Task:
 VALID_SHARE = 0.15  # of the training split, held out by the rows that report losses (never the test split)
 REPORT_EVERY = 100  # steps between the losses such a row reports (set_train_loss / set_valid_loss)
 REPORTING = "ELRA, losses reported"
+BUDGET = "ELRA, total_steps"  # told the task's steps: the cooldown of a step budget (README)
 
 
 def _split_off(count: int) -> int:
@@ -363,6 +365,23 @@ def published_elra(published) -> Callable:
     return make
 
 
+class CooledAdam(torch.optim.Adam):
+    """Adam(1e-3) told the step budget as ELRA's ``total_steps`` is: the same cooldown over its last steps (a
+    rate falling linearly to COOLDOWN_FLOOR of 1e-3), the fair peer of ELRA given the budget."""
+
+    def __init__(self, params, total_steps: int) -> None:
+        super().__init__(params, lr=1e-3)
+        self.total_steps, self.taken = total_steps, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.taken += 1
+        left = (self.total_steps - self.taken) / (COOLDOWN_SHARE * self.total_steps)
+        for group in self.param_groups:
+            group["lr"] = 1e-3 * min(1.0, max(left, COOLDOWN_FLOOR))
+        return super().step(closure)
+
+
 def optimizers(published) -> dict[str, Callable]:
     from prodigyopt import Prodigy
     from schedulefree import AdamWScheduleFree
@@ -373,7 +392,9 @@ def optimizers(published) -> dict[str, Callable]:
         "ELRA P2M": lambda params, task: ElraOptimizer(params, None, task.batch_size, preconditioner=None),
         "ELRA adam": lambda params, task: ElraOptimizer(params, None, task.batch_size, preconditioner="adam"),
         "ELRA factored": lambda params, task: ElraOptimizer(params, None, task.batch_size, preconditioner="factored"),
+        BUDGET: lambda params, task: ElraOptimizer(params, None, task.batch_size, total_steps=task.steps),
         "Adam 1e-3": lambda params, task: torch.optim.Adam(params, lr=1e-3),
+        "Adam 1e-3, cooldown": lambda params, task: CooledAdam(params, task.steps),
         "AdamW 1e-3 wd0.01": lambda params, task: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01),
         "SGD 0.01 m0.9": lambda params, task: torch.optim.SGD(params, lr=0.01, momentum=0.9),
         "Prodigy": lambda params, task: Prodigy(params, lr=1.0),

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from elra import ElraOptimizer  # noqa: E402
+from benchmarks.quality import CooledAdam  # noqa: E402
 from launch.models import CharGPT  # noqa: E402
 from launch.text import CharCorpus  # noqa: E402
 
@@ -47,11 +48,13 @@ def _schedule_free(params):
 
 
 OPTIMIZERS = {
-    "ELRA": lambda params, batch: ElraOptimizer(params, None, batch),
-    "ELRA adam": lambda params, batch: ElraOptimizer(params, None, batch, preconditioner="adam"),
-    "Adam 1e-3": lambda params, batch: torch.optim.Adam(params, lr=1e-3),
-    "Schedule-Free AdamW": lambda params, batch: _schedule_free(params),
-    "Prodigy": lambda params, batch: _prodigy(params),
+    "ELRA": lambda params, batch, steps: ElraOptimizer(params, None, batch),
+    "ELRA, total_steps": lambda params, batch, steps: ElraOptimizer(params, None, batch, total_steps=steps),
+    "ELRA adam": lambda params, batch, steps: ElraOptimizer(params, None, batch, preconditioner="adam"),
+    "Adam 1e-3": lambda params, batch, steps: torch.optim.Adam(params, lr=1e-3),
+    "Adam 1e-3, cooldown": lambda params, batch, steps: CooledAdam(params, steps),
+    "Schedule-Free AdamW": lambda params, batch, steps: _schedule_free(params),
+    "Prodigy": lambda params, batch, steps: _prodigy(params),
 }
 
 
@@ -71,7 +74,7 @@ def train(name: str, corpus: CharCorpus, args, seed: int, device: torch.device) 
     """Held-out bits/char after ``args.steps`` steps, and the mean wall time of a step in ms."""
     torch.manual_seed(seed)
     model = CharGPT(len(corpus.vocab), args.context, args.width, args.heads, args.layers).to(device)
-    opt = OPTIMIZERS[name](model.parameters(), args.batch_size)
+    opt = OPTIMIZERS[name](model.parameters(), args.batch_size, args.steps)
     takes_loss = isinstance(opt, ElraOptimizer)
     if hasattr(opt, "train") and not takes_loss:
         opt.train()

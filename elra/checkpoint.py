@@ -42,6 +42,8 @@ _COLLECTED = "collected"
 _FLAGS = (_MOVED, _LATE, _COLLECTED)  # 0-d per-parameter state
 # direction state that older checkpoints lack (elra before session 21: muon's mean squares); it starts afresh
 _ADDED_LATER = frozenset({MEAN_SQUARE_KEY})
+# hyperparameters that older checkpoints lack (elra before session 22: total_steps): the constructor's hold
+_CONFIG_ADDED_LATER = frozenset({"total_steps"})
 _WRAPPER_PARTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 # torch's state_dict and load_state_dict hooks (register_state_dict_pre_hook...): ELRA runs them around its whole state
 _HOOKS = (
@@ -290,10 +292,9 @@ class Checkpointing:
         if saved is None:
             logger.info("ELRA state_dict without hyperparameters (saved by an older elra): keeping the constructor's")
             return dict(self._config)
-        if not isinstance(saved, dict) or self._config.keys() - saved.keys():
-            raise ValueError(
-                f"the state_dict's ELRA hyperparameters {saved!r} lack {sorted(self._config.keys() - set(saved))}"
-            )
+        lacking = self._config.keys() - set(saved) - _CONFIG_ADDED_LATER if isinstance(saved, dict) else ()
+        if not isinstance(saved, dict) or lacking:
+            raise ValueError(f"the state_dict's ELRA hyperparameters {saved!r} lack {sorted(lacking)}")
         return checked_config({**self._config, **saved})
 
     def _log_config_change(self, config: dict[str, Any]) -> None:

@@ -52,8 +52,14 @@ def checked_config(config: dict[str, Any]) -> dict[str, Any]:
     target = config["line_target"]
     if isinstance(target, bool) or not isinstance(target, numbers.Real) or not -1.0 < target < 1.0:
         raise ValueError(f"Invalid line_target: {target!r} (expected a number in (-1, 1), e.g. 0 or -0.3)")
+    total_steps = config["total_steps"]
+    if total_steps is not None:
+        total_steps = check_int("total_steps", total_steps, 1)
+        if config["preconditioner"] is None:
+            raise ValueError("total_steps (a step budget's cooldown) needs a preconditioner: P2M has its own schedule")
     return {
         **config,
+        "total_steps": total_steps,
         "lr": float(lr),
         "weight_decay": None if config["weight_decay"] is None else float(config["weight_decay"]),
         "batch_size": check_int("batch_size", config["batch_size"], 1),
@@ -82,6 +88,7 @@ def make_controller(config: dict[str, Any]) -> Controller | LineController:
             config["batch_multiplier"],
             config["line_target"],
             config["momentum"],
+            config["total_steps"],
         )
     return Controller(
         lr=config["lr"],

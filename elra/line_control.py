@@ -100,6 +100,10 @@ BETA1 = 0.9  # the direction's momentum where none is given; noise-free problems
 # 2e-26 instead of 7e-20 (README); without the restarts (see _retrace) it cost Rosenbrock (2e-15) and a plain
 # quadratic (1e-3 after 400 steps)
 NOISE_FREE_BETA1 = 0.95
+# a step budget (total_steps): its last COOLDOWN_SHARE of micro-batches take a step length falling linearly to
+# COOLDOWN_FLOOR of the one reached, mini-batch regime only (README: benchmark against the budget not given)
+COOLDOWN_SHARE = 0.2
+COOLDOWN_FLOOR = 0.02
 LINE_TARGET = -0.1  # the default target without noise (benchmarks/quality.py; see the README)
 _TINY = 1e-300
 # noise-free: a rise below this share of the loss is rounding (a float32 sum of 2000 squares moved by 1e-7 at
@@ -132,6 +136,7 @@ _LATER_FIELDS = frozenset(
     | {"from_restart"}
     | {"loss_exponent"}
     | {"noise_misses"}
+    | {"micro_steps", "cooldown_eta"}
 )
 
 
@@ -222,6 +227,8 @@ class LineState:
     window_means: list[float] = field(default_factory=lambda: [0.0] * 6)
     cycle_retraces: int = 0
     noise_misses: int = 0  # detected noise-free regime: restart steps in a row that missed the trapezoid
+    micro_steps: int = 0  # micro-batches of the real steps so far: the clock of a step budget's cooldown
+    cooldown_eta: float = 0.0  # the step length a cooldown falls from (0 before it starts)
 
     # the names the P2M state shows in ``ElraOptimizer.stats``
     @property
@@ -254,6 +261,9 @@ class LineController:
             past it); it is scaled by :meth:`signal_share`, so noise pulls it to 0.
         beta: the direction's momentum (beta1), which :meth:`signal_share` assumes;
             ``None``: :attr:`beta1` chooses it by the regime.
+        total_steps: the micro-batches the run will take, or ``None``; in the
+            mini-batch regime the last ``COOLDOWN_SHARE`` of them cool down
+            (:meth:`_cooldown`).
     """
 
     def __init__(
@@ -264,8 +274,10 @@ class LineController:
         min_multiplier: int,
         target: float = LINE_TARGET,
         beta: float | None = None,
+        total_steps: int | None = None,
     ) -> None:
         self.batch_size = batch_size
+        self.total_steps = total_steps
         self.min_multiplier = min_multiplier
         self.target = target
         self.beta = beta
@@ -317,6 +329,7 @@ class LineController:
         loss = bad[0] if bad else mean_loss(losses)
         usable = sums is not None and not bad and sums.is_finite()
         s = self.state
+        s.micro_steps += len(losses)
         if not s.started:
             if not usable:
                 s.retraces += 1
@@ -478,7 +491,9 @@ class LineController:
             target *= self.signal_share(sums)
         if sums is not None:
             s.param_peak = max(s.param_peak, sums.param_sq)
-        if sums is not None and sums.mom_dir > 0.0 and not restart:  # a restart's pair measured the abandoned direction
+        cooled = self._cooldown()  # 0 outside a step budget's cooldown, where the pairs set eta
+        # a restart's pair measured the abandoned direction
+        if sums is not None and sums.mom_dir > 0.0 and not restart and not cooled:
             gain, smoothing = (NOISE_FREE_GAIN, NOISE_FREE_SMOOTHING) if self.deterministic else (GAIN, PAIR_SMOOTHING)
             s.ema_next = _ema(s.ema_next, sums.next_dir, smoothing)
             s.ema_mom = _ema(s.ema_mom, sums.mom_dir, smoothing)
@@ -488,6 +503,8 @@ class LineController:
             scale = max(sums.param_sq, CLIP_FLOOR * CLIP_FLOOR * s.param_peak)
             if scale > 0.0 and sums.dir_sq > 0.0:
                 s.eta = min(s.eta, RELATIVE_CLIP * math.sqrt(scale / sums.dir_sq))
+        if cooled:
+            s.eta = cooled
         s.eta = min(max(s.eta, ETA_BOUNDS[0]), ETA_BOUNDS[1])
         value = self._statistics_value(loss)
         s.loss_mean = LOSS_SMOOTHING * s.loss_mean + (1.0 - LOSS_SMOOTHING) * value
@@ -520,6 +537,25 @@ class LineController:
         if exponent != s.loss_exponent:
             s.loss_sq = math.ldexp(s.loss_sq, 2 * (s.loss_exponent - exponent))
             s.loss_exponent = exponent
+
+    def _cooldown(self) -> float:
+        """The step length of an accepted step in a step budget's cooldown, 0 outside it.
+
+        Mini-batch regime only: the last ``COOLDOWN_SHARE`` of ``total_steps`` micro-batches take the step length
+        reached when it began, times a factor falling linearly to ``COOLDOWN_FLOOR`` at the last one (and staying
+        there past it); the gradient pairs do not move it then. Where noise dominates, the pair anneals only as
+        far as its greedy step (README); a fixed budget gains from a cooldown at its end, as the schedules tuned
+        for Adam have one. Without noise the exact pairs set the step to the end.
+        """
+        s = self.state
+        if self.total_steps is None or s.noise_free is not False:
+            return 0.0
+        left = (self.total_steps - s.micro_steps) / (COOLDOWN_SHARE * self.total_steps)
+        if left >= 1.0:
+            return 0.0
+        if s.cooldown_eta == 0.0:
+            s.cooldown_eta = s.eta
+        return s.cooldown_eta * max(left, COOLDOWN_FLOOR)
 
     def signal_share(self, sums: LineSums) -> float:
         """The share of the gradient that is signal, from the smoothed ``|m|^2 / |g|^2``.

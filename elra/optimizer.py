@@ -187,6 +187,12 @@ class ElraOptimizer(Checkpointing, Optimizer):
             line minimum along the direction, below 0 a step past it (default
             -0.1); scaled by the measured signal share, so mini-batch noise
             pulls it toward 0 (see :mod:`elra.line_control`).
+        total_steps: the number of ``step`` calls (micro-batches) the run will
+            make, if known: in the mini-batch regime the last 20% of them take
+            a step length falling linearly to 2% of the one reached (a
+            cooldown, as tuned learning-rate schedules end with). ``None``
+            (default): no budget, the step length follows the gradient pairs
+            to the end. Needs a preconditioner.
         compiled: with Adam's direction (``"adam"``, and muon's non-matrix
             parameters) on the CPU, compute the inner products of large tensors
             before each decision in one kernel made by ``torch.compile`` (it
@@ -225,6 +231,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         acceptance: str = "noise",
         preconditioner: str | None = "muon",
         line_target: float = LINE_TARGET,
+        total_steps: int | None = None,
         compiled: bool = False,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -244,6 +251,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 acceptance=acceptance,
                 preconditioner=preconditioner,
                 line_target=line_target,
+                total_steps=total_steps,
             )
         )
         self._check_every = check_int("check_consistency", check_consistency, 0)

@@ -32,6 +32,10 @@ def _param(*values):
         ({"momentum": -0.5}, "momentum"),
         ({"batch_multiplier": 0}, "batch_multiplier"),
         ({"batch_multiplier": True}, "batch_multiplier"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"total_steps": 100.0}, "total_steps"),
+        ({"total_steps": True}, "total_steps"),
+        ({"total_steps": 100, "preconditioner": None}, "total_steps .* needs a preconditioner"),
     ],
 )
 def test_invalid_arguments_raise_value_error_naming_them(kwargs, match):

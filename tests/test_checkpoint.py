@@ -989,3 +989,36 @@ def test_sync_pending_grads_reduces_the_models_in_the_order_the_optimizer_learne
     monkeypatch.setattr(elra.checkpoint, "sync_unsynced_grads", reduced.append)
     opt.sync_pending_grads()
     assert reduced == models
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", "muon"])
+def test_a_run_resumed_in_its_step_budgets_cooldown_continues_bit_identically(preconditioner):
+    """Saved in the cooldown (micro-steps 96-120 of a 120-step budget, 3 micro-batches a real step, retraces
+    among them): the clock and the length the cooldown falls from resume with the run, past the budget too."""
+    model = digits_model(torch.float32)
+    start = copy.deepcopy(model)
+    opt = _digits_optimizer(model, preconditioner=preconditioner, total_steps=120)
+    expected = _run(model, opt, 0, 130)
+    model, opt = start, _digits_optimizer(start, preconditioner=preconditioner, total_steps=120)
+    _run(model, opt, 0, 105)
+    controller = opt.state_dict()["param_groups"][0]["elra_controller"]
+    assert 96 <= controller["micro_steps"] <= 105 and controller["cooldown_eta"] > 0  # mid-cooldown
+    resumed = copy.deepcopy(model)
+    again = _digits_optimizer(resumed, preconditioner=preconditioner, total_steps=120)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert _same(_run(resumed, again, 105, 130), expected)
+    assert again.stats["lr"] == pytest.approx(controller["cooldown_eta"] * 0.02)  # at the floor past the budget
+
+
+def test_a_checkpoint_from_before_step_budgets_keeps_the_constructors_budget():
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model, preconditioner="adam")
+    _run(model, opt, 0, 30)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["param_groups"][0]["elra_config"]["total_steps"]
+    for key in ("micro_steps", "cooldown_eta"):
+        del sd["param_groups"][0]["elra_controller"][key]
+    resumed = _digits_optimizer(copy.deepcopy(model), preconditioner="adam", total_steps=40)
+    resumed.load_state_dict(sd)
+    assert resumed._config["total_steps"] == 40 and resumed.controller.total_steps == 40
+    assert resumed.controller.state.micro_steps == 0  # the clock starts at the load: the budget counts from there

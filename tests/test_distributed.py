@@ -71,6 +71,11 @@ TWO_RANKS = [
         count_collectives=True,
     ),
     Scenario("fsdp2-adam", "fsdp2", batch_multiplier=2, options={**ADAM, "weight_decay": 1e-3}, nan_loss_at=9, bad_loss_at=14),
+    # the same run with a step budget: its cooldown takes micro-steps 32-39 (real steps of two micro-batches)
+    Scenario(
+        "fsdp2-adam-budget", "fsdp2", batch_multiplier=2, options={**ADAM, "weight_decay": 1e-3, "total_steps": 40},
+        nan_loss_at=9, bad_loss_at=14,
+    ),
     Scenario("fsdp1-adam", "fsdp1", batch_multiplier=2, options=FSDP1_ADAM, nan_loss_at=9),
     Scenario("fsdp2-adam-boost", "fsdp2", boost_cycle=15, options=ADAM, nan_loss_at=4),
     Scenario("fsdp2-adam-scaler", "fsdp2", scaler=True, inf_grad_at=11, batch_multiplier=2, options=ADAM),
@@ -359,6 +364,12 @@ def test_faded_gradients_shrink_muons_directions_on_every_rank_as_one_process(tw
     single = two[0][name]["single"]
     moved = max((single["params"][k] - v).abs().max().item() for k, v in single["unshrunk"].items())
     assert moved > 1e-5  # the shrink took part: never shrunk, the run ends elsewhere (ranks match to 1e-10)
+
+
+def test_a_step_budget_cools_every_rank_down_as_one_process(two):
+    budget = _assert_matches_single_process(two, "fsdp2-adam-budget")
+    free = two[0]["fsdp2-adam"]["stats"]
+    assert budget["regime"] == "stochastic" and budget["lr"] < 0.5 * free["lr"]  # the free run kept its length (1e-5s)
 
 
 @pytest.mark.parametrize("ranks, name", [(2, s.name) for s in LATE] + [(3, "fsdp2-late-factored")])

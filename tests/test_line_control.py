@@ -346,3 +346,41 @@ def test_losses_beyond_the_square_range_are_judged_as_the_same_losses_scaled_dow
         scaled_decisions, scaled = run(exponent)
         assert scaled_decisions == decisions and scaled.state.multiplier == plain.state.multiplier == 1
         assert scaled._loss_statistics() == (math.ldexp(mean, exponent), math.ldexp(spread, exponent))
+
+
+def _steady(controller: LineController, steps: int, ratio: float, micro_batches: int = 1) -> list[float]:
+    """Accepted mini-batch steps whose pair has ``N/D = ratio``; eta after each."""
+    etas = []
+    for k in range(steps):
+        sums = LineSums(next_dir=ratio, mom_dir=1.0, dir_sq=1e-12, param_sq=1.0, grad_sq=1.0, mom_sq=0.0)
+        controller.real_step([1.0 - 0.01 * (-1) ** k] * micro_batches, sums, [0.0])
+        etas.append(controller.state.eta)
+    return etas
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_step_budget_cools_the_step_length_down_over_its_last_fifth_of_micro_batches(micro_batches):
+    budget = LineController(1e-3, 10, 32, micro_batches, total_steps=100 * micro_batches)
+    free = LineController(1e-3, 10, 32, micro_batches)
+    before = _steady(budget, 80, 0.5, micro_batches)
+    assert before == _steady(free, 80, 0.5, micro_batches) and before[-1] > before[40]  # the pairs grow eta
+    top = before[-1]
+    # in the cooldown the pairs move nothing (r = 1 would grow eta); real step k takes top * (100 - k) / 20
+    cooling = _steady(budget, 30, 1.0, micro_batches)
+    assert cooling[:19] == pytest.approx([top * (19 - k) / 20 for k in range(19)])
+    assert cooling[19:] == pytest.approx([top * 0.02] * 11)  # the floor, at the budget's end and past it
+    assert budget.state.micro_steps == 110 * micro_batches
+
+
+def test_a_step_budget_leaves_noise_free_steps_to_the_pairs():
+    budget, free = LineController(1e-3, 0, 32, 1, total_steps=50), LineController(1e-3, 0, 32, 1)
+    assert _steady(budget, 80, 0.5) == _steady(free, 80, 0.5)
+
+
+def test_a_refused_step_in_the_cooldown_retraces_and_the_next_accept_takes_the_cooldowns_length():
+    controller = LineController(1e-3, 10, 32, 1, total_steps=100)
+    top = _steady(controller, 85, 0.5)[79]
+    sums = LineSums(next_dir=0.5, mom_dir=1.0, dir_sq=1e-12, param_sq=1.0, grad_sq=1.0, mom_sq=0.0)
+    assert controller.real_step([1e6], sums, [0.0]).action == "retrace"  # micro-step 86
+    assert controller.real_step([1.0], sums, [0.0]).action == "accept"  # micro-step 87
+    assert controller.state.eta == pytest.approx(top * 13 / 20)
