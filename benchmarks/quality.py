@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.published import CACHE, RESULTS, load_published, scratch_dir  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
-from elra.line_control import COOLDOWN_FLOOR, COOLDOWN_SHARE  # noqa: E402
+from elra.line_control import cooldown_factor  # noqa: E402
 from launch.models import CharGPT  # noqa: E402
 from launch.text import CharCorpus  # noqa: E402
 
@@ -366,8 +366,8 @@ def published_elra(published) -> Callable:
 
 
 class CooledAdam(torch.optim.Adam):
-    """Adam(1e-3) told the step budget as ELRA's ``total_steps`` is: the same cooldown over its last steps (a
-    rate falling linearly to COOLDOWN_FLOOR of 1e-3), the fair peer of ELRA given the budget."""
+    """Adam(1e-3) told the step budget as ELRA's ``total_steps`` is: the same cooldown over its last steps
+    (``elra.line_control.cooldown_factor`` times 1e-3), the fair peer of ELRA given the budget."""
 
     def __init__(self, params, total_steps: int) -> None:
         super().__init__(params, lr=1e-3)
@@ -376,9 +376,8 @@ class CooledAdam(torch.optim.Adam):
     @torch.no_grad()
     def step(self, closure=None):
         self.taken += 1
-        left = (self.total_steps - self.taken) / (COOLDOWN_SHARE * self.total_steps)
         for group in self.param_groups:
-            group["lr"] = 1e-3 * min(1.0, max(left, COOLDOWN_FLOOR))
+            group["lr"] = 1e-3 * cooldown_factor(self.total_steps, self.taken)
         return super().step(closure)
 
 

@@ -292,8 +292,10 @@ class Checkpointing:
         if saved is None:
             logger.info("ELRA state_dict without hyperparameters (saved by an older elra): keeping the constructor's")
             return dict(self._config)
-        lacking = self._config.keys() - set(saved) - _CONFIG_ADDED_LATER if isinstance(saved, dict) else ()
-        if not isinstance(saved, dict) or lacking:
+        if not isinstance(saved, dict):
+            raise ValueError(f"the state_dict's ELRA hyperparameters are not a dict: {saved!r}")
+        lacking = self._config.keys() - saved.keys() - _CONFIG_ADDED_LATER
+        if lacking:
             raise ValueError(f"the state_dict's ELRA hyperparameters {saved!r} lack {sorted(lacking)}")
         return checked_config({**self._config, **saved})
 

@@ -140,6 +140,13 @@ _LATER_FIELDS = frozenset(
 )
 
 
+def cooldown_factor(total_steps: int, taken: int) -> float:
+    """What a step budget of ``total_steps`` micro-batches multiplies the step length by after ``taken`` of them:
+    1 before its last ``COOLDOWN_SHARE``, then falling linearly to ``COOLDOWN_FLOOR`` at the end, and that past it."""
+    left = (total_steps - taken) / (COOLDOWN_SHARE * total_steps)
+    return 1.0 if left >= 1.0 else max(left, COOLDOWN_FLOOR)
+
+
 def first_moment_factor(old_beta1: float, new_beta1: float) -> float:
     """What ``m_1 = (1-beta1)*g_1`` (one gradient so far) is multiplied by when beta1 changes."""
     return (1.0 - new_beta1) / (1.0 - old_beta1)
@@ -539,23 +546,23 @@ class LineController:
             s.loss_exponent = exponent
 
     def _cooldown(self) -> float:
-        """The step length of an accepted step in a step budget's cooldown, 0 outside it.
+        """The step length of an accepted step in a step budget's cooldown, 0 outside it; its first step keeps
+        the length reached (``cooldown_eta``) that the cooldown falls from.
 
-        Mini-batch regime only: the last ``COOLDOWN_SHARE`` of ``total_steps`` micro-batches take the step length
-        reached when it began, times a factor falling linearly to ``COOLDOWN_FLOOR`` at the last one (and staying
-        there past it); the gradient pairs do not move it then. Where noise dominates, the pair anneals only as
-        far as its greedy step (README); a fixed budget gains from a cooldown at its end, as the schedules tuned
-        for Adam have one. Without noise the exact pairs set the step to the end.
+        Mini-batch regime only: the last ``COOLDOWN_SHARE`` of ``total_steps`` micro-batches take that length
+        times :func:`cooldown_factor`; the gradient pairs do not move it then. Where noise dominates, the pair
+        anneals only as far as its greedy step (README); a fixed budget gains from a cooldown at its end, as the
+        schedules tuned for Adam have one. Without noise the exact pairs set the step to the end.
         """
         s = self.state
         if self.total_steps is None or s.noise_free is not False:
             return 0.0
-        left = (self.total_steps - s.micro_steps) / (COOLDOWN_SHARE * self.total_steps)
-        if left >= 1.0:
+        factor = cooldown_factor(self.total_steps, s.micro_steps)
+        if factor == 1.0:
             return 0.0
         if s.cooldown_eta == 0.0:
             s.cooldown_eta = s.eta
-        return s.cooldown_eta * max(left, COOLDOWN_FLOOR)
+        return s.cooldown_eta * factor
 
     def signal_share(self, sums: LineSums) -> float:
         """The share of the gradient that is signal, from the smoothed ``|m|^2 / |g|^2``.
