@@ -104,6 +104,11 @@ NOISE_FREE_BETA1 = 0.95
 # COOLDOWN_FLOOR of the one reached, mini-batch regime only (README: benchmark against the budget not given)
 COOLDOWN_SHARE = 0.2
 COOLDOWN_FLOOR = 0.02
+# the cooldown starts at the first accepted step of that window whose signal share is at most this: a run whose
+# budget ends while its gradients are still mostly signal (the step length still climbing from its first probe)
+# lost by cooling (digits MLP, 100 steps: 0.681 vs 0.728 accuracy at shares 0.24-0.28; MLP char-LM, 150 steps:
+# 4.44 vs 3.68 bits/char at 0.48-0.64); those that gained started at 0.08 or less (README)
+COOLDOWN_SIGNAL = 0.1
 LINE_TARGET = -0.1  # the default target without noise (benchmarks/quality.py; see the README)
 _TINY = 1e-300
 # noise-free: a rise below this share of the loss is rounding (a float32 sum of 2000 squares moved by 1e-7 at
@@ -137,13 +142,16 @@ _LATER_FIELDS = frozenset(
     | {"loss_exponent"}
     | {"noise_misses"}
     | {"micro_steps", "cooldown_eta"}
+    | {"cooldown_from"}
 )
 
 
-def cooldown_factor(total_steps: int, taken: int) -> float:
+def cooldown_factor(total_steps: int, taken: int, start: int = -1) -> float:
     """What a step budget of ``total_steps`` micro-batches multiplies the step length by after ``taken`` of them:
-    1 before its last ``COOLDOWN_SHARE``, then falling linearly to ``COOLDOWN_FLOOR`` at the end, and that past it."""
-    left = (total_steps - taken) / (COOLDOWN_SHARE * total_steps)
+    1 before its last ``COOLDOWN_SHARE`` (or before micro-batch ``start``, when given), then falling linearly to
+    ``COOLDOWN_FLOOR`` at the end, and that past it."""
+    span = COOLDOWN_SHARE * total_steps if start < 0 else total_steps - start
+    left = (total_steps - taken) / span if span > 0 else 0.0
     return 1.0 if left >= 1.0 else max(left, COOLDOWN_FLOOR)
 
 
@@ -236,6 +244,7 @@ class LineState:
     noise_misses: int = 0  # detected noise-free regime: restart steps in a row that missed the trapezoid
     micro_steps: int = 0  # micro-batches of the real steps so far: the clock of a step budget's cooldown
     cooldown_eta: float = 0.0  # the step length a cooldown falls from (0 before it starts)
+    cooldown_from: int = -1  # the micro-batch it falls from, if later than its window's start (COOLDOWN_SIGNAL)
 
     # the names the P2M state shows in ``ElraOptimizer.stats``
     @property
@@ -493,12 +502,12 @@ class LineController:
         s.from_restart = restart
         if s.failed >= MAX_RETRACES or restart:
             s.eta = s.accepted_eta  # the direction failed, not the length
-        target = self.target
-        if sums is not None and s.moment_steps:  # the sums of |g|^2 and |m|^2 exist once m has a gradient
-            target *= self.signal_share(sums)
+        # the sums of |g|^2 and |m|^2 exist once m has a gradient
+        share = self.signal_share(sums) if sums is not None and s.moment_steps else None
+        target = self.target if share is None else self.target * share
         if sums is not None:
             s.param_peak = max(s.param_peak, sums.param_sq)
-        cooled = self._cooldown()  # 0 outside a step budget's cooldown, where the pairs set eta
+        cooled = self._cooldown(share)  # 0 outside a step budget's cooldown, where the pairs set eta
         # a restart's pair measured the abandoned direction
         if sums is not None and sums.mom_dir > 0.0 and not restart and not cooled:
             gain, smoothing = (NOISE_FREE_GAIN, NOISE_FREE_SMOOTHING) if self.deterministic else (GAIN, PAIR_SMOOTHING)
@@ -545,24 +554,32 @@ class LineController:
             s.loss_sq = math.ldexp(s.loss_sq, 2 * (s.loss_exponent - exponent))
             s.loss_exponent = exponent
 
-    def _cooldown(self) -> float:
+    def _cooldown(self, share: float | None) -> float:
         """The step length of an accepted step in a step budget's cooldown, 0 outside it; its first step keeps
         the length reached (``cooldown_eta``) that the cooldown falls from.
 
-        Mini-batch regime only: the last ``COOLDOWN_SHARE`` of ``total_steps`` micro-batches take that length
-        times :func:`cooldown_factor`; the gradient pairs do not move it then. Where noise dominates, the pair
-        anneals only as far as its greedy step (README); a fixed budget gains from a cooldown at its end, as the
-        schedules tuned for Adam have one. Without noise the exact pairs set the step to the end.
+        Mini-batch regime only: in the last ``COOLDOWN_SHARE`` of ``total_steps`` micro-batches, from the first
+        accepted step whose signal ``share`` is at most ``COOLDOWN_SIGNAL`` (or unknown), steps take that length times
+        :func:`cooldown_factor`; the gradient pairs do not move it then. Where noise dominates, the pair anneals
+        only as far as its greedy step (README); a fixed budget gains from a cooldown at its end, as the
+        schedules tuned for Adam have one. Where signal still dominates, cooling only slows the descent: the
+        pairs keep the step until noise takes over, and the fall starts from there. Without noise the exact
+        pairs set the step to the end. A budget extended (or dropped) in its cooldown gives the length back
+        (:attr:`ElraOptimizer.total_steps`).
         """
         s = self.state
-        if self.total_steps is None or s.noise_free is not False:
-            return 0.0
-        factor = cooldown_factor(self.total_steps, s.micro_steps)
-        if factor == 1.0:
+        budgeted = self.total_steps is not None and s.noise_free is False
+        if not budgeted or cooldown_factor(self.total_steps, s.micro_steps) == 1.0:
+            if s.cooldown_eta:  # the budget was extended or dropped in a cooldown: back to where it fell from
+                s.eta, s.cooldown_eta = s.cooldown_eta, 0.0
+            s.cooldown_from = -1
             return 0.0
         if s.cooldown_eta == 0.0:
+            if share is not None and share > COOLDOWN_SIGNAL:
+                s.cooldown_from = s.micro_steps  # the fall, once it starts, starts after this step
+                return 0.0
             s.cooldown_eta = s.eta
-        return s.cooldown_eta * factor
+        return s.cooldown_eta * cooldown_factor(self.total_steps, s.micro_steps, s.cooldown_from)
 
     def signal_share(self, sums: LineSums) -> float:
         """The share of the gradient that is signal, from the smoothed ``|m|^2 / |g|^2``.

@@ -190,9 +190,11 @@ class ElraOptimizer(Checkpointing, Optimizer):
         total_steps: the number of ``step`` calls (micro-batches) the run will
             make, if known: in the mini-batch regime the last 20% of them take
             a step length falling linearly to 2% of the one reached (a
-            cooldown, as tuned learning-rate schedules end with). ``None``
+            cooldown, as tuned learning-rate schedules end with), from the
+            first step there whose gradients are mostly noise. ``None``
             (default): no budget, the step length follows the gradient pairs
-            to the end. Needs a preconditioner.
+            to the end. Needs a preconditioner. Settable later
+            (:attr:`total_steps`), e.g. to run longer after a resume.
         compiled: with Adam's direction (``"adam"``, and muon's non-matrix
             parameters) on the CPU, compute the inner products of large tensors
             before each decision in one kernel made by ``torch.compile`` (it
@@ -418,6 +420,24 @@ class ElraOptimizer(Checkpointing, Optimizer):
     def micro_batches(self) -> int:
         """Micro-batches collected so far toward the next real step."""
         return len(self._pending)
+
+    @property
+    def preconditioner(self) -> str | None:
+        """The direction's preconditioner (``None``: P2M), as constructed or loaded from a checkpoint."""
+        return self._config["preconditioner"]
+
+    @property
+    def total_steps(self) -> int | None:
+        """The step budget in micro-batches (``None``: none), as constructed or loaded from a checkpoint."""
+        return self._config["total_steps"]
+
+    @total_steps.setter
+    def total_steps(self, total_steps: int | None) -> None:
+        """Change the budget, e.g. after loading a checkpoint of a job now meant to run longer; set the same on
+        every rank. Extended past a cooldown begun, the step length returns to where the cooldown fell from."""
+        config = checked_config({**self._config, "total_steps": total_steps})
+        self._config = config
+        self.controller.total_steps = config["total_steps"]
 
     @property
     def stats(self) -> dict[str, float | int | str]:

@@ -17,7 +17,10 @@ unscale the gradients ELRA may still be summing); ``"bf16-mixed"`` (no
 scaler) works.
 A ``ckpt_path`` taken while ELRA collects micro-batches resumes with them
 (``zero_grad`` goes to ELRA, which keeps them) and with the train losses not
-yet fed. Exits with a message (status 0) when Lightning is not installed.
+yet fed. ELRA's step budget (``total_steps``) is Lightning's
+``estimated_stepping_batches``, every micro-batch of the fit: set again once
+a checkpoint is restored, so a fit resumed with more epochs cools down at its
+new end. Exits with a message (status 0) when Lightning is not installed.
 """
 
 import argparse
@@ -114,7 +117,14 @@ def build_module(batch_size: int, batch_multiplier: int = 1):
             self.train_losses = checkpoint.get("train_losses", [])
 
         def configure_optimizers(self):
-            return ElraOptimizer(self.parameters(), None, batch_size, 10, lr=1e-5, batch_multiplier=batch_multiplier)
+            return ElraOptimizer(
+                self.parameters(), None, batch_size, 10, lr=1e-5, batch_multiplier=batch_multiplier,
+                total_steps=self.trainer.estimated_stepping_batches,
+            )
+
+        def on_train_start(self) -> None:
+            # after a ckpt_path's restore, which brought the checkpoint's budget: this fit's (max_epochs may have grown)
+            self.optimizers().optimizer.total_steps = self.trainer.estimated_stepping_batches
 
     return DigitsClassifier()
 

@@ -169,6 +169,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads", type=_at_least(1), default=4, help="gpt attention heads (divide --width)")
     parser.add_argument("--layers", type=_at_least(1), default=2, help="gpt transformer blocks")
     parser.add_argument("--max-steps", type=_at_least(0), default=0, help="micro-batches per epoch (0: all)")
+    parser.add_argument(
+        "--cooldown", action=argparse.BooleanOptionalAction, default=True,
+        help="give ELRA the run's micro-batches as its step budget (total_steps): its step length cools down over "
+        "the last fifth of them (not for P2M); a resumed job counts its --epochs",
+    )
     parser.add_argument("--timeout", type=_seconds, default=300.0, help="seconds a collective may wait for a rank")
     parser.add_argument("--seed", type=_seed, default=0, help="digits train/validation split (mlp)")
     parser.add_argument("--threads", type=_threads, default=0, help="CPU threads per process (0: torch default)")
@@ -393,6 +398,15 @@ def preconditioner(args) -> str | None:
     return None if args.preconditioner == "none" else args.preconditioner
 
 
+def step_budget(args, train_set, world: int) -> int | None:
+    """ELRA's ``total_steps``: the micro-batches of ``--epochs`` epochs (each ``--max-steps`` at most; a text
+    epoch's offset can cost one); ``None`` without ``--cooldown`` or for P2M."""
+    if not args.cooldown or preconditioner(args) is None:
+        return None
+    per_epoch = len(train_set) // (args.batch_size * world)
+    return args.epochs * (min(per_epoch, args.max_steps) if args.max_steps else per_epoch)
+
+
 def check_sizes(args, train_set, valid_set, world: int) -> None:
     """Refuse data too small for one training step per epoch or one held-out sample per rank.
 
@@ -454,9 +468,10 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
                     "images whose accuracy means nothing", args.data_dir, source)
     check_sizes(args, train_set, valid_set, world)
     model = wrap(build_model(args, classes), args.strategy, device)
+    budget = step_budget(args, train_set, world)
     optimizer = ElraOptimizer(  # given the model: it reshards FSDP's gathered weights after its in-place changes
         model.named_parameters(), model, args.batch_size, classes, lr=args.lr, weight_decay=args.weight_decay,
-        batch_multiplier=args.batch_multiplier, preconditioner=preconditioner(args),
+        batch_multiplier=args.batch_multiplier, preconditioner=preconditioner(args), total_steps=budget,
     )
     optimizer.enable_boost()
     checkpointer = (
@@ -464,6 +479,11 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
         if args.checkpoint_dir else None
     )
     start = checkpointer.resume(model, optimizer) if checkpointer else 0
+    if optimizer.total_steps != budget:  # the checkpoint's, of a job with other --epochs or --cooldown
+        if rank == 0:
+            log.info("step budget %s micro-batches for --epochs %d, not the checkpoint's %s",
+                     budget, args.epochs, optimizer.total_steps)
+        optimizer.total_steps = budget
     if start >= args.epochs and rank == 0:
         print(
             f"the run is complete: {args.checkpoint_dir} holds {start} epochs (--epochs {args.epochs}), nothing to train; "

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import digits_data, digits_model
+import elra.line_control
 from elra import ElraOptimizer
 from resume_worker import make_optimizer, train
 
@@ -992,9 +993,12 @@ def test_sync_pending_grads_reduces_the_models_in_the_order_the_optimizer_learne
 
 
 @pytest.mark.parametrize("preconditioner", ["adam", "muon"])
-def test_a_run_resumed_in_its_step_budgets_cooldown_continues_bit_identically(preconditioner):
+def test_a_run_resumed_in_its_step_budgets_cooldown_continues_bit_identically(preconditioner, monkeypatch):
     """Saved in the cooldown (micro-steps 96-120 of a 120-step budget, 3 micro-batches a real step, retraces
-    among them): the clock and the length the cooldown falls from resume with the run, past the budget too."""
+    among them): the clock and the length the cooldown falls from resume with the run, past the budget too.
+    Its gradients are still a fifth signal there: the cooldown is let start at once (a start the signal share
+    delays resumes in test_line_control)."""
+    monkeypatch.setattr(elra.line_control, "COOLDOWN_SIGNAL", 1.0)
     model = digits_model(torch.float32)
     start = copy.deepcopy(model)
     opt = _digits_optimizer(model, preconditioner=preconditioner, total_steps=120)
@@ -1022,3 +1026,27 @@ def test_a_checkpoint_from_before_step_budgets_keeps_the_constructors_budget():
     resumed.load_state_dict(sd)
     assert resumed._config["total_steps"] == 40 and resumed.controller.total_steps == 40
     assert resumed.controller.state.micro_steps == 0  # the clock starts at the load: the budget counts from there
+
+
+def test_a_budget_set_after_loading_replaces_the_checkpoints_and_is_saved():
+    """A job resumed to run longer sets its own budget after the load: from there it trains as a run built with
+    that budget (bit for bit before the cooldown), and the next checkpoint carries it."""
+    model = digits_model(torch.float32)
+    start = copy.deepcopy(model)
+    longer = _digits_optimizer(model, preconditioner="adam", total_steps=200)
+    expected = _run(model, longer, 0, 150)
+    model, opt = start, _digits_optimizer(start, preconditioner="adam", total_steps=120)
+    _run(model, opt, 0, 60)
+    again = _digits_optimizer(model, preconditioner="adam", total_steps=200)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert again.total_steps == 120  # the checkpoint's, with a warning
+    again.total_steps = 200
+    assert _same(_run(model, again, 60, 150), expected)
+    assert again.state_dict()["param_groups"][0]["elra_config"]["total_steps"] == 200
+    again.total_steps = None
+    assert again.controller.total_steps is None
+    with pytest.raises(ValueError, match="total_steps"):
+        again.total_steps = 0
+    with pytest.raises(ValueError, match="needs a preconditioner"):
+        _digits_optimizer(digits_model(torch.float32), preconditioner=None).total_steps = 100
+    assert again.total_steps is None  # a refused value changes nothing

@@ -119,10 +119,10 @@ def test_lightning_example_resumes_from_a_checkpoint_taken_mid_collection(tmp_pa
 
     example = _example("lightning_digits")
 
-    def fit(out, ckpt_path=None):
+    def fit(out, ckpt_path=None, epochs=2):
         torch.manual_seed(0)
         module = example.build_module(32, batch_multiplier=3)
-        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                             enable_model_summary=False, num_sanity_val_steps=0,
                             callbacks=[ModelCheckpoint(dirpath=out, every_n_train_steps=7, save_top_k=-1)])
         trainer.fit(module, *example.digits_loaders(32), ckpt_path=ckpt_path)
@@ -138,6 +138,10 @@ def test_lightning_example_resumes_from_a_checkpoint_taken_mid_collection(tmp_pa
     assert torch.load(tmp_path / "resumed" / "epoch=0-step=14.ckpt", weights_only=False)["train_losses"][:7] == (
         torch.load(checkpoint, weights_only=False)["train_losses"]
     )
+    # the step budget: every micro-batch of the fit, also of one resumed for more epochs than its checkpoint's
+    assert whole_optimizer.total_steps == 2 * 45
+    _, longer = fit(tmp_path / "longer", checkpoint, epochs=3)
+    assert longer.total_steps == 3 * 45 and longer.controller.state.micro_steps == 3 * 45
 
 def test_lightning_example_reports_and_feeds_the_whole_validation_sets_loss_and_accuracy():
     """The 360 validation digits come in batches of 256 and 104: the accuracy was the last batch's alone and the

@@ -12,6 +12,7 @@ pytest.importorskip("accelerate")
 
 from transformers import TrainingArguments  # noqa: E402
 
+import elra.line_control  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
 from elra.control import validation_lag  # noqa: E402
 from elra.integrations.transformers import ElraTrainer  # noqa: E402
@@ -73,7 +74,8 @@ def test_trainer_takes_the_steps_of_a_hand_written_elra_loop(tmp_path, multiplie
 
         def make(replayed):
             return ElraOptimizer(
-                _trainer_groups(replayed, 0.01), None, 8, VOCAB, lr=1e-4, weight_decay=0.01, batch_multiplier=2
+                _trainer_groups(replayed, 0.01), None, 8, VOCAB, lr=1e-4, weight_decay=0.01, batch_multiplier=2,
+                total_steps=24,  # max_steps 12 x accumulation 2
             )
     else:
         given = ElraOptimizer(model.parameters(), None, 8, VOCAB, lr=1e-4, batch_multiplier=multiplier)
@@ -151,6 +153,36 @@ def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path)
     for (name, p), q in zip(whole.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
         assert torch.equal(whole_opt.state[p]["boost"], resumed_opt.state[q]["boost"]), name
+
+
+def test_the_trainer_gives_its_elra_the_runs_step_budget_also_over_a_resumed_checkpoints(tmp_path, monkeypatch):
+    """max_steps x accumulation micro-batches; a run resumed with more max_steps cools down at its new end
+    (these runs are too short for noise to dominate: the cooldown is let start at once)."""
+    monkeypatch.setattr(elra.line_control, "COOLDOWN_SIGNAL", 1.0)
+
+    def trainer(out, max_steps):
+        args = _args(out, max_steps=max_steps, save_strategy="steps", save_steps=12)
+        return ElraTrainer(model=tiny_gpt2(), args=args, train_dataset=CountingSequences(64, 0))
+
+    first = trainer(tmp_path / "first", 12)
+    first.train()
+    cooled = first.elra_optimizer.controller.state
+    assert first.elra_optimizer.total_steps == 24 and cooled.micro_steps == 24
+    assert cooled.cooldown_eta > 0.0 and first.elra_optimizer.stats["lr"] == pytest.approx(0.02 * cooled.cooldown_eta)
+    longer = trainer(tmp_path / "longer", 20)
+    longer.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-12"))
+    state = longer.elra_optimizer.controller.state
+    assert longer.elra_optimizer.total_steps == 40 and state.micro_steps == 40
+    # a new cooldown, from the length given back at the resume (not the old one's start, nor its floor)
+    assert state.cooldown_eta != cooled.cooldown_eta and state.cooldown_eta > 0.1 * cooled.cooldown_eta
+
+
+@pytest.mark.parametrize("elra_options", [{"total_steps": None}, {"preconditioner": None}, {"total_steps": 7}])
+def test_the_trainer_leaves_the_budget_to_elra_options_and_p2m(tmp_path, elra_options):
+    trainer = ElraTrainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=CountingSequences(16, 0),
+                          elra_options=elra_options)
+    trainer.create_optimizer_and_scheduler(12)
+    assert trainer.elra_optimizer.total_steps == elra_options.get("total_steps")
 
 
 def test_a_nan_micro_batch_loss_retraces_and_stays_out_of_the_fed_train_loss(tmp_path):

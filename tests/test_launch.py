@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import elra.line_control
 from elra import ElraOptimizer
 from launch import train as launcher
 from launch.checkpoint import Checkpointer, CheckpointError
@@ -660,6 +661,27 @@ def test_checkpoint_of_another_batch_size_says_what_it_was_trained_with(tmp_path
     del written["job"]["batch_size"]  # as the launcher wrote it before
     meta.write_text(json.dumps(written))
     launcher.main([*run, "--epochs", "3"])
+
+
+def test_a_job_resumed_for_more_epochs_cools_down_at_its_new_end(tmp_path, monkeypatch):
+    """ELRA's step budget is the job's micro-batches (--epochs x 12 here), also over a resumed checkpoint's
+    (a job this short may end before noise dominates: the cooldown is let start at once)."""
+    monkeypatch.setattr(elra.line_control, "COOLDOWN_SIGNAL", 1.0)
+    checkpoints = tmp_path / "ckpt"
+
+    def controller(epoch):
+        group = torch.load(checkpoints / f"epoch-{epoch:05d}" / "state.pt", weights_only=True)["optim"]["param_groups"][0]
+        return group["elra_config"]["total_steps"], group["elra_controller"]
+
+    launcher.main([*SMALL, "--epochs", "2", "--checkpoint-dir", str(checkpoints)])
+    budget, first = controller(2)
+    assert budget == 24 and first["micro_steps"] == 24 and first["cooldown_eta"] > 0.0
+    launcher.main([*SMALL, "--epochs", "4", "--checkpoint-dir", str(checkpoints)])
+    budget, longer = controller(4)
+    assert budget == 48 and longer["micro_steps"] == 48
+    assert longer["cooldown_eta"] not in (0.0, first["cooldown_eta"])  # a cooldown of its own
+    launcher.main([*SMALL, "--epochs", "5", "--checkpoint-dir", str(checkpoints), "--no-cooldown"])
+    assert controller(5)[0] is None
 
 
 def test_checkpoint_of_another_max_steps_says_what_it_was_trained_with(tmp_path):

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from elra.control import MAX_MULTIPLIER
-from elra.line_control import LineController, LineSums
+from elra.line_control import GAIN, LineController, LineSums
 
 SUMS = LineSums(next_dir=0.0, mom_dir=1.0, dir_sq=1.0, param_sq=1.0)  # a step at the line minimum
 SPIKE = 2.0  # a loss far above losses near 1: refused (a retrace), with a usable gradient
@@ -348,11 +348,12 @@ def test_losses_beyond_the_square_range_are_judged_as_the_same_losses_scaled_dow
         assert scaled._loss_statistics() == (math.ldexp(mean, exponent), math.ldexp(spread, exponent))
 
 
-def _steady(controller: LineController, steps: int, ratio: float, micro_batches: int = 1) -> list[float]:
-    """Accepted mini-batch steps whose pair has ``N/D = ratio``; eta after each."""
+def _steady(controller: LineController, steps: int, ratio: float, micro_batches: int = 1, signal: bool = False) -> list[float]:
+    """Accepted mini-batch steps whose pair has ``N/D = ratio``, their gradients noise (or all ``signal``);
+    eta after each."""
     etas = []
     for k in range(steps):
-        sums = LineSums(next_dir=ratio, mom_dir=1.0, dir_sq=1e-12, param_sq=1.0, grad_sq=1.0, mom_sq=0.0)
+        sums = LineSums(next_dir=ratio, mom_dir=1.0, dir_sq=1e-12, param_sq=1.0, grad_sq=1.0, mom_sq=float(signal))
         controller.real_step([1.0 - 0.01 * (-1) ** k] * micro_batches, sums, [0.0])
         etas.append(controller.state.eta)
     return etas
@@ -384,3 +385,44 @@ def test_a_refused_step_in_the_cooldown_retraces_and_the_next_accept_takes_the_c
     assert controller.real_step([1e6], sums, [0.0]).action == "retrace"  # micro-step 86
     assert controller.real_step([1.0], sums, [0.0]).action == "accept"  # micro-step 87
     assert controller.state.eta == pytest.approx(top * 13 / 20)
+
+
+@pytest.mark.parametrize("new_budget", [200, None])
+def test_a_budget_extended_or_dropped_in_its_cooldown_gives_the_step_length_back(new_budget):
+    controller = LineController(1e-3, 10, 32, 1, total_steps=100)
+    top = _steady(controller, 80, 0.5)[-1]
+    assert _steady(controller, 10, 0.5)[-1] == pytest.approx(top * 10 / 20)  # cooling
+    controller.total_steps = new_budget
+    eta = _steady(controller, 1, 0.5)[0]  # one pair's move from top (at most a factor exp(GAIN)), not from top / 2
+    assert top * math.exp(-GAIN) <= eta <= top * math.exp(GAIN) and controller.state.cooldown_eta == 0.0
+
+
+def test_a_cooldown_waits_for_noise_to_dominate_and_falls_from_there_to_the_budgets_end():
+    """Budget 200: gradients all signal over micro-steps 151-170 keep the pairs moving eta in the window (from
+    161); once the smoothed share is down to COOLDOWN_SIGNAL the fall starts, linear from the length reached to
+    the floor at 200; a state saved in the fall resumes it exactly."""
+    controller, free = LineController(1e-3, 10, 32, 1, total_steps=200), LineController(1e-3, 10, 32, 1)
+    for steps, signal in ((150, False), (20, True)):
+        assert _steady(controller, steps, 0.5, signal=signal) == _steady(free, steps, 0.5, signal=signal)
+    assert controller.state.cooldown_eta == 0.0 and controller.state.cooldown_from == 170
+    while True:
+        reached = free.state.eta
+        first = _steady(controller, 1, 0.5)
+        if controller.state.cooldown_eta:
+            break
+        assert first == _steady(free, 1, 0.5)
+    start, top = controller.state.cooldown_from, controller.state.cooldown_eta
+    assert 175 < start < 195 and top == reached and controller.state.micro_steps == start + 1
+    saved = controller.state_dict()
+    falling = first + _steady(controller, 205 - controller.state.micro_steps, 0.5)
+    clock = range(start + 1, 206)
+    assert falling == pytest.approx([top * max((200 - t) / (200 - start), 0.02) for t in clock])
+    resumed = LineController(1e-3, 10, 32, 1, total_steps=200)
+    resumed.load_state_dict(saved)
+    assert _steady(resumed, len(falling) - 1, 0.5) == falling[1:]
+
+
+def test_a_cooldown_never_starts_while_the_gradients_stay_signal():
+    controller, free = LineController(1e-3, 10, 32, 1, total_steps=100), LineController(1e-3, 10, 32, 1)
+    assert _steady(controller, 110, 0.5, signal=True) == _steady(free, 110, 0.5, signal=True)
+    assert controller.state.cooldown_eta == 0.0

@@ -21,7 +21,10 @@ rate and must see the gradients as they are. So ``ElraTrainer``:
   turns gradient clipping off (``max_grad_norm`` would rescale the gradients
   ELRA measures);
 - feeds ``set_train_loss``/``set_valid_loss`` at every evaluation during
-  training and adds ELRA's ``stats`` to Trainer's logs.
+  training and adds ELRA's ``stats`` to Trainer's logs;
+- gives the ELRA it builds the run's step budget (``total_steps``, Trainer's
+  ``max_steps`` times the accumulation), also over a resumed checkpoint's:
+  the cooldown Trainer's own schedules end with.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ class _StepTaken:
         state_dict = dict(state_dict)
         self.trainer._load_train_loss_state(state_dict.pop(_TRAIN_LOSS_KEY, [0.0, 0.0]))
         self.elra.load_state_dict(state_dict)
+        self.trainer._apply_step_budget()
         self.trainer._keep_collected()  # the restored partial sums, until Trainer's model.zero_grad() passed
 
     def __getattr__(self, name: str) -> Any:
@@ -165,9 +169,12 @@ class ElraTrainer(Trainer):
     step length ``args.learning_rate``, ``batch_size`` the per-device batch,
     ``batch_multiplier`` the ``gradient_accumulation_steps``, ``classes`` the
     model's vocabulary (language models) or number of labels.
+    ``total_steps`` the run's micro-batches (``max_steps`` times the
+    accumulation: the step length cools down over their last fifth; also
+    when resuming, where ``max_steps`` may have grown; not for P2M).
     ``elra_options`` (a dict) overrides or adds ``ElraOptimizer`` arguments
-    (e.g. ``momentum``, ``preconditioner``, ``classes``). Or pass your own:
-    ``optimizers=(ElraOptimizer(...), None)``.
+    (e.g. ``momentum``, ``preconditioner``, ``classes``; ``total_steps=None``
+    for no budget). Or pass your own: ``optimizers=(ElraOptimizer(...), None)``.
 
     ELRA owns its rate: a scheduler is refused, ``lr_scheduler_type`` and the
     warmup arguments are ignored. Gradients are never clipped
@@ -190,6 +197,8 @@ class ElraTrainer(Trainer):
         self._train_losses = torch.zeros(2, dtype=torch.float64, device=self.args.device)
         self._saved_train_losses: list[float] | None = None  # every process's [sum, count], while checkpointing
         self._collected: dict[torch.Tensor, torch.Tensor] = {}
+        self._budgets = False  # whether the ELRA is built here without a total_steps of elra_options
+        self._step_budget: int | None = None  # its total_steps, from Trainer's max_steps
         if self.optimizer is not None:
             self._adopt(self.optimizer)
         self.add_callback(_ElraHooks(self))
@@ -250,14 +259,30 @@ class ElraTrainer(Trainer):
                 **self.elra_options,
             }
             self.optimizer = ElraOptimizer([g for g in groups if g["params"]], None, **options)
+            self._budgets = "total_steps" not in self.elra_options
         self._adopt(self.optimizer)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """A scheduler that reports ELRA's rate and changes nothing."""
+        """A scheduler that reports ELRA's rate and changes nothing; the step budget of the ELRA built here."""
         if self.lr_scheduler is None:
             self.lr_scheduler = ElraRate(self.elra_optimizer)
+        if self._budgets:
+            self._step_budget = num_training_steps * self.args.gradient_accumulation_steps
+            self._apply_step_budget()
         return self.lr_scheduler
+
+    def _apply_step_budget(self) -> None:
+        """This run's budget, also over a resumed checkpoint's: a run made longer cools down at its new end."""
+        elra = self.elra_optimizer
+        if self._step_budget is None or elra.preconditioner is None or elra.total_steps == self._step_budget:
+            return  # P2M has its own schedule
+        if elra.total_steps is not None:
+            logger.info(
+                "ElraTrainer: step budget %d micro-batches (max_steps x gradient_accumulation_steps), not the "
+                "checkpoint's %d", self._step_budget, elra.total_steps,
+            )
+        elra.total_steps = self._step_budget
 
     def _adopt(self, optimizer: ElraOptimizer | _StepTaken) -> None:
         """Put the step-less view of ELRA in Trainer's slot."""
