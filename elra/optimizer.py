@@ -278,6 +278,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._device: torch.device | None = None
         self._config = config
         self._agreed = False  # whether the ranks verified that they share this state (check_consistency)
+        self._replication: tuple[tuple, bool] = ((), False)  # (layout, every parameter replicated on every rank)
         self.booster = Booster()
         self.geometry = make_direction(config["preconditioner"], config["momentum"], compiled)
         self._waiting: set[torch.Tensor] = set()  # parameters whose moments have not taken a gradient yet
@@ -985,16 +986,35 @@ class ElraOptimizer(Checkpointing, Optimizer):
         reports = batch.slots - REPORT_SLOTS
         for slot, value in enumerate(self._reports, start=reports):
             batch.add_constant(slot, value)
+        agree = check if self._replicated_everywhere() else 0
         if not self._check_every:
-            values, loss_values = batch.read(losses)
+            values, loss_values = batch.read(losses, agree=agree)
         else:
             fingerprint = self._agreed_fingerprint(call)
             batch.add_constant(check, fingerprint)
             batch.add_constant(check + 1, fingerprint * fingerprint)
-            values, loss_values = batch.read(losses, self.controller.state.multiplier)
+            values, loss_values = batch.read(losses, self.controller.state.multiplier, agree)
             self._verify_consistency(values[check], values[check + 1], fingerprint)
+        if batch.disagreeing:
+            raise RuntimeError(
+                f"the ranks hold different gradients or parameters at ELRA's real step {self.controller.state.steps}, "
+                f"though every parameter is a replica on all {self.reducer.world_size} ranks (DDP): each rank would "
+                "step along its own gradient and the replicas drift apart. The micro-batch that completes a real "
+                "step must all-reduce its gradients: keep it out of DDP's no_sync() (elra.grad_sync(model, "
+                "optimizer) decides per micro-batch); if each process trains a model of its own, pass process_group=None"
+            )
         self._apply_reports(values[reports:])
         return values, loss_values
+
+    def _replicated_everywhere(self) -> bool:
+        """Whether every parameter is a replica on every rank (DDP), so that the ranks' local sums must agree;
+        looked up again when the groups or the models ELRA reads shards from change."""
+        key = (self.reducer.world_size, self.reducer.shards_key, tuple(len(g["params"]) for g in self.param_groups))
+        if key != self._replication[0]:
+            world, replicas = key[0], self.reducer.replicas_counter()
+            everywhere = world > 1 and all(replicas(p) == world for g in self.param_groups for p in g["params"])
+            self._replication = (key, everywhere)
+        return self._replication[1]
 
     def _apply_reports(self, sums: list[float]) -> None:
         """Every rank's train and validation loss: the mean of those reported (on any rank) since the last real
@@ -1055,7 +1075,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         check, extra = vector_layout = self._vector_layout()
         fingerprint = self._fingerprint(call, vector_layout)
         if self._agreed:
-            length, at = check + 2 + REPORT_SLOTS + self.controller.state.multiplier + extra, check
+            squares = check if self._replicated_everywhere() else 0  # ScalarBatch.read's agree
+            length, at = check + 2 + REPORT_SLOTS + self.controller.state.multiplier + squares + extra, check
         else:
             length, at = 3, 1
         numbers = [0.0] * length

@@ -258,6 +258,11 @@ class Reducer:
             self.flat_shards, self._shards_of = fsdp1_shards(models), key
 
     @property
+    def shards_key(self) -> tuple[int, ...]:
+        """Which models :meth:`learn_shards` last read: replica counts may change with them."""
+        return self._shards_of
+
+    @property
     def group(self):
         """The process group to reduce over, or ``None`` for this process alone."""
         if self._process_group is AUTO:
@@ -317,6 +322,12 @@ class Reducer:
         return vector
 
 
+# ranks' terms of one slot over replicated tensors that spread by more than this share of their mean square
+# are not of the same tensors (a gradient never all-reduced): rounding alone spreads them by about 1e-14 (terms
+# 1e-7 apart, as kernels of other threads or devices round), a rank's own micro-batch gradient by 1e-2 and more
+AGREEMENT = 1e-8
+
+
 class VectorBlock:
     """A vector summed over ranks with a step's scalars; ``value`` holds the sum after :meth:`ScalarBatch.read`."""
 
@@ -338,6 +349,7 @@ class ScalarBatch:
         self._summed: list[tuple[list[int], torch.Tensor]] = []
         self._constants = [0.0] * slots
         self._vectors: list[VectorBlock] = []
+        self.disagreeing: list[int] = []  # after read(agree=...): the slots whose ranks' terms differ
 
     def add_values(self, slots: list[int], values: torch.Tensor) -> None:
         """Weighted terms already summed, one per slot (a 1-D tensor of the batch's dtype)."""
@@ -360,24 +372,33 @@ class ScalarBatch:
         return block
 
     def read(
-        self, losses: Sequence[float | torch.Tensor], loss_slots: int | None = None
+        self, losses: Sequence[float | torch.Tensor], loss_slots: int | None = None, agree: int = 0
     ) -> tuple[list[float], list[float]]:
         """Global (slot values, mean losses over ranks): one collective, one host transfer.
 
         ``loss_slots`` pads the losses with zeros to that many, for a vector
         whose length must not depend on how many micro-batches were collected.
+        ``agree``: the first that many slots hold terms of tensors every rank
+        holds alike (replicas), so every rank's terms must be equal; their
+        squares ride along, and :attr:`disagreeing` lists the slots where not.
         """
         vector = torch.tensor(self._constants, dtype=self.dtype, device=self.device)
         if self._summed:
             slots = [slot for slots, _ in self._summed for slot in slots]
             vector.index_add_(0, torch.tensor(slots, device=self.device), torch.cat([values for _, values in self._summed]))
-        mean_losses = loss_vector(losses, self.dtype, self.device) / self.reducer.world_size
+        world = self.reducer.world_size
+        mean_losses = loss_vector(losses, self.dtype, self.device) / world
         padding = torch.zeros(max(0, (loss_slots or 0) - len(losses)), dtype=self.dtype, device=self.device)
-        head = [vector, mean_losses, padding]
+        head = [vector, mean_losses, padding, vector[:agree] ** 2]
         reduced = self.reducer.sum(torch.cat(head + self._weighted_vectors()))
         start = sum(t.numel() for t in head)
         self._hand_out(reduced[start:])
         values = reduced[:start].tolist()  # the vector blocks stay on the device
+        self.disagreeing = [
+            slot
+            for slot, (total, total_sq) in enumerate(zip(values[:agree], values[start - agree : start]))
+            if total_sq / world - (total / world) ** 2 > AGREEMENT * total_sq / world  # False for non-finite sums
+        ]
         return values[: self.slots], values[self.slots : self.slots + len(losses)]
 
     def _weighted_vectors(self) -> list[torch.Tensor]:

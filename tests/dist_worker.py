@@ -697,3 +697,32 @@ def run_own_no_sync(rank: int, world: int, store: str, out: str) -> None:
         torch.save({"params": params, "stats": optimizer.stats}, Path(out) / f"own-no-sync{rank}.pt")
 
     as_gloo_rank(rank, world, store, body)
+
+
+def run_unsynced_real_step(rank: int, world: int, store: str, out: str) -> None:
+    """DDP with every micro-batch under the model's own ``no_sync()``, the one completing a real step too, for
+    P2M, adam and muon: each rank writes what its first real step raised."""
+
+    def body() -> None:
+        for preconditioner in (None, "adam", "muon"):
+            net = make_net()
+            model = torch.nn.parallel.DistributedDataParallel(net)
+            optimizer = ElraOptimizer(
+                model.parameters(), model, LOCAL_BATCH, CLASSES, lr=1e-4, batch_multiplier=2,
+                preconditioner=preconditioner,
+            )
+            error = "nothing raised"
+            try:
+                for step in range(6):
+                    x, y = global_batch(step, world)
+                    x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+                    optimizer.zero_grad()
+                    with model.no_sync():
+                        loss = torch.nn.functional.cross_entropy(model(x), y)
+                        loss.backward()
+                    optimizer.step(loss.detach())
+            except RuntimeError as raised:
+                error = f"step {step}: {raised}"
+            (Path(out) / f"unsynced-{preconditioner}-{rank}.txt").write_text(error)
+
+    as_gloo_rank(rank, world, store, body)

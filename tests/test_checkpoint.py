@@ -1020,7 +1020,7 @@ def test_a_checkpoint_from_before_step_budgets_keeps_the_constructors_budget():
     _run(model, opt, 0, 30)
     sd = copy.deepcopy(opt.state_dict())
     del sd["param_groups"][0]["elra_config"]["total_steps"]
-    for key in ("micro_steps", "cooldown_eta"):
+    for key in ("micro_steps", "cooldown_eta", "cooldown_from"):
         del sd["param_groups"][0]["elra_controller"][key]
     resumed = _digits_optimizer(copy.deepcopy(model), preconditioner="adam", total_steps=40)
     resumed.load_state_dict(sd)

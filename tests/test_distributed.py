@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 
 from dist_worker import (
     Scenario, make_net, routed_grads, run_checkpointing, run_routed_sync, run_scenarios, run_zero, zero_fit,
-    OWN_NO_SYNC_SAVE, own_no_sync_steps, run_own_no_sync, run_uneven, uneven_inputs, zero_redundancy,
+    OWN_NO_SYNC_SAVE, own_no_sync_steps, run_own_no_sync, run_uneven, run_unsynced_real_step, uneven_inputs,
+    zero_redundancy,
 )
 from elra import ElraOptimizer
 
@@ -747,6 +748,19 @@ def test_ddp_own_no_sync_mid_collection_checkpoint_keeps_the_mean_of_the_ranks_s
     assert optimizer.micro_batches == 1
     own_no_sync_steps(net, optimizer, 0, 2, 1, OWN_NO_SYNC_SAVE)
     _assert_ranks_saved(tmp_path, "own-no-sync", net, optimizer)
+
+
+def test_a_real_step_whose_gradients_were_never_all_reduced_is_refused_on_every_rank(tmp_path):
+    """DDP's own ``no_sync()`` around the micro-batch that completes a real step left each rank stepping along its
+    own gradient while ELRA's sums averaged them: the replicas drifted apart silently. Every rank's sums over
+    replicated tensors must now be equal (their squares ride on the step's all-reduce): the first real step
+    (micro-step 1 of multiplier 2) raises the same error on every rank, before anything moves."""
+    mp.spawn(run_unsynced_real_step, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    for preconditioner in (None, "adam", "muon"):
+        errors = [(tmp_path / f"unsynced-{preconditioner}-{rank}.txt").read_text() for rank in range(2)]
+        assert errors[0] == errors[1], preconditioner
+        assert errors[0].startswith("step 1: the ranks hold different gradients or parameters at ELRA's real step 0")
+        assert "no_sync()" in errors[0] and "grad_sync" in errors[0]
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
