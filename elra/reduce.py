@@ -389,7 +389,7 @@ class ScalarBatch:
         world = self.reducer.world_size
         mean_losses = loss_vector(losses, self.dtype, self.device) / world
         padding = torch.zeros(max(0, (loss_slots or 0) - len(losses)), dtype=self.dtype, device=self.device)
-        head = [vector, mean_losses, padding, vector[:agree] ** 2]
+        head = [vector, mean_losses, padding] + ([vector[:agree] ** 2] if agree else [])
         reduced = self.reducer.sum(torch.cat(head + self._weighted_vectors()))
         start = sum(t.numel() for t in head)
         self._hand_out(reduced[start:])
