@@ -34,7 +34,7 @@ from .fused import sgd_accept, split_fusable
 from .geometry import PRESENT, SLOTS, direction_state, make_direction, moment_dtype
 from .line_control import LINE_TARGET
 from .reduce import AUTO, Reducer, ScalarBatch, local, products
-from .sync import drop_unsynced_grads, fsdp_wrapping, holds_unsynced_grads, reshard, uncompiled
+from .sync import drop_unsynced_grads, fsdp_wrapping, holds_unsynced_grads, reshard, sync_unsynced_grads, uncompiled
 
 logger = logging.getLogger("elra")
 
@@ -290,6 +290,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
         self._kept_versions: dict[torch.Tensor, int] = {}  # their version counters: a backward since bumps them
         self.unsynced_models: set[torch.nn.Module] = set()  # filled by elra.grad_sync
+        self._held_sums_logged = False  # whether a real step reduced a wrapper's held sums itself (_reduce_held_sums)
         self.models: list[torch.nn.Module] = [uncompiled(model)] if model is not None else []  # to reshard after in-place changes
         self._moved: set[torch.Tensor] = set()  # parameters the last accepted step updated
         self._boost_model: torch.nn.Module | None = None
@@ -554,6 +555,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             self._keep_grads()
             self._note_ddp_sync_off()
             return "collect"
+        self._reduce_held_sums()
         outcome = self._real_step(losses, True, inv_scale, skip_overflow)
         self.unsynced_models.clear()  # the last backward was synchronised: wrappers hold nothing back
         return outcome
@@ -780,6 +782,48 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if self._pending:
             self.unsynced_models.update(model for model in self.models if holds_unsynced_grads(model))
 
+    def _reduce_held_sums(self) -> None:
+        """Before a real step: reduce the sums a known FSDP model still holds because the caller's sync switch was
+        off for the micro-batch completing the step (an accumulation count of the caller's own, say). Without
+        this the step would go along the gradients reduced before (or find none), and the held sums would join
+        the next step's. (53 us a real step for 576 FSDP2 parameters, on one core.)
+
+        One gradient reduction outside the backward, as :meth:`sync_pending_grads` does; logged once, since
+        :func:`elra.grad_sync` saves it. Every rank decides alike: the reductions its backward skipped are
+        collectives, skipped on all ranks or hanging. (DDP keeps nothing back: ``.grad`` left unreduced by its
+        ``no_sync()`` is refused by the sums' agreement, :meth:`_read_checked`.)
+        """
+        held = [model for model in self.models if holds_unsynced_grads(model)]
+        if held and not self._held_sums_logged:
+            logger.warning(
+                "ELRA real step %d: %s's gradient sync was off for the backward of the micro-batch completing it "
+                "(set_requires_gradient_sync(False) or no_sync()); its sums are reduced now, outside the backward. "
+                "`with elra.grad_sync(model, optimizer):` around forward and backward turns the sync on exactly "
+                "for those micro-batches. Logged once",
+                self.controller.state.steps + 1,
+                type(held[0]).__name__,
+            )
+            self._held_sums_logged = True
+        for model in held:
+            sync_unsynced_grads(model)
+
+    def _no_gradient(self) -> RuntimeError:
+        """The error of a real step without any gradient on any rank; under FSDP a backward with the wrapper's
+        sync off leaves none where an optimizer that does not know the model can see it."""
+        message = (
+            "no parameter has a gradient: call loss.backward() before optimizer.step(loss), "
+            "or optimizer.step_retrace(loss) to skip backward()"
+        )
+        wrapping = None if self.models else fsdp_wrapping(p for g in self.param_groups for p in g["params"])
+        if wrapping is not None:
+            message += (
+                f". Under {wrapping} a backward with the wrapper's gradient sync off keeps its sums unreduced, "
+                "where the optimizer sees none: give it the wrapped model, ElraOptimizer(model.parameters(), model, "
+                "...), which reduces them at a real step, or use `with elra.grad_sync(model, optimizer):` around "
+                "forward and backward"
+            )
+        return RuntimeError(message)
+
     def _note_ddp_sync_off(self) -> None:
         """After a collected micro-batch: add the known DDP models whose forward ran with gradient sync off though
         :func:`grad_sync` did not turn it off (the caller's ``no_sync()``; DDP's forward then leaves
@@ -965,10 +1009,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if not with_gradient:
             return None, loss_values, bounds
         if values[present] == 0:
-            raise RuntimeError(
-                "no parameter has a gradient: call loss.backward() before optimizer.step(loss), "
-                "or optimizer.step_retrace(loss) to skip backward()"
-            )
+            raise self._no_gradient()
         sums = StepSums(*(values[k * n_groups : (k + 1) * n_groups] for k in range(len(_SUMS))))
         return sums, loss_values, bounds
 
@@ -1164,10 +1205,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         sums = None
         if with_gradient:
             if values[PRESENT] == 0:
-                raise RuntimeError(
-                    "no parameter has a gradient: call loss.backward() before optimizer.step(loss), "
-                    "or optimizer.step_retrace(loss) to skip backward()"
-                )
+                raise self._no_gradient()
             sums = geometry.sums(values, t, grad_scale)
             if skip_overflow and not sums.is_finite() and all(map(math.isfinite, loss_values)):
                 return "overflow"

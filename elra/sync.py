@@ -9,6 +9,7 @@ a real step needs the gradient reduction. Results are the same either way
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -73,8 +74,12 @@ def drop_unsynced_grads(model: torch.nn.Module) -> None:
     backward), DDP's local sums sit in ``.grad`` and ``zero_grad`` clears them,
     but FSDP keeps unsharded sums of its own that the next synchronised
     backward would add to fresh gradients. This clears them (FSDP2's unsharded
-    parameters, FSDP1's flat parameters) and every ``.grad`` of the model.
+    parameters and HSDP's sums held back from the replicas' all-reduce, FSDP1's
+    flat parameters) and every ``.grad`` of the model.
     """
+    for group in _fsdp2_groups(model):
+        if getattr(group, "_partial_reduce_output", None) is not None:
+            group._partial_reduce_output = None
     for fsdp_param in _fsdp2_params(model):
         fsdp_param.unsharded_accumulated_grad = None
         unsharded = getattr(fsdp_param, "_unsharded_param", None)
@@ -91,23 +96,40 @@ def drop_unsynced_grads(model: torch.nn.Module) -> None:
 def holds_unsynced_grads(model: torch.nn.Module) -> bool:
     """Whether an FSDP unit of ``model`` holds gradient sums its backward did not reduce: gradient sync
     turned off by the caller (FSDP2's ``set_requires_gradient_sync(False)``, FSDP1's ``no_sync()``) rather
-    than by :func:`grad_sync`. FSDP1's sharded strategies leave an unsharded flat gradient then (NO_SHARD
-    leaves no trace: its gradients are whole either way)."""
-    for fsdp_param in _fsdp2_params(model):
+    than by :func:`grad_sync`, or HSDP's all-reduce over the replicas alone (``set_requires_all_reduce(False)``).
+    FSDP1's sharded strategies leave an unsharded flat gradient then (NO_SHARD leaves no trace: its gradients
+    are whole either way). Asked at every real step, so the units are found once per model."""
+    groups, fsdp_params, handles = _gradient_units(model)
+    if any(getattr(group, "_partial_reduce_output", None) is not None for group in groups):
+        return True
+    for fsdp_param in fsdp_params:
         unsharded = getattr(fsdp_param, "_unsharded_param", None)
         if fsdp_param.unsharded_accumulated_grad is not None or getattr(unsharded, "grad", None) is not None:
             return True
-    if not dist.is_available():
-        return False
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    return any(_unsharded_flat_grad(handle) is not None for handle in handles)
 
-    return any(
-        isinstance(module, FullyShardedDataParallel)
-        and module._handle is not None
-        and module._handle.uses_sharded_strategy
-        and _unsharded_flat_grad(module._handle) is not None
-        for module in model.modules()
-    )
+
+_UNITS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[list, list, list]]" = weakref.WeakKeyDictionary()
+
+
+def _gradient_units(model: torch.nn.Module) -> tuple[list, list, list]:
+    """``model``'s FSDP2 parameter groups and their ``FSDPParam``s, and its sharded FSDP1 units' handles: where a
+    wrapper keeps unreduced sums (a walk over the modules, remembered: wrapping comes before the optimizer)."""
+    units = _UNITS.get(model)
+    if units is None:
+        handles = []
+        if dist.is_available():
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            handles = [
+                module._handle
+                for module in model.modules()
+                if isinstance(module, FullyShardedDataParallel)
+                and module._handle is not None
+                and module._handle.uses_sharded_strategy
+            ]
+        units = _UNITS[model] = (list(_fsdp2_groups(model)), list(_fsdp2_params(model)), handles)
+    return units
 
 
 SYNC_BUCKET = 1 << 22  # elements per all-reduce of :func:`_sync_ddp` (16 MB of float32): no flat copy of all gradients
@@ -142,12 +164,18 @@ def _sync_ddp(model: torch.nn.parallel.DistributedDataParallel) -> None:
                 torch._foreach_copy_(bucket, [part.view(g.shape) for part, g in zip(flat.split([g.numel() for g in bucket]), bucket)])
 
 
-def _fsdp2_params(model: torch.nn.Module) -> Iterator:
-    """The ``FSDPParam``s of ``model``'s FSDP2 units (torch internals: what the unsharded gradients hang on)."""
+def _fsdp2_groups(model: torch.nn.Module) -> Iterator:
+    """The parameter groups of ``model``'s FSDP2 units (torch internals: what HSDP's held-back sums hang on)."""
     for module in model.modules():
         fsdp2_state = getattr(module, "_get_fsdp_state", None)
-        group = getattr(fsdp2_state(), "_fsdp_param_group", None) if fsdp2_state is not None else None
-        yield from getattr(group, "fsdp_params", ())
+        if fsdp2_state is not None:
+            yield from fsdp2_state()._fsdp_param_groups  # a unit over several modules has one each
+
+
+def _fsdp2_params(model: torch.nn.Module) -> Iterator:
+    """The ``FSDPParam``s of ``model``'s FSDP2 units (torch internals: what the unsharded gradients hang on)."""
+    for group in _fsdp2_groups(model):
+        yield from group.fsdp_params
 
 
 @torch.no_grad()
@@ -167,6 +195,15 @@ def sync_unsynced_grads(model: torch.nn.Module) -> None:
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.distributed.tensor import distribute_tensor
 
+    if any(getattr(group, "_partial_reduce_output", None) is not None for group in _gradient_units(model)[0]):
+        raise RuntimeError(
+            "the model's HSDP units hold sums reduce-scattered within the shards but not all-reduced over the "
+            "replicas (set_requires_all_reduce(False)): FSDP adds them inside its next synchronised backward, and "
+            "ELRA cannot average them outside it (for a real step, or for a checkpoint mid-collection). Nothing "
+            "moved. Keep the all-reduce on for the micro-batch that completes a real step, or turn the whole sync "
+            "off while collecting instead: `with elra.grad_sync(model, optimizer):` around forward and backward, "
+            "or model.set_requires_gradient_sync(not optimizer.collecting)"
+        )
     for module in model.modules():
         if isinstance(module, FullyShardedDataParallel):
             _sync_fsdp1(module)

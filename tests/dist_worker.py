@@ -57,6 +57,7 @@ class Scenario:
     fade_from: int | None = None  # micro-step from which the loss is multiplied by 1e-3: muon's directions shrink
     late_from: int | None = None  # micro-step from which the net's ``late`` layer joins the forward
     user_sync: bool = False  # the wrapper's own sync switch (FSDP2's, FSDP1's no_sync()) instead of grad_sync
+    user_sync_every: int | None = None  # ... switched by a count of its own: on at micro-steps 0, n, 2n... only
     reports_at: int | None = None  # micro-step where rank r reports train loss 1 and validation loss 2 + r ...
     rank0_reports: bool = False  # ... or only rank 0 does (the single process reports what the ranks agree on)
     report_sync_report_at: int | None = None  # micro-step where rank 0 reports, all sync_pending_grads, rank 0 reports
@@ -154,6 +155,12 @@ def train(
             model.set_requires_gradient_sync(not collecting)
         elif scenario.user_sync and sharded_world > 1 and collecting:  # FSDP1's
             own_no_sync = model.no_sync()
+        if scenario.user_sync_every and sharded_world > 1:  # blind to ELRA's micro-batches: off for some real steps
+            sync = step % scenario.user_sync_every == 0
+            if hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(sync)
+            elif not sync:
+                own_no_sync = model.no_sync()
         around_forward = scenario.use_grad_sync and not scenario.sync_backward_only
         around_backward = scenario.use_grad_sync and scenario.sync_backward_only
         with own_no_sync, grad_sync(model, optimizer) if around_forward else nullcontext():
@@ -701,7 +708,8 @@ def run_own_no_sync(rank: int, world: int, store: str, out: str) -> None:
 
 def run_unsynced_real_step(rank: int, world: int, store: str, out: str) -> None:
     """DDP with every micro-batch under the model's own ``no_sync()``, the one completing a real step too, for
-    P2M, adam and muon: each rank writes what its first real step raised."""
+    P2M, adam and muon; then HSDP with the replicas' all-reduce off throughout: each rank writes what its first
+    real step raised (HSDP: whether anything moved, and whether ``step_retrace`` dropped FSDP's held sums)."""
 
     def body() -> None:
         for preconditioner in (None, "adam", "muon"):
@@ -724,5 +732,26 @@ def run_unsynced_real_step(rank: int, world: int, store: str, out: str) -> None:
             except RuntimeError as raised:
                 error = f"step {step}: {raised}"
             (Path(out) / f"unsynced-{preconditioner}-{rank}.txt").write_text(error)
+        model = wrap(make_net(), "hsdp", world)  # replicated over both ranks, one shard each
+        model.set_requires_all_reduce(False)  # reduce-scatter on, the replicas' all-reduce off: FSDP holds sums
+        optimizer = ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, lr=1e-4, batch_multiplier=2)
+        before = [p.full_tensor().clone() for p in model.parameters()]
+        error = "nothing raised"
+        for step in range(2):
+            x, y = global_batch(step, world)
+            loss = torch.nn.functional.cross_entropy(model(x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]), y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH])
+            loss.backward()
+            try:
+                optimizer.step(loss.detach())
+            except RuntimeError as raised:
+                error = f"step {step}: {raised}"
+        moved = any(not torch.equal(p.full_tensor(), b) for p, b in zip(model.parameters(), before))
+        optimizer.step_retrace(loss.detach())
+        held = any(
+            group._partial_reduce_output is not None
+            for unit in model.modules() if hasattr(unit, "_get_fsdp_state")
+            for group in unit._get_fsdp_state()._fsdp_param_groups
+        )
+        (Path(out) / f"unsynced-hsdp-{rank}.txt").write_text(f"{error}\nmoved {moved}, held after step_retrace {held}")
 
     as_gloo_rank(rank, world, store, body)

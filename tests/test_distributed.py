@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import math
 
 import pytest
@@ -160,6 +161,17 @@ TWO_RANKS.append(
     Scenario("fsdp2-user-sync-retrace", "fsdp2", batch_multiplier=3, use_grad_sync=False, user_sync=True, bad_loss_at=13,
              options=ADAM)
 )
+# the caller's own sync switch on a count of its own (on at micro-steps 0, 3, 6...), blind to ELRA's: some real steps
+# complete with sync off. The step reduces what the wrapper held; it went along the gradients reduced before, and the
+# held sums joined the next step's (FSDP2, HSDP: silently; FSDP1: a shape error in the sums)
+USER_SCHEDULE = [
+    Scenario("fsdp2-adam-user-schedule", "fsdp2", batch_multiplier=2, use_grad_sync=False, user_sync_every=3,
+             options={**ADAM, "weight_decay": 1e-3}, nan_loss_at=9),
+    Scenario("fsdp1-orig-adam-user-schedule", "fsdp1-orig", batch_multiplier=2, use_grad_sync=False, user_sync_every=3,
+             options=FSDP1_ADAM),
+    Scenario("fsdp1-user-schedule", "fsdp1", use_grad_sync=False, user_sync_every=3, options={"momentum": 0.5}),
+]
+TWO_RANKS += USER_SCHEDULE
 # a layer joins the forward mid-run: its moments start from its first (reduced) gradient; ``nan_loss_at`` retraces
 # the step that would have started it, ``bad_loss_at`` skips that backward
 LATE = [
@@ -233,6 +245,8 @@ FOUR_RANKS = [
     Scenario("hsdp-2x2-muon", "hsdp", batch_multiplier=2, options=MUON, nan_loss_at=5),
     Scenario("hsdp-root-retrace-and-boost", "hsdp-root", bad_loss_at=17, boost_cycle=100),
     Scenario("hsdp-2x2-adam", "hsdp", batch_multiplier=2, options=ADAM, nan_loss_at=5),
+    Scenario("hsdp-2x2-muon-user-schedule", "hsdp", batch_multiplier=2, use_grad_sync=False, user_sync_every=3,
+             options=MUON, nan_loss_at=5),
     # replicated across one mesh dimension, sharded across the other: column sums weighted 1/2
     Scenario("hsdp-2x2-factored", "hsdp", batch_multiplier=2, options={**FACTORED, "weight_decay": 1e-3}, nan_loss_at=5),
     Scenario(
@@ -754,13 +768,22 @@ def test_a_real_step_whose_gradients_were_never_all_reduced_is_refused_on_every_
     """DDP's own ``no_sync()`` around the micro-batch that completes a real step left each rank stepping along its
     own gradient while ELRA's sums averaged them: the replicas drifted apart silently. Every rank's sums over
     replicated tensors must now be equal (their squares ride on the step's all-reduce): the first real step
-    (micro-step 1 of multiplier 2) raises the same error on every rank, before anything moves."""
+    (micro-step 1 of multiplier 2) raises the same error on every rank, before anything moves. So does an HSDP
+    step whose replicas' all-reduce was off (FSDP holds partial sums ELRA cannot average); ``step_retrace`` drops
+    them."""
     mp.spawn(run_unsynced_real_step, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
     for preconditioner in (None, "adam", "muon"):
         errors = [(tmp_path / f"unsynced-{preconditioner}-{rank}.txt").read_text() for rank in range(2)]
         assert errors[0] == errors[1], preconditioner
         assert errors[0].startswith("step 1: the ranks hold different gradients or parameters at ELRA's real step 0")
         assert "no_sync()" in errors[0] and "grad_sync" in errors[0]
+    # HSDP's set_requires_all_reduce(False): partial sums inside FSDP, which ELRA cannot average; the step went
+    # along no reduced gradient ("no parameter has a gradient") before
+    hsdp = [(tmp_path / f"unsynced-hsdp-{rank}.txt").read_text() for rank in range(2)]
+    assert hsdp[0] == hsdp[1]
+    assert hsdp[0].startswith("step 1: the model's HSDP units hold sums reduce-scattered within the shards but not ")
+    assert "set_requires_all_reduce(False)" in hsdp[0] and "grad_sync" in hsdp[0]
+    assert hsdp[0].endswith("moved False, held after step_retrace False")
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
@@ -809,3 +832,44 @@ def test_get_boost_model_of_a_sharded_model_is_refused_at_once_and_changes_nothi
 
 def _local_part(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def test_a_real_step_reduces_what_fsdp2s_sync_switch_held_back_or_names_it(tmp_path, caplog):
+    """Every backward with FSDP2's own sync off (one rank, in this process): FSDP2 held the sums and the sharded
+    ``.grad`` stayed empty. An optimizer that knows the model reduces them at the real step (the run equals the one
+    with sync on, with one WARNING); one that does not says why it finds no gradient (before: only "call
+    loss.backward()", which the caller had). FSDP1 on one rank does not shard: see the user-schedule scenarios."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from elra import ElraOptimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        def run(sync: bool, known: bool = True):
+            model = fully_shard(make_net())
+            model.set_requires_gradient_sync(sync)
+            optimizer = ElraOptimizer(model.parameters(), model if known else None, 4, 3, lr=1e-4, batch_multiplier=2)
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(6):
+                x = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+                y = torch.randint(0, 3, (4,), generator=gen)
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                optimizer.step(loss)
+                if not optimizer.collecting:
+                    optimizer.zero_grad()
+            return [p.to_local().clone() for p in optimizer.param_groups[0]["params"]], optimizer.stats
+
+        with caplog.at_level(logging.WARNING, logger="elra"):
+            params, stats = run(sync=False)
+        reference, reference_stats = run(sync=True)
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-15) for a, b in zip(params, reference))  # summed in another order
+        assert stats == reference_stats and stats["real_steps"] == 3
+        assert [r.getMessage().split(" (set_")[0] for r in caplog.records] == [
+            "ELRA real step 1: FSDPNet's gradient sync was off for the backward of the micro-batch completing it"
+        ]
+        with pytest.raises(RuntimeError, match=r"no parameter has a gradient.*FSDP2 \(fully_shard\) a backward with the"):
+            run(sync=False, known=False)
+    finally:
+        dist.destroy_process_group()
