@@ -109,26 +109,30 @@ def holds_unsynced_grads(model: torch.nn.Module) -> bool:
     return any(_unsharded_flat_grad(handle) is not None for handle in handles)
 
 
-_UNITS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[list, list, list]]" = weakref.WeakKeyDictionary()
+_UNITS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _gradient_units(model: torch.nn.Module) -> tuple[list, list, list]:
     """``model``'s FSDP2 parameter groups and their ``FSDPParam``s, and its sharded FSDP1 units' handles: where a
-    wrapper keeps unreduced sums (a walk over the modules, remembered: wrapping comes before the optimizer)."""
-    units = _UNITS.get(model)
-    if units is None:
-        handles = []
-        if dist.is_available():
-            from torch.distributed.fsdp import FullyShardedDataParallel
+    wrapper keeps unreduced sums. A walk over the modules, remembered while the model's first parameter is the
+    same object (``fully_shard`` wraps a module in place and registers new parameters)."""
+    first = next(model.parameters(), None)
+    cached = _UNITS.get(model)
+    if cached is not None and cached[0] is first:
+        return cached[1]
+    handles = []
+    if dist.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
 
-            handles = [
-                module._handle
-                for module in model.modules()
-                if isinstance(module, FullyShardedDataParallel)
-                and module._handle is not None
-                and module._handle.uses_sharded_strategy
-            ]
-        units = _UNITS[model] = (list(_fsdp2_groups(model)), list(_fsdp2_params(model)), handles)
+        handles = [
+            module._handle
+            for module in model.modules()
+            if isinstance(module, FullyShardedDataParallel)
+            and module._handle is not None
+            and module._handle.uses_sharded_strategy
+        ]
+    units = (list(_fsdp2_groups(model)), list(_fsdp2_params(model)), handles)
+    _UNITS[model] = (first, units)
     return units
 
 

@@ -843,11 +843,14 @@ def test_a_real_step_reduces_what_fsdp2s_sync_switch_held_back_or_names_it(tmp_p
     from torch.distributed.fsdp import fully_shard
 
     from elra import ElraOptimizer
+    from elra.sync import holds_unsynced_grads
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         def run(sync: bool, known: bool = True):
-            model = fully_shard(make_net())
+            net = make_net()
+            assert not holds_unsynced_grads(net)  # seen before fully_shard wraps it in place, with new parameters
+            model = fully_shard(net)
             model.set_requires_gradient_sync(sync)
             optimizer = ElraOptimizer(model.parameters(), model if known else None, 4, 3, lr=1e-4, batch_multiplier=2)
             gen = torch.Generator().manual_seed(0)
