@@ -58,6 +58,7 @@ class Scenario:
     late_from: int | None = None  # micro-step from which the net's ``late`` layer joins the forward
     user_sync: bool = False  # the wrapper's own sync switch (FSDP2's, FSDP1's no_sync()) instead of grad_sync
     user_sync_every: int | None = None  # ... switched by a count of its own: on at micro-steps 0, n, 2n... only
+    user_all_reduce: bool = False  # HSDP: the replicas' all-reduce off while collecting, the reduce-scatter on
     reports_at: int | None = None  # micro-step where rank r reports train loss 1 and validation loss 2 + r ...
     rank0_reports: bool = False  # ... or only rank 0 does (the single process reports what the ranks agree on)
     report_sync_report_at: int | None = None  # micro-step where rank 0 reports, all sync_pending_grads, rank 0 reports
@@ -155,6 +156,8 @@ def train(
             model.set_requires_gradient_sync(not collecting)
         elif scenario.user_sync and sharded_world > 1 and collecting:  # FSDP1's
             own_no_sync = model.no_sync()
+        if scenario.user_all_reduce and sharded_world > 1:
+            model.set_requires_all_reduce(not collecting)
         if scenario.user_sync_every and sharded_world > 1:  # blind to ELRA's micro-batches: off for some real steps
             sync = step % scenario.user_sync_every == 0
             if hasattr(model, "set_requires_gradient_sync"):

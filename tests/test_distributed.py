@@ -247,6 +247,9 @@ FOUR_RANKS = [
     Scenario("hsdp-2x2-adam", "hsdp", batch_multiplier=2, options=ADAM, nan_loss_at=5),
     Scenario("hsdp-2x2-muon-user-schedule", "hsdp", batch_multiplier=2, use_grad_sync=False, user_sync_every=3,
              options=MUON, nan_loss_at=5),
+    # the gradient memory stays sharded: reduce-scatter every micro-batch, the replicas' all-reduce only at real steps
+    Scenario("hsdp-2x2-adam-all-reduce-at-steps", "hsdp", batch_multiplier=3, use_grad_sync=False, user_all_reduce=True,
+             options=ADAM, nan_loss_at=5),
     # replicated across one mesh dimension, sharded across the other: column sums weighted 1/2
     Scenario("hsdp-2x2-factored", "hsdp", batch_multiplier=2, options={**FACTORED, "weight_decay": 1e-3}, nan_loss_at=5),
     Scenario(
