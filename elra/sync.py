@@ -188,7 +188,8 @@ def sync_unsynced_grads(model: torch.nn.Module) -> None:
 
     Leaves them where a synchronised backward would: DDP's ``.grad`` (bucketed
     all-reduces in place, see :func:`_sync_ddp`), FSDP2's sharded ``.grad`` (each
-    unsharded sum all-reduced over the mesh, then this rank's shard kept; the
+    unsharded sum all-reduced over the mesh and divided as the unit's backward
+    divides, by ``set_gradient_divide_factor``'s factor where set, then this rank's shard kept; the
     next synchronised backward adds its reduce-scatter to it), FSDP1's sharded
     flat ``.grad`` (the same, for the flat parameter; FSDP1 adds the next
     reduce-scatter to a sharded ``.grad`` too).
@@ -216,7 +217,9 @@ def sync_unsynced_grads(model: torch.nn.Module) -> None:
             continue
         groups = module._get_fsdp_state()._fsdp_param_groups
         fsdp_params = [fsdp_param for group in groups for fsdp_param in group.fsdp_params]
-        for fsdp_param, full in zip(fsdp_params, _unsharded_sums(fsdp_params)):
+        # a unit's own divisor (set_gradient_divide_factor) where set, as its backward divides: else the mean
+        divisors = [getattr(group, "gradient_divide_factor", None) for group in groups for _ in group.fsdp_params]
+        for fsdp_param, full, divisor in zip(fsdp_params, _unsharded_sums(fsdp_params), divisors):
             unsharded = getattr(fsdp_param, "_unsharded_param", None)  # none before the first forward
             if full is None:
                 continue
@@ -225,7 +228,7 @@ def sync_unsynced_grads(model: torch.nn.Module) -> None:
             full = full.to(param.dtype)
             for dim in range(mesh.ndim):
                 dist.all_reduce(full, group=mesh.get_group(dim))
-            full /= mesh.size()
+            full /= mesh.size() if divisor is None else divisor
             shard = distribute_tensor(full, mesh, param.placements, src_data_rank=None)
             if param.grad is None:
                 param.grad = shard

@@ -758,3 +758,36 @@ def run_unsynced_real_step(rank: int, world: int, store: str, out: str) -> None:
         (Path(out) / f"unsynced-hsdp-{rank}.txt").write_text(f"{error}\nmoved {moved}, held after step_retrace {held}")
 
     as_gloo_rank(rank, world, store, body)
+
+
+def run_divided_sync(rank: int, world: int, store: str, out: str) -> None:
+    """FSDP2 with ``set_gradient_divide_factor`` (none, 0.5, the world size): each rank writes, per factor, the
+    largest gap between the gradients ELRA's reduction leaves after two backward passes with sync off and those
+    FSDP2's own reduction leaves with sync on."""
+
+    def body() -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        from elra.sync import sync_unsynced_grads
+
+        def gradients(sync: bool, factor: float | None) -> list[torch.Tensor]:
+            model = fully_shard(make_net())
+            model.set_requires_gradient_sync(sync)
+            if factor is not None:
+                model.set_gradient_divide_factor(factor)
+            for step in range(2):
+                x, y = global_batch(step, world)
+                own = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+                torch.nn.functional.cross_entropy(model(x[own]), y[own]).backward()
+            if not sync:
+                sync_unsynced_grads(model)
+            return [p.grad.to_local() for p in model.parameters() if p.grad is not None]
+
+        gaps = {}
+        for factor in (None, 0.5, float(world)):
+            held, reduced = gradients(False, factor), gradients(True, factor)
+            assert len(held) == len(reduced) > 0
+            gaps[factor] = max((a - b).abs().max().item() for a, b in zip(held, reduced))
+        torch.save(gaps, Path(out) / f"divided-{rank}.pt")
+
+    as_gloo_rank(rank, world, store, body)

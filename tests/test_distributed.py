@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 
 from dist_worker import (
     Scenario, make_net, routed_grads, run_checkpointing, run_routed_sync, run_scenarios, run_zero, zero_fit,
-    OWN_NO_SYNC_SAVE, own_no_sync_steps, run_own_no_sync, run_uneven, run_unsynced_real_step, uneven_inputs,
+    OWN_NO_SYNC_SAVE, own_no_sync_steps, run_divided_sync, run_own_no_sync, run_uneven, run_unsynced_real_step,
+    uneven_inputs,
     zero_redundancy,
 )
 from elra import ElraOptimizer
@@ -879,3 +880,15 @@ def test_a_real_step_reduces_what_fsdp2s_sync_switch_held_back_or_names_it(tmp_p
             run(sync=False, known=False)
     finally:
         dist.destroy_process_group()
+
+
+def test_held_fsdp2_sums_are_divided_as_the_units_backward_divides(tmp_path):
+    """``set_gradient_divide_factor``: FSDP2's backward divides the summed gradients by the unit's factor, where
+    ELRA's reduction of held sums (a real step after the caller's sync switch, ``sync_pending_grads()``) took the
+    mean regardless: with factor 0.5 on 2 ranks its gradients were 4 times too small. Two micro-batches per rank,
+    held then reduced by ELRA, against the same reduced by FSDP2 in each backward."""
+    mp.spawn(run_divided_sync, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        gaps = torch.load(tmp_path / f"divided-{rank}.pt")
+        assert set(gaps) == {None, 0.5, 2.0}
+        assert all(gap < 1e-15 for gap in gaps.values()), gaps
