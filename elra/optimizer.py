@@ -34,7 +34,10 @@ from .fused import sgd_accept, split_fusable
 from .geometry import PRESENT, SLOTS, direction_state, make_direction, moment_dtype
 from .line_control import LINE_TARGET
 from .reduce import AUTO, Reducer, ScalarBatch, local, products
-from .sync import drop_unsynced_grads, fsdp_wrapping, holds_unsynced_grads, reshard, sync_unsynced_grads, uncompiled
+from .sync import (
+    drop_unsynced_grads, fsdp_wrapping, holds_gathered_weights, holds_unsynced_grads, reshard, sync_unsynced_grads,
+    uncompiled,
+)
 
 logger = logging.getLogger("elra")
 
@@ -558,6 +561,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._reduce_held_sums()
         outcome = self._real_step(losses, True, inv_scale, skip_overflow)
         self.unsynced_models.clear()  # the last backward was synchronised: wrappers hold nothing back
+        if outcome in ("accept", "retrace") and any(map(holds_gathered_weights, self.models)):
+            reshard(self.models)  # set_reshard_after_backward(False): the next forward must gather the moved shards
         return outcome
 
     # ``_step`` through the step pre/post hooks and the profiler label, as ``step`` runs: ElraGradScaler's entry

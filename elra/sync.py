@@ -109,6 +109,13 @@ def holds_unsynced_grads(model: torch.nn.Module) -> bool:
     return any(_unsharded_flat_grad(handle) is not None for handle in handles)
 
 
+def holds_gathered_weights(model: torch.nn.Module) -> bool:
+    """Whether an FSDP2 unit of ``model`` keeps its weights gathered outside a forward, as a backward under
+    ``set_reshard_after_backward(False)`` leaves them: the next forward would use those copies, not the shards a
+    step changed. Asked after every real step (no walk over the modules, see :func:`_gradient_units`)."""
+    return any(not group.is_sharded for group in _gradient_units(model)[0])
+
+
 _UNITS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 

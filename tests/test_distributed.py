@@ -892,3 +892,43 @@ def test_held_fsdp2_sums_are_divided_as_the_units_backward_divides(tmp_path):
         gaps = torch.load(tmp_path / f"divided-{rank}.pt")
         assert set(gaps) == {None, 0.5, 2.0}
         assert all(gap < 1e-15 for gap in gaps.values()), gaps
+
+
+def test_a_step_reaches_the_next_forward_when_fsdp2_keeps_its_weights_gathered_after_backward(tmp_path):
+    """``set_reshard_after_backward(False)`` (one rank, in this process) keeps each unit's gathered weights after
+    the backward, and the next forward used them: every forward after the first saw the initial weights (0.07 off
+    after three steps). Resharding after a step that moved the shards makes it gather them: the run equals the
+    default one."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from elra import ElraOptimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        def run(keep_gathered: bool):
+            net = make_net()
+            fully_shard(net.hidden)
+            fully_shard(net.out)
+            model = fully_shard(net)
+            model.set_reshard_after_backward(not keep_gathered)
+            optimizer = ElraOptimizer(model.parameters(), model, 4, 3, lr=1e-2, batch_multiplier=2, preconditioner="adam")
+            gen = torch.Generator().manual_seed(0)
+            losses = []
+            for step in range(12):
+                x = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+                y = torch.randint(0, 3, (4,), generator=gen)
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                optimizer.step(loss.detach())
+                losses.append(loss.item())
+                if not optimizer.collecting:
+                    optimizer.zero_grad()
+            return losses, [p.to_local().clone() for p in model.parameters()], optimizer.stats
+
+        kept, reference = run(keep_gathered=True), run(keep_gathered=False)
+        assert kept[0] == reference[0]  # every forward saw the weights of one process
+        assert all(torch.equal(a, b) for a, b in zip(kept[1], reference[1])) and kept[2] == reference[2]
+        assert reference[2]["real_steps"] == 6 and reference[2]["retraces"] < 6
+    finally:
+        dist.destroy_process_group()
