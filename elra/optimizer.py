@@ -562,7 +562,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         outcome = self._real_step(losses, True, inv_scale, skip_overflow)
         self.unsynced_models.clear()  # the last backward was synchronised: wrappers hold nothing back
         if outcome in ("accept", "retrace") and any(map(holds_gathered_weights, self.models)):
-            reshard(self.models)  # set_reshard_after_backward(False): the next forward must gather the moved shards
+            reshard(self.models)  # gathered weights left by a backward or an evaluation: the next forward must not use them
         return outcome
 
     # ``_step`` through the step pre/post hooks and the profiler label, as ``step`` runs: ElraGradScaler's entry

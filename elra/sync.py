@@ -110,10 +110,12 @@ def holds_unsynced_grads(model: torch.nn.Module) -> bool:
 
 
 def holds_gathered_weights(model: torch.nn.Module) -> bool:
-    """Whether an FSDP2 unit of ``model`` keeps its weights gathered outside a forward, as a backward under
-    ``set_reshard_after_backward(False)`` leaves them: the next forward would use those copies, not the shards a
-    step changed. Asked after every real step (no walk over the modules, see :func:`_gradient_units`)."""
-    return any(not group.is_sharded for group in _gradient_units(model)[0])
+    """Whether an FSDP unit of ``model`` keeps its weights gathered outside a forward and backward: an FSDP2 unit
+    after a backward under ``set_reshard_after_backward(False)``, a root (FSDP2 holding parameters, FSDP1) after a
+    forward without backward (an evaluation). The next forward would use those copies, not the shards a step
+    changed. Asked after every real step (no walk over the modules, see :func:`_gradient_units`)."""
+    groups, _, handles = _gradient_units(model)
+    return any(not group.is_sharded for group in groups) or any(not handle.needs_unshard() for handle in handles)
 
 
 _UNITS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()

@@ -59,6 +59,7 @@ class Scenario:
     user_sync: bool = False  # the wrapper's own sync switch (FSDP2's, FSDP1's no_sync()) instead of grad_sync
     user_sync_every: int | None = None  # ... switched by a count of its own: on at micro-steps 0, n, 2n... only
     user_all_reduce: bool = False  # HSDP: the replicas' all-reduce off while collecting, the reduce-scatter on
+    evaluate_before_step: bool = False  # a forward under no_grad between each backward and its step (a root gathers)
     reports_at: int | None = None  # micro-step where rank r reports train loss 1 and validation loss 2 + r ...
     rank0_reports: bool = False  # ... or only rank 0 does (the single process reports what the ranks agree on)
     report_sync_report_at: int | None = None  # micro-step where rank 0 reports, all sync_pending_grads, rank 0 reports
@@ -179,6 +180,9 @@ def train(
                 model, reductions, collecting
             ):
                 (scaler.scale(loss) if scaler else loss).backward()
+        if scenario.evaluate_before_step:
+            with torch.no_grad():
+                model(x)
         if (step == scenario.inf_grad_at and rank == sharded_world - 1) or _planned(
             scenario.inf_plan, step, rank, sharded_world
         ):

@@ -173,6 +173,14 @@ USER_SCHEDULE = [
     Scenario("fsdp1-user-schedule", "fsdp1", use_grad_sync=False, user_sync_every=3, options={"momentum": 0.5}),
 ]
 TWO_RANKS += USER_SCHEDULE
+# an evaluation forward between backward and step leaves a root's weights gathered (FSDP1's, FSDP2's holding
+# parameters): the forward after the step used them, the weights before it
+EVALUATED = [
+    Scenario("fsdp1-evaluation-before-step", "fsdp1", batch_multiplier=2, evaluate_before_step=True, nan_loss_at=9),
+    Scenario("fsdp2-root-adam-evaluation-before-step", "fsdp2-root", evaluate_before_step=True, options=ADAM,
+             bad_loss_at=13),
+]
+TWO_RANKS += EVALUATED
 # a layer joins the forward mid-run: its moments start from its first (reduced) gradient; ``nan_loss_at`` retraces
 # the step that would have started it, ``bad_loss_at`` skips that backward
 LATE = [
@@ -894,11 +902,12 @@ def test_held_fsdp2_sums_are_divided_as_the_units_backward_divides(tmp_path):
         assert all(gap < 1e-15 for gap in gaps.values()), gaps
 
 
-def test_a_step_reaches_the_next_forward_when_fsdp2_keeps_its_weights_gathered_after_backward(tmp_path):
-    """``set_reshard_after_backward(False)`` (one rank, in this process) keeps each unit's gathered weights after
-    the backward, and the next forward used them: every forward after the first saw the initial weights (0.07 off
-    after three steps). Resharding after a step that moved the shards makes it gather them: the run equals the
-    default one."""
+@pytest.mark.parametrize("gathered_by", ["reshard_after_backward", "evaluation"])
+def test_a_step_reaches_the_next_forward_when_fsdp2_kept_its_weights_gathered(tmp_path, gathered_by):
+    """FSDP2 keeps gathered weights after ``set_reshard_after_backward(False)``'s backward, and after a forward of a
+    root that holds parameters (an evaluation under ``no_grad`` between backward and step); the next forward used
+    them (one rank, in this process): every forward after a step saw the weights before it (0.07 and 0.01 off in
+    the losses). Resharding after a step that moved the shards makes it gather them: the run equals the plain one."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -906,29 +915,33 @@ def test_a_step_reaches_the_next_forward_when_fsdp2_keeps_its_weights_gathered_a
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        def run(keep_gathered: bool):
+        def run(disturbed: bool):
             net = make_net()
-            fully_shard(net.hidden)
-            fully_shard(net.out)
-            model = fully_shard(net)
-            model.set_reshard_after_backward(not keep_gathered)
+            if gathered_by == "reshard_after_backward":
+                fully_shard(net.hidden)
+                fully_shard(net.out)
+            model = fully_shard(net)  # evaluation: the root holds every parameter
+            model.set_reshard_after_backward(not (disturbed and gathered_by == "reshard_after_backward"))
             optimizer = ElraOptimizer(model.parameters(), model, 4, 3, lr=1e-2, batch_multiplier=2, preconditioner="adam")
             gen = torch.Generator().manual_seed(0)
             losses = []
-            for step in range(12):
+            for _ in range(12):
                 x = torch.randn(4, 5, generator=gen, dtype=torch.float64)
                 y = torch.randint(0, 3, (4,), generator=gen)
                 loss = torch.nn.functional.cross_entropy(model(x), y)
                 loss.backward()
+                if disturbed and gathered_by == "evaluation":
+                    with torch.no_grad():
+                        model(x)
                 optimizer.step(loss.detach())
                 losses.append(loss.item())
                 if not optimizer.collecting:
                     optimizer.zero_grad()
             return losses, [p.to_local().clone() for p in model.parameters()], optimizer.stats
 
-        kept, reference = run(keep_gathered=True), run(keep_gathered=False)
-        assert kept[0] == reference[0]  # every forward saw the weights of one process
-        assert all(torch.equal(a, b) for a, b in zip(kept[1], reference[1])) and kept[2] == reference[2]
+        disturbed, reference = run(disturbed=True), run(disturbed=False)
+        assert disturbed[0] == reference[0]  # every forward saw the weights of the plain run
+        assert all(torch.equal(a, b) for a, b in zip(disturbed[1], reference[1])) and disturbed[2] == reference[2]
         assert reference[2]["real_steps"] == 6 and reference[2]["retraces"] < 6
     finally:
         dist.destroy_process_group()
