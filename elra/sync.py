@@ -123,8 +123,8 @@ _UNITS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDic
 
 def _gradient_units(model: torch.nn.Module) -> tuple[list, list, list]:
     """``model``'s FSDP2 parameter groups and their ``FSDPParam``s, and its sharded FSDP1 units' handles: where a
-    wrapper keeps unreduced sums. A walk over the modules, remembered while the model's first parameter is the
-    same object (``fully_shard`` wraps a module in place and registers new parameters)."""
+    wrapper keeps unreduced sums and gathered weights. A walk over the modules, remembered while the model's first
+    parameter is the same object (``fully_shard`` wraps a module in place and registers new parameters)."""
     first = next(model.parameters(), None)
     cached = _UNITS.get(model)
     if cached is not None and cached[0] is first:
