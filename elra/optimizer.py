@@ -282,6 +282,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._config = config
         self._agreed = False  # whether the ranks verified that they share this state (check_consistency)
         self._replication: tuple[tuple, bool] = ((), False)  # (layout, every parameter replicated on every rank)
+        self._flattened: tuple[tuple, list] = ((), [])  # (layout, FSDP1's parameters): _refuse_unsharded_gradients
         self.booster = Booster()
         self.geometry = make_direction(config["preconditioner"], config["momentum"], compiled)
         self._waiting: set[torch.Tensor] = set()  # parameters whose moments have not taken a gradient yet
@@ -559,6 +560,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             self._note_ddp_sync_off()
             return "collect"
         self._reduce_held_sums()
+        self._refuse_unsharded_gradients()
         outcome = self._real_step(losses, True, inv_scale, skip_overflow)
         self.unsynced_models.clear()  # the last backward was synchronised: wrappers hold nothing back
         if outcome in ("accept", "retrace") and any(map(holds_gathered_weights, self.models)):
@@ -811,6 +813,26 @@ class ElraOptimizer(Checkpointing, Optimizer):
             self._held_sums_logged = True
         for model in held:
             sync_unsynced_grads(model)
+
+    def _refuse_unsharded_gradients(self) -> None:
+        """Before a real step, with nothing moved: refuse a gradient shaped unlike its FSDP1 parameter. torch's
+        ``.grad`` setter refuses such a gradient, but FSDP1's ``no_sync()`` leaves one (the unsharded sum on the
+        sharded parameter), which an optimizer that does not know the model cannot reduce: P2M's fused accept
+        read it as flat memory of the parameter's length (a silent wrong step), the other sums failed on its
+        size. Only FSDP1's parameters are looked at (found again when the groups change): every rank alike."""
+        key = tuple(len(g["params"]) for g in self.param_groups)
+        if key != self._flattened[0]:
+            flattened = [p for g in self.param_groups for p in g["params"] if getattr(p, "_fsdp_flattened", False)]
+            self._flattened = (key, flattened)
+        odd = next((p for p in self._flattened[1] if p.grad is not None and p.grad.shape != p.shape), None)
+        if odd is not None:
+            raise RuntimeError(
+                f"a gradient of shape {tuple(odd.grad.shape)} sits on a parameter of shape {tuple(odd.shape)}: under "
+                "FSDP1 a backward inside no_sync() leaves the unsharded sum on the sharded parameter. Nothing moved. "
+                "Keep the micro-batch that completes a real step out of no_sync() (`with elra.grad_sync(model, "
+                "optimizer):` decides per micro-batch), or give the optimizer the wrapped model, "
+                "ElraOptimizer(model.parameters(), model, ...), which reduces such sums at a real step"
+            )
 
     def _no_gradient(self) -> RuntimeError:
         """The error of a real step without any gradient on any rank; under FSDP a backward with the wrapper's

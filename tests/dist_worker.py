@@ -716,7 +716,8 @@ def run_own_no_sync(rank: int, world: int, store: str, out: str) -> None:
 def run_unsynced_real_step(rank: int, world: int, store: str, out: str) -> None:
     """DDP with every micro-batch under the model's own ``no_sync()``, the one completing a real step too, for
     P2M, adam and muon; then HSDP with the replicas' all-reduce off throughout: each rank writes what its first
-    real step raised (HSDP: whether anything moved, and whether ``step_retrace`` dropped FSDP's held sums)."""
+    real step raised (HSDP: whether anything moved, and whether ``step_retrace`` dropped FSDP's held sums); then
+    FSDP1 under ``no_sync()`` throughout with an optimizer that does not know the model."""
 
     def body() -> None:
         for preconditioner in (None, "adam", "muon"):
@@ -760,6 +761,24 @@ def run_unsynced_real_step(rank: int, world: int, store: str, out: str) -> None:
             for group in unit._get_fsdp_state()._fsdp_param_groups
         )
         (Path(out) / f"unsynced-hsdp-{rank}.txt").write_text(f"{error}\nmoved {moved}, held after step_retrace {held}")
+        # an optimizer that does not know the model, no_sync() throughout: P2M's sums and adam's
+        for strategy, preconditioner in (("fsdp1", None), ("fsdp1-orig", "adam")):
+            model = wrap(make_net(), strategy, world)
+            optimizer = ElraOptimizer(
+                model.parameters(), None, LOCAL_BATCH, CLASSES, lr=1e-4, batch_multiplier=2, preconditioner=preconditioner
+            )
+            error = "nothing raised"
+            for step in range(2):
+                x, y = global_batch(step, world)
+                own = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+                with model.no_sync():
+                    loss = torch.nn.functional.cross_entropy(model(x[own]), y[own])
+                    loss.backward()
+                try:
+                    optimizer.step(loss.detach())
+                except RuntimeError as raised:
+                    error = f"step {step}: {raised}"
+            (Path(out) / f"unsynced-{strategy}-{rank}.txt").write_text(error)
 
     as_gloo_rank(rank, world, store, body)
 

@@ -782,7 +782,7 @@ def test_a_real_step_whose_gradients_were_never_all_reduced_is_refused_on_every_
     replicated tensors must now be equal (their squares ride on the step's all-reduce): the first real step
     (micro-step 1 of multiplier 2) raises the same error on every rank, before anything moves. So does an HSDP
     step whose replicas' all-reduce was off (FSDP holds partial sums ELRA cannot average); ``step_retrace`` drops
-    them."""
+    them. FSDP1 under ``no_sync()`` with an optimizer that does not know the model says what happened."""
     mp.spawn(run_unsynced_real_step, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
     for preconditioner in (None, "adam", "muon"):
         errors = [(tmp_path / f"unsynced-{preconditioner}-{rank}.txt").read_text() for rank in range(2)]
@@ -796,6 +796,13 @@ def test_a_real_step_whose_gradients_were_never_all_reduced_is_refused_on_every_
     assert hsdp[0].startswith("step 1: the model's HSDP units hold sums reduce-scattered within the shards but not ")
     assert "set_requires_all_reduce(False)" in hsdp[0] and "grad_sync" in hsdp[0]
     assert hsdp[0].endswith("moved False, held after step_retrace False")
+    # FSDP1's no_sync() leaves unsharded sums on sharded parameters, which an optimizer that does not know the model
+    # cannot reduce: P2M's fused accept read the flat gradient's first elements as the shard's (silently), adam's sums
+    # failed with "stack expects each tensor to be equal size"; now the step is refused before anything moves
+    for strategy in ("fsdp1", "fsdp1-orig"):
+        errors = [(tmp_path / f"unsynced-{strategy}-{rank}.txt").read_text() for rank in range(2)]
+        assert all(e.startswith("step 1: a gradient of shape (") and "sits on a parameter of shape" in e for e in errors)
+        assert all("no_sync()" in e and "ElraOptimizer(model.parameters(), model" in e for e in errors)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
