@@ -282,7 +282,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._config = config
         self._agreed = False  # whether the ranks verified that they share this state (check_consistency)
         self._replication: tuple[tuple, bool] = ((), False)  # (layout, every parameter replicated on every rank)
-        self._flattened: tuple[tuple, list] = ((), [])  # (layout, FSDP1's parameters): _refuse_unsharded_gradients
+        self._flattened: list[torch.Tensor] = []  # FSDP1's parameters (add_param_group): _refuse_unsharded_gradients
         self.booster = Booster()
         self.geometry = make_direction(config["preconditioner"], config["momentum"], compiled)
         self._waiting: set[torch.Tensor] = set()  # parameters whose moments have not taken a gradient yet
@@ -334,6 +334,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._device = device
         self._agreed = False
         self._waiting.update(tensors)
+        self._flattened += [p for p in tensors if getattr(p, "_fsdp_flattened", False)]
         if self._pending:  # added while collecting: a backward that reaches them alone is seen too (state_dict)
             fresh = (p for p in tensors if p.grad is None and not getattr(p, "_fsdp_flattened", False))
             self._gradless = {*self._gradless, *fresh}
@@ -819,12 +820,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         ``.grad`` setter refuses such a gradient, but FSDP1's ``no_sync()`` leaves one (the unsharded sum on the
         sharded parameter), which an optimizer that does not know the model cannot reduce: P2M's fused accept
         read it as flat memory of the parameter's length (a silent wrong step), the other sums failed on its
-        size. Only FSDP1's parameters are looked at (found again when the groups change): every rank alike."""
-        key = tuple(len(g["params"]) for g in self.param_groups)
-        if key != self._flattened[0]:
-            flattened = [p for g in self.param_groups for p in g["params"] if getattr(p, "_fsdp_flattened", False)]
-            self._flattened = (key, flattened)
-        odd = next((p for p in self._flattened[1] if p.grad is not None and p.grad.shape != p.shape), None)
+        size. Only FSDP1's parameters are looked at (noted by :meth:`add_param_group`): every rank alike."""
+        odd = next((p for p in self._flattened if p.grad is not None and p.grad.shape != p.shape), None)
         if odd is not None:
             raise RuntimeError(
                 f"a gradient of shape {tuple(odd.grad.shape)} sits on a parameter of shape {tuple(odd.shape)}: under "

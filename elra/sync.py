@@ -77,10 +77,11 @@ def drop_unsynced_grads(model: torch.nn.Module) -> None:
     parameters and HSDP's sums held back from the replicas' all-reduce, FSDP1's
     flat parameters) and every ``.grad`` of the model.
     """
-    for group in _fsdp2_groups(model):
+    groups, fsdp_params, _ = _gradient_units(model)
+    for group in groups:
         if getattr(group, "_partial_reduce_output", None) is not None:
             group._partial_reduce_output = None
-    for fsdp_param in _fsdp2_params(model):
+    for fsdp_param in fsdp_params:
         fsdp_param.unsharded_accumulated_grad = None
         unsharded = getattr(fsdp_param, "_unsharded_param", None)
         if unsharded is not None:
@@ -140,7 +141,8 @@ def _gradient_units(model: torch.nn.Module) -> tuple[list, list, list]:
             and module._handle is not None
             and module._handle.uses_sharded_strategy
         ]
-    units = (list(_fsdp2_groups(model)), list(_fsdp2_params(model)), handles)
+    groups = list(_fsdp2_groups(model))
+    units = (groups, [fsdp_param for group in groups for fsdp_param in group.fsdp_params], handles)
     _UNITS[model] = (first, units)
     return units
 
@@ -183,12 +185,6 @@ def _fsdp2_groups(model: torch.nn.Module) -> Iterator:
         fsdp2_state = getattr(module, "_get_fsdp_state", None)
         if fsdp2_state is not None:
             yield from fsdp2_state()._fsdp_param_groups  # a unit over several modules has one each
-
-
-def _fsdp2_params(model: torch.nn.Module) -> Iterator:
-    """The ``FSDPParam``s of ``model``'s FSDP2 units (torch internals: what the unsharded gradients hang on)."""
-    for group in _fsdp2_groups(model):
-        yield from group.fsdp_params
 
 
 @torch.no_grad()
