@@ -63,10 +63,13 @@ LOSS_KEEPERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def _loss_value(loss: Any) -> LossLike:
-    """A scalar loss as a float or a detached 0-dim tensor (no host sync).
+    """A scalar loss as a float or a detached 0-dim tensor of its own (no host sync).
 
     Accepts Python and numpy numbers, tensors and numpy arrays of one element;
-    refuses booleans in every form (a bool is no loss value).
+    refuses booleans in every form (a bool is no loss value). A tensor is
+    copied: ELRA keeps the losses of the micro-batches it collects, and a
+    view would follow the caller's later in-place writes (a reused loss
+    buffer, as CUDA-graph training keeps) into every loss kept before.
     """
     if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
         return float(loss)
@@ -79,7 +82,7 @@ def _loss_value(loss: Any) -> LossLike:
             raise ValueError("ELRA needs a real loss, got a complex tensor")
         if loss.dtype == torch.bool:
             raise TypeError("ELRA needs the loss value, got a boolean tensor")
-        return loss.detach().reshape(())
+        return loss.detach().reshape(()).clone()
     raise TypeError(
         f"ELRA needs the loss as a float, a scalar tensor or a one-element array, got {type(loss).__name__}"
     )
@@ -393,17 +396,25 @@ class ElraOptimizer(Checkpointing, Optimizer):
     def _check_group_options(self, group: dict[str, Any]) -> None:
         """Refuse per-group options ELRA cannot honour: it has one step length and one momentum, and no
         per-group form of other optimizers' options (a group copied from AdamW or SGD would lose them silently)."""
-        foreign = sorted(FOREIGN_GROUP_OPTIONS & group.keys())
-        if foreign:
-            raise ValueError(
-                f"a parameter group sets {', '.join(map(repr, foreign))}: ELRA has no such per-group options "
-                "(its direction's betas and eps are fixed, its momentum is the constructor's); leave them out"
-            )
+        self._refuse_ignored_options(group)
         current = {self.defaults["lr"], *(g["lr"] for g in self.param_groups)}
         if "lr" in group and group["lr"] not in current:
             raise ValueError(
                 f"a parameter group sets lr={group['lr']!r}: ELRA adapts one step length for all groups, "
                 "so per-group learning rates are not supported (leave 'lr' out of the group)"
+            )
+
+    def _refuse_ignored_options(self, group: dict[str, Any]) -> None:
+        """The options of :meth:`_check_group_options` that ELRA would keep and ignore, refused also where they
+        were written into ``param_groups`` after construction (checked at every ``step``): a ``maximize`` or
+        ``momentum`` set there would otherwise be saved and shown while the run went on without it. ``lr`` is
+        not among them: ELRA writes its step length there, and a scheduler's writes are documented as ignored."""
+        foreign = sorted(FOREIGN_GROUP_OPTIONS & group.keys())
+        if foreign:
+            raise ValueError(
+                f"a parameter group sets {', '.join(map(repr, foreign))}: ELRA has no such per-group options "
+                "(its direction's betas and eps are fixed, its momentum is the constructor's); leave them out "
+                "(or delete them from optimizer.param_groups)"
             )
         if group.get("lr_scale", 1.0) != 1.0:  # timm's layer-wise decay: its schedulers multiply lr by it
             raise ValueError(
@@ -414,7 +425,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if "momentum" in group and normalized_momentum(group["momentum"], preconditioner) != self._config["momentum"]:
             raise ValueError(
                 f"a parameter group sets momentum={group['momentum']!r}: ELRA uses one momentum for all groups "
-                f"(the constructor's, {self._config['momentum']}); leave 'momentum' out of the group"
+                f"(the constructor's, {self._config['momentum']}); leave 'momentum' out of the group "
+                "(or delete it from optimizer.param_groups)"
             )
 
     # ------------------------------------------------------------ public
@@ -552,6 +564,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         step is dropped without touching the controller).
         """
         self._refuse_inside_boosted("a step")
+        for group in self.param_groups:
+            self._refuse_ignored_options(group)
         self._check_kept_grads()
         self._follow_parameter_casts()
         losses = [*self._pending, value]
@@ -577,6 +591,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if loss is None:
             raise TypeError("step_retrace needs the loss value that made you skip backward()")
         self._refuse_inside_boosted("step_retrace")
+        for group in self.param_groups:
+            self._refuse_ignored_options(group)
         self._check_models_known("step_retrace")
         self._follow_parameter_casts()
         self._real_step([*self._pending, _loss_value(loss)], with_gradient=False)

@@ -528,6 +528,66 @@ def test_foreign_group_options_and_sets_are_refused_by_add_param_group_too():
     assert len(opt.param_groups) == 1 and len(opt.state) == 1
 
 
+@pytest.mark.parametrize("preconditioner", [None, "muon"])
+@pytest.mark.parametrize("key, value", [("momentum", 0.5), ("maximize", True), ("betas", (0.5, 0.9)), ("lr_scale", 0.5)])
+def test_an_option_written_into_param_groups_mid_run_is_refused_before_the_step_changes_anything(
+    preconditioner, key, value
+):
+    """Given to the constructor these raise; written into ``param_groups`` after it, ELRA kept them (and saved
+    them) while the run went on without them: ``maximize=True`` went on minimising. Now the next step (a
+    collecting one too) and ``step_retrace`` raise, nothing moves, and without the key the run goes on as one
+    that never had it."""
+
+    def run(detour: bool):
+        torch.manual_seed(0)
+        x = torch.randn(64, 3)
+        model = torch.nn.Linear(3, 2)
+        opt = ElraOptimizer(model.parameters(), None, 8, 0, lr=1e-4, preconditioner=preconditioner, batch_multiplier=2)
+        for step in range(12):
+            opt.zero_grad()
+            loss = model(x[step::12]).square().mean()
+            loss.backward()
+            if detour and step in (5, 6):  # 5 collects, 6 completes a real step
+                opt.param_groups[0][key] = value
+                before = [p.detach().clone() for p in model.parameters()]
+                for call in (opt.step, opt.step_retrace):
+                    with pytest.raises(ValueError, match=key):
+                        call(loss)
+                assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+                del opt.param_groups[0][key]
+            opt.step(loss)
+        return [p.detach() for p in model.parameters()], opt.stats
+
+    (plain, stats), (detoured, detoured_stats) = run(False), run(True)
+    assert detoured_stats == stats and all(torch.equal(x, y) for x, y in zip(plain, detoured))
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", "muon"])
+def test_losses_handed_over_in_one_reused_tensor_are_the_values_it_held_then(preconditioner):
+    """ELRA keeps each collected micro-batch's loss until the real step; it kept a view of the caller's tensor,
+    so a loss buffer reused in place (CUDA-graph training's static output) left every kept loss at the last
+    value, and the steps judged the wrong losses (a noise-free fit in 4 micro-batches ended at 0.073 instead of
+    0.029; here 22 retraces against 8). The run through one buffer now equals the run handed ``loss.item()``."""
+
+    def run(reused: bool):
+        torch.manual_seed(0)
+        x = torch.randn(128, 4, dtype=torch.float64)
+        y = torch.sin(x.sum(1, keepdim=True))
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+        opt = ElraOptimizer(model.parameters(), None, 32, 0, preconditioner=preconditioner, batch_multiplier=4)
+        buffer = torch.zeros((), dtype=torch.float64)
+        for step in range(400):
+            part = slice(step % 4 * 32, step % 4 * 32 + 32)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x[part]), y[part])
+            loss.backward()
+            opt.step(buffer.copy_(loss.detach()) if reused else loss.item())
+        return [p.detach() for p in model.parameters()], opt.stats
+
+    (plain, stats), (reused, reused_stats) = run(False), run(True)
+    assert reused_stats == stats and all(torch.equal(a, b) for a, b in zip(plain, reused))
+
+
 def test_skip_backward_takes_a_numeric_limit_only():
     opt = ElraOptimizer([_param(1.0)], lr=1e-5)
     assert opt.skip_backward(3.0, limit=2) and not opt.skip_backward(1.0, limit=2.5)
