@@ -120,10 +120,13 @@ def test_trainer_learns_logs_elra_stats_and_feeds_the_weight_decay_control(tmp_p
     assert lag is not None and stats["weight_decay"] == pytest.approx(0.01 * lag, rel=1e-12)
 
 
-def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("eval_on_start", [False, True])
+def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path, eval_on_start):
     """Dropout on (RNG), shuffled data across epochs, a checkpoint between evaluations and mid-collection.
 
-    Boost on: its mean travels in optimizer.pt (the resumed optimizer did not call enable_boost).
+    Boost on: its mean travels in optimizer.pt (the resumed optimizer did not call enable_boost). With
+    ``eval_on_start`` the resumed run's first evaluation fed the checkpoint's train losses to ELRA at once,
+    where the uninterrupted run fed them with the next ones (the parameters drifted 1.6e-4 apart in a longer run).
     """
 
     def run(out, resume=None):
@@ -133,21 +136,26 @@ def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path)
             optimizer.enable_boost()
         args = _args(
             out, max_steps=14, save_strategy="steps", save_steps=5, eval_strategy="steps", eval_steps=4,
-            per_device_eval_batch_size=16,
+            per_device_eval_batch_size=16, eval_on_start=eval_on_start,
         )
         trainer = ElraTrainer(
             model=model, args=args, train_dataset=CountingSequences(64, 0), eval_dataset=CountingSequences(32, 1),
             optimizers=(optimizer, None),
         )
+        feed = optimizer.set_train_loss
+        optimizer.set_train_loss = lambda loss: fed.setdefault(out, {}).update({trainer.state.global_step: loss}) or feed(loss)
         trainer.train(resume_from_checkpoint=resume)
         return model, optimizer
 
+    fed = {}  # the train losses fed to ELRA, by Trainer's step
     whole, whole_opt = run(tmp_path / "whole")
     checkpoint = tmp_path / "whole" / "checkpoint-5"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert saved["param_groups"][0]["elra_controller"]["pending_losses"]  # saved mid-collection
     assert saved["elra_trainer_train_loss"][1] > 0  # and with train losses not yet fed to ELRA
     resumed, resumed_opt = run(tmp_path / "resumed", resume=str(checkpoint))
+    assert list(fed[tmp_path / "whole"]) == [4, 8, 12, 14]
+    assert fed[tmp_path / "resumed"] == {step: fed[tmp_path / "whole"][step] for step in (8, 12, 14)}
     assert resumed_opt.stats == whole_opt.stats and resumed_opt.stats["real_steps"] == 9
     assert resumed_opt.controller.state == whole_opt.controller.state
     for (name, p), q in zip(whole.named_parameters(), resumed.parameters()):
@@ -175,6 +183,38 @@ def test_the_trainer_gives_its_elra_the_runs_step_budget_also_over_a_resumed_che
     assert longer.elra_optimizer.total_steps == 40 and state.micro_steps == 40
     # a new cooldown, from the length given back at the resume (not the old one's start, nor its floor)
     assert state.cooldown_eta != cooled.cooldown_eta and state.cooldown_eta > 0.1 * cooled.cooldown_eta
+
+
+@pytest.mark.parametrize("epochs, max_steps, budget", [(2, -1, 18), (None, 7, 13)], ids=["epochs", "max_steps"])
+def test_the_step_budget_counts_the_short_last_chunk_of_an_epoch(tmp_path, epochs, max_steps, budget):
+    """An epoch of 9 micro-batches in chunks of 2 is 5 optimizer steps, the last of one micro-batch: Trainer
+    counts it as a whole step, and the budget was max_steps x 2 (20 here, where 18 run: with chunks of 32 over
+    100 micro-batches an epoch, 128 a 100-batch epoch, so the cooldown never came). Now it is what the run
+    takes, by epochs and by max_steps (7 steps: one epoch of 9 and two chunks of 2)."""
+    extra = {"num_train_epochs": epochs} if epochs else {}
+    trainer, batches = _recording_trainer(
+        model=tiny_gpt2(), args=_args(tmp_path, max_steps=max_steps, **extra), train_dataset=CountingSequences(72, 0)
+    )
+    trainer.train()
+    elra_optimizer = trainer.elra_optimizer
+    taken = elra_optimizer.controller.state.micro_steps + elra_optimizer.micro_batches  # 13: one still collected
+    assert len(batches) == budget == elra_optimizer.total_steps == taken
+
+
+def test_a_second_train_call_gets_a_budget_of_its_own(tmp_path, monkeypatch):
+    """Trainer counts a second ``train()`` from step 0 again (its own schedules start over) while ELRA goes on
+    from the first one's end: the budget stayed the first call's, and the whole second run took the cooldown's
+    floor, 2% of the step length. Now it ends with the second call, which takes back the length the first
+    cooldown fell from and cools down again at its own end."""
+    monkeypatch.setattr(elra.line_control, "COOLDOWN_SIGNAL", 1.0)
+    trainer = ElraTrainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=10), train_dataset=CountingSequences(64, 0))
+    trainer.train()
+    first = trainer.elra_optimizer.controller.state.cooldown_eta
+    trainer.train()
+    state = trainer.elra_optimizer.controller.state
+    assert trainer.elra_optimizer.total_steps == state.micro_steps == 40
+    assert first > 0.0 and state.cooldown_eta != first and state.cooldown_eta > 0.1 * first  # a fall of its own
+    assert trainer.elra_optimizer.stats["lr"] == pytest.approx(0.02 * state.cooldown_eta)
 
 
 @pytest.mark.parametrize("elra_options", [{"total_steps": None}, {"preconditioner": None}, {"total_steps": 7}])

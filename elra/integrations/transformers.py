@@ -22,9 +22,10 @@ rate and must see the gradients as they are. So ``ElraTrainer``:
   ELRA measures);
 - feeds ``set_train_loss``/``set_valid_loss`` at every evaluation during
   training and adds ELRA's ``stats`` to Trainer's logs;
-- gives the ELRA it builds the run's step budget (``total_steps``, Trainer's
-  ``max_steps`` times the accumulation), also over a resumed checkpoint's:
-  the cooldown Trainer's own schedules end with.
+- gives the ELRA it builds the run's step budget (``total_steps``: the
+  micro-batches of Trainer's ``max_steps`` optimizer steps, an epoch's last
+  chunk shorter), also over a resumed checkpoint's and for a second
+  ``train()`` call: the cooldown Trainer's own schedules end with.
 """
 
 from __future__ import annotations
@@ -147,12 +148,14 @@ def _classes(model: torch.nn.Module) -> int:
 
 
 class _ElraHooks(TrainerCallback):
-    """Puts back the gradients ELRA is collecting after Trainer's ``model.zero_grad()``."""
+    """Puts back the gradients ELRA is collecting after Trainer's ``model.zero_grad()``; notes a ``train()``
+    call's start (an evaluation before its first micro-batch feeds nothing)."""
 
     def __init__(self, trainer: "ElraTrainer") -> None:
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._trained = False
         self.trainer._restore_collected()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -169,9 +172,12 @@ class ElraTrainer(Trainer):
     step length ``args.learning_rate``, ``batch_size`` the per-device batch,
     ``batch_multiplier`` the ``gradient_accumulation_steps``, ``classes`` the
     model's vocabulary (language models) or number of labels.
-    ``total_steps`` the run's micro-batches (``max_steps`` times the
-    accumulation: the step length cools down over their last fifth; also
-    when resuming, where ``max_steps`` may have grown; not for P2M).
+    ``total_steps`` the run's micro-batches (those of ``max_steps`` optimizer
+    steps of ``gradient_accumulation_steps`` each, an epoch's last one
+    shorter where the epoch does not divide: the step length cools down over
+    their last fifth; also when resuming, where ``max_steps`` may have grown,
+    and for a second ``train()`` call, which Trainer counts from step 0 again;
+    not for P2M).
     ``elra_options`` (a dict) overrides or adds ``ElraOptimizer`` arguments
     (e.g. ``momentum``, ``preconditioner``, ``classes``; ``total_steps=None``
     for no budget). Or pass your own: ``optimizers=(ElraOptimizer(...), None)``.
@@ -198,7 +204,9 @@ class ElraTrainer(Trainer):
         self._saved_train_losses: list[float] | None = None  # every process's [sum, count], while checkpointing
         self._collected: dict[torch.Tensor, torch.Tensor] = {}
         self._budgets = False  # whether the ELRA is built here without a total_steps of elra_options
-        self._step_budget: int | None = None  # its total_steps, from Trainer's max_steps
+        self._max_steps: int | None = None  # Trainer's optimizer steps of this run: the step budget's end
+        self._epoch_shape: tuple[int, int | None] | None = None  # (optimizer steps, micro-batches) per epoch
+        self._trained = False  # whether this train() call ran a micro-batch yet
         if self.optimizer is not None:
             self._adopt(self.optimizer)
         self.add_callback(_ElraHooks(self))
@@ -263,26 +271,49 @@ class ElraTrainer(Trainer):
         self._adopt(self.optimizer)
         return self.optimizer
 
+    def set_initial_training_values(self, *args: Any, **kwargs: Any):
+        """Trainer's own; notes an epoch's optimizer steps and micro-batches (its second and sixth values: the
+        dataloader's length, ``None`` without one) for the step budget."""
+        values = super().set_initial_training_values(*args, **kwargs)
+        self._epoch_shape = (values[1], values[5])
+        return values
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """A scheduler that reports ELRA's rate and changes nothing; the step budget of the ELRA built here."""
         if self.lr_scheduler is None:
             self.lr_scheduler = ElraRate(self.elra_optimizer)
         if self._budgets:
-            self._step_budget = num_training_steps * self.args.gradient_accumulation_steps
+            self._max_steps = num_training_steps
             self._apply_step_budget()
         return self.lr_scheduler
 
+    def _micro_batches(self, steps: int) -> int:
+        """The micro-batches of Trainer's first ``steps`` optimizer steps: chunks of ``gradient_accumulation_steps``,
+        each epoch's last one shorter where its micro-batches do not divide (Trainer counts it as a whole step)."""
+        accumulation = self.args.gradient_accumulation_steps
+        steps_per_epoch, per_epoch = self._epoch_shape or (None, None)
+        if not steps_per_epoch or not per_epoch:
+            return steps * accumulation
+        epochs, rest = divmod(steps, steps_per_epoch)
+        return epochs * per_epoch + rest * accumulation
+
     def _apply_step_budget(self) -> None:
-        """This run's budget, also over a resumed checkpoint's: a run made longer cools down at its new end."""
+        """This run's budget, counted from where ELRA stands at Trainer's step: over a resumed checkpoint's (a
+        run made longer cools down at its new end), and for a second ``train()`` call, which Trainer counts from
+        step 0 again while ELRA goes on from the first one's end."""
         elra = self.elra_optimizer
-        if self._step_budget is None or elra.preconditioner is None or elra.total_steps == self._step_budget:
+        if self._max_steps is None or elra.preconditioner is None:
             return  # P2M has its own schedule
+        taken = elra.controller.state.micro_steps + elra.micro_batches
+        budget = taken + self._micro_batches(self._max_steps) - self._micro_batches(self.state.global_step)
+        if elra.total_steps == budget:
+            return
         if elra.total_steps is not None:
             logger.info(
-                "ElraTrainer: step budget %d micro-batches (max_steps x gradient_accumulation_steps), not the "
-                "checkpoint's %d", self._step_budget, elra.total_steps,
+                "ElraTrainer: step budget %d micro-batches (this run's max_steps of gradient_accumulation_steps), "
+                "not the %d the optimizer held", budget, elra.total_steps,
             )
-        elra.total_steps = self._step_budget
+        elra.total_steps = budget
 
     def _adopt(self, optimizer: ElraOptimizer | _StepTaken) -> None:
         """Put the step-less view of ELRA in Trainer's slot."""
@@ -309,6 +340,7 @@ class ElraTrainer(Trainer):
         finally:
             self.current_gradient_accumulation_steps = chunk
         elra.step(loss)  # a non-finite loss makes ELRA retrace; it stays out of the train-loss mean
+        self._trained = True
         finite = torch.isfinite(loss)
         self._train_losses += torch.stack([torch.where(finite, loss, 0.0), finite]).to(torch.float64)
         self._keep_collected()
@@ -358,7 +390,10 @@ class ElraTrainer(Trainer):
         evaluation (over all processes), the validation loss Trainer's
         ``eval_loss``. With several evaluation sets the first one counts (not
         finite: nothing is fed, as with one set). An evaluation inside
-        ``elra_optimizer.boosted()`` (of the boost mean) feeds nothing.
+        ``elra_optimizer.boosted()`` (of the boost mean) feeds nothing, and so
+        does one before a ``train()`` call's first micro-batch (``eval_on_start``):
+        a resumed run's train losses wait for the evaluation that took them in
+        the run it continues.
         """
         sets = self.eval_dataset if eval_dataset is None else eval_dataset
         several = isinstance(sets, dict) and bool(sets)
@@ -369,7 +404,8 @@ class ElraTrainer(Trainer):
             self._feed_elra = feed
         valid = metrics.get(f"{metric_key_prefix}_{next(iter(sets))}_loss" if several else f"{metric_key_prefix}_loss")
         elra = self.elra_optimizer
-        if feed and self.is_in_train and valid is not None and elra is not None and not elra._boost_swapped:
+        fed = feed and self.is_in_train and self._trained and valid is not None
+        if fed and elra is not None and not elra._boost_swapped:
             total, count = self.accelerator.reduce(self._train_losses, reduction="sum").tolist()
             if count and math.isfinite(valid):
                 self.elra_optimizer.set_train_loss(total / count)
