@@ -297,7 +297,10 @@ class Checkpointing:
         lacking = self._config.keys() - saved.keys() - _CONFIG_ADDED_LATER
         if lacking:
             raise ValueError(f"the state_dict's ELRA hyperparameters {saved!r} lack {sorted(lacking)}")
-        return checked_config({**self._config, **saved})
+        config = {**self._config, **saved}
+        if "total_steps" not in saved and config["preconditioner"] is None:
+            config["total_steps"] = None  # a P2M checkpoint from before budgets: P2M has none (logged as a change)
+        return checked_config(config)
 
     def _log_config_change(self, config: dict[str, Any]) -> None:
         changed = {k: (self._config.get(k), v) for k, v in config.items() if self._config.get(k) != v}

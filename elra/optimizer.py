@@ -719,7 +719,11 @@ class ElraOptimizer(Checkpointing, Optimizer):
             return 0, loss, None
         model = self._boost_source
         if model is None:
-            raise TypeError("get_boost_model needs the model the first time it returns a boosted copy")
+            raise TypeError(
+                "get_boost_model needs the model before it returns a boosted copy: pass it once in this process, "
+                "get_boost_model(True, model) (an optimizer built here, also one loaded from a checkpoint, has "
+                "not seen it)"
+            )
         if self._boost_model is None:
             self._boost_model = copy.deepcopy(model)
         with self.boosted():

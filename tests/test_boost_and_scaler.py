@@ -137,6 +137,43 @@ def test_get_boost_model_needs_the_model_only_once_as_in_the_published_package()
         assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(boosted.parameters(), expected))
 
 
+def test_get_boost_model_after_a_resume_names_the_model_it_needs_and_then_continues_the_run():
+    """A fresh optimizer loaded from a checkpoint has not seen the model the published loop gave once, in the
+    other process: the call without it said "the first time", which the run was past. The error now says to
+    pass it once in this process, changes nothing, and with the model the resumed epochs return the
+    uninterrupted run's boosts."""
+    x, y = digits_data()
+    batches = list(_batches(x, y, 90))
+
+    def epoch(model, opt, index, with_model=False):
+        for xb, yb in batches[30 * index: 30 * index + 30]:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step(loss)
+        count, mean_loss, boosted = opt.get_boost_model(True, model if with_model else None)
+        return count, mean_loss, [p.detach().clone() for p in boosted.parameters()]
+
+    model = digits_model()
+    opt = ElraOptimizer(model.parameters(), None, 16, 10, lr=1e-5)
+    opt.get_boost_model(True, model)
+    epoch(model, opt, 0)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    whole = [epoch(model, opt, 1), epoch(model, opt, 2)]
+
+    resumed_model = digits_model()
+    resumed_model.load_state_dict(saved[0])
+    resumed = ElraOptimizer(resumed_model.parameters(), None, 16, 10, lr=1e-5)
+    resumed.load_state_dict(saved[1])
+    with pytest.raises(TypeError, match="pass it once in this process"):
+        epoch(resumed_model, resumed, 1)
+    count, mean_loss, params = resumed.get_boost_model(True, resumed_model)
+    again = [(count, mean_loss, [p.detach().clone() for p in params.parameters()]), epoch(resumed_model, resumed, 2)]
+    for (count, loss, params), (count_again, loss_again, params_again) in zip(whole, again):
+        assert count >= 2 and (count, loss) == (count_again, loss_again)
+        assert all(torch.equal(a, b) for a, b in zip(params, params_again))
+
+
 def _boosted_linear(steps: int = 4):
     """A small linear model trained a few steps with boosting on (cycle 10), and the last loss."""
     model = torch.nn.Linear(3, 2)

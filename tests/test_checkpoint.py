@@ -1028,6 +1028,46 @@ def test_a_checkpoint_from_before_step_budgets_keeps_the_constructors_budget():
     assert resumed.controller.state.micro_steps == 0  # the clock starts at the load: the budget counts from there
 
 
+def test_a_p2m_checkpoint_from_before_step_budgets_loads_without_the_constructors_budget(caplog):
+    """The constructor's budget holds for such a checkpoint, where it can: P2M has none. The load raised
+    "total_steps ... needs a preconditioner", which read like a constructor error; now the checkpoint's P2M
+    wins, as its other hyperparameters do, with the change logged."""
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model, preconditioner=None)
+    _run(model, opt, 0, 10)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["param_groups"][0]["elra_config"]["total_steps"]
+    resumed = _digits_optimizer(copy.deepcopy(model), preconditioner="adam", total_steps=40)
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        resumed.load_state_dict(sd)
+    assert resumed.preconditioner is None and resumed.total_steps is None
+    assert any("total_steps 40 -> None" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("preconditioner", [None, "muon"])
+def test_a_deep_copied_state_dict_kept_while_training_goes_on_resumes_exactly(preconditioner):
+    """``state_dict()`` hands out the live state tensors, as torch's optimizers do, among them a collected
+    micro-batch sum (the ``.grad`` the next backward adds to), beside numbers copied at the call: a dict kept
+    while training went on and saved later mixed two moments of the run. The README says to save it at once or
+    keep a ``copy.deepcopy``; such a copy, saved after more steps, resumes the run exactly."""
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model, preconditioner=preconditioner, batch_multiplier=3)
+    _run(model, opt, 0, 7)  # 2 real steps and one collected micro-batch
+    assert opt.micro_batches == 1
+    kept, kept_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    _run(model, opt, 7, 20)
+    buffer = io.BytesIO()
+    torch.save(kept, buffer)
+    buffer.seek(0)
+    resumed_model = digits_model(torch.float32)
+    resumed_model.load_state_dict(kept_model)
+    resumed = _digits_optimizer(resumed_model, preconditioner=preconditioner, batch_multiplier=3)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    _run(resumed_model, resumed, 7, 20)
+    assert resumed.stats == opt.stats
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+
+
 def test_a_budget_set_after_loading_replaces_the_checkpoints_and_is_saved():
     """A job resumed to run longer sets its own budget after the load: from there it trains as a run built with
     that budget (bit for bit before the cooldown), and the next checkpoint carries it."""
