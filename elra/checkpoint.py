@@ -22,7 +22,7 @@ import torch
 
 from .boost import Booster, new_mean
 from .config import FOREIGN_GROUP_OPTIONS, checked_config, decay_rate, make_controller
-from .geometry import direction_state, make_direction, moment_dtype
+from .geometry import direction_state, kept_finite, make_direction, moment_dtype
 from .orthogonal import MEAN_SQUARE_KEY
 from .reduce import accumulation_dtype, loss_vector, local
 from .sync import drop_unsynced_grads, fsdp_wrapping, sync_unsynced_grads
@@ -347,6 +347,13 @@ class Checkpointing:
                         f"state '{key}' of shape {tuple(value.shape)} does not fit parameter {index} of shape "
                         f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
                     )
+            direction = entry.get("direction") if geometry is None else None
+            if isinstance(direction, torch.Tensor) and not kept_finite(direction, direction.to(p.dtype)):
+                raise ValueError(
+                    f"P2M's direction of parameter {index} exceeds the range of its {p.dtype} (torch casts the "
+                    "state to it, and a retrace along it would write inf into the parameter): load it into the "
+                    "model in the dtype it was saved from"
+                )
 
     def _check_saved_names(self, saved_groups: list[dict[str, Any]]) -> None:
         """Refuse saved state that would land on a parameter of another name.

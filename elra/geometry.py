@@ -50,6 +50,15 @@ def moment_zeros(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p, dtype=moment_dtype(p), memory_format=torch.preserve_format)
 
 
+def kept_finite(value: torch.Tensor, cast: torch.Tensor) -> bool:
+    """Whether ``cast`` (``value`` in another dtype) is finite wherever ``value`` is: a float32 P2M direction
+    cast to float16 with its parameter (``model.half()``, a float32 checkpoint loaded) may pass float16's range."""
+    if cast.dtype.itemsize >= value.dtype.itemsize or not cast.is_floating_point():
+        return True
+    value, cast = local(value), local(cast)
+    return not bool((torch.isfinite(value) & ~torch.isfinite(cast)).any())
+
+
 @dataclass
 class GroupTensors:
     """Local parts of one group: parameters with a gradient, and those the last step moved."""

@@ -10,6 +10,7 @@ no host sync of its own.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import weakref
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 
 from .optimizer import LOSS_KEEPERS, ElraOptimizer, _loss_value
+
+logger = logging.getLogger("elra")
 
 MAX_SCALE = 2.0**16
 # the smallest positive normal float: backoffs stop there, where 1/scale is still finite (below it a long run of
@@ -41,8 +44,10 @@ class ElraGradScaler:
     A step whose gradients hold inf/nan on any rank is skipped (the optimizer
     does not move and its controller does not change; micro-batches collected
     for it are dropped) and the scale is multiplied by ``backoff_factor``. The
-    scale never changes while the optimizer is collecting micro-batches, so
-    the gradients summed in ``.grad`` always share one scale.
+    scale never changes while an optimizer it steps is collecting micro-batches
+    (one scaler may step several, as torch's does), so the gradients summed in
+    ``.grad`` always share one scale: a growth, or a backoff for another
+    optimizer's overflow, waits until none is.
     """
 
     def __init__(
@@ -65,7 +70,7 @@ class ElraGradScaler:
         self._overflowed = False
         self._loss: float | torch.Tensor | None = None
         self._scaled: list[weakref.ref] = []  # the loss tensors that make up _loss
-        self._optimizer: ElraOptimizer | None = None
+        self._optimizers: list[ElraOptimizer] = []  # those this scaler stepped
 
     def get_scale(self) -> float:
         return self._scale if self.enabled else 1.0
@@ -100,7 +105,8 @@ class ElraGradScaler:
         if self._loss is None:
             raise RuntimeError("call scaler.scale(loss).backward() before scaler.step(optimizer)")
         loss, self._loss, self._scaled = self._limited(self._loss), None, []
-        self._optimizer = optimizer
+        if not any(known is optimizer for known in self._optimizers):
+            self._optimizers.append(optimizer)
         inv_scale = 1.0 / self._scale if self.enabled else 1.0
         # through the optimizer's step hooks, as optimizer.step(loss) (torch's GradScaler too)
         outcome = optimizer._hooked_step(loss, inv_scale=inv_scale, skip_overflow=self.enabled)
@@ -114,7 +120,9 @@ class ElraGradScaler:
         """Back off after an overflow; grow after ``growth_interval`` clean steps."""
         if not self.enabled:
             return
-        collecting = self._optimizer is not None and self._optimizer.micro_batches > 0
+        collecting = any(optimizer.micro_batches for optimizer in self._optimizers)
+        if self._overflowed and collecting:  # another optimizer's overflow: its own collected sums were dropped
+            return
         if self._overflowed:
             self._scale = max(self._scale * self.backoff_factor, MIN_SCALE)
             self._clean_steps = 0
@@ -128,8 +136,10 @@ class ElraGradScaler:
     def _step_dropped(self, optimizer: ElraOptimizer, loss: Any = None) -> None:
         """``optimizer.step_retrace(loss)`` or a ``zero_grad()`` that cleared the gradients ended a step: the
         losses scaled for it are dropped (they summed into the next step's loss, a bad one made that step a
-        retrace too). Theirs when the retrace names one of them, or when it is the optimizer this scaler steps."""
-        if optimizer is self._optimizer or (loss is not None and any(ref() is loss for ref in self._scaled)):
+        retrace too). Theirs when the retrace names one of them, or when it is an optimizer this scaler steps, or
+        any before its first step (the first micro-batch skipped: its loss reached the next one's step)."""
+        ours = not self._optimizers or any(known is optimizer for known in self._optimizers)
+        if ours or (loss is not None and any(ref() is loss for ref in self._scaled)):
             self._loss, self._scaled = None, []
 
     def __getstate__(self) -> dict[str, Any]:
@@ -160,9 +170,18 @@ class ElraGradScaler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict`. ``enabled`` stays as constructed, as torch's scaler
+        keeps it: a job resumed in another precision (``enabled=use_fp16``) keeps its own settings, logged,
+        where the checkpoint's flag would have turned scaling off under float16 or on under float32."""
         missing = {"scale", "growth_factor", "backoff_factor", "growth_interval", "loss_limit", "enabled", "clean_steps"} - state.keys()
         if missing:
             raise ValueError(f"not an ElraGradScaler state_dict: missing {sorted(missing)}")
+        if bool(state["enabled"]) != self.enabled:
+            logger.warning(
+                "ElraGradScaler(enabled=%s) keeps its own settings: the state_dict is of a scaler with enabled=%s",
+                self.enabled, bool(state["enabled"]),
+            )
+            return
         clean_steps = state["clean_steps"]
         if isinstance(clean_steps, bool) or not isinstance(clean_steps, int) or clean_steps < 0:
             raise ValueError(f"Invalid clean_steps: {clean_steps!r} (expected an integer >= 0)")
@@ -173,7 +192,6 @@ class ElraGradScaler:
         self.backoff_factor = float(state["backoff_factor"])
         self.growth_interval = int(state["growth_interval"])
         self.loss_limit = float(state["loss_limit"])
-        self.enabled = bool(state["enabled"])
         self._clean_steps = int(state["clean_steps"])
 
 

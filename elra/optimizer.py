@@ -31,7 +31,7 @@ from .chunks import runs
 from .config import FOREIGN_GROUP_OPTIONS, check_int, checked_config, decay_rate, make_controller, normalized_momentum
 from .control import Decision, RangeBounds, StepSums
 from .fused import sgd_accept, split_fusable
-from .geometry import PRESENT, SLOTS, direction_state, make_direction, moment_dtype
+from .geometry import PRESENT, SLOTS, direction_state, kept_finite, make_direction, moment_dtype
 from .line_control import LINE_TARGET
 from .reduce import AUTO, Reducer, ScalarBatch, local, products
 from .sync import (
@@ -97,10 +97,25 @@ def _add_scaled(targets: list[torch.Tensor], sources: list[torch.Tensor], alpha:
     lost). A product with a Python scalar is computed in float32 instead. The
     controller's range bounds keep the result itself finite.
     """
-    if _HALF_TINY <= abs(alpha) <= _HALF_MAX or alpha == 0.0 or all(t.dtype != torch.float16 for t in targets):
+    if _scalar_fits(alpha, targets):
         torch._foreach_add_(targets, sources, alpha=alpha)
     else:
         torch._foreach_add_(targets, torch._foreach_mul(sources, alpha))
+
+
+def _scale(targets: list[torch.Tensor], factor: float) -> None:
+    """``targets *= factor``, also for a ``factor`` beyond float16's range: torch's in-place multi-tensor
+    product rounds it as :func:`_add_scaled` says (a batch's ``1/scale`` of 2^-26 became 0, and P2M's
+    direction without momentum with it: the parameters stopped moving), its out-of-place one does not."""
+    if _scalar_fits(factor, targets):
+        torch._foreach_mul_(targets, factor)
+    else:
+        torch._foreach_copy_(targets, torch._foreach_mul(targets, factor))
+
+
+def _scalar_fits(scalar: float, targets: list[torch.Tensor]) -> bool:
+    """Whether torch's in-place multi-tensor ops on ``targets`` take ``scalar`` as it is (see :func:`_add_scaled`)."""
+    return _HALF_TINY <= abs(scalar) <= _HALF_MAX or scalar == 0.0 or all(t.dtype != torch.float16 for t in targets)
 
 
 def _without_autocast(device: torch.device | None) -> AbstractContextManager:
@@ -375,21 +390,28 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 "after the optimizer was built; cast them back (the state is unchanged)"
             )
         moment = moment_dtype if self.geometry is not None else (lambda p: p.dtype)
-        devices, converted = set(), 0
+        devices, converted = set(), []
         for p in params:
             devices.add(p.device)
-            state = self.state[p]
-            for key, value in state.items():
+            for key, value in self.state[p].items():
                 dtype = moment_dtype(p) if key == "boost" else moment(p)
                 if value.dtype != dtype or value.device != p.device:
-                    state[key] = value.to(dtype=dtype, device=p.device)
-                    converted += 1
+                    converted.append((p, key, value, value.to(dtype=dtype, device=p.device)))
         if len(devices) > 1:
             raise ValueError(
                 f"all parameters must be on one device: found {sorted(map(str, devices))}; use one optimizer per device"
             )
+        for p, key, value, cast in converted:
+            if not kept_finite(value, cast):  # P2M's direction, which follows its parameter's dtype
+                raise ValueError(
+                    f"the parameters were cast to {cast.dtype}, whose range P2M's direction exceeds (a retrace along "
+                    f"it would write inf into them); cast them back (the state is unchanged), or cast before "
+                    "building the optimizer"
+                )
+        for p, key, _, cast in converted:
+            self.state[p][key] = cast
         if converted:
-            logger.info("ELRA: the parameters were cast or moved; %d state tensors follow them", converted)
+            logger.info("ELRA: the parameters were cast or moved; %d state tensors follow them", len(converted))
         self._device = devices.pop() if devices else self._device
         self._matched = kinds
 
@@ -1211,7 +1233,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
                     if decision.keep == 0.0:
                         torch._foreach_copy_(dirs, grads)
                         if grad_scale != 1.0:
-                            torch._foreach_mul_(dirs, grad_scale)
+                            _scale(dirs, grad_scale)
                     else:
                         torch._foreach_mul_(dirs, decision.keep)
                         _add_scaled(dirs, grads, grad_scale)

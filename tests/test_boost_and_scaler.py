@@ -1,6 +1,7 @@
 """Boost (parameter averaging) and ElraGradScaler in one process."""
 
 import copy
+import logging
 import math
 import sys
 import warnings
@@ -392,10 +393,10 @@ def test_two_losses_scaled_and_back_propagated_before_one_step_are_their_sum(pre
 
 
 def _skipping_scaled_losses(skip: str, scale_the_skipped_loss: bool):
-    """A noise-free fit through ``ElraGradScaler`` whose micro-batches 3 and 7 are skipped after ``scaler.scale``:
-    ended by ``optimizer.step_retrace`` (``skip="retrace"``; also micro-batch 0, naming the scaled tensor before the
-    scaler's first step, later its value) or left behind by a ``continue`` (``skip="continue"``). Parameters, stats
-    and ``scaler.step``'s outcomes."""
+    """A noise-free fit through ``ElraGradScaler`` whose micro-batches 0, 3 and 7 are skipped after
+    ``scaler.scale``: ended by ``optimizer.step_retrace`` (``skip="retrace"``: naming the scaled tensor at 0,
+    before the scaler's first step, later its value; ``"retrace-value"``: its value throughout) or left behind by
+    a ``continue`` (``skip="continue"``). Parameters, stats and ``scaler.step``'s outcomes."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
     x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
@@ -405,12 +406,12 @@ def _skipping_scaled_losses(skip: str, scale_the_skipped_loss: bool):
     for i in range(12):
         opt.zero_grad()
         loss = ((model(x) - y) ** 2).mean()
-        if i in ((0, 3, 7) if skip == "retrace" else (3, 7)):
+        if i in (0, 3, 7):
             loss = loss * 1e6  # a bad batch
             if scale_the_skipped_loss:
                 scaler.scale(loss)
-            if skip == "retrace":
-                opt.step_retrace(loss if i == 0 else loss.item())
+            if skip != "continue":
+                opt.step_retrace(loss if i == 0 and skip == "retrace" else loss.item())
             continue
         scaler.scale(loss).backward()
         outcomes.append(scaler.step(opt))
@@ -418,17 +419,79 @@ def _skipping_scaled_losses(skip: str, scale_the_skipped_loss: bool):
     return [p.detach() for p in model.parameters()], opt.stats, outcomes
 
 
-@pytest.mark.parametrize("skip", ["retrace", "continue"])
+@pytest.mark.parametrize("skip", ["retrace", "retrace-value", "continue"])
 def test_a_loss_scaled_for_a_skipped_micro_batch_does_not_reach_the_next_step(skip):
     """``scaler.scale(loss)``, then the micro-batch skipped: by ``optimizer.step_retrace(loss)`` (its backward
     not run), or by a ``continue`` before the next ``optimizer.zero_grad()`` clears what it left. The scaler kept
     that loss and handed ``bad + next`` to the next ``scaler.step``, which retraced a good step. The retrace (naming
-    the scaled tensor, or the scaler's optimizer) and a zero_grad that clears the gradients now drop it: the run is
-    that of a loop that never scaled it."""
+    the scaled tensor, or an optimizer the scaler steps, or any before its first step) and a zero_grad that clears
+    the gradients now drop it: the run is that of a loop that never scaled it. (Skipped first, by value or by a
+    ``continue``, the loss was kept until session 25: the scaler had stepped no optimizer yet.)"""
     plain, stats, outcomes = _skipping_scaled_losses(skip, False)
     scaled, scaled_stats, scaled_outcomes = _skipping_scaled_losses(skip, True)
     assert scaled_outcomes == outcomes and scaled_stats == stats and "retrace" not in outcomes
     assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
+
+
+@pytest.mark.parametrize("preconditioner", [None, "muon"])
+def test_one_scaler_stepping_two_optimizers_keeps_the_scale_while_either_collects(preconditioner):
+    """torch's pattern for several optimizers: ``scaler.step(a); scaler.step(b); scaler.update()``. Only the last
+    stepped optimizer's collecting held the scale back: ``a`` (multiplier 2) summed a micro-batch scaled by 16
+    with one scaled by 32 and unscaled both by 1/32, its first micro-batch at half weight (P2M ended 0.049 off).
+    The scale now waits while either collects; the float32 runs equal those with a scaler each (the scales are
+    powers of two), and an overflow of ``b`` backs it off only once ``a`` is done collecting."""
+
+    def run(shared: bool, overflow_at: int | None = None):
+        torch.manual_seed(0)
+        models = [torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)]
+        x, y = torch.randn(64, 4), torch.randn(64, 2)
+        opts = [
+            ElraOptimizer(m.parameters(), None, 8, 2, preconditioner=preconditioner, batch_multiplier=k)
+            for m, k in zip(models, (2, 1))
+        ]
+        scalers = [ElraGradScaler(init_scale=16.0, growth_interval=1)] * 2 if shared else [
+            ElraGradScaler(init_scale=16.0, growth_interval=1) for _ in opts
+        ]
+        scales = []  # the scale of each of a's micro-batches, in pairs: a real step's two
+        for i in range(24):
+            for j, (model, opt, scaler) in enumerate(zip(models, opts, scalers)):
+                opt.zero_grad()
+                loss = ((model(x[i % 8 * 8: i % 8 * 8 + 8]) - y[i % 8 * 8: i % 8 * 8 + 8]) ** 2).mean()
+                if j == 1 and i == overflow_at:
+                    loss = loss + torch.sqrt(model.bias[0] - model.bias[0].detach())  # value finite, gradient inf
+                scaler.scale(loss).backward()
+                if j == 0:
+                    scales.append(scaler.get_scale())
+                scaler.step(opt)
+            for scaler in {id(s): s for s in scalers}.values():
+                scaler.update()
+        return [p.detach().clone() for m in models for p in m.parameters()], scales
+
+    separate, _ = run(False)
+    shared, scales = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(separate, shared))
+    assert scales[0::2] == scales[1::2] and len(set(scales)) > 1  # it grew, between a's real steps only
+    _, scales = run(True, overflow_at=4)  # b overflows while a holds one micro-batch
+    assert scales[0::2] == scales[1::2] and min(scales) < scales[4]  # backed off after a's real step
+
+
+def test_a_scaler_keeps_its_own_enabled_when_it_loads_another_ones_state(caplog):
+    """``ElraGradScaler(enabled=use_fp16)`` then ``load_state_dict``: the checkpoint's flag won, so a float16
+    resume of a float32 run lost its loss scaling (an inf gradient was retraced, not skipped and backed off), and
+    a float32 resume of a float16 run scaled again. torch's scaler keeps the constructor's flag; so does this one
+    now, with its own settings, and says so."""
+    saved_disabled = ElraGradScaler(enabled=False).state_dict()
+    saved_enabled = ElraGradScaler(init_scale=8.0).state_dict()
+    enabled, disabled = ElraGradScaler(init_scale=1024.0), ElraGradScaler(enabled=False)
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        enabled.load_state_dict(saved_disabled)
+        disabled.load_state_dict(saved_enabled)
+    assert enabled.enabled and enabled.get_scale() == 1024.0
+    assert not disabled.enabled and disabled.get_scale() == 1.0
+    assert sum("keeps its own settings" in r.getMessage() for r in caplog.records) == 2
+    again = ElraGradScaler(init_scale=2.0)
+    again.load_state_dict(saved_enabled)
+    assert again.get_scale() == 8.0
 
 
 def test_a_long_run_of_overflows_backs_the_scale_off_to_a_floor_and_its_state_still_loads():

@@ -398,6 +398,64 @@ def test_a_model_cast_to_complex_after_construction_is_rejected_and_left_unchang
     assert detoured_stats == stats and all(torch.equal(a, b) for a, b in zip(plain, detoured))
 
 
+def test_a_p2m_direction_beyond_float16s_range_refuses_the_cast_and_the_load():
+    """P2M's direction follows its parameter's dtype. After ``model.half()`` (or a float32 checkpoint loaded
+    into a float16 model) an element beyond 65504 became inf, the next step's sums were not finite, and its
+    retrace wrote inf into the parameter for good, under a warning that blamed the gradient. Now the step after
+    the cast refuses it (nothing changed; cast back and the run goes on), and so does the load."""
+
+    def run(detour: bool):
+        model = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([[100.0, 1.0]]))
+        opt = ElraOptimizer(model.parameters(), lr=1e-6, preconditioner=None, classes=0)
+        for step in range(6):
+            if step == 2:  # both runs round the weights to float16 and back
+                assert opt.state[model.weight]["direction"].abs().max() > torch.finfo(torch.float16).max
+                saved, direction = copy.deepcopy(opt.state_dict()), opt.state[model.weight]["direction"].clone()
+                model.half()
+            if step == 2 and detour:
+                loss = (model.weight.float() ** 2).sum() * 1000.0
+                loss.backward()
+                with pytest.raises(ValueError, match="range P2M's direction exceeds"):
+                    opt.step(loss)
+                fresh = ElraOptimizer(model.parameters(), lr=1e-6, preconditioner=None, classes=0)
+                with pytest.raises(ValueError, match="exceeds the range of its torch.float16"):
+                    fresh.load_state_dict(saved)
+                assert torch.equal(opt.state[model.weight]["direction"], direction)
+            if step == 2:
+                model.float()
+            opt.zero_grad()
+            loss = (model.weight ** 2).sum() * 1000.0
+            loss.backward()
+            opt.step(loss)
+        return model.weight.detach().clone(), opt.stats
+
+    (plain, stats), (detoured, detoured_stats) = run(False), run(True)
+    assert detoured_stats == stats and torch.equal(plain, detoured)
+
+
+def test_p2m_float16_steps_take_a_gradient_scale_below_float16s_range():
+    """``ElraGradScaler(init_scale=2**26)`` on float16 parameters: P2M without momentum multiplied its direction
+    by ``1/scale`` with torch's in-place multi-tensor product, which rounds the factor to float16 (2^-26 to 0):
+    every step was accepted and nothing moved (with momentum the product was already computed in float32). The
+    steps now move as in float32, to float16's rounding."""
+
+    def run(dtype):
+        p = torch.nn.Parameter(torch.tensor([1.0, -0.5, 0.25, 2.0], dtype=dtype))
+        opt = ElraOptimizer([p], lr=1e-2, preconditioner=None, classes=0)
+        scaler = elra.ElraGradScaler(init_scale=2.0**26, growth_interval=10**6)
+        for _ in range(20):
+            opt.zero_grad()
+            scaler.scale((p.float() ** 2).sum() * 1e-6).backward()
+            scaler.step(opt)
+            scaler.update()
+        return p.detach().float()
+
+    half, single = run(torch.float16), run(torch.float32)
+    assert (half - single).abs().max() < 0.02  # float16's rounding: both near 0, from up to 2
+
+
 def test_a_parameter_given_twice_is_rejected():
     """torch only warns; ELRA's sums would count it twice (in a second group torch raises too)."""
     p = torch.nn.Parameter(torch.ones(2))
