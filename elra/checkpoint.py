@@ -279,7 +279,6 @@ class Checkpointing:
         self._pending, self._reports = pending, reports
         self._moved = {p for g in self.param_groups for p in g["params"] if self._loaded_as_moved(p)}
         self._waiting = {p for g in self.param_groups for p in g["params"] if self._loaded_as_waiting(p)}
-        self._agreed = False
         for model in self.unsynced_models:  # loaded mid-run: what the wrappers collected belongs to the old run
             drop_unsynced_grads(model)
         self.unsynced_models.clear()

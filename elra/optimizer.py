@@ -23,6 +23,7 @@ from operator import attrgetter
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.distributed import group
 from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster, new_mean
@@ -298,7 +299,6 @@ class ElraOptimizer(Checkpointing, Optimizer):
             )
         self._device: torch.device | None = None
         self._config = config
-        self._agreed = False  # whether the ranks verified that they share this state (check_consistency)
         self._replication: tuple[tuple, bool] = ((), False)  # (layout, every parameter replicated on every rank)
         self._flattened: list[torch.Tensor] = []  # FSDP1's parameters (add_param_group): _refuse_unsharded_gradients
         self.booster = Booster()
@@ -350,7 +350,6 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if hasattr(self, "controller"):  # added mid-run: it shows the step length in force, as the others do
             self.param_groups[-1]["lr"] = self.controller.step_length
         self._device = device
-        self._agreed = False
         self._waiting.update(tensors)
         self._flattened += [p for p in tensors if getattr(p, "_fsdp_flattened", False)]
         if self._pending:  # added while collecting: a backward that reaches them alone is seen too (state_dict)
@@ -730,6 +729,12 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 f"get_boost_model copies the model, which {wrapping} cannot (each rank holds shards): evaluate "
                 "the boost mean in place, `with optimizer.boosted():` on every rank, after optimizer.enable_boost()"
             )
+        wrapper = uncompiled(model) if model is not None else None
+        if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) and wrapper.process_group is not group.WORLD:
+            raise TypeError(  # torch's refusal to copy such a DDP came an epoch later, at the first copy
+                "get_boost_model copies the model, which torch cannot for DDP over a process group of its own: pass "
+                "the module it wraps (model.module), or evaluate the boost mean in place, `with optimizer.boosted():`"
+            )
         if model is not None:
             self._boost_source = model
         if not self.booster.enabled:
@@ -778,7 +783,6 @@ class ElraOptimizer(Checkpointing, Optimizer):
             k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") and k not in patched | {"_opt_called"}
         }
         state["unsynced_models"] = set()
-        state["_agreed"] = False
         # deepcopy and pickle drop the .grad of parameters: a step counts a zero one (zero_grad(set_to_none=False)) too
         params = [p for group in self.param_groups for p in group["params"]]
         state[_GRADS] = {p: p.grad for p in params if p.grad is not None}
@@ -1080,28 +1084,19 @@ class ElraOptimizer(Checkpointing, Optimizer):
         return sums, loss_values, bounds
 
     def _scalar_batch(self, check: int) -> ScalarBatch:
-        """A real step's vector: ``check`` slots of sums, the fingerprint's two under ``check_consistency``, the
-        reported losses' (:meth:`_apply_reports`)."""
-        slots = check + (2 if self._check_every else 0) + REPORT_SLOTS
-        return ScalarBatch(slots, self._device or torch.device("cpu"), self.reducer)
+        """A real step's vector: ``check`` slots of sums, then the reported losses' (:meth:`_apply_reports`)."""
+        return ScalarBatch(check + REPORT_SLOTS, self._device or torch.device("cpu"), self.reducer)
 
     def _read_checked(
         self, batch: ScalarBatch, check: int, losses: list[LossLike], call: tuple
     ) -> tuple[list[float], list[float]]:
-        """The step's one collective; under ``check_consistency`` with the fingerprint in ``check``, verified.
+        """The step's one collective, under ``check_consistency`` after the handshake (:meth:`_handshake`).
         It carries the losses reported since the last real step too (:meth:`_apply_reports`)."""
-        reports = batch.slots - REPORT_SLOTS
-        for slot, value in enumerate(self._reports, start=reports):
+        for slot, value in enumerate(self._reports, start=check):
             batch.add_constant(slot, value)
-        agree = check if self._replicated_everywhere() else 0
-        if not self._check_every:
-            values, loss_values = batch.read(losses, agree=agree)
-        else:
-            fingerprint = self._agreed_fingerprint(call)
-            batch.add_constant(check, fingerprint)
-            batch.add_constant(check + 1, fingerprint * fingerprint)
-            values, loss_values = batch.read(losses, self.controller.state.multiplier, agree)
-            self._verify_consistency(values[check], values[check + 1], fingerprint)
+        if self._check_every:
+            self._handshake(call)
+        values, loss_values = batch.read(losses, agree=check if self._replicated_everywhere() else 0)
         if batch.disagreeing:
             raise RuntimeError(
                 f"the ranks hold different gradients or parameters at ELRA's real step {self.controller.state.steps}, "
@@ -1110,7 +1105,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 "step must all-reduce its gradients: keep it out of DDP's no_sync() (elra.grad_sync(model, "
                 "optimizer) decides per micro-batch); if each process trains a model of its own, pass process_group=None"
             )
-        self._apply_reports(values[reports:])
+        self._apply_reports(values[check:])
         return values, loss_values
 
     def _replicated_everywhere(self) -> bool:
@@ -1133,7 +1128,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             self.controller.set_valid_loss(valid / valids)
         self._reports = [0.0] * REPORT_SLOTS
 
-    def _fingerprint(self, call: tuple, vector_layout: tuple[int, int] | None = None) -> int:
+    def _fingerprint(self, call: tuple) -> int:
         """A 20-bit hash of everything that decides this collective's layout and the next decision.
 
         The call (``step`` with its inputs, or ``skip_backward``), the group
@@ -1151,48 +1146,32 @@ class ElraOptimizer(Checkpointing, Optimizer):
         # the reported losses are reconciled by this collective, before they decide anything
         state = sorted((k, v) for k, v in self.controller.state_dict().items() if k not in _REPORTED_FIELDS)
         dtypes = sorted({str(p.dtype) for group in self.param_groups for p in group["params"]})
-        layout = (len(self.param_groups), len(self._pending), vector_layout or self._vector_layout(), dtypes)
+        layout = (len(self.param_groups), len(self._pending), self._vector_layout(), dtypes)
         boost = (self.booster.enabled, self.booster.cycle, self.booster.count)
         text = repr((call, layout, decays, sorted(self._config.items()), state, boost))
         return zlib.crc32(text.encode()) % (1 << 20) + 1
 
-    def _agreed_fingerprint(self, call: tuple) -> int:
-        """This rank's fingerprint for a real step, after a handshake if the ranks have not agreed yet.
+    def _handshake(self, call: tuple) -> None:
+        """Under ``check_consistency``, before a real step's vector: every rank's fingerprint agrees, or raises.
 
-        Under ``check_consistency`` every collective of the optimizer carries the
-        fingerprint; ranks that agree at one collective take the same decision,
-        so the next vector has the same length on every rank. Only the first
-        collective after construction, ``load_state_dict`` or ``add_param_group``
-        cannot rely on that: it is a handshake of three numbers (the size of a
-        first ``skip_backward``), so a rank built or loaded differently meets the
-        same clear error as the others instead of a collective of another size.
+        The step's vector has a length of this rank's own (groups, micro-batches, 16-bit parameters...): the
+        handshake, three numbers as a ``skip_backward``'s, lets a rank built, loaded or grouped differently
+        meet the same clear error as the others instead of a collective of another size, which gloo aborts the
+        processes on. Every step: a rank may change alone at any point (``load_state_dict`` or
+        ``add_param_group`` on one rank; before session 25 ranks that agreed once skipped it, and such a rank's
+        handshake met the others' step).
         """
-        if not self._agreed:
-            self._checked_exchange(call)
-        return self._fingerprint(call)
+        self._checked_exchange(call)
 
     def _checked_exchange(self, call: tuple, payload: torch.Tensor | None = None) -> list[float]:
-        """All-reduce ``payload`` (slot 0) with this rank's fingerprint in the agreed layout; raises if ranks differ.
-
-        Before agreement the vector holds three numbers; after it, as many as a
-        real step's vector, with the fingerprint in the same slots, so that a
-        rank's step meeting another rank's ``skip_backward`` is a disagreement
-        too, not a size mismatch.
-        """
-        check, extra = vector_layout = self._vector_layout()
-        fingerprint = self._fingerprint(call, vector_layout)
-        if self._agreed:
-            squares = check if self._replicated_everywhere() else 0  # ScalarBatch.read's agree
-            length, at = check + 2 + REPORT_SLOTS + self.controller.state.multiplier + squares + extra, check
-        else:
-            length, at = 3, 1
-        numbers = [0.0] * length
-        numbers[at], numbers[at + 1] = fingerprint, fingerprint * fingerprint
-        vector = torch.tensor(numbers, dtype=torch.float64, device=self._device or torch.device("cpu"))
+        """All-reduce ``payload`` and this rank's fingerprint (three numbers); raises if ranks differ."""
+        fingerprint = self._fingerprint(call)
+        vector = torch.tensor([0.0, fingerprint, fingerprint * fingerprint], dtype=torch.float64,
+                              device=self._device or torch.device("cpu"))
         if payload is not None:
             vector[0] = payload
         values = self.reducer.sum(vector).tolist()
-        self._verify_consistency(values[at], values[at + 1], fingerprint)
+        self._verify_consistency(values[1], values[2], fingerprint)
         return values
 
     def _vector_layout(self) -> tuple[int, int]:
@@ -1212,7 +1191,6 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 "each rank must build the optimizer with the same arguments over parameters of the same dtypes, load "
                 "the same checkpoint and call step()/step_retrace()/skip_backward() at the same points"
             )
-        self._agreed = True
 
     def _apply(self, decision: Decision, groups: list[dict[str, Any]], inv_scale: float, loss: float) -> None:
         """Carry out the controller's decision on the local tensors."""

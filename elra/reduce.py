@@ -371,13 +371,9 @@ class ScalarBatch:
         self._vectors.append(block)
         return block
 
-    def read(
-        self, losses: Sequence[float | torch.Tensor], loss_slots: int | None = None, agree: int = 0
-    ) -> tuple[list[float], list[float]]:
+    def read(self, losses: Sequence[float | torch.Tensor], agree: int = 0) -> tuple[list[float], list[float]]:
         """Global (slot values, mean losses over ranks): one collective, one host transfer.
 
-        ``loss_slots`` pads the losses with zeros to that many, for a vector
-        whose length must not depend on how many micro-batches were collected.
         ``agree``: the first that many slots hold terms of tensors every rank
         holds alike (replicas), so every rank's terms must be equal; their
         squares ride along, and :attr:`disagreeing` lists the slots where not.
@@ -388,8 +384,7 @@ class ScalarBatch:
             vector.index_add_(0, torch.tensor(slots, device=self.device), torch.cat([values for _, values in self._summed]))
         world = self.reducer.world_size
         mean_losses = loss_vector(losses, self.dtype, self.device) / world
-        padding = torch.zeros(max(0, (loss_slots or 0) - len(losses)), dtype=self.dtype, device=self.device)
-        head = [vector, mean_losses, padding] + ([vector[:agree] ** 2] if agree else [])
+        head = [vector, mean_losses] + ([vector[:agree] ** 2] if agree else [])
         reduced = self.reducer.sum(torch.cat(head + self._weighted_vectors()))
         start = sum(t.numel() for t in head)
         self._hand_out(reduced[start:])

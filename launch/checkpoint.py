@@ -232,6 +232,9 @@ class Checkpointer:
     def _check_compatible(self, path: Path) -> None:
         """Refuse a checkpoint of another strategy, naming both; note a change of world size."""
         meta = _meta(path)
+        if not meta and not (path / ".metadata").exists() and not (path / "state.pt").exists():
+            # an empty directory: not one "written by --strategy none or ddp", as the guess below took it
+            raise _damaged(path, FileNotFoundError("it holds neither state.pt nor torch.distributed.checkpoint's shards"))
         written = meta.get("strategy") or ("fsdp2 or fsdp1" if (path / ".metadata").exists() else "none or ddp")
         world = meta.get("world_size")
         compatible = [self.strategy] if self.sharded else ["none", "ddp"]

@@ -3,7 +3,8 @@
 Each epoch's order comes from a generator seeded with the epoch, so every rank
 (and a resumed job) sees the same global batches; rank r takes every world-th
 sample of each global batch. Held-out data (``epoch=None``) is a fixed list
-of samples, each rank taking every world-th one.
+of samples, each rank taking every world-th one, padded to one count on every
+rank with samples whose targets are ``IGNORED``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,23 @@ import torch
 
 from launch.text import CharCorpus, TextTooShort
 
+IGNORED = -100  # cross_entropy's ignore_index: the target of a held-out sample that only pads a rank's share
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+
+
+def held_out_share(count: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's indices of ``count`` held-out samples (every ``world``-th) and which of them only pad: every
+    rank evaluates as many, so that sharded models run the same forwards on every rank (one more batch on some
+    ranks left the others waiting in FSDP's gathers), and every sample once (before, the remainder beyond a
+    multiple of the ranks was left out, and the held-out numbers depended on the number of ranks)."""
+    index = torch.arange(rank, -(-count // world) * world, world)
+    return index.clamp(max=count - 1), index >= count
+
+
+def _ignoring(targets: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """``targets`` with those of the padding samples (``padding``, one flag per sample) ``IGNORED``."""
+    return targets.masked_fill(padding.view(-1, *[1] * (targets.dim() - 1)), IGNORED)
 
 
 class TensorSet:
@@ -34,14 +50,13 @@ class TensorSet:
         return len(self)
 
     def loader(self, epoch: int | None, rank: int, world: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Training batches of epoch ``epoch`` (equal on all ranks), or the held-out samples once (``None``):
-        the first multiple of the number of ranks, so that sharded models run the same forwards on every rank
-        (one more batch on some ranks left the others waiting in FSDP's gathers)."""
+        """Training batches of epoch ``epoch`` (equal on all ranks), or the held-out samples once (``None``,
+        :func:`held_out_share`)."""
         n = len(self)
         if epoch is None:
-            mine = torch.arange(rank, n // world * world, world)
-            for idx in mine.split(batch_size):
-                yield self.transform(self.x[idx]), self.y[idx]
+            mine, padding = held_out_share(n, rank, world)
+            for idx, pad in zip(mine.split(batch_size), padding.split(batch_size)):
+                yield self.transform(self.x[idx]), _ignoring(self.y[idx], pad)
             return
         order = torch.randperm(n, generator=torch.Generator().manual_seed(1000 + epoch))
         per_step = batch_size * world
@@ -55,8 +70,8 @@ class TextWindows:
 
     Training windows start at a per-epoch random offset in ``[0, context)`` plus
     multiples of ``context``, shuffled per epoch; held-out windows are the
-    non-overlapping ones from the start (a multiple of the number of ranks), the
-    same for every run and every strategy.
+    non-overlapping ones from the start, the same for every run, strategy and
+    number of ranks (:func:`held_out_share`).
     """
 
     def __init__(self, ids: torch.Tensor, context: int, part: str = "the text") -> None:
@@ -81,10 +96,12 @@ class TextWindows:
 
     def loader(self, epoch: int | None, rank: int, world: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches of epoch ``epoch`` (equal on all ranks), or the held-out windows once (``None``)."""
-        if epoch is None:  # every rank the same number of windows, so sharded models run the same forwards
+        if epoch is None:
             starts = self._starts(0)
-            for part in starts[: len(starts) // world * world][rank::world].split(batch_size):
-                yield CharCorpus.windows(self.ids, self.context, part)
+            mine, padding = held_out_share(len(starts), rank, world)
+            for part, pad in zip(starts[mine].split(batch_size), padding.split(batch_size)):
+                inputs, targets = CharCorpus.windows(self.ids, self.context, part)
+                yield inputs, _ignoring(targets, pad)
             return
         generator = torch.Generator().manual_seed(1000 + epoch)
         shift = int(torch.randint(self.context, (), generator=generator))

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from elra import ElraOptimizer, grad_sync  # noqa: E402
 from launch.checkpoint import Checkpointer, CheckpointError  # noqa: E402
-from launch.data import build_data  # noqa: E402
+from launch.data import IGNORED, build_data  # noqa: E402
 from launch.models import CharGPT, digits_mlp  # noqa: E402
 from launch.text import TextTooShort  # noqa: E402
 
@@ -345,7 +345,7 @@ def _evaluate(model, loader, device, distributed: bool) -> tuple[float, float]:
             [
                 _loss(logits, y, reduction="sum").double(),
                 (logits.argmax(-1) == y).sum().double(),
-                torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
+                (y != IGNORED).sum().double(),  # the padding of a rank's share counts for nothing
             ]
         )
     loss_sum, correct, count = reduce_sum(totals, distributed).tolist()
@@ -398,13 +398,16 @@ def preconditioner(args) -> str | None:
     return None if args.preconditioner == "none" else args.preconditioner
 
 
-def step_budget(args, train_set, world: int) -> int | None:
+def step_budget(args, train_set, world: int, start: int = 0, taken: int = 0) -> int | None:
     """ELRA's ``total_steps``: the micro-batches of ``--epochs`` epochs (each ``--max-steps`` at most; a text
-    epoch's offset can cost one); ``None`` without ``--cooldown`` or for P2M."""
+    epoch's offset can cost one); ``None`` without ``--cooldown`` or for P2M. Resumed after ``start`` epochs
+    that took ``taken`` micro-batches, those and the rest's on ``world`` ranks: a job resumed on another number
+    of ranks has epochs of another length (its budget from the new epoch length alone sat at or far beyond
+    the clock, so it ran at the cooldown's floor or never cooled down)."""
     if not args.cooldown or preconditioner(args) is None:
         return None
     per_epoch = len(train_set) // (args.batch_size * world)
-    return args.epochs * (min(per_epoch, args.max_steps) if args.max_steps else per_epoch)
+    return taken + max(args.epochs - start, 0) * (min(per_epoch, args.max_steps) if args.max_steps else per_epoch)
 
 
 def check_sizes(args, train_set, valid_set, world: int) -> None:
@@ -479,7 +482,10 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
         if args.checkpoint_dir else None
     )
     start = checkpointer.resume(model, optimizer) if checkpointer else 0
-    if optimizer.total_steps != budget:  # the checkpoint's, of a job with other --epochs or --cooldown
+    if start and budget is not None:
+        taken = optimizer.controller.state.micro_steps + optimizer.micro_batches
+        budget = step_budget(args, train_set, world, start, taken)
+    if optimizer.total_steps != budget:  # the checkpoint's, of a job with other --epochs, --cooldown or ranks
         if rank == 0:
             log.info("step budget %s micro-batches for --epochs %d, not the checkpoint's %s",
                      budget, args.epochs, optimizer.total_steps)

@@ -7,6 +7,7 @@ whole batch. Ranks write their results to files that the tests compare.
 
 from __future__ import annotations
 
+import copy
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -67,6 +68,8 @@ class Scenario:
     cast_at: int | None = None  # micro-step before which the model, float32 until then, is cast to float64
     state_dict_at: int | None = None  # micro-step before which every rank takes optimizer.state_dict()
     lone_boost_restart_at: int | None = None  # micro-step before which the last rank alone calls restart_boost()
+    lone_reload_at: int | None = None  # micro-step before which the last rank alone loads a copy of its own state
+    lone_group_at: int | None = None  # micro-step before which the last rank alone adds a parameter group
     failed_boost_eval_at: int | None = None  # micro-step before which the ranks evaluate in boosted(), the forward raising
 
 
@@ -144,6 +147,10 @@ def train(
             optimizer.state_dict()
         if step == scenario.lone_boost_restart_at and rank == world - 1 and sharded_world > 1:
             optimizer.restart_boost()
+        if step == scenario.lone_reload_at and rank == world - 1 and sharded_world > 1:
+            optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        if step == scenario.lone_group_at and rank == world - 1 and sharded_world > 1:
+            optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
         if scenario.late_from is not None:
             getattr(model, "module", model).awake = step >= scenario.late_from  # DDP wraps the net, FSDP2 is it
         if sharded_world > 1:

@@ -59,6 +59,12 @@ TWO_RANKS = [
              odd_rank={"dtype": torch.bfloat16}),
     Scenario("one-rank-skips-backward-alone", options={"check_consistency": 1}, steps=6, lone_skip_at=4),
     Scenario("one-rank-skips-backward-alone-adam", options={**ADAM, "check_consistency": 1}, steps=6, lone_skip_at=4),
+    # a lone load_state_dict or add_param_group made that rank handshake where the others sent a real step's
+    # vector: gloo aborted both processes; now every step handshakes, and a lone load of the same state agrees
+    Scenario("one-rank-adds-a-group-alone", options={"check_consistency": 1}, steps=6, batch_multiplier=2,
+             lone_group_at=3),
+    Scenario("one-rank-reloads-alone", options={**ADAM, "check_consistency": 1}, steps=8, batch_multiplier=2,
+             lone_reload_at=2),
     Scenario("fsdp2-boost", "fsdp2", boost_cycle=15, options={"momentum": 0.5}, nan_loss_at=4),
     Scenario("ddp-boost", boost_cycle=100, batch_multiplier=2),
     Scenario("fsdp2-scaler", "fsdp2", scaler=True, inf_grad_at=11, batch_multiplier=2),
@@ -333,6 +339,21 @@ def one_rank(tmp_path):
     dist.destroy_process_group()
 
 
+def test_get_boost_model_refuses_a_ddp_over_a_group_of_its_own_at_once(one_rank):
+    """torch cannot copy such a DDP: the first call turned boosting on, and the next, an epoch later, met
+    torch's "DDP Pickling/Unpickling are only supported when using DDP with the default process group". Now the
+    first call refuses and changes nothing; the module it wraps is copied as for one process."""
+    import torch.distributed as dist
+
+    net = torch.nn.Linear(3, 2)
+    model = torch.nn.parallel.DistributedDataParallel(net, process_group=dist.new_group([0]))
+    opt = ElraOptimizer(model.parameters(), None, 8, 2)
+    with pytest.raises(TypeError, match=r"pass the module it wraps \(model.module\)"):
+        opt.get_boost_model(True, model)
+    assert not opt.booster.enabled
+    assert opt.get_boost_model(True, model.module) == (0, 0.0, None) and opt.booster.enabled
+
+
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
     return _spawn(tmp_path_factory.mktemp("two"), 2, TWO_RANKS[:-1] + TWO_RANKS_TOO + TWO_RANKS[-1:])
@@ -372,7 +393,8 @@ def _assert_matches_single_process(ranks: list[dict], name: str) -> dict:
     "name",
     [
         s.name for s in TWO_RANKS
-        if not (s.diverge or s.odd_rank or s.lone_skip_at is not None or s.full_batch) and s.name not in REFUSED
+        if not (s.diverge or s.odd_rank or s.lone_skip_at is not None or s.lone_group_at is not None or s.full_batch)
+        and s.name not in REFUSED
     ],
 )
 def test_two_ranks_follow_the_single_process_trajectory(two, name):
@@ -497,10 +519,11 @@ def test_nan_loss_on_one_rank_retraces_every_rank(two):
     assert results[0]["stats"]["retraces"] == results[1]["stats"]["retraces"] >= 2
 
 
-def test_step_issues_at_most_one_collective_and_none_while_collecting(two):
+def test_step_issues_one_collective_a_handshake_more_under_check_consistency_and_none_while_collecting(two):
+    per_real_step = {s.name: 1 + bool(s.options.get("check_consistency")) for s in TWO_RANKS}
     for name in ("ddp", "ddp-collect-no-helper", "ddp-adam", "ddp-muon", "ddp-factored", "fsdp2-factored"):
         counts = two[0][name]["counts"]
-        assert counts and all(total == (0 if collecting else 1) for collecting, total in counts)
+        assert counts and all(total == (0 if collecting else per_real_step[name]) for collecting, total in counts)
         assert any(collecting for collecting, _ in counts) == (name != "ddp")
 
 
@@ -511,6 +534,7 @@ def test_step_issues_at_most_one_collective_and_none_while_collecting(two):
         "ranks-differ-in-dtype-muon",
         "one-rank-skips-backward-alone",
         "one-rank-skips-backward-alone-adam",
+        "one-rank-adds-a-group-alone",
     ],
 )
 def test_ranks_that_disagree_raise_the_same_error_on_every_rank(two, name):

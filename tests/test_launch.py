@@ -489,6 +489,17 @@ def test_the_newest_checkpoints_are_kept_past_epoch_99999(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-100000", "epoch-100001"]
 
 
+@pytest.mark.parametrize("strategy", ["none", "fsdp2"])
+def test_an_empty_checkpoint_directory_is_named_as_unreadable_under_every_strategy(tmp_path, strategy):
+    """An epoch-N directory that lost its files: a sharded job was told it had been written by --strategy none
+    or ddp and to resume with those, which then failed on the missing state.pt."""
+    from launch.checkpoint import Checkpointer
+
+    (tmp_path / "epoch-00003").mkdir()
+    with pytest.raises(CheckpointError, match=r"epoch-00003 cannot be read \(FileNotFoundError: it holds neither"):
+        Checkpointer(tmp_path, strategy, 0, world=1).resume(None, None)
+
+
 def test_distributed_strategy_without_torchrun_says_how_to_launch():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     done = subprocess.run([sys.executable, str(TRAIN), "--strategy", "ddp"], capture_output=True, text=True, timeout=120, env=env)
@@ -682,6 +693,20 @@ def test_a_job_resumed_for_more_epochs_cools_down_at_its_new_end(tmp_path, monke
     assert longer["cooldown_eta"] not in (0.0, first["cooldown_eta"])  # a cooldown of its own
     launcher.main([*SMALL, "--epochs", "5", "--checkpoint-dir", str(checkpoints), "--no-cooldown"])
     assert controller(5)[0] is None
+
+
+def test_a_job_resumed_on_another_number_of_ranks_budgets_the_rest_in_its_epochs(tmp_path):
+    """An epoch is 44 micro-batches in one process, 22 on 2 ranks. The budget of a job resumed there was
+    --epochs x 22 = 44 for 2 epochs, where the clock already stood at 44: its second epoch ran at the
+    cooldown's floor (from 2 ranks to 1 the budget lay beyond the job's end: no cooldown). Now it is the
+    checkpoint's clock and the rest's micro-batches on the ranks of the job."""
+    checkpoints = tmp_path / "ckpt"
+    common = ["--threads", "1", "--checkpoint-dir", str(checkpoints)]
+    launcher.main(["--strategy", "none", "--epochs", "1", *common])
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TRAIN)]
+    _run([*ddp, "--strategy", "ddp", "--epochs", "2", *common])
+    group = torch.load(checkpoints / "epoch-00002" / "state.pt", weights_only=True)["optim"]["param_groups"][0]
+    assert group["elra_config"]["total_steps"] == 44 + 22 == group["elra_controller"]["micro_steps"]
 
 
 def test_checkpoint_of_another_max_steps_says_what_it_was_trained_with(tmp_path):
@@ -942,12 +967,40 @@ def test_resnet18_prints_the_same_lines_under_ddp_and_fsdp2(tmp_path):
     assert len(ddp) == 2 and ddp == fsdp2
 
 
-def test_every_rank_evaluates_the_same_number_of_batches():
+def test_every_rank_evaluates_the_same_number_of_batches_and_every_held_out_sample_once():
     """Held-out samples split over ranks: unequal batch counts left FSDP ranks waiting in a gather (513 images
-    over 2 ranks, batch 256: 2 batches on one rank, 1 on the other)."""
-    from launch.data import TensorSet
+    over 2 ranks, batch 256: 2 batches on one rank, 1 on the other). Then the remainder beyond a multiple of the
+    ranks was left out (the held-out numbers of a text of 249 windows differed between 1 and 2 ranks); now the
+    shares are padded with ignored targets. The same for text windows."""
+    from launch.data import IGNORED, TensorSet, TextWindows
 
-    data = TensorSet(torch.arange(513.0).unsqueeze(1), torch.arange(513), lambda x: x)
-    for world in (2, 3, 4):
-        batches = [[len(y) for _, y in data.loader(None, rank, world, 256)] for rank in range(world)]
-        assert all(sizes == batches[0] for sizes in batches) and sum(batches[0]) * world == 513 // world * world
+    images = TensorSet(torch.arange(513.0).unsqueeze(1), torch.arange(513), lambda x: x)
+    windows = TextWindows(torch.arange(8 * 49 + 1), 8)  # 49 windows of 8, each starting at its own id
+    for data, count in ((images, 513), (windows, 49)):
+        for world in (1, 2, 3, 4):
+            shares = [list(data.loader(None, rank, world, 16)) for rank in range(world)]
+            assert all([len(y) for _, y in share] == [len(y) for _, y in shares[0]] for share in shares)
+            samples = [(x, y) for share in shares for xs, ys in share for x, y in zip(xs, ys)]
+            kept = [int(x.flatten()[0]) for x, y in samples if (y != IGNORED).all()]
+            assert all((y == IGNORED).all() or (y != IGNORED).all() for _, y in samples)
+            assert len(kept) == len(set(kept)) == count  # every sample once
+
+
+def test_the_held_out_numbers_do_not_depend_on_the_number_of_ranks(monkeypatch):
+    """The padding counts for nothing: each rank's sums (as the all-reduce adds them) over shares of 49
+    windows give the one-process loss and accuracy on 2 and 3 ranks."""
+    from launch.data import TextWindows
+
+    windows = TextWindows(torch.arange(8 * 49 + 1) % 7, 8)
+    torch.manual_seed(0)
+    model = launcher.CharGPT(vocab=7, context=8, width=16, heads=2, layers=1)
+    cpu = torch.device("cpu")
+    one = launcher._evaluate(model, windows.loader(None, 0, 1, 16), cpu, distributed=False)
+    for world in (2, 3):
+        sums = []
+        monkeypatch.setattr(launcher, "reduce_sum", lambda values, distributed: sums.append(values) or values)
+        for rank in range(world):
+            launcher._evaluate(model, windows.loader(None, rank, world, 16), cpu, distributed=True)
+        loss_sum, correct, count = torch.stack(sums).sum(0).tolist()
+        assert count == 49 * 8 and loss_sum / count == pytest.approx(one[0], rel=1e-6)  # float32, other batches
+        assert correct / count == pytest.approx(one[1], rel=1e-12)
