@@ -23,7 +23,7 @@ from operator import attrgetter
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.distributed import group
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from .boost import DEFAULT_CYCLE, Booster, new_mean
@@ -730,7 +730,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 "the boost mean in place, `with optimizer.boosted():` on every rank, after optimizer.enable_boost()"
             )
         wrapper = uncompiled(model) if model is not None else None
-        if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) and wrapper.process_group is not group.WORLD:
+        if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) and wrapper.process_group is not dist.group.WORLD:
             raise TypeError(  # torch's refusal to copy such a DDP came an epoch later, at the first copy
                 "get_boost_model copies the model, which torch cannot for DDP over a process group of its own: pass "
                 "the module it wraps (model.module), or evaluate the boost mean in place, `with optimizer.boosted():`"
