@@ -11,6 +11,7 @@ anything.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import numbers
@@ -104,7 +105,10 @@ class Checkpointing:
         with self._torch_hooks_held():
             sd = super().state_dict()
         controller = self.controller.state_dict()
-        controller["pending_losses"] = [float(v) for v in self._pending]
+        # one string, not a list: torch's load of a full state dict broadcast from rank 0 (broadcast_from_rank0)
+        # flattens lists element by element and takes only the keys a fresh optimizer's state_dict has, whose
+        # list is empty: the other ranks resumed without the collected losses, and the next step hung
+        controller["pending_losses"] = json.dumps([float(v) for v in self._pending])
         controller["pending_reports"] = [float(v) for v in self._reports]
         sd["param_groups"][0][STATE_KEY] = controller
         sd["param_groups"][0][BOOST_KEY] = self.booster.state_dict()
@@ -236,7 +240,7 @@ class Checkpointing:
             except ValueError as error:
                 raise ValueError(f"parameter group {index} of the state_dict: {error}") from error
         controller_state = dict(groups[0][STATE_KEY])
-        pending = [float(v) for v in controller_state.pop("pending_losses", [])]
+        pending = _pending_losses(controller_state.pop("pending_losses", "[]"))
         reports = _pending_reports(controller_state.pop("pending_reports", [0.0] * len(self._reports)), len(self._reports))
         controller = make_controller(config)
         controller.load_state_dict(controller_state)
@@ -493,6 +497,18 @@ def _bare_name(name: str) -> str:
     """A parameter's name without the parts wrappers add (DDP's ``module``, ``torch.compile``'s ``_orig_mod``,
     FSDP1's and activation checkpointing's): a run resumed under another wrapper keeps its names."""
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
+def _pending_losses(saved: Any) -> list[float]:
+    """The losses of the micro-batches collected toward the next real step: a JSON list (a list before session
+    25), checked."""
+    try:
+        values = json.loads(saved) if isinstance(saved, str) else saved
+    except ValueError:
+        values = None
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"the state_dict's pending_losses {saved!r} are not a list of numbers")
+    return [float(v) for v in values]
 
 
 def _pending_reports(saved: Any, size: int) -> list[float]:

@@ -464,6 +464,17 @@ def _reload(model, optimizer, checkpoint: Path) -> None:
     _dcp_load(model, optimizer, state)
 
 
+def _broadcast_load(model, optimizer, state: dict) -> None:
+    """torch's load of a full state dict that rank 0 alone holds (``broadcast_from_rank0``); model and optimizer
+    apart: ``set_state_dict`` takes an empty model state on the other ranks for none to load, and they skip
+    the model's broadcast."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
+
+
 def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tuple[Scenario, int]], phase: str) -> None:
     """DCP round trips of FSDP2 runs, each ``(scenario, micro-step to save at)``.
 
@@ -471,7 +482,9 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tu
     for a single process), train on; then a fresh model and optimizer load the
     checkpoint and train the same steps. ``resume``: load the checkpoint on
     this world size and train on; rank 0 also runs single-process twins, one
-    from the full copy and one from the DCP checkpoint itself. Saved in the
+    from the full copy and one from the DCP checkpoint itself. FSDP2 runs saved
+    mid-collection are also loaded from rank 0's full copy broadcast to the
+    others (``broadcast_from_rank0``). Saved in the
     middle of collecting under grad_sync, the pending sums are synchronised
     first (``state_dict()`` refuses before that: recorded as ``refused``).
     """
@@ -523,6 +536,18 @@ def run_checkpointing(rank: int, world: int, store: str, out: str, runs: list[tu
                 results["reloaded"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
                 results["reloaded"]["controller"] = optimizer.controller.state_dict()
                 results["reloaded"]["outputs"] = probe_outputs(model, optimizer, boost)
+                if scenario.strategy == "fsdp2" and "mid-collection" in scenario.name:  # rank 0's full copy, broadcast
+                    model = wrap(make_net(scenario.late_from is not None), scenario.strategy, world)
+                    optimizer = make_optimizer(model, scenario)
+                    if boost:
+                        optimizer.enable_boost(scenario.boost_cycle)
+                    _broadcast_load(model, optimizer, full if rank == 0 else {"model": {}, "optim": {}})
+                    loaded = [None] * world
+                    torch.distributed.all_gather_object(loaded, optimizer.micro_batches)
+                    results["broadcast_micro_batches"] = loaded
+                    if len(set(loaded)) == 1:  # ranks that collected differently would wait for each other
+                        train(scenario, model, optimizer, rank, world, world, start=save_at)
+                        results["broadcast"] = {"params": full_parameters(model, scenario.strategy), "stats": optimizer.stats}
             model = wrap(make_net(scenario.late_from is not None), scenario.strategy, world)
             optimizer = make_optimizer(model, scenario)
             if boost:

@@ -59,7 +59,7 @@ def test_resume_in_fresh_process_is_bit_identical(fresh_resumes, uninterrupted, 
     assert all(torch.equal(resumed["model"][k], v) for k, v in expected_model.items())
     assert resumed["stats"] == expected_stats
     assert expected_stats["retraces"] > 0 and expected_stats["batch_multiplier"] >= 2
-    collecting = bool(saved["optimizer"]["param_groups"][0]["elra_controller"]["pending_losses"])
+    collecting = bool(json.loads(saved["optimizer"]["param_groups"][0]["elra_controller"]["pending_losses"]))
     assert collecting == mid_collection and saved["step"] >= 700
 
 
@@ -91,7 +91,8 @@ def test_state_dict_uses_the_torch_layout(preconditioner, weight_keys, bias_keys
     zero_d = {"moved", "late", "collected", "momentum_mean_square"}
     assert all(t.shape == (() if k in zero_d else model.weight.shape) for k, t in sd["state"][0].items())
     controller = sd["param_groups"][0]["elra_controller"]
-    assert all(isinstance(v, (int, float, bool, list, type(None))) for v in controller.values())
+    assert all(isinstance(v, (int, float, bool, list, type(None))) for k, v in controller.items() if k != "pending_losses")
+    assert json.loads(controller["pending_losses"]) == []  # one JSON string: see the broadcast_from_rank0 test
     assert "elra_controller" not in opt.param_groups[0]
 
 
@@ -1066,6 +1067,25 @@ def test_a_deep_copied_state_dict_kept_while_training_goes_on_resumes_exactly(pr
     _run(resumed_model, resumed, 7, 20)
     assert resumed.stats == opt.stats
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+
+
+def test_collected_losses_saved_as_a_list_by_an_older_elra_still_load():
+    """Session 25 saves them as one JSON string (torch's rank-0 broadcast flattened the list); a list loads
+    too, and a value that is neither is refused before anything changes."""
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model, batch_multiplier=3)
+    _run(model, opt, 0, 7)
+    sd = copy.deepcopy(opt.state_dict())
+    controller = sd["param_groups"][0]["elra_controller"]
+    assert isinstance(controller["pending_losses"], str) and len(json.loads(controller["pending_losses"])) == 1
+    as_list = copy.deepcopy(sd)
+    as_list["param_groups"][0]["elra_controller"]["pending_losses"] = json.loads(controller["pending_losses"])
+    resumed = _digits_optimizer(copy.deepcopy(model), batch_multiplier=3)
+    resumed.load_state_dict(as_list)
+    assert resumed.micro_batches == 1 and resumed.state_dict()["param_groups"][0]["elra_controller"] == controller
+    controller["pending_losses"] = "1.5, nonsense"
+    with pytest.raises(ValueError, match="pending_losses"):
+        _digits_optimizer(copy.deepcopy(model), batch_multiplier=3).load_state_dict(sd)
 
 
 def test_a_budget_set_after_loading_replaces_the_checkpoints_and_is_saved():

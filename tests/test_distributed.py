@@ -601,6 +601,21 @@ def test_mid_collection_checkpoints_keep_the_pending_sums(checkpointed):
     assert not any("refused" in r for r in checkpointed["fsdp2-root-dcp-mid-collection"][0])  # sync was on
 
 
+def test_a_mid_collection_checkpoint_broadcast_from_rank_0_resumes_on_every_rank(checkpointed):
+    """torch's load of a full state dict rank 0 alone holds (``broadcast_from_rank0``) takes only the keys a
+    fresh optimizer's state_dict has, lists element by element: the collected losses, a list empty there, reached
+    rank 0 alone, the other rank resumed with none collected beside rank 0's one, and the next step hung. Now
+    every rank resumes with them, as the uninterrupted run goes on."""
+    names = [s.name for s, _ in CHECKPOINTED if "mid-collection" in s.name and s.strategy == "fsdp2"]
+    assert len(names) == 3
+    for name in names:
+        saved, _ = checkpointed[name]
+        for rank in saved:
+            assert rank["broadcast_micro_batches"] == [rank["micro_batches"]] * 2 == [1, 1]
+            assert rank["broadcast"]["stats"] == rank["uninterrupted"]["stats"]
+            assert all(torch.equal(rank["broadcast"]["params"][k], v) for k, v in rank["uninterrupted"]["params"].items())
+
+
 @pytest.mark.parametrize("name", ["fsdp2-boost", "ddp-boost", "fsdp2-adam-boost"])
 def test_boost_average_matches_single_process_and_swap_is_exact(two, name):
     results = [r[name] for r in two]

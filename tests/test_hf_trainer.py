@@ -1,5 +1,6 @@
 """ElraTrainer: transformers.Trainer driving ELRA, against a hand-written ELRA loop and across a resume."""
 
+import json
 import importlib
 import subprocess
 import sys
@@ -151,7 +152,7 @@ def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path,
     whole, whole_opt = run(tmp_path / "whole")
     checkpoint = tmp_path / "whole" / "checkpoint-5"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    assert saved["param_groups"][0]["elra_controller"]["pending_losses"]  # saved mid-collection
+    assert json.loads(saved["param_groups"][0]["elra_controller"]["pending_losses"])  # saved mid-collection
     assert saved["elra_trainer_train_loss"][1] > 0  # and with train losses not yet fed to ELRA
     resumed, resumed_opt = run(tmp_path / "resumed", resume=str(checkpoint))
     assert list(fed[tmp_path / "whole"]) == [4, 8, 12, 14]
