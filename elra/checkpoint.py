@@ -351,7 +351,7 @@ class Checkpointing:
                         f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
                     )
             direction = entry.get("direction") if geometry is None else None
-            if isinstance(direction, torch.Tensor) and not kept_finite(direction, direction.to(p.dtype)):
+            if isinstance(direction, torch.Tensor) and not kept_finite(direction, p.dtype):
                 raise ValueError(
                     f"P2M's direction of parameter {index} exceeds the range of its {p.dtype} (torch casts the "
                     "state to it, and a retrace along it would write inf into the parameter): load it into the "

@@ -50,13 +50,14 @@ def moment_zeros(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p, dtype=moment_dtype(p), memory_format=torch.preserve_format)
 
 
-def kept_finite(value: torch.Tensor, cast: torch.Tensor) -> bool:
-    """Whether ``cast`` (``value`` in another dtype) is finite wherever ``value`` is: a float32 P2M direction
-    cast to float16 with its parameter (``model.half()``, a float32 checkpoint loaded) may pass float16's range."""
-    if cast.dtype.itemsize >= value.dtype.itemsize or not cast.is_floating_point():
+def kept_finite(value: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``value`` cast to ``dtype`` is finite wherever ``value`` is: a float32 P2M direction cast to
+    float16 with its parameter (``model.half()``, a float32 checkpoint loaded) may pass float16's range. Casts
+    only to a narrower floating dtype, where that can happen."""
+    if dtype.itemsize >= value.dtype.itemsize or not dtype.is_floating_point:
         return True
-    value, cast = local(value), local(cast)
-    return not bool((torch.isfinite(value) & ~torch.isfinite(cast)).any())
+    value = local(value)
+    return not bool((torch.isfinite(value) & ~torch.isfinite(value.to(dtype))).any())
 
 
 @dataclass

@@ -401,7 +401,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 f"all parameters must be on one device: found {sorted(map(str, devices))}; use one optimizer per device"
             )
         for p, key, value, cast in converted:
-            if not kept_finite(value, cast):  # P2M's direction, which follows its parameter's dtype
+            if not kept_finite(value, cast.dtype):  # P2M's direction, which follows its parameter's dtype
                 raise ValueError(
                     f"the parameters were cast to {cast.dtype}, whose range P2M's direction exceeds (a retrace along "
                     f"it would write inf into them); cast them back (the state is unchanged), or cast before "
