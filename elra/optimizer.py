@@ -462,6 +462,13 @@ class ElraOptimizer(Checkpointing, Optimizer):
         return len(self._pending)
 
     @property
+    def micro_batches_taken(self) -> int:
+        """Micro-batches passed to ``step`` so far, those of the real steps and those collected toward the next
+        (restored by a checkpoint): the clock a step budget counts, so a run meant to go ``n`` micro-batches
+        further sets ``total_steps = micro_batches_taken + n``."""
+        return self.controller.state.micro_steps + self.micro_batches
+
+    @property
     def preconditioner(self) -> str | None:
         """The direction's preconditioner (``None``: P2M), as constructed or loaded from a checkpoint."""
         return self._config["preconditioner"]

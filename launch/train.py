@@ -483,8 +483,7 @@ def train(args, rank: int, world: int, device: torch.device, distributed: bool) 
     )
     start = checkpointer.resume(model, optimizer) if checkpointer else 0
     if start and budget is not None:
-        taken = optimizer.controller.state.micro_steps + optimizer.micro_batches
-        budget = step_budget(args, train_set, world, start, taken)
+        budget = step_budget(args, train_set, world, start, optimizer.micro_batches_taken)
     if optimizer.total_steps != budget:  # the checkpoint's, of a job with other --epochs, --cooldown or ranks
         if rank == 0:
             log.info("step budget %s micro-batches for --epochs %d, not the checkpoint's %s",

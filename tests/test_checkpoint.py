@@ -1083,6 +1083,7 @@ def test_collected_losses_saved_as_a_list_by_an_older_elra_still_load():
     resumed = _digits_optimizer(copy.deepcopy(model), batch_multiplier=3)
     resumed.load_state_dict(as_list)
     assert resumed.micro_batches == 1 and resumed.state_dict()["param_groups"][0]["elra_controller"] == controller
+    assert resumed.micro_batches_taken == opt.micro_batches_taken == 7  # two real steps of 3 and one collected
     controller["pending_losses"] = "1.5, nonsense"
     with pytest.raises(ValueError, match="pending_losses"):
         _digits_optimizer(copy.deepcopy(model), batch_multiplier=3).load_state_dict(sd)
@@ -1100,7 +1101,8 @@ def test_a_budget_set_after_loading_replaces_the_checkpoints_and_is_saved():
     again = _digits_optimizer(model, preconditioner="adam", total_steps=200)
     again.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert again.total_steps == 120  # the checkpoint's, with a warning
-    again.total_steps = 200
+    assert again.micro_batches_taken == 60  # the budget's clock, restored
+    again.total_steps = again.micro_batches_taken + 140
     assert _same(_run(model, again, 60, 150), expected)
     assert again.state_dict()["param_groups"][0]["elra_config"]["total_steps"] == 200
     again.total_steps = None

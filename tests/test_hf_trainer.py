@@ -199,7 +199,7 @@ def test_the_step_budget_counts_the_short_last_chunk_of_an_epoch(tmp_path, epoch
     trainer.train()
     elra_optimizer = trainer.elra_optimizer
     taken = elra_optimizer.controller.state.micro_steps + elra_optimizer.micro_batches  # 13: one still collected
-    assert len(batches) == budget == elra_optimizer.total_steps == taken
+    assert len(batches) == budget == elra_optimizer.total_steps == taken == elra_optimizer.micro_batches_taken
 
 
 def test_a_second_train_call_gets_a_budget_of_its_own(tmp_path, monkeypatch):

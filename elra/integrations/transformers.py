@@ -304,8 +304,7 @@ class ElraTrainer(Trainer):
         elra = self.elra_optimizer
         if self._max_steps is None or elra.preconditioner is None:
             return  # P2M has its own schedule
-        taken = elra.controller.state.micro_steps + elra.micro_batches
-        budget = taken + self._micro_batches(self._max_steps) - self._micro_batches(self.state.global_step)
+        budget = elra.micro_batches_taken + self._micro_batches(self._max_steps) - self._micro_batches(self.state.global_step)
         if elra.total_steps == budget:
             return
         if elra.total_steps is not None:
