@@ -70,6 +70,7 @@ class ElraGradScaler:
         self._overflowed = False
         self._loss: float | torch.Tensor | None = None
         self._scaled: list[weakref.ref] = []  # the loss tensors that make up _loss
+        self._stepped: list[ElraOptimizer] = []  # those already handed _loss
         self._optimizers: list[ElraOptimizer] = []  # those this scaler stepped
 
     def get_scale(self) -> float:
@@ -79,13 +80,16 @@ class ElraGradScaler:
         """Remember ``loss`` for ``step`` and return it multiplied by the scale.
 
         Several losses scaled (and back-propagated) before one ``step``, torch's pattern for several losses, add
-        up in ``.grad``: ``step`` hands ELRA their sum, the loss of that gradient. ``optimizer.step_retrace(loss)``
+        up in ``.grad``: ``step`` hands ELRA their sum, the loss of that gradient, and so does every ``step`` of
+        another optimizer until the next ``scale`` after a step starts a new sum. ``optimizer.step_retrace(loss)``
         in place of ``step`` (a skipped backward) ends the step without them, as ``optimizer.zero_grad()`` does where it
         clears the gradients: they are dropped when it names this loss or is the optimizer this scaler steps.
         """
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"scale() needs the loss tensor, got {type(loss).__name__}")
         value = _loss_value(loss)
+        if self._stepped:  # the next micro-batch's loss: the last one was handed over
+            self._forget_loss()
         self._loss = value if self._loss is None else self._loss + value
         self._scaled.append(weakref.ref(loss))
         LOSS_KEEPERS.add(self)
@@ -104,7 +108,13 @@ class ElraGradScaler:
             )
         if self._loss is None:
             raise RuntimeError("call scaler.scale(loss).backward() before scaler.step(optimizer)")
-        loss, self._loss, self._scaled = self._limited(self._loss), None, []
+        if any(stepped is optimizer for stepped in self._stepped):
+            raise RuntimeError(
+                "scaler.step(optimizer) was called twice for one scaled loss: scale and back-propagate the next "
+                "micro-batch's loss first"
+            )
+        self._stepped.append(optimizer)
+        loss = self._limited(self._loss)
         if not any(known is optimizer for known in self._optimizers):
             self._optimizers.append(optimizer)
         inv_scale = 1.0 / self._scale if self.enabled else 1.0
@@ -117,7 +127,9 @@ class ElraGradScaler:
         return outcome
 
     def update(self) -> None:
-        """Back off after an overflow; grow after ``growth_interval`` clean steps."""
+        """Back off after an overflow; grow after ``growth_interval`` clean steps. The loss handed to the
+        optimizers stepped since the last ``scale`` is forgotten."""
+        self._forget_loss()
         if not self.enabled:
             return
         collecting = any(optimizer.micro_batches for optimizer in self._optimizers)
@@ -140,7 +152,10 @@ class ElraGradScaler:
         any before its first step (the first micro-batch skipped: its loss reached the next one's step)."""
         ours = not self._optimizers or any(known is optimizer for known in self._optimizers)
         if ours or (loss is not None and any(ref() is loss for ref in self._scaled)):
-            self._loss, self._scaled = None, []
+            self._forget_loss()
+
+    def _forget_loss(self) -> None:
+        self._loss, self._scaled, self._stepped = None, [], []
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_scaled": []}  # weak references do not pickle

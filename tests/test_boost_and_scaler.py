@@ -475,6 +475,51 @@ def test_one_scaler_stepping_two_optimizers_keeps_the_scale_while_either_collect
     assert scales[0::2] == scales[1::2] and min(scales) < scales[4]  # backed off after a's real step
 
 
+@pytest.mark.parametrize("losses", [1, 2])
+def test_one_scaled_loss_steps_every_optimizer_of_the_model(losses):
+    """torch's patterns for one model split over two optimizers: ``scaler.scale(loss).backward()`` (or two losses
+    scaled and back-propagated, torch's AMP example), then ``scaler.step(a); scaler.step(b); scaler.update()``.
+    The first step took the remembered loss away and the second raised "call scaler.scale(loss).backward()
+    first". Each is now handed the loss: the run equals the loop without a scaler (scale 16: exact in float64),
+    and a second ``step`` of one optimizer for the same loss is refused."""
+
+    def run(scaled: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+        x, y = torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
+        opts = [ElraOptimizer(model[i].parameters(), None, 8, 0, preconditioner=p) for i, p in ((0, None), (2, "adam"))]
+        scaler = ElraGradScaler(init_scale=16.0, growth_interval=3)
+        for i in range(20):
+            for opt in opts:
+                opt.zero_grad()
+            out = model(x[i % 8 * 8 : i % 8 * 8 + 8])
+            parts = [((out - y[i % 8 * 8 : i % 8 * 8 + 8]) ** 2).mean(), 0.01 * out.abs().mean()][:losses]
+            if scaled:
+                for part in parts:
+                    scaler.scale(part).backward(retain_graph=True)
+                for opt in opts:
+                    scaler.step(opt)
+                scaler.update()
+            else:
+                for part in parts:
+                    part.backward(retain_graph=True)
+                for opt in opts:
+                    opt.step(sum(parts))
+        return [p.detach().clone() for p in model.parameters()], opts, scaler
+
+    plain, opts, _ = run(False)
+    scaled, scaled_opts, scaler = run(True)
+    assert scaler.get_scale() > 16.0 and all(o.stats["real_steps"] == 20 for o in opts)
+    assert [o.stats for o in scaled_opts] == [o.stats for o in opts]
+    assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
+    model = torch.nn.Linear(2, 1)
+    opt = ElraOptimizer(model.parameters(), None, 8, 0)
+    scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+    scaler.step(opt)
+    with pytest.raises(RuntimeError, match="twice for one scaled loss"):
+        scaler.step(opt)
+
+
 def test_a_scaler_keeps_its_own_enabled_when_it_loads_another_ones_state(caplog):
     """``ElraGradScaler(enabled=use_fp16)`` then ``load_state_dict``: the checkpoint's flag won, so a float16
     resume of a float32 run lost its loss scaling (an inf gradient was retraced, not skipped and backed off), and
