@@ -335,6 +335,12 @@ class Checkpointing:
             shapes = {"direction": p.shape} if geometry is None else geometry.state_shapes(p)
             needed = [*shapes, "boost"] if boost_enabled else list(shapes)
             entry = saved_state.get(saved_id, {})
+            for key, value in entry.items():  # first: another order also lacks keys (muon: matrix vs vector)
+                if isinstance(value, torch.Tensor) and value.shape != shapes.get(key, () if key in _FLAGS else p.shape):
+                    raise ValueError(
+                        f"state '{key}' of shape {tuple(value.shape)} does not fit parameter {index} of shape "
+                        f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
+                    )
             for key in needed if p.numel() else ():  # FSDP1 saves no state for a parameter with no local part
                 if key not in entry and key not in _ADDED_LATER:
                     # a torch.distributed.checkpoint load reads only the keys the loading optimizer's state has
@@ -344,12 +350,6 @@ class Checkpointing:
                         if key == "boost" else f"its preconditioner={preconditioner!r} needs it"
                     )
                     raise ValueError(f"the state_dict lacks the '{key}' state of parameter {index} ({why})")
-            for key, value in entry.items():
-                if isinstance(value, torch.Tensor) and value.shape != shapes.get(key, () if key in _FLAGS else p.shape):
-                    raise ValueError(
-                        f"state '{key}' of shape {tuple(value.shape)} does not fit parameter {index} of shape "
-                        f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
-                    )
             direction = entry.get("direction") if geometry is None else None
             if isinstance(direction, torch.Tensor) and not kept_finite(direction, p.dtype):
                 raise ValueError(

@@ -113,6 +113,20 @@ def test_loading_state_of_another_model_raises():
         ElraOptimizer(large.parameters()).load_state_dict(opt.state_dict())
 
 
+@pytest.mark.parametrize("preconditioner", ["muon", "factored", "adam", None])
+def test_loading_state_in_another_parameter_order_says_so(preconditioner):
+    """A state_dict loaded over the same model's ``parameters()`` reversed: under muon and factored, whose matrices
+    and vectors keep different state, the missing-key check came first and blamed the checkpoint ("lacks the
+    'exp_avg_sq' state ... its preconditioner needs it"). The shapes are checked first now, as for adam and P2M."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    opt = ElraOptimizer(model.parameters(), preconditioner=preconditioner)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step(1.0)
+    reordered = ElraOptimizer(list(model.parameters())[::-1], preconditioner=preconditioner)
+    with pytest.raises(ValueError, match="another model or parameter order"):
+        reordered.load_state_dict(opt.state_dict())
+
+
 @pytest.mark.parametrize("other", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
 def test_loading_another_optimizers_state_dict_raises_saying_so(other):
     """An AdamW checkpoint (a Trainer run switched to ELRA) is named as such, not taken for a flattened DCP load."""
