@@ -76,6 +76,7 @@ class ElraGradScaler:
     def get_scale(self) -> float:
         return self._scale if self.enabled else 1.0
 
+    @torch._disable_dynamo  # inside a compiled training step: eager, as ElraOptimizer.step
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         """Remember ``loss`` for ``step`` and return it multiplied by the scale.
 
@@ -95,6 +96,7 @@ class ElraGradScaler:
         LOSS_KEEPERS.add(self)
         return loss * self._scale if self.enabled else loss
 
+    @torch._disable_dynamo
     def step(self, optimizer: ElraOptimizer) -> str:
         """Hand the remembered loss and the unscaled gradients to ELRA.
 
@@ -126,6 +128,7 @@ class ElraGradScaler:
         self._overflowed = self._overflowed or outcome == "overflow"
         return outcome
 
+    @torch._disable_dynamo
     def update(self) -> None:
         """Back off after an overflow; grow after ``growth_interval`` clean steps. The loss handed to the
         optimizers stepped since the last ``scale`` is forgotten."""

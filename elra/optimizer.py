@@ -522,6 +522,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self.controller.set_valid_loss(value)
         self._reports[2:4] = [value, 1.0]
 
+    @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients, except while collecting: then micro-batch gradients must add up."""
         if self._pending:
@@ -530,6 +531,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         for keeper in list(LOSS_KEEPERS):  # a loss scaled before is the loss of gradients no longer there
             keeper._step_dropped(self)
 
+    @torch._disable_dynamo  # a compiled training step breaks its graph here and runs ELRA's host decisions eagerly
     @torch.no_grad()
     def step(
         self,
@@ -613,6 +615,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
     # ``_step`` through the step pre/post hooks and the profiler label, as ``step`` runs: ElraGradScaler's entry
     _hooked_step = Optimizer.profile_hook_step(_step)
 
+    @torch._disable_dynamo
     @torch.no_grad()
     def step_retrace(self, loss: LossLike) -> None:
         """Revert the last step without a gradient (the caller skipped ``backward``)."""

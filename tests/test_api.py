@@ -160,6 +160,42 @@ def test_float_tensor_and_closure_losses_give_identical_trajectories():
     assert opt.stats["real_steps"] == 60
 
 
+@pytest.mark.parametrize("backend, preconditioner, scaled", [("eager", "muon", False), ("aot_eager", None, True)])
+def test_a_compiled_training_step_runs_elras_step_as_written(backend, preconditioner, scaled):
+    """``torch.compile`` of a whole training step (zero_grad, forward, backward, step), as torch's optimizers allow.
+    Dynamo traced into ELRA's step and skipped the real steps without a word (batch multiplier 2: 0 of 5 taken),
+    or failed inside torch (functionalization of the fused kernels). The step, zero_grad and the scaler now run
+    eagerly at a graph break: the same trajectory as the loop uncompiled."""
+    from elra import ElraGradScaler
+
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+        opt = ElraOptimizer(model.parameters(), None, 8, 0, preconditioner=preconditioner, batch_multiplier=2)
+        scaler = ElraGradScaler(init_scale=16.0)
+        x, y = torch.randn(80, 4, dtype=torch.float64), torch.randn(80, 2, dtype=torch.float64)
+
+        def train_step(xb, yb):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(xb), yb)
+            if scaled:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step(loss)
+
+        step = torch.compile(train_step, backend=backend) if compiled else train_step
+        for i in range(10):
+            step(x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8])
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), opt.stats
+
+    (expected, expected_stats), (params, stats) = run(False), run(True)
+    assert expected_stats["real_steps"] == stats["real_steps"] == 5
+    assert torch.equal(params, expected) and stats == expected_stats
+
+
 def test_closure_returns_loss():
     p = _param(1.0, 2.0)
     opt = ElraOptimizer([p])
