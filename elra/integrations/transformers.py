@@ -426,10 +426,15 @@ class ElraTrainer(Trainer):
         return self._train_losses.tolist() if self._saved_train_losses is None else self._saved_train_losses
 
     def _load_train_loss_state(self, state: list[float]) -> None:
-        """Each process its own ``[sum, count]``; on another number of processes, process 0 takes the totals."""
+        """Each process its own ``[sum, count]``; on another number of processes, process 0 takes the totals
+        times new/saved processes: every process counts each micro-batch, so a saved micro-batch weighs in the
+        evaluation's mean as a new one does (taken as they were, 2 processes resumed on 1 counted the saved
+        micro-batches twice)."""
         pairs = torch.tensor(state, dtype=torch.float64).reshape(-1, 2)
         index, processes = self.args.process_index, self.args.world_size
         if len(pairs) == processes:
             self._train_losses.copy_(pairs[index])
+        elif index == 0:
+            self._train_losses.copy_(pairs.sum(0) * (processes / len(pairs)))
         else:
-            self._train_losses.copy_(pairs.sum(0) if index == 0 else torch.zeros(2, dtype=torch.float64))
+            self._train_losses.zero_()
