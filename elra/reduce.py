@@ -209,6 +209,8 @@ class Reducer:
     """
 
     def __init__(self, process_group=AUTO, replicas: Callable[[torch.Tensor], int] | None = None) -> None:
+        if isinstance(process_group, str) and process_group == AUTO:
+            process_group = AUTO  # the marker is compared by identity: "auto" read from a config file is another string
         if process_group is not AUTO and process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be 'auto', None or a torch.distributed.ProcessGroup, got {process_group!r}")
         if replicas is not None and not callable(replicas):
@@ -233,7 +235,7 @@ class Reducer:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         if self._process_group == AUTO:
-            self._process_group = AUTO  # the marker is compared by identity
+            self._process_group = AUTO  # unpickled: an equal string
 
     def learn_shards(self, models: Sequence[torch.nn.Module]) -> None:
         """Read from the FSDP1 units of ``models`` how many distinct shards their parameters have (NO_SHARD

@@ -506,6 +506,17 @@ def test_process_group_must_be_a_group():
         ElraOptimizer([_param(1.0)], process_group="world")
 
 
+def test_process_group_auto_read_from_a_config_file_is_the_default():
+    """``"auto"`` read from JSON or a command line is another string object than the constructor's default,
+    which was compared by identity: it raised "process_group must be 'auto', ..., got 'auto'"."""
+    from elra.reduce import AUTO
+
+    read = "".join(["au", "to"])
+    assert read == AUTO and read is not AUTO  # an equal string, not the same object
+    opt = ElraOptimizer([_param(1.0)], process_group=read)
+    assert copy.deepcopy(opt).stats == opt.stats  # pickling needs the default marker too
+
+
 def test_parameter_on_a_mesh_of_another_size_than_the_group_raises():
     from elra.reduce import Reducer
 
