@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import sys
 import weakref
 from typing import Any
 
 import torch
 
+from .config import check_int
 from .optimizer import LOSS_KEEPERS, ElraOptimizer, _loss_value
 
 logger = logging.getLogger("elra")
@@ -60,10 +62,12 @@ class ElraGradScaler:
         enabled: bool = True,
     ) -> None:
         _check_settings(init_scale, growth_factor, backoff_factor, growth_interval, loss_limit)
-        self.enabled = bool(enabled)
+        if not isinstance(enabled, bool):  # "false" from a config file would have scaled
+            raise TypeError(f"enabled must be True or False, got {enabled!r}")
+        self.enabled = enabled
         self.growth_factor = float(growth_factor)
         self.backoff_factor = float(backoff_factor)
-        self.growth_interval = growth_interval
+        self.growth_interval = int(growth_interval)
         self.loss_limit = float(loss_limit)
         self._scale = float(init_scale)
         self._clean_steps = 0
@@ -215,13 +219,16 @@ class ElraGradScaler:
 
 def _check_settings(scale: float, growth_factor: float, backoff_factor: float, growth_interval: int, loss_limit: float) -> None:
     """Refuse settings (given, or loaded from a state_dict) under which the scaler cannot work."""
+    for name, value in (("init_scale", scale), ("growth_factor", growth_factor), ("backoff_factor", backoff_factor),
+                        ("loss_limit", loss_limit)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # "65536" from a config file, True
+            raise ValueError(f"Invalid {name}: {value!r} (expected a number)")
+    check_int("growth_interval", growth_interval, 1)
     if not MIN_SCALE <= scale < math.inf:
         raise ValueError(f"Invalid init_scale: {scale!r} (expected a positive number, at least {MIN_SCALE!r})")
     if not growth_factor > 1.0:
         raise ValueError(f"Invalid growth_factor: {growth_factor!r} (expected > 1)")
     if not 0.0 < backoff_factor < 1.0:
         raise ValueError(f"Invalid backoff_factor: {backoff_factor!r} (expected in (0, 1))")
-    if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
-        raise ValueError(f"Invalid growth_interval: {growth_interval!r} (expected an integer >= 1)")
     if not loss_limit > 0.0:
         raise ValueError(f"Invalid loss_limit: {loss_limit!r} (expected a positive number)")

@@ -568,11 +568,23 @@ def test_a_long_run_of_overflows_backs_the_scale_off_to_a_floor_and_its_state_st
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"init_scale": 0}, {"init_scale": 5e-324}, {"growth_factor": 1.0}, {"backoff_factor": 1.0}, {"growth_interval": 0}],
+    [{"init_scale": 0}, {"init_scale": 5e-324}, {"growth_factor": 1.0}, {"backoff_factor": 1.0}, {"growth_interval": 0},
+     {"init_scale": "65536"}, {"init_scale": True}, {"loss_limit": "1e4"}, {"growth_interval": 2.0}],
 )
 def test_scaler_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+    """Strings (a config file's) raised torch-free comparison errors, ``True`` was a scale of 1: each is named."""
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
         ElraGradScaler(**kwargs)
+
+
+def test_scaler_takes_numpy_integers_and_refuses_an_enabled_flag_that_is_not_a_bool():
+    """``growth_interval=np.int64(2000)`` was refused as not an integer (ElraOptimizer takes numpy integers), and
+    ``enabled="false"`` was taken as true: scaling stayed on."""
+    import numpy as np
+
+    assert type(ElraGradScaler(growth_interval=np.int64(2000)).state_dict()["growth_interval"]) is int
+    with pytest.raises(TypeError, match="enabled"):
+        ElraGradScaler(enabled="false")
 
 
 @pytest.mark.parametrize(
