@@ -739,6 +739,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 f"get_boost_model copies the model, which {wrapping} cannot (each rank holds shards): evaluate "
                 "the boost mean in place, `with optimizer.boosted():` on every rank, after optimizer.enable_boost()"
             )
+        if model is not None and not isinstance(model, torch.nn.Module):  # refused now, not an epoch later at the copy
+            raise TypeError(f"get_boost_model's model must be a torch.nn.Module, got {type(model).__name__}")
         wrapper = uncompiled(model) if model is not None else None
         if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) and wrapper.process_group is not dist.group.WORLD:
             raise TypeError(  # torch's refusal to copy such a DDP came an epoch later, at the first copy

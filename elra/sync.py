@@ -32,6 +32,13 @@ def grad_sync(model: torch.nn.Module, optimizer: "ElraOptimizer") -> Iterator[No
     collected here after a forward outside raises (it was all-reduced anyway).
     It also tells the optimizer the model (see ``ElraOptimizer``'s ``model``).
     """
+    from .optimizer import ElraOptimizer
+
+    if not isinstance(model, torch.nn.Module) or not isinstance(optimizer, ElraOptimizer):  # not at the next step
+        raise TypeError(
+            f"grad_sync(model, optimizer) takes the model and the ElraOptimizer, got {type(model).__name__} and "
+            f"{type(optimizer).__name__}"
+        )
     sync = not optimizer.collecting
     wrapper = hasattr(model, "set_requires_gradient_sync") or hasattr(model, "no_sync")
     tell_optimizer(model, optimizer, unsynced=wrapper and not sync)

@@ -692,3 +692,21 @@ def test_the_published_packages_other_api_is_refused_as_the_readme_says():
                  "get_boost_model_prev", "get_boost_future", "set_classes", "set_lgs_device", "copy_model",
                  "vec_stat", "print_model_stat"):
         assert not hasattr(optimizer, name), name
+
+
+def test_get_boost_model_and_grad_sync_name_arguments_of_the_wrong_kind_at_once():
+    """``get_boost_model(True, "notamodel")`` was taken and failed an epoch later at the copy; ``grad_sync(None,
+    optimizer)`` failed at the next step inside the sync code, ``grad_sync(optimizer, model)`` on a missing
+    attribute. Each raises ``TypeError`` naming what it takes, and nothing changes."""
+    from elra import grad_sync
+
+    model = torch.nn.Linear(2, 1)
+    opt = ElraOptimizer(model.parameters(), None, 8, 0)
+    with pytest.raises(TypeError, match="torch.nn.Module, got str"):
+        opt.get_boost_model(True, "notamodel")
+    assert opt._boost_source is None and not opt.booster.enabled
+    for args in ((None, opt), (opt, model)):
+        with pytest.raises(TypeError, match="takes the model and the ElraOptimizer"):
+            with grad_sync(*args):
+                pass
+    assert opt.models == []
