@@ -341,7 +341,7 @@ class Controller:
             return decision
         if s.noise_free is None and sums is not None:
             self._choose_regime(losses, n, sums)
-        if sums is None:
+        if sums is None and self.acceptance == "published":
             s.window_steps += 1  # a step without gradient counts twice in the window, as published
         self._count_step()
         recorded = self._observe_noise(losses) if self._noise_aware else loss
@@ -468,7 +468,8 @@ class Controller:
         self._update_weight_decay()
         self._update_schedule()
         s.cycle_retraces = 0
-        s.window_retraces = 0
+        if self.acceptance == "published":  # whose count forgets a longer window's earlier retraces
+            s.window_retraces = 0
         s.angle_sum = 0.0
         s.angle_min = 0.0
         s.dir_norm_sum = 0.0
@@ -476,7 +477,7 @@ class Controller:
     def _close_window(self) -> None:
         """Compare the window's mean loss with the best so far; maybe grow the multiplier."""
         s = self.state
-        accepted = s.window_steps - s.window_retraces
+        accepted = self._window_losses() - 1  # the closing step's loss is recorded after the close
         mean = s.loss_sum / accepted if accepted > 0 else math.inf
         dev = math.sqrt(s.var_sum / accepted) if accepted > 0 else 0.0
         s.loss_sum = 0.0
@@ -619,15 +620,32 @@ class Controller:
         n = s.window_steps
         s.loss_sum += loss
         if n:
-            count = n - s.window_retraces + 1
-            spread = s.loss_sum - count * loss
+            spread = s.loss_sum - self._window_losses() * loss
             s.var_sum += spread * spread / (n * n)
         else:
             s.var_sum = 0.0
         if s.steps <= n:
-            count = n - s.window_retraces + 1
+            count = self._window_losses()
             s.stat_mean = s.loss_sum / count
-            s.stat_dev = math.sqrt(s.var_sum / count) * 1.05**s.window_retraces
+            s.stat_dev = math.sqrt(s.var_sum / count) * 1.05**s.cycle_retraces  # the window's, as published counts
+
+    def _window_losses(self) -> int:
+        """How many losses ``loss_sum`` holds once this step's is recorded, as the statistics count them.
+
+        A window after the first holds the loss of the step that closed the
+        one before (recorded after the close); the published count assumes one
+        in the first window too, whose first step is counted already, counts a
+        step without gradient twice, and, as it forgets a window's retraces
+        every 100 steps, counts those of a longer window's earlier cycles as
+        losses. Its mean was low by their share, and a loss large against its
+        noise (shifted, or flat) was refused from the next window on while the
+        batch doubled (without noise: a regression shifted by 1e4 ended 17
+        times above the unshifted one's loss). The noise rule counts them
+        right; ``acceptance="published"`` keeps the published count.
+        """
+        s = self.state
+        carried = 0 if self.acceptance == "noise" and s.steps <= s.window_steps else 1
+        return s.window_steps - s.window_retraces + carried
 
     def _growth(self, retrace: bool) -> float:
         s = self.state
@@ -686,7 +704,10 @@ class Controller:
         self._growth(retrace=True)
         s.schedule = min(s.schedule + 0.4, SCHEDULE_MAX)
         s.rate_damper = max(1e-3, s.rate_damper * 0.5)
-        s.rate = max(RATE_FLOOR, s.rate * 0.5)
+        if self._noise_aware and s.rate < RATE_FLOOR:
+            s.rate *= 0.5  # cut below the floor by the step clip: the floor would lengthen the step retraced
+        else:
+            s.rate = max(RATE_FLOOR, s.rate * 0.5)
         if self.deterministic:
             self._refit_alpha(loss)
         elif not s.accepted_any and self.acceptance == "noise":

@@ -4,6 +4,8 @@ import json
 import math
 import random
 
+import pytest
+
 from elra.control import Controller, StepSums
 
 
@@ -129,3 +131,65 @@ def test_the_deviation_correction_saturates_through_a_long_run_of_retraces_in_on
         assert controller.real_step([math.nan], sums, [0.0]).action == "retrace"
     assert controller.state.window_steps < 76800 and math.isfinite(controller.state.dev_correction)
     assert controller.real_step([0.0], sums, [0.0]).action == "accept"
+
+
+@pytest.mark.parametrize("batch_size", [768, 256])  # statistics windows of 100 and of 300 real steps
+def test_p2m_accepts_a_loss_large_against_its_noise_after_its_first_window(batch_size):
+    """A loss shifted by 1e4 with noise 1e-3 (or a flat one), two faults in the first window. P2M's window mean
+    counted one loss too many in the first window, each step without gradient twice, and (forgetting retraces
+    every 100 steps) a longer window's earlier retraces as losses: its mean fell 1e4/30 below the losses, and from
+    the next window on every step was refused while the batch grew to its maximum. The noise rule (the default)
+    counts the losses summed; ``acceptance="published"`` keeps the published count."""
+
+    def late_refusals(acceptance):
+        rng = random.Random(0)
+        controller = _controller(momentum=None, batch_size=batch_size, acceptance=acceptance)
+        sums, refused = StepSums(*([1.0] for _ in range(6))), 0
+        for step in range(1500):
+            fault = step in (30, 60, 130, 160)
+            losses = [math.nan if fault else 1e4 + 1e-3 * rng.gauss(0.0, 1.0) for _ in range(controller.state.multiplier)]
+            refused += controller.real_step(losses, sums, [0.0]).action == "retrace" and step >= 400
+        return refused, controller.state.multiplier
+
+    assert late_refusals("noise") == (0, 1 if batch_size == 256 else 2)  # a flat loss stalls: one doubling
+    refused, multiplier = late_refusals("published")
+    assert refused > 800 and multiplier == 6250
+
+
+@pytest.mark.parametrize("batch_size", [768, 256])
+def test_p2m_without_noise_accepts_a_falling_loss_large_against_its_steps_after_its_first_window(batch_size):
+    """The same count without noise (``classes=0``): a loss of 1e4 falling by 1e-6 a step, two faults in the
+    first window, was refused 300 to 440 times in 1100 steps (a regression shifted by 1e4 ended 17 times above the
+    unshifted one's mse); counted right, never."""
+
+    def late_refusals(acceptance):
+        controller = _controller(classes=0, momentum=None, batch_size=batch_size, acceptance=acceptance)
+        sums, refused = StepSums(*([1.0] for _ in range(6))), 0
+        for step in range(1500):
+            loss = math.nan if step in (30, 60, 130, 160) else 1e4 - 1e-6 * step
+            refused += controller.real_step([loss], sums, [0.0]).action == "retrace" and step >= 400
+        assert controller.deterministic
+        return refused
+
+    assert late_refusals("noise") == 0
+    assert late_refusals("published") > 250
+
+
+def test_a_p2m_retrace_of_a_step_clipped_below_the_rate_floor_goes_back_toward_the_last_good_point():
+    """A direction of norm 1e8 clips the step's rate to 1e-7, below its floor 1e-5. A refused step then set the
+    rate to the floor: the retrace moved 99 step lengths further from the last good point, and the next one not at
+    all. The noise rule halves the clipped rate: half-way back each time."""
+
+    def shifts(acceptance):
+        rng = random.Random(0)
+        controller = _controller(momentum=None, acceptance=acceptance)
+        sums, result = StepSums([1e16], [1e16], [1e16], [1.0], [0.0], [0.0]), []
+        for step in range(60):
+            offset = controller.state.offset
+            decision = controller.real_step([100.0 if step in (40, 41, 50) else 1.0 + 0.01 * rng.gauss(0.0, 1.0)], sums, [0.0])
+            if decision.action == "retrace":
+                result.append(decision.shift / offset)
+        return result
+
+    assert shifts("noise") == [0.5, 0.5, 0.5]
+    assert shifts("published")[0] < -90.0  # kept for exact comparisons with the published package
