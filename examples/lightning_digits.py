@@ -111,10 +111,17 @@ def build_module(batch_size: int, batch_multiplier: int = 1):
                 optimizer.zero_grad(set_to_none=set_to_none)
 
         def on_save_checkpoint(self, checkpoint: dict) -> None:
-            checkpoint["train_losses"] = self.train_losses  # not yet fed to set_train_loss
+            # the losses not yet fed to set_train_loss, a row per rank (Lightning writes rank 0's checkpoint; under
+            # DDP the other ranks resumed with rank 0's)
+            local = torch.stack(self.train_losses) if self.train_losses else torch.zeros(0)
+            rows = self.all_gather(local) if self.trainer.world_size > 1 else local.unsqueeze(0)
+            checkpoint["train_losses"] = rows.cpu()
 
         def on_load_checkpoint(self, checkpoint: dict) -> None:
-            self.train_losses = checkpoint.get("train_losses", [])
+            rows = torch.as_tensor(checkpoint.get("train_losses", []))
+            if rows.dim() == 2 and len(rows) == self.trainer.world_size:
+                rows = rows[self.global_rank]  # each rank its own; on another number of ranks, each all of them
+            self.train_losses = list(rows.flatten())
 
         def configure_optimizers(self):
             return ElraOptimizer(
