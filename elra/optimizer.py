@@ -305,6 +305,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self.geometry = make_direction(config["preconditioner"], config["momentum"], compiled)
         self._waiting: set[torch.Tensor] = set()  # parameters whose moments have not taken a gradient yet
         self._pending: list[LossLike] = []
+        if isinstance(params, (set, frozenset)):  # torch takes one: a resume would give the saved state to other tensors
+            raise TypeError("ElraOptimizer's params must be an ordered collection: a set's order changes between runs "
+                            "(use a list, or model.parameters())")
         super().__init__(params, dict(lr=config["lr"], weight_decay=config["weight_decay"]))
         self.controller = make_controller(config)
         self._reports = [0.0] * REPORT_SLOTS  # this rank's train and validation loss since the last real step

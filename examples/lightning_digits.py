@@ -154,5 +154,8 @@ if __name__ == "__main__":
         sys.exit(0)
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=5)
-    accuracy, stats = train(parser.parse_args().epochs)
+    epochs = parser.parse_args().epochs
+    if epochs < 1:  # Lightning's -1 (no end) leaves ELRA's step budget without a number
+        parser.error(f"--epochs must be at least 1, got {epochs}")
+    accuracy, stats = train(epochs)
     print(f"validation accuracy {accuracy:.3f}, ELRA real steps {stats['real_steps']}, lr {stats['lr']:.3g}")

@@ -710,3 +710,12 @@ def test_get_boost_model_and_grad_sync_name_arguments_of_the_wrong_kind_at_once(
             with grad_sync(*args):
                 pass
     assert opt.models == []
+
+
+def test_a_set_of_parameters_is_refused_at_construction_as_in_add_param_group():
+    """``ElraOptimizer(set(model.parameters()))`` was taken (torch's optimizers take it) in hash order, which
+    changes between runs: a resumed run would hand the saved state of one tensor to another of its shape."""
+    model = torch.nn.Linear(3, 3)
+    for params in (set(model.parameters()), frozenset(model.parameters())):
+        with pytest.raises(TypeError, match="a set's order changes between runs"):
+            ElraOptimizer(params)
