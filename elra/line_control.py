@@ -301,6 +301,8 @@ class LineController:
         noise_free = None if classes is None else classes <= 1
         self.lr = lr
         self.revisable = classes is None  # a detected noise-free regime may turn out noisy (_recheck_regime)
+        self.classes = classes
+        self._warned_noisy = False
         self.state = LineState(eta=lr, multiplier=min_multiplier, noise_free=noise_free)
 
     @property
@@ -360,7 +362,7 @@ class LineController:
             self._choose_regime(losses, loss, sums)
             if self.beta1 != before:  # the optimizer rescales m (one gradient so far) to this regime's beta1
                 sums = replace(sums, mom_sq=sums.mom_sq * first_moment_factor(before, self.beta1) ** 2)
-        elif self.revisable and self.deterministic and usable and s.from_restart:
+        elif self.deterministic and usable and s.from_restart:
             self._recheck_regime(losses, loss, sums)
         self._count_step()
         if usable and self._acceptable(loss):
@@ -445,10 +447,22 @@ class LineController:
         length until it sat at its floor (digits MLP, first batch served twice: test accuracy 0.13 against 0.99).
         REDETECT_MISSES misses in a row switch; the first loss bounds the rounding too (a float32 loss fitted
         to 1e-9 moves by the ulps of its larger terms).
+
+        A regime given (``classes`` 0 or 1) is kept, with a WARNING, once: the published package's ``classes=0``
+        is its default for any training, and mini-batches taken for noise-free sat at the floor silently.
         """
         s = self.state
         s.noise_misses = s.noise_misses + 1 if self._noisy(s.last_good_loss, losses, loss, sums, s.probe_loss) else 0
-        if s.noise_misses >= REDETECT_MISSES:
+        if s.noise_misses >= REDETECT_MISSES and not self.revisable:
+            if not self._warned_noisy:
+                self._warned_noisy = True
+                logger.warning(
+                    "ELRA was told the loss is noise-free (classes=%s), but %d steps in a row changed it as "
+                    "mini-batch losses do: for mini-batch training pass classes=None (detected) or the number of "
+                    "classes, or the step length falls to its floor (a 16-bit loss's rounding can do this too)",
+                    self.classes, s.noise_misses,
+                )
+        elif s.noise_misses >= REDETECT_MISSES:
             s.noise_free, s.eta = False, max(s.eta, self.lr)
             logger.info("ELRA switched to the stochastic regime at real step %d: the losses are noisy", s.steps + 1)
 

@@ -12,7 +12,7 @@ import torch
 
 import elra.chunks
 import elra.orthogonal
-from conftest import regression_after_zero_losses
+from conftest import regression_after_zero_losses, run_cubic, run_rosenbrock
 from elra import ElraOptimizer
 from elra.chunks import stacks
 from reference_line import ReferenceLine
@@ -229,12 +229,14 @@ def _held_out_loss(net) -> float:
 
 
 @pytest.mark.parametrize("preconditioner", ["adam", "factored", "muon"])
-def test_mini_batches_taken_for_noise_free_switch_to_the_stochastic_regime_and_train(preconditioner):
+def test_mini_batches_taken_for_noise_free_switch_to_the_stochastic_regime_and_train(preconditioner, caplog):
     """The first batch served twice looks noise-free at the second step. The regime was decided for good: every
     rise of a mini-batch loss cut the step length, it sat at its floor and the held-out loss stayed near its start
-    (1.12 against 0.15). The steps after restarts go along the gradient as the probe did and show the noise."""
+    (1.12 against 0.15). The steps after restarts go along the gradient as the probe did and show the noise.
+    A regime told (``classes=0``, the published package's default) stays, with one WARNING naming ``classes``."""
     runs = {}
     for classes in (None, 3, 0):
+        caplog.clear()
         net = _net()
         opt = ElraOptimizer(net.parameters(), None, 8, classes, lr=1e-4, preconditioner=preconditioner)
         regimes, rescaled, rescale = [], [], opt.geometry.switch_beta1
@@ -247,6 +249,8 @@ def test_mini_batches_taken_for_noise_free_switch_to_the_stochastic_regime_and_t
             opt.step(loss.item())
             regimes.append(opt.stats["regime"])
         runs[classes] = _held_out_loss(net), opt, regimes, rescaled
+        warned = [r for r in caplog.records if r.levelname == "WARNING" and "told the loss is noise-free" in r.getMessage()]
+        assert len(warned) == (classes == 0), classes
     (detected, opt, regimes, rescaled), (told, *_) = runs[None], runs[3]
     assert set(runs[0][2]) == {"deterministic"}  # a told regime stays
     assert regimes[1] == "deterministic" and regimes[-1] == "stochastic" and 1 <= opt.stats["restarts"] <= 5
@@ -675,3 +679,14 @@ def test_training_after_a_run_of_zero_losses_reaches_the_loss_of_a_run_without_t
     make = lambda params: ElraOptimizer(params, None, 16, 10, preconditioner=preconditioner)  # noqa: E731
     run = partial(regression_after_zero_losses, make)
     assert run(20) < 2.0 * run(0) < 1.0
+
+
+@pytest.mark.parametrize("problem", ["cubic", "rosenbrock"])
+def test_noise_free_problems_told_so_give_no_noise_warning(problem, caplog):
+    """The told regime's noise check (a WARNING for mini-batches given ``classes=0``) stays quiet where the loss
+    is noise-free: the cubic fit in float32 (its rounding) and Rosenbrock, 1000 steps each."""
+    if problem == "cubic":
+        run_cubic(lambda m: ElraOptimizer(m.parameters(), None, 2000, 0), 1000)
+    else:
+        run_rosenbrock(lambda ps: ElraOptimizer(ps, None, 1, 0), 1000)
+    assert not any("told the loss is noise-free" in r.getMessage() for r in caplog.records)
