@@ -213,6 +213,7 @@ class Checkpointing:
         fit raises ``ValueError`` before anything changes.
         """
         self._refuse_inside_boosted("load_state_dict()")
+        self._param_versions = None  # weights loaded with it belong to its state: no edit between steps
         state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict  # shallow, as torch's
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -335,12 +336,9 @@ class Checkpointing:
             shapes = {"direction": p.shape} if geometry is None else geometry.state_shapes(p)
             needed = [*shapes, "boost"] if boost_enabled else list(shapes)
             entry = saved_state.get(saved_id, {})
-            for key, value in entry.items():  # first: another order also lacks keys (muon: matrix vs vector)
-                if isinstance(value, torch.Tensor) and value.shape != shapes.get(key, () if key in _FLAGS else p.shape):
-                    raise ValueError(
-                        f"state '{key}' of shape {tuple(value.shape)} does not fit parameter {index} of shape "
-                        f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
-                    )
+            # this direction's own state first: another order also lacks keys (muon: a matrix's, a vector's); another
+            # preconditioner's state (factored's row factor under "adam") is named by the key it lacks below
+            _check_state_shapes(index, p, {k: entry[k] for k in shapes if k in entry}, shapes)
             for key in needed if p.numel() else ():  # FSDP1 saves no state for a parameter with no local part
                 if key not in entry and key not in _ADDED_LATER:
                     # a torch.distributed.checkpoint load reads only the keys the loading optimizer's state has
@@ -350,6 +348,7 @@ class Checkpointing:
                         if key == "boost" else f"its preconditioner={preconditioner!r} needs it"
                     )
                     raise ValueError(f"the state_dict lacks the '{key}' state of parameter {index} ({why})")
+            _check_state_shapes(index, p, entry, shapes)
             direction = entry.get("direction") if geometry is None else None
             if isinstance(direction, torch.Tensor) and not kept_finite(direction, p.dtype):
                 raise ValueError(
@@ -522,3 +521,13 @@ def _pending_reports(saved: Any, size: int) -> list[float]:
     if not valid:
         raise ValueError(f"the state_dict's pending_reports {saved!r} are not {size // 2} (loss, count in [0, 1]) pairs")
     return [float(v) for v in saved]
+
+
+def _check_state_shapes(index: int, p: torch.Tensor, entry: dict[str, Any], shapes: dict[str, torch.Size]) -> None:
+    """Refuse saved state of parameter ``index`` whose tensors do not have the shapes ``p``'s state has."""
+    for key, value in entry.items():
+        if isinstance(value, torch.Tensor) and value.shape != shapes.get(key, () if key in _FLAGS else p.shape):
+            raise ValueError(
+                f"state '{key}' of shape {tuple(value.shape)} does not fit parameter {index} of shape "
+                f"{tuple(p.shape)}: the state_dict is from another model or parameter order"
+            )

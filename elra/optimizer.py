@@ -312,6 +312,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self.controller = make_controller(config)
         self._reports = [0.0] * REPORT_SLOTS  # this rank's train and validation loss since the last real step
         self._unusable_gradient = False  # whether the last real step's gradient sums were not finite (its loss was)
+        self._param_versions: list[int] | None = None  # after the last real step (_edited_between_steps)
+        self._edit_warned = False
         self._kept_grads: dict[torch.Tensor, torch.Tensor] = {}
         self._kept_versions: dict[torch.Tensor, int] = {}  # their version counters: a backward since bumps them
         self.unsynced_models: set[torch.nn.Module] = set()  # filled by elra.grad_sync
@@ -712,6 +714,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
             # first: a forward that raised midway left FSDP1's unit gathered, its parameters the full flat tensor
             reshard(self.models if count else ())
             Booster.swap_out(params, means, kept)
+            if count and self._param_versions is not None:  # the swaps are ELRA's: the point is the one stepped to
+                self._param_versions = self._current_param_versions()
 
     def _refuse_inside_boosted(self, what: str) -> None:
         if self._boost_swapped:
@@ -811,6 +815,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         grad_dtypes = state.pop(_GRAD_DTYPES, {})
         unstepped = state.pop(_UNSTEPPED, False)
         super().__setstate__(state)
+        self._param_versions = None  # the copy's parameters count their versions afresh
         for p, dtype in grad_dtypes.items():  # float32 gradients of a bfloat16 parameter stay float32
             p.grad_dtype = dtype
         for p, grad in grads.items():
@@ -969,8 +974,29 @@ class ElraOptimizer(Checkpointing, Optimizer):
     def _real_step(
         self, losses: list[LossLike], with_gradient: bool, inv_scale: float = 1.0, skip_overflow: bool = False
     ) -> str:
+        edited = self._edited_between_steps()
         with _without_autocast(self._device):  # a step called inside the caller's autocast region
-            return self._decided_step(losses, with_gradient, inv_scale, skip_overflow)
+            outcome = self._decided_step(losses, with_gradient, inv_scale, skip_overflow)
+        if outcome == "retrace" and edited and not self._edit_warned:
+            self._edit_warned = True
+            logger.warning(
+                "ELRA retraced real step %d after the parameters were changed in place since the step before (a "
+                "projection, clamp or weight load between steps?): a retrace moves back along the last step from where "
+                "they are, not to the last good point. Constrain through the model (torch.nn.utils.parametrize), or "
+                "build the optimizer afresh after loading weights. Logged once",
+                self.controller.state.steps,
+            )
+        self._param_versions = self._current_param_versions()
+        return outcome
+
+    def _current_param_versions(self) -> list[int] | None:
+        """The parameters' in-place version counters; ``None`` under FSDP, whose wrappers swap their storage."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        return None if fsdp_wrapping(params) is not None else [p._version for p in params]
+
+    def _edited_between_steps(self) -> bool:
+        """Whether a parameter was changed in place since the last real step (by anything but ELRA)."""
+        return self._param_versions is not None and self._param_versions != self._current_param_versions()
 
     def _decided_step(self, losses: list[LossLike], with_gradient: bool, inv_scale: float, skip_overflow: bool) -> str:
         self.reducer.learn_shards(self.models)
