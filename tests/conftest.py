@@ -130,6 +130,18 @@ def run_cubic(make_opt, steps, dtype=torch.float32, shift=0.0):
     return losses, model
 
 
+def backward_and_step(opt, loss: torch.Tensor, scaler=None):
+    """``loss.backward(); opt.step(loss)``, or through ``scaler`` (scale, backward, step, update): its outcome."""
+    if scaler is None:
+        loss.backward()
+        opt.step(loss)
+        return None
+    scaler.scale(loss).backward()
+    outcome = scaler.step(opt)
+    scaler.update()
+    return outcome
+
+
 def rosenbrock(xy: torch.Tensor) -> torch.Tensor:
     return (1 - xy[0]) ** 2 + 100 * (xy[1] - xy[0] ** 2) ** 2
 

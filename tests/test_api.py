@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cubic_data, cubic_model, digits_data, digits_model
+from conftest import backward_and_step, cubic_data, cubic_model, digits_data, digits_model
 from elra import ElraOptimizer
 
 
@@ -177,14 +177,7 @@ def test_a_compiled_training_step_runs_elras_step_as_written(backend, preconditi
 
         def train_step(xb, yb):
             opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(xb), yb)
-            if scaled:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step(loss)
+            backward_and_step(opt, torch.nn.functional.mse_loss(model(xb), yb), scaler if scaled else None)
 
         step = torch.compile(train_step, backend=backend) if compiled else train_step
         for i in range(10):

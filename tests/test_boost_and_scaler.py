@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import digits_data, digits_model
+from conftest import backward_and_step, digits_data, digits_model
 from elra import ElraGradScaler, ElraOptimizer
 
 
@@ -296,14 +296,7 @@ def test_scaler_matches_unscaled_training_in_float32(preconditioner):
         opt = ElraOptimizer(model.parameters(), None, 16, 10, lr=1e-5, preconditioner=preconditioner)
         for xb, yb in _batches(x, y, 100):
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(xb), yb)
-            if scaler:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step(loss)
+            backward_and_step(opt, torch.nn.functional.cross_entropy(model(xb), yb), scaler)
         return [p.detach() for p in model.parameters()]
 
     plain = run(None)
@@ -342,14 +335,7 @@ def test_a_disabled_scaler_steps_as_the_optimizer_alone_also_with_losses_above_t
         outcomes = []
         for _ in range(20):
             opt.zero_grad()
-            loss = ((model(x) - y) ** 2).sum() * 1e4  # about 1e6
-            if scaler is None:
-                loss.backward()
-                opt.step(loss)
-            else:
-                scaler.scale(loss).backward()
-                outcomes.append(scaler.step(opt))
-                scaler.update()
+            outcomes.append(backward_and_step(opt, ((model(x) - y) ** 2).sum() * 1e4, scaler))  # a loss of about 1e6
         return [p.detach() for p in model.parameters()], opt.stats, outcomes
 
     plain, stats, _ = run(None)
