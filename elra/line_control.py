@@ -448,8 +448,8 @@ class LineController:
         REDETECT_MISSES misses in a row switch; the first loss bounds the rounding too (a float32 loss fitted
         to 1e-9 moves by the ulps of its larger terms).
 
-        A regime given (``classes`` 0 or 1) is kept, with a WARNING, once: the published package's ``classes=0``
-        is its default for any training, and mini-batches taken for noise-free sat at the floor silently.
+        A regime given (``classes`` 0 or 1) is kept, with a WARNING, once: ``classes=0`` is the published
+        package's default, so code written for it passes 0 for mini-batches, which then sat at the floor silently.
         """
         s = self.state
         s.noise_misses = s.noise_misses + 1 if self._noisy(s.last_good_loss, losses, loss, sums, s.probe_loss) else 0
