@@ -63,6 +63,16 @@ _UNSTEPPED = "_unstepped"  # whether a copy's collected gradients hold a backwar
 LOSS_KEEPERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
+def _same_layout(copied: torch.nn.Module | None, model: torch.nn.Module) -> bool:
+    """Whether ``copied`` holds ``model``'s state entries in their shapes and dtypes (so a load refreshes it)."""
+    if copied is None:
+        return False
+    kept, source = copied.state_dict(), model.state_dict()
+    return kept.keys() == source.keys() and all(
+        kept[k].shape == v.shape and kept[k].dtype == v.dtype for k, v in source.items()
+    )
+
+
 def _loss_value(loss: Any) -> LossLike:
     """A scalar loss as a float or a detached 0-dim tensor of its own (no host sync).
 
@@ -770,7 +780,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 "get_boost_model(True, model) (an optimizer built here, also one loaded from a checkpoint, has "
                 "not seen it)"
             )
-        if self._boost_model is None:
+        if not _same_layout(self._boost_model, model):  # the first call, or a model cast or grown since the copy
             self._boost_model = copy.deepcopy(model)
         with self.boosted():
             self._boost_model.load_state_dict(model.state_dict())

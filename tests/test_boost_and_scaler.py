@@ -117,6 +117,36 @@ def test_get_boost_model_returns_a_boosted_copy_per_epoch_and_never_changes_the_
     assert not all(torch.equal(a, b) for a, b in zip(copy.parameters(), boosted.parameters()))
 
 
+def test_get_boost_model_copies_the_model_again_once_it_was_cast_or_grew():
+    """The copy was made at the first call and only refreshed by loads: after ``model.float()`` (a cast ELRA's
+    state follows) the boosted model stayed float64 and failed on the model's inputs; after a layer added with
+    ``add_param_group`` the load raised torch's "Unexpected key(s)". The copy follows the model's layout now,
+    and is kept while that stays."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+    opt = ElraOptimizer(model.parameters(), None, 8, 0, preconditioner="adam")
+    opt.get_boost_model(True, model)
+
+    def epoch(steps=6):
+        for _ in range(steps):
+            opt.zero_grad()
+            x = torch.randn(8, 4, dtype=model[0].weight.dtype)
+            loss = (model(x) ** 2).mean()
+            loss.backward()
+            opt.step(loss)
+        return opt.get_boost_model(True)[2]
+
+    first = epoch()
+    assert epoch() is first and first[0].weight.dtype == torch.float64
+    model.float()
+    cast = epoch()
+    assert cast[0].weight.dtype == torch.float32 and cast(torch.ones(1, 4)).dtype == torch.float32
+    model.append(torch.nn.Linear(2, 1).float())
+    opt.add_param_group({"params": model[3].parameters()})
+    grown = epoch()
+    assert len(grown) == 4 and grown(torch.ones(1, 4)).shape == (1, 1)
+
+
 def test_get_boost_model_needs_the_model_only_once_as_in_the_published_package():
     """The published package copies the model at the first activation and later refreshes that copy from
     the mean: ``get_boost_model(True, model)`` once, then ``get_boost_model(True)``. Here the second call
