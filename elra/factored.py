@@ -105,7 +105,13 @@ def divided(ms: list[torch.Tensor], factors: list[Factors], eps: float) -> list[
 class FactoredTensors(GroupTensors):
     """:class:`GroupTensors` plus every factored parameter of the group with its weight (1/replicas)."""
 
-    factors: list[tuple[Factors, float]] = field(default_factory=list)
+    factors: list[tuple[Factors, float | None]] = field(default_factory=list)  # None: this rank alone holds it
+
+
+def _alone(p: torch.Tensor, replicas) -> bool:
+    """Whether this rank alone holds ``p`` whole (a partition of ZeroRedundancyOptimizer or of a pipeline, told by
+    ``replicas``): its column sums are complete here. A DTensor's local part is a shard (FSDP2) or a replica."""
+    return replicas(p) == 1 and not hasattr(p, "placements")
 
 
 def _matrix(p: torch.Tensor) -> tuple[int, int] | None:
@@ -180,9 +186,10 @@ class FactoredDirection(AdamDirection):
             return AdamDirection.moments(state)
         return local(state["exp_avg"]), Factors(local(state[ROW]), local(state[COL]))
 
-    def vector_length(self, params: list[torch.Tensor]) -> int:
-        """The column sums of every factored parameter, with a gradient or not (a fixed layout)."""
-        return sum(shape[1] for shape in map(_matrix, params) if shape is not None)
+    def vector_length(self, params: list[torch.Tensor], replicas) -> int:
+        """The column sums of every factored parameter that other ranks hold too, with a gradient or not (a fixed
+        layout)."""
+        return sum(shape[1] for p, shape in zip(params, map(_matrix, params)) if shape is not None and not _alone(p, replicas))
 
     def gather(self, group: dict[str, Any], state, moved: set, with_gradient: bool, replicas) -> FactoredTensors:
         tensors = FactoredTensors(**vars(super().gather(group, state, moved, with_gradient, replicas)))
@@ -190,7 +197,7 @@ class FactoredDirection(AdamDirection):
         for p in group["params"]:
             if ROW in state[p]:
                 factors = with_grad.get(id(p)) or self.moments(state[p])[1]
-                tensors.factors.append((factors, 1.0 / replicas(p)))
+                tensors.factors.append((factors, None if _alone(p, replicas) else 1.0 / replicas(p)))
         return tensors
 
     def add_sums(self, batch: ScalarBatch, tensors: FactoredTensors, t: int) -> None:
@@ -203,7 +210,12 @@ class FactoredDirection(AdamDirection):
             partial = {id(f): cols for f, cols in zip(factored, take(factored, grads))}
         for factors, weight in tensors.factors:
             cols = partial.get(id(factors))
-            factors.col_sq = batch.add_vector(torch.zeros_like(factors.col) if cols is None else cols, weight)
+            cols = torch.zeros_like(factors.col) if cols is None else cols
+            if weight is None:  # complete here: summed with other ranks' column sums of other matrices, it mixed them
+                factors.col_sq = VectorBlock(cols, 1.0)
+                factors.col_sq.value = cols
+            else:
+                factors.col_sq = batch.add_vector(cols, weight)
 
     def update_moments(self, tensors: GroupTensors, grad_scale: float) -> None:
         full, factored = _split(tensors.vs)

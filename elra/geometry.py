@@ -109,7 +109,7 @@ class AdamDirection:
         """The local first and second moment in one parameter's state."""
         return local(state["exp_avg"]), local(state["exp_avg_sq"])
 
-    def vector_length(self, params: list[torch.Tensor]) -> int:
+    def vector_length(self, params: list[torch.Tensor], replicas) -> int:
         """Numbers this direction adds to a step's all-reduce after the scalars (vector blocks): none."""
         return 0
 

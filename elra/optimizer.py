@@ -1232,7 +1232,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if self.geometry is None:
             _, _, check = _layout(len(self.param_groups), any(p.dtype in _SIXTEEN_BIT for p in params))
             return check, 0
-        return SLOTS, self.geometry.vector_length(params)  # vector blocks after the losses
+        return SLOTS, self.geometry.vector_length(params, self.reducer.replicas_counter())  # blocks after the losses
 
     def _verify_consistency(self, total: float, total_sq: float, mine: int) -> None:
         ranks = self.reducer.world_size

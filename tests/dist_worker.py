@@ -633,14 +633,14 @@ def zero_fit(optimizer_for, steps: int = 20) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def zero_redundancy(model, batch_multiplier: int = 1, guarded: bool = True):
+def zero_redundancy(model, batch_multiplier: int = 1, guarded: bool = True, preconditioner: str | None = None):
     """ELRA under torch's ZeroRedundancyOptimizer over DDP; the loop's ``(zero_grad, step)``: ZeRO's
     ``zero_grad`` is torch's (it clears every gradient), ``guarded``: called only when ELRA collected nothing."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = ZeroRedundancyOptimizer(
-        ddp.parameters(), optimizer_class=ElraOptimizer, lr=1e-5, classes=0, preconditioner=None,
+        ddp.parameters(), optimizer_class=ElraOptimizer, lr=1e-5, classes=0, preconditioner=preconditioner,
         batch_multiplier=batch_multiplier, replicas=lambda p: 1,
     )
 
@@ -658,6 +658,9 @@ def run_zero(rank: int, world: int, store: str, out: str) -> None:
         for multiplier in (1, 2):
             fit = zero_fit(lambda model: zero_redundancy(model, multiplier))
             torch.save(fit, Path(out) / f"zero{multiplier}-{rank}.pt")
+        # each rank factors the matrices of its partition alone: their column sums must stay out of the all-reduce
+        fit = zero_fit(lambda model: zero_redundancy(model, preconditioner="factored"))
+        torch.save(fit, Path(out) / f"zero-factored-{rank}.pt")
 
     as_gloo_rank(rank, world, store, body)
 
