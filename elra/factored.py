@@ -189,7 +189,8 @@ class FactoredDirection(AdamDirection):
     def vector_length(self, params: list[torch.Tensor], replicas) -> int:
         """The column sums of every factored parameter that other ranks hold too, with a gradient or not (a fixed
         layout)."""
-        return sum(shape[1] for p, shape in zip(params, map(_matrix, params)) if shape is not None and not _alone(p, replicas))
+        shapes = zip(params, map(_matrix, params))
+        return sum(shape[1] for p, shape in shapes if shape is not None and not _alone(p, replicas))
 
     def gather(self, group: dict[str, Any], state, moved: set, with_gradient: bool, replicas) -> FactoredTensors:
         tensors = FactoredTensors(**vars(super().gather(group, state, moved, with_gradient, replicas)))

@@ -304,7 +304,8 @@ class ElraTrainer(Trainer):
         elra = self.elra_optimizer
         if self._max_steps is None or elra.preconditioner is None:
             return  # P2M has its own schedule
-        budget = elra.micro_batches_taken + self._micro_batches(self._max_steps) - self._micro_batches(self.state.global_step)
+        rest = self._micro_batches(self._max_steps) - self._micro_batches(self.state.global_step)
+        budget = elra.micro_batches_taken + rest
         if elra.total_steps == budget:
             return
         if elra.total_steps is not None:
