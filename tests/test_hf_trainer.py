@@ -277,6 +277,29 @@ def test_trainer_refuses_what_would_fight_elra(tmp_path):
                     elra_options={"momentum": 0.9})
 
 
+@pytest.mark.parametrize("optim", ["lomo", "adalomo"])
+def test_trainer_refuses_an_optim_that_fuses_its_update_into_backward(tmp_path, optim):
+    """Other ``optim`` values are ignored (ELRA is built anyway); LOMO's made Trainer pass ``learning_rate`` to the
+    backward, which failed inside torch ("backward() got an unexpected keyword argument")."""
+    with pytest.raises(ValueError, match=f"optim='{optim}'"):
+        ElraTrainer(model=tiny_gpt2(), args=_args(tmp_path, optim=optim), train_dataset=CountingSequences(16, 0)).train()
+
+
+def test_a_training_step_override_that_skips_elra_trainers_is_named(tmp_path):
+    """A subclass whose ``training_step`` runs its own backward (or Trainer's) never handed ELRA a loss: the run
+    finished, logged losses and left every parameter where it started. Trainer's optimizer step now raises."""
+
+    class OwnStep(ElraTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = self.compute_loss(model, self._prepare_inputs(inputs))
+            self.accelerator.backward(loss)
+            return loss.detach()
+
+    trainer = OwnStep(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=CountingSequences(16, 0))
+    with pytest.raises(RuntimeError, match=r"must call super\(\)\.training_step"):
+        trainer.train()
+
+
 def test_trainer_refuses_a_model_sharded_at_load_time(tmp_path):
     """``from_pretrained(distributed_config=...)`` shards the model with FSDP2 itself; Trainer defers its gradient
     reduction to the end of each accumulation chunk, which ElraTrainer does not steer: a real step inside a chunk

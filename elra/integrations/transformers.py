@@ -93,6 +93,12 @@ class _StepTaken:
     def step(self, closure=None) -> None:
         if closure is not None:
             raise TypeError("ElraTrainer hands ELRA each micro-batch loss itself; call step() without a closure")
+        if not self.trainer._fed_elra_step:  # an override of training_step that skipped ElraTrainer's trained nothing
+            raise RuntimeError(
+                "no micro-batch loss reached ELRA since Trainer's last optimizer step: ElraTrainer.training_step hands "
+                "each loss to ELRA, so an override of training_step must call super().training_step(...)"
+            )
+        self.trainer._fed_elra_step = False
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.elra.state_dict(), _TRAIN_LOSS_KEY: self.trainer._train_loss_state()}
@@ -207,6 +213,7 @@ class ElraTrainer(Trainer):
         self._max_steps: int | None = None  # Trainer's optimizer steps of this run: the step budget's end
         self._epoch_shape: tuple[int, int | None] | None = None  # (optimizer steps, micro-batches) per epoch
         self._trained = False  # whether this train() call ran a micro-batch yet
+        self._fed_elra_step = False  # whether training_step handed ELRA a loss since Trainer's last optimizer step
         if self.optimizer is not None:
             self._adopt(self.optimizer)
         self.add_callback(_ElraHooks(self))
@@ -231,6 +238,10 @@ class ElraTrainer(Trainer):
                 "ElraTrainer does not support fp16 (fp16=True or ACCELERATE_MIXED_PRECISION=fp16): Trainer's "
                 "GradScaler would hand ELRA scaled gradients and skip steps behind its back; use bf16=True or float32"
             )
+        optim = str(getattr(self.args.optim, "value", self.args.optim))  # an OptimizerNames member, or a string
+        if "lomo" in optim:  # LOMO fuses its update into backward (Trainer hands the backward its learning_rate)
+            raise ValueError(f"ElraTrainer steps ELRA itself: optim={optim!r} would fuse another update into "
+                             "backward; leave optim at its default (other optim values are ignored)")
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 "ElraTrainer supports one process and DDP; DeepSpeed and FSDP run their own optimizer step. "
@@ -340,7 +351,7 @@ class ElraTrainer(Trainer):
         finally:
             self.current_gradient_accumulation_steps = chunk
         elra.step(loss)  # a non-finite loss makes ELRA retrace; it stays out of the train-loss mean
-        self._trained = True
+        self._trained = self._fed_elra_step = True
         finite = torch.isfinite(loss)
         self._train_losses += torch.stack([torch.where(finite, loss, 0.0), finite]).to(torch.float64)
         self._keep_collected()
