@@ -348,7 +348,7 @@ class Checkpointing:
                         if key == "boost" else f"its preconditioner={preconditioner!r} needs it"
                     )
                     raise ValueError(f"the state_dict lacks the '{key}' state of parameter {index} ({why})")
-            _check_state_shapes(index, p, entry, shapes)
+            _check_state_shapes(index, p, {k: v for k, v in entry.items() if k not in shapes}, shapes)  # the rest
             direction = entry.get("direction") if geometry is None else None
             if isinstance(direction, torch.Tensor) and not kept_finite(direction, p.dtype):
                 raise ValueError(
