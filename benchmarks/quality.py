@@ -4,8 +4,9 @@
 
 Tasks (all offline): the cubic fit and Rosenbrock (deterministic), an MLP and
 a small CNN on scikit-learn's digits, an MLP regression on scikit-learn's
-diabetes data (these three also full-batch: deterministic losses), a
-character-level MLP language model on the project's LICENSE text, and two language models on the installed Python standard library's
+diabetes data (these three also full-batch: deterministic losses), a wide
+linear regression on synthetic data whose mini-batch gradients are mostly
+noise, a character-level MLP language model on the project's LICENSE text, and two language models on the installed Python standard library's
 source: an MLP over 16 characters and a 2-layer causal transformer
 (``launch.models.CharGPT``, context 64). Optimizers: ELRA (defaults: the
 muon direction and automatic weight decay), ELRA as the README's training
@@ -254,6 +255,38 @@ def _diabetes(seed, full=False, hold_out=False):
     return (*task, _loss_on(torch.nn.functional.mse_loss, x[valid], y[valid])) if hold_out else task
 
 
+WIDE_INPUTS, WIDE_OUTPUTS, WIDE_NOISE = 4096, 4, 0.1
+
+
+def _wide_regression(seed, hold_out=False):
+    """A linear map from 4096 Gaussian inputs to 4 outputs fitted to a random teacher's noisy outputs, 32
+    samples a batch: each gradient is mostly noise (ELRA's pair ratio sits near 0.1 at any short step).
+    Test mean squared error against the teacher's noise-free outputs on 4096 fresh samples."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(WIDE_OUTPUTS, WIDE_INPUTS, generator=gen) / WIDE_INPUTS**0.5
+
+    def samples(count):
+        x = torch.randn(count, WIDE_INPUTS, generator=gen)
+        return x, x @ teacher.T
+
+    x_test, y_test = samples(4096)
+    x_valid, y_valid = samples(1024)
+    y_valid = y_valid + WIDE_NOISE * torch.randn(y_valid.shape, generator=gen)
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(WIDE_INPUTS, WIDE_OUTPUTS)
+
+    def batches(step):
+        x, y = samples(32)
+        return x, y + WIDE_NOISE * torch.randn(y.shape, generator=gen)
+
+    def test_mse(m):
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(m(x_test), y_test).item()
+
+    task = model, batches, torch.nn.functional.mse_loss, test_mse
+    return (*task, _loss_on(torch.nn.functional.mse_loss, x_valid, y_valid)) if hold_out else task
+
+
 def _full_batch(make):
     """``make``'s task on its whole training set at every step: a noise-free loss (full-batch training)."""
     return lambda seed: make(seed, full=True)
@@ -331,6 +364,7 @@ TASKS = [
     Task("digits MLP", 1500, 10, 32, "test accuracy", _mlp, validates=True),
     Task("digits CNN", 1500, 10, 32, "test accuracy", _cnn, validates=True),
     Task("diabetes MLP", 1000, 2, 32, "test mse (standardised)", _diabetes, validates=True),
+    Task("wide regression", 1000, 2, 32, "test mse (noise-free)", _wide_regression, validates=True),
     Task("char LM", 3000, LICENSE_VOCAB, 64, "test bits/char", _char_lm, validates=True),
     Task("MLP char-LM", 2000, _stdlib_vocab, 64, "held-out bits/char", _mlp_lm, validates=True),
     Task("transformer", 1000, _stdlib_vocab, 32, "held-out bits/char", _transformer, validates=True),
