@@ -189,6 +189,7 @@ class ElraGradScaler:
             "loss_limit": self.loss_limit,
             "enabled": self.enabled,
             "clean_steps": self._clean_steps,
+            "overflowed": self._overflowed,  # a backoff waiting for another optimizer's collection (update)
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -215,6 +216,7 @@ class ElraGradScaler:
         self.growth_interval = int(state["growth_interval"])
         self.loss_limit = float(state["loss_limit"])
         self._clean_steps = int(state["clean_steps"])
+        self._overflowed = bool(state.get("overflowed", False))  # saved since session 27
 
 
 def _check_settings(scale: float, growth_factor: float, backoff_factor: float, growth_interval: int, loss_limit: float) -> None:

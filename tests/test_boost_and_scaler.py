@@ -491,6 +491,43 @@ def test_one_scaler_stepping_two_optimizers_keeps_the_scale_while_either_collect
     assert scales[0::2] == scales[1::2] and min(scales) < scales[4]  # backed off after a's real step
 
 
+def test_a_backoff_waiting_for_another_optimizers_collection_survives_a_checkpoint():
+    """One scaler, two optimizers: ``b``'s overflow while ``a`` collects backs the scale off only after ``a``'s
+    real step. A checkpoint taken while the backoff waits must keep it: the resumed scaler stepped on with the
+    scale of a clean step (twice the uninterrupted run's from there on)."""
+    x, y = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), torch.randn(64, 2)
+
+    def build():
+        torch.manual_seed(0)
+        models = [torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)]
+        opts = [ElraOptimizer(m.parameters(), None, 8, 2, preconditioner="adam", batch_multiplier=k) for m, k in zip(models, (2, 1))]
+        return models, opts, ElraGradScaler(init_scale=16.0, growth_interval=3)
+
+    def iterate(i, models, opts, scaler):
+        for opt in opts:
+            opt.zero_grad()
+        losses = [((m(x[i % 8 * 8 : i % 8 * 8 + 8]) - y[i % 8 * 8 : i % 8 * 8 + 8]) ** 2).mean() for m in models]
+        if i == 4:  # a holds one micro-batch of two
+            losses[1] = losses[1] + torch.sqrt(models[1].bias[0] - models[1].bias[0].detach())  # gradient inf
+        scaler.scale(sum(losses)).backward()
+        for opt in opts:
+            scaler.step(opt)
+        scaler.update()
+        return scaler.get_scale()
+
+    models, opts, scaler = build()
+    scales = [iterate(i, models, opts, scaler) for i in range(5)]
+    saved = copy.deepcopy([[m.state_dict() for m in models], [o.state_dict() for o in opts], scaler.state_dict()])
+    scales += [iterate(i, models, opts, scaler) for i in range(5, 12)]
+    resumed_models, resumed_opts, resumed_scaler = build()
+    for target, state in zip([*resumed_models, *resumed_opts, resumed_scaler], [*saved[0], *saved[1], saved[2]]):
+        target.load_state_dict(state)
+    resumed = [iterate(i, resumed_models, resumed_opts, resumed_scaler) for i in range(5, 12)]
+    assert resumed == scales[5:] and min(scales[5:]) < scales[4]
+    after = [p for m in models for p in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(after, [p for m in resumed_models for p in m.parameters()]))
+
+
 @pytest.mark.parametrize("losses", [1, 2])
 def test_one_scaled_loss_steps_every_optimizer_of_the_model(losses):
     """torch's patterns for one model split over two optimizers: ``scaler.scale(loss).backward()`` (or two losses
