@@ -36,6 +36,7 @@ FIRST_MOMENT_KEYS = frozenset({"exp_avg", "direction"})
 # slots of the step's scalar vector
 NEXT_DIR, MOM_DIR, DIR_SQ, PARAM_SQ, PRESENT, GRAD_SQ, MOM_SQ = range(7)
 SLOTS = 7
+SQUARE_SLOTS = [DIR_SQ, PARAM_SQ, GRAD_SQ, MOM_SQ]  # sums of squares: what the replicas must agree on
 _FEW = 4  # at most this many tensors in a run go through a scratch buffer (more: one multi-tensor op each)
 
 

@@ -32,7 +32,7 @@ from .chunks import runs
 from .config import FOREIGN_GROUP_OPTIONS, check_int, checked_config, decay_rate, make_controller, normalized_momentum
 from .control import Decision, RangeBounds, StepSums
 from .fused import sgd_accept, split_fusable
-from .geometry import PRESENT, SLOTS, direction_state, kept_finite, make_direction, moment_dtype
+from .geometry import PRESENT, SLOTS, SQUARE_SLOTS, direction_state, kept_finite, make_direction, moment_dtype
 from .line_control import LINE_TARGET
 from .reduce import AUTO, Reducer, ScalarBatch, local, products
 from .sync import (
@@ -52,6 +52,7 @@ _DEVICE = attrgetter("device")
 _HALF_MAX = torch.finfo(torch.float16).max
 _HALF_TINY = torch.finfo(torch.float16).tiny  # float16's smallest normal number
 _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
+_SQUARES = frozenset({"grad_sq", "dir_sq", "param_sq"})  # the sums of squares: the replicas' check (_read_checked)
 # each real step's vector ends in the losses reported since the last one: train and validation, value and count
 REPORT_SLOTS = 4
 _REPORTED_FIELDS = frozenset({"train_loss", "valid_loss"})  # controller fields that those set
@@ -1130,7 +1131,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
             if with_grad:
                 grads, weights = zip(*with_grad)
                 products(batch, (grads,), [(0, 0, ranged + 2)], weights)
-        values, loss_values = self._read_checked(batch, check, losses, ("step", with_gradient, *scaling))
+        squares = [k * n_groups + j for k, name in enumerate(_SUMS) if name in _SQUARES for j in range(n_groups)]
+        squares += list(range(ranged, check))
+        values, loss_values = self._read_checked(batch, squares, losses, ("step", with_gradient, *scaling))
         bounds = RangeBounds(*(math.sqrt(v) if v >= 0.0 else math.nan for v in values[ranged:check])) if half else None
         if not with_gradient:
             return None, loss_values, bounds
@@ -1144,15 +1147,17 @@ class ElraOptimizer(Checkpointing, Optimizer):
         return ScalarBatch(check + REPORT_SLOTS, self._device or torch.device("cpu"), self.reducer)
 
     def _read_checked(
-        self, batch: ScalarBatch, check: int, losses: list[LossLike], call: tuple
+        self, batch: ScalarBatch, squares: list[int], losses: list[LossLike], call: tuple
     ) -> tuple[list[float], list[float]]:
         """The step's one collective, under ``check_consistency`` after the handshake (:meth:`_handshake`).
-        It carries the losses reported since the last real step too (:meth:`_apply_reports`)."""
+        It carries the losses reported since the last real step too (:meth:`_apply_reports`). Under DDP every
+        rank's terms of the sums of squares (``squares``, slots) must agree: :meth:`ScalarBatch.read`."""
+        check = batch.slots - REPORT_SLOTS
         for slot, value in enumerate(self._reports, start=check):
             batch.add_constant(slot, value)
         if self._check_every:
             self._handshake(call)
-        values, loss_values = batch.read(losses, agree=check if self._replicated_everywhere() else 0)
+        values, loss_values = batch.read(losses, agree=squares if self._replicated_everywhere() else ())
         if batch.disagreeing:
             raise RuntimeError(
                 f"the ranks hold different gradients or parameters at ELRA's real step {self.controller.state.steps}, "
@@ -1298,7 +1303,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         batch = self._scalar_batch(check)
         for tensors in groups:
             geometry.add_sums(batch, tensors, t)
-        values, loss_values = self._read_checked(batch, check, losses, ("step", with_gradient, inv_scale, skip_overflow))
+        values, loss_values = self._read_checked(batch, SQUARE_SLOTS, losses, ("step", with_gradient, inv_scale, skip_overflow))
         self._pending = []
         self._kept_grads = {}
         grad_scale = inv_scale / len(losses)

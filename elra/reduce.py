@@ -324,9 +324,10 @@ class Reducer:
         return vector
 
 
-# ranks' terms of one slot over replicated tensors that spread by more than this share of their mean square
-# are not of the same tensors (a gradient never all-reduced): rounding alone spreads them by about 1e-14 (terms
-# 1e-7 apart, as kernels of other threads or devices round), a rank's own micro-batch gradient by 1e-2 and more
+# ranks' terms of a sum of squares over replicated tensors that spread by more than this share of their mean
+# square are not of the same tensors (a gradient never all-reduced): rounding alone spreads them by about 1e-14
+# (terms 1e-7 apart, as kernels of other threads or devices round), a rank's own micro-batch gradient by 1e-2 and
+# more. Squares only: a product of two vectors can cancel to far below their lengths, and its rounding with it
 AGREEMENT = 1e-8
 
 
@@ -373,12 +374,12 @@ class ScalarBatch:
         self._vectors.append(block)
         return block
 
-    def read(self, losses: Sequence[float | torch.Tensor], agree: int = 0) -> tuple[list[float], list[float]]:
+    def read(self, losses: Sequence[float | torch.Tensor], agree: Sequence[int] = ()) -> tuple[list[float], list[float]]:
         """Global (slot values, mean losses over ranks): one collective, one host transfer.
 
-        ``agree``: the first that many slots hold terms of tensors every rank
-        holds alike (replicas), so every rank's terms must be equal; their
-        squares ride along, and :attr:`disagreeing` lists the slots where not.
+        ``agree``: slots that hold sums of squares of tensors every rank holds
+        alike (replicas), so every rank's terms must be equal; their squares
+        ride along, and :attr:`disagreeing` lists the slots where not.
         """
         vector = torch.tensor(self._constants, dtype=self.dtype, device=self.device)
         if self._summed:
@@ -386,15 +387,16 @@ class ScalarBatch:
             vector.index_add_(0, torch.tensor(slots, device=self.device), torch.cat([values for _, values in self._summed]))
         world = self.reducer.world_size
         mean_losses = loss_vector(losses, self.dtype, self.device) / world
-        head = [vector, mean_losses] + ([vector[:agree] ** 2] if agree else [])
+        agree = list(agree)
+        head = [vector, mean_losses] + ([vector[agree] ** 2] if agree else [])
         reduced = self.reducer.sum(torch.cat(head + self._weighted_vectors()))
         start = sum(t.numel() for t in head)
         self._hand_out(reduced[start:])
         values = reduced[:start].tolist()  # the vector blocks stay on the device
         self.disagreeing = [
             slot
-            for slot, (total, total_sq) in enumerate(zip(values[:agree], values[start - agree : start]))
-            if total_sq / world - (total / world) ** 2 > AGREEMENT * total_sq / world  # False for non-finite sums
+            for slot, total_sq in zip(agree, values[start - len(agree) : start])
+            if total_sq / world - (values[slot] / world) ** 2 > AGREEMENT * total_sq / world  # False for non-finite sums
         ]
         return values[: self.slots], values[self.slots : self.slots + len(losses)]
 

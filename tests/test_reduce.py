@@ -94,3 +94,77 @@ def test_a_float32_parameter_with_float64_gradients_steps_as_with_the_rounded_gr
     assert wide.grad.dtype == torch.float64 and runs[0]["real_steps"] == runs[1]["real_steps"] == 6
     assert runs[0]["lr"] == pytest.approx(runs[1]["lr"], rel=1e-6) and not torch.equal(wide, start)  # float64 sums
     assert torch.allclose(wide, rounded, rtol=1e-6, atol=1e-6)
+
+
+class _TwoRanks(Reducer):
+    """A step's all-reduce as two replicas would sum it: this rank's vector plus the other rank's (``other``,
+    recorded from a batch of the other rank's tensors by a reducer with ``other=None``)."""
+
+    def __init__(self, other: torch.Tensor | None = None) -> None:
+        super().__init__(None)
+        self.other, self.sent = other, None
+
+    @property
+    def world_size(self) -> int:
+        return 2
+
+    def sum(self, vector: torch.Tensor) -> torch.Tensor:
+        self.sent = vector.clone()
+        return vector if self.other is None else vector + self.other
+
+
+def _disagreeing(mine: list[torch.Tensor], theirs: list[torch.Tensor], agree: list[int]) -> list[int]:
+    """The slots two ranks' terms of |g|^2, <g, u>, |u|^2 (slots 0, 1, 2) disagree on, checked on ``agree``."""
+    pairs = [(0, 0, 0), (0, 1, 1), (1, 1, 2)]
+    recorder = _TwoRanks()
+    other = ScalarBatch(3, torch.device("cpu"), recorder)
+    products(other, [[t] for t in theirs], pairs, [0.5])
+    other.read([0.0], agree=agree)
+    batch = ScalarBatch(3, torch.device("cpu"), _TwoRanks(recorder.sent))
+    products(batch, [[t] for t in mine], pairs, [0.5])
+    batch.read([0.0], agree=agree)
+    return batch.disagreeing
+
+
+def test_replicas_agree_on_their_sums_of_squares_and_not_on_a_product_that_cancels():
+    """DDP replicas' terms of a product of two vectors that cancels (<g, u> near the line minimum) differ by
+    their rounding, which is large against the product itself: two ranks at 1 and 2 CPU threads raised "the
+    ranks hold different gradients" at real step 167 of a correct run. Only sums of squares are checked, and a
+    gradient of the rank's own still disagrees there."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(65536, generator=gen, dtype=torch.float64)
+    u = torch.randn(65536, generator=gen, dtype=torch.float64)
+    u -= torch.dot(g, u) / torch.dot(g, g) * g  # <g, u> cancels to rounding
+    rounded = u + 1e-7 * torch.randn(65536, generator=gen, dtype=torch.float64)  # as another thread count rounds
+    assert _disagreeing([g, u], [g, rounded], agree=[0, 1, 2]) == [1]  # what the check was: a false alarm
+    assert _disagreeing([g, u], [g, rounded], agree=[0, 2]) == []
+    own = g + 0.1 * torch.randn(65536, generator=gen, dtype=torch.float64)  # a gradient never all-reduced
+    assert _disagreeing([g, u], [own, u], agree=[0, 2]) == [0]
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam", "muon"])
+def test_the_replica_check_covers_exactly_the_steps_sums_of_squares(preconditioner, monkeypatch):
+    """Which slots a real step asks the replicas to agree on: its sums of squares (|g|^2, |x|^2, the
+    direction's, the momentum's, P2M's per group and the 16-bit range bounds), no product of two vectors."""
+    from elra import ElraOptimizer
+    from elra.geometry import DIR_SQ, GRAD_SQ, MOM_SQ, PARAM_SQ
+
+    asked = []
+    read = ScalarBatch.read
+    monkeypatch.setattr(ScalarBatch, "read", lambda self, losses, agree=(): asked.append(list(agree)) or read(self, losses, agree))
+    monkeypatch.setattr(Reducer, "world_size", property(lambda self: 2))
+    monkeypatch.setattr(Reducer, "sum", lambda self, vector: 2 * vector)  # two replicas alike
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    groups = [{"params": model[0].parameters()}, {"params": model[1].parameters(), "weight_decay": 0.0}]
+    opt = ElraOptimizer(groups, None, 8, preconditioner=preconditioner, process_group=None)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        opt.step(loss)
+    if preconditioner is None:  # _SUMS' grad_sq, dir_sq, param_sq of each of the two groups
+        expected = [0, 1, 4, 5, 6, 7]
+    else:
+        expected = [DIR_SQ, PARAM_SQ, GRAD_SQ, MOM_SQ]
+    assert asked and all(sorted(a) == expected for a in asked)
