@@ -526,17 +526,20 @@ class ElraOptimizer(Checkpointing, Optimizer):
 
     def set_train_loss(self, loss: float, boost: float | None = None) -> None:
         """Report the training loss (e.g. per epoch); drives the weight-decay control. Under data parallelism the
-        next real step sets every rank's to the mean of the values the ranks reported since the last one.
+        next real step sets every rank's to the mean of the values the ranks reported since the last one (until
+        then ``stats`` shows the decay of the last real step, alike on every rank); one process takes it at once.
         A non-finite value raises ``ValueError``."""
         value = self._reported(loss, "train")
-        self.controller.set_train_loss(value)
         self._reports[0:2] = [value, 1.0]
+        if self.reducer.world_size == 1:
+            self.controller.set_train_loss(value)
 
     def set_valid_loss(self, loss: float, boost: float | None = None, accu: float | None = None) -> None:
         """Report the validation loss (e.g. per epoch); drives the weight-decay control (see ``set_train_loss``)."""
         value = self._reported(loss, "validation")
-        self.controller.set_valid_loss(value)
         self._reports[2:4] = [value, 1.0]
+        if self.reducer.world_size == 1:
+            self.controller.set_valid_loss(value)
 
     @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True) -> None:

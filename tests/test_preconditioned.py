@@ -172,6 +172,31 @@ def test_a_lagging_validation_loss_scales_the_decay_of_each_step():
     assert not torch.allclose(net[0].weight, undecayed[0].weight, rtol=0, atol=1e-6)  # the lag mattered
 
 
+def test_under_data_parallelism_stats_show_a_reported_loss_from_the_next_real_step_on(monkeypatch):
+    """Each rank may report its own losses; the next real step gives every rank their mean. Until then each
+    rank's ``stats["weight_decay"]`` showed the decay of its own report: a different number on every rank, and
+    none the decay the step would use. It shows the last real step's now, alike everywhere (two replicas faked
+    here, reporting alike, so the step's mean is the one process's value)."""
+    from elra.reduce import Reducer
+
+    def run(ranks: int):
+        net = _net()
+        opt = ElraOptimizer(net.parameters(), None, 8, 3, weight_decay=1e-2, preconditioner="adam", process_group=None)
+        with monkeypatch.context() as patch:
+            if ranks == 2:
+                patch.setattr(Reducer, "world_size", property(lambda self: 2))
+                patch.setattr(Reducer, "sum", lambda self, vector: 2 * vector)
+            _train(net, _elra_step(opt), 4)
+            opt.set_train_loss(1.0)
+            opt.set_valid_loss(2.5)  # lag 2
+            reported = opt.stats["weight_decay"]
+            _train(net, _elra_step(opt), 5, start=4)
+            return reported, opt.stats["weight_decay"]
+
+    assert run(1) == (2e-2, 2e-2)
+    assert run(2) == (1e-2, 2e-2)
+
+
 def _rosenbrock(point: torch.Tensor) -> torch.Tensor:
     return (1 - point[0]) ** 2 + 100 * (point[1] - point[0] ** 2) ** 2
 
