@@ -221,26 +221,29 @@ class Checkpointing:
         self._note_unsynced_models()
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         foreign = sorted({key for g in groups or () if isinstance(g, dict) for key in FOREIGN_GROUP_OPTIONS & g.keys()})
-        if foreign and STATE_KEY not in groups[0]:
+        # ELRA's state rides in the first group saved; a name-keyed load (torch.distributed.checkpoint's
+        # set_state_dict) hands the groups over in this optimizer's order, which may put it in another
+        home = next((g for g in groups or () if isinstance(g, dict) and STATE_KEY in g), None)
+        if foreign and home is None:
             raise ValueError(
                 f"another optimizer's state_dict (its parameter groups set {', '.join(map(repr, foreign))}, as "
                 "torch.optim's Adam, AdamW or SGD do): ELRA cannot continue from another optimizer's state. Load the "
                 "model's weights alone and start ElraOptimizer afresh"
             )
-        if not groups or not isinstance(groups[0], dict) or STATE_KEY not in groups[0]:
+        if home is None:
             raise ValueError(
-                "not an ElraOptimizer state_dict (no controller state in param_groups[0]). From "
+                "not an ElraOptimizer state_dict (no controller state in its param_groups). From "
                 "torch.distributed.checkpoint with StateDictOptions(flatten_optimizer_state_dict=True) (torchtitan's "
                 "setting)? Its files hold ELRA's state, but torch rebuilds only the keys its own optimizers keep: "
                 "save and load with flatten_optimizer_state_dict=False"
             )
-        config = self._saved_config(groups[0].get(CONFIG_KEY))
+        config = self._saved_config(home.get(CONFIG_KEY))
         for index, group in enumerate(groups):  # every later step and stats would raise on it
             try:
                 decay_rate(group.get("weight_decay", config["weight_decay"]))
             except ValueError as error:
                 raise ValueError(f"parameter group {index} of the state_dict: {error}") from error
-        controller_state = dict(groups[0][STATE_KEY])
+        controller_state = dict(home[STATE_KEY])
         pending = _pending_losses(controller_state.pop("pending_losses", "[]"))
         reports = _pending_reports(controller_state.pop("pending_reports", [0.0] * len(self._reports)), len(self._reports))
         controller = make_controller(config)
@@ -251,7 +254,7 @@ class Checkpointing:
                 f"{controller.state.multiplier}: it is corrupted"
             )
         booster = Booster()
-        boost = groups[0].get(BOOST_KEY)
+        boost = home.get(BOOST_KEY)
         if boost is not None:
             try:
                 booster.load_state_dict(boost)
@@ -271,9 +274,9 @@ class Checkpointing:
                 group["param_names"] = names
         self._own_loaded_state(state_dict)
         self._restore_float32_moments(state_dict, geometry)
-        self.param_groups[0].pop(STATE_KEY, None)
-        self.param_groups[0].pop(BOOST_KEY, None)
-        self.param_groups[0].pop(CONFIG_KEY, None)
+        for group in self.param_groups:
+            for key in (STATE_KEY, BOOST_KEY, CONFIG_KEY):
+                group.pop(key, None)
         self._log_config_change(config)
         self._config = config
         self.defaults.update(lr=config["lr"], weight_decay=config["weight_decay"])

@@ -176,6 +176,50 @@ def test_dcp_resume_mid_collection_in_one_process_is_bit_identical(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
 
 
+@pytest.mark.parametrize("preconditioner", [None, "adam"])
+def test_dcp_resume_into_param_groups_listed_in_another_order_continues_the_run(tmp_path, preconditioner):
+    """torch.distributed.checkpoint matches groups by parameter name and hands ELRA the saved groups in the
+    loading optimizer's order, so ELRA's state need not arrive in the first: the load was refused, blaming
+    ``flatten_optimizer_state_dict``. It continues the run now, each group with its own weight decay."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    data = torch.randn(10, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.randint(0, 3, (10, 4), generator=torch.Generator().manual_seed(1))
+
+    def build(order):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        groups = {"first": {"params": list(net[0].parameters()), "weight_decay": 1e-2},
+                  "last": {"params": list(net[2].parameters()), "weight_decay": 0.0}}
+        opt = ElraOptimizer([groups[k] for k in order], net, 4, 3, lr=1e-4, preconditioner=preconditioner, process_group=None)
+        return net, opt
+
+    def train(net, opt, steps):
+        for x, y in zip(data[steps], labels[steps]):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step(loss)
+
+    net, opt = build(["first", "last"])
+    train(net, opt, slice(0, 4))
+    model_sd, optim_sd = get_state_dict(net, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp_path / "dcp")
+    train(net, opt, slice(4, 10))
+
+    fresh, fresh_opt = build(["last", "first"])
+    model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=tmp_path / "dcp")
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert [g["weight_decay"] for g in fresh_opt.param_groups] == [0.0, 1e-2]
+    train(fresh, fresh_opt, slice(4, 10))
+    first_groups_decay = {"weight_decay": None}  # stats show the first group's, another group here
+    assert {**fresh_opt.stats, **first_groups_decay} == {**opt.stats, **first_groups_decay}
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), net.parameters()))
+
+
 @pytest.mark.parametrize("reports", ["1234", [1.0, 1.0, math.nan, 1.0], [1.0, -1.0, 0.0, 0.0], [True, 1, 0, 0], None, 7])
 def test_malformed_pending_reports_are_refused_before_anything_changes(reports):
     model = digits_model(torch.float32)
