@@ -180,6 +180,10 @@ class RangeBounds:
         return self.params + abs(shift) * self.directions <= RANGE_LIMIT
 
 
+# fields added since: a state saved before lacks them
+_LATER_FIELDS = frozenset({"micro_steps"})
+
+
 @dataclass
 class ControlState:
     """Everything the controller remembers between real steps."""
@@ -225,6 +229,7 @@ class ControlState:
     noise: float = 0.0
     noise_samples: int = 0
     last_loss: float = 0.0
+    micro_steps: int = 0  # micro-batches of the real steps so far (ElraOptimizer.micro_batches_taken)
 
     @property
     def restarts(self) -> int:
@@ -323,6 +328,7 @@ class Controller:
         bad = [v for v in losses if not math.isfinite(v)]
         loss = bad[0] if bad else losses[-1]
         n = len(losses)
+        self.state.micro_steps += n
         if bad or (sums is not None and not (sums.is_finite() and self._direction_is_finite(n, sums, decays))):
             sums = None
         if sums is not None and half_precision:
@@ -356,13 +362,13 @@ class Controller:
 
     def load_state_dict(self, state: dict) -> None:
         names = {f.name for f in fields(ControlState)}
-        missing, unknown = names - state.keys(), state.keys() - names
+        missing, unknown = names - state.keys() - _LATER_FIELDS, state.keys() - names
         if missing or unknown:
             raise ValueError(
                 f"controller state does not match this version of elra: missing {sorted(missing)}, "
                 f"unknown {sorted(unknown)}"
             )
-        loaded = ControlState(**{k: state[k] for k in names})
+        loaded = ControlState(**{k: state[k] for k in names & state.keys()})  # an older one's clock starts at 0
         loaded.window_means = [float(v) for v in loaded.window_means]
         self.state = loaded
 

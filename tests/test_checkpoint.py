@@ -1147,6 +1147,23 @@ def test_collected_losses_saved_as_a_list_by_an_older_elra_still_load():
         _digits_optimizer(copy.deepcopy(model), batch_multiplier=3).load_state_dict(sd)
 
 
+def test_p2m_counts_the_micro_batches_taken_and_its_checkpoint_restores_them():
+    """``micro_batches_taken`` raised AttributeError under P2M (its controller kept no such clock), also after
+    loading a P2M checkpoint into an optimizer built with the default direction. A P2M state of an older elra,
+    which lacks the count, loads with the clock at the collected micro-batches."""
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model, batch_multiplier=2, preconditioner=None)
+    _run(model, opt, 0, 5)
+    assert opt.micro_batches_taken == 5  # two real steps of 2 and one collected
+    resumed = _digits_optimizer(copy.deepcopy(model))  # the default direction: the checkpoint's P2M wins
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert resumed.preconditioner is None and resumed.micro_batches_taken == 5
+    older = copy.deepcopy(opt.state_dict())
+    del older["param_groups"][0]["elra_controller"]["micro_steps"]
+    resumed.load_state_dict(older)
+    assert resumed.micro_batches_taken == 1
+
+
 def test_a_budget_set_after_loading_replaces_the_checkpoints_and_is_saved():
     """A job resumed to run longer sets its own budget after the load: from there it trains as a run built with
     that budget (bit for bit before the cooldown), and the next checkpoint carries it."""
