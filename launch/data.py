@@ -49,6 +49,10 @@ class TensorSet:
         """Samples every epoch draws its training batches from (all of them)."""
         return len(self)
 
+    def training_samples(self, epoch: int) -> int:
+        """Samples epoch ``epoch`` draws its training batches from (all of them)."""
+        return len(self)
+
     def loader(self, epoch: int | None, rank: int, world: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches of epoch ``epoch`` (equal on all ranks), or the held-out samples once (``None``,
         :func:`held_out_share`)."""
@@ -94,6 +98,16 @@ class TextWindows:
         """Windows every epoch draws its training batches from: an epoch's offset can cost the last one."""
         return len(self._starts(self.context - 1))
 
+    def training_samples(self, epoch: int) -> int:
+        """Windows epoch ``epoch`` draws its training batches from (at its offset)."""
+        return len(self._epoch_starts(epoch)[0])
+
+    def _epoch_starts(self, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
+        """Epoch ``epoch``'s window starts, at its random offset, and the generator that shuffles them."""
+        generator = torch.Generator().manual_seed(1000 + epoch)
+        shift = int(torch.randint(self.context, (), generator=generator))
+        return self._starts(shift), generator
+
     def loader(self, epoch: int | None, rank: int, world: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches of epoch ``epoch`` (equal on all ranks), or the held-out windows once (``None``)."""
         if epoch is None:
@@ -103,9 +117,7 @@ class TextWindows:
                 inputs, targets = CharCorpus.windows(self.ids, self.context, part)
                 yield inputs, _ignoring(targets, pad)
             return
-        generator = torch.Generator().manual_seed(1000 + epoch)
-        shift = int(torch.randint(self.context, (), generator=generator))
-        starts = self._starts(shift)
+        starts, generator = self._epoch_starts(epoch)
         starts = starts[torch.randperm(len(starts), generator=generator)]
         per_step = batch_size * world
         for first in range(0, len(starts) - per_step + 1, per_step):

@@ -400,14 +400,16 @@ def preconditioner(args) -> str | None:
 
 def step_budget(args, train_set, world: int, start: int = 0, taken: int = 0) -> int | None:
     """ELRA's ``total_steps``: the micro-batches of ``--epochs`` epochs (each ``--max-steps`` at most; a text
-    epoch's offset can cost one); ``None`` without ``--cooldown`` or for P2M. Resumed after ``start`` epochs
-    that took ``taken`` micro-batches, those and the rest's on ``world`` ranks: a job resumed on another number
-    of ranks has epochs of another length (its budget from the new epoch length alone sat at or far beyond
-    the clock, so it ran at the cooldown's floor or never cooled down)."""
+    epoch's offset can cost one: counted epoch by epoch, a resumed job's budget came out short of the
+    uninterrupted one's and cooled down elsewhere); ``None`` without ``--cooldown`` or for P2M. Resumed after
+    ``start`` epochs that took ``taken`` micro-batches, those and the rest's on ``world`` ranks: a job resumed on
+    another number of ranks has epochs of another length (its budget from the new epoch length alone sat at or
+    far beyond the clock, so it ran at the cooldown's floor or never cooled down)."""
     if not args.cooldown or preconditioner(args) is None:
         return None
-    per_epoch = len(train_set) // (args.batch_size * world)
-    return taken + max(args.epochs - start, 0) * (min(per_epoch, args.max_steps) if args.max_steps else per_epoch)
+    per_step = args.batch_size * world
+    counts = [train_set.training_samples(epoch) // per_step for epoch in range(start, args.epochs)]
+    return taken + sum(min(count, args.max_steps) if args.max_steps else count for count in counts)
 
 
 def check_sizes(args, train_set, valid_set, world: int) -> None:

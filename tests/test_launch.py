@@ -1004,3 +1004,19 @@ def test_the_held_out_numbers_do_not_depend_on_the_number_of_ranks(monkeypatch):
         loss_sum, correct, count = torch.stack(sums).sum(0).tolist()
         assert count == 49 * 8 and loss_sum / count == pytest.approx(one[0], rel=1e-6)  # float32, other batches
         assert correct / count == pytest.approx(one[1], rel=1e-12)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_text_jobs_step_budget_is_the_micro_batches_its_epochs_take_also_resumed(world):
+    """A text epoch's random offset can cost its last window, and with it a micro-batch where the windows at
+    offset 0 fill whole ones: the budget assumed every epoch as long as at offset 0 (6 epochs: 180 where 174
+    ran), and a job resumed after 3 epochs counted the micro-batches taken plus 3 such epochs (177), so it
+    cooled down elsewhere than the uninterrupted job. Counted epoch by epoch, both are the micro-batches run."""
+    from launch.data import TextWindows
+
+    windows = TextWindows(torch.arange(961) % 50, context=8)  # 120 windows at offset 0, 119 at the others
+    args = launcher.parse_args(["--model", "gpt", "--batch-size", "4", "--epochs", "10"])
+    taken = [len(list(windows.loader(epoch, 0, world, 4))) for epoch in range(10)]
+    assert min(taken) < max(taken)  # epoch 8's offset is 0
+    assert launcher.step_budget(args, windows, world) == sum(taken)
+    assert launcher.step_budget(args, windows, world, 5, sum(taken[:5])) == sum(taken)
