@@ -76,10 +76,14 @@ def build_module(batch_size: int, batch_multiplier: int = 1):
             train = torch.stack(self.train_losses) if self.train_losses else torch.zeros(0)
             loss, correct, count = torch.stack(self.valid_losses).sum(0)
             train, valid, self.accuracy = train[torch.isfinite(train)], loss / count, (correct / count).item()
+            optimizer = self.optimizers().optimizer
             if len(train) and torch.isfinite(valid):
-                optimizer = self.optimizers().optimizer
                 optimizer.set_train_loss(train.mean().item())
                 optimizer.set_valid_loss(valid.item())
+            if self.trainer.world_size > 1:
+                # every rank: the ranks' means of the reported losses (and of what is collected) now, before
+                # Lightning writes rank 0's checkpoint; left pending, every rank resumed with rank 0's own
+                optimizer.sync_pending_grads()
             self.train_losses, self.valid_losses = [], []
 
         def on_fit_start(self) -> None:
