@@ -24,7 +24,9 @@ char-LMs). Without noise the pair is exact and ``eta`` follows it faster
 training, about 0 once noise dominates, so the default target -0.1 acts
 where r responds to eta (transformer 1.293 -> 1.262 held-out bits/char over
 the muon direction with N and D smoothed over 0.9, the other benchmark tasks
-within noise). The regime is detected at the second real step (see
+within noise). In the mini-batch regime, where noise dominates the gradient, the line minimum is
+too far and the target rises toward half the short-step ratio (:meth:`LineController.settling_ratio`).
+The regime is detected at the second real step (see
 :meth:`LineController._choose_regime`); a detected noise-free regime turns
 stochastic where the steps after restarts show noise. A failed step is retraced along the unchanged old
 direction (recomputed from the unchanged moments): noise-free problems
@@ -110,6 +112,12 @@ COOLDOWN_FLOOR = 0.02
 # 4.44 vs 3.68 bits/char at 0.48-0.64); those that gained started at 0.08 or less (README)
 COOLDOWN_SIGNAL = 0.1
 LINE_TARGET = -0.1  # the default target without noise (benchmarks/quality.py; see the README)
+# mini-batch regime: where noise dominates the gradient, eta settles at this share of the short-step ratio
+# instead of the line minimum (LineController.settling_ratio), faded by (1 - S)**NOISE_FADE: the term is a
+# tenth of its size at S = 0.2. 0.8 stalled the wide regression's ramp (test mse 1.0 against 0.125), 0.3 left it
+# at 0.19; fade 20 cost the transformer (seeds 0-1: 1.185 and 1.210 against 1.172 and 1.187 bits/char; README)
+NOISE_TARGET = 0.5
+NOISE_FADE = 10
 _TINY = 1e-300
 # noise-free: a rise below this share of the loss is rounding (a float32 sum of 2000 squares moved by 1e-7 at
 # the cubic fit's optimum; retracing it cut the step length 10x a time and stopped the fit 4e-4 short)
@@ -518,7 +526,7 @@ class LineController:
             s.eta = s.accepted_eta  # the direction failed, not the length
         # the sums of |g|^2 and |m|^2 exist once m has a gradient
         share = self.signal_share(sums) if sums is not None and s.moment_steps else None
-        target = self.target if share is None else self.target * share
+        target = self.target if share is None else self.settling_ratio(share)
         if sums is not None:
             s.param_peak = max(s.param_peak, sums.param_sq)
         cooled = self._cooldown(share)  # 0 outside a step budget's cooldown, where the pairs set eta
@@ -610,6 +618,25 @@ class LineController:
             return 0.0
         ratio = s.ema_mom_sq / max(s.ema_grad_sq, _TINY)
         return min(max((ratio - floor) / (1.0 - floor), 0.0), 1.0)
+
+    def settling_ratio(self, share: float) -> float:
+        """The pair ratio that eta settles at for the signal share ``share`` (S): ``target*S``, and in the
+        mini-batch regime ``NOISE_TARGET * f_m * (1-S)**NOISE_FADE`` more.
+
+        ``f_m = S/(S + (1-S)(1-beta1)/(1+beta1))`` is the signal's share of the momentum: the ratio at a short
+        step, falling to 0 at the line minimum along ``u``, about linearly in the length. Where the gradient is
+        mostly noise that minimum is too far: the momentum carries a step's noise into the next
+        ``1/(1-beta1)`` steps, which one pair does not see. The target then sits halfway down, about half the
+        line minimum's length (the wide regression's line minimum settled at a length of 0.0022, test mse
+        0.29 at that length held fixed, 0.082 at 1e-3). The term vanishes where signal dominates (S near 1)
+        and with ``f_m`` where none is measured (S = 0).
+        """
+        target = self.target * share
+        if self.state.noise_free is not False or share <= 0.0:
+            return target
+        noise = (1.0 - self.beta1) / (1.0 + self.beta1)
+        in_momentum = share / (share + (1.0 - share) * noise)
+        return target + NOISE_TARGET * in_momentum * (1.0 - share) ** NOISE_FADE
 
     def _retrace(self, loss: float, sums: LineSums | None, refused: bool) -> LineDecision:
         """Go back along the old direction: ``x_old - eta_new*u_old`` (all the way where it went uphill).

@@ -219,7 +219,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
             length aims at where the gradient has no noise, in (-1, 1): 0 the
             line minimum along the direction, below 0 a step past it (default
             -0.1); scaled by the measured signal share, so mini-batch noise
-            pulls it toward 0 (see :mod:`elra.line_control`).
+            pulls it toward 0, and raised where noise dominates (see
+            :meth:`elra.line_control.LineController.settling_ratio`).
         total_steps: the number of ``step`` calls (micro-batches) the run will
             make, if known: in the mini-batch regime the last 20% of them take
             a step length falling linearly to 2% of the one reached (a

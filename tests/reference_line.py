@@ -189,7 +189,10 @@ class ReferenceLine:
             self.ema_g = gsq if self.ema_g is None else 0.9 * self.ema_g + 0.1 * gsq
             self.ema_m = msq if self.ema_m is None else 0.9 * self.ema_m + 0.1 * msq
             floor = (1 - self.b1) / (1 + self.b1)  # pure noise: |m|^2 = floor * |g|^2; no noise: |m|^2 = |g|^2
-            target *= min(max((self.ema_m / self.ema_g - floor) / (1 - floor), 0.0), 1.0) if floor < 1 else 0.0
+            share = min(max((self.ema_m / self.ema_g - floor) / (1 - floor), 0.0), 1.0) if floor < 1 else 0.0
+            target *= share
+            if not self.deterministic and share > 0:  # noise: halfway from the short-step ratio to the line minimum
+                target += 0.5 * share / (share + (1 - share) * floor) * (1 - share) ** 10
         if numbers is not None:
             self.peak_xsq = max(self.peak_xsq, numbers[3])  # the clip's scale: the largest |x|^2 accepted
         if numbers is not None and numbers[1] > 0 and not restart:

