@@ -193,7 +193,7 @@ def test_the_signal_share_tells_a_steady_gradient_from_noise():
     assert without_momentum.signal_share(LineSums(0.0, 1.0, 1.0, 1.0, grad_sq=4.0, mom_sq=4.0)) == 0.0
 
 
-def _settled_length(classes: int, share: float, monkeypatch=None) -> float:
+def _settled_length(classes: int, share: float) -> float:
     """The step length a controller settles at where the pair ratio falls linearly from the momentum's signal
     share f_m at a short step to 0 at length 1 (the line minimum), for a gradient of signal share ``share``."""
     controller = LineController(1e-3, classes, 32, 1)
