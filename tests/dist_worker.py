@@ -710,6 +710,57 @@ def run_uneven(rank: int, world: int, store: str, out: str) -> None:
     as_gloo_rank(rank, world, store, body)
 
 
+class ScaledHead(torch.nn.Module):
+    """Two outputs and a one-element scale: on 3 ranks FSDP2 leaves the last rank empty shards of the head's
+    weight rows, its bias and the scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(FEATURES, HIDDEN)
+        self.out = torch.nn.Linear(HIDDEN, 2)
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(x))) * self.scale
+
+
+EMPTY_SHARD_DIRECTIONS = ("muon", "adam", None)
+
+
+def empty_shard_fit(model, optimizer: ElraOptimizer, rank: int, world: int, sharded_world: int) -> None:
+    """Ten real steps on the global batches of ``world`` ranks (this rank's slice when sharded), two classes."""
+    for step in range(10):
+        x, y = global_batch(step, world)
+        if sharded_world > 1:
+            x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y % 2)
+        loss.backward()
+        optimizer.step(loss.detach())
+
+
+def run_empty_shards(rank: int, world: int, store: str, out: str) -> None:
+    """``empty_shard_fit`` under FSDP2 (per layer and root) for each direction; saves the full parameters."""
+
+    def body() -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        results = {}
+        for preconditioner in EMPTY_SHARD_DIRECTIONS:
+            torch.manual_seed(0)
+            model = ScaledHead().double()
+            fully_shard(model.hidden)
+            fully_shard(model.out)
+            fully_shard(model)
+            optimizer = ElraOptimizer(model.parameters(), model, LOCAL_BATCH, lr=1e-3, preconditioner=preconditioner)
+            empty_shard_fit(model, optimizer, rank, world, world)
+            params = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+            results[preconditioner] = {"params": params, "stats": optimizer.stats}
+        torch.save(results, Path(out) / f"empty{rank}.pt")
+
+    as_gloo_rank(rank, world, store, body)
+
+
 OWN_NO_SYNC_SAVE, OWN_NO_SYNC_STEPS = 10, 20  # micro-step 10: one micro-batch of three collected
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_worker import (
-    Scenario, make_net, routed_grads, run_checkpointing, run_routed_sync, run_scenarios, run_zero, zero_fit,
+    EMPTY_SHARD_DIRECTIONS, ScaledHead, Scenario, empty_shard_fit, make_net, run_empty_shards, routed_grads, run_checkpointing, run_routed_sync, run_scenarios, run_zero, zero_fit,
     OWN_NO_SYNC_SAVE, own_no_sync_steps, run_divided_sync, run_own_no_sync, run_uneven, run_unsynced_real_step,
     uneven_inputs,
     zero_redundancy,
@@ -789,6 +789,25 @@ def _assert_ranks_saved(tmp_path, prefix: str, net: torch.nn.Module, optimizer: 
             assert result["stats"][key] == value or math.isclose(result["stats"][key], value, rel_tol=1e-12), key
         for name, p in net.named_parameters():
             assert torch.allclose(result["params"][name], p, rtol=0, atol=1e-12), name
+
+
+def test_fsdp2_ranks_holding_empty_shards_step_like_one_process(tmp_path):
+    """On 3 ranks a head of two rows, its bias and a one-element scale leave the last rank empty shards (its
+    local tensors have no elements); every direction (muon gathers the whole matrix) steps as one process does."""
+    mp.spawn(run_empty_shards, args=(3, f"file://{tmp_path}/store", str(tmp_path)), nprocs=3, join=True)
+    results = [torch.load(tmp_path / f"empty{rank}.pt") for rank in range(3)]
+    for preconditioner in EMPTY_SHARD_DIRECTIONS:
+        torch.manual_seed(0)
+        net = ScaledHead().double()
+        optimizer = ElraOptimizer(net.parameters(), None, 3 * 4, lr=1e-3, preconditioner=preconditioner)
+        empty_shard_fit(net, optimizer, 0, 3, 1)
+        assert optimizer.stats["lr"] != 1e-3  # it trained
+        for result in results:
+            ranks = result[preconditioner]
+            for key, value in optimizer.stats.items():
+                assert ranks["stats"][key] == value or math.isclose(ranks["stats"][key], value, rel_tol=1e-12), key
+            for name, p in net.named_parameters():
+                assert torch.allclose(ranks["params"][name], p, rtol=0, atol=1e-12), (preconditioner, name)
 
 
 def test_uneven_inputs_under_join_that_throws_stop_every_rank_at_one_micro_batch_like_one_process(tmp_path):
