@@ -582,6 +582,31 @@ def test_a_dcp_muon_checkpoint_of_an_older_elra_loads_with_a_partial_load(tmp_pa
     assert all(fresh_opt.state[p]["momentum_mean_square"] > 0 for p in matrices)
 
 
+def test_a_dcp_resume_into_another_preconditioner_fails_loudly_and_load_state_dict_takes_the_checkpoints(tmp_path):
+    """The README: ``dcp.load`` reads the template's keys, the loading optimizer's own direction's, so a muon
+    checkpoint into an adam-built template fails (torch's "Missing key"), never loads silently; through
+    ``load_state_dict`` the checkpoint's preconditioner wins and the run continues as the saved one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = digits_model(torch.float32)
+    opt = _digits_optimizer(model, preconditioner="muon")
+    _run(model, opt, 0, 20)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp_path / "dcp")
+    saved = opt.state_dict()
+    fresh = digits_model(torch.float32)
+    fresh_opt = _digits_optimizer(fresh, preconditioner="adam")
+    with pytest.raises(BaseException, match="Missing key.*exp_avg_sq"):  # torch's CheckpointException
+        dcp.load(dict(zip(("model", "optim"), get_state_dict(fresh, fresh_opt))), checkpoint_id=tmp_path / "dcp")
+    fresh.load_state_dict(model.state_dict())
+    fresh_opt.load_state_dict(saved)
+    _run(model, opt, 20, 30)
+    _run(fresh, fresh_opt, 20, 30)
+    assert fresh_opt.stats == opt.stats
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+
+
 @pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
 def test_resume_remembers_which_parameters_the_last_step_moved(preconditioner):
     """A head without a gradient in the last accepted step did not move: after a resume, the next
