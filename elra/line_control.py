@@ -613,11 +613,16 @@ class LineController:
         s = self.state
         s.ema_grad_sq = _ema(s.ema_grad_sq, sums.grad_sq, SHARE_SMOOTHING)
         s.ema_mom_sq = _ema(s.ema_mom_sq, sums.mom_sq, SHARE_SMOOTHING)
-        floor = (1.0 - self.beta1) / (1.0 + self.beta1)
+        floor = self._noise_floor
         if floor >= 1.0:  # no momentum: m is g, the ratio says nothing
             return 0.0
         ratio = s.ema_mom_sq / max(s.ema_grad_sq, _TINY)
         return min(max((ratio - floor) / (1.0 - floor), 0.0), 1.0)
+
+    @property
+    def _noise_floor(self) -> float:
+        """``|m|^2/|g|^2`` of independent noise under momentum beta1: ``(1-beta1)/(1+beta1)``."""
+        return (1.0 - self.beta1) / (1.0 + self.beta1)
 
     def settling_ratio(self, share: float) -> float:
         """The pair ratio that eta settles at for the signal share ``share`` (S): ``target*S``, and in the
@@ -634,8 +639,7 @@ class LineController:
         target = self.target * share
         if self.state.noise_free is not False or share <= 0.0:
             return target
-        noise = (1.0 - self.beta1) / (1.0 + self.beta1)
-        in_momentum = share / (share + (1.0 - share) * noise)
+        in_momentum = share / (share + (1.0 - share) * self._noise_floor)
         return target + NOISE_TARGET * in_momentum * (1.0 - share) ** NOISE_FADE
 
     def _retrace(self, loss: float, sums: LineSums | None, refused: bool) -> LineDecision:

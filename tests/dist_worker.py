@@ -116,6 +116,15 @@ def global_batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def rank_batch(step: int, world: int, rank: int, sharded_world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``global_batch(step, world)``, or this rank's slice of it where ``sharded_world`` ranks share it."""
+    x, y = global_batch(step, world)
+    if sharded_world == 1:
+        return x, y
+    part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    return x[part], y[part]
+
+
 def train(
     scenario: Scenario,
     model,
@@ -672,9 +681,7 @@ def uneven_inputs(model, optimizer: ElraOptimizer, rank: int, world: int, sharde
     from torch.distributed.algorithms.join import Join
 
     def micro_step(step: int) -> None:
-        x, y = global_batch(step, world)
-        if sharded_world > 1:
-            x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+        x, y = rank_batch(step, world, rank, sharded_world)
         optimizer.zero_grad()
         with grad_sync(model, optimizer) if sharded_world > 1 else nullcontext():
             loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -730,9 +737,7 @@ EMPTY_SHARD_DIRECTIONS = ("muon", "adam", None)
 def empty_shard_fit(model, optimizer: ElraOptimizer, rank: int, world: int, sharded_world: int) -> None:
     """Ten real steps on the global batches of ``world`` ranks (this rank's slice when sharded), two classes."""
     for step in range(10):
-        x, y = global_batch(step, world)
-        if sharded_world > 1:
-            x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+        x, y = rank_batch(step, world, rank, sharded_world)
         optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x), y % 2)
         loss.backward()
@@ -775,9 +780,7 @@ def own_no_sync_steps(
             checkpoint = {"model": getattr(model, "module", model).state_dict(), "optim": optimizer.state_dict()}
             if rank == 0:
                 torch.save(checkpoint, Path(out) / "own-no-sync-checkpoint.pt")
-        x, y = global_batch(step, world)
-        if sharded_world > 1:
-            x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+        x, y = rank_batch(step, world, rank, sharded_world)
         optimizer.zero_grad()
         with model.no_sync() if sharded_world > 1 and optimizer.collecting else nullcontext():
             loss = torch.nn.functional.cross_entropy(model(x), y)

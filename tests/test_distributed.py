@@ -11,7 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_worker import (
-    EMPTY_SHARD_DIRECTIONS, ScaledHead, Scenario, empty_shard_fit, make_net, run_empty_shards, routed_grads, run_checkpointing, run_routed_sync, run_scenarios, run_zero, zero_fit,
+    EMPTY_SHARD_DIRECTIONS, LOCAL_BATCH, ScaledHead, Scenario, empty_shard_fit, make_net, run_empty_shards,
+    routed_grads, run_checkpointing, run_routed_sync, run_scenarios, run_zero, zero_fit,
     OWN_NO_SYNC_SAVE, own_no_sync_steps, run_divided_sync, run_own_no_sync, run_uneven, run_unsynced_real_step,
     uneven_inputs,
     zero_redundancy,
@@ -799,7 +800,7 @@ def test_fsdp2_ranks_holding_empty_shards_step_like_one_process(tmp_path):
     for preconditioner in EMPTY_SHARD_DIRECTIONS:
         torch.manual_seed(0)
         net = ScaledHead().double()
-        optimizer = ElraOptimizer(net.parameters(), None, 3 * 4, lr=1e-3, preconditioner=preconditioner)
+        optimizer = ElraOptimizer(net.parameters(), None, 3 * LOCAL_BATCH, lr=1e-3, preconditioner=preconditioner)
         empty_shard_fit(net, optimizer, 0, 3, 1)
         assert optimizer.stats["lr"] != 1e-3  # it trained
         for result in results:
