@@ -20,17 +20,19 @@ from typing import Iterator, Sequence
 import torch
 
 _SIXTEEN_BIT = {torch.float16, torch.bfloat16}
-CHUNK = 1 << 17  # elements per tensor list in one run on CPU (512 KB of float32: a few lists fit in L2 or a near L3)
+CHUNK = 1 << 19  # elements per tensor list in one run on CPU (2 MB of float32: the lists of a run fit in a large L3)
 DEVICE_CHUNK = 1 << 24  # on an accelerator: few launches, temporaries of at most 64 MB of float32
 
 
 def runs(lists: Sequence[Sequence], budget: int | None = None, split: bool = False) -> Iterator[list[list]]:
     """Aligned slices of ``lists`` (same length; same-shaped tensors at each index) of about ``budget`` elements.
 
-    With ``split``, a tensor above ``budget`` elements whose aligned tensors
-    are all contiguous comes as pieces (flat views) of ``budget`` elements,
-    packed into the runs like whole tensors; otherwise it is a run of its
-    own. Entries that are not tensors (per-tensor weights, say) travel along,
+    With ``split``, a tensor that does not fit in what is left of the current
+    run and whose aligned tensors are all contiguous comes as pieces (flat
+    views): the first fills the run, the next ones ``budget`` elements each,
+    so that no run exceeds ``budget`` (one reused buffer of ``budget``
+    elements holds a temporary of any run, :func:`run_scratch`). Otherwise a
+    tensor goes into the current run whole, which may then exceed ``budget``. Entries that are not tensors (per-tensor weights, say) travel along,
     repeated for every piece. The first list must hold tensors. ``budget``
     defaults to ``CHUNK`` on CPU, ``DEVICE_CHUNK`` elsewhere.
     """
@@ -43,9 +45,11 @@ def runs(lists: Sequence[Sequence], budget: int | None = None, split: bool = Fal
         numel = lists[0][i].numel()
         column = [t[i] for t in lists]
         tensors = [x for x in column if isinstance(x, torch.Tensor)]
-        if split and numel > budget and all(x.is_contiguous() for x in tensors):
-            pieces = -(-numel // budget)
-            parts = [x.view(-1).split(budget) if isinstance(x, torch.Tensor) else [x] * pieces for x in column]
+        if split and numel > budget - size and all(x.is_contiguous() for x in tensors):
+            first = budget - size
+            sizes = [first] + [budget] * ((numel - first) // budget) + [(numel - first) % budget]
+            sizes = [n for n in sizes if n]
+            parts = [x.view(-1).split(sizes) if isinstance(x, torch.Tensor) else [x] * len(sizes) for x in column]
             items = list(zip(*parts))
         else:
             items = [column]
