@@ -34,7 +34,7 @@ from .control import Decision, RangeBounds, StepSums
 from .fused import sgd_accept, split_fusable
 from .geometry import PRESENT, SLOTS, SQUARE_SLOTS, direction_state, kept_finite, make_direction, moment_dtype
 from .line_control import LINE_TARGET
-from .reduce import AUTO, Reducer, ScalarBatch, local, products
+from .reduce import AUTO, Reducer, ScalarBatch, copy_squares, local, products
 from .sync import (
     drop_unsynced_grads, fsdp_wrapping, holds_gathered_weights, holds_unsynced_grads, reshard, sync_unsynced_grads,
     uncompiled,
@@ -55,6 +55,7 @@ _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
 _SQUARES = frozenset({"grad_sq", "dir_sq", "param_sq"})  # the sums of squares: the replicas' check (_read_checked)
 # each real step's vector ends in the losses reported since the last one: train and validation, value and count
 REPORT_SLOTS = 4
+COPY_SLOTS = 2  # |x|^2 and |g|^2 of the whole copies beside shards (_copies_beside_shards), after the reports
 _REPORTED_FIELDS = frozenset({"train_loss", "valid_loss"})  # controller fields that those set
 _GRADS = "_grads"  # a copy's (deepcopy, pickle) gradients of the parameters, by parameter
 _GRAD_DTYPES = "_grad_dtypes"  # a copy's parameters' grad_dtype where it is not their dtype (copies of a parameter drop it)
@@ -311,7 +312,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
             )
         self._device: torch.device | None = None
         self._config = config
-        self._replication: tuple[tuple, bool] = ((), False)  # (layout, every parameter replicated on every rank)
+        # (layout, every parameter replicated on every rank, else those that are beside others that are not)
+        self._replication: tuple[tuple, bool, list[torch.Tensor]] = ((), False, [])
         self._flattened: list[torch.Tensor] = []  # FSDP1's parameters (add_param_group): _refuse_unsharded_gradients
         self.booster = Booster()
         self.geometry = make_direction(config["preconditioner"], config["momentum"], compiled)
@@ -1137,7 +1139,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 products(batch, (grads,), [(0, 0, ranged + 2)], weights)
         squares = [k * n_groups + j for k, name in enumerate(_SUMS) if name in _SQUARES for j in range(n_groups)]
         squares += list(range(ranged, check))
-        values, loss_values = self._read_checked(batch, squares, losses, ("step", with_gradient, *scaling))
+        values, loss_values = self._read_checked(batch, squares, losses, ("step", with_gradient, *scaling), with_gradient)
         bounds = RangeBounds(*(math.sqrt(v) if v >= 0.0 else math.nan for v in values[ranged:check])) if half else None
         if not with_gradient:
             return None, loss_values, bounds
@@ -1147,41 +1149,63 @@ class ElraOptimizer(Checkpointing, Optimizer):
         return sums, loss_values, bounds
 
     def _scalar_batch(self, check: int) -> ScalarBatch:
-        """A real step's vector: ``check`` slots of sums, then the reported losses' (:meth:`_apply_reports`)."""
-        return ScalarBatch(check + REPORT_SLOTS, self._device or torch.device("cpu"), self.reducer)
+        """A real step's vector: ``check`` slots of sums, then the reported losses' (:meth:`_apply_reports`), then
+        the whole copies' sums of squares where a model holds them beside shards (:meth:`_replication_layout`)."""
+        copies = COPY_SLOTS if self._replication_layout()[1] else 0
+        return ScalarBatch(check + REPORT_SLOTS + copies, self._device or torch.device("cpu"), self.reducer)
 
     def _read_checked(
-        self, batch: ScalarBatch, squares: list[int], losses: list[LossLike], call: tuple
+        self, batch: ScalarBatch, squares: list[int], losses: list[LossLike], call: tuple, with_gradient: bool
     ) -> tuple[list[float], list[float]]:
         """The step's one collective, under ``check_consistency`` after the handshake (:meth:`_handshake`).
-        It carries the losses reported since the last real step too (:meth:`_apply_reports`). Under DDP every
-        rank's terms of the sums of squares (``squares``, slots) must agree: :meth:`ScalarBatch.read`."""
-        check = batch.slots - REPORT_SLOTS
+        It carries the losses reported since the last real step too (:meth:`_apply_reports`). What every rank
+        holds a whole copy of must agree (:meth:`ScalarBatch.read`): under DDP every rank's terms of the sums of
+        squares (``squares``, slots); beside shards, the copies' own |x|^2 and |g|^2."""
+        everywhere, copies = self._replication_layout()
+        check = batch.slots - REPORT_SLOTS - (COPY_SLOTS if copies else 0)
         for slot, value in enumerate(self._reports, start=check):
             batch.add_constant(slot, value)
+        agree = squares if everywhere else []
+        if copies:
+            agree = copy_squares(batch, check + REPORT_SLOTS, copies, with_gradient, self.reducer.world_size)
         if self._check_every:
             self._handshake(call)
-        values, loss_values = batch.read(losses, agree=squares if self._replicated_everywhere() else ())
+        values, loss_values = batch.read(losses, agree=agree)
         if batch.disagreeing:
+            step, world = self.controller.state.steps, self.reducer.world_size
+            if everywhere:
+                raise RuntimeError(
+                    f"the ranks hold different gradients or parameters at ELRA's real step {step}, though every "
+                    f"parameter is a replica on all {world} ranks (DDP): each rank would step along its own gradient "
+                    "and the replicas drift apart. The micro-batch that completes a real step must all-reduce its "
+                    "gradients: keep it out of DDP's no_sync() (elra.grad_sync(model, optimizer) decides per "
+                    "micro-batch). DDP never reduces a parameter that required no gradient when it was built: unfreeze "
+                    "before wrapping. If each process trains a model of its own, pass process_group=None"
+                )
             raise RuntimeError(
-                f"the ranks hold different gradients or parameters at ELRA's real step {self.controller.state.steps}, "
-                f"though every parameter is a replica on all {self.reducer.world_size} ranks (DDP): each rank would "
-                "step along its own gradient and the replicas drift apart. The micro-batch that completes a real "
-                "step must all-reduce its gradients: keep it out of DDP's no_sync() (elra.grad_sync(model, "
-                "optimizer) decides per micro-batch); if each process trains a model of its own, pass process_group=None"
+                f"the ranks hold different gradients or parameters at ELRA's real step {step} for the {len(copies)} "
+                f"parameters each of the {world} ranks holds whole (plain tensors beside sharded ones): no wrapper "
+                "reduces their gradients, so each rank would step along its own and the copies drift apart. "
+                "Wrapping submodules alone (fully_shard, FSDP) leaves the root's own parameters out: wrap the root "
+                "module too (it takes the parameters no inner unit holds), all-reduce their gradients yourself, or "
+                "tell ELRA how many ranks hold each parameter with replicas="
             )
-        self._apply_reports(values[check:])
+        self._apply_reports(values[check : check + REPORT_SLOTS])
         return values, loss_values
 
-    def _replicated_everywhere(self) -> bool:
+    def _replication_layout(self) -> tuple[bool, list[torch.Tensor]]:
         """Whether every parameter is a replica on every rank (DDP), so that the ranks' local sums must agree;
-        looked up again when the groups or the models ELRA reads shards from change."""
+        if not, the parameters that are (whole copies on every rank beside shards, e.g. those of a model
+        fully_shard wraps in part), whose own sums must. Looked up again when the groups or the models ELRA
+        reads shards from change."""
         key = (self.reducer.world_size, self.reducer.shards_key, tuple(len(g["params"]) for g in self.param_groups))
         if key != self._replication[0]:
             world, replicas = key[0], self.reducer.replicas_counter()
-            everywhere = world > 1 and all(replicas(p) == world for g in self.param_groups for p in g["params"])
-            self._replication = (key, everywhere)
-        return self._replication[1]
+            params = [p for g in self.param_groups for p in g["params"]]
+            copies = [p for p in params if replicas(p) == world] if world > 1 else []
+            everywhere = bool(copies) and len(copies) == len(params)
+            self._replication = (key, everywhere, [] if everywhere else copies)
+        return self._replication[1:]
 
     def _apply_reports(self, sums: list[float]) -> None:
         """Every rank's train and validation loss: the mean of those reported (on any rank) since the last real
@@ -1307,7 +1331,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         batch = self._scalar_batch(check)
         for tensors in groups:
             geometry.add_sums(batch, tensors, t)
-        values, loss_values = self._read_checked(batch, SQUARE_SLOTS, losses, ("step", with_gradient, inv_scale, skip_overflow))
+        call = ("step", with_gradient, inv_scale, skip_overflow)
+        values, loss_values = self._read_checked(batch, SQUARE_SLOTS, losses, call, with_gradient)
         self._pending = []
         self._kept_grads = {}
         grad_scale = inv_scale / len(losses)

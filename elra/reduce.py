@@ -81,6 +81,20 @@ def products(
     accumulator.finish()
 
 
+def copy_squares(
+    batch: "ScalarBatch", slot: int, params: Sequence[torch.Tensor], with_gradient: bool, world: int
+) -> list[int]:
+    """Adds |x|^2 (at ``slot``) and |g|^2 (at ``slot + 1``, where the step has gradients) of ``params``, whole
+    copies on each of ``world`` ranks, as 1/world of each rank's terms; returns the two slots, whose terms every
+    rank must hold alike (:meth:`ScalarBatch.read`'s ``agree``)."""
+    weights = [1.0 / world] * len(params)
+    products(batch, ([local(p) for p in params],), [(0, 0, slot)], weights)
+    grads = [local(p.grad) for p in params if p.grad is not None] if with_gradient else []
+    if grads:
+        products(batch, (grads,), [(0, 0, slot + 1)], weights[: len(grads)])
+    return [slot, slot + 1]
+
+
 class Products:
     """Weighted inner products of aligned tensor lists, added to a :class:`ScalarBatch`.
 

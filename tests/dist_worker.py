@@ -766,6 +766,48 @@ def run_empty_shards(rank: int, world: int, store: str, out: str) -> None:
     as_gloo_rank(rank, world, store, body)
 
 
+PARTIAL_WRAP_DIRECTIONS = (None, "adam", "muon")
+
+
+def partial_wrap_fit(model, optimizer: ElraOptimizer, rank: int, world: int, sharded_world: int, synced: bool) -> None:
+    """Ten real steps; ``synced``: the gradients of the parameters no FSDP unit holds are averaged over ranks."""
+    for step in range(10):
+        x, y = rank_batch(step, world, rank, sharded_world)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        for p in model.out.parameters() if synced else ():
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+        optimizer.step(loss.detach())
+
+
+def run_partial_wrap(rank: int, world: int, store: str, out: str) -> None:
+    """FSDP2 on ``net.hidden`` alone (the root, with ``net.out``, left plain) for each direction: what the first
+    steps raise when nothing reduces ``net.out``'s gradients, and the full parameters after ten steps where this
+    worker averages them itself."""
+
+    def body() -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        results = {}
+        for preconditioner in PARTIAL_WRAP_DIRECTIONS:
+            for synced in (False, True):
+                model = make_net()
+                fully_shard(model.hidden)
+                optimizer = ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, lr=1e-3, preconditioner=preconditioner)
+                try:
+                    partial_wrap_fit(model, optimizer, rank, world, world, synced)
+                    outcome = "nothing raised"
+                except RuntimeError as raised:
+                    outcome = str(raised)
+                params = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for name, p in model.named_parameters()}
+                results[preconditioner, synced] = {"outcome": outcome, "params": params, "stats": optimizer.stats}
+        torch.save(results, Path(out) / f"partial{rank}.pt")
+
+    as_gloo_rank(rank, world, store, body)
+
+
 OWN_NO_SYNC_SAVE, OWN_NO_SYNC_STEPS = 10, 20  # micro-step 10: one micro-batch of three collected
 
 
@@ -804,7 +846,8 @@ def run_own_no_sync(rank: int, world: int, store: str, out: str) -> None:
 
 def run_unsynced_real_step(rank: int, world: int, store: str, out: str) -> None:
     """DDP with every micro-batch under the model's own ``no_sync()``, the one completing a real step too, for
-    P2M, adam and muon; then HSDP with the replicas' all-reduce off throughout: each rank writes what its first
+    P2M, adam and muon; then DDP with a layer unfrozen after it was built; then HSDP with the replicas' all-reduce
+    off throughout: each rank writes what its first
     real step raised (HSDP: whether anything moved, and whether ``step_retrace`` dropped FSDP's held sums); then
     FSDP1 under ``no_sync()`` throughout with an optimizer that does not know the model."""
 
@@ -829,6 +872,19 @@ def run_unsynced_real_step(rank: int, world: int, store: str, out: str) -> None:
             except RuntimeError as raised:
                 error = f"step {step}: {raised}"
             (Path(out) / f"unsynced-{preconditioner}-{rank}.txt").write_text(error)
+        net = make_net()  # a layer unfrozen after DDP was built: DDP never reduces its gradients
+        net.out.requires_grad_(False)
+        model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+        net.out.requires_grad_(True)
+        optimizer = ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, lr=1e-4, preconditioner="adam")
+        x, y = rank_batch(0, world, rank, world)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        try:
+            optimizer.step(1.0)
+            error = "nothing raised"
+        except RuntimeError as raised:
+            error = str(raised)
+        (Path(out) / f"unsynced-unfrozen-{rank}.txt").write_text(error)
         model = wrap(make_net(), "hsdp", world)  # replicated over both ranks, one shard each
         model.set_requires_all_reduce(False)  # reduce-scatter on, the replicas' all-reduce off: FSDP holds sums
         optimizer = ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, lr=1e-4, batch_multiplier=2)

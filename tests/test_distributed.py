@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_worker import (
-    EMPTY_SHARD_DIRECTIONS, LOCAL_BATCH, ScaledHead, Scenario, empty_shard_fit, make_net, run_empty_shards,
-    routed_grads, run_checkpointing, run_routed_sync, run_scenarios, run_zero, zero_fit,
+    EMPTY_SHARD_DIRECTIONS, LOCAL_BATCH, PARTIAL_WRAP_DIRECTIONS, ScaledHead, Scenario, empty_shard_fit, make_net, run_empty_shards,
+    partial_wrap_fit, routed_grads, run_checkpointing, run_partial_wrap, run_routed_sync, run_scenarios, run_zero, zero_fit,
     OWN_NO_SYNC_SAVE, own_no_sync_steps, run_divided_sync, run_own_no_sync, run_uneven, run_unsynced_real_step,
     uneven_inputs,
     zero_redundancy,
@@ -811,6 +811,34 @@ def test_fsdp2_ranks_holding_empty_shards_step_like_one_process(tmp_path):
                 assert torch.allclose(ranks["params"][name], p, rtol=0, atol=1e-12), (preconditioner, name)
 
 
+def test_a_model_fully_shard_wraps_in_part_is_refused_unless_its_plain_parameters_are_reduced(tmp_path):
+    """FSDP2 on one layer alone leaves the root's other layer a plain tensor on each rank, whose gradients nothing
+    reduces: each rank stepped along its own and the copies drifted apart silently (0.3 after ten P2M steps). The
+    copies' |x|^2 and |g|^2 now ride on the step's all-reduce and must agree: the first step raises on every rank
+    before anything moves. Averaged by the user, the same layout steps as one process does."""
+    mp.spawn(run_partial_wrap, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"partial{rank}.pt") for rank in range(2)]
+    start = make_net()
+    for preconditioner in PARTIAL_WRAP_DIRECTIONS:
+        refused = [result[preconditioner, False] for result in results]
+        assert refused[0]["outcome"] == refused[1]["outcome"]
+        assert refused[0]["outcome"].startswith("the ranks hold different gradients or parameters at ELRA's real step 0")
+        assert "wrap the root module too" in refused[0]["outcome"]
+        for name, p in start.named_parameters():
+            assert all(torch.equal(r["params"][name], p) for r in refused), (preconditioner, name)  # nothing moved
+        net = make_net()
+        optimizer = ElraOptimizer(net.parameters(), None, 2 * LOCAL_BATCH, 3, lr=1e-3, preconditioner=preconditioner)
+        partial_wrap_fit(net, optimizer, 0, 2, 1, synced=False)
+        assert optimizer.stats["lr"] != 1e-3  # it trained
+        for result in results:
+            synced = result[preconditioner, True]
+            assert synced["outcome"] == "nothing raised"
+            for key, value in optimizer.stats.items():
+                assert synced["stats"][key] == value or math.isclose(synced["stats"][key], value, rel_tol=1e-12), key
+            for name, p in net.named_parameters():
+                assert torch.allclose(synced["params"][name], p, rtol=0, atol=1e-12), (preconditioner, name)
+
+
 def test_uneven_inputs_under_join_that_throws_stop_every_rank_at_one_micro_batch_like_one_process(tmp_path):
     """torch's Join shadows DDP's collectives on a rank out of inputs, not ELRA's all-reduce: with
     ``throw_on_early_termination=True`` every rank stops at the same micro-batch, the collected one kept, and the
@@ -842,7 +870,8 @@ def test_a_real_step_whose_gradients_were_never_all_reduced_is_refused_on_every_
     """DDP's own ``no_sync()`` around the micro-batch that completes a real step left each rank stepping along its
     own gradient while ELRA's sums averaged them: the replicas drifted apart silently. Every rank's sums over
     replicated tensors must now be equal (their squares ride on the step's all-reduce): the first real step
-    (micro-step 1 of multiplier 2) raises the same error on every rank, before anything moves. So does an HSDP
+    (micro-step 1 of multiplier 2) raises the same error on every rank, before anything moves, and so does one
+    with a layer unfrozen after DDP was built. So does an HSDP
     step whose replicas' all-reduce was off (FSDP holds partial sums ELRA cannot average); ``step_retrace`` drops
     them. FSDP1 under ``no_sync()`` with an optimizer that does not know the model says what happened."""
     mp.spawn(run_unsynced_real_step, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
@@ -851,6 +880,9 @@ def test_a_real_step_whose_gradients_were_never_all_reduced_is_refused_on_every_
         assert errors[0] == errors[1], preconditioner
         assert errors[0].startswith("step 1: the ranks hold different gradients or parameters at ELRA's real step 0")
         assert "no_sync()" in errors[0] and "grad_sync" in errors[0]
+    # a layer unfrozen after DDP was built: DDP never reduces it (the README said it drifted silently until session 29)
+    unfrozen = [(tmp_path / f"unsynced-unfrozen-{rank}.txt").read_text() for rank in range(2)]
+    assert unfrozen[0] == unfrozen[1] and "unfreeze before wrapping" in unfrozen[0]
     # HSDP's set_requires_all_reduce(False): partial sums inside FSDP, which ELRA cannot average; the step went
     # along no reduced gradient ("no parameter has a gradient") before
     hsdp = [(tmp_path / f"unsynced-hsdp-{rank}.txt").read_text() for rank in range(2)]
