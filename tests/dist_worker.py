@@ -808,6 +808,73 @@ def run_partial_wrap(rank: int, world: int, store: str, out: str) -> None:
     as_gloo_rank(rank, world, store, body)
 
 
+LAYOUT_DIRECTIONS = (None, "adam", "muon")
+LAYOUT_STEPS, LAYOUT_SAVE = 10, 5
+
+
+def layout_fit(model, optimizer: ElraOptimizer, batches: list, start: int = 0) -> None:
+    """Real steps on ``batches[start:]``, one (inputs, labels) pair each."""
+    for x, y in batches[start:]:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step(loss.detach())
+
+
+def layout_batches(first: int, count: int, world: int) -> list:
+    """The slices of ranks ``first .. first+count-1`` of the global batches of ``world`` ranks, joined."""
+    part = slice(first * LOCAL_BATCH, (first + count) * LOCAL_BATCH)
+    return [tuple(t[part] for t in global_batch(step, world)) for step in range(LAYOUT_STEPS)]
+
+
+def run_layouts(rank: int, world: int, store: str, out: str) -> None:
+    """On 4 ranks, for each direction: two DDP jobs of two ranks each, ELRA given its job's group; then FSDP2 with
+    a mesh per module (``hidden`` HSDP 2x2, ``out`` sharded over all 4, the root HSDP), trained to the end and,
+    once more, saved by DCP half-way and resumed into a fresh model and optimizer. Saves the full parameters."""
+
+    def body() -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        jobs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        job = jobs[rank // 2]
+        hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        flat = init_device_mesh("cpu", (world,))
+
+        def meshed():
+            net = make_net()
+            fully_shard(net.hidden, mesh=hsdp)
+            fully_shard(net.out, mesh=flat)
+            return fully_shard(net, mesh=hsdp)
+
+        results, batches = {}, layout_batches(rank, 1, world)
+        for preconditioner in LAYOUT_DIRECTIONS:
+            net = make_net()
+            model = torch.nn.parallel.DistributedDataParallel(net, process_group=job, find_unused_parameters=True)
+            options = {"lr": 1e-3, "preconditioner": preconditioner}
+            optimizer = ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, process_group=job, **options)
+            layout_fit(model, optimizer, batches)
+            results["jobs", preconditioner] = {name: p.detach().clone() for name, p in net.named_parameters()}
+            for resumed in (False, True):
+                model = meshed()
+                optimizer = ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, **options)
+                layout_fit(model, optimizer, batches[:LAYOUT_SAVE] if resumed else batches)
+                if resumed:
+                    checkpoint = Path(out) / f"layout-{preconditioner}"
+                    dcp.save(_dcp_state(model, optimizer), checkpoint_id=checkpoint)
+                    model = meshed()
+                    optimizer = ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, **options)
+                    _reload(model, optimizer, checkpoint)
+                    layout_fit(model, optimizer, batches, start=LAYOUT_SAVE)
+                full = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+                results["meshes", preconditioner, resumed] = full
+        torch.save(results, Path(out) / f"layouts{rank}.pt")
+
+    as_gloo_rank(rank, world, store, body)
+
+
 OWN_NO_SYNC_SAVE, OWN_NO_SYNC_STEPS = 10, 20  # micro-step 10: one micro-batch of three collected
 
 

@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_worker import (
-    EMPTY_SHARD_DIRECTIONS, LOCAL_BATCH, PARTIAL_WRAP_DIRECTIONS, ScaledHead, Scenario, empty_shard_fit, make_net, run_empty_shards,
-    partial_wrap_fit, routed_grads, run_checkpointing, run_partial_wrap, run_routed_sync, run_scenarios, run_zero, zero_fit,
+    EMPTY_SHARD_DIRECTIONS, LAYOUT_DIRECTIONS, LOCAL_BATCH, PARTIAL_WRAP_DIRECTIONS, ScaledHead, Scenario, empty_shard_fit, make_net, run_empty_shards,
+    layout_batches, layout_fit, partial_wrap_fit, routed_grads, run_checkpointing, run_layouts, run_partial_wrap, run_routed_sync, run_scenarios, run_zero, zero_fit,
     OWN_NO_SYNC_SAVE, own_no_sync_steps, run_divided_sync, run_own_no_sync, run_uneven, run_unsynced_real_step,
     uneven_inputs,
     zero_redundancy,
@@ -837,6 +837,27 @@ def test_a_model_fully_shard_wraps_in_part_is_refused_unless_its_plain_parameter
                 assert synced["stats"][key] == value or math.isclose(synced["stats"][key], value, rel_tol=1e-12), key
             for name, p in net.named_parameters():
                 assert torch.allclose(synced["params"][name], p, rtol=0, atol=1e-12), (preconditioner, name)
+
+
+def test_ddp_jobs_over_subgroups_and_fsdp2_with_a_mesh_per_module_step_like_one_process(tmp_path):
+    """On 4 ranks: two DDP jobs of two ranks, each ELRA summing over its job's group, step as one process on
+    that job's batches; FSDP2 with ``hidden`` on an HSDP 2x2 mesh and ``out`` sharded over all 4 steps as one
+    process on the whole batch, also when saved by DCP half-way and resumed into a fresh model and optimizer."""
+    mp.spawn(run_layouts, args=(4, f"file://{tmp_path}/store", str(tmp_path)), nprocs=4, join=True)
+    results = [torch.load(tmp_path / f"layouts{rank}.pt") for rank in range(4)]
+    for preconditioner in LAYOUT_DIRECTIONS:
+        expected = {}
+        for first, count in ((0, 2), (2, 2), (0, 4)):
+            net = make_net()
+            optimizer = ElraOptimizer(net.parameters(), None, count * LOCAL_BATCH, 3, lr=1e-3, preconditioner=preconditioner)
+            layout_fit(net, optimizer, layout_batches(first, count, 4))
+            expected[first, count] = dict(net.named_parameters())
+        runs = [(r, ("jobs", preconditioner), expected[2 * (r // 2), 2]) for r in range(4)]
+        runs += [(r, ("meshes", preconditioner, resumed), expected[0, 4]) for r in range(4) for resumed in (False, True)]
+        for rank, key, params in runs:
+            for name, p in params.items():
+                assert torch.allclose(results[rank][key][name], p, rtol=0, atol=1e-12), (rank, key, name)
+        assert not torch.allclose(expected[0, 2]["out.weight"], expected[2, 2]["out.weight"])  # the jobs differ
 
 
 def test_uneven_inputs_under_join_that_throws_stop_every_rank_at_one_micro_batch_like_one_process(tmp_path):
