@@ -32,7 +32,8 @@ def runs(lists: Sequence[Sequence], budget: int | None = None, split: bool = Fal
     views): the first fills the run, the next ones ``budget`` elements each,
     so that no run exceeds ``budget`` (one reused buffer of ``budget``
     elements holds a temporary of any run, :func:`run_scratch`). Otherwise a
-    tensor goes into the current run whole, which may then exceed ``budget``. Entries that are not tensors (per-tensor weights, say) travel along,
+    tensor goes into the current run whole, which may then exceed ``budget``.
+    Entries that are not tensors (per-tensor weights, say) travel along,
     repeated for every piece. The first list must hold tensors. ``budget``
     defaults to ``CHUNK`` on CPU, ``DEVICE_CHUNK`` elsewhere.
     """

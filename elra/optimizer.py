@@ -55,7 +55,7 @@ _SUMS = ("grad_sq", "grad_dir", "dir_sq", "param_sq", "param_dir", "grad_param")
 _SQUARES = frozenset({"grad_sq", "dir_sq", "param_sq"})  # the sums of squares: the replicas' check (_read_checked)
 # each real step's vector ends in the losses reported since the last one: train and validation, value and count
 REPORT_SLOTS = 4
-COPY_SLOTS = 2  # |x|^2 and |g|^2 of the whole copies beside shards (_copies_beside_shards), after the reports
+COPY_SLOTS = 2  # |x|^2 and |g|^2 of the whole copies beside shards (_replication_layout), after the reports
 _REPORTED_FIELDS = frozenset({"train_loss", "valid_loss"})  # controller fields that those set
 _GRADS = "_grads"  # a copy's (deepcopy, pickle) gradients of the parameters, by parameter
 _GRAD_DTYPES = "_grad_dtypes"  # a copy's parameters' grad_dtype where it is not their dtype (copies of a parameter drop it)
