@@ -32,7 +32,8 @@ class Scenario:
     """One distributed training run and the events injected into it."""
 
     name: str
-    strategy: str = "ddp"  # ddp | ddp-bucket-view | fsdp2 | fsdp2-root | hsdp | hsdp-root | fsdp1 | fsdp1-orig | fsdp1-no-shard | fsdp1-hybrid
+    strategy: str = "ddp"  # ddp | ddp-bucket-view | fsdp2 | fsdp2-root | fsdp2-offload | fsdp2-no-reshard | hsdp | hsdp-root
+    # | fsdp1 | fsdp1-orig | fsdp1-no-shard | fsdp1-hybrid
     # | ddp-subgroup | fsdp1-subgroup (each rank's wrapper over a group of its own) | plain (no wrapper)
     steps: int = 40
     batch_multiplier: int = 1
@@ -334,16 +335,21 @@ def wrap(model: Net, strategy: str, world: int):
     if strategy in ("ddp", "ddp-bucket-view"):
         views = strategy == "ddp-bucket-view"  # .grad are views into DDP's buckets
         return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, gradient_as_bucket_view=views)
-    if strategy in ("fsdp2", "fsdp2-root", "hsdp", "hsdp-root"):
+    if strategy in ("fsdp2", "fsdp2-root", "hsdp", "hsdp-root", "fsdp2-offload", "fsdp2-no-reshard"):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
         hsdp = strategy.startswith("hsdp")
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if hsdp else None
+        options = {"mesh": mesh}
+        if strategy == "fsdp2-offload":  # the shards and their optimizer step on the CPU
+            options["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
+        elif strategy == "fsdp2-no-reshard":  # the gathered weights stay between forward and backward
+            options["reshard_after_forward"] = False
         if not strategy.endswith("-root"):
-            fully_shard(model.hidden, mesh=mesh)
-            fully_shard(model.out, mesh=mesh)
-        return fully_shard(model, mesh=mesh)
+            fully_shard(model.hidden, **options)
+            fully_shard(model.out, **options)
+        return fully_shard(model, **options)
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
 
     options = {}

@@ -204,6 +204,12 @@ CAST = [
     Scenario("fsdp2-root-cast-before-first-forward", "fsdp2-root", cast_at=0, bad_loss_at=5),
 ]
 TWO_RANKS += CAST
+# FSDP2's CPU offload policy (the optimizer steps the offloaded shards) and its gathered weights kept from forward to
+# backward, with retraces and boost
+TWO_RANKS += [
+    Scenario("fsdp2-offload-muon", "fsdp2-offload", batch_multiplier=2, options=MUON, nan_loss_at=9, boost_cycle=15),
+    Scenario("fsdp2-no-reshard-adam", "fsdp2-no-reshard", batch_multiplier=2, options=ADAM, bad_loss_at=11, boost_cycle=15),
+]
 WRAPPINGS = ("ddp", "fsdp2", "fsdp2-root", "fsdp1", "fsdp1-orig")
 # A skipped backward (step_retrace) and boosted() evaluations change the shards outside backward -> step
 IN_PLACE = [Scenario(f"{w}-retrace-and-boost", w, bad_loss_at=17, boost_cycle=100) for w in WRAPPINGS]
