@@ -36,8 +36,8 @@ from .geometry import PRESENT, SLOTS, SQUARE_SLOTS, direction_state, kept_finite
 from .line_control import LINE_TARGET
 from .reduce import AUTO, Reducer, ScalarBatch, copy_squares, local, products
 from .sync import (
-    drop_unsynced_grads, fsdp_wrapping, holds_gathered_weights, holds_unsynced_grads, reshard, sync_unsynced_grads,
-    uncompiled,
+    drop_unsynced_grads, fsdp_wrapping, holds_gathered_weights, holds_unsynced_grads, reduce_partial_grads, reshard,
+    sync_unsynced_grads, uncompiled,
 )
 
 logger = logging.getLogger("elra")
@@ -627,6 +627,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             self._note_ddp_sync_off()
             return "collect"
         self._reduce_held_sums()
+        reduce_partial_grads(p for group in self.param_groups for p in group["params"])
         self._refuse_unsharded_gradients()
         outcome = self._real_step(losses, True, inv_scale, skip_overflow)
         self.unsynced_models.clear()  # the last backward was synchronised: wrappers hold nothing back

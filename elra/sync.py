@@ -117,6 +117,19 @@ def holds_unsynced_grads(model: torch.nn.Module) -> bool:
     return any(_unsharded_flat_grad(handle) is not None for handle in handles)
 
 
+def reduce_partial_grads(params: Iterable[torch.Tensor]) -> None:
+    """Gradients that are DTensors of partial sums (a ``Partial`` placement: under tensor parallelism, a replicated
+    parameter used on sharded activations, such as a norm under ``SequenceParallel``) become the sums, placed as
+    their parameters are. Each rank's local part is only its share: ELRA's sums would read it as the gradient and
+    each rank would step along its own (torch's optimizers reduce them implicitly, when an op meets the parameter).
+    One collective per such gradient; a step's other gradients are not touched."""
+    for p in params:
+        placements = getattr(p.grad, "placements", None)
+        if placements is not None and any(placement.is_partial() for placement in placements):
+            target = [own if placement.is_partial() else placement for placement, own in zip(placements, p.placements)]
+            p.grad = p.grad.redistribute(p.grad.device_mesh, target)
+
+
 def holds_gathered_weights(model: torch.nn.Module) -> bool:
     """Whether an FSDP unit of ``model`` keeps its weights gathered outside a forward and backward: an FSDP2 unit
     after a backward under ``set_reshard_after_backward(False)``, a root (FSDP2 holding parameters, FSDP1) after a

@@ -814,6 +814,70 @@ def run_partial_wrap(rank: int, world: int, store: str, out: str) -> None:
     as_gloo_rank(rank, world, store, body)
 
 
+class SequenceNet(torch.nn.Module):
+    """A norm, a two-layer feed-forward block and a head over a sequence (batch, positions, features), float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = torch.nn.LayerNorm(FEATURES)
+        self.up = torch.nn.Linear(FEATURES, 2 * HIDDEN)
+        self.down = torch.nn.Linear(2 * HIDDEN, FEATURES)
+        self.head = torch.nn.Linear(FEATURES, CLASSES)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(torch.relu(self.up(self.norm(x))))).mean(1)
+
+
+TENSOR_PARALLEL = ((None, 1), ("adam", 1), ("muon", 2))  # (direction, batch multiplier)
+SEQUENCE = 6
+
+
+def sequence_fit(model, optimizer: ElraOptimizer, positions: slice = slice(None)) -> None:
+    """Ten real steps on batches of ``LOCAL_BATCH`` sequences, their ``positions`` only."""
+    for step in range(10 * optimizer.stats["batch_multiplier"]):
+        gen = torch.Generator().manual_seed(2000 + step)
+        x = torch.randn(LOCAL_BATCH, SEQUENCE, FEATURES, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, CLASSES, (LOCAL_BATCH,), generator=gen)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[:, positions]), y)
+        loss.backward()
+        optimizer.step(loss.detach())
+
+
+def run_tensor_parallel(rank: int, world: int, store: str, out: str) -> None:
+    """``SequenceNet`` under tensor parallelism with sequence parallelism: the norm over this rank's positions
+    (its weights' gradients partial sums), ``up`` column-wise, ``down`` row-wise; every rank sees the same
+    sequences. Saves the full parameters for each direction."""
+
+    def body() -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (world,))
+        plan = {
+            "norm": SequenceParallel(),
+            "up": ColwiseParallel(input_layouts=Shard(1)),
+            "down": RowwiseParallel(output_layouts=Replicate()),
+        }
+        results = {}
+        for preconditioner, multiplier in TENSOR_PARALLEL:
+            model = parallelize_module(SequenceNet(), mesh, plan)
+            optimizer = ElraOptimizer(
+                model.parameters(), model, LOCAL_BATCH, CLASSES, lr=1e-3, preconditioner=preconditioner,
+                batch_multiplier=multiplier,
+            )
+            part = SEQUENCE // world
+            sequence_fit(model, optimizer, slice(rank * part, (rank + 1) * part))
+            full = {name: p.full_tensor() if hasattr(p, "full_tensor") else p for name, p in model.named_parameters()}
+            results[preconditioner] = {name: p.detach().clone() for name, p in full.items()}
+        torch.save(results, Path(out) / f"tensor-parallel{rank}.pt")
+
+    as_gloo_rank(rank, world, store, body)
+
+
 LAYOUT_DIRECTIONS = (None, "adam", "muon")
 LAYOUT_STEPS, LAYOUT_SAVE = 10, 5
 

@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from dist_worker import (
-    EMPTY_SHARD_DIRECTIONS, LAYOUT_DIRECTIONS, LOCAL_BATCH, PARTIAL_WRAP_DIRECTIONS, ScaledHead, Scenario, empty_shard_fit, make_net, run_empty_shards,
-    layout_batches, layout_fit, partial_wrap_fit, routed_grads, run_checkpointing, run_layouts, run_partial_wrap, run_routed_sync, run_scenarios, run_zero, zero_fit,
+    EMPTY_SHARD_DIRECTIONS, LAYOUT_DIRECTIONS, LOCAL_BATCH, PARTIAL_WRAP_DIRECTIONS, TENSOR_PARALLEL, ScaledHead, SequenceNet, Scenario, empty_shard_fit, make_net, run_empty_shards,
+    layout_batches, layout_fit, partial_wrap_fit, run_tensor_parallel, sequence_fit, routed_grads, run_checkpointing, run_layouts, run_partial_wrap, run_routed_sync, run_scenarios, run_zero, zero_fit,
     OWN_NO_SYNC_SAVE, own_no_sync_steps, run_divided_sync, run_own_no_sync, run_uneven, run_unsynced_real_step,
     uneven_inputs,
     zero_redundancy,
@@ -864,6 +864,24 @@ def test_ddp_jobs_over_subgroups_and_fsdp2_with_a_mesh_per_module_step_like_one_
             for name, p in params.items():
                 assert torch.allclose(results[rank][key][name], p, rtol=0, atol=1e-12), (rank, key, name)
         assert not torch.allclose(expected[0, 2]["out.weight"], expected[2, 2]["out.weight"])  # the jobs differ
+
+
+def test_tensor_parallel_with_sequence_parallel_norms_steps_like_one_process(tmp_path):
+    """Under sequence parallelism a norm's weights are replicated but their gradients are partial sums over the
+    ranks' positions (DTensors placed ``Partial``): ELRA read each rank's share as the gradient (half of it where
+    the ranks' positions were alike, silently). They are reduced before a real step now, as torch's optimizers
+    reduce them when an op meets them, and 2 ranks step as one process on the whole sequences."""
+    mp.spawn(run_tensor_parallel, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"tensor-parallel{rank}.pt") for rank in range(2)]
+    for preconditioner, multiplier in TENSOR_PARALLEL:
+        net = SequenceNet()
+        optimizer = ElraOptimizer(
+            net.parameters(), None, LOCAL_BATCH, 3, lr=1e-3, preconditioner=preconditioner, batch_multiplier=multiplier
+        )
+        sequence_fit(net, optimizer)
+        assert optimizer.stats["lr"] != 1e-3  # it trained
+        for name, p in net.named_parameters():
+            assert all(torch.allclose(r[preconditioner][name], p, rtol=0, atol=1e-12) for r in results), (preconditioner, name)
 
 
 def test_uneven_inputs_under_join_that_throws_stop_every_rank_at_one_micro_batch_like_one_process(tmp_path):
