@@ -319,7 +319,8 @@ class Reducer:
             if mesh.size() != world:
                 raise ValueError(
                     f"a parameter is distributed over a device mesh of {mesh.size()} ranks but ELRA reduces over "
-                    f"{world}: pass process_group= the group of that mesh (or replicas=)"
+                    f"{world}: pass process_group= the group of that mesh, or replicas= (FSDP2 over tensor "
+                    "parallelism on a 2-D mesh: the README's mesh_replicas)"
                 )
             count = math.prod(mesh.size(dim) for dim, placement in enumerate(param.placements) if placement.is_replicate())
         elif getattr(param, "_fsdp_flattened", False):  # a shard, unless the unit's strategy repeats it

@@ -878,6 +878,57 @@ def run_tensor_parallel(rank: int, world: int, store: str, out: str) -> None:
     as_gloo_rank(rank, world, store, body)
 
 
+def mesh_replicas(p: torch.Tensor) -> int:
+    """The README's ``replicas=`` for FSDP2 over tensor parallelism on a 2-D mesh: a parameter only FSDP2 shards
+    lies on the data-parallel sub-mesh, and each rank of the other dimension holds a copy of its shard."""
+    world = torch.distributed.get_world_size()
+    if not hasattr(p, "device_mesh"):
+        return world
+    copies = world // p.device_mesh.size()
+    for size, placement in zip(p.device_mesh.shape, p.placements):
+        copies *= size if placement.is_replicate() else 1
+    return copies
+
+
+def sequence_batches(first: int, count: int) -> list:
+    """Ten batches of ``count`` ranks' ``LOCAL_BATCH`` sequences, from the ``first``'s on (of 4 ranks' batches)."""
+    batches = []
+    for step in range(10):
+        gen = torch.Generator().manual_seed(3000 + step)
+        x = torch.randn(4 * LOCAL_BATCH, SEQUENCE, FEATURES, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, CLASSES, (4 * LOCAL_BATCH,), generator=gen)
+        part = slice(first * LOCAL_BATCH, (first + count) * LOCAL_BATCH)
+        batches.append((x[part], y[part]))
+    return batches
+
+
+def run_two_dimensional(rank: int, world: int, store: str, out: str) -> None:
+    """``SequenceNet`` on a 2 x 2 mesh: tensor and sequence parallelism over ``tp``, FSDP2 over ``dp``; the two
+    ``dp`` groups train on their own batches, this rank on its ``tp`` half of the positions. ELRA is given
+    :func:`mesh_replicas`. Saves the full parameters for each direction."""
+
+    def body() -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        dp, tp = mesh.get_local_rank("dp"), mesh.get_local_rank("tp")
+        plan = {"norm": SequenceParallel(), "up": ColwiseParallel(input_layouts=Shard(1)), "down": RowwiseParallel(output_layouts=Replicate())}
+        results, part = {}, SEQUENCE // 2
+        for preconditioner in LAYOUT_DIRECTIONS:
+            model = fully_shard(parallelize_module(SequenceNet(), mesh["tp"], plan), mesh=mesh["dp"])
+            optimizer = ElraOptimizer(
+                model.parameters(), model, LOCAL_BATCH, CLASSES, lr=1e-3, preconditioner=preconditioner, replicas=mesh_replicas
+            )
+            layout_fit(model, optimizer, [(x[:, tp * part : (tp + 1) * part], y) for x, y in sequence_batches(dp, 1)])
+            results[preconditioner] = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+        torch.save(results, Path(out) / f"two-dimensional{rank}.pt")
+
+    as_gloo_rank(rank, world, store, body)
+
+
 LAYOUT_DIRECTIONS = (None, "adam", "muon")
 LAYOUT_STEPS, LAYOUT_SAVE = 10, 5
 

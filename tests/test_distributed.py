@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from dist_worker import (
     EMPTY_SHARD_DIRECTIONS, LAYOUT_DIRECTIONS, LOCAL_BATCH, PARTIAL_WRAP_DIRECTIONS, TENSOR_PARALLEL, ScaledHead, SequenceNet, Scenario, empty_shard_fit, make_net, run_empty_shards,
-    layout_batches, layout_fit, partial_wrap_fit, run_tensor_parallel, sequence_fit, routed_grads, run_checkpointing, run_layouts, run_partial_wrap, run_routed_sync, run_scenarios, run_zero, zero_fit,
+    layout_batches, layout_fit, partial_wrap_fit, run_tensor_parallel, run_two_dimensional, sequence_batches, sequence_fit, routed_grads, run_checkpointing, run_layouts, run_partial_wrap, run_routed_sync, run_scenarios, run_zero, zero_fit,
     OWN_NO_SYNC_SAVE, own_no_sync_steps, run_divided_sync, run_own_no_sync, run_uneven, run_unsynced_real_step,
     uneven_inputs,
     zero_redundancy,
@@ -879,6 +879,21 @@ def test_tensor_parallel_with_sequence_parallel_norms_steps_like_one_process(tmp
             net.parameters(), None, LOCAL_BATCH, 3, lr=1e-3, preconditioner=preconditioner, batch_multiplier=multiplier
         )
         sequence_fit(net, optimizer)
+        assert optimizer.stats["lr"] != 1e-3  # it trained
+        for name, p in net.named_parameters():
+            assert all(torch.allclose(r[preconditioner][name], p, rtol=0, atol=1e-12) for r in results), (preconditioner, name)
+
+
+def test_fsdp2_over_tensor_parallelism_on_a_2d_mesh_steps_like_one_process_given_the_readmes_replicas(tmp_path):
+    """FSDP2 over ``dp`` and tensor with sequence parallelism over ``tp`` on 4 ranks: parameters only FSDP2 shards
+    lie on the 2-rank ``dp`` sub-mesh, which ELRA refuses to guess about (pipeline stages lie on sub-meshes too, and
+    hold no copies of each other); with the README's ``replicas=`` it steps as one process on both groups' batches."""
+    mp.spawn(run_two_dimensional, args=(4, f"file://{tmp_path}/store", str(tmp_path)), nprocs=4, join=True)
+    results = [torch.load(tmp_path / f"two-dimensional{rank}.pt") for rank in range(4)]
+    for preconditioner in LAYOUT_DIRECTIONS:
+        net = SequenceNet()
+        optimizer = ElraOptimizer(net.parameters(), None, 2 * LOCAL_BATCH, 3, lr=1e-3, preconditioner=preconditioner)
+        layout_fit(net, optimizer, sequence_batches(0, 2))
         assert optimizer.stats["lr"] != 1e-3  # it trained
         for name, p in net.named_parameters():
             assert all(torch.allclose(r[preconditioner][name], p, rtol=0, atol=1e-12) for r in results), (preconditioner, name)
