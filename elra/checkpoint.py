@@ -26,7 +26,7 @@ from .config import FOREIGN_GROUP_OPTIONS, checked_config, decay_rate, make_cont
 from .geometry import direction_state, kept_finite, make_direction, moment_dtype
 from .orthogonal import MEAN_SQUARE_KEY
 from .reduce import accumulation_dtype, loss_vector, local
-from .sync import drop_unsynced_grads, fsdp_wrapping, sync_unsynced_grads
+from .sync import drop_unsynced_grads, fsdp_wrapping, summed_partial, sync_unsynced_grads
 
 logger = logging.getLogger("elra")
 
@@ -120,7 +120,7 @@ class Checkpointing:
             for p in group["params"]:
                 collected = torch.tensor(float(p.grad is not None))
                 if collecting and p.grad is not None:
-                    pending = p.grad
+                    pending = summed_partial(p.grad, p)  # DCP saves no partial sums
                 else:  # NaN: no gradient collected, as elra before the flag read it
                     pending = torch.full_like(p, math.nan if collecting else 0.0, memory_format=torch.preserve_format)
                 moved = torch.tensor(float(p in self._moved))

@@ -117,17 +117,26 @@ def holds_unsynced_grads(model: torch.nn.Module) -> bool:
     return any(_unsharded_flat_grad(handle) is not None for handle in handles)
 
 
+def summed_partial(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``grad`` with the partial sums it holds (a DTensor's ``Partial`` placements) summed over their mesh
+    dimensions into ``param``'s placements there: one collective; ``grad`` itself where it holds none."""
+    placements = getattr(grad, "placements", None)
+    if placements is None or not any(placement.is_partial() for placement in placements):
+        return grad
+    target = [own if placement.is_partial() else placement for placement, own in zip(placements, param.placements)]
+    return grad.redistribute(grad.device_mesh, target)
+
+
 def reduce_partial_grads(params: Iterable[torch.Tensor]) -> None:
-    """Gradients that are DTensors of partial sums (a ``Partial`` placement: under tensor parallelism, a replicated
-    parameter used on sharded activations, such as a norm under ``SequenceParallel``) become the sums, placed as
-    their parameters are. Each rank's local part is only its share: ELRA's sums would read it as the gradient and
-    each rank would step along its own (torch's optimizers reduce them implicitly, when an op meets the parameter).
-    One collective per such gradient; a step's other gradients are not touched."""
+    """Gradients that are DTensors of partial sums (under tensor parallelism, a replicated parameter used on
+    sharded activations, such as a norm under ``SequenceParallel``) become the sums (:func:`summed_partial`). Each
+    rank's local part is only its share: ELRA's sums would read it as the gradient and each rank would step along
+    its own (torch's optimizers reduce them implicitly, when an op meets the parameter)."""
     for p in params:
-        placements = getattr(p.grad, "placements", None)
-        if placements is not None and any(placement.is_partial() for placement in placements):
-            target = [own if placement.is_partial() else placement for placement, own in zip(placements, p.placements)]
-            p.grad = p.grad.redistribute(p.grad.device_mesh, target)
+        if p.grad is not None:
+            summed = summed_partial(p.grad, p)
+            if summed is not p.grad:
+                p.grad = summed
 
 
 def holds_gathered_weights(model: torch.nn.Module) -> bool:

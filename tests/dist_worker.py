@@ -834,9 +834,10 @@ TENSOR_PARALLEL = ((None, 1), ("adam", 1), ("muon", 2))  # (direction, batch mul
 SEQUENCE = 6
 
 
-def sequence_fit(model, optimizer: ElraOptimizer, positions: slice = slice(None)) -> None:
-    """Ten real steps on batches of ``LOCAL_BATCH`` sequences, their ``positions`` only."""
-    for step in range(10 * optimizer.stats["batch_multiplier"]):
+def sequence_fit(model, optimizer: ElraOptimizer, positions: slice = slice(None), steps: range | None = None) -> None:
+    """Ten real steps (or the micro-steps ``steps`` of them) on batches of ``LOCAL_BATCH`` sequences, their
+    ``positions`` only."""
+    for step in range(10 * optimizer.stats["batch_multiplier"]) if steps is None else steps:
         gen = torch.Generator().manual_seed(2000 + step)
         x = torch.randn(LOCAL_BATCH, SEQUENCE, FEATURES, generator=gen, dtype=torch.float64)
         y = torch.randint(0, CLASSES, (LOCAL_BATCH,), generator=gen)
@@ -849,7 +850,8 @@ def sequence_fit(model, optimizer: ElraOptimizer, positions: slice = slice(None)
 def run_tensor_parallel(rank: int, world: int, store: str, out: str) -> None:
     """``SequenceNet`` under tensor parallelism with sequence parallelism: the norm over this rank's positions
     (its weights' gradients partial sums), ``up`` column-wise, ``down`` row-wise; every rank sees the same
-    sequences. Saves the full parameters for each direction."""
+    sequences. Saves the full parameters for each direction; where the batch multiplier is 2, also of a run saved
+    by DCP with one micro-batch collected (micro-step 11) and resumed into a fresh model and optimizer."""
 
     def body() -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -862,17 +864,31 @@ def run_tensor_parallel(rank: int, world: int, store: str, out: str) -> None:
             "up": ColwiseParallel(input_layouts=Shard(1)),
             "down": RowwiseParallel(output_layouts=Replicate()),
         }
-        results = {}
-        for preconditioner, multiplier in TENSOR_PARALLEL:
+        def built(preconditioner: str | None, multiplier: int):
             model = parallelize_module(SequenceNet(), mesh, plan)
-            optimizer = ElraOptimizer(
-                model.parameters(), model, LOCAL_BATCH, CLASSES, lr=1e-3, preconditioner=preconditioner,
-                batch_multiplier=multiplier,
-            )
-            part = SEQUENCE // world
-            sequence_fit(model, optimizer, slice(rank * part, (rank + 1) * part))
-            full = {name: p.full_tensor() if hasattr(p, "full_tensor") else p for name, p in model.named_parameters()}
-            results[preconditioner] = {name: p.detach().clone() for name, p in full.items()}
+            options = {"lr": 1e-3, "preconditioner": preconditioner, "batch_multiplier": multiplier}
+            return model, ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, **options)
+
+        def full(model) -> dict[str, torch.Tensor]:
+            return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for name, p in model.named_parameters()}
+
+        results, positions = {}, slice(rank * (SEQUENCE // world), (rank + 1) * (SEQUENCE // world))
+        for preconditioner, multiplier in TENSOR_PARALLEL:
+            model, optimizer = built(preconditioner, multiplier)
+            sequence_fit(model, optimizer, positions)
+            results[preconditioner] = full(model)
+            if multiplier == 2:
+                import torch.distributed.checkpoint as dcp
+
+                model, optimizer = built(preconditioner, multiplier)
+                sequence_fit(model, optimizer, positions, range(11))
+                assert optimizer.micro_batches == 1  # saved with a micro-batch collected
+                checkpoint = Path(out) / f"tensor-parallel-{preconditioner}"
+                dcp.save(_dcp_state(model, optimizer), checkpoint_id=checkpoint)
+                model, optimizer = built(preconditioner, multiplier)
+                _reload(model, optimizer, checkpoint)
+                sequence_fit(model, optimizer, positions, range(11, 20))
+                results[preconditioner, "resumed"] = full(model)
         torch.save(results, Path(out) / f"tensor-parallel{rank}.pt")
 
     as_gloo_rank(rank, world, store, body)
