@@ -312,8 +312,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
             )
         self._device: torch.device | None = None
         self._config = config
-        # (layout, every parameter replicated on every rank, else those that are beside others that are not)
-        self._replication: tuple[tuple, bool, list[torch.Tensor]] = ((), False, [])
+        # (layout, every parameter replicated on every rank, else those that are beside others that are not,
+        # the DTensor parameters replicated over a mesh dimension: where gradients may hold partial sums)
+        self._replication: tuple[tuple, bool, list[torch.Tensor], list[torch.Tensor]] = ((), False, [], [])
         self._flattened: list[torch.Tensor] = []  # FSDP1's parameters (add_param_group): _refuse_unsharded_gradients
         self.booster = Booster()
         self.geometry = make_direction(config["preconditioner"], config["momentum"], compiled)
@@ -627,7 +628,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             self._note_ddp_sync_off()
             return "collect"
         self._reduce_held_sums()
-        reduce_partial_grads(p for group in self.param_groups for p in group["params"])
+        reduce_partial_grads(self._replication_layout()[2])
         self._refuse_unsharded_gradients()
         outcome = self._real_step(losses, True, inv_scale, skip_overflow)
         self.unsynced_models.clear()  # the last backward was synchronised: wrappers hold nothing back
@@ -1162,7 +1163,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         It carries the losses reported since the last real step too (:meth:`_apply_reports`). What every rank
         holds a whole copy of must agree (:meth:`ScalarBatch.read`): under DDP every rank's terms of the sums of
         squares (``squares``, slots); beside shards, the copies' own |x|^2 and |g|^2."""
-        everywhere, copies = self._replication_layout()
+        everywhere, copies, _ = self._replication_layout()
         check = batch.slots - REPORT_SLOTS - (COPY_SLOTS if copies else 0)
         for slot, value in enumerate(self._reports, start=check):
             batch.add_constant(slot, value)
@@ -1194,18 +1195,20 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._apply_reports(values[check : check + REPORT_SLOTS])
         return values, loss_values
 
-    def _replication_layout(self) -> tuple[bool, list[torch.Tensor]]:
+    def _replication_layout(self) -> tuple[bool, list[torch.Tensor], list[torch.Tensor]]:
         """Whether every parameter is a replica on every rank (DDP), so that the ranks' local sums must agree;
         if not, the parameters that are (whole copies on every rank beside shards, e.g. those of a model
-        fully_shard wraps in part), whose own sums must. Looked up again when the groups or the models ELRA
-        reads shards from change."""
+        fully_shard wraps in part), whose own sums must; and the DTensor parameters replicated over a mesh
+        dimension, whose gradients tensor parallelism may leave as partial sums (:func:`reduce_partial_grads`).
+        Looked up again when the groups or the models ELRA reads shards from change."""
         key = (self.reducer.world_size, self.reducer.shards_key, tuple(len(g["params"]) for g in self.param_groups))
         if key != self._replication[0]:
             world, replicas = key[0], self.reducer.replicas_counter()
             params = [p for g in self.param_groups for p in g["params"]]
             copies = [p for p in params if replicas(p) == world] if world > 1 else []
             everywhere = bool(copies) and len(copies) == len(params)
-            self._replication = (key, everywhere, [] if everywhere else copies)
+            replicated = [p for p in params if any(pl.is_replicate() for pl in getattr(p, "placements", ()))]
+            self._replication = (key, everywhere, [] if everywhere else copies, replicated)
         return self._replication[1:]
 
     def _apply_reports(self, sums: list[float]) -> None:
