@@ -4,6 +4,10 @@ While the optimizer is collecting, each rank may keep its micro-batch
 gradients to itself; only the backward pass of the micro-batch that completes
 a real step needs the gradient reduction. Results are the same either way
 (the reduction is linear); skipping it saves the communication.
+
+Tensor parallelism leaves some gradients as partial sums over ranks (DTensors
+placed ``Partial``); they are summed before a real step and before a
+checkpoint saves them (:func:`reduce_partial_grads`, :func:`summed_partial`).
 """
 
 from __future__ import annotations
