@@ -807,7 +807,7 @@ def run_partial_wrap(rank: int, world: int, store: str, out: str) -> None:
                     outcome = "nothing raised"
                 except RuntimeError as raised:
                     outcome = str(raised)
-                params = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for name, p in model.named_parameters()}
+                params = full_parameters(model, "fsdp2")
                 results[preconditioner, synced] = {"outcome": outcome, "params": params, "stats": optimizer.stats}
         torch.save(results, Path(out) / f"partial{rank}.pt")
 
@@ -864,19 +864,17 @@ def run_tensor_parallel(rank: int, world: int, store: str, out: str) -> None:
             "up": ColwiseParallel(input_layouts=Shard(1)),
             "down": RowwiseParallel(output_layouts=Replicate()),
         }
+
         def built(preconditioner: str | None, multiplier: int):
             model = parallelize_module(SequenceNet(), mesh, plan)
             options = {"lr": 1e-3, "preconditioner": preconditioner, "batch_multiplier": multiplier}
             return model, ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, **options)
 
-        def full(model) -> dict[str, torch.Tensor]:
-            return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for name, p in model.named_parameters()}
-
         results, positions = {}, slice(rank * (SEQUENCE // world), (rank + 1) * (SEQUENCE // world))
         for preconditioner, multiplier in TENSOR_PARALLEL:
             model, optimizer = built(preconditioner, multiplier)
             sequence_fit(model, optimizer, positions)
-            results[preconditioner] = full(model)
+            results[preconditioner] = full_parameters(model, "tensor-parallel")
             if multiplier == 2:
                 import torch.distributed.checkpoint as dcp
 
@@ -888,7 +886,7 @@ def run_tensor_parallel(rank: int, world: int, store: str, out: str) -> None:
                 model, optimizer = built(preconditioner, multiplier)
                 _reload(model, optimizer, checkpoint)
                 sequence_fit(model, optimizer, positions, range(11, 20))
-                results[preconditioner, "resumed"] = full(model)
+                results[preconditioner, "resumed"] = full_parameters(model, "tensor-parallel")
         torch.save(results, Path(out) / f"tensor-parallel{rank}.pt")
 
     as_gloo_rank(rank, world, store, body)
@@ -939,7 +937,7 @@ def run_two_dimensional(rank: int, world: int, store: str, out: str) -> None:
                 model.parameters(), model, LOCAL_BATCH, CLASSES, lr=1e-3, preconditioner=preconditioner, replicas=mesh_replicas
             )
             layout_fit(model, optimizer, [(x[:, tp * part : (tp + 1) * part], y) for x, y in sequence_batches(dp, 1)])
-            results[preconditioner] = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+            results[preconditioner] = full_parameters(model, "fsdp2")
         torch.save(results, Path(out) / f"two-dimensional{rank}.pt")
 
     as_gloo_rank(rank, world, store, body)
@@ -1005,8 +1003,7 @@ def run_layouts(rank: int, world: int, store: str, out: str) -> None:
                     optimizer = ElraOptimizer(model.parameters(), model, LOCAL_BATCH, CLASSES, **options)
                     _reload(model, optimizer, checkpoint)
                     layout_fit(model, optimizer, batches, start=LAYOUT_SAVE)
-                full = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
-                results["meshes", preconditioner, resumed] = full
+                results["meshes", preconditioner, resumed] = full_parameters(model, "fsdp2")
         torch.save(results, Path(out) / f"layouts{rank}.pt")
 
     as_gloo_rank(rank, world, store, body)
