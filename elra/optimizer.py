@@ -1141,7 +1141,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 products(batch, (grads,), [(0, 0, ranged + 2)], weights)
         squares = [k * n_groups + j for k, name in enumerate(_SUMS) if name in _SQUARES for j in range(n_groups)]
         squares += list(range(ranged, check))
-        values, loss_values = self._read_checked(batch, squares, losses, ("step", with_gradient, *scaling), with_gradient)
+        values, loss_values = self._read_checked(batch, squares, losses, with_gradient, *scaling)
         bounds = RangeBounds(*(math.sqrt(v) if v >= 0.0 else math.nan for v in values[ranged:check])) if half else None
         if not with_gradient:
             return None, loss_values, bounds
@@ -1157,9 +1157,10 @@ class ElraOptimizer(Checkpointing, Optimizer):
         return ScalarBatch(check + REPORT_SLOTS + copies, self._device or torch.device("cpu"), self.reducer)
 
     def _read_checked(
-        self, batch: ScalarBatch, squares: list[int], losses: list[LossLike], call: tuple, with_gradient: bool
+        self, batch: ScalarBatch, squares: list[int], losses: list[LossLike], with_gradient: bool, *scaling: Any
     ) -> tuple[list[float], list[float]]:
-        """The step's one collective, under ``check_consistency`` after the handshake (:meth:`_handshake`).
+        """The step's one collective, under ``check_consistency`` after the handshake (:meth:`_handshake`) of the
+        call ``("step", with_gradient, *scaling)``.
         It carries the losses reported since the last real step too (:meth:`_apply_reports`). What every rank
         holds a whole copy of must agree (:meth:`ScalarBatch.read`): under DDP every rank's terms of the sums of
         squares (``squares``, slots); beside shards, the copies' own |x|^2 and |g|^2."""
@@ -1171,7 +1172,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if copies:
             agree = copy_squares(batch, check + REPORT_SLOTS, copies, with_gradient, self.reducer.world_size)
         if self._check_every:
-            self._handshake(call)
+            self._handshake(("step", with_gradient, *scaling))
         values, loss_values = batch.read(losses, agree=agree)
         if batch.disagreeing:
             step, world = self.controller.state.steps, self.reducer.world_size
@@ -1335,8 +1336,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         batch = self._scalar_batch(check)
         for tensors in groups:
             geometry.add_sums(batch, tensors, t)
-        call = ("step", with_gradient, inv_scale, skip_overflow)
-        values, loss_values = self._read_checked(batch, SQUARE_SLOTS, losses, call, with_gradient)
+        values, loss_values = self._read_checked(batch, SQUARE_SLOTS, losses, with_gradient, inv_scale, skip_overflow)
         self._pending = []
         self._kept_grads = {}
         grad_scale = inv_scale / len(losses)

@@ -834,13 +834,18 @@ TENSOR_PARALLEL = ((None, 1), ("adam", 1), ("muon", 2))  # (direction, batch mul
 SEQUENCE = 6
 
 
+def sequence_batch(step: int, ranks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ranks`` times ``LOCAL_BATCH`` sequences and their labels, the same for a step wherever drawn."""
+    gen = torch.Generator().manual_seed(2000 + step)
+    x = torch.randn(ranks * LOCAL_BATCH, SEQUENCE, FEATURES, generator=gen, dtype=torch.float64)
+    return x, torch.randint(0, CLASSES, (ranks * LOCAL_BATCH,), generator=gen)
+
+
 def sequence_fit(model, optimizer: ElraOptimizer, positions: slice = slice(None), steps: range | None = None) -> None:
     """Ten real steps (or the micro-steps ``steps`` of them) on batches of ``LOCAL_BATCH`` sequences, their
     ``positions`` only."""
     for step in range(10 * optimizer.stats["batch_multiplier"]) if steps is None else steps:
-        gen = torch.Generator().manual_seed(2000 + step)
-        x = torch.randn(LOCAL_BATCH, SEQUENCE, FEATURES, generator=gen, dtype=torch.float64)
-        y = torch.randint(0, CLASSES, (LOCAL_BATCH,), generator=gen)
+        x, y = sequence_batch(step)
         optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x[:, positions]), y)
         loss.backward()
@@ -906,14 +911,8 @@ def mesh_replicas(p: torch.Tensor) -> int:
 
 def sequence_batches(first: int, count: int) -> list:
     """Ten batches of ``count`` ranks' ``LOCAL_BATCH`` sequences, from the ``first``'s on (of 4 ranks' batches)."""
-    batches = []
-    for step in range(10):
-        gen = torch.Generator().manual_seed(3000 + step)
-        x = torch.randn(4 * LOCAL_BATCH, SEQUENCE, FEATURES, generator=gen, dtype=torch.float64)
-        y = torch.randint(0, CLASSES, (4 * LOCAL_BATCH,), generator=gen)
-        part = slice(first * LOCAL_BATCH, (first + count) * LOCAL_BATCH)
-        batches.append((x[part], y[part]))
-    return batches
+    part = slice(first * LOCAL_BATCH, (first + count) * LOCAL_BATCH)
+    return [tuple(t[part] for t in sequence_batch(step, 4)) for step in range(10)]
 
 
 def run_two_dimensional(rank: int, world: int, store: str, out: str) -> None:
