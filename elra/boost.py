@@ -48,10 +48,12 @@ class Booster:
         return self.loss_sum / self.count if self.count else 0.0
 
     def enable(self, cycle: int) -> None:
+        """Turn averaging on, from the next accepted point; where it is on already, only the cycle changes."""
         cycle = _check_cycle(cycle)
+        if not self.enabled:
+            self.restart()
         self.enabled = True
         self.cycle = cycle
-        self.restart()
 
     def disable(self) -> None:
         self.enabled = False

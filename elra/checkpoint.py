@@ -294,6 +294,23 @@ class Checkpointing:
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def _refuse_state_loaded_around_it(self) -> None:
+        """Refuse a checkpoint's per-parameter entries written into ``state`` without :meth:`load_state_dict`.
+
+        torch's ``ZeroRedundancyOptimizer.load_state_dict`` copies each saved entry into its local optimizer's
+        ``state`` and never calls that optimizer's ``load_state_dict`` (its ``state_dict`` keeps no controller):
+        ELRA went on from its first step length and an unknown regime over the saved moments, silently. Every
+        saved entry holds ``pending_grad``, which a loaded state never keeps: one look at the first parameter.
+        """
+        first = next((p for group in self.param_groups for p in group["params"]), None)
+        if first is not None and _PENDING_GRAD in self.state.get(first, ()):
+            raise RuntimeError(
+                "the optimizer state holds a checkpoint's per-parameter entries that ElraOptimizer.load_state_dict "
+                "did not load, without ELRA's controller (step length, regime, batch multiplier). torch's "
+                "ZeroRedundancyOptimizer.load_state_dict does this: under ZeRO save zero.optim.state_dict() on every "
+                "rank and load it with zero.optim.load_state_dict(...) on as many ranks"
+            )
+
     def _saved_config(self, saved: Any) -> dict[str, Any]:
         """The checkpoint's hyperparameters, validated; this optimizer's for checkpoints without them."""
         if saved is None:
@@ -332,6 +349,13 @@ class Checkpointing:
                 f"the state_dict has parameter groups of sizes {saved_sizes}, this optimizer {sizes}: "
                 "it is from another model or parameter grouping"
             )
+        unmatched = [g for g, saved in enumerate(saved_groups) if "lr" not in saved]
+        if unmatched:  # every group ELRA saves has its options; set_state_dict passes a group it matched to none bare
+            raise ValueError(
+                f"parameter groups {unmatched} of the state_dict have no options: torch.distributed.checkpoint's "
+                "set_state_dict matched no saved group to them by name, the checkpoint was saved with another "
+                "parameter grouping. Build the optimizer with the checkpoint's parameter groups"
+            )
         self._check_saved_names(saved_groups)
         saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -368,14 +392,24 @@ class Checkpointing:
         Where both sides have ``param_names`` (the optimizer was given
         ``model.named_parameters()``), they must agree, up to the parts wrappers add. A
         group without names (``parameters()``, or saved by older elra) is mapped by position.
-        Ids that are names already (``torch.distributed.checkpoint`` matched the state by
-        them, and keeps the saved ``param_names`` in the saved order) need no check.
+        Ids that are names (``get_optimizer_state_dict``'s) are compared instead of the saved
+        ``param_names``: ``set_state_dict`` hands them over in this optimizer's order, with the
+        saved ``param_names`` of the group whose options it gave this one, so there the two
+        must name the same parameters; loaded directly, they are in the saved order.
         """
         for g, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            names, saved_names = group.get("param_names"), saved.get("param_names")
-            if names is None or saved_names is None or not all(isinstance(i, int) for i in saved["params"]):
+            names, saved_names, ids = group.get("param_names"), saved.get("param_names"), saved["params"]
+            keyed_by_name = bool(ids) and all(isinstance(i, str) for i in ids)
+            if keyed_by_name and saved_names is not None and sorted(map(_bare_name, ids)) != sorted(map(_bare_name, saved_names)):
+                raise ValueError(
+                    f"parameter group {g} here holds {len(ids)} parameters that the state_dict's groups hold in "
+                    f"another grouping (the options it would take are those of a saved group of "
+                    f"{len(saved_names)}: {', '.join(saved_names[:3])}{', ...' if len(saved_names) > 3 else ''}): "
+                    "build the optimizer with the checkpoint's parameter groups"
+                )
+            if names is None or not (keyed_by_name or saved_names is not None and all(isinstance(i, int) for i in ids)):
                 continue
-            for index, (name, saved_name) in enumerate(zip(names, saved_names)):
+            for index, (name, saved_name) in enumerate(zip(names, ids if keyed_by_name else saved_names)):
                 if _bare_name(name) != _bare_name(saved_name):
                     raise ValueError(
                         f"parameter {index} of group {g} is '{name}' here but '{saved_name}' in the state_dict: its "

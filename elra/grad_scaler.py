@@ -119,13 +119,14 @@ class ElraGradScaler:
                 "scaler.step(optimizer) was called twice for one scaled loss: scale and back-propagate the next "
                 "micro-batch's loss first"
             )
-        self._stepped.append(optimizer)
         loss = self._limited(self._loss)
-        if not any(known is optimizer for known in self._optimizers):
-            self._optimizers.append(optimizer)
         inv_scale = 1.0 / self._scale if self.enabled else 1.0
         # through the optimizer's step hooks, as optimizer.step(loss) (torch's GradScaler too)
         outcome = optimizer._hooked_step(loss, inv_scale=inv_scale, skip_overflow=self.enabled)
+        # only a step that took the loss counts: one refused (inside boosted(), bad group options) may be retried
+        self._stepped.append(optimizer)
+        if not any(known is optimizer for known in self._optimizers):
+            self._optimizers.append(optimizer)
         # the mark torch's LR schedulers put through their wrapper of optimizer.step: without it the first
         # scheduler.step() warned that it came before optimizer.step()
         optimizer._opt_called = True

@@ -621,6 +621,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             self._refuse_ignored_options(group)
         self._check_kept_grads()
         self._follow_parameter_casts()
+        self._refuse_state_loaded_around_it()
         losses = [*self._pending, value]
         if len(losses) < self.controller.state.multiplier:
             self._pending = losses
@@ -694,7 +695,11 @@ class ElraOptimizer(Checkpointing, Optimizer):
 
     # ------------------------------------------------------------ boost
     def enable_boost(self, cycle: int = DEFAULT_CYCLE) -> None:
-        """Average the accepted points, ``cycle`` of them at most (then the mean is frozen)."""
+        """Average the accepted points, ``cycle`` of them at most (then the mean is frozen).
+
+        Where boosting is on already (also from a loaded checkpoint), the mean and its count stay: a resumed
+        script that turned it on after loading lost the saved mean. :meth:`restart_boost` starts afresh.
+        """
         self.booster.enable(cycle)
         for group in self.param_groups:
             for p in group["params"]:

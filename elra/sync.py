@@ -305,6 +305,9 @@ def _sync_fsdp1(module: torch.nn.Module) -> None:
     if full is None:
         return  # nothing collected unsharded
     flat = handle.flat_param
+    # under MixedPrecision the unsharded sums are in param_dtype: reduced and kept in the flat parameter's dtype,
+    # as FSDP1's own reduce-scatter leaves them (assigning them as they are raised torch's grad dtype error)
+    full = full.to(flat.dtype)
     groups = [module.process_group] + [g for g in [getattr(module, "_inter_node_pg", None)] if g is not None]
     for group in groups:
         dist.all_reduce(full, group=group)
@@ -316,6 +319,8 @@ def _sync_fsdp1(module: torch.nn.Module) -> None:
             shard += saved
             del flat._saved_grad_shard
         flat.grad = shard
+    elif full is not flat.grad:
+        flat.grad = full
     if handle._use_orig_params:
         handle._use_sharded_grad_views()
 

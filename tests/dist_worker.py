@@ -33,7 +33,7 @@ class Scenario:
 
     name: str
     strategy: str = "ddp"  # ddp | ddp-bucket-view | fsdp2 | fsdp2-root | fsdp2-offload | fsdp2-no-reshard | hsdp | hsdp-root
-    # | fsdp1 | fsdp1-orig | fsdp1-no-shard | fsdp1-hybrid
+    # | fsdp1 | fsdp1-orig | fsdp1-no-shard | fsdp1-hybrid | fsdp1-mixed (float32 compute over the float64 shards)
     # | ddp-subgroup | fsdp1-subgroup (each rank's wrapper over a group of its own) | plain (no wrapper)
     steps: int = 40
     batch_multiplier: int = 1
@@ -355,6 +355,10 @@ def wrap(model: Net, strategy: str, world: int):
     options = {}
     if strategy == "fsdp1-no-shard":  # every rank holds whole flat parameters
         options["sharding_strategy"] = ShardingStrategy.NO_SHARD
+    elif strategy == "fsdp1-mixed":  # the unsharded gradients of no_sync in float32, the shards' in float64
+        from torch.distributed.fsdp import MixedPrecision
+
+        options["mixed_precision"] = MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float64)
     elif strategy == "fsdp1-hybrid":  # sharded over 2 ranks, repeated over the other mesh dimension
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -648,6 +652,12 @@ def zero_fit(optimizer_for, steps: int = 20) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def one_replica(p: torch.Tensor) -> int:
+    """``replicas=`` under ZeRO: each rank's partition is on that rank alone (module level: ZeRO's
+    ``consolidate_state_dict`` pickles the options of the optimizers it holds, which a lambda fails)."""
+    return 1
+
+
 def zero_redundancy(model, batch_multiplier: int = 1, guarded: bool = True, preconditioner: str | None = None):
     """ELRA under torch's ZeroRedundancyOptimizer over DDP; the loop's ``(zero_grad, step)``: ZeRO's
     ``zero_grad`` is torch's (it clears every gradient), ``guarded``: called only when ELRA collected nothing."""
@@ -656,7 +666,7 @@ def zero_redundancy(model, batch_multiplier: int = 1, guarded: bool = True, prec
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = ZeroRedundancyOptimizer(
         ddp.parameters(), optimizer_class=ElraOptimizer, lr=1e-5, classes=0, preconditioner=preconditioner,
-        batch_multiplier=batch_multiplier, replicas=lambda p: 1,
+        batch_multiplier=batch_multiplier, replicas=one_replica,
     )
 
     def zero_grad() -> None:
@@ -676,8 +686,49 @@ def run_zero(rank: int, world: int, store: str, out: str) -> None:
         # each rank factors the matrices of its partition alone: their column sums must stay out of the all-reduce
         fit = zero_fit(lambda model: zero_redundancy(model, preconditioner="factored"))
         torch.save(fit, Path(out) / f"zero-factored-{rank}.pt")
+        torch.save(zero_checkpoints(), Path(out) / f"zero-checkpoints-{rank}.pt")
 
     as_gloo_rank(rank, world, store, body)
+
+
+def zero_checkpoints(steps: int = 20, save_at: int = 9) -> dict:
+    """ELRA under ZeRO (batch multiplier 2, ``"adam"``) saved after ``save_at`` micro-steps (one of two
+    collected), then resumed from ZeRO's consolidated state (``zero.load_state_dict``) and from each rank's
+    ELRA state (``zero.optim.load_state_dict``); the parameters of each run, or the error its first step raised."""
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    def run(start: int, load=None) -> tuple[torch.Tensor | str, tuple | None]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        x, y = torch.randn(32, 4), torch.randn(32, 1)
+        zero = ZeroRedundancyOptimizer(
+            torch.nn.parallel.DistributedDataParallel(model).parameters(), optimizer_class=ElraOptimizer, lr=1e-5,
+            classes=0, preconditioner="adam", batch_multiplier=2, replicas=one_replica,
+        )
+        if load is not None:
+            load(model, zero)
+        saved = None
+        for step in range(start, steps):
+            if step == save_at:
+                zero.consolidate_state_dict(to=0)
+                consolidated = [zero.state_dict() if dist.get_rank() == 0 else None]
+                dist.broadcast_object_list(consolidated, src=0)
+                saved = (copy.deepcopy(model.state_dict()), consolidated[0], copy.deepcopy(zero.optim.state_dict()))
+            if not zero.optim.micro_batches:
+                zero.zero_grad()
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            try:
+                zero.step(loss=loss)
+            except RuntimeError as error:
+                return str(error), saved
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), saved
+
+    uninterrupted, (weights, consolidated, own) = run(0)
+    through_zero, _ = run(save_at, lambda model, zero: (model.load_state_dict(weights), zero.load_state_dict(consolidated)))
+    through_elra, _ = run(save_at, lambda model, zero: (model.load_state_dict(weights), zero.optim.load_state_dict(own)))
+    return {"uninterrupted": uninterrupted, "through_zero": through_zero, "through_elra": through_elra}
 
 
 def uneven_inputs(model, optimizer: ElraOptimizer, rank: int, world: int, sharded_world: int) -> None:

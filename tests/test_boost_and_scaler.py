@@ -790,3 +790,47 @@ def test_a_numpy_integer_boost_cycle_is_taken_as_the_constructor_takes_numpy_int
     assert runs[0][0] == runs[1][0] == 10 and runs[0][1] == runs[1][1]
     assert type(runs[1][1]["cycle"]) is int
     assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2]))
+
+
+def test_a_scaler_step_refused_inside_boosted_can_be_retried_after_it():
+    """The refused ``scaler.step`` had already marked the loss as handed over: the retry after the block was
+    refused as a second call for one loss, and the micro-batch's gradient never reached ELRA. A retry now steps
+    as the run that never tried inside; a second step for one loss is still refused."""
+    runs = []
+    for tried_inside in (False, True):
+        torch.manual_seed(0)
+        model, opt, _ = _boosted_linear()
+        scaler = ElraGradScaler(init_scale=2.0**8)
+        for step in range(6):
+            opt.zero_grad()
+            scaler.scale(model(torch.ones(1, 3)).pow(2).sum()).backward()
+            if tried_inside and step == 3:
+                with opt.boosted(), pytest.raises(RuntimeError, match="inside optimizer.boosted"):
+                    scaler.step(opt)
+            scaler.step(opt)
+            if step == 4:
+                with pytest.raises(RuntimeError, match="called twice for one scaled loss"):
+                    scaler.step(opt)
+            scaler.update()
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.stats))
+    assert runs[0][1] == runs[1][1] and all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+
+
+def test_enable_boost_after_loading_a_boosted_checkpoint_keeps_its_mean():
+    """A resumed script that turned boosting on after ``load_state_dict`` restarted the saved mean silently (the
+    README's order for a checkpoint saved without boost); turning it on again keeps the mean and its count, and
+    takes the new cycle. ``restart_boost`` still starts afresh."""
+    torch.manual_seed(0)
+    model, opt, _ = _boosted_linear(steps=6)
+    with opt.boosted() as count:
+        saved_mean = [p.detach().clone() for p in model.parameters()]
+    resumed = ElraOptimizer(model.parameters(), model)
+    resumed.load_state_dict(opt.state_dict())
+    resumed.enable_boost(cycle=20)
+    with resumed.boosted() as resumed_count:
+        assert resumed_count == count >= 2
+        assert all(torch.equal(a, b) for a, b in zip(saved_mean, model.parameters()))
+    assert resumed.booster.cycle == 20
+    resumed.restart_boost()
+    with resumed.boosted() as restarted_count:
+        assert restarted_count == 0

@@ -746,6 +746,65 @@ def test_a_load_keeps_the_loading_optimizers_names():
     assert "param_names" not in unnamed.param_groups[0]  # it stays unnamed, as constructed
 
 
+def test_a_name_keyed_state_dict_loaded_directly_into_another_order_is_refused():
+    """``get_optimizer_state_dict``'s output keys the state by name in the saved order; handed to
+    ``load_state_dict`` itself (not through ``set_state_dict``, which reorders it) into a model whose two
+    same-shaped layers are registered the other way round, each took the other's state silently."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = _TwoLayers()
+    opt = ElraOptimizer(model.named_parameters(), lr=1e-4)
+    _train_two(model, opt, 20)
+    keyed = get_optimizer_state_dict(model, opt)
+    assert keyed["param_groups"][0]["params"][0] == "a.weight"
+    _refuse(ElraOptimizer(_TwoLayers(("b", "a")).named_parameters()), copy.deepcopy(keyed),
+            match="parameter 0 of group 0 is 'b.weight' here but 'a.weight' in the state_dict")
+    twin_model = _TwoLayers()
+    twin_model.load_state_dict(model.state_dict())
+    twin = ElraOptimizer(twin_model.named_parameters())
+    twin.load_state_dict(copy.deepcopy(keyed))  # the same order: exact
+    assert _same(_train_two(model, opt, 5), _train_two(twin_model, twin, 5)) and opt.stats == twin.stats
+
+
+def _grouped(model, layout, named):
+    params = list(model.named_parameters() if named else model.parameters())
+    return [{"params": [params[i] for i in members], **({"weight_decay": 0.0} if k else {})} for k, members in enumerate(layout)]
+
+
+@pytest.mark.parametrize(
+    "named, saved_layout, loaded_layout, match",
+    [
+        (True, [[0, 1], [2, 3]], [[0, 1, 2, 3]], "parameter group 0 here holds 4 parameters that the state_dict's groups hold in another grouping"),
+        (False, [[0, 1], [2, 3]], [[0, 2], [1, 3]], r"parameter groups \[0\] of the state_dict have no options"),
+        (False, [[0, 1, 2, 3]], [[0, 1], [2, 3]], r"parameter groups \[0\] of the state_dict have no options"),
+    ],
+)
+def test_set_state_dict_into_another_parameter_grouping_is_refused(named, saved_layout, loaded_layout, match):
+    """torch's ``set_state_dict`` regroups the saved state by name: a group gets the options of the last saved
+    group holding one of its parameters, or none. Two groups (the second without decay) loaded into one took
+    ``weight_decay=0`` for all four parameters and resumed 5e-5 off the uninterrupted run, silently, where
+    ``load_state_dict`` of the same checkpoint refused the group sizes. Refused now, changing nothing, where
+    the groups are named or where a group matched no saved one; the same grouping loads."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _TwoLayers()
+    opt = ElraOptimizer(_grouped(model, saved_layout, named), lr=1e-4, preconditioner="adam")
+    _train_two(model, opt, 20)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    fresh = _TwoLayers()
+    other = ElraOptimizer(_grouped(fresh, loaded_layout, named), lr=1e-4, preconditioner="adam")
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=match):
+        set_state_dict(fresh, other, model_state_dict=copy.deepcopy(model_sd), optim_state_dict=copy.deepcopy(optim_sd))
+    after = other.state_dict()
+    assert after["param_groups"] == before["param_groups"] and all(
+        torch.equal(after["state"][i][k], v) for i, entry in before["state"].items() for k, v in entry.items()
+    )
+    same = ElraOptimizer(_grouped(fresh, saved_layout, named), lr=1e-4, preconditioner="adam")
+    set_state_dict(fresh, same, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    assert _same(_train_two(model, opt, 5), _train_two(fresh, same, 5)) and opt.stats == same.stats
+
+
 def _heads():
     torch.manual_seed(0)
     return torch.nn.ModuleDict({k: torch.nn.Linear(4, 4 if k == "body" else 3) for k in ("body", "a", "b")}).double()
