@@ -102,6 +102,15 @@ class Checkpointing:
                 "a micro-batch whose loss step() has not had, and a run resumed from this checkpoint would count it "
                 "twice when it repeats the iteration. Save after optimizer.step(loss), or before loss.backward()"
             )
+        world = self.reducer.world_size
+        if self._pending and world > 1 and self._pending is not self._pending_as_averaged:
+            raise RuntimeError(
+                f"state_dict() in the middle of collecting micro-batches ({len(self._pending)} of "
+                f"{self.controller.state.multiplier}) on {world} ranks: each rank holds the losses of its own "
+                "micro-batches, and a checkpoint keeps one rank's (a resumed run's loss statistics went another way, "
+                "silently). Call optimizer.sync_pending_grads() on every rank first (it averages them over the ranks, "
+                "one all-reduce of a few numbers), or save when optimizer.collecting is False"
+            )
         with self._torch_hooks_held():
             sd = super().state_dict()
         controller = self.controller.state_dict()
@@ -198,7 +207,7 @@ class Checkpointing:
         device = self._device or torch.device("cpu")  # where the real step's vector lives (_scalar_batch)
         losses = loss_vector([*self._pending, *self._reports], accumulation_dtype(device), device)
         sums, split = self.reducer.sum(losses), len(self._pending)
-        self._pending = (sums[:split] / world).tolist()
+        self._pending = self._pending_as_averaged = (sums[:split] / world).tolist()
         self._apply_reports(sums[split:].tolist())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -285,6 +294,7 @@ class Checkpointing:
         self.booster = booster
         self._fill_missing_state()
         self._pending, self._reports = pending, reports
+        self._pending_as_averaged = pending  # a checkpoint's losses are the ranks' means (or one rank's own)
         self._moved = {p for g in self.param_groups for p in g["params"] if self._loaded_as_moved(p)}
         self._waiting = {p for g in self.param_groups for p in g["params"] if self._loaded_as_waiting(p)}
         for model in self.unsynced_models:  # loaded mid-run: what the wrappers collected belongs to the old run

@@ -18,9 +18,8 @@ parameters; the others take the foreach chains.
 from __future__ import annotations
 
 import struct
-from collections import Counter
-from itertools import chain
-from operator import attrgetter
+from itertools import accumulate, chain, compress
+from operator import add, attrgetter, gt
 from typing import Callable
 
 import torch
@@ -28,7 +27,7 @@ import torch
 from .chunks import partitioned
 
 _DTYPES = (torch.float32, torch.float64)
-_DTYPE, _IS_CPU, _IS_CUDA = attrgetter("dtype"), attrgetter("is_cpu"), attrgetter("is_cuda")
+_DTYPE, _IS_CPU, _IS_CUDA, _NBYTES = attrgetter("dtype"), attrgetter("is_cpu"), attrgetter("is_cuda"), attrgetter("nbytes")
 
 
 def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -66,11 +65,30 @@ def split_fusable(columns: list[list]) -> tuple[list[list], list[list]]:
 
 
 def _shared(grads: list[torch.Tensor]) -> set[int]:
-    """The addresses of the gradients (not empty) that several parameters hold; a C-level pass when there is none."""
-    if len(set(map(torch.Tensor.data_ptr, grads))) == len(grads):
+    """The addresses of the gradients (not empty) whose memory another parameter's gradient overlaps: one tensor
+    that several parameters hold (``q.grad = p.grad``), or overlapping views of one buffer (``q.grad = p.grad[1:]``:
+    its rows were divided twice, once for each parameter, before ``q``'s step read them).
+
+    The kernels index memory flat (contiguous tensors: an address range each). Gradients that each begin a
+    buffer of their own (autograd's) cannot overlap: two C-level passes tell. Others (DDP's bucket views) take
+    C-level passes over the ranges sorted by address; empty gradients (FSDP shards) may share an address.
+    """
+    if not any(map(torch.Tensor.storage_offset, grads)) and len(set(map(torch.Tensor.data_ptr, grads))) == len(grads):
         return set()
-    held = Counter(g.data_ptr() for g in grads if g.numel())  # empty ones (FSDP shards) may share an address
-    return {address for address, count in held.items() if count > 1}
+    present = list(compress(grads, map(torch.Tensor.numel, grads)))
+    starts = list(map(torch.Tensor.data_ptr, present))
+    ends = list(map(add, starts, map(_NBYTES, present)))
+    order = sorted(range(len(present)), key=starts.__getitem__)
+    reach = accumulate(map(ends.__getitem__, order), max)  # the furthest end of the ranges before each
+    if not any(map(gt, reach, map(starts.__getitem__, order[1:]))):
+        return set()
+    shared, furthest, owner = set(), -1, -1
+    for i in order:
+        if starts[i] < furthest:
+            shared.update((starts[i], starts[owner]))
+        if ends[i] > furthest:
+            furthest, owner = ends[i], i
+    return shared
 
 
 def _one_kind(tensors: list[torch.Tensor]) -> bool:

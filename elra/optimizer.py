@@ -320,6 +320,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self.geometry = make_direction(config["preconditioner"], config["momentum"], compiled)
         self._waiting: set[torch.Tensor] = set()  # parameters whose moments have not taken a gradient yet
         self._pending: list[LossLike] = []
+        self._pending_as_averaged: list[LossLike] | None = None  # ``_pending`` when it last held the ranks' means
         if isinstance(params, (set, frozenset)):  # torch takes one: a resume would give the saved state to other tensors
             raise TypeError("ElraOptimizer's params must be an ordered collection: a set's order changes between runs "
                             "(use a list, or model.parameters())")

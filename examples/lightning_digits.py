@@ -52,6 +52,25 @@ def digits_loaders(batch_size: int):
 
 
 def build_module(batch_size: int, batch_multiplier: int = 1):
+    class SyncBeforeCheckpoint(L.Callback):
+        """Under DDP each rank holds the losses of its own collected micro-batches and those it reported, and
+        Lightning writes rank 0's checkpoint (every rank resumed with rank 0's own; ELRA's ``state_dict()``
+        refuses them now). Lightning asks the callbacks for their state on every rank right before it takes
+        the optimizer's, at every checkpoint (epoch end, ``every_n_train_steps``, ``save_checkpoint``): the
+        ranks average them there (``sync_pending_grads``, one all-reduce of a few numbers)."""
+
+        _trainer = None
+
+        def state_dict(self) -> dict:
+            trainer = self._trainer
+            if trainer is not None and trainer.world_size > 1:
+                for optimizer in trainer.optimizers:
+                    optimizer.sync_pending_grads()
+            return {}
+
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            self._trainer = trainer
+
     class DigitsClassifier(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -80,11 +99,10 @@ def build_module(batch_size: int, batch_multiplier: int = 1):
             if len(train) and torch.isfinite(valid):
                 optimizer.set_train_loss(train.mean().item())
                 optimizer.set_valid_loss(valid.item())
-            if self.trainer.world_size > 1:
-                # every rank: the ranks' means of the reported losses (and of what is collected) now, before
-                # Lightning writes rank 0's checkpoint; left pending, every rank resumed with rank 0's own
-                optimizer.sync_pending_grads()
             self.train_losses, self.valid_losses = [], []
+
+        def configure_callbacks(self):
+            return [SyncBeforeCheckpoint()]
 
         def on_fit_start(self) -> None:
             if getattr(self.trainer.precision_plugin, "scaler", None) is not None:

@@ -711,6 +711,7 @@ def zero_checkpoints(steps: int = 20, save_at: int = 9) -> dict:
         saved = None
         for step in range(start, steps):
             if step == save_at:
+                zero.optim.sync_pending_grads()  # each rank collected its own micro-batch's loss
                 zero.consolidate_state_dict(to=0)
                 consolidated = [zero.state_dict() if dist.get_rank() == 0 else None]
                 dist.broadcast_object_list(consolidated, src=0)
@@ -937,6 +938,7 @@ def run_tensor_parallel(rank: int, world: int, store: str, out: str) -> None:
                 model, optimizer = built(preconditioner, multiplier)
                 sequence_fit(model, optimizer, positions, range(11))
                 assert optimizer.micro_batches == 1  # saved with a micro-batch collected
+                optimizer.sync_pending_grads()  # on more than one rank state_dict() wants the collected losses' means
                 checkpoint = Path(out) / f"tensor-parallel-{preconditioner}"
                 dcp.save(_dcp_state(model, optimizer), checkpoint_id=checkpoint)
                 model, optimizer = built(preconditioner, multiplier)

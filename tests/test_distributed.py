@@ -615,7 +615,9 @@ def test_dcp_resume_on_another_world_size_matches_a_single_process_resume(checkp
 
 
 def test_mid_collection_checkpoints_keep_the_pending_sums(checkpointed):
-    """Saved with a micro-batch pending; with grad_sync state_dict() refuses until they are synchronised."""
+    """Saved with a micro-batch pending; with grad_sync state_dict() refuses until they are synchronised, and with
+    sync on too: each rank holds its own micro-batch's loss (a checkpoint kept rank 0's, and the resumed run's loss
+    statistics went another way, silently)."""
     for name in [s.name for s, _ in CHECKPOINTED if "mid-collection" in s.name]:
         saved, resumed = checkpointed[name]
         assert all(r["micro_batches"] == 1 == r["loaded_micro_batches"] for r in saved)
@@ -625,7 +627,8 @@ def test_mid_collection_checkpoints_keep_the_pending_sums(checkpointed):
         "fsdp2-dcp-mid-collection-user-sync", "fsdp1-dcp-mid-collection-user-sync",
     ):
         assert all("sync_pending_grads()" in r["refused"] for r in checkpointed[name][0])
-    assert not any("refused" in r for r in checkpointed["fsdp2-root-dcp-mid-collection"][0])  # sync was on
+    assert all("each rank holds the losses of its own micro-batches" in r["refused"]  # sync was on
+               for r in checkpointed["fsdp2-root-dcp-mid-collection"][0])
 
 
 def test_a_mid_collection_checkpoint_broadcast_from_rank_0_resumes_on_every_rank(checkpointed):

@@ -145,6 +145,21 @@ def test_lightning_example_resumes_from_a_checkpoint_taken_mid_collection(tmp_pa
     _, longer = fit(tmp_path / "longer", checkpoint, epochs=3)
     assert longer.total_steps == 3 * 45 and longer.controller.state.micro_steps == 3 * 45
 
+def test_lightning_example_on_two_ddp_processes_resumes_mid_collection_as_the_uninterrupted_fit(tmp_path):
+    """Each rank collects the losses of its own micro-batches, and Lightning writes rank 0's checkpoint: a fit
+    resumed from a step checkpoint taken mid-collection went on with rank 0's losses on both ranks, its loss
+    statistics off the uninterrupted fit's. The example's callback averages them over the ranks before every
+    checkpoint (ELRA's ``state_dict()`` refuses them otherwise), and the resumed fit is the uninterrupted one."""
+    pytest.importorskip("lightning")
+    _run(sys.executable, str(Path(__file__).parent / "lightning_ddp_worker.py"), str(tmp_path))
+    saved = torch.load(tmp_path / "whole" / "epoch=0-step=4.ckpt", weights_only=False)["optimizer_states"][0]
+    assert len(json.loads(saved["param_groups"][0]["elra_controller"]["pending_losses"])) == 1  # 1 of 3 collected
+    for rank in range(2):
+        whole, resumed = (torch.load(tmp_path / f"{name}-rank{rank}.pt", weights_only=False) for name in ("whole", "resumed"))
+        assert torch.equal(whole["params"], resumed["params"]) and whole["stats"] == resumed["stats"]
+        assert whole["controller"] == resumed["controller"] and whole["stats"]["real_steps"] >= 10
+
+
 def test_lightning_example_reports_and_feeds_the_whole_validation_sets_loss_and_accuracy():
     """The 360 validation digits come in batches of 256 and 104: the accuracy was the last batch's alone and the
     loss fed to set_valid_loss the unweighted mean of the two batch means."""

@@ -176,6 +176,49 @@ def test_a_gradient_two_parameters_hold_is_unscaled_once_for_each(monkeypatch, p
     assert shared[0].grad is shared[1].grad and torch.equal(shared[0].grad, torch.full((4, 3), 9.0))
 
 
+def test_gradients_that_overlap_in_one_buffer_are_unscaled_once():
+    """``q.grad = p.grad[1:]`` (set by hand): other addresses than ``p.grad``'s, so both went into one kernel
+    launch, and the rows they share were divided twice before ``q`` read them (P2M with momentum 0.5 ended
+    2.0 off; Adam's direction barely sees a gradient scaled alike at every step). The reference: each
+    parameter with its own copy of the same gradient."""
+
+    def run(overlaps: bool):
+        params = [torch.nn.Parameter(torch.ones(5, 3)), torch.nn.Parameter(torch.ones(4, 3))]
+        opt = ElraOptimizer(params, None, 8, 3, lr=1e-4, batch_multiplier=2, preconditioner=None, momentum=0.5)
+        for step in range(4):
+            opt.zero_grad()
+            for micro in range(2):
+                g = torch.arange(15.0).view(5, 3) / 15 + step + micro + 1
+                if params[0].grad is None:
+                    params[0].grad = g.clone()
+                    params[1].grad = params[0].grad[1:] if overlaps else g[1:].clone()
+                else:
+                    params[0].grad.add_(g)
+                    if not overlaps:
+                        params[1].grad.add_(g[1:])
+                opt.step(1.0 / (1 + step))
+        return params, opt
+
+    overlapping, opt = run(True)
+    apart, twin = run(False)
+    assert opt.stats == twin.stats and opt.stats["real_steps"] == 4
+    for p, q in zip(overlapping, apart):
+        assert torch.equal(p, q) and not torch.equal(p, torch.ones_like(p))
+
+
+def test_views_of_one_buffer_stay_in_the_kernels_unless_they_overlap():
+    """DDP's ``gradient_as_bucket_view`` makes every gradient a view of one bucket, side by side: they stay in the
+    kernels; only the ranges that overlap another leave them (an empty gradient shares any address)."""
+    bucket = torch.zeros(30)
+    params = [torch.zeros(10), torch.zeros(2, 5), torch.zeros(10), torch.zeros(0)]
+    grads = [bucket[:10], bucket[10:20].view(2, 5), bucket[20:], bucket[5:5]]
+    fused, rest = split_fusable([params, grads])
+    assert [len(column) for column in fused] == [4, 4] and not rest[0]
+    grads[2] = bucket[15:25]  # overlaps the second
+    fused, rest = split_fusable([params, grads])
+    assert [p.shape for p in rest[0]] == [torch.Size([2, 5]), torch.Size([10])] and len(fused[0]) == 2
+
+
 def test_float64_parameters_keep_float64_accuracy_where_float32_cannot_hold_the_gradient_scale(monkeypatch):
     """P2M with momentum 0.37 over three micro-batches scales the gradient by 0.63/3: the kernel takes its
     inverse in float32, and float64 parameters ended 8e-9 off the float64 chains after 30 steps."""
