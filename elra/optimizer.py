@@ -590,7 +590,11 @@ class ElraOptimizer(Checkpointing, Optimizer):
                     "for loss scaling, the published package's step(loss, scale), use elra.ElraGradScaler"
                 )
             if loss is not None:
-                raise TypeError("pass the loss or a closure to step(), not both")
+                raise TypeError(
+                    "pass the loss or a closure to step(), not both (a wrapper may add a closure of its own: "
+                    "Lightning's self.optimizers().step(loss=...) in manual optimization does; there hand the loss "
+                    "back from the closure, step(closure=lambda: loss))"
+                )
             loss = closure
         if callable(loss):
             with torch.enable_grad():

@@ -151,6 +151,20 @@ def test_a_loss_handed_on_as_the_closure_is_named_as_such_and_changes_nothing():
     assert p.item() == 1.0 and opt.stats["real_steps"] == opt.micro_batches == 0
 
 
+def test_a_loss_beside_a_wrappers_closure_names_the_closure_form_and_changes_nothing():
+    """Lightning's ``self.optimizers().step(loss=loss)`` adds a closure of its own: "pass the loss or a closure,
+    not both" blamed the caller for a closure it never passed. The message names the form that works, which
+    then takes the step as ``step(loss)`` does."""
+    p = _param(1.0)
+    opt = ElraOptimizer([p])
+    loss = (p**2).sum()
+    loss.backward()
+    with pytest.raises(TypeError, match=r"not both \(a wrapper may add a closure.*step\(closure=lambda: loss\)"):
+        opt.step(loss, closure=lambda: None)
+    assert p.item() == 1.0 and opt.stats["real_steps"] == opt.micro_batches == 0
+    assert opt.step(closure=lambda: loss) is loss and opt.stats["real_steps"] == 1
+
+
 def test_float_tensor_and_closure_losses_give_identical_trajectories():
     by_float, _ = _cubic_run("float")
     by_tensor, _ = _cubic_run("tensor")
