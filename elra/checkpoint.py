@@ -111,6 +111,13 @@ class Checkpointing:
                 "silently). Call optimizer.sync_pending_grads() on every rank first (it averages them over the ranks, "
                 "one all-reduce of a few numbers), or save when optimizer.collecting is False"
             )
+        if world > 1 and (self._reports[1] or self._reports[3]):
+            raise RuntimeError(
+                f"state_dict() on {world} ranks after set_train_loss/set_valid_loss on this rank: the next real step "
+                "would take the mean of what the ranks reported, and a checkpoint keeps one rank's reports (a resumed "
+                "run decayed the weights by other losses, silently). Call optimizer.sync_pending_grads() on every rank "
+                "first (it applies them, one all-reduce of a few numbers), or save after the next step"
+            )
         with self._torch_hooks_held():
             sd = super().state_dict()
         controller = self.controller.state_dict()
@@ -161,8 +168,8 @@ class Checkpointing:
         """Reduce the micro-batch gradients collected with sync off, as the next real step would.
 
         A collective: call it on every rank, before saving a checkpoint while
-        collecting under :func:`elra.grad_sync` (``state_dict()`` refuses
-        otherwise). Averaging the partial sums over ranks now gives the same
+        collecting on more than one rank, under :func:`elra.grad_sync` or with
+        sync on (``state_dict()`` refuses otherwise). Averaging the partial sums over ranks now gives the same
         averaged gradient at the real step (the reduction is linear), and the
         averaged sums are what one checkpoint can hold, at any world size.
         Costs one gradient reduction (DDP: an all-reduce of all gradients;
