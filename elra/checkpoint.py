@@ -77,10 +77,13 @@ class Checkpointing:
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         self._note_unsynced_models()
+        collecting = (
+            f"state_dict() in the middle of collecting micro-batches ({len(self._pending)} of "
+            f"{self.controller.state.multiplier})"
+        )
         if self._pending and self.unsynced_models:
             raise RuntimeError(
-                f"state_dict() in the middle of collecting micro-batches ({len(self._pending)} of "
-                f"{self.controller.state.multiplier}) with gradient sync off (grad_sync, or the wrapper's no_sync()): "
+                f"{collecting} with gradient sync off (grad_sync, or the wrapper's no_sync()): "
                 "each rank holds its own partial sums, which one checkpoint cannot keep. Call "
                 "optimizer.sync_pending_grads() on every "
                 "rank first (one gradient reduction), or save when optimizer.collecting is False"
@@ -88,8 +91,7 @@ class Checkpointing:
         wrapping = fsdp_wrapping(p for g in self.param_groups for p in g["params"]) if self._pending else None
         if wrapping is not None and not self.models:
             raise RuntimeError(
-                f"state_dict() in the middle of collecting micro-batches ({len(self._pending)} of "
-                f"{self.controller.state.multiplier}) under {wrapping}, but the optimizer does not know the model: "
+                f"{collecting} under {wrapping}, but the optimizer does not know the model: "
                 "with gradient sync off (set_requires_gradient_sync(False), no_sync()) the wrapper holds the partial "
                 "sums itself, which the checkpoint would lose. Give the optimizer the wrapped model, "
                 "ElraOptimizer(model.parameters(), model, ...), or use `with elra.grad_sync(model, optimizer):`, "
@@ -105,13 +107,12 @@ class Checkpointing:
         world = self.reducer.world_size
         if self._pending and world > 1 and self._pending is not self._pending_as_averaged:
             raise RuntimeError(
-                f"state_dict() in the middle of collecting micro-batches ({len(self._pending)} of "
-                f"{self.controller.state.multiplier}) on {world} ranks: each rank holds the losses of its own "
+                f"{collecting} on {world} ranks: each rank holds the losses of its own "
                 "micro-batches, and a checkpoint keeps one rank's (a resumed run's loss statistics went another way, "
                 "silently). Call optimizer.sync_pending_grads() on every rank first (it averages them over the ranks, "
                 "one all-reduce of a few numbers), or save when optimizer.collecting is False"
             )
-        if world > 1 and (self._reports[1] or self._reports[3]):
+        if world > 1 and any(self._reports[1::2]):  # the counts of this rank's train and validation reports
             raise RuntimeError(
                 f"state_dict() on {world} ranks after set_train_loss/set_valid_loss on this rank: the next real step "
                 "would take the mean of what the ranks reported, and a checkpoint keeps one rank's reports (a resumed "
@@ -424,9 +425,10 @@ class Checkpointing:
                     f"{len(saved_names)}: {', '.join(saved_names[:3])}{', ...' if len(saved_names) > 3 else ''}): "
                     "build the optimizer with the checkpoint's parameter groups"
                 )
-            if names is None or not (keyed_by_name or saved_names is not None and all(isinstance(i, int) for i in ids)):
+            saved_order = ids if keyed_by_name else saved_names if all(isinstance(i, int) for i in ids) else None
+            if names is None or saved_order is None:
                 continue
-            for index, (name, saved_name) in enumerate(zip(names, ids if keyed_by_name else saved_names)):
+            for index, (name, saved_name) in enumerate(zip(names, saved_order)):
                 if _bare_name(name) != _bare_name(saved_name):
                     raise ValueError(
                         f"parameter {index} of group {g} is '{name}' here but '{saved_name}' in the state_dict: its "
