@@ -48,8 +48,16 @@ class Booster:
         return self.loss_sum / self.count if self.count else 0.0
 
     def enable(self, cycle: int) -> None:
-        """Turn averaging on, from the next accepted point; where it is on already, only the cycle changes."""
+        """Turn averaging on, from the next accepted point; where it is on already, only the cycle changes.
+
+        A cycle shorter than the points the mean already holds is refused: the mean cannot drop points, and a
+        count above the cycle would make the state unloadable."""
         cycle = _check_cycle(cycle)
+        if self.enabled and self.count > cycle:
+            raise ValueError(
+                f"boost cycle {cycle} is shorter than the {self.count} points the mean already holds: give "
+                f"cycle >= {self.count}, or call restart_boost() first to start a new mean"
+            )
         if not self.enabled:
             self.restart()
         self.enabled = True

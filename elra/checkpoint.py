@@ -295,6 +295,7 @@ class Checkpointing:
             for key in (STATE_KEY, BOOST_KEY, CONFIG_KEY):
                 group.pop(key, None)
         self._log_config_change(config)
+        self._log_boost_change(booster)
         self._config = config
         self.defaults.update(lr=config["lr"], weight_decay=config["weight_decay"])
         self.controller = controller
@@ -350,6 +351,23 @@ class Checkpointing:
             logger.warning(
                 "ELRA load_state_dict: the checkpoint's hyperparameters replace the constructor's: %s",
                 ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())),
+            )
+
+    def _log_boost_change(self, loaded: Booster) -> None:
+        """Warn where the checkpoint's boosting replaces the one this optimizer was given (the checkpoint wins)."""
+        if not self.booster.enabled:
+            return
+        if not loaded.enabled:
+            logger.warning(
+                "ELRA load_state_dict: the checkpoint was saved without boost, so boosting is off now; call "
+                "optimizer.enable_boost() after load_state_dict to boost the resumed run"
+            )
+        elif loaded.cycle != self.booster.cycle:
+            logger.warning(
+                "ELRA load_state_dict: the checkpoint's boost cycle %d replaces %d; call optimizer.enable_boost(cycle) "
+                "after load_state_dict to change it",
+                loaded.cycle,
+                self.booster.cycle,
             )
 
     def _check_saved_state(

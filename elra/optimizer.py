@@ -1011,6 +1011,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         edited = self._edited_between_steps()
         with _without_autocast(self._device):  # a step called inside the caller's autocast region
             outcome = self._decided_step(losses, with_gradient, inv_scale, skip_overflow)
+        if outcome == "overflow":  # dropped, but passed to step: a step budget's clock counts them (micro_batches_taken)
+            self.controller.state.micro_steps += len(losses)
         if outcome == "retrace" and edited and not self._edit_warned:
             self._edit_warned = True
             logger.warning(

@@ -275,6 +275,8 @@ def test_scaler_backs_off_on_overflow_grows_when_clean_and_trains(dtype, precond
     assert max(scales[32:]) > scales[31]  # and grew back
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert opt.stats["real_steps"] == 300 - 3 and accuracy > 0.8
+    # the dropped steps' micro-batches were passed to step: a step budget's clock counts them (it lagged by 3)
+    assert opt.micro_batches_taken == 300
 
 
 def test_a_growth_never_cuts_an_initial_scale_above_the_cap():
@@ -834,3 +836,41 @@ def test_enable_boost_after_loading_a_boosted_checkpoint_keeps_its_mean():
     resumed.restart_boost()
     with resumed.boosted() as restarted_count:
         assert restarted_count == 0
+
+
+def test_a_boost_cycle_shorter_than_the_points_in_the_mean_is_refused_and_changes_nothing():
+    """``enable_boost(cycle)`` on a mean of more points than ``cycle`` kept the count above the cycle: the state
+    saved after it could not be loaded, not even by the optimizer that saved it."""
+    torch.manual_seed(0)
+    model, opt, _ = _boosted_linear(steps=6)
+    count = opt.booster.count
+    assert count > 2
+    with pytest.raises(ValueError, match=f"shorter than the {count} points"):
+        opt.enable_boost(cycle=2)
+    assert (opt.booster.cycle, opt.booster.count) == (10, count)
+    opt.enable_boost(cycle=count)
+    ElraOptimizer(model.parameters(), model).load_state_dict(opt.state_dict())
+    opt.restart_boost()
+    opt.enable_boost(cycle=2)
+    assert opt.booster.cycle == 2
+
+
+def test_loading_a_checkpoint_with_other_boosting_than_the_optimizers_says_so(caplog):
+    """The checkpoint's boosting replaces the one the optimizer was given (the checkpoint wins): boosting turned on
+    before loading a checkpoint saved without it went off silently."""
+    model, plain, _ = _boosted_linear()
+    plain.disable_boost()
+    boosted = _boosted_linear()[1]
+    boosted.enable_boost(cycle=12)
+    for saved, message in [(plain, "saved without boost"), (boosted, "boost cycle 12 replaces 20")]:
+        resumed = ElraOptimizer(model.parameters(), model)
+        resumed.enable_boost(cycle=20)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="elra"):
+            resumed.load_state_dict(saved.state_dict())
+        assert [message in r.getMessage() for r in caplog.records] == [True]
+        assert resumed.booster.enabled == saved.booster.enabled
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        ElraOptimizer(model.parameters(), model).load_state_dict(boosted.state_dict())
+    assert not caplog.records
