@@ -352,6 +352,12 @@ class Checkpointing:
                 "ELRA load_state_dict: the checkpoint's hyperparameters replace the constructor's: %s",
                 ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())),
             )
+        if self._compiled and config["preconditioner"] not in ("adam", "muon"):
+            logger.warning(
+                "ELRA load_state_dict: compiled=True does nothing for the checkpoint's preconditioner=%r (it computes "
+                "Adam's direction's sums)",
+                config["preconditioner"],
+            )
 
     def _log_boost_change(self, loaded: Booster) -> None:
         """Warn where the checkpoint's boosting replaces the one this optimizer was given (the checkpoint wins)."""

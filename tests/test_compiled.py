@@ -103,6 +103,16 @@ def test_compiled_is_refused_where_it_has_nothing_to_compile(preconditioner):
         ElraOptimizer(_net().parameters(), preconditioner="adam", compiled=1)
 
 
+@pytest.mark.parametrize("preconditioner", [None, "factored"])
+def test_a_checkpoint_whose_direction_has_nothing_to_compile_says_so(preconditioner, caplog):
+    """The checkpoint's preconditioner wins; where it has no sums to compile, compiled=True did nothing silently."""
+    saved = ElraOptimizer(_net().parameters(), preconditioner=preconditioner)
+    opt = ElraOptimizer(_net().parameters(), preconditioner="adam", compiled=True)
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        opt.load_state_dict(saved.state_dict())
+    assert sum("compiled=True does nothing" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_disabled_torch_compile_leaves_the_eager_path(monkeypatch, caplog):
     """Under TORCH_COMPILE_DISABLE the function would run uncompiled, with tensor-sized temporaries: refused."""
     monkeypatch.setattr(compiled, "_kernel", None)
