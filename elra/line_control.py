@@ -134,6 +134,14 @@ MAX_DECAY = 0.5
 # the accepted losses' squares are summed of losses scaled by a power of two to at most 2**SQUARE_RANGE: a loss
 # above 1.3e154 squared to inf, and every step after it was refused (mean^2 inf too: inf - inf is nan)
 SQUARE_RANGE = 500
+# the probe's gradient pair: a tiny step changes an exact gradient along it by little (the benchmark's noise-free
+# tasks: at most 9e-4 of D at lr 1e-5). Where it changed by more than PAIR_NOISE of D, the trapezoid's miss is
+# measured against the curvature part alone, without the rounding allowance (1e-5 of the loss), which hid mini-batch
+# noise as large as the whole curvature part: zero-initialised classifiers give every batch the loss log(classes),
+# pairs that changed by 0.07-0.8 missed by about their curvature part, were taken for noise-free, and the retraces
+# cut the step length to its floor (the model stayed at chance). Noise-free pairs that changed by more (lr 1e-3:
+# up to 0.075) missed by at most 0.074 of it: their curvature part is far above the losses' rounding
+PAIR_NOISE = 0.01
 # detected noise-free regime: a restart's step (along m_hat = g, so D is the true slope) must meet the probe's
 # trapezoid test; this many misses in a row (beyond rounding of the first loss too) switch to the stochastic regime
 REDETECT_MISSES = 3
@@ -443,7 +451,10 @@ class LineController:
         Global sums only, so every rank decides alike.
         """
         s = self.state
-        s.noise_free = not self._noisy(s.probe_loss, losses, loss, sums)
+        predicted, curvature_term, _ = self._probe_terms(s.probe_loss, losses, sums)
+        changed = abs(sums.mom_dir - sums.next_dir) > PAIR_NOISE * sums.mom_dir
+        pair_noisy = changed and abs(loss - predicted) > PROBE_TOLERANCE * abs(curvature_term)
+        s.noise_free = not (pair_noisy or self._noisy(s.probe_loss, losses, loss, sums))
         logger.info("ELRA chose the %s regime at real step %d", self.regime, s.steps + 1)
 
     def _recheck_regime(self, losses: list[float], loss: float, sums: LineSums) -> None:
@@ -482,13 +493,18 @@ class LineController:
         error is measured against the second-order (curvature) part of the change, ``length*(D - N)/2``, plus the
         rounding of the losses (and of ``scales``); micro-batch losses that differ at one point are noise too.
         """
-        s = self.state
-        predicted = start - 0.5 * s.probe_length * (sums.mom_dir + sums.next_dir)
-        curvature_term = 0.5 * s.probe_length * (sums.mom_dir - sums.next_dir)
-        rounding = LOSS_PRECISION * max(abs(v) for v in (*losses, predicted, *scales))
+        predicted, curvature_term, rounding = self._probe_terms(start, losses, sums, *scales)
         allowed = PROBE_TOLERANCE * abs(curvature_term) + rounding
         spread = max(losses) - min(losses) > LOSS_PRECISION * max(abs(v) for v in losses)
         return spread or abs(loss - predicted) > allowed
+
+    def _probe_terms(self, start: float, losses: list[float], sums: LineSums, *scales: float) -> tuple[float, float, float]:
+        """The loss a step of ``probe_length`` from ``start`` predicts by the trapezoid, the curvature part of the
+        change, and the losses' rounding (of ``scales`` too)."""
+        s = self.state
+        predicted = start - 0.5 * s.probe_length * (sums.mom_dir + sums.next_dir)
+        curvature_term = 0.5 * s.probe_length * (sums.mom_dir - sums.next_dir)
+        return predicted, curvature_term, LOSS_PRECISION * max(abs(v) for v in (*losses, predicted, *scales))
 
     def _acceptable(self, loss: float) -> bool:
         s = self.state
