@@ -307,7 +307,7 @@ class Checkpointing:
         self._moved = {p for g in self.param_groups for p in g["params"] if self._loaded_as_moved(p)}
         self._waiting = {p for g in self.param_groups for p in g["params"] if self._loaded_as_waiting(p)}
         for model in self.unsynced_models:  # loaded mid-run: what the wrappers collected belongs to the old run
-            drop_unsynced_grads(model)
+            drop_unsynced_grads(model, [p for g in self.param_groups for p in g["params"]])
         self.unsynced_models.clear()
         self._restore_grads(state_dict, bool(pending))
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():

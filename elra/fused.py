@@ -179,6 +179,11 @@ def _by_device(
         if grad_scale == 1.0:
             launch(device, part, None)
             continue
+        if any(g._base is not None for g in part[1]):
+            # views of one buffer share one version counter (FSDP2's gradients of a unit): scaled and restored in
+            # place through aliases that leave it alone, or another optimizer's collected gradients beside these
+            # read the bump as a new backward (its state_dict() refused as "between backward() and step()")
+            part = [part[0], [g.data for g in part[1]], *part[2:]]
         if part[0][0].dtype == torch.float64 and not _in_float32(1.0 / grad_scale):
             torch._foreach_mul_(part[1], grad_scale)
             launch(device, part, None)

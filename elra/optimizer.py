@@ -658,14 +658,14 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._follow_parameter_casts()
         self._real_step([*self._pending, _loss_value(loss)], with_gradient=False)
         reshard(self.models)  # the skipped backward left gathered weights behind
+        params = [p for group in self.param_groups for p in group["params"]]
         for model in {*self.models, *self.unsynced_models}:  # the abandoned sums, wherever a wrapper keeps them
-            drop_unsynced_grads(model)
+            drop_unsynced_grads(model, params)
         self.unsynced_models.clear()
         # and in .grad where no model was given: a loop that calls zero_grad() after step() skips it after the
         # retrace, and the next backward would add the abandoned micro-batches to the next real step's gradient
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        for p in params:
+            p.grad = None
         for keeper in list(LOSS_KEEPERS):  # a loss scaled for the abandoned step is no loss of the next one
             keeper._step_dropped(self, loss)
 

@@ -12,6 +12,7 @@ checkpoint saves them (:func:`reduce_partial_grads`, :func:`summed_partial`).
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from .chunks import runs
+
+logger = logging.getLogger("elra")
 
 if TYPE_CHECKING:
     from .optimizer import ElraOptimizer
@@ -45,6 +48,8 @@ def grad_sync(model: torch.nn.Module, optimizer: "ElraOptimizer") -> Iterator[No
         )
     sync = not optimizer.collecting
     wrapper = hasattr(model, "set_requires_gradient_sync") or hasattr(model, "no_sync")
+    if wrapper:
+        _warn_if_partial(model, optimizer)
     tell_optimizer(model, optimizer, unsynced=wrapper and not sync)
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(sync)
@@ -60,6 +65,30 @@ def grad_sync(model: torch.nn.Module, optimizer: "ElraOptimizer") -> Iterator[No
             )
     else:
         yield
+
+
+_CHECKED_MODELS: "weakref.WeakKeyDictionary[ElraOptimizer, set[int]]" = weakref.WeakKeyDictionary()
+
+
+def _warn_if_partial(model: torch.nn.Module, optimizer: "ElraOptimizer") -> None:
+    """Warn (once per model and optimizer) where ``model`` trains parameters ``optimizer`` does not hold: grad_sync
+    turns the whole model's gradient reduction off while this optimizer collects, so another optimizer stepping
+    those parameters meanwhile steps along this rank's own gradients (DDP's replicas drift apart, FSDP2's shards
+    miss the micro-batches)."""
+    checked = _CHECKED_MODELS.setdefault(optimizer, set())
+    if id(model) in checked:
+        return
+    checked.add(id(model))
+    own = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    others = sum(1 for p in model.parameters() if p.requires_grad and id(p) not in own)
+    if others:
+        logger.warning(
+            "grad_sync(model, optimizer): the model trains %d parameters this ELRA does not hold, and their "
+            "gradients are not reduced while it collects micro-batches either: step another optimizer over them "
+            "only on the micro-batch that completes ELRA's real step (when optimizer.collecting was False before "
+            "its step), or leave grad_sync out (README: ELRA beside other optimizers)",
+            others,
+        )
 
 
 def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,31 +107,43 @@ def tell_optimizer(model: torch.nn.Module, optimizer: "ElraOptimizer", unsynced:
         optimizer.unsynced_models.add(model)
 
 
-def drop_unsynced_grads(model: torch.nn.Module) -> None:
-    """Free the gradients a wrapper accumulated with sync off, once ELRA discarded them.
+def drop_unsynced_grads(model: torch.nn.Module, params: Iterable[torch.Tensor]) -> None:
+    """Free the gradients of ``params`` that a wrapper of ``model`` accumulated with sync off, once ELRA discarded
+    them.
 
     When a real step is abandoned mid-collection (``step_retrace`` on a skipped
     backward), DDP's local sums sit in ``.grad`` and ``zero_grad`` clears them,
     but FSDP keeps unsharded sums of its own that the next synchronised
     backward would add to fresh gradients. This clears them (FSDP2's unsharded
     parameters and HSDP's sums held back from the replicas' all-reduce, FSDP1's
-    flat parameters) and every ``.grad`` of the model.
+    flat parameters) and the ``.grad`` of ``params``: those of other optimizers
+    over the same model stay (their collected micro-batches were lost before),
+    except in a unit that holds both, where the held sums are one buffer (an
+    FSDP1 flat parameter, HSDP's held-back sums of an FSDP2 group).
     """
+    own = {id(p) for p in params}
     groups, fsdp_params, _ = _gradient_units(model)
     for group in groups:
-        if getattr(group, "_partial_reduce_output", None) is not None:
+        if getattr(group, "_partial_reduce_output", None) is not None and any(
+            id(fsdp_param.sharded_param) in own for fsdp_param in group.fsdp_params
+        ):
             group._partial_reduce_output = None
     for fsdp_param in fsdp_params:
+        if id(fsdp_param.sharded_param) not in own:
+            continue
         fsdp_param.unsharded_accumulated_grad = None
         unsharded = getattr(fsdp_param, "_unsharded_param", None)
         if unsharded is not None:
             unsharded.grad = None
     for module in model.modules():
         flat_param = getattr(getattr(module, "_handle", None), "flat_param", None)
-        if flat_param is not None:
+        if flat_param is not None and (
+            id(flat_param) in own or any(id(p) in own for p in getattr(flat_param, "_params", None) or ())
+        ):
             flat_param.grad = None
     for param in model.parameters():
-        param.grad = None
+        if id(param) in own:
+            param.grad = None
 
 
 def holds_unsynced_grads(model: torch.nn.Module) -> bool:

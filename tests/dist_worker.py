@@ -8,6 +8,7 @@ whole batch. Ranks write their results to files that the tests compare.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -1210,5 +1211,58 @@ def run_divided_sync(rank: int, world: int, store: str, out: str) -> None:
             assert len(held) == len(reduced) > 0
             gaps[factor] = max((a - b).abs().max().item() for a, b in zip(held, reduced))
         torch.save(gaps, Path(out) / f"divided-{rank}.pt")
+
+    as_gloo_rank(rank, world, store, body)
+
+
+class TwoHeads(torch.nn.Module):
+    """Two classifiers of the same input, each trained by an optimizer of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = make_net(), make_net()
+
+
+def two_heads_steps(model: TwoHeads, a, b, rank: int, world: int, sharded_world: int, steps: int = 10, nan_at: int = 3) -> None:
+    """``a`` over head a steps every micro-batch, ``b`` over head b (an ELRA collecting two, or AdamW) too, on
+    ``rank_batch``; at micro-step ``nan_at`` a's loss is nan: a skips its backward and retraces, and b's collected
+    sums must stay."""
+    for step in range(steps):
+        x, y = rank_batch(step, world, rank, sharded_world)
+        a.zero_grad()
+        b.zero_grad()
+        loss_a = torch.nn.functional.cross_entropy(model.a(x), y) * (math.nan if step == nan_at else 1.0)
+        loss_b = torch.nn.functional.cross_entropy(model.b(x), y)
+        loss_b.backward()
+        if a.skip_backward(loss_a):
+            a.step_retrace(loss_a)
+        else:
+            loss_a.backward()
+            a.step(loss_a)
+        b.step(loss_b)
+
+
+def two_heads_optimizers(model: TwoHeads, known) -> tuple[ElraOptimizer, ElraOptimizer]:
+    """ELRA over head a (one micro-batch a real step) and over head b (two), both told ``known`` as the model."""
+    a = ElraOptimizer(model.a.parameters(), known, LOCAL_BATCH, CLASSES, lr=1e-4, preconditioner="adam")
+    b = ElraOptimizer(model.b.parameters(), known, LOCAL_BATCH, CLASSES, lr=1e-4, batch_multiplier=2, preconditioner="adam")
+    return a, b
+
+
+def run_two_heads(rank: int, world: int, store: str, out: str) -> None:
+    """``two_heads_steps`` under FSDP2 (every linear layer and the root wrapped), both optimizers given the model."""
+
+    def body() -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        model = TwoHeads()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                fully_shard(module)
+        fully_shard(model)
+        a, b = two_heads_optimizers(model, model)
+        two_heads_steps(model, a, b, rank, world, world)
+        params = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+        torch.save(params, Path(out) / f"two-heads-{rank}.pt")
 
     as_gloo_rank(rank, world, store, body)

@@ -14,6 +14,7 @@ from dist_worker import (
     EMPTY_SHARD_DIRECTIONS, LAYOUT_DIRECTIONS, LOCAL_BATCH, PARTIAL_WRAP_DIRECTIONS, TENSOR_PARALLEL, ScaledHead, SequenceNet, Scenario, empty_shard_fit, make_net, run_empty_shards,
     layout_batches, layout_fit, partial_wrap_fit, run_tensor_parallel, run_two_dimensional, sequence_batches, sequence_fit, routed_grads, run_checkpointing, run_layouts, run_partial_wrap, run_routed_sync, run_scenarios, run_zero, zero_fit,
     OWN_NO_SYNC_SAVE, own_no_sync_steps, run_divided_sync, run_own_no_sync, run_uneven, run_unsynced_real_step,
+    TwoHeads, global_batch, run_two_heads, two_heads_optimizers, two_heads_steps,
     uneven_inputs,
     zero_redundancy,
 )
@@ -1133,3 +1134,42 @@ def test_a_step_reaches_the_next_forward_when_fsdp2_kept_its_weights_gathered(on
     assert disturbed[0] == reference[0]  # every forward saw the weights of the plain run
     assert all(torch.equal(a, b) for a, b in zip(disturbed[1], reference[1])) and disturbed[2] == reference[2]
     assert reference[2]["real_steps"] == 6 and reference[2]["retraces"] < 6
+
+
+def test_a_retrace_under_fsdp2_leaves_another_optimizers_collected_gradients_like_one_process(tmp_path):
+    """Two ELRAs over the two heads of one FSDP2 model, both given the model (``step_retrace`` needs it there):
+    a's retrace cleared the gradients of the whole model, b's two collected micro-batches with them, and b's next
+    step raised "gradients were reset". Now it drops a's alone: the ranks step as one process."""
+    mp.spawn(run_two_heads, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    model = TwoHeads()
+    a, b = two_heads_optimizers(model, None)
+    two_heads_steps(model, a, b, 0, 2, 1)
+    assert a.stats["retraces"] == 1 and b.stats["real_steps"] == 5
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"two-heads-{rank}.pt", weights_only=False)
+        for name, p in model.named_parameters():
+            assert torch.allclose(saved[name], p, rtol=0, atol=1e-12), (rank, name)
+
+
+def test_grad_sync_over_a_model_that_trains_parameters_the_optimizer_does_not_hold_warns_once(one_rank, caplog):
+    """grad_sync turns off the whole model's gradient reduction while this ELRA collects: AdamW stepping the
+    other parameters meanwhile went along unreduced gradients silently (DDP's replicas 0.083 apart after 12
+    micro-batches, FSDP2 0.051 off one process). It says so once; a model ELRA holds whole says nothing."""
+    from elra import grad_sync
+
+    for whole, expected in ((False, 1), (True, 0)):
+        net = make_net()
+        model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)  # net.dead
+        params = list(net.parameters()) if whole else list(net.parameters())[:2]  # the hidden layer's
+        optimizer = ElraOptimizer(params, None, LOCAL_BATCH, 3, batch_multiplier=2)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="elra"):
+            for step in range(3):
+                x, y = global_batch(step, 1)
+                optimizer.zero_grad()
+                with grad_sync(model, optimizer):
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                    loss.backward()
+                optimizer.step(loss)
+        warnings = [r.getMessage() for r in caplog.records if "does not hold" in r.getMessage()]
+        assert len(warnings) == expected and all("3 parameters" in w for w in warnings)

@@ -242,3 +242,26 @@ def test_float64_parameters_keep_float64_accuracy_where_float32_cannot_hold_the_
     chained, twin = run()
     assert opt.stats["real_steps"] == twin.stats["real_steps"] == 30 and opt.stats["retraces"] == twin.stats["retraces"]
     assert torch.allclose(fused, chained, rtol=1e-13, atol=1e-13) and not torch.equal(fused, start)
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam"])
+def test_a_scaled_step_leaves_the_version_of_gradients_sharing_its_buffer(preconditioner):
+    """FSDP2 keeps a unit's gradients as views of one buffer, with one version counter: an ELRA over the weights
+    dividing its gradients in place bumped the counter of the bias's gradient, which another ELRA was collecting,
+    and that one's ``state_dict()`` was refused as "between backward() and step()". The weights' optimizer takes
+    2 micro-batches a real step (its gradients scaled by 1/2), the bias's 3."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    buffer = torch.zeros(8, dtype=torch.float64)
+    model.weight.grad, model.bias.grad = buffer[:6].view(2, 3), buffer[6:]
+    weights = ElraOptimizer([model.weight], None, 4, 2, lr=1e-3, batch_multiplier=2, preconditioner=preconditioner)
+    bias = ElraOptimizer([model.bias], None, 4, 2, lr=1e-3, batch_multiplier=3, preconditioner=preconditioner)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for _ in range(2):
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        bias.step(loss)
+        weights.step(loss)
+    assert weights.stats["real_steps"] == 1 and bias.micro_batches == 2
+    assert model.bias.grad._base is buffer  # still the view the collection kept
+    bias.state_dict()

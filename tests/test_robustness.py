@@ -650,6 +650,44 @@ def test_a_retrace_after_parameters_were_edited_between_steps_is_logged_once(pre
     assert retraces >= 1 and messages == []
 
 
+@pytest.mark.parametrize("other", ["elra", "adamw"])
+def test_step_retrace_leaves_the_gradients_of_parameters_another_optimizer_holds(other):
+    """An ELRA given the model retraced and cleared every gradient of the model: AdamW's collected micro-batch
+    was lost silently (0.035 off), a second ELRA's next step raised "gradients were reset". Now the retrace drops
+    its own parameters' gradients alone, as without the model."""
+    from dist_worker import TwoHeads, two_heads_steps
+
+    runs = []
+    for known in (True, False):
+        model = TwoHeads()
+        a = ElraOptimizer(model.a.parameters(), model if known else None, 4, 3, lr=1e-4, preconditioner="adam")
+        if other == "elra":
+            b = ElraOptimizer(model.b.parameters(), model if known else None, 4, 3, lr=1e-4, batch_multiplier=2)
+        else:
+            b = _AccumulatingAdamW(model.b.parameters())
+        two_heads_steps(model, a, b, 0, 1, 1)
+        assert a.stats["retraces"] == 1
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+class _AccumulatingAdamW(torch.optim.AdamW):
+    """AdamW stepping every second call, its ``zero_grad`` after the step: gradients summed over two micro-batches."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, lr=1e-2)
+        self.calls = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.calls % 2 == 0:
+            super().zero_grad(set_to_none)
+
+    def step(self, loss=None):
+        self.calls += 1
+        if self.calls % 2 == 0:
+            super().step()
+
+
 @pytest.mark.parametrize("preconditioner", [None, "adam"])
 def test_step_retrace_mid_collection_drops_the_abandoned_gradients_without_a_model(preconditioner):
     """``step_retrace`` abandons the micro-batches collected so far; their sums must leave ``.grad`` also where
