@@ -186,6 +186,20 @@ def digits_data(dtype=torch.float64):
     return torch.tensor(digits.data, dtype=dtype) / 16.0, torch.tensor(digits.target)
 
 
+def digits_steps(model, opt, x, y, steps: int, seed: int, after_step=None) -> None:
+    """``steps`` mini-batches of 32 digits drawn with ``seed``: cross-entropy, backward, ``opt.step(loss)``, then
+    ``after_step(step)`` where given."""
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=gen)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step(loss)
+        if after_step is not None:
+            after_step(step)
+
+
 def digits_model(dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)).to(dtype)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import backward_and_step, cubic_data, cubic_model, digits_data, digits_model
+from conftest import backward_and_step, cubic_data, cubic_model, digits_data, digits_model, digits_steps
 from elra import ElraOptimizer
 
 
@@ -318,15 +318,7 @@ def test_param_group_lr_shows_the_current_rate_and_schedulers_do_not_steer():
         model = digits_model(torch.float32)
         opt = ElraOptimizer(model.parameters(), None, 32, 10, lr=1e-5)
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1) if with_scheduler else None
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(50):
-            idx = torch.randint(0, len(x), (32,), generator=gen)
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step(loss)
-            if scheduler:
-                scheduler.step()
+        digits_steps(model, opt, x, y, 50, 0, after_step=lambda _: scheduler.step() if scheduler else None)
         return [p.detach().clone() for p in model.parameters()], opt
 
     plain, opt = run(False)

@@ -12,7 +12,7 @@ import torch
 
 import elra.chunks
 import elra.orthogonal
-from conftest import digits_data, regression_after_zero_losses, run_cubic, run_rosenbrock
+from conftest import digits_data, digits_steps, regression_after_zero_losses, run_cubic, run_rosenbrock
 from elra import ElraOptimizer
 from elra.chunks import stacks
 from reference_line import ReferenceLine
@@ -727,14 +727,8 @@ def test_a_zero_initialised_classifier_on_mini_batches_is_taken_for_stochastic_a
     torch.nn.init.zeros_(model.weight)
     torch.nn.init.zeros_(model.bias)
     opt = ElraOptimizer(model.parameters(), None, 32, preconditioner=preconditioner)
-    gen = torch.Generator().manual_seed(100)
-    for step in range(300):
-        idx = torch.randint(0, len(y), (32,), generator=gen)
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        loss.backward()
-        opt.step(loss)
-        if step == 2:
-            assert opt.stats["regime"] == "stochastic"
+    regimes = []
+    digits_steps(model, opt, x, y, 300, 100, after_step=lambda _: regimes.append(opt.stats["regime"]))
+    assert regimes[2] == "stochastic"
     with torch.no_grad():
         assert (model(x).argmax(1) == y).float().mean() > 0.9
