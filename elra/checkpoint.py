@@ -371,9 +371,11 @@ class Checkpointing:
         elif loaded.cycle != self.booster.cycle:
             logger.warning(
                 "ELRA load_state_dict: the checkpoint's boost cycle %d replaces %d; call optimizer.enable_boost(cycle) "
-                "after load_state_dict to change it",
+                "after load_state_dict to change it (a cycle shorter than the %d points its mean holds after "
+                "optimizer.restart_boost())",
                 loaded.cycle,
                 self.booster.cycle,
+                loaded.count,
             )
 
     def _check_saved_state(

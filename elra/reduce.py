@@ -234,6 +234,12 @@ class Reducer:
         self.flat_shards: dict[torch.Tensor, int] = {}  # FSDP1 parameters: distinct shards (see learn_shards)
         self._shards_of: tuple[int, ...] = ()  # the models they were read from
 
+    @property
+    def layout_told(self) -> bool:
+        """Whether the caller gave ``replicas``: a layout ELRA does not read from the wrappers (ZeRO's partitions,
+        tensor parallelism's sub-meshes)."""
+        return self._replicas is not None
+
     def __deepcopy__(self, memo: dict) -> "Reducer":
         """A copy reduces over the same group (a group is a connection, not data)."""
         return Reducer(self._process_group, self._replicas)

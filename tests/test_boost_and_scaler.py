@@ -870,6 +870,9 @@ def test_loading_a_checkpoint_with_other_boosting_than_the_optimizers_says_so(ca
             resumed.load_state_dict(saved.state_dict())
         assert [message in r.getMessage() for r in caplog.records] == [True]
         assert resumed.booster.enabled == saved.booster.enabled
+    with pytest.raises(ValueError, match="restart_boost"):  # the advice for a cycle shorter than the mean's points
+        resumed.enable_boost(cycle=2)
+    assert "after optimizer.restart_boost()" in caplog.records[0].getMessage()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="elra"):
         ElraOptimizer(model.parameters(), model).load_state_dict(boosted.state_dict())

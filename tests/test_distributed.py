@@ -14,7 +14,7 @@ from dist_worker import (
     EMPTY_SHARD_DIRECTIONS, LAYOUT_DIRECTIONS, LOCAL_BATCH, PARTIAL_WRAP_DIRECTIONS, TENSOR_PARALLEL, ScaledHead, SequenceNet, Scenario, empty_shard_fit, make_net, run_empty_shards,
     layout_batches, layout_fit, partial_wrap_fit, run_tensor_parallel, run_two_dimensional, sequence_batches, sequence_fit, routed_grads, run_checkpointing, run_layouts, run_partial_wrap, run_routed_sync, run_scenarios, run_zero, zero_fit,
     OWN_NO_SYNC_SAVE, own_no_sync_steps, run_divided_sync, run_own_no_sync, run_uneven, run_unsynced_real_step,
-    TwoHeads, global_batch, run_two_heads, two_heads_optimizers, two_heads_steps,
+    TwoHeads, global_batch, one_replica, run_two_heads, two_heads_optimizers, two_heads_steps,
     uneven_inputs,
     zero_redundancy,
 )
@@ -1154,14 +1154,15 @@ def test_a_retrace_under_fsdp2_leaves_another_optimizers_collected_gradients_lik
 def test_grad_sync_over_a_model_that_trains_parameters_the_optimizer_does_not_hold_warns_once(one_rank, caplog):
     """grad_sync turns off the whole model's gradient reduction while this ELRA collects: AdamW stepping the
     other parameters meanwhile went along unreduced gradients silently (DDP's replicas 0.083 apart after 12
-    micro-batches, FSDP2 0.051 off one process). It says so once; a model ELRA holds whole says nothing."""
+    micro-batches, FSDP2 0.051 off one process). It says so once; a model ELRA holds whole says nothing, nor does
+    an optimizer told the layout with ``replicas=`` (ZeRO's partition: the other ranks' ELRAs collect alike)."""
     from elra import grad_sync
 
-    for whole, expected in ((False, 1), (True, 0)):
+    for whole, replicas, expected in ((False, None, 1), (True, None, 0), (False, one_replica, 0)):
         net = make_net()
         model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)  # net.dead
         params = list(net.parameters()) if whole else list(net.parameters())[:2]  # the hidden layer's
-        optimizer = ElraOptimizer(params, None, LOCAL_BATCH, 3, batch_multiplier=2)
+        optimizer = ElraOptimizer(params, None, LOCAL_BATCH, 3, batch_multiplier=2, replicas=replicas)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="elra"):
             for step in range(3):
