@@ -72,10 +72,9 @@ _CHECKED_MODELS: "weakref.WeakKeyDictionary[ElraOptimizer, set[int]]" = weakref.
 
 def _warn_if_partial(model: torch.nn.Module, optimizer: "ElraOptimizer") -> None:
     """Warn (once per model and optimizer, unless it was told the layout with ``replicas=``) where ``model`` trains
-    parameters ``optimizer`` does not hold: grad_sync
-    turns the whole model's gradient reduction off while this optimizer collects, so another optimizer stepping
-    those parameters meanwhile steps along this rank's own gradients (DDP's replicas drift apart, FSDP2's shards
-    miss the micro-batches)."""
+    parameters ``optimizer`` does not hold: grad_sync turns the whole model's gradient reduction off while this
+    optimizer collects, so another optimizer stepping those parameters meanwhile steps along this rank's own
+    gradients (DDP's replicas drift apart, FSDP2's shards miss the micro-batches)."""
     checked = _CHECKED_MODELS.setdefault(optimizer, set())
     if id(model) in checked or optimizer.reducer.layout_told:  # ZeRO: the other partitions' ELRAs collect alike
         return

@@ -672,7 +672,8 @@ def test_step_retrace_leaves_the_gradients_of_parameters_another_optimizer_holds
 
 
 class _AccumulatingAdamW(torch.optim.AdamW):
-    """AdamW stepping every second call, its ``zero_grad`` after the step: gradients summed over two micro-batches."""
+    """AdamW stepping on every second call, its ``zero_grad`` acting only before the first of each pair: each step
+    takes the gradients of two micro-batches."""
 
     def __init__(self, params) -> None:
         super().__init__(params, lr=1e-2)
