@@ -309,7 +309,7 @@ class Checkpointing:
         for model in self.unsynced_models:  # loaded mid-run: what the wrappers collected belongs to the old run
             drop_unsynced_grads(model, [p for g in self.param_groups for p in g["params"]])
         self.unsynced_models.clear()
-        self._restore_grads(state_dict, bool(pending))
+        self._restore_grads(state_dict, bool(pending))  # and what .grad holds
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -453,10 +453,9 @@ class LineController:
         Global sums only, so every rank decides alike.
         """
         s = self.state
-        predicted, curvature_term, rounding = self._probe_terms(s.probe_loss, losses, sums)
-        fine_rounding = rounding * FINE_ROUNDING / LOSS_PRECISION
+        predicted, curvature_term, scale = self._probe_terms(s.probe_loss, losses, sums)
         changed = abs(sums.mom_dir - sums.next_dir) > PAIR_NOISE * sums.mom_dir
-        pair_noisy = changed and abs(loss - predicted) > PROBE_TOLERANCE * abs(curvature_term) + fine_rounding
+        pair_noisy = changed and abs(loss - predicted) > PROBE_TOLERANCE * abs(curvature_term) + FINE_ROUNDING * scale
         s.noise_free = not (pair_noisy or self._noisy(s.probe_loss, losses, loss, sums))
         logger.info("ELRA chose the %s regime at real step %d", self.regime, s.steps + 1)
 
@@ -496,18 +495,18 @@ class LineController:
         error is measured against the second-order (curvature) part of the change, ``length*(D - N)/2``, plus the
         rounding of the losses (and of ``scales``); micro-batch losses that differ at one point are noise too.
         """
-        predicted, curvature_term, rounding = self._probe_terms(start, losses, sums, *scales)
-        allowed = PROBE_TOLERANCE * abs(curvature_term) + rounding
+        predicted, curvature_term, scale = self._probe_terms(start, losses, sums, *scales)
+        allowed = PROBE_TOLERANCE * abs(curvature_term) + LOSS_PRECISION * scale
         spread = max(losses) - min(losses) > LOSS_PRECISION * max(abs(v) for v in losses)
         return spread or abs(loss - predicted) > allowed
 
     def _probe_terms(self, start: float, losses: list[float], sums: LineSums, *scales: float) -> tuple[float, float, float]:
         """The loss a step of ``probe_length`` from ``start`` predicts by the trapezoid, the curvature part of the
-        change, and the losses' rounding (of ``scales`` too)."""
+        change, and the largest magnitude among the losses, the prediction and ``scales`` (what they round at)."""
         s = self.state
         predicted = start - 0.5 * s.probe_length * (sums.mom_dir + sums.next_dir)
         curvature_term = 0.5 * s.probe_length * (sums.mom_dir - sums.next_dir)
-        return predicted, curvature_term, LOSS_PRECISION * max(abs(v) for v in (*losses, predicted, *scales))
+        return predicted, curvature_term, max(abs(v) for v in (*losses, predicted, *scales))
 
     def _acceptable(self, loss: float) -> bool:
         s = self.state

@@ -75,8 +75,10 @@ def _warn_if_partial(model: torch.nn.Module, optimizer: "ElraOptimizer") -> None
     parameters ``optimizer`` does not hold: grad_sync turns the whole model's gradient reduction off while this
     optimizer collects, so another optimizer stepping those parameters meanwhile steps along this rank's own
     gradients (DDP's replicas drift apart, FSDP2's shards miss the micro-batches)."""
+    if optimizer.reducer.layout_told:  # ZeRO: the other partitions' ELRAs collect alike
+        return
     checked = _CHECKED_MODELS.setdefault(optimizer, set())
-    if id(model) in checked or optimizer.reducer.layout_told:  # ZeRO: the other partitions' ELRAs collect alike
+    if id(model) in checked:
         return
     checked.add(id(model))
     own = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -108,15 +110,14 @@ def tell_optimizer(model: torch.nn.Module, optimizer: "ElraOptimizer", unsynced:
 
 
 def drop_unsynced_grads(model: torch.nn.Module, params: Iterable[torch.Tensor]) -> None:
-    """Free the gradients of ``params`` that a wrapper of ``model`` accumulated with sync off, once ELRA discarded
-    them.
+    """Free the sums of ``params``' gradients that a wrapper of ``model`` keeps apart from ``.grad`` with sync off,
+    once ELRA discarded them (the caller sets the ``.grad`` of ``params``).
 
     When a real step is abandoned mid-collection (``step_retrace`` on a skipped
-    backward), DDP's local sums sit in ``.grad`` and ``zero_grad`` clears them,
-    but FSDP keeps unsharded sums of its own that the next synchronised
-    backward would add to fresh gradients. This clears them (FSDP2's unsharded
-    parameters and HSDP's sums held back from the replicas' all-reduce, FSDP1's
-    flat parameters) and the ``.grad`` of ``params``: those of other optimizers
+    backward), DDP's local sums sit in ``.grad``, but FSDP keeps unsharded sums
+    of its own that the next synchronised backward would add to fresh
+    gradients: FSDP2's unsharded parameters and HSDP's sums held back from the
+    replicas' all-reduce, FSDP1's flat parameters. Those of other optimizers
     over the same model stay (their collected micro-batches were lost before),
     except in a unit that holds both, where the held sums are one buffer (an
     FSDP1 flat parameter, HSDP's held-back sums of an FSDP2 group).
@@ -141,9 +142,6 @@ def drop_unsynced_grads(model: torch.nn.Module, params: Iterable[torch.Tensor]) 
             id(flat_param) in own or any(id(p) in own for p in getattr(flat_param, "_params", None) or ())
         ):
             flat_param.grad = None
-    for param in model.parameters():
-        if id(param) in own:
-            param.grad = None
 
 
 def holds_unsynced_grads(model: torch.nn.Module) -> bool:
