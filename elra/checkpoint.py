@@ -88,7 +88,7 @@ class Checkpointing:
                 "optimizer.sync_pending_grads() on every "
                 "rank first (one gradient reduction), or save when optimizer.collecting is False"
             )
-        wrapping = fsdp_wrapping(p for g in self.param_groups for p in g["params"]) if self._pending else None
+        wrapping = fsdp_wrapping(self._params()) if self._pending else None
         if wrapping is not None and not self.models:
             raise RuntimeError(
                 f"{collecting} under {wrapping}, but the optimizer does not know the model: "
@@ -133,18 +133,17 @@ class Checkpointing:
         index = 0
         started = self._moment_steps() > 0
         collecting = bool(self._pending)
-        for group in self.param_groups:
-            for p in group["params"]:
-                collected = torch.tensor(float(p.grad is not None))
-                if collecting and p.grad is not None:
-                    pending = summed_partial(p.grad, p)  # DCP saves no partial sums
-                else:  # NaN: no gradient collected, as elra before the flag read it
-                    pending = torch.full_like(p, math.nan if collecting else 0.0, memory_format=torch.preserve_format)
-                moved = torch.tensor(float(p in self._moved))
-                late = torch.tensor(float(started and p in self._waiting))
-                flags = {_MOVED: moved, _LATE: late, _COLLECTED: collected}
-                sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending, **flags}
-                index += 1
+        for p in self._params():
+            collected = torch.tensor(float(p.grad is not None))
+            if collecting and p.grad is not None:
+                pending = summed_partial(p.grad, p)  # DCP saves no partial sums
+            else:  # NaN: no gradient collected, as elra before the flag read it
+                pending = torch.full_like(p, math.nan if collecting else 0.0, memory_format=torch.preserve_format)
+            moved = torch.tensor(float(p in self._moved))
+            late = torch.tensor(float(started and p in self._waiting))
+            flags = {_MOVED: moved, _LATE: late, _COLLECTED: collected}
+            sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending, **flags}
+            index += 1
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             sd = sd if result is None else result
@@ -304,10 +303,10 @@ class Checkpointing:
         self._fill_missing_state()
         self._pending, self._reports = pending, reports
         self._pending_as_averaged = pending  # a checkpoint's losses are the ranks' means (or one rank's own)
-        self._moved = {p for g in self.param_groups for p in g["params"] if self._loaded_as_moved(p)}
-        self._waiting = {p for g in self.param_groups for p in g["params"] if self._loaded_as_waiting(p)}
+        self._moved = {p for p in self._params() if self._loaded_as_moved(p)}
+        self._waiting = {p for p in self._params() if self._loaded_as_waiting(p)}
         for model in self.unsynced_models:  # loaded mid-run: what the wrappers collected belongs to the old run
-            drop_unsynced_grads(model, [p for g in self.param_groups for p in g["params"]])
+            drop_unsynced_grads(model, self._params())
         self.unsynced_models.clear()
         self._restore_grads(state_dict, bool(pending))  # and what .grad holds
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -321,7 +320,7 @@ class Checkpointing:
         ELRA went on from its first step length and an unknown regime over the saved moments, silently. Every
         saved entry holds ``pending_grad``, which a loaded state never keeps: one look at the first parameter.
         """
-        first = next((p for group in self.param_groups for p in group["params"]), None)
+        first = next(iter(self._params()), None)
         if first is not None and _PENDING_GRAD in self.state.get(first, ()):
             raise RuntimeError(
                 "the optimizer state holds a checkpoint's per-parameter entries that ElraOptimizer.load_state_dict "
@@ -402,7 +401,7 @@ class Checkpointing:
             )
         self._check_saved_names(saved_groups)
         saved_ids = [i for g in saved_groups for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._params()
         for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
             shapes = {"direction": p.shape} if geometry is None else geometry.state_shapes(p)
             needed = [*shapes, "boost"] if boost_enabled else list(shapes)
@@ -490,7 +489,7 @@ class Checkpointing:
         dtype, as it is made, also from a float32 checkpoint resumed in 16 bits.
         """
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._params()
         for saved_id, p in zip(saved_ids, params):
             wide = moment_dtype(p)
             if p.dtype == wide:
@@ -511,17 +510,16 @@ class Checkpointing:
         of an older elra lacks the keys of ``_ADDED_LATER``: they start afresh.
         """
         started_afresh = set()
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                keys = {"direction"} if self.geometry is None else self.geometry.state_shapes(p).keys()
-                if p.numel() and keys <= state.keys():
-                    continue
-                started_afresh.update(keys - state.keys() if p.numel() else ())
-                for key, value in direction_state(self.geometry, p).items():
-                    state.setdefault(key, value)
-                if self.booster.enabled:
-                    state.setdefault("boost", new_mean(p))
+        for p in self._params():
+            state = self.state[p]
+            keys = {"direction"} if self.geometry is None else self.geometry.state_shapes(p).keys()
+            if p.numel() and keys <= state.keys():
+                continue
+            started_afresh.update(keys - state.keys() if p.numel() else ())
+            for key, value in direction_state(self.geometry, p).items():
+                state.setdefault(key, value)
+            if self.booster.enabled:
+                state.setdefault("boost", new_mean(p))
         if started_afresh:
             logger.info("ELRA state_dict of an older elra: %s start afresh", ", ".join(sorted(started_afresh)))
 
@@ -559,7 +557,7 @@ class Checkpointing:
         ``grad_dtype``, float32 sums of a bfloat16 parameter): torch's load cast them to the parameter's dtype.
         """
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._params()
         saved_state = state_dict.get("state", {})
         for saved_id, p in zip(saved_ids, params):
             state = self.state.get(p, {})

@@ -339,6 +339,10 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._boost_model: torch.nn.Module | None = None
 
     # ----------------------------------------------------------- groups
+    def _params(self) -> list[torch.Tensor]:
+        """Every parameter, group by group: the order of the state's indices in a checkpoint."""
+        return [p for group in self.param_groups for p in group["params"]]
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its ``weight_decay`` (0: none) replaces the default for it.
 
@@ -394,7 +398,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         the parameters' dtypes and devices per step finds a cast or a move, also of some parameters alone.
         A parameter put into ``param_groups`` directly, not by ``add_param_group``, has no state: refused.
         """
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = self._params()
         kinds = (list(map(id, params)), list(map(_DTYPE, params)), list(map(_DEVICE, params)))
         if kinds == self._matched:
             return
@@ -658,7 +662,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._follow_parameter_casts()
         self._real_step([*self._pending, _loss_value(loss)], with_gradient=False)
         reshard(self.models)  # the skipped backward left gathered weights behind
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = self._params()
         for model in {*self.models, *self.unsynced_models}:  # the abandoned sums, wherever a wrapper keeps them
             drop_unsynced_grads(model, params)
         self.unsynced_models.clear()
@@ -706,9 +710,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         script that turned it on after loading lost the saved mean. :meth:`restart_boost` starts afresh.
         """
         self.booster.enable(cycle)
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p].setdefault("boost", new_mean(p))
+        for p in self._params():
+            self.state[p].setdefault("boost", new_mean(p))
 
     def disable_boost(self) -> None:
         self.booster.disable()
@@ -774,7 +777,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if not enable:
             self.disable_boost()
             return 0, 0.0, None
-        wrapping = fsdp_wrapping(p for g in self.param_groups for p in g["params"])
+        wrapping = fsdp_wrapping(self._params())
         if wrapping is not None:  # refused now, not an epoch later at the first copy (in torch's words)
             raise TypeError(
                 f"get_boost_model copies the model, which {wrapping} cannot (each rank holds shards): evaluate "
@@ -814,7 +817,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         return count, loss, self._boost_model
 
     def _boost_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        pairs = [(local(p), local(self.state[p]["boost"])) for g in self.param_groups for p in g["params"]]
+        pairs = [(local(p), local(self.state[p]["boost"])) for p in self._params()]
         return [p for p, _ in pairs], [m for _, m in pairs]
 
     # ------------------------------------- copies (checkpoints: elra.checkpoint)
@@ -837,7 +840,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         }
         state["unsynced_models"] = set()
         # deepcopy and pickle drop the .grad of parameters: a step counts a zero one (zero_grad(set_to_none=False)) too
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = self._params()
         state[_GRADS] = {p: p.grad for p in params if p.grad is not None}
         state[_GRAD_DTYPES] = {p: p.grad_dtype for p in params if getattr(p, "grad_dtype", p.dtype) != p.dtype}
         # the copy's gradients count their versions afresh: it must still tell a backward not yet stepped (state_dict)
@@ -875,7 +878,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
 
     def _check_models_known(self, change: str) -> None:
         """Refuse an in-place change that FSDP's gathered weights would hide from the next forward."""
-        wrapping = fsdp_wrapping(p for g in self.param_groups for p in g["params"])
+        wrapping = fsdp_wrapping(self._params())
         if wrapping is not None and not reshard(self.models):
             raise RuntimeError(
                 f"{change} changes the parameters in place, but under {wrapping} the model keeps gathered "
@@ -938,7 +941,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             "no parameter has a gradient: call loss.backward() before optimizer.step(loss), "
             "or optimizer.step_retrace(loss) to skip backward()"
         )
-        wrapping = None if self.models else fsdp_wrapping(p for g in self.param_groups for p in g["params"])
+        wrapping = None if self.models else fsdp_wrapping(self._params())
         if wrapping is not None:
             message += (
                 f". Under {wrapping} a backward with the wrapper's gradient sync off keeps its sums unreduced, "
@@ -965,8 +968,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         moving = {p for model in self.models if getattr(model, "gradient_as_bucket_view", False) for p in model.parameters()}
         kept = [
             p
-            for group in self.param_groups
-            for p in group["params"]
+            for p in self._params()
             # FSDP1 replaces its flat gradients itself between backward passes, DDP with bucket views too
             if not getattr(p, "_fsdp_flattened", False) and p not in moving
         ]
@@ -1027,7 +1029,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
 
     def _current_param_versions(self) -> list[int] | None:
         """The parameters' in-place version counters; ``None`` under FSDP, whose wrappers swap their storage."""
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = self._params()
         return None if fsdp_wrapping(params) is not None else [p._version for p in params]
 
     def _edited_between_steps(self) -> bool:
@@ -1217,7 +1219,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         key = (self.reducer.world_size, self.reducer.shards_key, tuple(len(g["params"]) for g in self.param_groups))
         if key != self._replication[0]:
             world, replicas = key[0], self.reducer.replicas_counter()
-            params = [p for g in self.param_groups for p in g["params"]]
+            params = self._params()
             copies = [p for p in params if replicas(p) == world] if world > 1 else []
             everywhere = bool(copies) and len(copies) == len(params)
             replicated = [p for p in params if any(pl.is_replicate() for pl in getattr(p, "placements", ()))]
@@ -1251,7 +1253,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         decays = self._decay_rates(self.param_groups)
         # the reported losses are reconciled by this collective, before they decide anything
         state = sorted((k, v) for k, v in self.controller.state_dict().items() if k not in _REPORTED_FIELDS)
-        dtypes = sorted({str(p.dtype) for group in self.param_groups for p in group["params"]})
+        dtypes = sorted({str(p.dtype) for p in self._params()})
         layout = (len(self.param_groups), len(self._pending), self._vector_layout(), dtypes)
         boost = (self.booster.enabled, self.booster.cycle, self.booster.count)
         text = repr((call, layout, decays, sorted(self._config.items()), state, boost))
@@ -1283,7 +1285,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
     def _vector_layout(self) -> tuple[int, int]:
         """A real step's vector beyond the groups and micro-batches: the fingerprint's slot (after the sums and,
         with 16-bit parameters, P2M's range bounds) and the numbers of the direction's vector blocks."""
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = self._params()
         if self.geometry is None:
             _, _, check = _layout(len(self.param_groups), any(p.dtype in _SIXTEEN_BIT for p in params))
             return check, 0
