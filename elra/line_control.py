@@ -548,8 +548,12 @@ class LineController:
         if sums is not None:
             s.param_peak = max(s.param_peak, sums.param_sq)
         cooled = self._cooldown(share)  # 0 outside a step budget's cooldown, where the pairs set eta
+        # noise-free and the gradient exactly zero: every point near is as good (a hinge loss met, a flat ReLU
+        # region); its pair (N = 0) read as a line minimum grew eta to its bound, and the fading momentum's
+        # direction (muon's keeps its size) carried the weights 5e5 times their norm away. The point stays.
+        flat = self.deterministic and sums is not None and sums.grad_sq == 0.0
         # a restart's pair measured the abandoned direction
-        if sums is not None and sums.mom_dir > 0.0 and not restart and not cooled:
+        if sums is not None and sums.mom_dir > 0.0 and not restart and not cooled and not flat:
             gain, smoothing = (NOISE_FREE_GAIN, NOISE_FREE_SMOOTHING) if self.deterministic else (GAIN, PAIR_SMOOTHING)
             s.ema_next = _ema(s.ema_next, sums.next_dir, smoothing)
             s.ema_mom = _ema(s.ema_mom, sums.mom_dir, smoothing)
@@ -577,9 +581,9 @@ class LineController:
         s.probe_length = s.eta
         s.moment_steps += 1
         # the probe step stays a pure step along u_0 (see _choose_regime)
-        in_force = [0.0] * len(decays) if s.noise_free is None else self.weight_decays(decays)
+        in_force = [0.0] * len(decays) if s.noise_free is None or flat else self.weight_decays(decays)
         decay = tuple(1.0 - min(s.eta * a, MAX_DECAY) for a in in_force)
-        return LineDecision("accept", step=s.eta, decay=decay, restart=restart)
+        return LineDecision("accept", step=0.0 if flat else s.eta, decay=decay, restart=restart)
 
     def _rescale_squares(self, value: float) -> None:
         """Choose the power of two the accepted losses are scaled by before they are squared: none while they

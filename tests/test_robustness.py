@@ -185,6 +185,27 @@ def test_exact_minimum_with_zero_gradient_is_stable():
     assert opt.stats["real_steps"] == 300
 
 
+@pytest.mark.parametrize("preconditioner", ["muon", "adam", "factored"])
+def test_a_flat_noise_free_loss_holds_the_weights_where_it_became_flat(preconditioner):
+    """Where a full-batch loss and all its gradients are exactly 0 (here once the mean output is below -1),
+    every point near is optimal; the pair there (N = 0) read as a line minimum, eta grew to its bound, and the
+    fading momentum carried the weights away: muon's 5e5 times their norm, adam's 8 times, loss still 0."""
+    torch.manual_seed(0)
+    inputs = torch.randn(128, 8)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    opt = elra.ElraOptimizer(model.parameters(), None, 128, preconditioner=preconditioner)
+    flat_at = None
+    for _ in range(250):
+        opt.zero_grad()
+        loss = torch.relu(model(inputs).mean() + 1.0) ** 2
+        loss.backward()
+        if flat_at is None and loss.item() == 0.0:
+            flat_at = [p.detach().clone() for p in model.parameters()]
+        opt.step(loss)
+    assert opt.stats["regime"] == "deterministic" and flat_at is not None and loss.item() == 0.0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), flat_at))
+
+
 @pytest.mark.parametrize("classes", [0, 10])
 def test_weight_decay_never_flips_or_inflates_large_weights(classes):
     """Along a preconditioned direction eta grows past 1/weight_decay where the weights are large against the
