@@ -246,6 +246,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
     _boost_source: torch.nn.Module | None = None  # the model get_boost_model copies (the published API needs it once)
     # while collecting: the parameters that held no gradient at the last step(loss) (a backward may give them one)
     _gradless: frozenset[torch.Tensor] | set[torch.Tensor] = frozenset()
+    _backward_seen = False  # whether a backward shows in the kept gradients (_keep_grads)
     # torch's GradScaler then hands step() its scale and inf flag (found_inf) instead of unscaling .grad in place,
     # which would mix scales in collected micro-batch sums: step() refuses it (ElraGradScaler does this right)
     _step_supports_amp_scaling = True
@@ -552,8 +553,18 @@ class ElraOptimizer(Checkpointing, Optimizer):
 
     @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear gradients, except while collecting: then micro-batch gradients must add up."""
+        """Clear gradients, except while collecting: then micro-batch gradients must add up, and a gradient no
+        ``step(loss)`` counted (a backward meant for another optimizer) cannot be told from them: refused."""
         if self._pending:
+            if self._backward_seen and self._grads_changed_since_step():
+                raise RuntimeError(
+                    f"optimizer.zero_grad() after a backward() that no step(loss) counted, while ELRA collects "
+                    f"micro-batch {len(self._pending) + 1} of {self.controller.state.multiplier}: torch would "
+                    "discard that gradient, but ELRA sums the micro-batches in .grad and cannot take it out again. "
+                    "Keep a backward meant for another optimizer (a GAN's generator loss, an input gradient) off "
+                    "this optimizer's parameters: loss.backward(inputs=...), torch.autograd.grad, or "
+                    "requires_grad_(False) on them meanwhile"
+                )
             return
         super().zero_grad(set_to_none)
         for keeper in list(LOSS_KEEPERS):  # a loss scaled before is the loss of gradients no longer there
@@ -631,10 +642,18 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._check_kept_grads()
         self._follow_parameter_casts()
         self._refuse_state_loaded_around_it()
+        if self._pending and self._backward_seen and not self._grads_changed_since_step():
+            raise RuntimeError(
+                f"step(loss) without a backward() since the last step(loss), while ELRA collects micro-batch "
+                f"{len(self._pending) + 1} of {self.controller.state.multiplier}: no gradient changed, so this "
+                "micro-batch would count with no gradient of its own. Call loss.backward() before optimizer.step(loss)"
+            )
         losses = [*self._pending, value]
         if len(losses) < self.controller.state.multiplier:
-            self._pending = losses
             self._keep_grads()
+            if self._backward_seen and not self._kept_grads:  # as a real step without any would
+                raise self._no_gradient()
+            self._pending = losses
             self._note_ddp_sync_off()
             return "collect"
         self._reduce_held_sums()
@@ -974,6 +993,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         ]
         self._kept_grads = {p: p.grad for p in kept if p.grad is not None}
         self._gradless = {p for p in kept if p.grad is None}
+        # FSDP keeps a micro-batch's sums outside .grad where its sync is off: a backward leaves .grad as it was
+        self._backward_seen = bool(kept) and not any(hasattr(p, "placements") for p in kept)
         self._note_kept_versions()
 
     def _note_kept_versions(self) -> None:

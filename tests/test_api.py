@@ -312,6 +312,57 @@ def test_optimizer_zero_grad_keeps_gradients_while_collecting():
     assert p.grad is None
 
 
+@pytest.mark.parametrize("preconditioner", [None, "muon"])
+def test_a_step_without_backward_while_collecting_is_refused(preconditioner):
+    """A step(loss) with no backward before it was collected silently: as a micro-batch without gradient (the
+    real step's gradient then halved), or a repeat of the last one's. Refused as at a real step, and the run
+    goes on as if the call had not been made; a backward of a zero gradient is a gradient."""
+
+    def run(extra=None):
+        torch.manual_seed(0)
+        model, inputs = torch.nn.Linear(3, 2), torch.randn(8, 4, 3)
+        opt = ElraOptimizer(model.parameters(), classes=10, batch_multiplier=2, preconditioner=preconditioner)
+        for i, x in enumerate(inputs):
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            if extra == "nothing" and i == 2:
+                with pytest.raises(RuntimeError, match="no parameter has a gradient"):
+                    opt.step(loss)
+            if extra == "zero" and i == 2:
+                (0.0 * loss).backward(retain_graph=True)
+                opt.step(loss)
+            loss.backward()
+            opt.step(loss)
+            if extra == "again" and i == 2:  # micro-batch 1 of 2 was collected
+                with pytest.raises(RuntimeError, match="without a backward"):
+                    opt.step(loss)
+        return list(model.parameters()), opt.stats["real_steps"]
+
+    reference, steps = run()
+    for extra in ("nothing", "again"):
+        params, taken = run(extra)
+        assert taken == steps and all(torch.equal(a, b) for a, b in zip(params, reference))
+    params, _ = run("zero")  # a micro-batch more, with its gradient of zeros
+    assert not all(torch.equal(a, b) for a, b in zip(params, reference))
+
+
+def test_zero_grad_after_a_backward_no_step_counted_while_collecting_is_refused():
+    """A GAN's loop: the generator's backward reaches the discriminator's weights, and the zero_grad() that
+    would clear them in torch keeps ELRA's collected sums, so the generator's gradient joined the
+    discriminator's real step silently. Refused; a backward kept off those weights is the way."""
+    torch.manual_seed(0)
+    generator, critic = torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)
+    opt = ElraOptimizer(critic.parameters(), classes=10, batch_multiplier=2)
+    noise = torch.randn(4, 2)
+    critic(generator(noise).detach()).mean().backward()
+    opt.step(1.0)
+    critic(generator(noise)).mean().backward(inputs=list(generator.parameters()))
+    opt.zero_grad()  # nothing reached the critic's weights since its step
+    critic(generator(noise)).mean().backward()
+    with pytest.raises(RuntimeError, match="no step\\(loss\\) counted"):
+        opt.zero_grad()
+
+
 def test_param_group_lr_shows_the_current_rate_and_schedulers_do_not_steer():
     def run(with_scheduler):
         x, y = digits_data(torch.float32)
