@@ -39,8 +39,11 @@ def main() -> float:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.epochs < 1:
-        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    for option, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            parser.error(f"{option} must be at least 1, got {value}")
+    if not -(2**63) <= args.seed < 2**64:
+        parser.error(f"--seed must be one of torch's seeds, in [-2**63, 2**64), got {args.seed}")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
     torch.manual_seed(args.seed)

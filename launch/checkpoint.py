@@ -98,6 +98,14 @@ def full_model_state(model: torch.nn.Module, strategy: str) -> dict[str, torch.T
     return {k: v.detach().cpu().clone() for k, v in _unwrapped(model).state_dict().items()}
 
 
+def _epochs_in(directory: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints in ``directory``, oldest first: by epoch, not by name (epoch-100000 sorts before
+    epoch-99999)."""
+    if not directory.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name)) and p.is_dir())
+
+
 class Checkpointer:
     def __init__(
         self, directory: Path, strategy: str, rank: int, keep: int = 2, world: int = 1, job: dict | None = None
@@ -107,7 +115,8 @@ class Checkpointer:
         notice, another --batch-size is not the one the optimizer's state resumes with)."""
         if directory.exists() and not directory.is_dir():
             raise CheckpointError(f"--checkpoint-dir {directory} is a file; name a directory (it is created if missing)")
-        if any((directory / name).is_file() for name in ("state.pt", ".metadata")):  # one checkpoint's files
+        # one checkpoint's files, and no epoch-N beside them (a --save-final named state.pt may sit among those)
+        if any((directory / name).is_file() for name in ("state.pt", ".metadata")) and not _epochs_in(directory):
             # it holds no epoch-N: the job trained afresh from epoch 1, saying nothing, into the old checkpoint
             named = _NAME.match(directory.name)
             epoch = f" (epoch {int(named.group(1))})" if named else ""
@@ -133,8 +142,7 @@ class Checkpointer:
         return found[-1] if found else None
 
     def _complete(self) -> list[tuple[int, Path]]:
-        """The complete checkpoints, oldest first: by epoch, not by name (epoch-100000 sorts before epoch-99999)."""
-        return sorted((int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name)) and p.is_dir())
+        return _epochs_in(self.directory)
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int, summary: str = "") -> None:
         """Checkpoint ``epoch`` (complete epochs); ``summary`` is the epoch's report line, kept in meta.json."""
@@ -255,7 +263,7 @@ class Checkpointer:
                 + ": resume with the options (and data) it was written with, or start afresh in another --checkpoint-dir"
             )
         if world is not None and world != self.world and self.rank == 0:
-            log.warning("%s was written on %d ranks, resuming on %d: the global batch changes with it", path, world, self.world)
+            log.warning("%s was written on %d rank%s, resuming on %d: the global batch changes with it", path, world, "s" * (world != 1), self.world)
 
 
 def _option(key: str, value) -> str:

@@ -40,6 +40,8 @@ from launch.models import CharGPT, digits_mlp  # noqa: E402
 from launch.text import TextTooShort  # noqa: E402
 
 log = logging.getLogger("launch")
+MAX_EPOCHS = 10**6  # the step budget counts the epochs' steps one by one: 10**8 of them sat 2 minutes silent
+EPOCHS_WHY = " (the step budget counts each epoch's steps before training)"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -56,12 +58,14 @@ def _expects(name: str):
     return named
 
 
-def _at_least(low: int):
+def _at_least(low: int, high: int | None = None, why: str = ""):
     @_expects(f"integer >= {low}")
     def parse(text: str) -> int:
         value = int(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} is above {high}{why}")
         return value
 
     return parse
@@ -94,6 +98,15 @@ def _seed(text: str) -> int:
     if not -(2**63) <= value < 2**64:
         raise argparse.ArgumentTypeError(f"{value} is outside torch's seeds, [-2**63, 2**64)")
     return value
+
+
+@_expects("file name")
+def _file_path(text: str) -> Path:
+    """A path that names a file: ``results/`` (not there yet) passed as one, and the model went into a file
+    named ``results``."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text} names a directory; name the file to write in it")
+    return Path(text)
 
 
 @_expects("number of threads")
@@ -148,7 +161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--strategy", choices=["none", "ddp", "fsdp2", "fsdp1"], default="none", help="data parallelism (all but none need torchrun)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="gloo on cpu, nccl on cuda")
     parser.add_argument("--model", choices=["mlp", "resnet18", "gpt"], default="mlp", help="digits MLP, CIFAR-10 ResNet-18, character GPT")
-    parser.add_argument("--epochs", type=_at_least(1), default=10, help="epochs to reach (a resumed job counts those done)")
+    parser.add_argument("--epochs", type=_at_least(1, MAX_EPOCHS, EPOCHS_WHY), default=10, help="epochs to reach (a resumed job counts those done)")
     parser.add_argument("--batch-size", type=_at_least(1), default=32, help="micro-batch size per rank (sequences for gpt)")
     parser.add_argument("--lr", type=_positive_float, default=1e-5, help="ELRA's first step length (a tiny probe)")
     parser.add_argument(
@@ -177,7 +190,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=_seconds, default=300.0, help="seconds a collective may wait for a rank")
     parser.add_argument("--seed", type=_seed, default=0, help="digits train/validation split (mlp)")
     parser.add_argument("--threads", type=_threads, default=0, help="CPU threads per process (0: torch default)")
-    parser.add_argument("--save-final", type=Path, help="write the final full model state_dict here (directories created)")
+    parser.add_argument("--save-final", type=_file_path, help="write the final full model state_dict here (directories created)")
     parser.add_argument("--crash-after-epoch", type=int, default=0, help=argparse.SUPPRESS)  # fault-injection tests
     parser.add_argument("--batch-multiplier", type=_at_least(1), default=1, help=argparse.SUPPRESS)  # mid-collection tests
     args = parser.parse_args(argv)

@@ -42,7 +42,7 @@ def test_digits_example_learns_the_digits(monkeypatch, capsys):
 
 @pytest.mark.parametrize(
     "name, option",
-    [("digits", "--epochs"), ("distributed_digits", "--epochs"), ("distributed_digits", "--batch-size"),
+    [("digits", "--epochs"), ("digits", "--batch-size"), ("distributed_digits", "--epochs"), ("distributed_digits", "--batch-size"),
      ("cubic_fit", "--steps"), ("rosenbrock", "--steps"), ("half_precision", "--epochs"), ("lightning_digits", "--epochs")],
 )
 def test_examples_refuse_a_count_of_zero_in_one_line(monkeypatch, capsys, name, option):
@@ -54,6 +54,12 @@ def test_examples_refuse_a_count_of_zero_in_one_line(monkeypatch, capsys, name, 
     with pytest.raises(SystemExit) as stop:
         _run_script(monkeypatch, name, option, "0")
     assert stop.value.code == 2 and f"{option} must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_digits_example_refuses_a_seed_torch_cannot_take_in_one_line(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _run_script(monkeypatch, "digits", "--seed", str(2**64))
+    assert stop.value.code == 2 and "--seed must be one of torch's seeds" in capsys.readouterr().err
 
 
 def test_distributed_example_trains_the_same_under_ddp_and_fsdp2():

@@ -160,7 +160,7 @@ def test_resnet18_on_fake_cifar_runs_one_process_and_says_it_found_no_cifar(tmp_
     "option",
     [["--epochs", "0"], ["--epochs", "-1"], ["--batch-size", "0"], ["--timeout", "0"], ["--weight-decay", "-1"],
      ["--weight-decay", "1.5"], ["--lr", "inf"], ["--timeout", "inf"], ["--timeout", "1e15"], ["--timeout", "0.001"], ["--seed", str(2**64)],
-     ["--threads", str(10**6)], ["--threads", str(2**31)]],
+     ["--threads", str(10**6)], ["--threads", str(2**31)], ["--epochs", str(10**6 + 1)]],
 )
 def test_nonsense_numbers_are_refused_by_name(option, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -331,6 +331,10 @@ def test_a_checkpoint_dir_that_is_one_checkpoint_is_refused_naming_the_directory
                                               rf"them: give the one that holds it, {checkpoints}, to resume from its newest"):
         launcher.main(["--epochs", "3", "--max-steps", "2", "--threads", "1", "--checkpoint-dir", str(one)])
     assert "epoch " not in capsys.readouterr().out and sorted(p.name for p in one.iterdir()) == held
+    # a --save-final named state.pt among the epoch-N made the job one that could not be resumed or extended
+    (checkpoints / "state.pt").write_bytes(b"")
+    launcher.main(["--epochs", "3", "--max-steps", "2", "--threads", "1", "--checkpoint-dir", str(checkpoints)])
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")] == ["3"]
 
 
 def test_final_model_goes_to_a_directory_that_did_not_exist(tmp_path, capsys):
@@ -341,6 +345,9 @@ def test_final_model_goes_to_a_directory_that_did_not_exist(tmp_path, capsys):
     with pytest.raises(SystemExit):
         launcher.parse_args(["--save-final", str(tmp_path)])
     assert "is a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # not there yet: the model went into a file named "results"
+        launcher.parse_args(["--save-final", f"{tmp_path / 'results'}/"])
+    assert "names a directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option", ["--save-final", "--checkpoint-dir"])
