@@ -549,9 +549,9 @@ class LineController:
             s.param_peak = max(s.param_peak, sums.param_sq)
         cooled = self._cooldown(share)  # 0 outside a step budget's cooldown, where the pairs set eta
         # noise-free and the gradient exactly zero: every point near is as good (a hinge loss met, a flat ReLU
-        # region); its pair (N = 0) read as a line minimum grew eta to its bound, and the fading momentum's
+        # region; N = 0 then too); its pair read as a line minimum grew eta to its bound, and the fading momentum's
         # direction (muon's keeps its size) carried the weights 5e5 times their norm away. The point stays.
-        flat = self.deterministic and sums is not None and sums.grad_sq == 0.0
+        flat = self.deterministic and sums is not None and sums.grad_sq == 0.0 == sums.next_dir
         # a restart's pair measured the abandoned direction
         if sums is not None and sums.mom_dir > 0.0 and not restart and not cooled and not flat:
             gain, smoothing = (NOISE_FREE_GAIN, NOISE_FREE_SMOOTHING) if self.deterministic else (GAIN, PAIR_SMOOTHING)

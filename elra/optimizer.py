@@ -156,6 +156,12 @@ def _layout(n_groups: int, sixteen_bit: bool) -> tuple[int, int, int]:
     return present, present + 1, present + (4 if sixteen_bit else 1)
 
 
+def _steppable(p: torch.Tensor) -> bool:
+    """Whether ELRA can step ``p``: a real floating point dtype torch's arithmetic covers (float8 has no lerp,
+    pow or add: its first step failed deep in torch, NotImplementedError)."""
+    return p.is_floating_point() and p.dtype.itemsize >= 2
+
+
 class ElraOptimizer(Checkpointing, Optimizer):
     """ELRA: gradient descent that adapts its own step length, batch size and weight decay.
 
@@ -365,8 +371,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         for p in tensors:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"ELRA optimizes tensors, got {type(p).__name__} (named and unnamed parameters mixed?)")
-            if not p.is_floating_point():
-                raise ValueError(f"ELRA optimizes floating point parameters only, got {p.dtype}")
+            if not _steppable(p):
+                raise ValueError(f"ELRA optimizes floating point parameters of 16 bits or more, got {p.dtype}")
             device = p.device if device is None else device
             if p.device != device:
                 raise ValueError(
@@ -408,10 +414,10 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 "a parameter was put into optimizer.param_groups directly (a list's append or an assignment): "
                 "ELRA has no state for it, or would count it twice; add parameters with add_param_group"
             )
-        unfit = sorted({str(p.dtype) for p in params if not p.is_floating_point()})
+        unfit = sorted({str(p.dtype) for p in params if not _steppable(p)})
         if unfit:  # Module.to(torch.complex64) casts floating point parameters: real steps on them would be wrong
             raise ValueError(
-                f"ELRA optimizes floating point parameters only, but parameters were cast to {', '.join(unfit)} "
+                f"ELRA optimizes floating point parameters of 16 bits or more, but parameters were cast to {', '.join(unfit)} "
                 "after the optimizer was built; cast them back (the state is unchanged)"
             )
         moment = moment_dtype if self.geometry is not None else (lambda p: p.dtype)

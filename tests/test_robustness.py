@@ -379,9 +379,11 @@ def test_a_later_move_of_some_parameters_to_another_device_is_rejected_at_the_ne
         opt.step(loss)
 
 
-def test_integer_parameters_are_rejected():
-    with pytest.raises(ValueError, match="floating point"):
-        ElraOptimizer([torch.ones(2, dtype=torch.int64)])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_parameters_of_a_dtype_elra_cannot_step_are_rejected(dtype):
+    """float8 passed (a floating point dtype) and the first step failed deep in torch (no lerp, pow, add)."""
+    with pytest.raises(ValueError, match="floating point parameters of 16 bits or more"):
+        ElraOptimizer([torch.nn.Parameter(torch.ones(2).to(dtype), requires_grad=dtype.is_floating_point)])
 
 
 @pytest.mark.parametrize("preconditioner", [None, "adam", "factored", "muon"])
