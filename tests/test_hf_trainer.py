@@ -178,6 +178,11 @@ def test_the_trainer_gives_its_elra_the_runs_step_budget_also_over_a_resumed_che
     cooled = first.elra_optimizer.controller.state
     assert first.elra_optimizer.total_steps == 24 and cooled.micro_steps == 24
     assert cooled.cooldown_eta > 0.0 and first.elra_optimizer.stats["lr"] == pytest.approx(0.02 * cooled.cooldown_eta)
+    for max_steps in (12, 6):  # the finished run relaunched from its last checkpoint (raised: a budget of 0, -12)
+        again = trainer(tmp_path / f"again-{max_steps}", max_steps)
+        again.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-12"))
+        assert again.elra_optimizer.total_steps == 24 and again.elra_optimizer.controller.state == cooled
+        assert all(torch.equal(p, q) for p, q in zip(first.model.parameters(), again.model.parameters()))
     longer = trainer(tmp_path / "longer", 20)
     longer.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-12"))
     state = longer.elra_optimizer.controller.state

@@ -316,6 +316,8 @@ class ElraTrainer(Trainer):
         if self._max_steps is None or elra.preconditioner is None:
             return  # P2M has its own schedule
         rest = self._micro_batches(self._max_steps) - self._micro_batches(self.state.global_step)
+        if rest <= 0:  # a finished run relaunched from its last checkpoint: Trainer trains nothing, the budget stays
+            return  # (before the checkpoint loads the fresh ELRA has taken none: a budget of 0 or less raised)
         budget = elra.micro_batches_taken + rest
         if elra.total_steps == budget:
             return
