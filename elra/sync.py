@@ -94,9 +94,23 @@ def _warn_if_partial(model: torch.nn.Module, optimizer: "ElraOptimizer") -> None
 
 
 def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
-    """The module ``torch.compile``'s wrapper holds (``model`` itself if it is none): the DDP or FSDP module whose
-    type the optimizer reads for the gradient sync, the sums, the replicas and the resharding."""
-    return getattr(model, "_orig_mod", model)
+    """The module ``torch.compile``'s wrapper holds (``model`` itself if it is none, or if the wrapper is itself
+    the DDP or FSDP module): the one whose type the optimizer reads for the gradient sync, the sums, the replicas
+    and the resharding. ``fully_shard(torch.compile(net))`` makes the wrapper the FSDP module: unwrapped, the
+    optimizer saw no FSDP unit, and a checkpoint taken mid-collection lost the sums FSDP2 held."""
+    inner = getattr(model, "_orig_mod", None)
+    if inner is None or _wraps_gradients(model):
+        return model
+    return inner
+
+
+def _wraps_gradients(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a DDP, FSDP1 or FSDP2 module (one that reduces its gradients)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return True
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return isinstance(model, (FSDPModule, FullyShardedDataParallel))
 
 
 def tell_optimizer(model: torch.nn.Module, optimizer: "ElraOptimizer", unsynced: bool) -> None:

@@ -1045,11 +1045,14 @@ def _local_part(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def test_a_real_step_reduces_what_fsdp2s_sync_switch_held_back_or_names_it(one_rank, caplog):
+@pytest.mark.parametrize("compiled_inside", [False, True])
+def test_a_real_step_reduces_what_fsdp2s_sync_switch_held_back_or_names_it(one_rank, caplog, compiled_inside):
     """Every backward with FSDP2's own sync off (one rank, in this process): FSDP2 held the sums and the sharded
     ``.grad`` stayed empty. An optimizer that knows the model reduces them at the real step (the run equals the one
     with sync on, with one WARNING); one that does not says why it finds no gradient (before: only "call
-    loss.backward()", which the caller had). FSDP1 on one rank does not shard: see the user-schedule scenarios."""
+    loss.backward()", which the caller had). FSDP1 on one rank does not shard: see the user-schedule scenarios.
+    ``fully_shard(torch.compile(net))`` (the compile wrapper is the FSDP module): the optimizer unwrapped it and saw
+    no FSDP unit; it raised here, and a checkpoint taken mid-collection lost the held sums silently."""
     from torch.distributed.fsdp import fully_shard
 
     from elra import ElraOptimizer
@@ -1058,7 +1061,7 @@ def test_a_real_step_reduces_what_fsdp2s_sync_switch_held_back_or_names_it(one_r
     def run(sync: bool, known: bool = True):
         net = make_net()
         assert not holds_unsynced_grads(net)  # seen before fully_shard wraps it in place, with new parameters
-        model = fully_shard(net)
+        model = fully_shard(torch.compile(net, backend="eager") if compiled_inside else net)
         model.set_requires_gradient_sync(sync)
         optimizer = ElraOptimizer(model.parameters(), model if known else None, 4, 3, lr=1e-4, batch_multiplier=2)
         gen = torch.Generator().manual_seed(0)
@@ -1077,8 +1080,9 @@ def test_a_real_step_reduces_what_fsdp2s_sync_switch_held_back_or_names_it(one_r
     reference, reference_stats = run(sync=True)
     assert all(torch.allclose(a, b, rtol=0, atol=1e-15) for a, b in zip(params, reference))  # summed in another order
     assert stats == reference_stats and stats["real_steps"] == 3
+    name = "FSDPOptimizedModule" if compiled_inside else "FSDPNet"
     assert [r.getMessage().split(" (set_")[0] for r in caplog.records] == [
-        "ELRA real step 1: FSDPNet's gradient sync was off for the backward of the micro-batch completing it"
+        f"ELRA real step 1: {name}'s gradient sync was off for the backward of the micro-batch completing it"
     ]
     with pytest.raises(RuntimeError, match=r"no parameter has a gradient.*FSDP2 \(fully_shard\) a backward with the"):
         run(sync=False, known=False)
