@@ -174,7 +174,9 @@ class Checkpointing:
         averaged sums are what one checkpoint can hold, at any world size.
         Costs one gradient reduction (DDP: an all-reduce of all gradients;
         FSDP2: an all-reduce per parameter; FSDP1: per wrapped module) at
-        checkpoint time; no gradient reduction when nothing is pending or sync was on.
+        checkpoint time; no gradient reduction when nothing is pending or sync was on. The whole copies beside
+        shards (a model ``fully_shard`` wraps in part), whose gradients the caller averages, are averaged here too
+        where the ranks' sums differ (:meth:`_average_copies`).
 
         On more than one rank it also averages this rank's losses of the
         collected micro-batches and applies the losses reported since the last
@@ -185,7 +187,8 @@ class Checkpointing:
         """
         self._note_unsynced_models()
         self._average_pending_losses()
-        if not self._pending or not self.unsynced_models:
+        copies = self._replication_layout()[1] if self._pending else []
+        if not self._pending or not (self.unsynced_models or copies):
             self.unsynced_models.clear()
             return
         unstepped = self._grads_changed_since_step()
@@ -194,9 +197,29 @@ class Checkpointing:
         for model in [m for m in self.models if m in self.unsynced_models]:
             sync_unsynced_grads(model)
         self.unsynced_models.clear()
+        self._average_copies(copies)
         self._keep_grads()
         if unstepped:  # a backward since the last step: its micro-batch is in the synchronised sums too
             self._kept_versions.clear()
+
+    @torch.no_grad()
+    def _average_copies(self, copies: list[torch.Tensor]) -> None:
+        """The collected sums of the whole copies beside shards (a model ``fully_shard`` wraps in part, or its
+        ``ignored_params``), averaged over ranks where the ranks hold different ones: a caller that averages them
+        on the micro-batch completing the real step holds its rank's own while collecting, and a checkpoint kept
+        one rank's (7e-4 off the uninterrupted run on resume). The average is what that reduction gives (it is
+        linear); sums the ranks share already stay as they are, bit for bit (one all-reduce of two numbers)."""
+        grads = [p.grad for p in copies if p.grad is not None]
+        if not grads:
+            return
+        terms = torch.stack([torch.stack([g.double().sum(), g.double().square().sum()]) for g in grads]).sum(0)
+        extremes = torch.cat([terms, -terms])
+        group = self.reducer.group
+        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX, group=group)
+        if torch.equal(extremes[:2], -extremes[2:]):
+            return
+        for grad in grads:
+            self.reducer.sum(grad).div_(self.reducer.world_size)
 
     @torch.no_grad()
     def _average_pending_losses(self) -> None:

@@ -841,6 +841,27 @@ def partial_wrap_fit(model, optimizer: ElraOptimizer, rank: int, world: int, sha
         optimizer.step(loss.detach())
 
 
+def partial_wrap_fit_at_completion(model, optimizer: ElraOptimizer, rank: int, world: int, sync_mid: bool) -> list:
+    """Seven micro-batches, two a real step; ``net.out``'s gradients averaged over ranks by this caller only on
+    the micro-batch that completes one. With ``sync_mid``, ``sync_pending_grads()`` after the fifth (one
+    collected), as before a checkpoint. Returns ``net.out``'s collected gradients after the fifth."""
+    held = []
+    for step in range(7):
+        x, y = rank_batch(step, world, rank, world)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        for p in model.out.parameters() if not optimizer.collecting else ():
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+        optimizer.step(loss.detach())
+        if step == 4:
+            if sync_mid:
+                optimizer.sync_pending_grads()
+            held = [p.grad.clone() for p in model.out.parameters()]
+    return held
+
+
 def run_partial_wrap(rank: int, world: int, store: str, out: str) -> None:
     """FSDP2 on ``net.hidden`` alone (the root, with ``net.out``, left plain) for each direction: what the first
     steps raise when nothing reduces ``net.out``'s gradients, and the full parameters after ten steps where this
@@ -862,6 +883,14 @@ def run_partial_wrap(rank: int, world: int, store: str, out: str) -> None:
                     outcome = str(raised)
                 params = full_parameters(model, "fsdp2")
                 results[preconditioner, synced] = {"outcome": outcome, "params": params, "stats": optimizer.stats}
+            for synced_mid_collection in (False, True):
+                model = make_net()
+                fully_shard(model.hidden)
+                optimizer = ElraOptimizer(
+                    model.parameters(), model, LOCAL_BATCH, CLASSES, lr=1e-3, preconditioner=preconditioner, batch_multiplier=2
+                )
+                held = partial_wrap_fit_at_completion(model, optimizer, rank, world, synced_mid_collection)
+                results[preconditioner, "mid", synced_mid_collection] = {"held": held, "params": full_parameters(model, "fsdp2")}
         torch.save(results, Path(out) / f"partial{rank}.pt")
 
     as_gloo_rank(rank, world, store, body)

@@ -867,6 +867,15 @@ def test_a_model_fully_shard_wraps_in_part_is_refused_unless_its_plain_parameter
     results = [torch.load(tmp_path / f"partial{rank}.pt") for rank in range(2)]
     start = make_net()
     for preconditioner in PARTIAL_WRAP_DIRECTIONS:
+        # the caller averages the plain layer's gradients on the micro-batch completing a real step: mid-collection
+        # each rank held its own sum, which sync_pending_grads() left so (a checkpoint kept one rank's, 7e-4 off
+        # the uninterrupted run on resume); it averages them, and the run goes on as without the call
+        apart, synced = ([r[preconditioner, "mid", sync] for r in results] for sync in (False, True))
+        assert not all(torch.equal(a, b) for a, b in zip(apart[0]["held"], apart[1]["held"]))
+        for a, b, c, d in zip(*(r["held"] for r in synced), *(r["held"] for r in apart)):
+            assert torch.equal(a, b) and torch.allclose(a, (c + d) / 2, rtol=0, atol=1e-15)
+        for name, p in apart[0]["params"].items():
+            assert all(torch.allclose(r["params"][name], p, rtol=0, atol=1e-14) for r in synced), (preconditioner, name)
         refused = [result[preconditioner, False] for result in results]
         assert refused[0]["outcome"] == refused[1]["outcome"]
         assert refused[0]["outcome"].startswith("the ranks hold different gradients or parameters at ELRA's real step 0")
