@@ -209,8 +209,8 @@ class Checkpointing:
         on the micro-batch completing the real step holds its rank's own while collecting, and a checkpoint kept
         one rank's (7e-4 off the uninterrupted run on resume). The average is what that reduction gives (it is
         linear); sums the ranks share already stay as they are, bit for bit (one all-reduce of two numbers)."""
-        grads = [p.grad for p in copies if p.grad is not None]
-        if not grads:
+        grads = [p.grad for p in copies if p.grad is not None and not hasattr(p.grad, "placements")]  # plain tensors:
+        if not grads:  # a DTensor's placements tell how it is reduced (reduce_partial_grads)
             return
         terms = torch.stack([torch.stack([g.double().sum(), g.double().square().sum()]) for g in grads]).sum(0)
         extremes = torch.cat([terms, -terms])
