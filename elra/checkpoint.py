@@ -208,18 +208,25 @@ class Checkpointing:
         ``ignored_params``), averaged over ranks where the ranks hold different ones: a caller that averages them
         on the micro-batch completing the real step holds its rank's own while collecting, and a checkpoint kept
         one rank's (7e-4 off the uninterrupted run on resume). The average is what that reduction gives (it is
-        linear); sums the ranks share already stay as they are, bit for bit (one all-reduce of two numbers)."""
-        grads = [p.grad for p in copies if p.grad is not None and not hasattr(p.grad, "placements")]  # plain tensors:
-        if not grads:  # a DTensor's placements tell how it is reduced (reduce_partial_grads)
+        linear); sums the ranks share already stay as they are, bit for bit (one all-reduce of a few numbers
+        tells). Every rank reduces every copy, a zero one where it has no gradient: the same collectives on all.
+        Plain tensors only: a replicated DTensor's gradient is reduced as its placements say."""
+        plain = [p for p in copies if not hasattr(p, "placements")]
+        if not plain:
             return
-        terms = torch.stack([torch.stack([g.double().sum(), g.double().square().sum()]) for g in grads]).sum(0)
-        extremes = torch.cat([terms, -terms])
-        group = self.reducer.group
-        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX, group=group)
-        if torch.equal(extremes[:2], -extremes[2:]):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in plain]
+        held = torch.tensor([float(p.grad is not None) for p in plain], dtype=torch.float64, device=plain[0].device)
+        terms = torch.stack([torch.stack([g.double().sum(), g.double().square().sum(), g.double().pow(3).sum()]) for g in grads])
+        signature = torch.cat([terms.sum(0), held])
+        extremes = torch.cat([signature, -signature])
+        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX, group=self.reducer.group)
+        highest, lowest = extremes.chunk(2)
+        if torch.equal(highest, -lowest):
             return
-        for grad in grads:
+        for p, grad, anywhere in zip(plain, grads, highest[3:].tolist()):
             self.reducer.sum(grad).div_(self.reducer.world_size)
+            if p.grad is None and anywhere:
+                p.grad = grad
 
     @torch.no_grad()
     def _average_pending_losses(self) -> None:

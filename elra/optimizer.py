@@ -253,6 +253,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
     # while collecting: the parameters that held no gradient at the last step(loss) (a backward may give them one)
     _gradless: frozenset[torch.Tensor] | set[torch.Tensor] = frozenset()
     _backward_seen = False  # whether a backward shows in the kept gradients (_keep_grads)
+    _unstepped_warned = False  # whether zero_grad warned of a gradient no step(loss) counted
     # torch's GradScaler then hands step() its scale and inf flag (found_inf) instead of unscaling .grad in place,
     # which would mix scales in collected micro-batch sums: step() refuses it (ElraGradScaler does this right)
     _step_supports_amp_scaling = True
@@ -560,16 +561,19 @@ class ElraOptimizer(Checkpointing, Optimizer):
     @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients, except while collecting: then micro-batch gradients must add up, and a gradient no
-        ``step(loss)`` counted (a backward meant for another optimizer) cannot be told from them: refused."""
+        ``step(loss)`` counted (a backward meant for another optimizer) stays among them: warned of, once."""
         if self._pending:
-            if self._backward_seen and self._grads_changed_since_step():
-                raise RuntimeError(
-                    f"optimizer.zero_grad() after a backward() that no step(loss) counted, while ELRA collects "
-                    f"micro-batch {len(self._pending) + 1} of {self.controller.state.multiplier}: torch would "
-                    "discard that gradient, but ELRA sums the micro-batches in .grad and cannot take it out again. "
-                    "Keep a backward meant for another optimizer (a GAN's generator loss, an input gradient) off "
-                    "this optimizer's parameters: loss.backward(inputs=...), torch.autograd.grad, or "
-                    "requires_grad_(False) on them meanwhile"
+            if self._backward_seen and not self._unstepped_warned and self._grads_changed_since_step():
+                self._unstepped_warned = True
+                logger.warning(
+                    "ELRA: optimizer.zero_grad() while collecting micro-batch %d of %d, and the gradients changed "
+                    "since the last step(loss). If a backward meant for another optimizer reached these parameters "
+                    "(a GAN's generator loss, an input gradient), it stays in the collected sums: torch would "
+                    "discard it, but ELRA sums the micro-batches in .grad. Keep such a backward off them: "
+                    "loss.backward(inputs=...), torch.autograd.grad, or requires_grad_(False) meanwhile. (An "
+                    "in-place edit of .grad, such as clip_grad_norm_ after step() to log the norm, reads the same "
+                    "and is harmless.) Said once",
+                    len(self._pending) + 1, self.controller.state.multiplier,
                 )
             return
         super().zero_grad(set_to_none)
@@ -991,16 +995,21 @@ class ElraOptimizer(Checkpointing, Optimizer):
     def _keep_grads(self) -> None:
         """Remember the collected gradients, to catch a reset (``model.zero_grad()``) while collecting."""
         moving = {p for model in self.models if getattr(model, "gradient_as_bucket_view", False) for p in model.parameters()}
+        params = self._params()
         kept = [
             p
-            for p in self._params()
+            for p in params
             # FSDP1 replaces its flat gradients itself between backward passes, DDP with bucket views too
             if not getattr(p, "_fsdp_flattened", False) and p not in moving
         ]
         self._kept_grads = {p: p.grad for p in kept if p.grad is not None}
         self._gradless = {p for p in kept if p.grad is None}
-        # FSDP keeps a micro-batch's sums outside .grad where its sync is off: a backward leaves .grad as it was
-        self._backward_seen = bool(kept) and not any(hasattr(p, "placements") for p in kept)
+        # in one process, where every parameter's .grad shows a backward: FSDP keeps a micro-batch's sums outside
+        # .grad where its sync is off (and FSDP1 and DDP's bucket views move them), and beside other ranks a rank
+        # may hold none of this micro-batch's (ZeroRedundancyOptimizer's share): raised alone, the others hung
+        self._backward_seen = (
+            self.reducer.world_size == 1 and len(kept) == len(params) and not any(hasattr(p, "placements") for p in kept)
+        )
         self._note_kept_versions()
 
     def _note_kept_versions(self) -> None:

@@ -346,21 +346,48 @@ def test_a_step_without_backward_while_collecting_is_refused(preconditioner):
     assert not all(torch.equal(a, b) for a, b in zip(params, reference))
 
 
-def test_zero_grad_after_a_backward_no_step_counted_while_collecting_is_refused():
-    """A GAN's loop: the generator's backward reaches the discriminator's weights, and the zero_grad() that
-    would clear them in torch keeps ELRA's collected sums, so the generator's gradient joined the
-    discriminator's real step silently. Refused; a backward kept off those weights is the way."""
+def test_zero_grad_after_a_backward_no_step_counted_while_collecting_is_warned_of_once(caplog):
+    """A GAN's loop: the generator's backward reaches the critic's weights, and the zero_grad() that would clear
+    them in torch keeps ELRA's collected sums, so the generator's gradient joined the critic's real step silently.
+    Warned of, once; not refused: an in-place edit of .grad reads the same (clip_grad_norm_ after step() to log
+    the norm, which a refusal broke)."""
     torch.manual_seed(0)
     generator, critic = torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)
     opt = ElraOptimizer(critic.parameters(), classes=10, batch_multiplier=2)
     noise = torch.randn(4, 2)
-    critic(generator(noise).detach()).mean().backward()
-    opt.step(1.0)
-    critic(generator(noise)).mean().backward(inputs=list(generator.parameters()))
-    opt.zero_grad()  # nothing reached the critic's weights since its step
-    critic(generator(noise)).mean().backward()
-    with pytest.raises(RuntimeError, match="no step\\(loss\\) counted"):
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        critic(generator(noise).detach()).mean().backward()
+        opt.step(1.0)
+        critic(generator(noise)).mean().backward(inputs=list(generator.parameters()))
+        opt.zero_grad()  # nothing reached the critic's weights since its step
+        assert not caplog.records
+        critic(generator(noise)).mean().backward()
         opt.zero_grad()
+        torch.nn.utils.clip_grad_norm_(critic.parameters(), float("inf"))
+        opt.zero_grad()
+    assert len(caplog.records) == 1 and "gradients changed since the last step(loss)" in caplog.records[0].getMessage()
+
+
+def test_the_backward_checks_leave_parameters_whose_gradients_a_wrapper_moves_alone(tmp_path):
+    """DDP's bucket views move the model's gradients, so only the optimizer's other parameter (frozen, never a
+    gradient) showed: every collection was refused as one without any gradient (as FSDP1 with a frozen
+    ignored module). The checks look only where every parameter's .grad shows a backward."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2), gradient_as_bucket_view=True)
+        frozen = torch.nn.Parameter(torch.ones(4), requires_grad=False)
+        opt = ElraOptimizer([*model.parameters(), frozen], model, 4, 2, batch_multiplier=2)
+        for x in torch.randn(4, 4, 3):
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step(loss)
+        assert opt.stats["real_steps"] == 2
+    finally:
+        dist.destroy_process_group()
 
 
 def test_param_group_lr_shows_the_current_rate_and_schedulers_do_not_steer():
