@@ -216,7 +216,7 @@ class Checkpointing:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in plain]
         held = torch.tensor([float(p.grad is not None) for p in plain], dtype=torch.float64, device=plain[0].device)
-        terms = torch.stack([torch.stack([g.double().sum(), g.double().square().sum(), g.double().pow(3).sum()]) for g in grads])
+        terms = torch.stack([torch.stack([w.sum(), w.square().sum(), w.pow(3).sum()]) for w in map(torch.Tensor.double, grads)])
         signature = torch.cat([terms.sum(0), held])
         extremes = torch.cat([signature, -signature])
         torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX, group=self.reducer.group)

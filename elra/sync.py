@@ -81,7 +81,7 @@ def _warn_if_partial(model: torch.nn.Module, optimizer: "ElraOptimizer") -> None
     if id(model) in checked:
         return
     checked.add(id(model))
-    own = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    own = {id(p) for p in optimizer._params()}
     others = sum(1 for p in model.parameters() if p.requires_grad and id(p) not in own)
     if others:
         logger.warning(

@@ -136,13 +136,8 @@ class Checkpointer:
         _barrier()
 
     def newest(self) -> tuple[int, Path] | None:
-        if not self.directory.is_dir():  # on a rank whose node does not share rank 0's (see _check_ranks_agree)
-            return None
-        found = self._complete()
+        found = _epochs_in(self.directory)  # none on a rank whose node does not share rank 0's (_check_ranks_agree)
         return found[-1] if found else None
-
-    def _complete(self) -> list[tuple[int, Path]]:
-        return _epochs_in(self.directory)
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int, summary: str = "") -> None:
         """Checkpoint ``epoch`` (complete epochs); ``summary`` is the epoch's report line, kept in meta.json."""
@@ -170,7 +165,7 @@ class Checkpointer:
             durable(partial)
             partial.rename(final)
             durable(self.directory)
-            complete = self._complete()
+            complete = _epochs_in(self.directory)
             for _, old in complete[: -self.keep]:
                 shutil.rmtree(old)
         _barrier()

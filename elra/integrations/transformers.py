@@ -362,7 +362,7 @@ class ElraTrainer(Trainer):
     def _keep_collected(self) -> None:
         elra = self.elra_optimizer
         self._collected = (
-            {p: p.grad for group in elra.param_groups for p in group["params"] if p.grad is not None}
+            {p: p.grad for p in elra._params() if p.grad is not None}
             if elra.micro_batches
             else {}
         )
