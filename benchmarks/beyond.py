@@ -26,7 +26,7 @@ Every optimizer gets the same number of gradient evaluations (one backward = one
 ``opt.zero_grad(); loss.backward(); opt.step(loss)`` (``opt.step_retrace(loss)`` on a non-finite loss). Data only
 from scikit-learn's bundled datasets and the project's LICENSE. Prints a Markdown table (mean ± population sd over
 seeds) and ELRA's controller (regime per seed, final step length ``stats["lr"]``, retraces); writes it to ``--out``
-only when given. The README quotes its numbers.
+only when given. docs/benchmarks.md quotes its numbers.
 """
 
 from __future__ import annotations

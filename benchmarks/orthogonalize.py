@@ -9,7 +9,7 @@ bfloat16, and reports how far each result is from the exact polar factor
 Newton-Schulz with these coefficients leaves singular values at about
 0.7-1.2 (and tiny ones tiny), so the first error is the method's own; the
 second is what the precision adds. (ELRA keeps float32: the bfloat16
-iteration made its held-out losses worse, see the README.)
+iteration made its held-out losses worse, see docs/benchmarks.md.)
 
     python benchmarks/orthogonalize.py [--device cpu|cuda]
 """

@@ -74,7 +74,7 @@ class Task:
 VALID_SHARE = 0.15  # of the training split, held out by the rows that report losses (never the test split)
 REPORT_EVERY = 100  # steps between the losses such a row reports (set_train_loss / set_valid_loss)
 REPORTING = "ELRA, losses reported"
-BUDGET = "ELRA, total_steps"  # told the task's steps: the cooldown of a step budget (README)
+BUDGET = "ELRA, total_steps"  # told the task's steps: the cooldown of a step budget (docs/usage.md)
 
 
 def _split_off(count: int) -> int:

@@ -81,7 +81,7 @@ logger = logging.getLogger("elra")
 GAIN = 0.1  # mini-batch regime: eta changes by at most exp(GAIN) per accepted step
 PAIR_SMOOTHING = 0.95  # EMA factor of N and D (transformer 1.262 -> 1.227 bits/char against 0.9; 0.97 ran away)
 SHARE_SMOOTHING = 0.9  # EMA factor of |g|^2 and |m|^2 (the signal share)
-# noise-free: the gradient pair is exact, so eta follows it faster (full-batch benchmarks, see the README)
+# noise-free: the gradient pair is exact, so eta follows it faster (full-batch benchmarks, see docs/method.md)
 NOISE_FREE_GAIN = 0.3
 NOISE_FREE_SMOOTHING = 0.7
 # |eta*u| <= RELATIVE_CLIP * max(|x|, CLIP_FLOOR * (the largest |x| of the accepted points so far)).
@@ -99,23 +99,23 @@ LOSS_FLOOR_DEVIATIONS = 2 * LOSS_DEVIATIONS
 ETA_BOUNDS = (1e-12, 1e6)
 BETA1 = 0.9  # the direction's momentum where none is given; noise-free problems get NOISE_FREE_BETA1
 # full-batch digits CNN training loss 5.6e-6 instead of 9.9e-4, diabetes MLP 0.019 instead of 0.026, Rosenbrock
-# 2e-26 instead of 7e-20 (README); without the restarts (see _retrace) it cost Rosenbrock (2e-15) and a plain
+# 2e-26 instead of 7e-20 (docs/method.md); without the restarts (see _retrace) it cost Rosenbrock (2e-15) and a plain
 # quadratic (1e-3 after 400 steps)
 NOISE_FREE_BETA1 = 0.95
 # a step budget (total_steps): its last COOLDOWN_SHARE of micro-batches take a step length falling linearly to
-# COOLDOWN_FLOOR of the one reached, mini-batch regime only (README: benchmark against the budget not given)
+# COOLDOWN_FLOOR of the one reached, mini-batch regime only (docs/usage.md: benchmark against the budget not given)
 COOLDOWN_SHARE = 0.2
 COOLDOWN_FLOOR = 0.02
 # the cooldown starts at the first accepted step of that window whose signal share is at most this: a run whose
 # budget ends while its gradients are still mostly signal (the step length still climbing from its first probe)
 # lost by cooling (digits MLP, 100 steps: 0.681 vs 0.728 accuracy at shares 0.24-0.28; MLP char-LM, 150 steps:
-# 4.44 vs 3.68 bits/char at 0.48-0.64); those that gained started at 0.08 or less (README)
+# 4.44 vs 3.68 bits/char at 0.48-0.64); those that gained started at 0.08 or less (docs/usage.md)
 COOLDOWN_SIGNAL = 0.1
-LINE_TARGET = -0.1  # the default target without noise (benchmarks/quality.py; see the README)
+LINE_TARGET = -0.1  # the default target without noise (benchmarks/quality.py; see docs/method.md)
 # mini-batch regime: where noise dominates the gradient, eta settles at this share of the short-step ratio
 # instead of the line minimum (LineController.settling_ratio), faded by (1 - S)**NOISE_FADE: the term is a
 # tenth of its size at S = 0.2. 0.8 stalled the wide regression's ramp (test mse 1.0 against 0.125), 0.3 left it
-# at 0.19; fade 20 cost the transformer (seeds 0-1: 1.185 and 1.210 against 1.172 and 1.187 bits/char; README)
+# at 0.19; fade 20 cost the transformer (seeds 0-1: 1.185 and 1.210 against 1.172 and 1.187 bits/char; docs/method.md)
 NOISE_TARGET = 0.5
 NOISE_FADE = 10
 _TINY = 1e-300
@@ -605,7 +605,7 @@ class LineController:
         Mini-batch regime only: in the last ``COOLDOWN_SHARE`` of ``total_steps`` micro-batches, from the first
         accepted step whose signal ``share`` is at most ``COOLDOWN_SIGNAL`` (or unknown), steps take that length times
         :func:`cooldown_factor`; the gradient pairs do not move it then. Where noise dominates, the pair anneals
-        only as far as its greedy step (README); a fixed budget gains from a cooldown at its end, as the
+        only as far as its greedy step (docs/usage.md); a fixed budget gains from a cooldown at its end, as the
         schedules tuned for Adam have one. Where signal still dominates, cooling only slows the descent: the
         pairs keep the step until noise takes over, and the fall starts from there. Without noise the exact
         pairs set the step to the end. A budget extended (or dropped) in its cooldown gives the length back

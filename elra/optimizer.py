@@ -44,7 +44,7 @@ logger = logging.getLogger("elra")
 
 LossLike = float | torch.Tensor
 # weight_decay=None along a preconditioned direction in the stochastic regime: decoupled, as AdamW's
-# (x <- (1 - step*wd)*x); chosen by benchmarks/quality.py over all its tasks (see the README)
+# (x <- (1 - step*wd)*x); chosen by benchmarks/quality.py over all its tasks (docs/method.md)
 AUTO_DECAY = 0.1
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _DTYPE = attrgetter("dtype")

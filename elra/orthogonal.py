@@ -22,7 +22,7 @@ momentum's mean square (``m_hat``'s, one number per matrix, the same on every
 rank: it is taken of the whole matrix), and in the stochastic regime, where
 ``m_hat``'s RMS falls below ``SHRINK_BELOW`` times the EMA's root, its
 direction shrinks in proportion. Without noise the line controller's exact
-pairs set the step, and the shrink only slowed the full-batch runs (README).
+pairs set the step, and the shrink only slowed the full-batch runs (docs/method.md).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .reduce import ScalarBatch, local
 MATRIX_KEYS = ("exp_avg", "direction")
 MEAN_SQUARE_KEY = "momentum_mean_square"  # a matrix's EMA of mean(m_hat^2): one number, replicated
 MEAN_SQUARE_KEEP = 0.99
-SHRINK_BELOW = 0.3  # a direction shrinks where RMS(m_hat) < SHRINK_BELOW * sqrt(EMA): the benchmark's choice (README)
+SHRINK_BELOW = 0.3  # a direction shrinks where RMS(m_hat) < SHRINK_BELOW * sqrt(EMA): measured in docs/method.md
 NEWTON_SCHULZ_STEPS = 5
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # a quintic that pushes singular values toward 1 fast
 RMS = 0.2  # per-entry size of a matrix's direction
@@ -58,7 +58,7 @@ def orthogonalize(matrix: torch.Tensor, dtype: torch.dtype | None = None) -> tor
     Computed in ``dtype`` (default: the input's, float32 for 16-bit input). The
     optimizer keeps the default: Muon's bfloat16 iteration is about 11x faster
     on an H100 but gave ELRA worse held-out losses (benchmarks/orthogonalize.py,
-    README).
+    docs/benchmarks.md).
     ``matrix`` may be a stack of matrices (``(stack, rows, cols)``): each is
     orthogonalised on its own. Each term is one fused product
     (``baddbmm``: ``B = b*G + c*G@G``, ``X = a*X + B@X``), no separate scaling passes.
@@ -103,7 +103,7 @@ class MatrixTensors(GroupTensors):
 class _MatrixDirection(AdamDirection):
     """The matrices' part: momentum, and the orthogonalised direction in the state's second tensor."""
 
-    shrinking = False  # whether faded momenta shrink their directions: in the stochastic regime only (README)
+    shrinking = False  # whether faded momenta shrink their directions: in the stochastic regime only (docs/method.md)
 
     def set_regime(self, stochastic: bool) -> None:
         self.shrinking = stochastic

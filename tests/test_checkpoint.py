@@ -583,7 +583,7 @@ def test_a_dcp_muon_checkpoint_of_an_older_elra_loads_with_a_partial_load(tmp_pa
 
 
 def test_a_dcp_resume_into_another_preconditioner_fails_loudly_and_load_state_dict_takes_the_checkpoints(tmp_path):
-    """The README: ``dcp.load`` reads the template's keys, the loading optimizer's own direction's, so a muon
+    """docs/checkpoints.md: ``dcp.load`` reads the template's keys, the loading optimizer's own direction's, so a muon
     checkpoint into an adam-built template fails (torch's "Missing key"), never loads silently; through
     ``load_state_dict`` the checkpoint's preconditioner wins and the run continues as the saved one."""
     import torch.distributed.checkpoint as dcp

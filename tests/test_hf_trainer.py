@@ -400,7 +400,7 @@ def test_train_losses_saved_by_two_processes_resume_into_one_as_their_totals(tmp
 
 
 def test_an_evaluation_inside_boosted_is_not_fed_to_the_weight_decay_control(tmp_path):
-    """The README's advice, evaluating inside ``trainer.elra_optimizer.boosted()`` to see the mean, fed the boost
+    """The advice in docs/integrations.md, evaluating inside ``trainer.elra_optimizer.boosted()`` to see the mean, fed the boost
     mean's loss during training to the weight-decay control as the validation loss of the current weights, with the
     train losses gathered for the next regular evaluation, which then had only the few left. Such an evaluation
     feeds nothing now: the control gets what the run without it gets."""

@@ -555,7 +555,7 @@ def test_orthogonalized_momentum_keeps_the_singular_vectors_and_flattens_the_spe
 
 def test_muon_gives_a_single_row_or_column_matrix_adams_direction():
     """A (1, n) or (n, 1) weight (a regression head, Linear(n, 1)) is a vector: orthogonalising it would only
-    normalise it, so it keeps Adam's moments and direction, as the README says."""
+    normalise it, so it keeps Adam's moments and direction, as docs/method.md says."""
     head, column = torch.nn.Linear(5, 1, bias=False).double(), torch.nn.Linear(1, 5, bias=False).double()
     weights = [head.weight, column.weight]
     opt = ElraOptimizer(weights, lr=1e-4, weight_decay=0, preconditioner="muon")

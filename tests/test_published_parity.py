@@ -94,7 +94,7 @@ def test_a_refused_first_step_is_undone_where_the_published_package_stays_there(
 
 
 def test_boost_means_the_points_before_the_accepted_steps_where_the_package_holds_those_after(published, quiet):
-    """One epoch of 150 steps (below the 240-point cycle) through ``get_boost_model``, as the README compares."""
+    """One epoch of 150 steps (below the 240-point cycle) through ``get_boost_model``, as docs/method.md compares."""
 
     def run(make_opt, steps=150):
         x, y = digits_data()

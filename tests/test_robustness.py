@@ -263,7 +263,7 @@ def test_steps_inside_a_bfloat16_autocast_region_are_the_steps_outside_it(precon
     """``step``/``step_retrace`` called inside ``torch.autocast`` (a loop body under one ``with``): ELRA's own
     inner products (the CPU's Gram matrices) and muon's Newton-Schulz products ran in bfloat16, so the same
     run took other steps silently (P2M, full batch: 0.3% off in 60 steps; muon's iteration in the precision
-    the README says was ruled out). ELRA's arithmetic now ignores autocast: the runs are identical."""
+    docs/benchmarks.md says was ruled out). ELRA's arithmetic now ignores autocast: the runs are identical."""
 
     def run(inside):
         torch.manual_seed(0)
