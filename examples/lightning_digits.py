@@ -95,8 +95,9 @@ def build_module(batch_size: int, batch_multiplier: int = 1):
             train = torch.stack(self.train_losses) if self.train_losses else torch.zeros(0)
             loss, correct, count = torch.stack(self.valid_losses).sum(0)
             train, valid, self.accuracy = train[torch.isfinite(train)], loss / count, (correct / count).item()
-            optimizer = self.optimizers().optimizer
-            if len(train) and torch.isfinite(valid):
+            # trainer.validate() outside a fit has no optimizer to feed: it only measures
+            if self.trainer.state.fn == "fit" and len(train) and torch.isfinite(valid):
+                optimizer = self.optimizers().optimizer
                 optimizer.set_train_loss(train.mean().item())
                 optimizer.set_valid_loss(valid.item())
             self.train_losses, self.valid_losses = [], []

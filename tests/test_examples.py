@@ -116,6 +116,27 @@ def test_lightning_example_drives_elra_through_closures():
     assert accuracy > 0.85 and stats["real_steps"] == 3 * 45
 
 
+def test_lightning_example_validates_outside_fit():
+    """``trainer.validate`` on a Trainer without optimizers (before a fit, or a new one after it) only measures;
+    the module asked it for ELRA's optimizer and raised ``AttributeError``."""
+    L = pytest.importorskip("lightning")
+    example = _example("lightning_digits")
+    torch.manual_seed(0)
+    module = example.build_module(32)
+    train_loader, valid_loader = example.digits_loaders(32)
+    quiet = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                 enable_checkpointing=False)
+    L.Trainer(**quiet).validate(module, valid_loader, verbose=False)
+    assert 0.0 <= module.accuracy <= 1.0
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=20, num_sanity_val_steps=0, **quiet)
+    trainer.fit(module, train_loader, valid_loader)
+    fitted = module.accuracy
+    optimizer = trainer.optimizers[0]
+    fed = optimizer.controller.state.train_loss, optimizer.controller.state.valid_loss
+    L.Trainer(**quiet).validate(module, valid_loader, verbose=False)
+    assert module.accuracy == fitted
+    assert (optimizer.controller.state.train_loss, optimizer.controller.state.valid_loss) == fed
+
 
 def test_lightning_example_resumes_from_a_checkpoint_taken_mid_collection(tmp_path):
     """Lightning's ``zero_grad()`` before fitting dropped the restored micro-batch gradients (ELRA then raised).
