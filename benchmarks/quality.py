@@ -12,7 +12,8 @@ source: an MLP over 16 characters and a 2-layer causal transformer
 muon direction and automatic weight decay), ELRA as the README's training
 loop uses it (``set_train_loss``/``set_valid_loss`` every REPORT_EVERY steps,
 the validation loss on about VALID_SHARE of the training split held out, so
-it trains on less; mini-batch tasks only), ELRA P2M (the published method,
+it trains on less; the wide regression's endless stream keeps every batch and
+draws its validation samples besides; mini-batch tasks only), ELRA P2M (the published method,
 ``preconditioner=None``), ELRA over Adam's and the factored direction, Adam
 (1e-3), AdamW (1e-3, weight decay 0.01), SGD with momentum (0.01, 0.9),
 Prodigy (1.0), Schedule-Free AdamW (defaults) and the published elra 0.0.5

@@ -399,12 +399,20 @@ def fsdp1_shards(models: Iterable[torch.nn.Module]) -> dict[torch.Tensor, int]:
 
     shards: dict[torch.Tensor, int] = {}
     for model in models:
-        for module in model.modules():
+        for name, module in model.named_modules():
             handle = getattr(module, "_handle", None) if isinstance(module, FullyShardedDataParallel) else None
             if handle is None:
                 continue
             count = module.process_group.size() if handle.uses_sharded_strategy else 1
             flat = handle.flat_param
+            if count > 1 and flat._unpadded_unsharded_size == getattr(flat, "_sharded_size", None):
+                raise ValueError(
+                    f"the FullyShardedDataParallel unit {name.replace('_fsdp_wrapped_module.', '') or 'at the root'} shards a flat parameter of one "
+                    f"element over {count} ranks (and no alignment padding): FSDP1 tells a reduced gradient shard "
+                    "from an unreduced sum by its size, alike here, so it adds micro-batches wrongly (torch's own optimizers too) and ELRA "
+                    "would reduce the gradient twice. Wrap that parameter's module with its parent, give its unit "
+                    "sharding_strategy=NO_SHARD, or use FSDP2 (fully_shard)"
+                )
             for p in (flat, *(flat._params or ()), *(flat._shared_params or ())):
                 shards[p] = count
     return shards
@@ -427,7 +435,15 @@ def wrapper_groups(models: Iterable[torch.nn.Module]) -> Iterator[tuple[str, int
             continue
         for module in model.modules():
             if isinstance(module, FullyShardedDataParallel):
-                groups = [module.process_group] + [g for g in [getattr(module, "_inter_node_pg", None)] if g is not None]
+                replicate = getattr(module, "_inter_node_pg", None)
+                handle = getattr(module, "_handle", None)
+                if replicate is not None and handle is not None and not handle.uses_sharded_strategy:
+                    raise ValueError(
+                        "FullyShardedDataParallel's HYBRID_SHARD over a shard group of one rank runs as NO_SHARD "
+                        f"and never reduces the gradients over its {replicate.size()} replicas (torch's FSDP1): "
+                        "use a shard group of several ranks, FULL_SHARD or NO_SHARD over all ranks, DDP, or FSDP2"
+                    )
+                groups = [module.process_group] + [g for g in [replicate] if g is not None]
                 yield "FullyShardedDataParallel", math.prod(g.size() for g in groups)
 
 

@@ -360,12 +360,17 @@ def wrap(model: Net, strategy: str, world: int):
         from torch.distributed.fsdp import MixedPrecision
 
         options["mixed_precision"] = MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float64)
-    elif strategy == "fsdp1-hybrid":  # sharded over 2 ranks, repeated over the other mesh dimension
+    elif strategy.startswith("fsdp1-hybrid"):  # sharded over 2 ranks (or 1), repeated over the other mesh dimension
         from torch.distributed.device_mesh import init_device_mesh
 
+        shape = (world, 1) if strategy == "fsdp1-hybrid-one-shard" else (world // 2, 2)
         options["sharding_strategy"] = ShardingStrategy.HYBRID_SHARD
-        options["device_mesh"] = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("replicate", "shard"))
-    return FSDP(model, device_id=torch.device("cpu"), use_orig_params=strategy != "fsdp1", **options)
+        options["device_mesh"] = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+    elif strategy == "fsdp1-one-element":  # a unit of its own around a one-element parameter (a temperature)
+        late = torch.nn.Linear(1, 1, bias=False).to(model.out.weight.dtype)
+        model.late = FSDP(late, device_id=torch.device("cpu"))  # use_orig_params would pad it to 16 bytes
+    flat = strategy in ("fsdp1", "fsdp1-one-element")
+    return FSDP(model, device_id=torch.device("cpu"), use_orig_params=not flat, **options)
 
 
 def full_parameters(model, strategy: str) -> dict[str, torch.Tensor]:

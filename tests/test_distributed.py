@@ -228,6 +228,12 @@ REFUSED = {
     # wrappers over a group of their own rank while ELRA sums over both ranks ("auto"): the two jobs' sums mixed
     "ddp-subgroup": "DistributedDataParallel reduces over 1 ranks but ELRA sums over 2",
     "fsdp1-subgroup": "FullyShardedDataParallel reduces over 1 ranks but ELRA sums over 2",
+    # FSDP1 takes a one-element unit's reduced shard for an unreduced sum (same size): ELRA reduced it again at every
+    # real step, 4e-2 off one process (P2M), and FSDP1 adds accumulated micro-batches into it wrongly
+    "fsdp1-one-element": "shards a flat parameter of one element over 2 ranks",
+    # torch runs HYBRID_SHARD over a one-rank shard group as NO_SHARD and never reduces over the replicas: refused
+    # by the replica check, which blamed DDP's no_sync()
+    "fsdp1-hybrid-one-shard": "HYBRID_SHARD over a shard group of one rank runs as NO_SHARD",
     # given in torch.compile's wrapper, the DDP module went unseen and the check with it
     "ddp-subgroup-compiled": "DistributedDataParallel reduces over 1 ranks but ELRA sums over 2",
     # the caller's own sync switch, the optimizer not told the model: the wrapper's unreduced sums, which it cannot
@@ -248,6 +254,8 @@ TWO_RANKS += IN_PLACE + COUNTED + [
     Scenario("fsdp1-orig-muon", "fsdp1-orig", options=MUON),
     Scenario("ddp-subgroup", "ddp-subgroup", steps=3),
     Scenario("fsdp1-subgroup", "fsdp1-subgroup", steps=3),
+    Scenario("fsdp1-one-element", "fsdp1-one-element", steps=3),
+    Scenario("fsdp1-hybrid-one-shard", "fsdp1-hybrid-one-shard", steps=3),
     Scenario("ddp-subgroup-compiled", "ddp-subgroup", steps=3, use_grad_sync=False, compiled_model=True),
     Scenario("fsdp2-user-sync-state-dict-without-model", "fsdp2", steps=6, batch_multiplier=3, use_grad_sync=False,
              user_sync=True, pass_model=False, state_dict_at=4),
