@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .config import check_int
-from .optimizer import LOSS_KEEPERS, ElraOptimizer, _loss_value
+from .optimizer import LOSS_KEEPERS, ElraOptimizer, _loss_value, _NoGradient
 
 logger = logging.getLogger("elra")
 
@@ -121,8 +121,11 @@ class ElraGradScaler:
             )
         loss = self._limited(self._loss)
         inv_scale = 1.0 / self._scale if self.enabled else 1.0
-        # through the optimizer's step hooks, as optimizer.step(loss) (torch's GradScaler too)
-        outcome = optimizer._hooked_step(loss, inv_scale=inv_scale, skip_overflow=self.enabled)
+        try:  # through the optimizer's step hooks, as optimizer.step(loss) (torch's GradScaler too)
+            outcome = optimizer._hooked_step(loss, inv_scale=inv_scale, skip_overflow=self.enabled)
+        except _NoGradient:  # no gradient behind the loss: kept, the next micro-batch's would have been added to it
+            self._forget_loss()
+            raise
         # only a step that took the loss counts: one refused (inside boosted(), bad group options) may be retried
         self._stepped.append(optimizer)
         if not any(known is optimizer for known in self._optimizers):

@@ -156,6 +156,11 @@ def _layout(n_groups: int, sixteen_bit: bool) -> tuple[int, int, int]:
     return present, present + 1, present + (4 if sixteen_bit else 1)
 
 
+class _NoGradient(RuntimeError):
+    """A ``step(loss)`` refused because its micro-batch added no gradient: the call counts as not made, and
+    :class:`elra.ElraGradScaler` forgets the loss it scaled for it."""
+
+
 def _steppable(p: torch.Tensor) -> bool:
     """Whether ELRA can step ``p``: a real floating point dtype torch's arithmetic covers (float8 has no lerp,
     pow or add: its first step failed deep in torch, NotImplementedError)."""
@@ -653,7 +658,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._follow_parameter_casts()
         self._refuse_state_loaded_around_it()
         if self._pending and self._backward_seen and not self._grads_changed_since_step():
-            raise RuntimeError(
+            raise _NoGradient(
                 f"step(loss) without a backward() since the last step(loss), while ELRA collects micro-batch "
                 f"{len(self._pending) + 1} of {self.controller.state.multiplier}: no gradient changed, so this "
                 "micro-batch would count with no gradient of its own. Call loss.backward() before optimizer.step(loss)"
@@ -963,7 +968,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 "ElraOptimizer(model.parameters(), model, ...), which reduces such sums at a real step"
             )
 
-    def _no_gradient(self) -> RuntimeError:
+    def _no_gradient(self) -> _NoGradient:
         """The error of a real step without any gradient on any rank; under FSDP a backward with the wrapper's
         sync off leaves none where an optimizer that does not know the model can see it."""
         message = (
@@ -978,7 +983,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 "...), which reduces them at a real step, or use `with elra.grad_sync(model, optimizer):` around "
                 "forward and backward"
             )
-        return RuntimeError(message)
+        return _NoGradient(message)
 
     def _note_ddp_sync_off(self) -> None:
         """After a collected micro-batch: add the known DDP models whose forward ran with gradient sync off though
@@ -1033,9 +1038,11 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 collected = len(self._pending)
                 self._pending, self._kept_grads = [], {}
                 raise RuntimeError(
-                    f"gradients were reset while ELRA was collecting micro-batch {collected + 1} of "
+                    f"gradients were reset or replaced while ELRA was collecting micro-batch {collected + 1} of "
                     f"{self.controller.state.multiplier}: use optimizer.zero_grad() (it keeps them while "
-                    "collecting), not model.zero_grad(); see `collecting` in the README. (Under "
+                    "collecting), not model.zero_grad(); see `collecting` in the README. Edit gradients in place "
+                    "(p.grad.mul_(c), torch.nan_to_num(p.grad, out=p.grad)): a new tensor assigned to p.grad "
+                    "looks like a reset, ELRA sums the micro-batches in the tensor it kept. (Under "
                     "DDP(gradient_as_bucket_view=True), which moves gradients into its buckets, give the "
                     "optimizer the model. torch's ZeroRedundancyOptimizer.zero_grad() is torch's and clears "
                     "every gradient: call it only when zero.optim.micro_batches is 0.) The "

@@ -272,6 +272,32 @@ def test_model_zero_grad_while_collecting_fails_loudly():
         opt.step(1.0)
 
 
+def test_a_gradient_edit_while_collecting_works_in_place_and_names_itself_out_of_place():
+    """``p.grad = p.grad * c`` reads as a reset once ELRA collects: the error blamed ``model.zero_grad()`` alone.
+    In place it trains on, the edit applied to the sum kept so far (as torch's accumulation in ``.grad`` does)."""
+
+    def run(edit):
+        torch.manual_seed(0)
+        model, inputs = torch.nn.Linear(3, 1, dtype=torch.float64), torch.randn(4, 4, 3, dtype=torch.float64)
+        opt = ElraOptimizer(model.parameters(), classes=10, batch_multiplier=2)
+        for x in inputs:
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            for p in model.parameters():
+                edit(p)
+            opt.step(loss)
+        return list(model.parameters())
+
+    def replace(p):
+        p.grad = p.grad * 0.5
+
+    with pytest.raises(RuntimeError, match=r"Edit gradients in place \(p.grad.mul_"):
+        run(replace)
+    halved = run(lambda p: p.grad.mul_(0.5))
+    assert not all(torch.equal(a, b) for a, b in zip(halved, run(lambda p: None)))
+
+
 def test_after_a_reset_while_collecting_the_optimizer_recovers_with_a_new_collection():
     """The reset raised at every later step too (the collected gradients could never come back), even once the
     loop used optimizer.zero_grad(): the collection is dropped, and training goes on as from that point."""

@@ -451,6 +451,36 @@ def test_a_loss_scaled_for_a_skipped_micro_batch_does_not_reach_the_next_step(sk
     assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
 
 
+def test_a_scaler_step_refused_for_a_missing_backward_forgets_its_loss():
+    """``scaler.scale(loss)`` without its backward, then ``scaler.step`` while collecting: ELRA refuses the step
+    (no gradient changed). The scaler kept the loss for a retry, and when the loop went on (the refused call's
+    ``update()`` skipped with it) the next micro-batch's loss was added to it: a good step read twice its loss
+    and retraced (P2M 6.9e-2 off after 20 micro-batches). The refusal now forgets the loss."""
+
+    def run(refused: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+        opt = ElraOptimizer(model.parameters(), model, 8, 3, lr=1e-4, batch_multiplier=2, preconditioner=None)
+        scaler, outcomes = ElraGradScaler(init_scale=2.0**8), []
+        data = torch.Generator().manual_seed(1)
+        for step in range(20):
+            x, y = torch.randn(8, 5, generator=data, dtype=torch.float64), torch.randint(0, 3, (8,), generator=data)
+            opt.zero_grad()
+            if refused and step == 5:  # micro-batch 2 of a pair: the backward forgotten
+                scaler.scale(torch.nn.functional.cross_entropy(model(x), y))
+                with pytest.raises(RuntimeError, match="without a backward"):
+                    scaler.step(opt)
+            scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+            outcomes.append(scaler.step(opt))
+            scaler.update()
+        return [p.detach() for p in model.parameters()], opt.stats, outcomes
+
+    plain, stats, outcomes = run(False)
+    params, refused_stats, refused_outcomes = run(True)
+    assert refused_outcomes == outcomes and refused_stats == stats
+    assert all(torch.equal(a, b) for a, b in zip(plain, params))
+
+
 @pytest.mark.parametrize("preconditioner", [None, "muon"])
 def test_one_scaler_stepping_two_optimizers_keeps_the_scale_while_either_collects(preconditioner):
     """torch's pattern for several optimizers: ``scaler.step(a); scaler.step(b); scaler.update()``. Only the last
