@@ -406,12 +406,13 @@ def fsdp1_shards(models: Iterable[torch.nn.Module]) -> dict[torch.Tensor, int]:
             count = module.process_group.size() if handle.uses_sharded_strategy else 1
             flat = handle.flat_param
             if count > 1 and flat._unpadded_unsharded_size == getattr(flat, "_sharded_size", None):
+                unit = name.replace("_fsdp_wrapped_module.", "") or "at the root"
                 raise ValueError(
-                    f"the FullyShardedDataParallel unit {name.replace('_fsdp_wrapped_module.', '') or 'at the root'} shards a flat parameter of one "
-                    f"element over {count} ranks (and no alignment padding): FSDP1 tells a reduced gradient shard "
-                    "from an unreduced sum by its size, alike here, so it adds micro-batches wrongly (torch's own optimizers too) and ELRA "
-                    "would reduce the gradient twice. Wrap that parameter's module with its parent, give its unit "
-                    "sharding_strategy=NO_SHARD, or use FSDP2 (fully_shard)"
+                    f"the FullyShardedDataParallel unit {unit} shards a flat parameter of one element over {count} "
+                    "ranks (and no alignment padding): FSDP1 tells a reduced gradient shard from an unreduced sum "
+                    "by its size, alike here, so it adds micro-batches wrongly (torch's own optimizers too) and "
+                    "ELRA would reduce the gradient twice. Wrap that parameter's module with its parent, give its "
+                    "unit sharding_strategy=NO_SHARD, or use FSDP2 (fully_shard)"
                 )
             for p in (flat, *(flat._params or ()), *(flat._shared_params or ())):
                 shards[p] = count
