@@ -161,6 +161,25 @@ class _NoGradient(RuntimeError):
     :class:`elra.ElraGradScaler` forgets the loss it scaled for it."""
 
 
+def _aliased(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two of ``tensors`` whose memory overlaps (a Parameter made from another's data or a view of it), or
+    ``None``: by the byte span each covers, so views of one buffer side by side are apart."""
+    spans = []
+    for p in tensors:
+        x = local(p)
+        if x.numel() and x.layout == torch.strided and not x.is_meta:
+            extent = 1 + sum((n - 1) * stride for n, stride in zip(x.shape, x.stride()))
+            spans.append((str(x.device), x.data_ptr(), x.data_ptr() + extent * x.element_size(), p))
+    spans.sort(key=lambda span: span[:3])
+    widest = None
+    for span in spans:
+        if widest is not None and span[0] == widest[0] and span[1] < widest[2]:
+            return widest[3], span[3]
+        if widest is None or span[0] != widest[0] or span[2] > widest[2]:
+            widest = span
+    return None
+
+
 def _steppable(p: torch.Tensor) -> bool:
     """Whether ELRA can step ``p``: a real floating point dtype torch's arithmetic covers (float8 has no lerp,
     pow or add: its first step failed deep in torch, NotImplementedError)."""
@@ -384,6 +403,15 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 raise ValueError(
                     f"all parameters must be on one device: found {p.device} and {device}; use one optimizer per device"
                 )
+        shared = _aliased([*self._params(), *tensors])
+        if shared is not None:
+            raise ValueError(
+                "two parameters share memory (shapes {} and {}: a Parameter made from another's data, "
+                "nn.Parameter(w) or a view of it): ELRA would count it twice in every sum and step it twice. Tie "
+                "weights by assigning the same Parameter (head.weight = embed.weight)".format(
+                    *(tuple(p.shape) for p in shared)
+                )
+            )
         super().add_param_group({**param_group, "params": params})
         if hasattr(self, "controller"):  # added mid-run: it shows the step length in force, as the others do
             self.param_groups[-1]["lr"] = self.controller.step_length

@@ -491,6 +491,25 @@ def test_a_parameter_given_twice_is_rejected():
         opt.add_param_group({"params": [q := torch.nn.Parameter(torch.ones(3)), q]})
 
 
+def test_parameters_sharing_memory_are_rejected_and_views_side_by_side_are_not():
+    """Two Parameter objects over one storage (a tie made by ``nn.Parameter(embed.weight)``, a Parameter of some
+    rows of another) passed the check by identity: the sums counted the memory twice, the step moved it twice,
+    and ``boosted()`` left the boost mean in the weights (its swap reads the second one after the first wrote)."""
+    embed = torch.nn.Embedding(11, 6)
+    head = torch.nn.Parameter(embed.weight)
+    with pytest.raises(ValueError, match="share memory"):
+        ElraOptimizer([embed.weight, head])
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    opt = ElraOptimizer([w])
+    with pytest.raises(ValueError, match="share memory"):
+        opt.add_param_group({"params": [torch.nn.Parameter(w.data[2:4])]})
+    assert len(opt.param_groups) == 1
+    buffer = torch.zeros(20)  # one flat buffer, parameters side by side in it (and a transposed one)
+    side = [torch.nn.Parameter(buffer[:8].view(2, 4)), torch.nn.Parameter(buffer[8:12]), torch.nn.Parameter(buffer[12:])]
+    matrix = torch.zeros(4, 3)
+    ElraOptimizer([*side, torch.nn.Parameter(matrix[:2].t()), torch.nn.Parameter(matrix[2:])], classes=10)
+
+
 def _flat_quadratic(dtype, curvature, steps, inject=None):
     """A quadratic so flat that ELRA's step length grows far beyond float16's range (65504)."""
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=dtype))
