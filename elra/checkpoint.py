@@ -131,8 +131,7 @@ class Checkpointing:
         sd["param_groups"][0][BOOST_KEY] = self.booster.state_dict()
         sd["param_groups"][0][CONFIG_KEY] = dict(self._config)
         index = 0
-        started = self._moment_steps() > 0
-        collecting = bool(self._pending)
+        collecting, moments = bool(self._pending), self.geometry is not None  # P2M keeps none: never late
         for p in self._params():
             collected = torch.tensor(float(p.grad is not None))
             if collecting and p.grad is not None:
@@ -140,7 +139,9 @@ class Checkpointing:
             else:  # NaN: no gradient collected, as elra before the flag read it
                 pending = torch.full_like(p, math.nan if collecting else 0.0, memory_format=torch.preserve_format)
             moved = torch.tensor(float(p in self._moved))
-            late = torch.tensor(float(started and p in self._waiting))
+            # 1 before the first update too: torch.distributed.checkpoint's full load fills a frozen parameter's
+            # state from the loading optimizer's own (it hands none over), which must read as waiting
+            late = torch.tensor(float(moments and p in self._waiting))
             flags = {_MOVED: moved, _LATE: late, _COLLECTED: collected}
             sd["state"][index] = {**sd["state"].get(index, {}), _PENDING_GRAD: pending, **flags}
             index += 1
@@ -436,6 +437,8 @@ class Checkpointing:
             shapes = {"direction": p.shape} if geometry is None else geometry.state_shapes(p)
             needed = [*shapes, "boost"] if boost_enabled else list(shapes)
             entry = saved_state.get(saved_id, {})
+            if not entry and not p.requires_grad:  # torch.distributed.checkpoint hands a frozen one's state over
+                continue  # to no optimizer: it starts afresh, waiting for its first gradient (_fill_missing_state)
             # this direction's own state first: another order also lacks keys (muon: a matrix's, a vector's); another
             # preconditioner's state (factored's row factor under "adam") is named by the key it lacks below
             _check_state_shapes(index, p, {k: entry[k] for k in shapes if k in entry}, shapes)
@@ -538,6 +541,8 @@ class Checkpointing:
         for a parameter that lies wholly in another rank's shard; its state here
         is empty tensors, so nothing is lost by creating them again. A checkpoint
         of an older elra lacks the keys of ``_ADDED_LATER``: they start afresh.
+        ``torch.distributed.checkpoint`` hands no state to a frozen parameter: it
+        starts afresh too, waiting for its first gradient (as torch's AdamW would).
         """
         started_afresh = set()
         for p in self._params():
@@ -545,7 +550,10 @@ class Checkpointing:
             keys = {"direction"} if self.geometry is None else self.geometry.state_shapes(p).keys()
             if p.numel() and keys <= state.keys():
                 continue
-            started_afresh.update(keys - state.keys() if p.numel() else ())
+            if p.numel() and not keys & state.keys() and not p.requires_grad:
+                state[_LATE] = torch.tensor(1.0)  # a frozen parameter's, which DCP loads no state into
+            elif p.numel():
+                started_afresh.update(keys - state.keys())
             for key, value in direction_state(self.geometry, p).items():
                 state.setdefault(key, value)
             if self.booster.enabled:

@@ -176,6 +176,48 @@ def test_dcp_resume_mid_collection_in_one_process_is_bit_identical(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
 
 
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("preconditioner", [None, "adam", "muon"])
+def test_dcp_resume_with_a_frozen_parameter_unfrozen_later_continues_the_run(preconditioner, full):
+    """torch.distributed.checkpoint hands a frozen parameter's state to no optimizer. Sharded, ELRA refused the
+    load ("lacks the 'exp_avg' state"); full, the parameter took the loading optimizer's fresh state, read as not
+    waiting for its first gradient, and once unfrozen the run went 5e-4 (adam) off the uninterrupted one. It now
+    starts afresh, waiting, as in the saved run (and as torch's AdamW resumes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    data = torch.randn(30, 8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.randint(0, 3, (30, 8), generator=torch.Generator().manual_seed(1))
+
+    def build():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+        net[0].weight.requires_grad_(False)  # frozen, held by the optimizer: unfrozen at step 20
+        opt = ElraOptimizer(net.named_parameters(), net, 8, 3, lr=1e-3, batch_multiplier=2,
+                            preconditioner=preconditioner, process_group=None)
+        return net, opt
+
+    def train(net, opt, steps):
+        for i in steps:
+            net[0].weight.requires_grad_(i >= 20)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(data[i]), labels[i])
+            loss.backward()
+            opt.step(loss)
+
+    reference, reference_opt = build()
+    train(reference, reference_opt, range(30))
+    net, opt = build()
+    train(net, opt, range(13))  # mid-collection
+    options = StateDictOptions(full_state_dict=full)
+    model_sd, optim_sd = get_state_dict(net, opt, options=options)
+    fresh, fresh_opt = build()
+    fresh[0].weight.requires_grad_(False)
+    set_state_dict(fresh, fresh_opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+    train(fresh, fresh_opt, range(13, 30))
+    assert fresh_opt.stats == reference_opt.stats
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), reference.parameters()))
+
+
 @pytest.mark.parametrize("preconditioner", [None, "adam"])
 def test_dcp_resume_into_param_groups_listed_in_another_order_continues_the_run(tmp_path, preconditioner):
     """torch.distributed.checkpoint matches groups by parameter name and hands ELRA the saved groups in the
