@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cli import known, positive, writable_folder  # noqa: E402
 from benchmarks.quality import digits_split  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
 
@@ -377,15 +378,16 @@ def _cell(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=positive, default=3)
     parser.add_argument("--tasks", nargs="*", default=[t.name for t in TASKS])
     parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS))
     parser.add_argument("--out", type=Path, help="a folder for beyond.md (default: print only)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    unknown = set(args.tasks) - {t.name for t in TASKS} | set(args.optimizers) - set(OPTIMIZERS)
-    if unknown:
-        parser.error(f"unknown: {sorted(unknown)}")
+    known(parser, "tasks", args.tasks, [t.name for t in TASKS])
+    known(parser, "optimizers", args.optimizers, list(OPTIMIZERS))
+    if args.out:
+        args.out = writable_folder(parser, args.out)
     tasks = [t for t in TASKS if t.name in args.tasks]
     peers = [n for n in OPTIMIZERS if n in args.optimizers]
     began = time.perf_counter()
@@ -418,7 +420,6 @@ def main() -> None:
     print()
     print(table)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "beyond.md").write_text(table)
         print(f"written to {args.out / 'beyond.md'}")
 

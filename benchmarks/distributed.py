@@ -27,6 +27,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cli import positive, writable_folder  # noqa: E402
 from benchmarks.published import RESULTS  # noqa: E402
 from benchmarks.ranks import as_gloo_rank  # noqa: E402
 from elra import ElraOptimizer, grad_sync  # noqa: E402
@@ -100,11 +101,11 @@ def _measure(rank: int, world: int, store: str, out: str, strategy: str, width: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--width", type=positive, default=512)
+    parser.add_argument("--steps", type=positive, default=40)
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the table goes")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out = writable_folder(parser, args.out)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for strategy, world in [("none", 1), ("ddp", 2), ("ddp", 3), ("fsdp2", 2), ("fsdp2", 3)]:
@@ -112,8 +113,8 @@ def main() -> None:
             mp.spawn(_measure, args=(world, store, tmp, strategy, args.width, args.steps), nprocs=world, join=True)
             rows.append((strategy, world, torch.load(Path(tmp) / f"{strategy}-{world}.pt")))
     table = _table(rows, args.width)
-    (args.out / "distributed.md").write_text(table)
     print(table)
+    (args.out / "distributed.md").write_text(table)
     print(f"written to {args.out}")
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.cli import positive  # noqa: E402
 from elra.orthogonal import orthogonalize  # noqa: E402
 
 SHAPES = {"MLP 4 x 1536x1536": (4, 1536, 1536), "transformer 48 x 256x64": (48, 256, 64), "transformer 48 x 64x64": (48, 64, 64)}
@@ -48,7 +49,7 @@ def timed(fn, device: str, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=positive, default=10)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")

@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cli import known, positive, writable_folder  # noqa: E402
 from benchmarks.published import CACHE, RESULTS, load_published, scratch_dir  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
 from elra.line_control import cooldown_factor  # noqa: E402
@@ -75,6 +76,7 @@ class Task:
 VALID_SHARE = 0.15  # of the training split, held out by the rows that report losses (never the test split)
 REPORT_EVERY = 100  # steps between the losses such a row reports (set_train_loss / set_valid_loss)
 REPORTING = "ELRA, losses reported"
+PUBLISHED = "elra 0.0.5"
 BUDGET = "ELRA, total_steps"  # told the task's steps: the cooldown of a step budget (docs/usage.md)
 
 
@@ -433,7 +435,7 @@ def optimizers(published) -> dict[str, Callable]:
         "SGD 0.01 m0.9": lambda params, task: torch.optim.SGD(params, lr=0.01, momentum=0.9),
         "Prodigy": lambda params, task: Prodigy(params, lr=1.0),
         "Schedule-Free AdamW": lambda params, task: AdamWScheduleFree(params),
-        "elra 0.0.5": published_elra(published),
+        PUBLISHED: published_elra(published),
     }
 
 
@@ -510,24 +512,28 @@ def _run_job(job: tuple[str, str, int, Path]) -> tuple[str, str, int, dict]:
     task_name, name, seed, cache = job
     torch.set_num_threads(1)
     task = next(t for t in TASKS if t.name == task_name)
-    factory = optimizers(load_published(cache))[name]
+    factory = optimizers(load_published(cache) if name == PUBLISHED else None)[name]
     with scratch_dir():
         return task_name, name, seed, run(task, name, factory, seed)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel, one thread each")
+    parser.add_argument("--seeds", type=positive, default=3)
+    parser.add_argument("--jobs", type=positive, default=os.cpu_count() or 1, help="runs in parallel, one thread each")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the table and plots go")
     parser.add_argument("--cache", type=Path, default=CACHE)
-    parser.add_argument("--tasks", nargs="*", default=[t.name for t in TASKS])
+    parser.add_argument("--tasks", nargs="*", default=[t.name for t in TASKS], help="names of the tasks to run")
     parser.add_argument("--optimizers", nargs="*", help="names of the optimizers to run (default: all)")
     args = parser.parse_args()
-    args.out, args.cache = args.out.resolve(), args.cache.resolve()
-    peers = [n for n in optimizers(load_published(args.cache)) if not args.optimizers or n in args.optimizers]
+    names = list(optimizers(None))
+    known(parser, "tasks", args.tasks, [t.name for t in TASKS])
+    known(parser, "optimizers", args.optimizers, names)
+    args.out, args.cache = writable_folder(parser, args.out), args.cache.resolve()
+    peers = [n for n in names if not args.optimizers or n in args.optimizers]
+    if PUBLISHED in peers:
+        load_published(args.cache)  # fetched once here, before the workers import it
     tasks = [t for t in TASKS if t.name in args.tasks]
-    args.out.mkdir(parents=True, exist_ok=True)
     jobs = [
         (t.name, n, seed, args.cache)
         for t in tasks
@@ -560,8 +566,8 @@ def main() -> None:
     grads = ", ".join(f"{t.name} {t.steps}" for t in tasks)
     table = "\n".join(lines) + f"\n\nGradient evaluations per run (every optimizer): {grads}. Mean ± population standard deviation (ddof 0) over seeds.\n"
     table += "\n" + _controller_table(traces)
-    (args.out / "quality.md").write_text(table)
     print(table)
+    (args.out / "quality.md").write_text(table)
     _plot(curves, traces, args.out)
     print(f"written to {args.out}")
 
@@ -605,7 +611,7 @@ def _plot(curves: dict, traces: dict, out: Path) -> None:
                 continue
             window = max(1, len(curve) // 100)
             smooth = [statistics.fmean(curve[i : i + window]) for i in range(0, len(curve) - window + 1, window)]
-            style = {"linewidth": 2.5, "zorder": 3} if name == "ELRA" else {"linestyle": "--"} if name == "elra 0.0.5" else {}
+            style = {"linewidth": 2.5, "zorder": 3} if name == "ELRA" else {"linestyle": "--"} if name == PUBLISHED else {}
             ax.plot([i * window for i in range(len(smooth))], smooth, label=name, **style)
         ax.set_yscale("symlog" if any(v <= 0 for (t, _), c in curves.items() if t == task for v in c) else "log")
         ax.set_xlabel("gradient evaluations")

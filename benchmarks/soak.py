@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cli import fraction, positive  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
 
 EPOCH = 90  # micro-batches of 16 in the 1437 training digits
@@ -104,9 +105,9 @@ def run(steps: int, resume_every: int, fault_rate: float, disturbed: bool) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20000)
-    parser.add_argument("--resume-every", type=int, default=1000)
-    parser.add_argument("--fault-rate", type=float, default=0.01)
+    parser.add_argument("--steps", type=positive, default=20000)
+    parser.add_argument("--resume-every", type=positive, default=1000)
+    parser.add_argument("--fault-rate", type=fraction, default=0.01)
     args = parser.parse_args()
     torch.set_num_threads(1)
     undisturbed = run(args.steps, 0, 0.0, disturbed=False)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.cli import positive  # noqa: E402
 from benchmarks.published import CACHE, load_published, scratch_dir  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
 
@@ -175,10 +176,10 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", choices=["mlp", "transformer"], default=["mlp", "transformer"])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--width", type=int, default=1536, help="MLP width")
-    parser.add_argument("--depth", type=int, default=4, help="MLP layers")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--width", type=positive, default=1536, help="MLP width")
+    parser.add_argument("--depth", type=positive, default=4, help="MLP layers")
+    parser.add_argument("--steps", type=positive, default=30)
+    parser.add_argument("--threads", type=positive, default=None)
     parser.add_argument("--no-published", action="store_true", help="skip the published elra 0.0.5 (CPU only)")
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--keep-freed-memory", action="store_true", help="glibc: no page faults for temporaries")

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.cli import positive  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
 from benchmarks.quality import CooledAdam  # noqa: E402
 from launch.models import CharGPT  # noqa: E402
@@ -123,14 +124,14 @@ def evaluate(model: torch.nn.Module, opt, corpus: CharCorpus, context: int, devi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=positive, default=1500)
+    parser.add_argument("--seeds", type=positive, default=2)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--width", type=positive, default=256)
+    parser.add_argument("--heads", type=positive, default=8)
+    parser.add_argument("--layers", type=positive, default=6)
+    parser.add_argument("--context", type=positive, default=128)
+    parser.add_argument("--batch-size", type=positive, default=64)
     parser.add_argument(
         "--text-size", type=int, default=20_000_000, help="characters of the standard library's source (the default: under one epoch)"
     )

@@ -123,8 +123,8 @@ class ElraGradScaler:
         inv_scale = 1.0 / self._scale if self.enabled else 1.0
         try:  # through the optimizer's step hooks, as optimizer.step(loss) (torch's GradScaler too)
             outcome = optimizer._hooked_step(loss, inv_scale=inv_scale, skip_overflow=self.enabled)
-        except _NoGradient:  # no gradient behind the loss: kept, the next micro-batch's would have been added to it
-            self._forget_loss()
+        except _NoGradient:  # no gradient behind the loss: handed over, so the next scale() starts a new sum (kept,
+            self._stepped.append(optimizer)  # the next micro-batch's loss was added to it); other optimizers take it
             raise
         # only a step that took the loss counts: one refused (inside boosted(), bad group options) may be retried
         self._stepped.append(optimizer)

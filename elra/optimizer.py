@@ -163,13 +163,16 @@ class _NoGradient(RuntimeError):
 
 def _aliased(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Two of ``tensors`` whose memory overlaps (a Parameter made from another's data or a view of it), or
-    ``None``: by the byte span each covers, so views of one buffer side by side are apart."""
+    ``None``. Only tensors that fill their byte span (contiguous, or a transpose of it) are compared, where
+    overlapping spans are shared memory: interleaved views (column blocks, ``w[0::2]``) are skipped, as are
+    tensors without storage of their own (meta, wrapper subclasses: ``data_ptr()`` 0)."""
     spans = []
     for p in tensors:
         x = local(p)
-        if x.numel() and x.layout == torch.strided and not x.is_meta:
+        if x.numel() and x.layout == torch.strided and not x.is_meta and x.data_ptr():
             extent = 1 + sum((n - 1) * stride for n, stride in zip(x.shape, x.stride()))
-            spans.append((str(x.device), x.data_ptr(), x.data_ptr() + extent * x.element_size(), p))
+            if extent == x.numel():
+                spans.append((str(x.device), x.data_ptr(), x.data_ptr() + extent * x.element_size(), p))
     spans.sort(key=lambda span: span[:3])
     widest = None
     for span in spans:
@@ -403,15 +406,6 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 raise ValueError(
                     f"all parameters must be on one device: found {p.device} and {device}; use one optimizer per device"
                 )
-        shared = _aliased([*self._params(), *tensors])
-        if shared is not None:
-            raise ValueError(
-                "two parameters share memory (shapes {} and {}: a Parameter made from another's data, "
-                "nn.Parameter(w) or a view of it): ELRA would count it twice in every sum and step it twice. Tie "
-                "weights by assigning the same Parameter (head.weight = embed.weight)".format(
-                    *(tuple(p.shape) for p in shared)
-                )
-            )
         super().add_param_group({**param_group, "params": params})
         if hasattr(self, "controller"):  # added mid-run: it shows the step length in force, as the others do
             self.param_groups[-1]["lr"] = self.controller.step_length
@@ -443,6 +437,15 @@ class ElraOptimizer(Checkpointing, Optimizer):
         kinds = (list(map(id, params)), list(map(_DTYPE, params)), list(map(_DEVICE, params)))
         if kinds == self._matched:
             return
+        shared = _aliased(params)  # here, once the parameters changed: not at every add_param_group
+        if shared is not None:
+            raise ValueError(
+                "two parameters share memory (shapes {} and {}: a Parameter made from another's data, "
+                "nn.Parameter(w) or a view of it): ELRA would count it twice in every sum and step it twice. Tie "
+                "weights by assigning the same Parameter (head.weight = embed.weight)".format(
+                    *(tuple(p.shape) for p in shared)
+                )
+            )
         if not all(map(self.state.get, params)) or len(set(kinds[0])) != len(params):
             raise ValueError(
                 "a parameter was put into optimizer.param_groups directly (a list's append or an assignment): "

@@ -405,7 +405,8 @@ def fsdp1_shards(models: Iterable[torch.nn.Module]) -> dict[torch.Tensor, int]:
                 continue
             count = module.process_group.size() if handle.uses_sharded_strategy else 1
             flat = handle.flat_param
-            if count > 1 and flat._unpadded_unsharded_size == getattr(flat, "_sharded_size", None):
+            ambiguous = flat._unpadded_unsharded_size == getattr(flat, "_sharded_size", None)
+            if count > 1 and flat.requires_grad and ambiguous:
                 unit = name.replace("_fsdp_wrapped_module.", "") or "at the root"
                 raise ValueError(
                     f"the FullyShardedDataParallel unit {unit} shards a flat parameter of one element over {count} "
@@ -438,7 +439,8 @@ def wrapper_groups(models: Iterable[torch.nn.Module]) -> Iterator[tuple[str, int
             if isinstance(module, FullyShardedDataParallel):
                 replicate = getattr(module, "_inter_node_pg", None)
                 handle = getattr(module, "_handle", None)
-                if replicate is not None and handle is not None and not handle.uses_sharded_strategy:
+                one_rank_shards = handle is not None and not handle.uses_sharded_strategy
+                if replicate is not None and replicate.size() > 1 and one_rank_shards:
                     raise ValueError(
                         "FullyShardedDataParallel's HYBRID_SHARD over a shard group of one rank runs as NO_SHARD "
                         f"and never reduces the gradients over its {replicate.size()} replicas (torch's FSDP1): "

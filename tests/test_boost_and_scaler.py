@@ -481,6 +481,42 @@ def test_a_scaler_step_refused_for_a_missing_backward_forgets_its_loss():
     assert all(torch.equal(a, b) for a, b in zip(plain, params))
 
 
+def test_one_optimizers_refusal_for_a_missing_backward_leaves_the_loss_to_the_other():
+    """One scaler, two optimizers; a micro-batch whose backward reaches only b's parameters. a refuses, and b
+    must still take the loss (the first version of the fix above forgot it for both: b then raised, kept its
+    gradient, and went 7.7e-3 off): as the loop that steps b alone there."""
+
+    def run(try_both: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+        params = list(model.parameters())
+        a, b = (ElraOptimizer(group, model, 8, 3, lr=1e-4, batch_multiplier=2, preconditioner=None)
+                for group in (params[:2], params[2:]))
+        scaler, data = ElraGradScaler(init_scale=2.0**8), torch.Generator().manual_seed(1)
+        for step in range(16):
+            x, y = torch.randn(8, 5, generator=data, dtype=torch.float64), torch.randint(0, 3, (8,), generator=data)
+            a.zero_grad()
+            b.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if step == 11:  # micro-batch 2 of a pair: the backward reaches b's parameters alone
+                scaler.scale(loss).backward(inputs=params[2:])
+                if try_both:
+                    with pytest.raises(RuntimeError, match="without a backward"):
+                        scaler.step(a)
+                scaler.step(b)
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(a)
+                scaler.step(b)
+            scaler.update()
+        return params, a.stats, b.stats
+
+    reference, a_stats, b_stats = run(False)
+    params, tried_a, tried_b = run(True)
+    assert (tried_a, tried_b) == (a_stats, b_stats) and b_stats["real_steps"] == 8
+    assert all(torch.equal(p, q) for p, q in zip(params, reference))
+
+
 @pytest.mark.parametrize("preconditioner", [None, "muon"])
 def test_one_scaler_stepping_two_optimizers_keeps_the_scale_while_either_collects(preconditioner):
     """torch's pattern for several optimizers: ``scaler.step(a); scaler.step(b); scaler.update()``. Only the last

@@ -491,23 +491,29 @@ def test_a_parameter_given_twice_is_rejected():
         opt.add_param_group({"params": [q := torch.nn.Parameter(torch.ones(3)), q]})
 
 
-def test_parameters_sharing_memory_are_rejected_and_views_side_by_side_are_not():
+def test_parameters_sharing_memory_are_refused_and_views_apart_are_not():
     """Two Parameter objects over one storage (a tie made by ``nn.Parameter(embed.weight)``, a Parameter of some
     rows of another) passed the check by identity: the sums counted the memory twice, the step moved it twice,
-    and ``boosted()`` left the boost mean in the weights (its swap reads the second one after the first wrote)."""
+    and ``boosted()`` left the boost mean in the weights (its swap reads the second one after the first wrote).
+    Refused at the first step after the parameters changed (so that many ``add_param_group`` calls cost one
+    check); views that share no memory, side by side or interleaved, step."""
+
+    def step(params):
+        opt = ElraOptimizer(params[:1], classes=10)
+        opt.add_param_group({"params": params[1:]})
+        sum((p * p).sum() for p in params).backward()
+        opt.step(1.0)
+
     embed = torch.nn.Embedding(11, 6)
-    head = torch.nn.Parameter(embed.weight)
     with pytest.raises(ValueError, match="share memory"):
-        ElraOptimizer([embed.weight, head])
+        step([embed.weight, torch.nn.Parameter(embed.weight)])
     w = torch.nn.Parameter(torch.randn(6, 5))
-    opt = ElraOptimizer([w])
     with pytest.raises(ValueError, match="share memory"):
-        opt.add_param_group({"params": [torch.nn.Parameter(w.data[2:4])]})
-    assert len(opt.param_groups) == 1
-    buffer = torch.zeros(20)  # one flat buffer, parameters side by side in it (and a transposed one)
-    side = [torch.nn.Parameter(buffer[:8].view(2, 4)), torch.nn.Parameter(buffer[8:12]), torch.nn.Parameter(buffer[12:])]
-    matrix = torch.zeros(4, 3)
-    ElraOptimizer([*side, torch.nn.Parameter(matrix[:2].t()), torch.nn.Parameter(matrix[2:])], classes=10)
+        step([w, torch.nn.Parameter(w.data[2:4])])
+    buffer, matrix, columns = torch.zeros(20), torch.zeros(4, 3), torch.zeros(4, 6)
+    step([torch.nn.Parameter(buffer[:8].view(2, 4)), torch.nn.Parameter(buffer[8:12]), torch.nn.Parameter(buffer[12:]),
+          torch.nn.Parameter(matrix[:2].t()), torch.nn.Parameter(matrix[2:]),
+          torch.nn.Parameter(columns[:, :4]), torch.nn.Parameter(columns[:, 4:])])
 
 
 def _flat_quadratic(dtype, curvature, steps, inject=None):
