@@ -190,6 +190,24 @@ def test_gpu_benchmarks_on_cuda_without_a_gpu_say_so_at_once(script, tmp_path):
     assert "--device cuda: torch sees no CUDA device here" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("script, options, says", [
+    ("quality", ["--tasks", "cubic", "fit"], "unknown tasks ['cubic', 'fit']"),
+    ("quality", ["--optimizers", "Adam"], "unknown optimizers ['Adam']"),
+    ("quality", ["--seeds", "0"], "--seeds: must be at least 1"),
+    ("quality", ["--out", "a_file"], "cannot write there"),
+    ("soak", ["--fault-rate", "7"], "--fault-rate: must be in [0, 1]"),
+])
+def test_benchmark_options_that_would_waste_a_run_are_refused_in_one_line(script, options, says, tmp_path):
+    """quality.py filtered unknown names away and wrote an empty table over quality.md (exit 0); zero seeds, or an
+    --out it cannot write, ended a run in tracebacks, the latter after the whole run."""
+    (tmp_path / "a_file").touch()
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "benchmarks" / f"{script}.py"), *options]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def _breaks_at(step):
     """A quality-benchmark task's ``make``: a linear regression whose loss is infinite at gradient evaluation ``step``."""
     gen = torch.Generator().manual_seed(0)
