@@ -158,7 +158,8 @@ def _layout(n_groups: int, sixteen_bit: bool) -> tuple[int, int, int]:
 
 class _NoGradient(RuntimeError):
     """A ``step(loss)`` refused because its micro-batch added no gradient: the call counts as not made, and
-    :class:`elra.ElraGradScaler` forgets the loss it scaled for it."""
+    :class:`elra.ElraGradScaler` counts the loss it scaled as handed to that optimizer (the next ``scale`` starts
+    a new sum)."""
 
 
 def _aliased(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:

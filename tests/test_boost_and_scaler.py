@@ -455,7 +455,8 @@ def test_a_scaler_step_refused_for_a_missing_backward_forgets_its_loss():
     """``scaler.scale(loss)`` without its backward, then ``scaler.step`` while collecting: ELRA refuses the step
     (no gradient changed). The scaler kept the loss for a retry, and when the loop went on (the refused call's
     ``update()`` skipped with it) the next micro-batch's loss was added to it: a good step read twice its loss
-    and retraced (P2M 6.9e-2 off after 20 micro-batches). The refusal now forgets the loss."""
+    and retraced (P2M 6.9e-2 off after 20 micro-batches). The refusal now counts as the loss handed over: the next
+    ``scale`` starts a new sum."""
 
     def run(refused: bool):
         torch.manual_seed(0)
