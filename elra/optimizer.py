@@ -438,6 +438,11 @@ class ElraOptimizer(Checkpointing, Optimizer):
         kinds = (list(map(id, params)), list(map(_DTYPE, params)), list(map(_DEVICE, params)))
         if kinds == self._matched:
             return
+        if not all(map(self.state.get, params)) or len(set(kinds[0])) != len(params):
+            raise ValueError(
+                "a parameter was put into optimizer.param_groups directly (a list's append or an assignment): "
+                "ELRA has no state for it, or would count it twice; add parameters with add_param_group"
+            )
         shared = _aliased(params)  # here, once the parameters changed: not at every add_param_group
         if shared is not None:
             raise ValueError(
@@ -446,11 +451,6 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 "weights by assigning the same Parameter (head.weight = embed.weight)".format(
                     *(tuple(p.shape) for p in shared)
                 )
-            )
-        if not all(map(self.state.get, params)) or len(set(kinds[0])) != len(params):
-            raise ValueError(
-                "a parameter was put into optimizer.param_groups directly (a list's append or an assignment): "
-                "ELRA has no state for it, or would count it twice; add parameters with add_param_group"
             )
         unfit = sorted({str(p.dtype) for p in params if not _steppable(p)})
         if unfit:  # Module.to(torch.complex64) casts floating point parameters: real steps on them would be wrong
