@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import importlib.util
 import math
 import os
 import statistics
@@ -418,10 +419,22 @@ class CooledAdam(torch.optim.Adam):
         return super().step(closure)
 
 
-def optimizers(published) -> dict[str, Callable]:
-    from prodigyopt import Prodigy
+def prodigy(params):
+    from prodigyopt import Prodigy  # the bench extra's peers, imported where they run (main checks they are there)
+
+    return Prodigy(params, lr=1.0)
+
+
+def schedule_free(params):
     from schedulefree import AdamWScheduleFree
 
+    return AdamWScheduleFree(params)
+
+
+PEER_PACKAGES = {"Prodigy": "prodigyopt", "Schedule-Free AdamW": "schedulefree"}
+
+
+def optimizers(published) -> dict[str, Callable]:
     return {
         "ELRA": lambda params, task: ElraOptimizer(params, None, task.batch_size),
         REPORTING: lambda params, task: ElraOptimizer(params, None, task.batch_size),
@@ -433,8 +446,8 @@ def optimizers(published) -> dict[str, Callable]:
         "Adam 1e-3, cooldown": lambda params, task: CooledAdam(params, task.steps),
         "AdamW 1e-3 wd0.01": lambda params, task: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01),
         "SGD 0.01 m0.9": lambda params, task: torch.optim.SGD(params, lr=0.01, momentum=0.9),
-        "Prodigy": lambda params, task: Prodigy(params, lr=1.0),
-        "Schedule-Free AdamW": lambda params, task: AdamWScheduleFree(params),
+        "Prodigy": lambda params, task: prodigy(params),
+        "Schedule-Free AdamW": lambda params, task: schedule_free(params),
         PUBLISHED: published_elra(published),
     }
 
@@ -531,6 +544,9 @@ def main() -> None:
     known(parser, "optimizers", args.optimizers, names)
     args.out, args.cache = writable_folder(parser, args.out), args.cache.resolve()
     peers = [n for n in names if not args.optimizers or n in args.optimizers]
+    missing = sorted({PEER_PACKAGES[n] for n in peers if n in PEER_PACKAGES and not importlib.util.find_spec(PEER_PACKAGES[n])})
+    if missing:
+        parser.error(f"{missing} not installed: pip install -e '.[bench]', or choose --optimizers without them")
     if PUBLISHED in peers:
         load_published(args.cache)  # fetched once here, before the workers import it
     tasks = [t for t in TASKS if t.name in args.tasks]

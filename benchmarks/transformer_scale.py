@@ -31,21 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cli import positive  # noqa: E402
 from elra import ElraOptimizer  # noqa: E402
-from benchmarks.quality import CooledAdam  # noqa: E402
+from benchmarks.quality import CooledAdam, prodigy, schedule_free  # noqa: E402
 from launch.models import CharGPT  # noqa: E402
 from launch.text import CharCorpus  # noqa: E402
-
-
-def _prodigy(params):
-    from prodigyopt import Prodigy
-
-    return Prodigy(params, lr=1.0)
-
-
-def _schedule_free(params):
-    from schedulefree import AdamWScheduleFree
-
-    return AdamWScheduleFree(params)
 
 
 OPTIMIZERS = {
@@ -54,8 +42,8 @@ OPTIMIZERS = {
     "ELRA adam": lambda params, batch, steps: ElraOptimizer(params, None, batch, preconditioner="adam"),
     "Adam 1e-3": lambda params, batch, steps: torch.optim.Adam(params, lr=1e-3),
     "Adam 1e-3, cooldown": lambda params, batch, steps: CooledAdam(params, steps),
-    "Schedule-Free AdamW": lambda params, batch, steps: _schedule_free(params),
-    "Prodigy": lambda params, batch, steps: _prodigy(params),
+    "Schedule-Free AdamW": lambda params, batch, steps: schedule_free(params),
+    "Prodigy": lambda params, batch, steps: prodigy(params),
 }
 
 
