@@ -544,7 +544,8 @@ def main() -> None:
     known(parser, "optimizers", args.optimizers, names)
     args.out, args.cache = writable_folder(parser, args.out), args.cache.resolve()
     peers = [n for n in names if not args.optimizers or n in args.optimizers]
-    missing = sorted({PEER_PACKAGES[n] for n in peers if n in PEER_PACKAGES and not importlib.util.find_spec(PEER_PACKAGES[n])})
+    needed = {PEER_PACKAGES[n] for n in peers if n in PEER_PACKAGES}
+    missing = sorted(package for package in needed if not importlib.util.find_spec(package))
     if missing:
         parser.error(f"{missing} not installed: pip install -e '.[bench]', or choose --optimizers without them")
     if PUBLISHED in peers:
