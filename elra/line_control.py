@@ -11,7 +11,9 @@ gradient pair measured in the direction's metric:
 
 ``r = N/D`` is 1 when the step saw no curvature, 0 at the line minimum and
 negative after an overshoot; it is invariant to rescaling the loss or the
-direction, so no constant depends on the problem's scale. ``eta`` is
+direction, and the step clip is relative to ``|x|``, so the step length needs
+no constant of the problem's scale (the direction's ``eps`` still sees the
+gradients' scale). ``eta`` is
 multiplied by ``exp(GAIN*clip(r_bar - S*target, -1, 1))`` with ``r_bar`` the
 ratio of the smoothed N and D: it settles at ``r = S*target``. The greedy
 line minimum (target 0) is short-sighted on the benchmark transformer, but
@@ -96,7 +98,16 @@ LOSS_WARMUP = 10  # accepted steps before the statistics can reject a step
 # from a buggy batch) would otherwise inflate the deviation and switch the refusal off for thousands of steps;
 # the default's benchmark mini-batch runs never went below 5.8 (seeds 0-2), so they are unchanged
 LOSS_FLOOR_DEVIATIONS = 2 * LOSS_DEVIATIONS
-ETA_BOUNDS = (1e-12, 1e6)
+# ... and deviations of at least this share of |mean|: after identical losses (a frozen model's, spread 0) the floor
+# was the mean, every lower loss entered as the mean and the spread stayed 0, so each loss above it was refused (a
+# tanh MLP after 30 such steps: 47 retraces, its batch doubled, mse 0.45 after 200 steps against 0.064)
+LOSS_FLOOR_SPREAD = 0.01
+# eta is a length in parameter units: the relative clip, not these, bounds it where |x| and |u| are known. The floor
+# keeps a long shrinking drift from reaching 0; it never lifts eta above the clip, nor a length already below it (a
+# fit whose solution was ~1e-16 stepped 1e-12 a time and ran 5000x past it). The ceiling only keeps eta finite in
+# float32 where nothing clips it (every point so far at 0); at 1e6 a fit whose coefficients were 1e10 never moved.
+ETA_BOUNDS = (1e-12, 1e30)
+SMALLEST_ETA = 1e-300  # a length below the floor stays positive, as the fused kernel's decay needs
 BETA1 = 0.9  # the direction's momentum where none is given; noise-free problems get NOISE_FREE_BETA1
 # full-batch digits CNN training loss 5.6e-6 instead of 9.9e-4, diabetes MLP 0.019 instead of 0.026, Rosenbrock
 # 2e-26 instead of 7e-20 (docs/method.md); without the restarts (see _retrace) it cost Rosenbrock (2e-15) and a plain
@@ -162,6 +173,12 @@ _LATER_FIELDS = frozenset(
     | {"micro_steps", "cooldown_eta"}
     | {"cooldown_from"}
 )
+
+
+def _bounded(eta: float, before: float) -> float:
+    """``eta`` within ETA_BOUNDS, where the length ``before`` it was within them: one below the floor (a tiny
+    ``lr``, a length the relative clip set) is never lifted to it, only kept positive."""
+    return min(max(eta, ETA_BOUNDS[0] if before >= ETA_BOUNDS[0] else SMALLEST_ETA), ETA_BOUNDS[1])
 
 
 def cooldown_factor(total_steps: int, taken: int, start: int = -1) -> float:
@@ -534,7 +551,7 @@ class LineController:
         if self.deterministic or self.state.accepted < LOSS_WARMUP:
             return loss
         mean, spread = self._loss_statistics()
-        return max(loss, mean - LOSS_FLOOR_DEVIATIONS * spread)
+        return max(loss, mean - LOSS_FLOOR_DEVIATIONS * max(spread, LOSS_FLOOR_SPREAD * abs(mean)))
 
     def _accept(self, loss: float, sums: LineSums | None, decays: Sequence[float]) -> LineDecision:
         s = self.state
@@ -547,6 +564,7 @@ class LineController:
         target = self.target if share is None else self.settling_ratio(share)
         if sums is not None:
             s.param_peak = max(s.param_peak, sums.param_sq)
+        before = s.eta
         cooled = self._cooldown(share)  # 0 outside a step budget's cooldown, where the pairs set eta
         # noise-free and the gradient exactly zero: every point near is as good (a hinge loss met, a flat ReLU
         # region; N = 0 then too); its pair read as a line minimum grew eta to its bound, and the fading momentum's
@@ -560,12 +578,12 @@ class LineController:
             if s.ema_mom > 0.0:  # a D of a few subnormals can round its EMA to 0: eta stays
                 ratio = s.ema_next / s.ema_mom
                 s.eta *= math.exp(gain * min(max(ratio - target, -1.0), 1.0))
+            s.eta = _bounded(s.eta, before)
             scale = max(sums.param_sq, CLIP_FLOOR * CLIP_FLOOR * s.param_peak)
             if scale > 0.0 and sums.dir_sq > 0.0:
-                s.eta = min(s.eta, RELATIVE_CLIP * math.sqrt(scale / sums.dir_sq))
-        if cooled:
-            s.eta = cooled
-        s.eta = min(max(s.eta, ETA_BOUNDS[0]), ETA_BOUNDS[1])
+                s.eta = max(min(s.eta, RELATIVE_CLIP * math.sqrt(scale / sums.dir_sq)), SMALLEST_ETA)
+        else:
+            s.eta = _bounded(cooled or s.eta, before)
         value = self._statistics_value(loss)
         s.loss_mean = LOSS_SMOOTHING * s.loss_mean + (1.0 - LOSS_SMOOTHING) * value
         self._rescale_squares(value)
@@ -693,7 +711,7 @@ class LineController:
             curvature_term = loss - s.last_good_loss + old * sums.mom_dir
             if curvature_term > 0.0:
                 new = min(max(sums.mom_dir * old * old / (2.0 * curvature_term), 0.1 * old), 0.5 * old)
-        s.eta = min(max(new, ETA_BOUNDS[0]), ETA_BOUNDS[1])
+        s.eta = _bounded(new, old)
         s.probe_length = s.eta
         logger.debug("ELRA retrace %d at real step %d: loss %.4g, step length %.4g", s.retraces, s.steps, loss, s.eta)
         return LineDecision("retrace", step=s.eta, shift=old - s.eta)

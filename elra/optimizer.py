@@ -670,7 +670,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         if loss is None:
             raise TypeError(
                 "ElraOptimizer.step needs the loss: call optimizer.step(loss) after loss.backward(), "
-                "or optimizer.step(closure) with a closure that returns it"
+                "or optimizer.step(closure) with a closure that returns it (under transformers' Trainer, use "
+                "elra.integrations.transformers.ElraTrainer, which passes it)"
             )
         self._step(_loss_value(loss))
         return loss

@@ -218,6 +218,51 @@ def test_dcp_resume_with_a_frozen_parameter_unfrozen_later_continues_the_run(pre
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), reference.parameters()))
 
 
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("preconditioner", [None, "adam", "muon"])
+def test_dcp_resume_with_a_trained_parameter_frozen_at_the_load_is_refused_unless_unfrozen_for_it(preconditioner, full):
+    """A parameter frozen mid-collection (LoRA-style) keeps the gradient it collected, and the next real step moves
+    it. torch.distributed.checkpoint hands a frozen parameter no state: the load started it afresh and dropped that
+    gradient, 2.8e-2 (P2M) or 8.6e-4 (adam) off the uninterrupted run. Its state_dict now says which parameters had
+    state; such a load is refused, and unfrozen for the load (frozen again after) the run continues exactly."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    data = torch.randn(30, 8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.randint(0, 3, (30, 8), generator=torch.Generator().manual_seed(1))
+
+    def build():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+        opt = ElraOptimizer(net.named_parameters(), net, 8, 3, lr=1e-3, batch_multiplier=3,
+                            preconditioner=preconditioner, process_group=None)
+        return net, opt
+
+    def train(net, opt, steps):
+        for i in steps:
+            net[0].weight.requires_grad_(i < 13)  # frozen after the first micro-batch of the real step 12-14
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(data[i]), labels[i])
+            loss.backward()
+            opt.step(loss)
+
+    reference, reference_opt = build()
+    train(reference, reference_opt, range(30))
+    net, opt = build()
+    train(net, opt, range(14))
+    assert opt.micro_batches == 2 and net[0].weight.grad is not None
+    options = StateDictOptions(full_state_dict=full)
+    model_sd, optim_sd = get_state_dict(net, opt, options=options)
+    fresh, fresh_opt = build()
+    fresh[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"parameter 0 \('0.weight'\) is frozen .* Unfreeze it before set_state_dict"):
+        set_state_dict(fresh, fresh_opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+    fresh, fresh_opt = build()
+    set_state_dict(fresh, fresh_opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+    train(fresh, fresh_opt, range(14, 30))
+    assert fresh_opt.stats == reference_opt.stats
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), reference.parameters()))
+
+
 @pytest.mark.parametrize("preconditioner", [None, "adam"])
 def test_dcp_resume_into_param_groups_listed_in_another_order_continues_the_run(tmp_path, preconditioner):
     """torch.distributed.checkpoint matches groups by parameter name and hands ELRA the saved groups in the
@@ -451,6 +496,21 @@ def test_checkpoint_hyperparameters_win_over_the_constructor(caplog):
     assert _same(_run(resumed, other, 60, 200), expected)
     assert other.stats == opt.stats
     assert other.state_dict()["param_groups"][0]["elra_config"] == opt.state_dict()["param_groups"][0]["elra_config"]
+
+
+def test_the_warning_on_a_changed_weight_decay_names_the_one_the_groups_take(caplog):
+    """A decay edited in ``param_groups`` mid-run (0.1 -> 0.02) is the one a checkpoint's groups resume with, but the
+    warning named only the constructor's default (0.05 -> 0.1): the 0.02 in force was never named."""
+    model = digits_model(torch.float32)
+    opt = ElraOptimizer(model.parameters(), None, 32, 0, lr=1e-3, weight_decay=0.1)
+    opt.param_groups[0]["weight_decay"] = 0.02
+    _run(model, opt, 0, 5)
+    other = ElraOptimizer(digits_model(torch.float32).parameters(), None, 32, 0, lr=1e-3, weight_decay=0.05)
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        other.load_state_dict(opt.state_dict())
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "weight_decay 0.05 -> 0.1 (weight_decay: of groups added later; the loaded groups decay by 0.02)" in message
+    assert other.param_groups[0]["weight_decay"] == 0.02
 
 
 @pytest.mark.parametrize("saved, built", [("muon", None), (None, "adam"), ("factored", "muon")])

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import torch
 
 from elra.control import MAX_MULTIPLIER, Controller, StepSums
-from elra.line_control import ETA_BOUNDS, LineController, LineSums
+from elra.line_control import ETA_BOUNDS, SMALLEST_ETA, LineController, LineSums
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
 anything = st.one_of(finite, st.sampled_from([math.nan, math.inf, -math.inf, 0.0, 1e-300, 1e300]))
@@ -146,7 +146,7 @@ def test_line_decisions_are_finite_bounded_and_restorable_at_any_point(config, s
         assert all(math.isfinite(v) for v in (decision.step, decision.shift, *decision.decay))
         assert decision.step >= 0.0 and all(0.0 <= d <= 1.0 for d in decision.decay)
         s = controller.state
-        assert ETA_BOUNDS[0] <= s.eta <= ETA_BOUNDS[1] or (s.restart and s.eta == 0.0)  # back at x_old
+        assert SMALLEST_ETA <= s.eta <= ETA_BOUNDS[1] or (s.restart and s.eta == 0.0)  # back at x_old
         assert not decision.restart or decision.action == "accept"
         assert math.isfinite(s.param_peak) and s.param_peak >= 0.0
         assert 1 <= s.multiplier <= MAX_MULTIPLIER

@@ -165,6 +165,24 @@ def test_the_step_clip_is_relative_to_the_parameter_norm_floored_at_a_tenth_of_i
     assert controller.state.eta == pytest.approx(0.1 * 100.0 / 1e5)  # relative to |x| above it
 
 
+def test_the_step_length_bounds_never_lift_it_above_the_clip_nor_stop_it_under_it():
+    """The bounds were absolute: a length under 1e-12 (a tiny lr, or the clip near a tiny optimum) was lifted to
+    1e-12, and the growth stopped at 1e6, however large the parameters (see the optimizer-level test)."""
+    tiny = LineController(1e-21, 1, 1, 1)  # noise-free
+    tiny.real_step([4.0], LineSums(0.0, 0.0, 0.0, 1e-32), [0.0])  # the probe step
+    assert tiny.state.eta == 1e-21
+    tiny.real_step([3.0], LineSums(1.0, 1.0, 1.0, 1e-32), [0.0])  # r = 1, |x| = 1e-16: the clip allows 1e-17
+    assert tiny.state.eta == pytest.approx(1e-21 * math.exp(0.3))
+    for loss in (2.0, 1.0, 0.5):
+        tiny.real_step([loss], LineSums(1.0, 1.0, 1e10, 1e-32), [0.0])
+    assert tiny.state.eta == pytest.approx(1e-22)  # 0.1 * 1e-16 / 1e5
+    large = LineController(1.0, 1, 1, 1)
+    large.real_step([4.0], LineSums(0.0, 0.0, 0.0, 1e40), [0.0])
+    for k in range(60):
+        large.real_step([3.0 - k / 30], LineSums(1.0, 1.0, 1.0, 1e40), [0.0])
+    assert large.state.eta == pytest.approx(math.exp(0.3 * 60))  # 6.6e7, under the clip's 1e19
+
+
 @pytest.mark.parametrize(
     "probe, slope_ratio, residual, regime",
     [
@@ -350,6 +368,18 @@ def test_a_loss_equal_to_every_accepted_one_is_never_refused(loss):
     actions = [controller.real_step([loss], SUMS, [0.0]).action for _ in range(60)]
     assert actions == ["accept"] * 60 and controller.state.multiplier == 1
     assert controller.real_step([loss * 1.01], SUMS, [0.0]).action == "retrace"  # above it is still refused
+
+
+def test_noisy_losses_after_identical_ones_teach_the_statistics_their_spread():
+    """After identical losses (a frozen model's: spread 0) the floor of an accepted loss was the mean itself: every
+    lower loss entered as the mean, the spread stayed 0, and every loss above it was refused (30 of 60, the
+    micro-batches doubled). A lower loss now enters as it is, and the refusals stop after the first."""
+    controller = _controller()
+    _feed(controller, [0.5] * 30)
+    noisy = [0.5 - 0.05 * (-1) ** k for k in range(60)]
+    actions = [controller.real_step([loss], SUMS, [0.0]).action for loss in noisy]
+    assert actions.count("retrace") <= 1 and controller.state.multiplier == 1
+    assert _loss_mean_and_spread(controller)[1] == pytest.approx(0.05, rel=0.2)
 
 
 @pytest.mark.parametrize("level, rise", [(0.0, 0.01), (2.0, 2.01)])

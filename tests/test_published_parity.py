@@ -176,3 +176,21 @@ def test_weight_decay_steered_by_reported_losses_follows_published(published, qu
     ours, opt = run(lambda ps: ElraOptimizer(ps, None, 768, 10, lr=1e-5, acceptance="published", **options))
     assert _rel(theirs, ours).max() < 1e-9
     assert opt.stats["weight_decay"] > 1.0 and np.mean(ours[-100:]) < 0.5 * np.mean(ours[:100])
+
+
+def test_a_published_packages_state_dict_is_refused_naming_the_package(published, quiet):
+    """A migrating user's checkpoint (the package's ``state_dict``: ``param_groups`` None) was refused with a
+    message about torch.distributed.checkpoint's flattening, which they never used."""
+    model = digits_model()
+    x, y = digits_data()
+    with quiet():
+        theirs = published.ElraOptimizer(model.parameters(), None, 32, 10, lr=1e-5)
+        for _ in range(3):
+            theirs.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[:32]), y[:32])
+            loss.backward()
+            theirs.step(loss.item())
+        saved = theirs.state_dict()
+    ours = ElraOptimizer(digits_model().parameters(), None, 32, 10, lr=1e-5)
+    with pytest.raises(ValueError, match="a state_dict of the published elra package .* start ElraOptimizer afresh"):
+        ours.load_state_dict(saved)
