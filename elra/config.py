@@ -11,6 +11,8 @@ import math
 import numbers
 from typing import Any
 
+import torch
+
 from .control import ACCEPTANCE_RULES, MAX_MULTIPLIER, Controller
 from .geometry import make_direction
 from .line_control import LineController
@@ -39,6 +41,8 @@ def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
 def checked_config(config: dict[str, Any]) -> dict[str, Any]:
     """The optimizer's hyperparameters, validated (constructor arguments or a checkpoint's)."""
     lr, momentum = config["lr"], config["momentum"]
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.dtype.is_floating_point:  # as torch's optimizers take it
+        lr = lr.item()
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0.0 < lr < math.inf:
         raise ValueError(f"Invalid lr (learning rate): {lr!r} (expected a positive number, e.g. 1e-5)")
     decay_rate(config["weight_decay"])

@@ -337,8 +337,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
             )
         self._compiled = compiled
         self.reducer = Reducer(process_group, replicas)
-        if lr >= 1e-3:
-            logger.warning("ELRA starts best from a tiny lr (1e-6..1e-4), got %g", lr)
+        if config["lr"] >= 1e-3:
+            logger.warning("ELRA starts best from a tiny lr (1e-6..1e-4), got %g", config["lr"])
         p2m_only = [f"warmup={warmup!r}"] if config["warmup"] > 1 else []  # the line controller has neither
         p2m_only += [f"acceptance={acceptance!r}"] if acceptance != "noise" else []
         if preconditioner is not None and p2m_only:

@@ -22,6 +22,8 @@ def _param(*values):
         ({"lr": -1e-5}, "Invalid lr "),
         ({"lr": float("nan")}, "Invalid lr "),
         ({"lr": "1e-5"}, "Invalid lr "),
+        ({"lr": torch.tensor([1e-5, 1e-5])}, "Invalid lr "),
+        ({"lr": torch.tensor(-1e-5)}, "Invalid lr "),
         ({"batch_size": 0}, "batch_size"),
         ({"batch_size": 2.5}, "batch_size"),
         ({"classes": -1}, "classes"),
@@ -51,6 +53,12 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, match):
 def test_arguments_of_the_wrong_type_raise_type_error_naming_them(kwargs, match):
     with pytest.raises(TypeError, match=match):
         ElraOptimizer([_param(1.0)], **kwargs)
+
+
+def test_an_lr_given_as_a_one_element_tensor_is_taken_as_its_number():
+    """torch's optimizers (and the published package) take ``lr=torch.tensor(1e-5)``; ELRA refused it."""
+    from_tensor = ElraOptimizer([_param(1.0)], lr=torch.tensor(2e-5, dtype=torch.float64))
+    assert from_tensor.defaults["lr"] == 2e-5 and from_tensor.state_dict()["param_groups"][0]["elra_config"]["lr"] == 2e-5
 
 
 def test_an_lr_passed_second_as_torchs_optimizers_take_it_is_named_as_such():
