@@ -33,11 +33,6 @@ logger = logging.getLogger("elra")
 STATE_KEY = "elra_controller"
 BOOST_KEY = "elra_boost"
 CONFIG_KEY = "elra_config"
-# per group, one character per parameter: "1" where its state is not what a fresh one starts from (it was moved,
-# holds a collected gradient, or its moments took a gradient). torch.distributed.checkpoint hands a parameter frozen
-# at the load no state: where the flag says it had some, the load is refused instead of starting it afresh. A string,
-# as ``pending_losses`` (a list is flattened by a full load broadcast from rank 0)
-TRAINED_KEY = "elra_trained"
 _PENDING_GRAD = "pending_grad"
 _MOVED = "moved"  # 1.0 where the last accepted step moved the parameter: a retrace and the next sums need it
 _LATE = "late"  # 1.0 where a parameter's moments wait for their first gradient after the first update
@@ -137,8 +132,6 @@ class Checkpointing:
         sd["param_groups"][0][CONFIG_KEY] = dict(self._config)
         index = 0
         collecting, moments = bool(self._pending), self.geometry is not None  # P2M keeps none: never late
-        for group, saved_group in zip(self.param_groups, sd["param_groups"]):
-            saved_group[TRAINED_KEY] = "".join("1" if self._trained(p, collecting) else "0" for p in group["params"])
         for p in self._params():
             collected = torch.tensor(float(p.grad is not None))
             if collecting and p.grad is not None:
@@ -156,11 +149,6 @@ class Checkpointing:
             result = post_hook(self, sd)
             sd = sd if result is None else result
         return sd
-
-    def _trained(self, p: torch.Tensor, collecting: bool) -> bool:
-        """Whether ``p``'s state differs from a fresh one's: the last step moved it, it holds collected
-        gradient sums, or its moments took a gradient (P2M zeroes the direction of a parameter it leaves)."""
-        return p in self._moved or (collecting and p.grad is not None) or (self.geometry is not None and p not in self._waiting)
 
     @contextmanager
     def _torch_hooks_held(self) -> Iterator[None]:
@@ -340,9 +328,10 @@ class Checkpointing:
         self._own_loaded_state(state_dict)
         self._restore_float32_moments(state_dict, geometry)
         for group in self.param_groups:
-            for key in (STATE_KEY, BOOST_KEY, CONFIG_KEY, TRAINED_KEY):
+            for key in (STATE_KEY, BOOST_KEY, CONFIG_KEY):
                 group.pop(key, None)
         self._log_config_change(config)
+        self._log_frozen_without_state(state_dict)
         self._log_boost_change(booster)
         self._config = config
         self.defaults.update(lr=config["lr"], weight_decay=config["weight_decay"])
@@ -414,6 +403,24 @@ class Checkpointing:
                 config["preconditioner"],
             )
 
+    def _log_frozen_without_state(self, state_dict: dict[str, Any]) -> None:
+        """Warn where torch.distributed.checkpoint (its ids are names) handed frozen parameters no state of their own.
+
+        It gives a parameter with ``requires_grad=False`` at the load none (its full load fills it from the loading
+        optimizer's), so it starts afresh: right where the saved run never trained it, but one trained and then
+        frozen (a LoRA-style freeze mid-collection keeps its collected gradient) would lose its state, and the run
+        would differ (2.8e-2 for P2M, 8.6e-4 for adam). Which of the two it was, the load cannot tell.
+        """
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        frozen = [i for i, p in zip(saved_ids, self._params()) if isinstance(i, str) and not p.requires_grad]
+        if frozen:
+            logger.warning(
+                "ELRA load_state_dict: torch.distributed.checkpoint hands frozen parameters no state: %d held by this "
+                "optimizer (%s%s) start afresh. Right if the saved run never trained them; if it did (frozen after "
+                "training, or while collecting micro-batches) unfreeze them for set_state_dict and freeze them after",
+                len(frozen), ", ".join(frozen[:3]), ", ..." if len(frozen) > 3 else "",
+            )
+
     def _log_boost_change(self, loaded: Booster) -> None:
         """Warn where the checkpoint's boosting replaces the one this optimizer was given (the checkpoint wins)."""
         if not self.booster.enabled:
@@ -457,23 +464,13 @@ class Checkpointing:
             )
         self._check_saved_names(saved_groups)
         saved_ids = [i for g in saved_groups for i in g["params"]]
-        trained = [flag == "1" for g in saved_groups for flag in _trained_flags(g)]
         params = self._params()
         for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
             shapes = {"direction": p.shape} if geometry is None else geometry.state_shapes(p)
             needed = [*shapes, "boost"] if boost_enabled else list(shapes)
             entry = saved_state.get(saved_id, {})
-            # torch.distributed.checkpoint hands a frozen parameter's state to no optimizer (its full load fills it
-            # from the loading optimizer's own): one that had none of its own starts afresh (_fill_missing_state)
-            if not p.requires_grad and p.numel() and trained[index] and not _holds_trained_state(entry, geometry):
-                raise ValueError(
-                    f"parameter {index}{_named(saved_id)} is frozen (requires_grad=False) and the state_dict holds "
-                    "no state of its own for it, but the run saved had some (its moments, the last step's move, or "
-                    "gradients it collected): torch.distributed.checkpoint's set_state_dict hands no state to a "
-                    "frozen parameter. Unfreeze it before set_state_dict and freeze it again after"
-                )
-            if not entry and not p.requires_grad:
-                continue
+            if not entry and not p.requires_grad:  # torch.distributed.checkpoint hands a frozen one's state over
+                continue  # to no optimizer: it starts afresh, waiting for its first gradient (_fill_missing_state)
             # this direction's own state first: another order also lacks keys (muon: a matrix's, a vector's); another
             # preconditioner's state (factored's row factor under "adam") is named by the key it lacks below
             _check_state_shapes(index, p, {k: entry[k] for k in shapes if k in entry}, shapes)
@@ -643,27 +640,6 @@ class Checkpointing:
         self._kept_grads = {}
         if collecting:
             self._keep_grads()
-
-
-def _trained_flags(saved_group: dict[str, Any]) -> str:
-    """The group's :data:`TRAINED_KEY` string, all "0" where it is missing (elra before session 34) or malformed."""
-    flags, size = saved_group.get(TRAINED_KEY), len(saved_group.get("params", ()))
-    return flags if isinstance(flags, str) and len(flags) == size else "0" * size
-
-
-def _holds_trained_state(entry: dict[str, Any], geometry) -> bool:
-    """Whether a loaded state entry is one :meth:`Checkpointing._trained` said yes to, by its flags (a fresh
-    optimizer's, which a full load of torch.distributed.checkpoint gives a frozen parameter, says no)."""
-    flags = {key: entry.get(key) for key in _FLAGS}
-    if not all(isinstance(v, torch.Tensor) and v.numel() == 1 for v in flags.values()):
-        return bool(entry)  # no flags (an older elra's entry): the entry itself
-    moved, late, collected = (bool(flags[key]) for key in (_MOVED, _LATE, _COLLECTED))
-    return moved or collected or (geometry is not None and not late)
-
-
-def _named(saved_id: Any) -> str:
-    """`` ('name')`` where the state_dict keys its parameters by name (torch.distributed.checkpoint's)."""
-    return f" ('{saved_id}')" if isinstance(saved_id, str) else ""
 
 
 def _bare_name(name: str) -> str:

@@ -98,9 +98,10 @@ LOSS_WARMUP = 10  # accepted steps before the statistics can reject a step
 # from a buggy batch) would otherwise inflate the deviation and switch the refusal off for thousands of steps;
 # the default's benchmark mini-batch runs never went below 5.8 (seeds 0-2), so they are unchanged
 LOSS_FLOOR_DEVIATIONS = 2 * LOSS_DEVIATIONS
-# ... and deviations of at least this share of |mean|: after identical losses (a frozen model's, spread 0) the floor
-# was the mean, every lower loss entered as the mean and the spread stayed 0, so each loss above it was refused (a
-# tanh MLP after 30 such steps: 47 retraces, its batch doubled, mse 0.45 after 200 steps against 0.064)
+# ... and where the statistics saw no spread beyond rounding (identical losses: a frozen model's), deviations of this
+# share of |mean|: the floor was the mean, every lower loss entered as the mean and the spread stayed 0, so each loss
+# above it was refused (a tanh MLP after 30 such steps: 47 retraces, its batch doubled, mse 0.45 after 200 steps
+# against 0.064). Only then: at any spread, 1% weakened the floor under a wild low loss where the noise is smaller
 LOSS_FLOOR_SPREAD = 0.01
 # eta is a length in parameter units: the relative clip, not these, bounds it where |x| and |u| are known. The floor
 # keeps a long shrinking drift from reaching 0; it never lifts eta above the clip, nor a length already below it (a
@@ -551,7 +552,9 @@ class LineController:
         if self.deterministic or self.state.accepted < LOSS_WARMUP:
             return loss
         mean, spread = self._loss_statistics()
-        return max(loss, mean - LOSS_FLOOR_DEVIATIONS * max(spread, LOSS_FLOOR_SPREAD * abs(mean)))
+        if spread <= ROUNDING * abs(mean):
+            spread = LOSS_FLOOR_SPREAD * abs(mean)
+        return max(loss, mean - LOSS_FLOOR_DEVIATIONS * spread)
 
     def _accept(self, loss: float, sums: LineSums | None, decays: Sequence[float]) -> LineDecision:
         s = self.state

@@ -220,11 +220,13 @@ def test_dcp_resume_with_a_frozen_parameter_unfrozen_later_continues_the_run(pre
 
 @pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("preconditioner", [None, "adam", "muon"])
-def test_dcp_resume_with_a_trained_parameter_frozen_at_the_load_is_refused_unless_unfrozen_for_it(preconditioner, full):
+def test_dcp_resume_with_a_trained_parameter_frozen_at_the_load_warns_and_unfrozen_for_it_continues(
+    preconditioner, full, caplog
+):
     """A parameter frozen mid-collection (LoRA-style) keeps the gradient it collected, and the next real step moves
     it. torch.distributed.checkpoint hands a frozen parameter no state: the load started it afresh and dropped that
-    gradient, 2.8e-2 (P2M) or 8.6e-4 (adam) off the uninterrupted run. Its state_dict now says which parameters had
-    state; such a load is refused, and unfrozen for the load (frozen again after) the run continues exactly."""
+    gradient, 2.8e-2 (P2M) or 8.6e-4 (adam) off the uninterrupted run, silently. The load now warns, naming it; and
+    unfrozen for the load (frozen again after), the run continues exactly."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     data = torch.randn(30, 8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -254,10 +256,14 @@ def test_dcp_resume_with_a_trained_parameter_frozen_at_the_load_is_refused_unles
     model_sd, optim_sd = get_state_dict(net, opt, options=options)
     fresh, fresh_opt = build()
     fresh[0].weight.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"parameter 0 \('0.weight'\) is frozen .* Unfreeze it before set_state_dict"):
+    with caplog.at_level(logging.WARNING, logger="elra"):
         set_state_dict(fresh, fresh_opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+    assert "hands frozen parameters no state: 1 held by this optimizer (0.weight) start afresh" in caplog.text
+    caplog.clear()
     fresh, fresh_opt = build()
-    set_state_dict(fresh, fresh_opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+    with caplog.at_level(logging.WARNING, logger="elra"):
+        set_state_dict(fresh, fresh_opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+    assert "frozen" not in caplog.text
     train(fresh, fresh_opt, range(14, 30))
     assert fresh_opt.stats == reference_opt.stats
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), reference.parameters()))
