@@ -176,6 +176,31 @@ def test_dcp_resume_mid_collection_in_one_process_is_bit_identical(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
 
 
+def _first_layer_trained_at(trained, preconditioner, multiplier):
+    """A small float64 classifier's ``build()`` (model and optimizer) and ``train(net, opt, steps)``, whose step
+    ``i`` trains the first layer's weight where ``trained(i)`` and freezes it elsewhere."""
+    data = torch.randn(30, 8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.randint(0, 3, (30, 8), generator=torch.Generator().manual_seed(1))
+
+    def build():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+        net[0].weight.requires_grad_(trained(0))
+        opt = ElraOptimizer(net.named_parameters(), net, 8, 3, lr=1e-3, batch_multiplier=multiplier,
+                            preconditioner=preconditioner, process_group=None)
+        return net, opt
+
+    def train(net, opt, steps):
+        for i in steps:
+            net[0].weight.requires_grad_(trained(i))
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(data[i]), labels[i])
+            loss.backward()
+            opt.step(loss)
+
+    return build, train
+
+
 @pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("preconditioner", [None, "adam", "muon"])
 def test_dcp_resume_with_a_frozen_parameter_unfrozen_later_continues_the_run(preconditioner, full):
@@ -185,25 +210,7 @@ def test_dcp_resume_with_a_frozen_parameter_unfrozen_later_continues_the_run(pre
     starts afresh, waiting, as in the saved run (and as torch's AdamW resumes)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-    data = torch.randn(30, 8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    labels = torch.randint(0, 3, (30, 8), generator=torch.Generator().manual_seed(1))
-
-    def build():
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
-        net[0].weight.requires_grad_(False)  # frozen, held by the optimizer: unfrozen at step 20
-        opt = ElraOptimizer(net.named_parameters(), net, 8, 3, lr=1e-3, batch_multiplier=2,
-                            preconditioner=preconditioner, process_group=None)
-        return net, opt
-
-    def train(net, opt, steps):
-        for i in steps:
-            net[0].weight.requires_grad_(i >= 20)
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(net(data[i]), labels[i])
-            loss.backward()
-            opt.step(loss)
-
+    build, train = _first_layer_trained_at(lambda i: i >= 20, preconditioner, 2)  # frozen, held: unfrozen at step 20
     reference, reference_opt = build()
     train(reference, reference_opt, range(30))
     net, opt = build()
@@ -229,24 +236,7 @@ def test_dcp_resume_with_a_trained_parameter_frozen_at_the_load_warns_and_unfroz
     unfrozen for the load (frozen again after), the run continues exactly."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-    data = torch.randn(30, 8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    labels = torch.randint(0, 3, (30, 8), generator=torch.Generator().manual_seed(1))
-
-    def build():
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
-        opt = ElraOptimizer(net.named_parameters(), net, 8, 3, lr=1e-3, batch_multiplier=3,
-                            preconditioner=preconditioner, process_group=None)
-        return net, opt
-
-    def train(net, opt, steps):
-        for i in steps:
-            net[0].weight.requires_grad_(i < 13)  # frozen after the first micro-batch of the real step 12-14
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(net(data[i]), labels[i])
-            loss.backward()
-            opt.step(loss)
-
+    build, train = _first_layer_trained_at(lambda i: i < 13, preconditioner, 3)  # frozen after micro-batch 12 of 12-14
     reference, reference_opt = build()
     train(reference, reference_opt, range(30))
     net, opt = build()
