@@ -1446,7 +1446,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
             else:  # the moments keep their past
                 geometry.set_beta1(self.controller.beta1)
         if decision.action == "accept":
-            if self.booster.enabled and not decision.restart:  # a restart is back at a point already recorded
+            # a restart is back at the last accepted point: recorded, unless a new cycle began since (count 0)
+            if self.booster.enabled and not (decision.restart and self.booster.count):
                 self.booster.record(*self._boost_pairs(), sum(loss_values) / len(loss_values))
             self._moved = set()
             for j, tensors in enumerate(groups):

@@ -415,6 +415,32 @@ def test_boost_records_each_accepted_point_once_across_restarts():
     assert stats["boost_count"] == stats["real_steps"] - stats["retraces"] - stats["restarts"]
 
 
+def test_a_restarts_accept_starts_a_new_boost_cycle_with_its_point():
+    """A restart's accept was never recorded: where ``restart_boost()`` (or a first ``enable_boost()``) came
+    between the restart's retrace and its accept, the new cycle lost that point."""
+    bowl = _Bowl()
+    opt = ElraOptimizer(bowl.parameters(), None, 8, 0, preconditioner="adam")
+    opt.enable_boost(cycle=1000)
+    for _ in range(150):
+        opt.zero_grad()
+        loss = bowl.loss()
+        loss.backward()
+        restarts = opt.stats["restarts"]
+        opt.step(loss.item())
+        if opt.stats["restarts"] > restarts:
+            break
+    assert opt.stats["restarts"] == 1
+    opt.restart_boost()
+    before = bowl.x.detach().clone()
+    opt.zero_grad()
+    loss = bowl.loss()
+    loss.backward()
+    opt.step(loss.item())
+    assert opt.stats["boost_count"] == 1
+    with opt.boosted():
+        assert torch.equal(bowl.x, before)
+
+
 @pytest.mark.parametrize("preconditioner", ["adam", "muon"])
 def test_a_kink_at_the_optimum_does_not_lock_the_restarts_into_a_cycle(preconditioner):
     """``f = sum|x - 1|``: along a step across the kink the slope estimate ``2*rise/eta + N`` says uphill even
