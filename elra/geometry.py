@@ -25,7 +25,7 @@ import torch
 
 from . import compiled
 from .line_control import BETA1, LineSums, first_moment_factor
-from .chunks import add_, in_dtype_of, run_scratch, runs
+from .chunks import add_, in_dtype_of, partitioned, run_scratch, runs
 from .fused import adamw_accept, split_fusable
 from .reduce import Products, ScalarBatch, local, products
 
@@ -277,6 +277,8 @@ class AdamDirection:
         products(batch, (tensors.params, tensors.grads, tensors.ms), pairs, tensors.weights)
         if t == 0:
             return
+        if self._own("old_directions", "direction"):
+            return self._chained_old_sums(batch, tensors, t)
         tensors.old_dirs = self.old_directions(tensors, t)
         products(batch, (tensors.moved_ms, tensors.old_dirs), [(0, 1, MOM_DIR), (1, 1, DIR_SQ)], tensors.moved_weights)
         with_grad = [(g, u, w) for g, u, w in zip(tensors.moved_grads, tensors.old_dirs, tensors.moved_weights) if g is not None]
@@ -304,6 +306,21 @@ class AdamDirection:
         for xs, gs, ms, vs, weights in runs(columns, split=True):
             sums.add((xs, gs, ms, self._run_direction(ms, vs, t, scratch)), weights)
         sums.finish()
+        tensors.old_dirs, tensors.old_from_moments = [], True
+
+    def _chained_old_sums(self, batch: ScalarBatch, tensors: GroupTensors, t: int) -> None:
+        """The terms of ``u_old`` in :meth:`add_sums` run by run, where the moved parameters are not those with a
+        gradient (a parameter used on some steps only): whole, ``u_old`` and its denominator took twice the
+        parameter bytes at once. A retrace recomputes it from the unchanged moments (:meth:`retrace`)."""
+        m, u, g = range(3)
+        columns = [tensors.moved_ms, tensors.moved_vs, tensors.moved_grads, tensors.moved_weights]
+        with_grad, without = partitioned(columns, [grad is not None for grad in tensors.moved_grads])
+        scratch = run_scratch(tensors.moved_ms)
+        for part, pairs in ((with_grad, [(m, u, MOM_DIR), (u, u, DIR_SQ), (g, u, NEXT_DIR)]), (without, [(m, u, MOM_DIR), (u, u, DIR_SQ)])):
+            sums = Products(batch, pairs)
+            for ms, vs, gs, weights in runs(part, split=True) if part[0] else ():
+                sums.add((ms, self._run_direction(ms, vs, t, scratch), gs), weights)
+            sums.finish()
         tensors.old_dirs, tensors.old_from_moments = [], True
 
     def old_directions(self, tensors: GroupTensors, t: int) -> list[torch.Tensor]:

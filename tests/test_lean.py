@@ -110,6 +110,41 @@ def test_an_accelerator_step_launches_as_many_kernels_for_many_tensors_as_for_fe
     assert kernels(32) == kernels(4)
 
 
+class _NewTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the size of every tensor an op returns in memory it did not get (storages not in ``known``)."""
+
+    def __init__(self, known: set[int]):
+        super().__init__()
+        self.known, self.sizes = known, [0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (list, tuple)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.known:
+                self.sizes.append(t.numel())
+        return out
+
+
+def test_an_adam_step_holds_no_parameter_sized_temporary_also_where_the_gradients_change():
+    """The sums of the old direction ran run by run only where the moved parameters were those with a gradient;
+    where they were not (a head used on every other step), ``u_old`` and its denominator were made whole: twice the
+    parameter bytes at once, against Adam(foreach)'s once. Every temporary is now at most a run."""
+    torch.manual_seed(0)
+    trunk, head = torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 2)
+    opt = elra.ElraOptimizer([*trunk.parameters(), *head.parameters()], None, 16, 5, lr=1e-4, preconditioner="adam")
+    for step in range(6):
+        opt.zero_grad()
+        hidden = trunk(torch.randn(16, 1024, generator=torch.Generator().manual_seed(step)))
+        (head(hidden).square().mean() if step % 2 else hidden.square().mean()).backward()
+        tensors = [*trunk.parameters(), *head.parameters()]
+        known = {t.untyped_storage().data_ptr() for t in tensors + [p.grad for p in tensors if p.grad is not None]}
+        known |= {v.untyped_storage().data_ptr() for state in opt.state.values() for v in state.values()}
+        recorder = _NewTensors(known)
+        with recorder:
+            opt.step(1.0 / (1 + step))
+        assert max(recorder.sizes) <= elra.chunks.CHUNK < trunk.weight.numel()
+
+
 class _MixedLists(torch.utils._python_dispatch.TorchDispatchMode):
     """Records multi-tensor ops and stacks over tensors of several dtypes (on CUDA: a kernel per tensor).
 
