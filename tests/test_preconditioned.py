@@ -400,16 +400,25 @@ class _Bowl(torch.nn.Module):
         return ((self.x - 1) ** 2).sum()
 
 
-def test_boost_records_each_accepted_point_once_across_restarts():
-    """A restart's accept is back at the last accepted point, already in the average."""
+def _boosted_bowl() -> tuple[_Bowl, ElraOptimizer]:
     bowl = _Bowl()
     opt = ElraOptimizer(bowl.parameters(), None, 8, 0, preconditioner="adam")
     opt.enable_boost(cycle=1000)
+    return bowl, opt
+
+
+def _bowl_step(bowl: _Bowl, opt: ElraOptimizer) -> None:
+    opt.zero_grad()
+    loss = bowl.loss()
+    loss.backward()
+    opt.step(loss.item())
+
+
+def test_boost_records_each_accepted_point_once_across_restarts():
+    """A restart's accept is back at the last accepted point, already in the average."""
+    bowl, opt = _boosted_bowl()
     for _ in range(150):
-        opt.zero_grad()
-        loss = bowl.loss()
-        loss.backward()
-        opt.step(loss.item())
+        _bowl_step(bowl, opt)
     stats = opt.stats
     assert stats["restarts"] >= 1
     assert stats["boost_count"] == stats["real_steps"] - stats["retraces"] - stats["restarts"]
@@ -418,24 +427,13 @@ def test_boost_records_each_accepted_point_once_across_restarts():
 def test_a_restarts_accept_starts_a_new_boost_cycle_with_its_point():
     """A restart's accept was never recorded: where ``restart_boost()`` (or a first ``enable_boost()``) came
     between the restart's retrace and its accept, the new cycle lost that point."""
-    bowl = _Bowl()
-    opt = ElraOptimizer(bowl.parameters(), None, 8, 0, preconditioner="adam")
-    opt.enable_boost(cycle=1000)
-    for _ in range(150):
-        opt.zero_grad()
-        loss = bowl.loss()
-        loss.backward()
-        restarts = opt.stats["restarts"]
-        opt.step(loss.item())
-        if opt.stats["restarts"] > restarts:
-            break
+    bowl, opt = _boosted_bowl()
+    while opt.stats["restarts"] == 0 and opt.stats["real_steps"] < 150:
+        _bowl_step(bowl, opt)
     assert opt.stats["restarts"] == 1
     opt.restart_boost()
     before = bowl.x.detach().clone()
-    opt.zero_grad()
-    loss = bowl.loss()
-    loss.backward()
-    opt.step(loss.item())
+    _bowl_step(bowl, opt)
     assert opt.stats["boost_count"] == 1
     with opt.boosted():
         assert torch.equal(bowl.x, before)
