@@ -411,7 +411,7 @@ class Checkpointing:
         frozen (a LoRA-style freeze mid-collection keeps its collected gradient) would lose its state, and the run
         would differ (2.8e-2 for P2M, 8.6e-4 for adam). Which of the two it was, the load cannot tell.
         """
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_ids = _saved_ids(state_dict["param_groups"])
         frozen = [i for i, p in zip(saved_ids, self._params()) if isinstance(i, str) and not p.requires_grad]
         if frozen:
             logger.warning(
@@ -463,7 +463,7 @@ class Checkpointing:
                 "parameter grouping. Build the optimizer with the checkpoint's parameter groups"
             )
         self._check_saved_names(saved_groups)
-        saved_ids = [i for g in saved_groups for i in g["params"]]
+        saved_ids = _saved_ids(saved_groups)
         params = self._params()
         for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
             shapes = {"direction": p.shape} if geometry is None else geometry.state_shapes(p)
@@ -553,7 +553,7 @@ class Checkpointing:
         whatever their dtype (a float64 run's too). P2M's direction (``geometry`` ``None``) follows the parameter's
         dtype, as it is made, also from a float32 checkpoint resumed in 16 bits.
         """
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_ids = _saved_ids(state_dict["param_groups"])
         params = self._params()
         for saved_id, p in zip(saved_ids, params):
             wide = moment_dtype(p)
@@ -626,7 +626,7 @@ class Checkpointing:
         The sums come from ``state_dict`` itself, in the dtype the parameter's gradients take (its
         ``grad_dtype``, float32 sums of a bfloat16 parameter): torch's load cast them to the parameter's dtype.
         """
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_ids = _saved_ids(state_dict["param_groups"])
         params = self._params()
         saved_state = state_dict.get("state", {})
         for saved_id, p in zip(saved_ids, params):
@@ -640,6 +640,11 @@ class Checkpointing:
         self._kept_grads = {}
         if collecting:
             self._keep_grads()
+
+
+def _saved_ids(saved_groups: list[dict[str, Any]]) -> list[Any]:
+    """The ids of a state_dict's parameters in its groups' order (torch's positions, or DCP's names)."""
+    return [i for g in saved_groups for i in g["params"]]
 
 
 def _bare_name(name: str) -> str:

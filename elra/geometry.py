@@ -318,7 +318,7 @@ class AdamDirection:
         scratch = run_scratch(tensors.moved_ms)
         for part, pairs in ((with_grad, [(m, u, MOM_DIR), (u, u, DIR_SQ), (g, u, NEXT_DIR)]), (without, [(m, u, MOM_DIR), (u, u, DIR_SQ)])):
             sums = Products(batch, pairs)
-            for ms, vs, gs, weights in runs(part, split=True) if part[0] else ():
+            for ms, vs, gs, weights in runs(part, split=True):
                 sums.add((ms, self._run_direction(ms, vs, t, scratch), gs), weights)
             sums.finish()
         tensors.old_dirs, tensors.old_from_moments = [], True
