@@ -10,17 +10,21 @@ no host sync of its own.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
+import operator
 import sys
 import weakref
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from .config import check_int
 from .optimizer import LOSS_KEEPERS, ElraOptimizer, _loss_value, _NoGradient
+from .reduce import local
 
 logger = logging.getLogger("elra")
 
@@ -72,9 +76,8 @@ class ElraGradScaler:
         self._scale = float(init_scale)
         self._clean_steps = 0
         self._overflowed = False
-        self._loss: float | torch.Tensor | None = None
-        self._scaled: list[weakref.ref] = []  # the loss tensors that make up _loss
-        self._stepped: list[ElraOptimizer] = []  # those already handed _loss
+        self._losses: list[_ScaledLoss] = []  # those scaled since the last step: their sum is the step's loss
+        self._stepped: list[ElraOptimizer] = []  # those already handed that sum
         self._optimizers: list[ElraOptimizer] = []  # those this scaler stepped
 
     def get_scale(self) -> float:
@@ -87,18 +90,25 @@ class ElraGradScaler:
         Several losses scaled (and back-propagated) before one ``step``, torch's pattern for several losses, add
         up in ``.grad``: ``step`` hands ELRA their sum, the loss of that gradient, and so does every ``step`` of
         another optimizer until the next ``scale`` after a step starts a new sum. ``optimizer.step_retrace(loss)``
-        in place of ``step`` (a skipped backward) ends the step without them, as ``optimizer.zero_grad()`` does where it
-        clears the gradients: they are dropped when it names this loss or is the optimizer this scaler steps.
+        in place of ``step`` (a skipped backward) ends the step without them (:meth:`_step_dropped`), and
+        ``optimizer.zero_grad()`` drops those back-propagated into the gradients it clears
+        (:meth:`_gradients_cleared`): a hook on the returned tensor notes when its backward starts.
         """
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"scale() needs the loss tensor, got {type(loss).__name__}")
         value = _loss_value(loss)
         if self._stepped:  # the next micro-batch's loss: the last one was handed over
             self._forget_loss()
-        self._loss = value if self._loss is None else self._loss + value
-        self._scaled.append(weakref.ref(loss))
+        self._drop_abandoned()
+        entry = _ScaledLoss(value, weakref.ref(loss))
+        self._losses.append(entry)
         LOSS_KEEPERS.add(self)
-        return loss * self._scale if self.enabled else loss
+        scaled = loss * self._scale if self.enabled else loss
+        if scaled.requires_grad:
+            scaled.register_hook(functools.partial(_back_propagated, weakref.ref(self), entry))
+        else:  # no backward can run (it would raise): nothing to wait for
+            entry.gradients = {}
+        return scaled
 
     @torch._disable_dynamo
     def step(self, optimizer: ElraOptimizer) -> str:
@@ -112,14 +122,15 @@ class ElraGradScaler:
                 f"ElraGradScaler drives an ElraOptimizer, got {type(optimizer).__name__} (one prepared by Accelerate: "
                 "pass elra.integrations.accelerate.elra_optimizer(optimizer))"
             )
-        if self._loss is None:
+        self._drop_abandoned()
+        if not self._losses:
             raise RuntimeError("call scaler.scale(loss).backward() before scaler.step(optimizer)")
         if any(stepped is optimizer for stepped in self._stepped):
             raise RuntimeError(
                 "scaler.step(optimizer) was called twice for one scaled loss: scale and back-propagate the next "
                 "micro-batch's loss first"
             )
-        loss = self._limited(self._loss)
+        loss = self._limited(functools.reduce(operator.add, (entry.value for entry in self._losses)))
         inv_scale = 1.0 / self._scale if self.enabled else 1.0
         try:  # through the optimizer's step hooks, as optimizer.step(loss) (torch's GradScaler too)
             outcome = optimizer._hooked_step(loss, inv_scale=inv_scale, skip_overflow=self.enabled)
@@ -157,19 +168,50 @@ class ElraGradScaler:
             self._clean_steps = 0
 
     def _step_dropped(self, optimizer: ElraOptimizer, loss: Any = None) -> None:
-        """``optimizer.step_retrace(loss)`` or a ``zero_grad()`` that cleared the gradients ended a step: the
-        losses scaled for it are dropped (they summed into the next step's loss, a bad one made that step a
-        retrace too). Theirs when the retrace names one of them, or when it is an optimizer this scaler steps, or
-        any before its first step (the first micro-batch skipped: its loss reached the next one's step)."""
+        """``optimizer.step_retrace(loss)`` ended a step: the losses scaled for it are dropped (they summed into
+        the next step's loss, a bad one made that step a retrace too). Theirs when the retrace names one of them,
+        or when it is an optimizer this scaler steps, or any before its first step (the first micro-batch skipped:
+        its loss reached the next one's step)."""
         ours = not self._optimizers or any(known is optimizer for known in self._optimizers)
-        if ours or (loss is not None and any(ref() is loss for ref in self._scaled)):
+        if ours or (loss is not None and any(entry.tensor() is loss for entry in self._losses)):
             self._forget_loss()
 
+    def _gradients_cleared(self, optimizer: ElraOptimizer) -> None:
+        """``optimizer.zero_grad()`` is about to clear its gradients (an optimizer this scaler steps, or any
+        before its first step). A loss whose backward wrote into them goes with them; one whose backward has
+        not run yet is abandoned unless that backward still comes (``scaled = scaler.scale(loss)``,
+        ``zero_grad()``, ``scaled.backward()``): dropped at the next ``scale`` or ``step`` otherwise. Another
+        model's loss, back-propagated into other parameters, stays."""
+        if self._optimizers and not any(known is optimizer for known in self._optimizers):
+            return
+        kept = []
+        for entry in self._losses:
+            if entry.gradients is None:
+                entry.abandoned = True
+            elif _written_since(entry.gradients.get(id(optimizer)), optimizer):
+                continue
+            kept.append(entry)
+        self._losses = kept
+
+    def _drop_abandoned(self) -> None:
+        self._losses = [entry for entry in self._losses if not entry.abandoned]
+
+    def _gradients_now(self) -> dict[int, list]:
+        """The gradients of the optimizers this scaler steps as they are (objects and versions): what
+        :func:`_written_since` compares with. Only where it steps several (about 1 us per parameter, at every
+        backward): with one, or none yet, a loss back-propagated into an optimizer's gradients is told by any
+        gradient being there."""
+        if len(self._optimizers) < 2:
+            return {}
+        return {id(optimizer): [_gradient_mark(p.grad) for p in _params(optimizer)] for optimizer in self._optimizers}
+
     def _forget_loss(self) -> None:
-        self._loss, self._scaled, self._stepped = None, [], []
+        self._losses, self._stepped = [], []
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_scaled": []}  # weak references do not pickle
+        # weak references do not pickle: a copy's losses name no tensor, and their backward's gradients are unknown
+        losses = [_ScaledLoss(e.value, _dead, None if e.gradients is None else {}, e.abandoned) for e in self._losses]
+        return {**self.__dict__, "_losses": losses}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -238,3 +280,47 @@ def _check_settings(scale: float, growth_factor: float, backoff_factor: float, g
         raise ValueError(f"Invalid backoff_factor: {backoff_factor!r} (expected in (0, 1))")
     if not loss_limit > 0.0:
         raise ValueError(f"Invalid loss_limit: {loss_limit!r} (expected a positive number)")
+
+
+@dataclass
+class _ScaledLoss:
+    """One loss given to :meth:`ElraGradScaler.scale`: its value, the tensor (a retrace may name it), and at its
+    backward the gradients as they were then (:meth:`ElraGradScaler._gradients_now`; ``None`` before it)."""
+
+    value: float | torch.Tensor
+    tensor: Callable[[], torch.Tensor | None]
+    gradients: dict[int, list] | None = None
+    abandoned: bool = False  # a zero_grad() came before its backward
+
+
+def _dead() -> None:
+    return None
+
+
+def _back_propagated(scaler_ref: weakref.ref, entry: _ScaledLoss, grad: torch.Tensor) -> None:
+    """The hook on a scaled loss: its backward starts."""
+    scaler = scaler_ref()
+    entry.gradients = scaler._gradients_now() if scaler is not None else {}
+    entry.abandoned = False
+
+
+def _params(optimizer: ElraOptimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _gradient_mark(grad: torch.Tensor | None) -> tuple[weakref.ref, int] | None:
+    """A gradient's object and version: a backward either makes a new one or adds into it in place (under
+    FSDP2 into a DTensor's local part, whose version is the one that moves)."""
+    return None if grad is None else (weakref.ref(grad), local(grad)._version)
+
+
+def _written_since(marks: list | None, optimizer: ElraOptimizer) -> bool:
+    """Whether a backward wrote into ``optimizer``'s gradients since ``marks`` were taken (``None``: not taken,
+    then whether it holds any)."""
+    grads = [p.grad for p in _params(optimizer)]
+    if marks is None or len(marks) != len(grads):
+        return any(grad is not None for grad in grads)
+    return any(
+        grad is not None and (mark is None or mark[0]() is not grad or mark[1] != local(grad)._version)
+        for grad, mark in zip(grads, marks)
+    )

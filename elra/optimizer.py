@@ -613,9 +613,9 @@ class ElraOptimizer(Checkpointing, Optimizer):
                     len(self._pending) + 1, self.controller.state.multiplier,
                 )
             return
+        for keeper in list(LOSS_KEEPERS):  # a loss back-propagated into these gradients goes with them
+            keeper._gradients_cleared(self)
         super().zero_grad(set_to_none)
-        for keeper in list(LOSS_KEEPERS):  # a loss scaled before is the loss of gradients no longer there
-            keeper._step_dropped(self)
 
     @torch._disable_dynamo  # a compiled training step breaks its graph here and runs ELRA's host decisions eagerly
     @torch.no_grad()

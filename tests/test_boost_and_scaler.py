@@ -451,6 +451,97 @@ def test_a_loss_scaled_for_a_skipped_micro_batch_does_not_reach_the_next_step(sk
     assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
 
 
+@pytest.mark.parametrize("skip", ["retrace", "continue"])
+def test_a_back_propagated_loss_whose_step_is_skipped_does_not_reach_the_next_step(skip):
+    """``scaler.scale(loss).backward()``, then the step skipped (``step_retrace``, or a ``continue`` whose next
+    ``zero_grad()`` clears the gradients), also before the scaler's first step: the next step's loss is that
+    of its own gradient, as in a loop that never ran the skipped micro-batch."""
+
+    def run(skipped: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+        x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+        opt, scaler = ElraOptimizer(model.parameters(), None, 32, 0, lr=1e-4), ElraGradScaler(init_scale=2.0**8)
+        for i in range(12):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            if i in (0, 3, 7):
+                if skipped:
+                    scaler.scale(loss * 1e6).backward()
+                if skip == "retrace":
+                    opt.step_retrace(loss.item())
+                continue
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return [p.detach() for p in model.parameters()], opt.stats
+
+    (plain, stats), (skipped, skipped_stats) = run(False), run(True)
+    assert skipped_stats == stats and all(torch.equal(a, b) for a, b in zip(plain, skipped))
+
+
+def _two_models_with_scalers(order: str, shared: bool):
+    """Two models, an optimizer each, one scaler each (or one ``shared``), in float64 with scale 16 (exact).
+    ``order``: "interleaved" (zero_grad, scale(loss).backward(), step per model), "grouped" (every backward,
+    then every step: an ensemble's loop) or "zero_grad_after_scale" (``scaled = scale(loss)``, ``zero_grad()``,
+    ``scaled.backward()``). Without scalers (``order="plain"``) each optimizer is stepped with the loss a
+    scaler should hand it: its own, or with a shared scaler and every backward first, both models' sum."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double() for _ in range(2)]
+    x, y = torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
+    opts = [ElraOptimizer(m.parameters(), None, 8, None, preconditioner="adam") for m in models]
+    scalers = [ElraGradScaler(init_scale=16.0, growth_interval=1000)] * 2 if shared else [ElraGradScaler(init_scale=16.0) for _ in models]
+    for i in range(20):
+        batch = slice(i % 8 * 8, i % 8 * 8 + 8)
+        if order == "interleaved":
+            for model, opt, scaler in zip(models, opts, scalers):
+                opt.zero_grad()
+                scaler.scale(((model(x[batch]) - y[batch]) ** 2).mean()).backward()
+                scaler.step(opt)
+                scaler.update()
+            continue
+        losses = []
+        for model, opt, scaler in zip(models, opts, scalers):
+            losses.append(((model(x[batch]) - y[batch]) ** 2).mean())
+            if order == "zero_grad_after_scale":
+                scaled = scaler.scale(losses[-1])
+                opt.zero_grad()
+                scaled.backward()
+            else:
+                opt.zero_grad()
+                (losses[-1] if order == "plain" else scaler.scale(losses[-1])).backward()
+        for opt, scaler, loss in zip(opts, scalers, losses):
+            if order == "plain":
+                opt.step(sum(losses) if shared else loss)
+            else:
+                scaler.step(opt)
+                if not shared:
+                    scaler.update()
+        if shared and order != "plain":
+            scalers[0].update()
+    return [p.detach() for m in models for p in m.parameters()], [o.stats for o in opts]
+
+
+@pytest.mark.parametrize(
+    "order, shared",
+    [("grouped", False), ("zero_grad_after_scale", False), ("grouped", True), ("zero_grad_after_scale", True)],
+)
+def test_a_zero_grad_keeps_the_losses_it_does_not_clear(order, shared):
+    """``zero_grad()`` dropped every loss a scaler remembered (any optimizer's before the scaler's first step):
+    an ensemble's loop (every model back-propagated, then every model stepped; torch's GradScaler runs it), or a
+    ``zero_grad()`` between ``scale(loss)`` and its ``backward()``, raised "call scaler.scale(loss).backward()
+    before scaler.step(optimizer)", and one scaler stepping both models handed the first only the second's
+    loss. Now a ``zero_grad()`` drops the losses back-propagated into the gradients it clears: each run is
+    that of plain ``step(loss)`` calls, with each optimizer's own loss, or with a shared scaler the sum of
+    both (the losses scaled since the last step, as documented)."""
+    plain, plain_stats = _two_models_with_scalers("plain", shared)
+    scaled, stats = _two_models_with_scalers(order, shared)
+    assert stats == plain_stats and all(torch.equal(a, b) for a, b in zip(plain, scaled))
+    if not shared:
+        interleaved, interleaved_stats = _two_models_with_scalers("interleaved", shared)
+        assert interleaved_stats == stats and all(torch.equal(a, b) for a, b in zip(interleaved, scaled))
+
+
 def test_a_scaler_step_refused_for_a_missing_backward_forgets_its_loss():
     """``scaler.scale(loss)`` without its backward, then ``scaler.step`` while collecting: ELRA refuses the step
     (no gradient changed). The scaler kept the loss for a retry, and when the loop went on (the refused call's
