@@ -163,25 +163,46 @@ class _NoGradient(RuntimeError):
 
 
 def _aliased(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Two of ``tensors`` whose memory overlaps (a Parameter made from another's data or a view of it), or
-    ``None``. Only tensors that fill their byte span (contiguous, or a transpose of it) are compared, where
-    overlapping spans are shared memory: interleaved views (column blocks, ``w[0::2]``) are skipped, as are
-    tensors without storage of their own (meta, wrapper subclasses: ``data_ptr()`` 0)."""
+    """Two of ``tensors`` that share memory (a Parameter made from another's data or a view of it), or ``None``.
+
+    Tensors whose byte spans overlap share memory where both fill their span
+    (contiguous, or a transpose of it); where one is interleaved (a column
+    block, ``w[0::2]``) its elements are checked one by one, so that views
+    side by side or interleaved apart pass. Tensors without storage of their
+    own (meta, wrapper subclasses: ``data_ptr()`` 0) are skipped.
+    """
     spans = []
     for p in tensors:
         x = local(p)
         if x.numel() and x.layout == torch.strided and not x.is_meta and x.data_ptr():
-            extent = 1 + sum((n - 1) * stride for n, stride in zip(x.shape, x.stride()))
-            if extent == x.numel():
-                spans.append((str(x.device), x.data_ptr(), x.data_ptr() + extent * x.element_size(), p))
+            spans.append((str(x.device), x.data_ptr(), x.data_ptr() + _extent(x) * x.element_size(), p, x))
     spans.sort(key=lambda span: span[:3])
-    widest = None
-    for span in spans:
-        if widest is not None and span[0] == widest[0] and span[1] < widest[2]:
-            return widest[3], span[3]
-        if widest is None or span[0] != widest[0] or span[2] > widest[2]:
-            widest = span
+    for i, span in enumerate(spans):
+        for j in range(i + 1, len(spans)):
+            other = spans[j]
+            if other[0] != span[0] or other[1] >= span[2]:
+                break
+            if _share_elements(span[4], other[4]):
+                return span[3], other[3]
     return None
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether tensors whose byte spans overlap have an element in common: at once where both fill their span or
+    read it in different dtypes or element grids, else by marking ``a``'s elements in a flag per element of the
+    window they span (once, at the first step after the parameters changed) and reading ``b``'s."""
+    size, start = a.element_size(), min(a.data_ptr(), b.data_ptr())
+    offsets = [divmod(x.data_ptr() - start, size) for x in (a, b)]
+    if b.element_size() != size or any(rest for _, rest in offsets) or (_extent(a) == a.numel() and _extent(b) == b.numel()):
+        return True
+    marks = torch.zeros(max(offset + _extent(x) for (offset, _), x in zip(offsets, (a, b))), dtype=torch.bool)
+    marks.as_strided(a.shape, a.stride(), offsets[0][0]).fill_(True)
+    return bool(marks.as_strided(b.shape, b.stride(), offsets[1][0]).any())
+
+
+def _extent(x: torch.Tensor) -> int:
+    """Elements from ``x``'s first to its last in memory."""
+    return 1 + sum((n - 1) * stride for n, stride in zip(x.shape, x.stride()))
 
 
 def _steppable(p: torch.Tensor) -> bool:
