@@ -90,9 +90,9 @@ class ElraGradScaler:
         Several losses scaled (and back-propagated) before one ``step``, torch's pattern for several losses, add
         up in ``.grad``: ``step`` hands ELRA their sum, the loss of that gradient, and so does every ``step`` of
         another optimizer until the next ``scale`` after a step starts a new sum. ``optimizer.step_retrace(loss)``
-        in place of ``step`` (a skipped backward) ends the step without them (:meth:`_step_dropped`), and
-        ``optimizer.zero_grad()`` drops those back-propagated into the gradients it clears
-        (:meth:`_gradients_cleared`): a hook on the returned tensor notes when its backward starts.
+        in place of ``step`` (a skipped backward) ends the step without them, and it and ``optimizer.zero_grad()``
+        drop those back-propagated into the gradients they clear (:meth:`_gradients_dropped`): a hook on the
+        returned tensor notes when its backward starts.
         """
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"scale() needs the loss tensor, got {type(loss).__name__}")
@@ -167,27 +167,24 @@ class ElraGradScaler:
             self._scale = max(self._scale, min(self._scale * self.growth_factor, MAX_SCALE))  # a growth never cuts
             self._clean_steps = 0
 
-    def _step_dropped(self, optimizer: ElraOptimizer, loss: Any = None) -> None:
-        """``optimizer.step_retrace(loss)`` ended a step: the losses scaled for it are dropped (they summed into
-        the next step's loss, a bad one made that step a retrace too). Theirs when the retrace names one of them,
-        or when it is an optimizer this scaler steps, or any before its first step (the first micro-batch skipped:
-        its loss reached the next one's step)."""
-        ours = not self._optimizers or any(known is optimizer for known in self._optimizers)
-        if ours or (loss is not None and any(entry.tensor() is loss for entry in self._losses)):
-            self._forget_loss()
-
-    def _gradients_cleared(self, optimizer: ElraOptimizer) -> None:
-        """``optimizer.zero_grad()`` is about to clear its gradients (an optimizer this scaler steps, or any
-        before its first step). A loss whose backward wrote into them goes with them; one whose backward has
-        not run yet is abandoned unless that backward still comes (``scaled = scaler.scale(loss)``,
-        ``zero_grad()``, ``scaled.backward()``): dropped at the next ``scale`` or ``step`` otherwise. Another
-        model's loss, back-propagated into other parameters, stays."""
-        if self._optimizers and not any(known is optimizer for known in self._optimizers):
+    def _gradients_dropped(self, optimizer: ElraOptimizer, retrace: bool = False, loss: Any = None) -> None:
+        """``optimizer.zero_grad()``, or ``optimizer.step_retrace(loss)`` (``retrace``), is about to drop its
+        gradients. The losses back-propagated into them go with them. One whose backward has not run: a retrace
+        ends its step without it (the skipped micro-batch's loss: it summed into the next step's, and a bad one
+        made that step a retrace too); after a ``zero_grad()`` it is dropped at the next ``scale`` or ``step``
+        unless its backward still comes (``scaled = scaler.scale(loss)``, ``zero_grad()``, ``scaled.backward()``).
+        Only for an optimizer this scaler steps, or any before its first step (the first micro-batch skipped), or a
+        retrace naming one of its losses (dropped too): another model's loss, back-propagated into other
+        parameters, stays."""
+        named = loss is not None and any(entry.tensor() is loss for entry in self._losses)
+        if not named and self._optimizers and not any(known is optimizer for known in self._optimizers):
             return
         kept = []
         for entry in self._losses:
-            if entry.gradients is None:
+            if entry.gradients is None and not retrace:
                 entry.abandoned = True
+            elif entry.gradients is None or (named and entry.tensor() is loss):
+                continue
             elif _written_since(entry.gradients.get(id(optimizer)), optimizer):
                 continue
             kept.append(entry)

@@ -635,7 +635,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
                 )
             return
         for keeper in list(LOSS_KEEPERS):  # a loss back-propagated into these gradients goes with them
-            keeper._gradients_cleared(self)
+            keeper._gradients_dropped(self)
         super().zero_grad(set_to_none)
 
     @torch._disable_dynamo  # a compiled training step breaks its graph here and runs ELRA's host decisions eagerly
@@ -750,6 +750,8 @@ class ElraOptimizer(Checkpointing, Optimizer):
         self._follow_parameter_casts()
         self._real_step([*self._pending, _loss_value(loss)], with_gradient=False)
         reshard(self.models)  # the skipped backward left gathered weights behind
+        for keeper in list(LOSS_KEEPERS):  # a loss scaled for the abandoned step is no loss of the next one
+            keeper._gradients_dropped(self, retrace=True, loss=loss)
         params = self._params()
         for model in {*self.models, *self.unsynced_models}:  # the abandoned sums, wherever a wrapper keeps them
             drop_unsynced_grads(model, params)
@@ -758,8 +760,6 @@ class ElraOptimizer(Checkpointing, Optimizer):
         # retrace, and the next backward would add the abandoned micro-batches to the next real step's gradient
         for p in params:
             p.grad = None
-        for keeper in list(LOSS_KEEPERS):  # a loss scaled for the abandoned step is no loss of the next one
-            keeper._step_dropped(self, loss)
 
     @torch.no_grad()
     def skip_backward(self, loss: LossLike, limit: float | None = None) -> bool:

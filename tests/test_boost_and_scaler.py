@@ -480,65 +480,75 @@ def test_a_back_propagated_loss_whose_step_is_skipped_does_not_reach_the_next_st
     assert skipped_stats == stats and all(torch.equal(a, b) for a, b in zip(plain, skipped))
 
 
-def _two_models_with_scalers(order: str, shared: bool):
+def _two_models_with_scalers(order: str, shared: bool, retraces: tuple[int, ...] = ()):
     """Two models, an optimizer each, one scaler each (or one ``shared``), in float64 with scale 16 (exact).
     ``order``: "interleaved" (zero_grad, scale(loss).backward(), step per model), "grouped" (every backward,
     then every step: an ensemble's loop) or "zero_grad_after_scale" (``scaled = scale(loss)``, ``zero_grad()``,
     ``scaled.backward()``). Without scalers (``order="plain"``) each optimizer is stepped with the loss a
-    scaler should hand it: its own, or with a shared scaler and every backward first, both models' sum."""
+    scaler should hand it: its own, or with a shared scaler and every backward first, both models' sum. At the
+    iterations ``retraces`` the second model's loss is scaled and its step skipped, ``step_retrace(value)``."""
     torch.manual_seed(0)
     models = [torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double() for _ in range(2)]
     x, y = torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
     opts = [ElraOptimizer(m.parameters(), None, 8, None, preconditioner="adam") for m in models]
     scalers = [ElraGradScaler(init_scale=16.0, growth_interval=1000)] * 2 if shared else [ElraGradScaler(init_scale=16.0) for _ in models]
+    handed = []  # the loss each step is given
+    for opt in opts:
+        opt.register_step_pre_hook(lambda opt, args, kwargs: handed.append(float(args[1].detach())))
     for i in range(20):
         batch = slice(i % 8 * 8, i % 8 * 8 + 8)
-        if order == "interleaved":
-            for model, opt, scaler in zip(models, opts, scalers):
-                opt.zero_grad()
-                scaler.scale(((model(x[batch]) - y[batch]) ** 2).mean()).backward()
-                scaler.step(opt)
-                scaler.update()
-            continue
         losses = []
-        for model, opt, scaler in zip(models, opts, scalers):
-            losses.append(((model(x[batch]) - y[batch]) ** 2).mean())
+        for k, (model, opt, scaler) in enumerate(zip(models, opts, scalers)):
+            loss = ((model(x[batch]) - y[batch]) ** 2).mean()
+            if k == 1 and i in retraces:
+                opt.zero_grad()
+                if order != "plain":
+                    scaler.scale(loss)
+                opt.step_retrace(loss.item())
+                continue
+            losses.append((opt, scaler, loss))
             if order == "zero_grad_after_scale":
-                scaled = scaler.scale(losses[-1])
+                scaled = scaler.scale(loss)
                 opt.zero_grad()
                 scaled.backward()
             else:
                 opt.zero_grad()
-                (losses[-1] if order == "plain" else scaler.scale(losses[-1])).backward()
-        for opt, scaler, loss in zip(opts, scalers, losses):
+                (loss if order == "plain" else scaler.scale(loss)).backward()
+            if order == "interleaved":
+                scaler.step(opt)
+                scaler.update()
+        for opt, scaler, loss in losses if order != "interleaved" else ():
             if order == "plain":
-                opt.step(sum(losses) if shared else loss)
+                opt.step(sum(loss for _, _, loss in losses) if shared else loss)
             else:
                 scaler.step(opt)
                 if not shared:
                     scaler.update()
         if shared and order != "plain":
             scalers[0].update()
-    return [p.detach() for m in models for p in m.parameters()], [o.stats for o in opts]
+    return [p.detach() for m in models for p in m.parameters()], [o.stats for o in opts], handed
 
 
+@pytest.mark.parametrize("retraces", [(), (0, 5)])
 @pytest.mark.parametrize(
     "order, shared",
     [("grouped", False), ("zero_grad_after_scale", False), ("grouped", True), ("zero_grad_after_scale", True)],
 )
-def test_a_zero_grad_keeps_the_losses_it_does_not_clear(order, shared):
-    """``zero_grad()`` dropped every loss a scaler remembered (any optimizer's before the scaler's first step):
-    an ensemble's loop (every model back-propagated, then every model stepped; torch's GradScaler runs it), or a
-    ``zero_grad()`` between ``scale(loss)`` and its ``backward()``, raised "call scaler.scale(loss).backward()
-    before scaler.step(optimizer)", and one scaler stepping both models handed the first only the second's
-    loss. Now a ``zero_grad()`` drops the losses back-propagated into the gradients it clears: each run is
-    that of plain ``step(loss)`` calls, with each optimizer's own loss, or with a shared scaler the sum of
-    both (the losses scaled since the last step, as documented)."""
-    plain, plain_stats = _two_models_with_scalers("plain", shared)
-    scaled, stats = _two_models_with_scalers(order, shared)
-    assert stats == plain_stats and all(torch.equal(a, b) for a, b in zip(plain, scaled))
+def test_a_zero_grad_or_a_retrace_keeps_the_losses_it_does_not_clear(order, shared, retraces):
+    """``zero_grad()`` and ``step_retrace()`` dropped every loss a scaler remembered (any optimizer's before the
+    scaler's first step): an ensemble's loop (every model back-propagated, then every model stepped; torch's
+    GradScaler runs it), or a ``zero_grad()`` between ``scale(loss)`` and its ``backward()``, raised "call
+    scaler.scale(loss).backward() before scaler.step(optimizer)", also where another model's step was retraced,
+    and one scaler stepping both models handed the first only the second's loss. Now they drop the losses
+    back-propagated into the gradients they clear (and a retrace the losses of its skipped backward): each run
+    is that of plain ``step(loss)`` calls, with each optimizer's own loss, or with a shared scaler the sum of
+    the losses back-propagated (the losses scaled since the last step, as documented)."""
+    plain, plain_stats, plain_losses = _two_models_with_scalers("plain", shared, retraces)
+    scaled, stats, losses = _two_models_with_scalers(order, shared, retraces)
+    assert losses == plain_losses and stats == plain_stats and all(torch.equal(a, b) for a, b in zip(plain, scaled))
+    assert stats[1]["retraces"] >= len(retraces)
     if not shared:
-        interleaved, interleaved_stats = _two_models_with_scalers("interleaved", shared)
+        interleaved, interleaved_stats, _ = _two_models_with_scalers("interleaved", shared, retraces)
         assert interleaved_stats == stats and all(torch.equal(a, b) for a, b in zip(interleaved, scaled))
 
 
