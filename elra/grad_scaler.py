@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from .config import check_int
-from .optimizer import LOSS_KEEPERS, ElraOptimizer, _loss_value, _NoGradient
+from .optimizer import LOSS_KEEPERS, OPTIMIZERS, ElraOptimizer, _loss_value, _NoGradient
 from .reduce import local
 
 logger = logging.getLogger("elra")
@@ -105,7 +105,7 @@ class ElraGradScaler:
         LOSS_KEEPERS.add(self)
         scaled = loss * self._scale if self.enabled else loss
         if scaled.requires_grad:
-            scaled.register_hook(functools.partial(_back_propagated, weakref.ref(self), entry))
+            scaled.register_hook(functools.partial(_back_propagated, entry))
         else:  # no backward can run (it would raise): nothing to wait for
             entry.gradients = {}
         return scaled
@@ -132,11 +132,15 @@ class ElraGradScaler:
             )
         loss = self._limited(functools.reduce(operator.add, (entry.value for entry in self._losses)))
         inv_scale = 1.0 / self._scale if self.enabled else 1.0
+        # the step unscales the gradients in place: no backward's writing, for the losses of other models
+        unwritten = [entry for keeper in list(LOSS_KEEPERS) for entry in keeper._unwritten(optimizer)]
         try:  # through the optimizer's step hooks, as optimizer.step(loss) (torch's GradScaler too)
             outcome = optimizer._hooked_step(loss, inv_scale=inv_scale, skip_overflow=self.enabled)
         except _NoGradient:  # no gradient behind the loss: handed over, so the next scale() starts a new sum (kept,
             self._stepped.append(optimizer)  # the next micro-batch's loss was added to it); other optimizers take it
             raise
+        finally:
+            _remark(unwritten, optimizer)
         # only a step that took the loss counts: one refused (inside boosted(), bad group options) may be retried
         self._stepped.append(optimizer)
         if not any(known is optimizer for known in self._optimizers):
@@ -169,38 +173,50 @@ class ElraGradScaler:
 
     def _gradients_dropped(self, optimizer: ElraOptimizer, retrace: bool = False, loss: Any = None) -> None:
         """``optimizer.zero_grad()``, or ``optimizer.step_retrace(loss)`` (``retrace``), is about to drop its
-        gradients. The losses back-propagated into them go with them. One whose backward has not run: a retrace
-        ends its step without it (the skipped micro-batch's loss: it summed into the next step's, and a bad one
-        made that step a retrace too); after a ``zero_grad()`` it is dropped at the next ``scale`` or ``step``
-        unless its backward still comes (``scaled = scaler.scale(loss)``, ``zero_grad()``, ``scaled.backward()``).
-        Only for an optimizer this scaler steps, or any before its first step (the first micro-batch skipped), or a
-        retrace naming one of its losses (dropped too): another model's loss, back-propagated into other
-        parameters, stays."""
+        gradients, and with them the losses back-propagated into them.
+
+        Only for an optimizer this scaler steps, or any before its first step
+        (the first micro-batch skipped), or a retrace naming one of its losses
+        (dropped too); and not once a step took their sum (the next ``scale``
+        starts a new one). A loss whose backward went into another optimizer's
+        gradients and not into these stays (an ensemble's loop); one whose
+        backward wrote no optimizer's (an input gradient) goes. One whose
+        backward has not run: a retrace ends its step without it (the skipped
+        micro-batch's loss summed into the next step's, and a bad one made that
+        step a retrace too); after a ``zero_grad()`` it is dropped at the next
+        ``scale`` or ``step`` unless its backward still comes (``scaled =
+        scaler.scale(loss)``, ``zero_grad()``, ``scaled.backward()``).
+        """
         named = loss is not None and any(entry.tensor() is loss for entry in self._losses)
-        if not named and self._optimizers and not any(known is optimizer for known in self._optimizers):
+        if self._stepped or (not named and self._optimizers and not any(known is optimizer for known in self._optimizers)):
             return
         kept = []
         for entry in self._losses:
             if entry.gradients is None and not retrace:
                 entry.abandoned = True
-            elif entry.gradients is None or (named and entry.tensor() is loss):
-                continue
-            elif _written_since(entry.gradients.get(id(optimizer)), optimizer):
+            elif entry.gradients is None or (named and entry.tensor() is loss) or not _elsewhere(entry.gradients, optimizer):
                 continue
             kept.append(entry)
         self._losses = kept
 
+    def _unwritten(self, optimizer: ElraOptimizer) -> list[_ScaledLoss]:
+        """The losses back-propagated since ``optimizer``'s gradients were marked that did not write into them."""
+        return [
+            entry for entry in self._losses
+            if entry.gradients and id(optimizer) in entry.gradients and not _written_since(entry.gradients[id(optimizer)], optimizer)
+        ]
+
     def _drop_abandoned(self) -> None:
         self._losses = [entry for entry in self._losses if not entry.abandoned]
 
-    def _gradients_now(self) -> dict[int, list]:
-        """The gradients of the optimizers this scaler steps as they are (objects and versions): what
-        :func:`_written_since` compares with. Only where it steps several (about 1 us per parameter, at every
-        backward): with one, or none yet, a loss back-propagated into an optimizer's gradients is told by any
-        gradient being there."""
-        if len(self._optimizers) < 2:
+    @staticmethod
+    def _gradients_now() -> dict[int, list]:
+        """Every live optimizer's gradients as they are (objects and versions): what :func:`_elsewhere`
+        compares with. Only where there are several (about 1 us per parameter, at every backward): with one,
+        a backward can have written no other's."""
+        if len(OPTIMIZERS) < 2:
             return {}
-        return {id(optimizer): [_gradient_mark(p.grad) for p in _params(optimizer)] for optimizer in self._optimizers}
+        return {id(optimizer): [_gradient_mark(p.grad) for p in _params(optimizer)] for optimizer in OPTIMIZERS}
 
     def _forget_loss(self) -> None:
         self._losses, self._stepped = [], []
@@ -211,6 +227,9 @@ class ElraGradScaler:
         return {**self.__dict__, "_losses": losses}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_loss" in state:  # pickled by elra before session 35: one summed loss, back-propagated
+            loss, _ = state.pop("_loss"), state.pop("_scaled", None)
+            state["_losses"] = [] if loss is None else [_ScaledLoss(loss, _dead, {})]
         self.__dict__.update(state)
         LOSS_KEEPERS.add(self)  # a copy's remembered loss goes with a retrace of its optimizer too
 
@@ -294,10 +313,9 @@ def _dead() -> None:
     return None
 
 
-def _back_propagated(scaler_ref: weakref.ref, entry: _ScaledLoss, grad: torch.Tensor) -> None:
+def _back_propagated(entry: _ScaledLoss, grad: torch.Tensor) -> None:
     """The hook on a scaled loss: its backward starts."""
-    scaler = scaler_ref()
-    entry.gradients = scaler._gradients_now() if scaler is not None else {}
+    entry.gradients = ElraGradScaler._gradients_now()
     entry.abandoned = False
 
 
@@ -309,6 +327,20 @@ def _gradient_mark(grad: torch.Tensor | None) -> tuple[weakref.ref, int] | None:
     """A gradient's object and version: a backward either makes a new one or adds into it in place (under
     FSDP2 into a DTensor's local part, whose version is the one that moves)."""
     return None if grad is None else (weakref.ref(grad), local(grad)._version)
+
+
+def _remark(entries: list[_ScaledLoss], optimizer: ElraOptimizer) -> None:
+    """``optimizer``'s gradients marked afresh for ``entries`` (after its step changed them in place)."""
+    if entries:
+        marks = [_gradient_mark(p.grad) for p in _params(optimizer)]
+        for entry in entries:
+            entry.gradients[id(optimizer)] = marks
+
+
+def _elsewhere(marks: dict[int, list], optimizer: ElraOptimizer) -> bool:
+    """Whether the backward that took ``marks`` wrote into another optimizer's gradients and not ``optimizer``'s."""
+    others = [other for other in list(OPTIMIZERS) if other is not optimizer and id(other) in marks]
+    return not _written_since(marks.get(id(optimizer)), optimizer) and any(_written_since(marks[id(o)], o) for o in others)
 
 
 def _written_since(marks: list | None, optimizer: ElraOptimizer) -> bool:

@@ -63,6 +63,8 @@ _UNSTEPPED = "_unstepped"  # whether a copy's collected gradients hold a backwar
 # what remembers losses for a step (ElraGradScaler's scale): step_retrace and a zero_grad that clears the gradients
 # tell them that the step they were for ended without them
 LOSS_KEEPERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+# the live optimizers: which of them a scaled loss's backward wrote into (ElraGradScaler)
+OPTIMIZERS: "weakref.WeakSet[ElraOptimizer]" = weakref.WeakSet()
 
 
 def _same_layout(copied: torch.nn.Module | None, model: torch.nn.Module) -> bool:
@@ -382,6 +384,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
             raise TypeError("ElraOptimizer's params must be an ordered collection: a set's order changes between runs "
                             "(use a list, or model.parameters())")
         super().__init__(params, dict(lr=config["lr"], weight_decay=config["weight_decay"]))
+        OPTIMIZERS.add(self)
         self.controller = make_controller(config)
         self._reports = [0.0] * REPORT_SLOTS  # this rank's train and validation loss since the last real step
         self._unusable_gradient = False  # whether the last real step's gradient sums were not finite (its loss was)
@@ -940,6 +943,7 @@ class ElraOptimizer(Checkpointing, Optimizer):
         grad_dtypes = state.pop(_GRAD_DTYPES, {})
         unstepped = state.pop(_UNSTEPPED, False)
         super().__setstate__(state)
+        OPTIMIZERS.add(self)
         self._param_versions = None  # the copy's parameters count their versions afresh
         for p, dtype in grad_dtypes.items():  # float32 gradients of a bfloat16 parameter stay float32
             p.grad_dtype = dtype

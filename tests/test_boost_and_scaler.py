@@ -483,8 +483,8 @@ def test_a_back_propagated_loss_whose_step_is_skipped_does_not_reach_the_next_st
 def _two_models_with_scalers(order: str, shared: bool, retraces: tuple[int, ...] = ()):
     """Two models, an optimizer each, one scaler each (or one ``shared``), in float64 with scale 16 (exact).
     ``order``: "interleaved" (zero_grad, scale(loss).backward(), step per model), "grouped" (every backward,
-    then every step: an ensemble's loop) or "zero_grad_after_scale" (``scaled = scale(loss)``, ``zero_grad()``,
-    ``scaled.backward()``). Without scalers (``order="plain"``) each optimizer is stepped with the loss a
+    then every step: an ensemble's loop; "grouped_zero_grad_after_step": each step followed by its ``zero_grad()``)
+    or "zero_grad_after_scale" (``scaled = scale(loss)``, ``zero_grad()``, ``scaled.backward()``). Without scalers (``order="plain"``) each optimizer is stepped with the loss a
     scaler should hand it: its own, or with a shared scaler and every backward first, both models' sum. At the
     iterations ``retraces`` the second model's loss is scaled and its step skipped, ``step_retrace(value)``."""
     torch.manual_seed(0)
@@ -524,6 +524,8 @@ def _two_models_with_scalers(order: str, shared: bool, retraces: tuple[int, ...]
                 scaler.step(opt)
                 if not shared:
                     scaler.update()
+                if order == "grouped_zero_grad_after_step":
+                    opt.zero_grad()
         if shared and order != "plain":
             scalers[0].update()
     return [p.detach() for m in models for p in m.parameters()], [o.stats for o in opts], handed
@@ -532,7 +534,8 @@ def _two_models_with_scalers(order: str, shared: bool, retraces: tuple[int, ...]
 @pytest.mark.parametrize("retraces", [(), (0, 5)])
 @pytest.mark.parametrize(
     "order, shared",
-    [("grouped", False), ("zero_grad_after_scale", False), ("grouped", True), ("zero_grad_after_scale", True)],
+    [("grouped", False), ("grouped_zero_grad_after_step", False), ("zero_grad_after_scale", False),
+     ("grouped", True), ("grouped_zero_grad_after_step", True), ("zero_grad_after_scale", True)],
 )
 def test_a_zero_grad_or_a_retrace_keeps_the_losses_it_does_not_clear(order, shared, retraces):
     """``zero_grad()`` and ``step_retrace()`` dropped every loss a scaler remembered (any optimizer's before the
@@ -550,6 +553,60 @@ def test_a_zero_grad_or_a_retrace_keeps_the_losses_it_does_not_clear(order, shar
     if not shared:
         interleaved, interleaved_stats, _ = _two_models_with_scalers("interleaved", shared, retraces)
         assert interleaved_stats == stats and all(torch.equal(a, b) for a, b in zip(interleaved, scaled))
+
+
+@pytest.mark.parametrize("another_optimizer", [False, True])
+def test_a_loss_back_propagated_into_no_optimizers_gradients_goes_with_the_next_zero_grad(another_optimizer):
+    """An input gradient through the scaler (an adversarial example: ``torch.autograd.grad(scaler.scale(attack),
+    x)``), then ``zero_grad()`` and the training loss: the step is handed the training loss alone, as
+    ``step(loss)`` would be, also with another optimizer alive (whose gradients the attack did not reach)."""
+
+    def run(scaled: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+        opt = ElraOptimizer(model.parameters(), None, 8, 3, preconditioner="adam")
+        other = torch.nn.Linear(2, 1).double()
+        others = ElraOptimizer(other.parameters(), None, 8, 0) if another_optimizer else None
+        scaler, handed = ElraGradScaler(init_scale=16.0), []
+        opt.register_step_pre_hook(lambda opt, args, kwargs: handed.append(float(args[1])))
+        data = torch.Generator().manual_seed(1)
+        for _ in range(12):
+            x = torch.randn(8, 4, generator=data, dtype=torch.float64).requires_grad_()
+            y = torch.randint(0, 3, (8,), generator=data)
+            attack = torch.nn.functional.cross_entropy(model(x), y)
+            (grad,) = torch.autograd.grad(scaler.scale(attack) if scaled else attack, x)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model((x + 0.01 * grad.sign()).detach()), y)
+            if scaled:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step(loss.detach())
+        del others
+        return handed, [p.detach() for p in model.parameters()]
+
+    (plain, plain_params), (scaled, params) = run(False), run(True)
+    assert scaled == plain and all(torch.equal(a, b) for a, b in zip(plain_params, params))
+
+
+def test_a_scaler_pickled_by_an_earlier_elra_keeps_its_loss():
+    """A scaler pickled before session 35 holds one summed loss (``_loss``): unpickled, its first ``scale``
+    raised ``AttributeError``. Its loss is now the one remembered loss, back-propagated."""
+    scaler = ElraGradScaler(init_scale=16.0)
+    state = {key: value for key, value in scaler.__dict__.items() if key != "_losses"}
+    earlier = ElraGradScaler.__new__(ElraGradScaler)
+    earlier.__setstate__({**state, "_loss": 2.5, "_scaled": []})
+    model = torch.nn.Linear(2, 1).double()
+    opt = ElraOptimizer(model.parameters(), None, 8, 0)
+    handed = []
+    opt.register_step_pre_hook(lambda opt, args, kwargs: handed.append(float(args[1])))
+    model(torch.ones(1, 2, dtype=torch.float64)).sum().backward()
+    earlier.step(opt)
+    earlier.update()
+    earlier.scale(model(torch.ones(1, 2, dtype=torch.float64)).sum() ** 2).backward()
+    assert handed == [2.5]
 
 
 def test_a_scaler_step_refused_for_a_missing_backward_forgets_its_loss():
