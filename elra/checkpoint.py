@@ -187,7 +187,10 @@ class Checkpointing:
         with them; the real step takes their mean over ranks, so the means give it the same.
         """
         self._note_unsynced_models()
-        self._average_pending_losses()
+        # whether a model holds unreduced sums is read on each rank (an evaluation forward on one rank alone
+        # leaves DDP's flag looking unsynced there): the ranks reduce where any says so, or none does
+        unsynced = self._average_pending_losses([float(model in self.unsynced_models) for model in self.models])
+        self.unsynced_models.update(model for model, flag in zip(self.models, unsynced) if flag)
         copies = self._replication_layout()[1] if self._pending else []
         if not self._pending or not (self.unsynced_models or copies):
             self.unsynced_models.clear()
@@ -230,9 +233,10 @@ class Checkpointing:
                 p.grad = grad
 
     @torch.no_grad()
-    def _average_pending_losses(self) -> None:
+    def _average_pending_losses(self, flags: list[float]) -> list[float]:
         """Replace this rank's collected micro-batch losses by their means over ranks, and apply the losses
-        reported on any rank since the last real step, as that step would.
+        reported on any rank since the last real step, as that step would; ``flags`` ride along: their sums
+        over ranks are returned.
 
         The real step sums each micro-batch's loss over ranks divided by the world size: the means give it
         the same values on any number of ranks that each hold them. Reports applied here leave none pending,
@@ -241,12 +245,13 @@ class Checkpointing:
         """
         world = self.reducer.world_size
         if world == 1:
-            return
+            return flags
         device = self._device or torch.device("cpu")  # where the real step's vector lives (_scalar_batch)
-        losses = loss_vector([*self._pending, *self._reports], accumulation_dtype(device), device)
-        sums, split = self.reducer.sum(losses), len(self._pending)
+        losses = loss_vector([*self._pending, *self._reports, *flags], accumulation_dtype(device), device)
+        sums, split, reports = self.reducer.sum(losses), len(self._pending), len(self._reports)
         self._pending = self._pending_as_averaged = (sums[:split] / world).tolist()
-        self._apply_reports(sums[split:].tolist())
+        self._apply_reports(sums[split : split + reports].tolist())
+        return sums[split + reports :].tolist()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by ``state_dict``: everything, or nothing if it does not fit.

@@ -62,13 +62,15 @@ class Scenario:
     user_sync: bool = False  # the wrapper's own sync switch (FSDP2's, FSDP1's no_sync()) instead of grad_sync
     user_sync_every: int | None = None  # ... switched by a count of its own: on at micro-steps 0, n, 2n... only
     user_all_reduce: bool = False  # HSDP: the replicas' all-reduce off while collecting, the reduce-scatter on
-    evaluate_before_step: bool = False  # a forward under no_grad between each backward and its step (a root gathers)
+    evaluate_before_step: bool | str = False  # a forward under no_grad between each backward and its step (a root
+    # gathers); "rank0": on rank 0 alone (a training accuracy logged there)
     reports_at: int | None = None  # micro-step where rank r reports train loss 1 and validation loss 2 + r ...
     rank0_reports: bool = False  # ... or only rank 0 does (the single process reports what the ranks agree on)
     report_sync_report_at: int | None = None  # micro-step where rank 0 reports, all sync_pending_grads, rank 0 reports
     lone_skip_at: int | None = None  # micro-step where the last rank calls skip_backward where the others step
     cast_at: int | None = None  # micro-step before which the model, float32 until then, is cast to float64
     state_dict_at: int | None = None  # micro-step before which every rank takes optimizer.state_dict()
+    sync_at: int | None = None  # micro-step before which every rank calls sync_pending_grads() (as before a checkpoint)
     lone_boost_restart_at: int | None = None  # micro-step before which the last rank alone calls restart_boost()
     lone_reload_at: int | None = None  # micro-step before which the last rank alone loads a copy of its own state
     lone_group_at: int | None = None  # micro-step before which the last rank alone adds a parameter group
@@ -156,6 +158,8 @@ def train(
             _report_around_a_sync(optimizer, rank)
         if step == scenario.state_dict_at:
             optimizer.state_dict()
+        if step == scenario.sync_at:
+            optimizer.sync_pending_grads()
         if step == scenario.lone_boost_restart_at and rank == world - 1 and sharded_world > 1:
             optimizer.restart_boost()
         if step == scenario.lone_reload_at and rank == world - 1 and sharded_world > 1:
@@ -198,7 +202,7 @@ def train(
                 model, reductions, collecting
             ):
                 (scaler.scale(loss) if scaler else loss).backward()
-        if scenario.evaluate_before_step:
+        if scenario.evaluate_before_step is True or (scenario.evaluate_before_step == "rank0" and rank == 0):
             with torch.no_grad():
                 model(x)
         if (step == scenario.inf_grad_at and rank == sharded_world - 1) or _planned(

@@ -262,6 +262,10 @@ TWO_RANKS += IN_PLACE + COUNTED + [
     Scenario("fsdp1-user-sync-state-dict-without-model", "fsdp1", steps=6, batch_multiplier=3, use_grad_sync=False,
              user_sync=True, pass_model=False, state_dict_at=4),
     Scenario("ddp-reports-state-dict", steps=6, reports_at=4, state_dict_at=4),
+    # rank 0's evaluation left DDP's flag looking unsynced there alone: its sync_pending_grads() reduced the
+    # gradients, the other rank's did not (gloo aborted on the mismatched collectives until session 35)
+    Scenario("ddp-rank0-evaluation-then-sync", steps=8, batch_multiplier=2, use_grad_sync=False,
+             evaluate_before_step="rank0", sync_at=5),
 ]
 TWO_RANKS.append(Scenario("fsdp2-cast-mid-run", "fsdp2", batch_multiplier=2, cast_at=6))  # last: it stops in FSDP2
 THREE_RANKS = [
