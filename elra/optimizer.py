@@ -167,11 +167,13 @@ class _NoGradient(RuntimeError):
 def _aliased(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Two of ``tensors`` that share memory (a Parameter made from another's data or a view of it), or ``None``.
 
-    Tensors whose byte spans overlap share memory where both fill their span
-    (contiguous, or a transpose of it); where one is interleaved (a column
-    block, ``w[0::2]``) its elements are checked one by one, so that views
-    side by side or interleaved apart pass. Tensors without storage of their
-    own (meta, wrapper subclasses: ``data_ptr()`` 0) are skipped.
+    Tensors whose byte spans overlap, in chains, are looked at together: two
+    that fill their span (contiguous, or a transpose of it) share memory; else
+    each marks its elements in a flag per piece of the window they span and
+    finds none marked before, so that views side by side or interleaved apart
+    (column blocks, ``w[0::2]`` and ``w[1::2]``, in any dtypes) pass. Runs once
+    after the parameters changed. Tensors without storage of their own (meta,
+    wrapper subclasses: ``data_ptr()`` 0) are skipped.
     """
     spans = []
     for p in tensors:
@@ -179,27 +181,40 @@ def _aliased(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] |
         if x.numel() and x.layout == torch.strided and not x.is_meta and x.data_ptr():
             spans.append((str(x.device), x.data_ptr(), x.data_ptr() + _extent(x) * x.element_size(), p, x))
     spans.sort(key=lambda span: span[:3])
-    for i, span in enumerate(spans):
-        for j in range(i + 1, len(spans)):
-            other = spans[j]
-            if other[0] != span[0] or other[1] >= span[2]:
-                break
-            if _share_elements(span[4], other[4]):
-                return span[3], other[3]
+    cluster: list[tuple] = []
+    for span in [*spans, None]:
+        if span is not None and cluster and span[0] == cluster[0][0] and span[1] < max(c[2] for c in cluster):
+            cluster.append(span)
+            continue
+        shared = _sharing(cluster) if len(cluster) > 1 else None
+        if shared is not None:
+            return shared
+        cluster = [span]
     return None
 
 
-def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether tensors whose byte spans overlap have an element in common: at once where both fill their span or
-    read it in different dtypes or element grids, else by marking ``a``'s elements in a flag per element of the
-    window they span (once, at the first step after the parameters changed) and reading ``b``'s."""
-    size, start = a.element_size(), min(a.data_ptr(), b.data_ptr())
-    offsets = [divmod(x.data_ptr() - start, size) for x in (a, b)]
-    if b.element_size() != size or any(rest for _, rest in offsets) or (_extent(a) == a.numel() and _extent(b) == b.numel()):
-        return True
-    marks = torch.zeros(max(offset + _extent(x) for (offset, _), x in zip(offsets, (a, b))), dtype=torch.bool)
-    marks.as_strided(a.shape, a.stride(), offsets[0][0]).fill_(True)
-    return bool(marks.as_strided(b.shape, b.stride(), offsets[1][0]).any())
+def _sharing(cluster: list[tuple]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two tensors of ``cluster`` (spans of one device, sorted, overlapping in a chain) that share memory."""
+    filling = [span for span in cluster if _extent(span[4]) == span[4].numel()]
+    for first, second in zip(filling, filling[1:]):
+        if second[1] < first[2]:
+            return first[3], second[3]
+    start = cluster[0][1]
+    piece = math.gcd(*(span[4].element_size() for span in cluster), *(span[1] - start for span in cluster))
+    marks = torch.zeros((max(span[2] for span in cluster) - start) // piece, dtype=torch.bool)
+    for i, span in enumerate(cluster):
+        view = _pieces(marks, span[4], (span[1] - start) // piece, piece)
+        if bool(view.any()):  # which of those before: each alone, on this rare path
+            return next(other for other in cluster[:i] if i == 1 or _sharing([other, span]) is not None)[3], span[3]
+        view.fill_(True)
+    return None
+
+
+def _pieces(marks: torch.Tensor, x: torch.Tensor, offset: int, piece: int) -> torch.Tensor:
+    """The flags of ``marks`` (one per ``piece`` bytes, from ``offset``) that the elements of ``x`` cover."""
+    per_element = x.element_size() // piece
+    strides = [stride * per_element for stride in x.stride()]
+    return marks.as_strided((*x.shape, per_element), (*strides, 1), offset)
 
 
 def _extent(x: torch.Tensor) -> int:

@@ -513,16 +513,19 @@ def test_parameters_sharing_memory_are_refused_and_views_apart_are_not():
     for shared in (w.data[2:4], w.data[:, 1:3], w.data[::2], w.data.t()[1:3]):
         with pytest.raises(ValueError, match="share memory"):
             step([w, torch.nn.Parameter(shared)])
-    for pair in ((w.data[:, :3], w.data[:, 2:]), (w.data.view(-1)[::2], w.data.view(-1)[2::4]), (w.data[:, 4:], w.data[1:2])):
+    for views in ((w.data[:, :3], w.data[:, 2:]), (w.data.view(-1)[::2], w.data.view(-1)[2::4]), (w.data[:, 4:], w.data[1:2]),
+                  (w.data[:, :2], w.data[:, 2:3], w.data[:, 1:2]), (w.data[:, :2], w.data.view(torch.bfloat16)[:, 3:6])):
         with pytest.raises(ValueError, match="share memory"):
-            step([torch.nn.Parameter(t) for t in pair])
+            step([torch.nn.Parameter(t) for t in views])
     buffer, matrix, columns = torch.zeros(20), torch.zeros(4, 3), torch.zeros(4, 6)
     step([torch.nn.Parameter(buffer[:8].view(2, 4)), torch.nn.Parameter(buffer[8:12]), torch.nn.Parameter(buffer[12:]),
           torch.nn.Parameter(matrix[:2].t()), torch.nn.Parameter(matrix[2:]),
           torch.nn.Parameter(columns[:, :4]), torch.nn.Parameter(columns[:, 4:])])
-    every_other, rows = torch.zeros(30), torch.zeros(6, 5)
+    every_other, rows, raw = torch.zeros(30), torch.zeros(6, 5), torch.zeros(4, 8)
     step([torch.nn.Parameter(every_other[::2]), torch.nn.Parameter(every_other[1::2]),
-          torch.nn.Parameter(rows[::2]), torch.nn.Parameter(rows[1::2, :4]), torch.nn.Parameter(rows[1::2, 4:])])
+          torch.nn.Parameter(rows[::2]), torch.nn.Parameter(rows[1::2, :4]), torch.nn.Parameter(rows[1::2, 4:]),
+          torch.nn.Parameter(raw[:, :2]), torch.nn.Parameter(raw.view(torch.bfloat16)[:, 4:])])
+    step([torch.nn.Parameter(column) for column in torch.zeros(64, 48).unbind(1)])  # one pass, not one per pair
 
 
 def _flat_quadratic(dtype, curvature, steps, inject=None):
