@@ -107,7 +107,7 @@ class ElraGradScaler:
         if scaled.requires_grad:
             scaled.register_hook(functools.partial(_back_propagated, entry))
         else:  # no backward can run (it would raise): nothing to wait for
-            entry.gradients = {}
+            entry.back_propagated = True
         return scaled
 
     @torch._disable_dynamo
@@ -132,15 +132,11 @@ class ElraGradScaler:
             )
         loss = self._limited(functools.reduce(operator.add, (entry.value for entry in self._losses)))
         inv_scale = 1.0 / self._scale if self.enabled else 1.0
-        # the step unscales the gradients in place: no backward's writing, for the losses of other models
-        unwritten = [entry for keeper in list(LOSS_KEEPERS) for entry in keeper._unwritten(optimizer)]
         try:  # through the optimizer's step hooks, as optimizer.step(loss) (torch's GradScaler too)
             outcome = optimizer._hooked_step(loss, inv_scale=inv_scale, skip_overflow=self.enabled)
         except _NoGradient:  # no gradient behind the loss: handed over, so the next scale() starts a new sum (kept,
             self._stepped.append(optimizer)  # the next micro-batch's loss was added to it); other optimizers take it
             raise
-        finally:
-            _remark(unwritten, optimizer)
         # only a step that took the loss counts: one refused (inside boosted(), bad group options) may be retried
         self._stepped.append(optimizer)
         if not any(known is optimizer for known in self._optimizers):
@@ -192,44 +188,28 @@ class ElraGradScaler:
             return
         kept = []
         for entry in self._losses:
-            if entry.gradients is None and not retrace:
+            if not entry.back_propagated and not retrace:
                 entry.abandoned = True
-            elif entry.gradients is None or (named and entry.tensor() is loss) or not _elsewhere(entry.gradients, optimizer):
+            elif not entry.back_propagated or (named and entry.tensor() is loss) or not entry.went_elsewhere(optimizer):
                 continue
             kept.append(entry)
         self._losses = kept
 
-    def _unwritten(self, optimizer: ElraOptimizer) -> list[_ScaledLoss]:
-        """The losses back-propagated since ``optimizer``'s gradients were marked that did not write into them."""
-        return [
-            entry for entry in self._losses
-            if entry.gradients and id(optimizer) in entry.gradients and not _written_since(entry.gradients[id(optimizer)], optimizer)
-        ]
-
     def _drop_abandoned(self) -> None:
         self._losses = [entry for entry in self._losses if not entry.abandoned]
-
-    @staticmethod
-    def _gradients_now() -> dict[int, list]:
-        """Every live optimizer's gradients as they are (objects and versions): what :func:`_elsewhere`
-        compares with. Only where there are several (about 1 us per parameter, at every backward): with one,
-        a backward can have written no other's."""
-        if len(OPTIMIZERS) < 2:
-            return {}
-        return {id(optimizer): [_gradient_mark(p.grad) for p in _params(optimizer)] for optimizer in OPTIMIZERS}
 
     def _forget_loss(self) -> None:
         self._losses, self._stepped = [], []
 
     def __getstate__(self) -> dict[str, Any]:
         # weak references do not pickle: a copy's losses name no tensor, and their backward's gradients are unknown
-        losses = [_ScaledLoss(e.value, _dead, None if e.gradients is None else {}, e.abandoned) for e in self._losses]
+        losses = [_ScaledLoss(e.value, _dead, e.back_propagated, None, e.abandoned) for e in self._losses]
         return {**self.__dict__, "_losses": losses}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "_loss" in state:  # pickled by elra before session 35: one summed loss, back-propagated
             loss, _ = state.pop("_loss"), state.pop("_scaled", None)
-            state["_losses"] = [] if loss is None else [_ScaledLoss(loss, _dead, {})]
+            state["_losses"] = [] if loss is None else [_ScaledLoss(loss, _dead, back_propagated=True)]
         self.__dict__.update(state)
         LOSS_KEEPERS.add(self)  # a copy's remembered loss goes with a retrace of its optimizer too
 
@@ -300,13 +280,19 @@ def _check_settings(scale: float, growth_factor: float, backoff_factor: float, g
 
 @dataclass
 class _ScaledLoss:
-    """One loss given to :meth:`ElraGradScaler.scale`: its value, the tensor (a retrace may name it), and at its
-    backward the gradients as they were then (:meth:`ElraGradScaler._gradients_now`; ``None`` before it)."""
+    """One loss given to :meth:`ElraGradScaler.scale`: its value, the tensor (a retrace may name it), whether its
+    backward ran, and then which live optimizers' gradients it wrote (ids; ``None`` where not known: with one
+    optimizer alive no other's can have been written)."""
 
     value: float | torch.Tensor
     tensor: Callable[[], torch.Tensor | None]
-    gradients: dict[int, list] | None = None
+    back_propagated: bool = False
+    written: set[int] | None = None
     abandoned: bool = False  # a zero_grad() came before its backward
+
+    def went_elsewhere(self, optimizer: ElraOptimizer) -> bool:
+        """Whether the backward wrote into another optimizer's gradients and not ``optimizer``'s."""
+        return bool(self.written) and id(optimizer) not in self.written
 
 
 def _dead() -> None:
@@ -314,9 +300,21 @@ def _dead() -> None:
 
 
 def _back_propagated(entry: _ScaledLoss, grad: torch.Tensor) -> None:
-    """The hook on a scaled loss: its backward starts."""
-    entry.gradients = ElraGradScaler._gradients_now()
-    entry.abandoned = False
+    """The hook on a scaled loss: its backward starts. With several optimizers alive their gradients are marked
+    now and compared when the backward ends (a callback of the autograd engine): what it wrote, and nothing a
+    later backward or an in-place unscale writes."""
+    entry.back_propagated, entry.abandoned, entry.written = True, False, None
+    if len(OPTIMIZERS) > 1:
+        optimizers = list(OPTIMIZERS)
+        before = [[_gradient_mark(p.grad) for p in _params(optimizer)] for optimizer in optimizers]
+        done = functools.partial(_backward_done, entry, [weakref.ref(optimizer) for optimizer in optimizers], before)
+        torch.autograd.Variable._execution_engine.queue_callback(done)
+
+
+def _backward_done(entry: _ScaledLoss, optimizers: list[weakref.ref], before: list[list]) -> None:
+    entry.written = {
+        id(optimizer) for ref, marks in zip(optimizers, before) if (optimizer := ref()) is not None and _written_since(marks, optimizer)
+    }
 
 
 def _params(optimizer: ElraOptimizer) -> list[torch.Tensor]:
@@ -329,25 +327,10 @@ def _gradient_mark(grad: torch.Tensor | None) -> tuple[weakref.ref, int] | None:
     return None if grad is None else (weakref.ref(grad), local(grad)._version)
 
 
-def _remark(entries: list[_ScaledLoss], optimizer: ElraOptimizer) -> None:
-    """``optimizer``'s gradients marked afresh for ``entries`` (after its step changed them in place)."""
-    if entries:
-        marks = [_gradient_mark(p.grad) for p in _params(optimizer)]
-        for entry in entries:
-            entry.gradients[id(optimizer)] = marks
-
-
-def _elsewhere(marks: dict[int, list], optimizer: ElraOptimizer) -> bool:
-    """Whether the backward that took ``marks`` wrote into another optimizer's gradients and not ``optimizer``'s."""
-    others = [other for other in list(OPTIMIZERS) if other is not optimizer and id(other) in marks]
-    return not _written_since(marks.get(id(optimizer)), optimizer) and any(_written_since(marks[id(o)], o) for o in others)
-
-
-def _written_since(marks: list | None, optimizer: ElraOptimizer) -> bool:
-    """Whether a backward wrote into ``optimizer``'s gradients since ``marks`` were taken (``None``: not taken,
-    then whether it holds any)."""
+def _written_since(marks: list, optimizer: ElraOptimizer) -> bool:
+    """Whether ``optimizer``'s gradients changed since ``marks`` were taken."""
     grads = [p.grad for p in _params(optimizer)]
-    if marks is None or len(marks) != len(grads):
+    if len(marks) != len(grads):
         return any(grad is not None for grad in grads)
     return any(
         grad is not None and (mark is None or mark[0]() is not grad or mark[1] != local(grad)._version)

@@ -559,15 +559,16 @@ def test_a_zero_grad_or_a_retrace_keeps_the_losses_it_does_not_clear(order, shar
 def test_a_loss_back_propagated_into_no_optimizers_gradients_goes_with_the_next_zero_grad(another_optimizer):
     """An input gradient through the scaler (an adversarial example: ``torch.autograd.grad(scaler.scale(attack),
     x)``), then ``zero_grad()`` and the training loss: the step is handed the training loss alone, as
-    ``step(loss)`` would be, also with another optimizer alive (whose gradients the attack did not reach)."""
+    ``step(loss)`` would be, also with another model trained in between (its gradients written after the attack's
+    backward began were taken for the attack's: the loss stayed and doubled what the step was handed)."""
 
     def run(scaled: bool):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
         opt = ElraOptimizer(model.parameters(), None, 8, 3, preconditioner="adam")
         other = torch.nn.Linear(2, 1).double()
-        others = ElraOptimizer(other.parameters(), None, 8, 0) if another_optimizer else None
-        scaler, handed = ElraGradScaler(init_scale=16.0), []
+        others = ElraOptimizer(other.parameters(), None, 8, 0, lr=1e-3) if another_optimizer else None
+        scaler, other_scaler, handed = ElraGradScaler(init_scale=16.0), ElraGradScaler(init_scale=16.0), []
         opt.register_step_pre_hook(lambda opt, args, kwargs: handed.append(float(args[1])))
         data = torch.Generator().manual_seed(1)
         for _ in range(12):
@@ -575,6 +576,11 @@ def test_a_loss_back_propagated_into_no_optimizers_gradients_goes_with_the_next_
             y = torch.randint(0, 3, (8,), generator=data)
             attack = torch.nn.functional.cross_entropy(model(x), y)
             (grad,) = torch.autograd.grad(scaler.scale(attack) if scaled else attack, x)
+            if others is not None:  # another model trained meanwhile, its gradients written and unscaled
+                others.zero_grad()
+                other_scaler.scale((other(torch.ones(4, 2, dtype=torch.float64)) ** 2).mean()).backward()
+                other_scaler.step(others)
+                other_scaler.update()
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(model((x + 0.01 * grad.sign()).detach()), y)
             if scaled:
