@@ -182,14 +182,16 @@ def _aliased(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] |
             spans.append((str(x.device), x.data_ptr(), x.data_ptr() + _extent(x) * x.element_size(), p, x))
     spans.sort(key=lambda span: span[:3])
     cluster: list[tuple] = []
+    end = 0  # of the cluster's spans
     for span in [*spans, None]:
-        if span is not None and cluster and span[0] == cluster[0][0] and span[1] < max(c[2] for c in cluster):
+        if span is not None and cluster and span[0] == cluster[0][0] and span[1] < end:
             cluster.append(span)
+            end = max(end, span[2])
             continue
         shared = _sharing(cluster) if len(cluster) > 1 else None
         if shared is not None:
             return shared
-        cluster = [span]
+        cluster, end = [span], span[2] if span is not None else 0
     return None
 
 
