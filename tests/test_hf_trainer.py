@@ -191,6 +191,26 @@ def test_the_trainer_gives_its_elra_the_runs_step_budget_also_over_a_resumed_che
     assert state.cooldown_eta != cooled.cooldown_eta and state.cooldown_eta > 0.1 * cooled.cooldown_eta
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_finished_run_ending_inside_an_epoch_relaunched_from_its_last_checkpoint_trains_nothing(tmp_path, accumulation):
+    """Where max_steps ends inside an epoch, Trainer relaunched from the final checkpoint runs the chunk it
+    resumes into before its stop check: ELRA took a real step past its budget (31 of 30, the weights 6.8e-4 off
+    the finished run), or collected a micro-batch past it. Now that chunk trains nothing."""
+
+    def trainer(out):
+        args = _args(out, max_steps=7, gradient_accumulation_steps=accumulation, per_device_train_batch_size=4,
+                     save_strategy="steps", save_steps=7)
+        return ElraTrainer(model=tiny_gpt2(), args=args, train_dataset=CountingSequences(100, 0))  # 25 batches an epoch
+
+    finished = trainer(tmp_path / "finished")
+    finished.train()
+    relaunched = trainer(tmp_path / "relaunched")
+    relaunched.train(resume_from_checkpoint=str(tmp_path / "finished" / "checkpoint-7"))
+    assert relaunched.elra_optimizer.stats == finished.elra_optimizer.stats
+    assert relaunched.elra_optimizer.micro_batches_taken == finished.elra_optimizer.micro_batches_taken == 7 * accumulation
+    assert all(torch.equal(p, q) for p, q in zip(finished.model.parameters(), relaunched.model.parameters()))
+
+
 @pytest.mark.parametrize("epochs, max_steps, budget", [(2, -1, 18), (None, 7, 13)], ids=["epochs", "max_steps"])
 def test_the_step_budget_counts_the_short_last_chunk_of_an_epoch(tmp_path, epochs, max_steps, budget):
     """An epoch of 9 micro-batches in chunks of 2 is 5 optimizer steps, the last of one micro-batch: Trainer

@@ -344,8 +344,15 @@ class ElraTrainer(Trainer):
         is divided by the chunk length, as Trainer's, so Trainer logs the mean.
         """
         elra = self.elra_optimizer
-        elra.zero_grad()  # clears only after a real step; keeps what ELRA collects
         chunk = getattr(self, "current_gradient_accumulation_steps", 1)
+        if 0 < self.state.max_steps <= self.state.global_step:
+            # a finished run relaunched from its last checkpoint: where max_steps ends inside an epoch, Trainer runs
+            # the chunk it resumes into before its stop check. Plain Trainer's step there is at its linear
+            # schedule's rate of 0; ELRA's would be a real one (1e-3 off the finished run): the loss, no step
+            self._fed_elra_step = True  # deliberately: Trainer's optimizer.step() after it has nothing to do
+            with torch.no_grad():
+                return self.compute_loss(model, inputs).detach() / chunk
+        elra.zero_grad()  # clears only after a real step; keeps what ELRA collects
         self.current_gradient_accumulation_steps = 1
         try:
             with _sync_when_elra_steps(model, elra):
