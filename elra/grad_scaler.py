@@ -10,6 +10,7 @@ no host sync of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -17,14 +18,12 @@ import numbers
 import operator
 import sys
 import weakref
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from .config import check_int
 from .optimizer import LOSS_KEEPERS, OPTIMIZERS, ElraOptimizer, _loss_value, _NoGradient
-from .reduce import local
 
 logger = logging.getLogger("elra")
 
@@ -203,7 +202,7 @@ class ElraGradScaler:
 
     def __getstate__(self) -> dict[str, Any]:
         # weak references do not pickle: a copy's losses name no tensor, and their backward's gradients are unknown
-        losses = [_ScaledLoss(e.value, _dead, e.back_propagated, None, e.abandoned) for e in self._losses]
+        losses = [dataclasses.replace(entry, tensor=_dead, written=None) for entry in self._losses]
         return {**self.__dict__, "_losses": losses}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -278,7 +277,7 @@ def _check_settings(scale: float, growth_factor: float, backoff_factor: float, g
         raise ValueError(f"Invalid loss_limit: {loss_limit!r} (expected a positive number)")
 
 
-@dataclass
+@dataclasses.dataclass
 class _ScaledLoss:
     """One loss given to :meth:`ElraGradScaler.scale`: its value, the tensor (a retrace may name it), whether its
     backward ran, and then which live optimizers' gradients it wrote (ids; ``None`` where not known: with one
@@ -306,33 +305,12 @@ def _back_propagated(entry: _ScaledLoss, grad: torch.Tensor) -> None:
     entry.back_propagated, entry.abandoned, entry.written = True, False, None
     if len(OPTIMIZERS) > 1:
         optimizers = list(OPTIMIZERS)
-        before = [[_gradient_mark(p.grad) for p in _params(optimizer)] for optimizer in optimizers]
+        before = [optimizer._gradient_marks() for optimizer in optimizers]
         done = functools.partial(_backward_done, entry, [weakref.ref(optimizer) for optimizer in optimizers], before)
         torch.autograd.Variable._execution_engine.queue_callback(done)
 
 
 def _backward_done(entry: _ScaledLoss, optimizers: list[weakref.ref], before: list[list]) -> None:
     entry.written = {
-        id(optimizer) for ref, marks in zip(optimizers, before) if (optimizer := ref()) is not None and _written_since(marks, optimizer)
+        id(optimizer) for ref, marks in zip(optimizers, before) if (optimizer := ref()) is not None and optimizer._gradients_written_since(marks)
     }
-
-
-def _params(optimizer: ElraOptimizer) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def _gradient_mark(grad: torch.Tensor | None) -> tuple[weakref.ref, int] | None:
-    """A gradient's object and version: a backward either makes a new one or adds into it in place (under
-    FSDP2 into a DTensor's local part, whose version is the one that moves)."""
-    return None if grad is None else (weakref.ref(grad), local(grad)._version)
-
-
-def _written_since(marks: list, optimizer: ElraOptimizer) -> bool:
-    """Whether ``optimizer``'s gradients changed since ``marks`` were taken."""
-    grads = [p.grad for p in _params(optimizer)]
-    if len(marks) != len(grads):
-        return any(grad is not None for grad in grads)
-    return any(
-        grad is not None and (mark is None or mark[0]() is not grad or mark[1] != local(grad)._version)
-        for grad, mark in zip(grads, marks)
-    )

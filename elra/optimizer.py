@@ -1105,6 +1105,22 @@ class ElraOptimizer(Checkpointing, Optimizer):
             for p, grad in self._kept_grads.items()
         ) or any(p.grad is not None for p in self._gradless)  # routed elsewhere before (an expert), or unfrozen
 
+    def _gradient_marks(self) -> list[tuple[weakref.ref, int] | None]:
+        """Each parameter's gradient as it is, object and version (a backward makes a new one or adds into it in
+        place; under FSDP2 into a DTensor's local part): what :meth:`_gradients_written_since` compares with."""
+        return [None if p.grad is None else (weakref.ref(p.grad), local(p.grad)._version) for p in self._params()]
+
+    def _gradients_written_since(self, marks: list[tuple[weakref.ref, int] | None]) -> bool:
+        """Whether a gradient changed since :meth:`_gradient_marks` gave ``marks`` (ElraGradScaler: which
+        optimizers a scaled loss's backward wrote into)."""
+        grads = [p.grad for p in self._params()]
+        if len(marks) != len(grads):
+            return any(grad is not None for grad in grads)
+        return any(
+            grad is not None and (mark is None or mark[0]() is not grad or mark[1] != local(grad)._version)
+            for grad, mark in zip(grads, marks)
+        )
+
     def _check_kept_grads(self) -> None:
         """Raise if the collected gradients were reset; the collection is then dropped (its sums are gone), so
         that the next micro-batch starts a new real step instead of meeting the same error for ever."""
